@@ -1,0 +1,105 @@
+"""Forward hooks that accumulate per-linear input statistics (criteria.md §1.2).
+
+Statistics are fp32 running means over *sequences* (normaliser N, not N*T), updated per
+micro-batch of ``b`` sequences as ``s <- s * n / (n + b) + sum_batch / (n + b)``. Linears that
+receive the very same input tensor in one forward (q/k/v, gate/up) share the computed batch
+contribution, so a Hessian is formed once per distinct input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM, LayerStats
+
+
+class _Accumulator:
+    """Running statistics of one linear's input."""
+
+    def __init__(self, needs: frozenset[str]) -> None:
+        self.needs = needs
+        self.n = 0
+        self.sq_norm: torch.Tensor | None = None
+        self.hessian: torch.Tensor | None = None
+
+    def update(self, contrib: dict[str, torch.Tensor], batch: int) -> None:
+        """Fold one micro-batch's sums (``sq_norm``: (cols,), ``hessian``: (cols, cols))."""
+        total = self.n + batch
+        for key, value in contrib.items():
+            old = getattr(self, key)
+            if old is None:
+                setattr(self, key, value / total)
+            else:
+                setattr(self, key, old * (self.n / total) + value / total)
+        self.n = total
+
+    def stats(self) -> LayerStats:
+        return LayerStats(nsamples=self.n, sq_norm=self.sq_norm, hessian=self.hessian)
+
+
+def batch_sums(x: torch.Tensor, needs: frozenset[str]) -> dict[str, torch.Tensor]:
+    """Sums over the tokens of a micro-batch of linear inputs ``x`` of shape ``(B, T, cols)``.
+
+    Returns ``sq_norm``: ``sum_tok x_j^2`` (cols,) and ``hessian``: ``2 * sum_tok x x^T``
+    (cols, cols), both fp32.
+    """
+    flat = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (B*T, cols)
+    out: dict[str, torch.Tensor] = {}
+    if STAT_SQ_NORM in needs:
+        out[STAT_SQ_NORM] = flat.pow(2).sum(dim=0)
+    if STAT_HESSIAN in needs:
+        out[STAT_HESSIAN] = 2.0 * (flat.t() @ flat)
+    return out
+
+
+class StatsCollector:
+    """Hooks on the prunable linears of one block, accumulating the statistics they need.
+
+    Args:
+        linears: ``name -> nn.Linear`` of one block.
+        needs: Statistics to collect (criterion's ``needs``).
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear], needs: frozenset[str]) -> None:
+        self.linears = linears
+        self.needs = needs
+        self.acc = {name: _Accumulator(needs) for name in linears}
+        self.order: list[str] = []  # execution order seen in the first forward
+        self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+
+    def _hook(self, name: str):  # noqa: ANN202 - hook factory
+        def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            x = args[0]
+            if name not in self.order:
+                self.order.append(name)
+            if self._last is not None and self._last[0] is x:
+                contrib = self._last[1]
+            else:
+                contrib = batch_sums(x, self.needs)
+                self._last = (x, contrib)
+            self.acc[name].update(contrib, x.shape[0])
+
+        return hook
+
+    @contextmanager
+    def attached(self) -> Iterator[StatsCollector]:
+        """Register the hooks for the duration of the ``with`` body; always removed."""
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        try:
+            yield self
+        finally:
+            for h in handles:
+                h.remove()
+            self._last = None
+
+    def end_batch(self) -> None:
+        """Forget the shared-input cache (call between micro-batches)."""
+        self._last = None
+
+    def stats(self) -> dict[str, LayerStats]:
+        """Final statistics per linear name."""
+        return {name: acc.stats() for name, acc in self.acc.items()}

@@ -1,0 +1,123 @@
+"""Command line: argv -> config (YAML + flags + key=value overrides) -> pipeline -> exit code."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from neuroal.logging import configure, get_logger
+
+log = get_logger("neuroal.cli")
+
+EPILOG = """examples:
+  python launch/prune.py                                   # Wanda 50 %% on the embedded SmolLM2
+  python launch/prune.py --model ./Llama-2-7b-hf --sparsity 0.6 --criterion sparsegpt
+  python launch/prune.py --pattern 2:4 --criterion wanda --workers 3 calib.nsamples=32
+  python launch/prune.py --config configs/smollm2/wanda-uniform-50.yaml eval.max_windows=16
+
+key=value overrides address any config key (e.g. engine.micro_batch=4, criterion.percdamp=0.1).
+"""
+
+# flag -> dotted config key
+FLAG_KEYS = {
+    "model": "model.name", "sparsity": "sparsity", "criterion": "criterion.name",
+    "allocation": "allocation.name", "pattern": "pattern", "calib": "calib.source",
+    "nsamples": "calib.nsamples", "seqlen": "calib.seqlen", "data_dir": "calib.data_dir",
+    "eval": "eval.datasets", "eval_windows": "eval.max_windows", "workers": "engine.workers",
+    "dtype": "model.dtype", "device": "engine.device", "output": "output.dir",
+    "micro_batch": "engine.micro_batch", "seed": "seed",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``prune`` argument parser; every flag maps onto one config key."""
+    p = argparse.ArgumentParser(
+        prog="neuroal", description="Prune a Hugging Face causal LM block by block.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="local HF dir, hub id, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--sparsity", type=float, help="target fraction of zeros, in (0, 1)")
+    p.add_argument("--criterion", help="magnitude | wanda | ria | sparsegpt | multiflow")
+    p.add_argument("--allocation", help="uniform (more policies register by name)")
+    p.add_argument("--pattern", help="unstructured | N:M (N kept of every M), e.g. 2:4")
+    p.add_argument("--calib", help="wikitext2 | c4 | text:<path> | self")
+    p.add_argument("--nsamples", type=int, help="calibration windows")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window")
+    p.add_argument("--data-dir", help="folder with wikitext2/ (and c4 json.gz) files")
+    p.add_argument("--eval", help="comma list of wikitext2 | c4 | text:<path>, or none")
+    p.add_argument("--eval-windows", type=int, help="first k perplexity windows")
+    p.add_argument("--workers", type=int, help="block slices (one worker each)")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward call")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--output", help="output directory (default outputs/<model>-<recipe>)")
+    p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.add_argument("--no-save", action="store_true", help="report only, no model files")
+    p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def flags_to_tree(args: argparse.Namespace) -> dict[str, Any]:
+    """The flags that were given, as a nested config dict."""
+    from neuroal.config import set_dotted
+
+    tree: dict[str, Any] = {}
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            set_dotted(tree, key, value)
+    if args.overwrite:
+        set_dotted(tree, "output.overwrite", True)
+    if args.no_save:
+        set_dotted(tree, "output.save_model", False)
+    if args.log_level:
+        tree["log_level"] = args.log_level
+    return tree
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``launch/prune.py`` and the ``neuroal`` console script."""
+    from neuroal.config import ConfigError, load_config
+    from neuroal.export import OutputExistsError
+    from neuroal.models.adapter import AdapterError
+    from neuroal.models.loading import ModelSourceError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    stray = [o for o in args.overrides if "=" not in o]
+    if stray:
+        build_parser().error(f"unexpected argument(s) {stray}: overrides are key=value")
+    configure(args.log_level or "INFO")
+    try:
+        cfg = load_config(args.config, args.overrides, flags_to_tree(args))
+        configure(cfg.log_level)
+        from neuroal.pipeline import run
+
+        result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]))
+    except (ConfigError, ModelSourceError, AdapterError, OutputExistsError,
+            FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; no output was written")
+        return 130
+    summarize(result.report, result.output)
+    return 0
+
+
+def summarize(report: dict[str, Any], output: Any) -> None:
+    """Log the headline numbers: sparsity, perplexities, time, where the model went."""
+    log.info("achieved sparsity %.4f (target %.4f) in %.1f s", report["achieved_sparsity"],
+             report["target_sparsity"], report["timings"].get("total", 0.0))
+    for name, ev in report.get("eval", {}).items():
+        dense = ev.get("dense_ppl")
+        dense_txt = f"{dense:.3f}" if dense is not None else "n/a"
+        log.info("%s perplexity: dense %s -> pruned %.3f (%d windows x %d tokens)", name,
+                 dense_txt, ev["sparse_ppl"], ev["windows"], ev["seqlen"])
+    if output is not None:
+        log.info("wrote %s", output)

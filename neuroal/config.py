@@ -1,0 +1,405 @@
+"""Typed, validated, frozen run configuration (style rule 5).
+
+A config is built once at the edge (``cli.py`` or :func:`load_config`) from defaults, an optional
+YAML file and ``key=value`` overrides, validated with every error collected, then frozen. Inside
+the library only plain arguments taken from it travel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from neuroal.criteria.base import NMPattern
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
+EXECUTORS = ("local",)
+
+
+class ConfigError(ValueError):
+    """One or more configuration errors, reported together."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"invalid configuration ({len(self.errors)} error(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to prune and in which dtype.
+
+    ``name`` is a local HF directory, a hub id, a ``.gguf`` path or an alias (``smollm2-135m``).
+    """
+
+    name: str = "smollm2-135m"
+    dtype: str = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class CriterionConfig:
+    """Weight-scoring criterion: registry name, comparison group and criterion options."""
+
+    name: str = "wanda"
+    group: str | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Allocation policy: registry name, clip range, strictness and policy options."""
+
+    name: str = "uniform"
+    clip: tuple[float, float] = (0.01, 0.99)
+    strict: bool = False
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration data (specs README, "Calibration")."""
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    data_dir: str | None = None
+    self_temperature: float = 1.0
+    self_top_k: int | None = 50
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Perplexity evaluation; ``datasets`` empty disables it. ``seqlen`` None = calib seqlen."""
+
+    datasets: tuple[str, ...] = ("wikitext2",)
+    seqlen: int | None = None
+    max_windows: int | None = 64
+    dense: bool = True
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Execution: executor, worker count, devices and micro-batching (engine.md §3)."""
+
+    executor: str = "local"
+    workers: int = 1
+    device: str = "auto"
+    devices: tuple[str, ...] = ()
+    micro_batch: int = 8
+    offload_activations: bool = False
+    deterministic: bool = True
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Mask selection rules (criteria.md §2)."""
+
+    exact_count: bool = True
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where and how the pruned model is written (engine.md §8-9)."""
+
+    dir: str | None = None
+    overwrite: bool = False
+    save_model: bool = True
+    dtype: str = "auto"
+    shard_size: str = "2GB"
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """A complete, validated pruning run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sparsity: float = 0.5
+    pattern: str = "unstructured"
+    criterion: CriterionConfig = field(default_factory=CriterionConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+    log_level: str = "INFO"
+
+    @property
+    def nm(self) -> NMPattern | None:
+        """The N:M pattern, or None for unstructured sparsity."""
+        return parse_pattern(self.pattern)
+
+    @property
+    def target_sparsity(self) -> float:
+        """The global target: ``sparsity`` or ``1 - N/M`` for N:M."""
+        nm = self.nm
+        return nm.sparsity if nm is not None else self.sparsity
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (JSON/YAML-able) of the resolved config."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def parse_pattern(pattern: str) -> NMPattern | None:
+    """``unstructured`` -> None; ``"2:4"`` -> NMPattern(2, 4) (N kept of every M)."""
+    if pattern == "unstructured":
+        return None
+    match = PATTERN_RE.match(pattern)
+    if match is None:
+        raise ConfigError([f"pattern={pattern!r}: expected 'unstructured' or 'N:M' (e.g. 2:4)"])
+    return NMPattern(int(match.group(1)), int(match.group(2)))
+
+
+# --------------------------------------------------------------------------- building
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "criterion": CriterionConfig,
+    "allocation": AllocationConfig,
+    "calib": CalibConfig,
+    "eval": EvalConfig,
+    "engine": EngineConfig,
+    "mask": MaskConfig,
+    "output": OutputConfig,
+}
+_OPEN_SECTIONS = {"criterion", "allocation"}  # unknown keys there are plug-in options
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``a.b=value`` (value read as YAML) into ``("a.b", value)``."""
+    if "=" not in text or text.startswith("="):
+        raise ConfigError([f"override {text!r}: expected key=value, e.g. calib.nsamples=32"])
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b] = value`` for ``key = "a.b"``, creating sections."""
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"override {key!r}: {part!r} is a value, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML recipe; a missing or malformed file is a ConfigError naming it."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config file {str(p)!r} does not exist"])
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {exc}"]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([f"config file {str(p)!r}: expected a mapping at top level"])
+    return data
+
+
+def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge, ``extra`` winning."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def build_config(tree: Mapping[str, Any]) -> PruneConfig:
+    """Build and validate a :class:`PruneConfig` from a nested dict; raises ConfigError."""
+    errors: list[str] = []
+    kwargs: dict[str, Any] = {}
+    top_fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    for key, value in tree.items():
+        if key not in top_fields:
+            errors.append(f"unknown key {key!r}; valid top-level keys: {', '.join(sorted(top_fields))}")
+        elif key in _SECTIONS:
+            section = _build_section(key, value, errors)
+            if section is not None:
+                kwargs[key] = section
+        else:
+            kwargs[key] = value
+    if errors:
+        raise ConfigError(errors)
+    try:
+        cfg = PruneConfig(**kwargs)
+    except TypeError as exc:
+        raise ConfigError([str(exc)]) from exc
+    validate(cfg)
+    return cfg
+
+
+def _build_section(name: str, value: Any, errors: list[str]) -> Any:
+    cls = _SECTIONS[name]
+    if isinstance(value, str) and name in ("model", "criterion", "allocation"):
+        value = {"name": value}
+    if not isinstance(value, Mapping):
+        errors.append(f"{name}: expected a mapping, got {value!r}")
+        return None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    known = {k: v for k, v in value.items() if k in fields}
+    extra = {k: v for k, v in value.items() if k not in fields}
+    if extra and name not in _OPEN_SECTIONS:
+        for k in extra:
+            errors.append(f"unknown key {name}.{k}; valid keys: {', '.join(sorted(fields))}")
+        return None
+    if name in _OPEN_SECTIONS:
+        known["options"] = {**dict(known.get("options") or {}), **extra}
+    for k in ("clip", "datasets", "devices"):
+        if k in known and isinstance(known[k], list):
+            known[k] = tuple(known[k])
+    if name == "eval" and isinstance(known.get("datasets"), str):
+        known["datasets"] = _split_list(known["datasets"])
+    return cls(**known)
+
+
+def _split_list(text: str) -> tuple[str, ...]:
+    if text.strip().lower() in ("", "none", "off", "false"):
+        return ()
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
+                extra: Mapping[str, Any] | None = None) -> PruneConfig:
+    """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
+    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if extra:
+        tree = merge(tree, extra)
+    for item in overrides:
+        key, value = parse_override(item)
+        set_dotted(tree, key, value)
+    return build_config(tree)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(cfg: PruneConfig) -> None:
+    """Check every rule that needs no model; raise one ConfigError listing all failures."""
+    errors: list[str] = []
+    errors += _check_sparsity(cfg)
+    errors += _check_plugins(cfg)
+    errors += _check_data(cfg)
+    errors += _check_engine(cfg)
+    if cfg.model.dtype not in DTYPES:
+        errors.append(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if cfg.output.dtype not in DTYPES:
+        errors.append(f"output.dtype={cfg.output.dtype!r}: expected one of {', '.join(DTYPES)}")
+    if errors:
+        raise ConfigError(errors)
+
+
+def _check_sparsity(cfg: PruneConfig) -> list[str]:
+    errors = []
+    match = PATTERN_RE.match(cfg.pattern)
+    if cfg.pattern != "unstructured" and match is None:
+        return [f"pattern={cfg.pattern!r}: expected 'unstructured' or 'N:M' with N kept of "
+                "every M, e.g. 2:4 or 4:8"]
+    if match is not None:
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            errors.append(f"pattern={cfg.pattern!r}: N:M needs 0 < N < M (N weights kept in "
+                          "every group of M), e.g. 2:4 or 4:8")
+    elif not isinstance(cfg.sparsity, (int, float)) or not 0.0 < float(cfg.sparsity) < 1.0:
+        errors.append(f"sparsity={cfg.sparsity!r}: expected a fraction strictly between 0 and 1 "
+                      "(e.g. 0.5 for 50 %)")
+    clip = tuple(cfg.allocation.clip)
+    numeric = all(isinstance(v, (int, float)) for v in clip)
+    if len(clip) != 2 or not numeric or not 0.0 <= clip[0] < clip[1] <= 1.0:
+        errors.append(f"allocation.clip={list(cfg.allocation.clip)!r}: expected [lo, hi] with "
+                      "0 <= lo < hi <= 1, e.g. [0.01, 0.99]")
+    return errors
+
+
+def _check_plugins(cfg: PruneConfig) -> list[str]:
+    from neuroal.allocation import ALLOCATIONS
+    from neuroal.criteria import CRITERIA
+
+    errors = []
+    if cfg.criterion.name not in CRITERIA:
+        errors.append(f"criterion={cfg.criterion.name!r} is unknown; available: "
+                      f"{', '.join(CRITERIA.names())}")
+    else:
+        errors += _check_criterion(cfg, CRITERIA.get(cfg.criterion.name))
+    if cfg.allocation.name not in ALLOCATIONS:
+        errors.append(f"allocation={cfg.allocation.name!r} is unknown; available: "
+                      f"{', '.join(ALLOCATIONS.names())}")
+    else:
+        policy = ALLOCATIONS.get(cfg.allocation.name)
+        errors += policy.validate(cfg)
+    return errors
+
+
+def _check_criterion(cfg: PruneConfig, crit: Any) -> list[str]:
+    errors = []
+    unknown = sorted(set(cfg.criterion.options) - set(crit.defaults))
+    if unknown:
+        errors.append(f"criterion.{unknown[0]} is not an option of {crit.name!r}; valid options: "
+                      f"{', '.join(sorted(crit.defaults)) or '(none)'}")
+    if cfg.criterion.group is not None and cfg.criterion.group not in crit.groups:
+        errors.append(f"criterion.group={cfg.criterion.group!r} is not valid for {crit.name!r}; "
+                      f"expected one of {', '.join(sorted(crit.groups))}")
+    return errors
+
+
+def _check_data(cfg: PruneConfig) -> list[str]:
+    from neuroal.data import parse_source
+
+    errors = []
+    for label, spec in [("calib.source", cfg.calib.source)] + [
+        ("eval.datasets", d) for d in cfg.eval.datasets
+    ]:
+        try:
+            parsed = parse_source(spec)
+        except (ValueError, FileNotFoundError) as exc:
+            errors.append(f"{label}: {exc}")
+            continue
+        if label == "eval.datasets" and parsed.name == "self":
+            errors.append("eval.datasets: 'self' is a calibration source only; evaluate on "
+                          "wikitext2, c4 or text:<path>")
+    for label, value in [("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
+                         ("eval.seqlen", cfg.eval.seqlen), ("eval.max_windows", cfg.eval.max_windows)]:
+        if value is not None and (not isinstance(value, int) or value < 1):
+            errors.append(f"{label}={value!r}: expected a positive integer")
+    return errors
+
+
+def _check_engine(cfg: PruneConfig) -> list[str]:
+    errors = []
+    eng = cfg.engine
+    if eng.executor not in EXECUTORS:
+        errors.append(f"engine.executor={eng.executor!r}: available executors: "
+                      f"{', '.join(EXECUTORS)}")
+    if not isinstance(eng.workers, int) or eng.workers < 1:
+        errors.append(f"engine.workers={eng.workers!r}: expected an integer >= 1")
+    if not isinstance(eng.micro_batch, int) or eng.micro_batch < 1:
+        errors.append(f"engine.micro_batch={eng.micro_batch!r}: expected an integer >= 1")
+    if eng.devices and len(eng.devices) not in (1, eng.workers):
+        errors.append(f"engine.devices has {len(eng.devices)} entries for {eng.workers} "
+                      "workers: give one device, or one per worker")
+    return errors

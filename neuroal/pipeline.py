@@ -1,0 +1,407 @@
+"""Phase order of a run (style.md §3): resolve -> data -> load -> evaluate dense -> allocate ->
+prune -> evaluate sparse -> export.
+
+Every check that needs no weights (config, model path, architecture, N:M divisibility, output
+directory, calibration size) runs before any weight is loaded.
+"""
+
+from __future__ import annotations
+
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import neuroal
+from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
+from neuroal.config import ConfigError, PruneConfig
+from neuroal.criteria import CRITERIA
+from neuroal.data import load_calibration, parse_source, sample_self_windows
+from neuroal.data.evaluation import load_eval_windows, perplexity
+from neuroal.engine.executor import LocalExecutor, split_blocks
+from neuroal.engine.worker import BlockReport, PruneJob
+from neuroal.export import (
+    OutputDir,
+    finalize_shards,
+    parse_size,
+    slug,
+    write_config,
+    write_json,
+    write_run_files,
+)
+from neuroal.logging import get_logger
+from neuroal.models.adapter import ModelAdapter
+from neuroal.models.loading import (
+    ModelSource,
+    build_skeleton,
+    load_model_config,
+    resolve_dtype,
+    resolve_model,
+    source_dtype,
+)
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Timings:
+    """Wall seconds per phase."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns: the report, the plan, the output path and the executor.
+
+    ``executor`` is kept alive only when ``keep_executor=True`` (tests inspect masks).
+    """
+
+    report: dict[str, Any]
+    plan: SparsityPlan
+    output: Path | None
+    executor: LocalExecutor | None = None
+
+
+@dataclass
+class Prepared:
+    """Results of the cheap phase: everything resolved and checked, no weights loaded."""
+
+    source: ModelSource
+    config: Any
+    shape: ModelShape
+    device: torch.device
+    dtype: torch.dtype
+    tokenizer: Any
+    calib: Any
+    evals: dict[str, Any]
+    output: OutputDir | None
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def default_output(cfg: PruneConfig) -> Path:
+    """``outputs/<model>-<criterion>-<allocation>-<sparsity or N:M>``."""
+    amount = cfg.pattern.replace(":", "of") if cfg.nm else f"{cfg.sparsity:g}"
+    name = f"{Path(cfg.model.name).stem}-{cfg.criterion.name}-{cfg.allocation.name}-{amount}"
+    return Path("outputs") / slug(name)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> the first CUDA device if present, else CPU; otherwise validated as given."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError([f"engine.device={name!r}: {exc}; expected cpu, cuda, cuda:N or auto"]) from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError([f"engine.device={name!r} but no CUDA device is available; use "
+                           "--device cpu"])
+    return device
+
+
+def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
+    """N:M divisibility and worker count against the model (before loading weights)."""
+    errors = []
+    nm = cfg.nm
+    if nm is not None:
+        for b, blk in enumerate(shape.blocks):
+            for name, (_rows, cols) in blk.items():
+                if cols % nm.m:
+                    errors.append(f"pattern {cfg.pattern}: block {b} {name} has {cols} input "
+                                  f"columns, not divisible by M={nm.m}; choose an M dividing "
+                                  "every layer's input size")
+                    break
+            if errors:
+                break
+    if cfg.engine.workers > shape.num_blocks:
+        errors.append(f"engine.workers={cfg.engine.workers} exceeds the model's "
+                      f"{shape.num_blocks} blocks")
+    if errors:
+        raise ConfigError(errors)
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool) -> Any:
+    """The model's tokenizer (from the directory, the hub or the GGUF file)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                         **source.hf_kwargs())
+
+
+def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
+    """Resolve and check everything that needs no weights; tokenise the data."""
+    with timings("resolve"):
+        output = None
+        if cfg.output.save_model or cfg.output.dir:
+            output = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg))
+            output.check(cfg.output.overwrite)
+        source = resolve_model(cfg.model.name, cfg.model.revision)
+        config = load_model_config(source, cfg.model.trust_remote_code)
+        device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
+        dtype = resolve_dtype(cfg.model.dtype, config, device)
+        shape = ModelAdapter(build_skeleton(config, dtype)).shape()
+        check_shape(cfg, shape)
+    with timings("data"):
+        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+        calib = None
+        if parse_source(cfg.calib.source).name != "self":
+            calib = load_calibration(cfg.calib.source, tokenizer, cfg.calib.nsamples,
+                                     cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir)
+        evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
+                                         cfg.eval.max_windows, cfg.calib.data_dir)
+                 for spec in cfg.eval.datasets}
+    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output)
+
+
+# --------------------------------------------------------------------------- run
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seeds of the protocol (specs README) and deterministic kernels (engine.md §3.5)."""
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed)
+    except ImportError:  # pragma: no cover - numpy ships with torch wheels
+        pass
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def build_executor(cfg: PruneConfig, prep: Prepared) -> LocalExecutor:
+    """The executor named by the config (only ``local`` in this version)."""
+    devices = list(cfg.engine.devices) or [str(prep.device)]
+    dtype_name = str(prep.dtype).removeprefix("torch.")
+    return LocalExecutor(prep.source, prep.shape.num_blocks, cfg.engine.workers, devices,
+                         dtype_name, cfg.engine.micro_batch, cfg.engine.offload_activations,
+                         cfg.model.trust_remote_code)
+
+
+def evaluate(executor: LocalExecutor, evals: dict[str, Any]) -> dict[str, float]:
+    """Perplexity per evaluation source (protocol: exp of the mean per-window NLL)."""
+    return {spec: perplexity(executor.window_nll(data.windows)) for spec, data in evals.items()}
+
+
+def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor) -> Any:
+    """The calibration ids ``(N, T)``; ``self`` samples them from the dense model."""
+    if prep.calib is not None:
+        return prep.calib.windows
+    log.info("sampling %d x %d calibration tokens from the dense model", cfg.calib.nsamples,
+             cfg.calib.seqlen)
+    return sample_self_windows(executor.last_logits, cfg.calib.nsamples, cfg.calib.seqlen,
+                               cfg.calib.seed, int(prep.config.vocab_size),
+                               batch_size=cfg.engine.micro_batch,
+                               temperature=cfg.calib.self_temperature, top_k=cfg.calib.self_top_k)
+
+
+def make_plan(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, calib: Any) -> SparsityPlan:
+    """Ask the allocation policy for a plan and validate it against the model."""
+    policy = ALLOCATIONS.get(cfg.allocation.name)
+    request = PlanRequest(shape=prep.shape, target=cfg.target_sparsity, pattern=cfg.pattern,
+                          clip=tuple(cfg.allocation.clip), options=dict(cfg.allocation.options),
+                          executor=executor, calibration=calib)
+    plan = policy.plan(request)
+    plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
+    return plan
+
+
+def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> RunResult:
+    """Run one pruning job end to end; returns the report (also written beside the model)."""
+    timings = Timings()
+    t_start = time.perf_counter()
+    seed_everything(cfg.seed, cfg.engine.deterministic)
+    prep = prepare(cfg, timings)
+    staging_ctx = prep.output.atomic() if prep.output is not None else _no_output()
+    with staging_ctx as staging:
+        with timings("load"):
+            executor = build_executor(cfg, prep)
+        dense = {}
+        if cfg.eval.dense and prep.evals:
+            with timings("eval_dense"):
+                dense = evaluate(executor, prep.evals)
+            log.info("dense perplexity: %s", _fmt(dense))
+        with timings("calibrate"):
+            calib = calibration_windows(cfg, prep, executor)
+        with timings("allocate"):
+            plan = make_plan(cfg, prep, executor, calib)
+        job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm,
+                       cfg.criterion.group, cfg.mask.exact_count)
+        with timings("prune"):
+            blocks = executor.run_final_prune(plan, job, calib)
+        sparse = {}
+        if prep.evals:
+            with timings("eval_sparse"):
+                sparse = evaluate(executor, prep.evals)
+            log.info("pruned perplexity: %s", _fmt(sparse))
+        timings.phases["total"] = time.perf_counter() - t_start
+        report = build_report(cfg, prep, plan, blocks, dense, sparse, timings, executor, command)
+        if staging is not None:
+            with timings("export"):
+                export_model(cfg, prep, executor, plan, staging, report)
+    return RunResult(report, plan, prep.output.path if prep.output else None,
+                     executor if keep_executor else None)
+
+
+@contextmanager
+def _no_output() -> Iterator[None]:
+    yield None
+
+
+def _fmt(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.3f}" for k, v in values.items())
+
+
+def export_model(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, plan: SparsityPlan,
+                 staging: Path, report: dict[str, Any]) -> None:
+    """Shards (written per worker), index, config, tokenizer, plan, report, model card."""
+    if cfg.output.save_model:
+        dtype = _export_dtype(cfg, prep)
+        files = executor.write_shards(str(staging), dtype, parse_size(cfg.output.shard_size))
+        finalize_shards(staging, files)
+        write_config(staging, prep.config, dtype)
+        prep.tokenizer.save_pretrained(staging)
+        report["export_dtype"] = dtype
+    plan.save(staging)
+    write_run_files(staging, report, cfg.to_dict())
+    write_json(staging / "report.json", report)
+
+
+def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:
+    """``auto``: the source dtype (GGUF: the run dtype), else the configured one."""
+    if cfg.output.dtype != "auto":
+        return cfg.output.dtype
+    fallback = prep.dtype
+    return str(source_dtype(prep.config, fallback) if prep.source.kind != "gguf"
+               else fallback).removeprefix("torch.")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def layer_table(blocks: list[BlockReport], adapter_prefix: Any) -> dict[str, dict[str, Any]]:
+    """``full linear name -> {target, achieved, pruned, numel}`` in block and execution order."""
+    table = {}
+    for blk in blocks:
+        for layer in blk.layers:
+            table[adapter_prefix(blk.index) + layer.name] = {
+                "target": layer.target, "achieved": layer.zeros / layer.numel,
+                "pruned": layer.pruned, "zeros": layer.zeros, "numel": layer.numel,
+                **({"info": layer.info} if layer.info else {}),
+            }
+    return table
+
+
+def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: list[BlockReport],
+                 dense: dict[str, float], sparse: dict[str, float], timings: Timings,
+                 executor: LocalExecutor, command: str) -> dict[str, Any]:
+    """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
+    prefix = executor.workers[0].adapter.block_prefix
+    zeros = sum(r.zeros for b in blocks for r in b.layers)
+    numel = sum(r.numel for b in blocks for r in b.layers)
+    return {
+        "model": cfg.model.name,
+        "model_type": getattr(prep.config, "model_type", None),
+        "criterion": cfg.criterion.name,
+        "allocation": cfg.allocation.name,
+        "pattern": cfg.pattern,
+        "target_sparsity": cfg.target_sparsity,
+        "planned_sparsity": plan.planned_global(prep.shape),
+        "achieved_sparsity": zeros / numel,
+        "layers": layer_table(blocks, prefix),
+        "blocks": [{"index": b.index, "target": b.target, "achieved": b.achieved,
+                    "seconds": b.seconds} for b in blocks],
+        "eval": {k: {"dense_ppl": dense.get(k), "sparse_ppl": sparse.get(k),
+                     "windows": int(prep.evals[k].windows.shape[0]),
+                     "seqlen": int(prep.evals[k].windows.shape[1])} for k in prep.evals},
+        "calibration": {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples,
+                        "seqlen": cfg.calib.seqlen, "seed": cfg.calib.seed,
+                        "origin": _origin(prep.calib)},
+        "plan": {"granularity": plan.granularity, "policy": plan.policy,
+                 "warnings": plan.warnings},
+        "timings": dict(timings.phases),
+        "workers": [{"rank": s.rank, "blocks": [s.start, s.stop], "device": s.device,
+                     "busy_seconds": w.busy_seconds}
+                    for s, w in zip(executor.specs, executor.workers)],
+        "slices": split_blocks(prep.shape.num_blocks, cfg.engine.workers),
+        "peak_memory_bytes": peak_memory_bytes(),
+        "seeds": {"run": cfg.seed, "calibration": cfg.calib.seed},
+        "versions": versions(),
+        "hardware": hardware(prep.device),
+        "command": command,
+        "config": cfg.to_dict(),
+    }
+
+
+def _origin(calib: Any) -> Any:
+    info = getattr(calib, "source_info", None)
+    return info.to_dict() if hasattr(info, "to_dict") else None
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB), plus CUDA peaks."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
+    if torch.cuda.is_available():
+        rss += sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return int(rss)
+
+
+def versions() -> dict[str, str]:
+    """Library versions and the git SHA of the neuroal checkout (when available)."""
+    import transformers
+
+    sha = None
+    try:
+        root = Path(__file__).resolve().parent.parent
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"neuroal": neuroal.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "git_sha": sha or "unknown"}
+
+
+def hardware(device: torch.device) -> dict[str, Any]:
+    """CPU model, thread count and accelerator name."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def criterion_names() -> list[str]:
+    """Registered criteria (for the CLI help)."""
+    return CRITERIA.names()
+
+
+__all__ = ["RunResult", "run", "prepare"]

@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny random models of every supported architecture, saved as sharded
+safetensors directories with a small byte-level BPE tokenizer trained on WikiText-2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("NEUROAL_PROGRESS", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+DATA_DIR = REPO.parent / "shared" / "data"
+VOCAB = 320
+ARCHS = ("llama", "mistral", "qwen2", "opt", "phi")
+
+
+def tiny_config(model_type: str, num_layers: int = 2):
+    """A tiny config (hidden 64, 2 blocks, GQA where the family has it)."""
+    from transformers import AutoConfig
+
+    common = dict(hidden_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+                  vocab_size=VOCAB, max_position_embeddings=256, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    extra = {
+        "llama": dict(intermediate_size=128, num_key_value_heads=2, tie_word_embeddings=True),
+        "mistral": dict(intermediate_size=128, num_key_value_heads=2, sliding_window=None),
+        "qwen2": dict(intermediate_size=128, num_key_value_heads=2),
+        "opt": dict(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True),
+        "phi": dict(intermediate_size=128, partial_rotary_factor=0.5),
+    }[model_type]
+    return AutoConfig.for_model(model_type, **{**common, **extra})
+
+
+def train_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer with ``VOCAB`` entries, trained on WikiText-2 validation."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = (DATA_DIR / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")
+    tok.train_from_iterator([text[:200_000]], trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tokenizer")
+    train_tokenizer(directory)
+    return directory
+
+
+def save_tiny_model(model_type: str, directory: Path, tokenizer_dir: Path, seed: int = 0,
+                    num_layers: int = 2, shard: str = "60KB") -> Path:
+    """Build a random tiny model and save it sharded (several shard files) with a tokenizer."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers)).eval()
+    model.save_pretrained(directory, max_shard_size=shard)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, directory / f.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
+    """``model_type -> directory`` of a saved tiny random model, for every architecture."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {mt: save_tiny_model(mt, root / mt, tokenizer_dir) for mt in ARCHS}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "wikitext2" / "wiki.valid.tokens").is_file():
+        pytest.fail(f"shared data not found at {DATA_DIR}; CI expects shared/ beside the repo")
+    return DATA_DIR
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_files():
+    """Fail a test that leaves files in the working directory (outputs must go to tmp)."""
+    before = set(os.listdir(REPO))
+    yield
+    after = set(os.listdir(REPO))
+    stray = sorted(after - before - {".pytest_cache", "__pycache__"})
+    assert not stray, f"test left files in the repository: {stray}"
+
+
+def tiny_cfg(model_dir: Path, out: Path | None, **overrides):
+    """A fast config for a tiny model: few short windows, no evaluation unless asked."""
+    from neuroal.config import build_config, merge
+
+    tree = {
+        "model": {"name": str(model_dir)},
+        "sparsity": 0.5,
+        "calib": {"source": "wikitext2", "nsamples": 4, "seqlen": 32, "data_dir": str(DATA_DIR)},
+        "eval": {"datasets": [], "max_windows": 4},
+        "engine": {"micro_batch": 2, "device": "cpu"},
+        "output": {"dir": str(out) if out else None, "save_model": out is not None},
+    }
+    return build_config(merge(tree, overrides))
