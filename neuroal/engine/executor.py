@@ -124,6 +124,10 @@ class LocalExecutor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
         return self.workers[-1].last_logits(self._through(ids))
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full logits ``(B, T, vocab)`` of the current (dense or pruned) model."""
+        return self.workers[-1].logits(self._through(ids))
+
     def masks(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for w in self.workers:

@@ -105,7 +105,7 @@ class Worker:
         modules = self.adapter.owned_module_names(spec.start, spec.stop, self.first, self.last)
         needed = [self.adapter.checkpoint_key(n)
                   for n, _ in self.adapter.named_owned_parameters(modules)]
-        self.checkpoint = open_checkpoint(spec.source, config, needed)
+        self.checkpoint = open_checkpoint(spec.source, config, needed, self.adapter.model)
         self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype, self.device)
         self._calls: dict[int, BlockCall] = {}
         self.busy_seconds = 0.0
@@ -239,6 +239,13 @@ class Worker:
             loss = torch.nn.functional.cross_entropy(logits[0, :-1], target, reduction="mean")
             out[i] = loss.double()
         return out
+
+    @torch.no_grad()
+    def logits(self, stream: torch.Tensor) -> torch.Tensor:
+        """Full logits ``(B, T, h) -> (B, T, vocab)`` fp32 on the CPU (tests, inspection)."""
+        if not self.last:
+            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        return self.adapter.logits(stream.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def last_logits(self, stream: torch.Tensor) -> torch.Tensor:

@@ -205,12 +205,14 @@ class SafetensorsCheckpoint:
         return out
 
 
-def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()) -> Checkpoint:
+def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = (),
+                    skeleton: nn.Module | None = None) -> Checkpoint:
     """The checkpoint reader for a source; hub sources download only the needed shards."""
     if source.kind == "gguf":
         from neuroal.models.gguf import GGUFCheckpoint
 
-        return GGUFCheckpoint(Path(source.location) / str(source.gguf_file), config)
+        return GGUFCheckpoint(Path(source.location) / str(source.gguf_file), config,
+                              model=skeleton)
     if source.kind == "hf_dir":
         return SafetensorsCheckpoint(Path(source.location))
     return _hub_checkpoint(source, set(needed))
