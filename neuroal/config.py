@@ -41,6 +41,7 @@ class ModelConfig:
 
     name: str = "smollm2-135m"
     dtype: str = "auto"
+    tokenizer: str | None = None  # a tokenizer dir / hub id overriding the model's own
     revision: str | None = None
     trust_remote_code: bool = False
 

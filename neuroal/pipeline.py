@@ -42,6 +42,7 @@ from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import (
     ModelSource,
+    ModelSourceError,
     build_skeleton,
     load_model_config,
     resolve_dtype,
@@ -140,12 +141,20 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
         raise ConfigError(errors)
 
 
-def load_tokenizer(source: ModelSource, trust_remote_code: bool) -> Any:
-    """The model's tokenizer (from the directory, the hub or the GGUF file)."""
+def load_tokenizer(source: ModelSource, trust_remote_code: bool,
+                   override: str | None = None) -> Any:
+    """The model's tokenizer (directory, hub or GGUF file), or ``model.tokenizer`` if set."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
-                                         **source.hf_kwargs())
+    if override:
+        return AutoTokenizer.from_pretrained(override, trust_remote_code=trust_remote_code)
+    try:
+        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                             **source.hf_kwargs())
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelSourceError(
+            f"model {source.name!r}: no usable tokenizer ({exc}); set model.tokenizer=<dir or "
+            "hub id> to use another one") from exc
 
 
 def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
@@ -162,7 +171,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         shape = ModelAdapter(build_skeleton(config, dtype)).shape()
         check_shape(cfg, shape)
     with timings("data"):
-        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code)
+        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
         calib = None
         if parse_source(cfg.calib.source).name != "self":
             calib = load_calibration(cfg.calib.source, tokenizer, cfg.calib.nsamples,
