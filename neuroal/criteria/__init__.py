@@ -1,0 +1,47 @@
+"""Pruning criteria, registered by name in :data:`CRITERIA` (criteria.md).
+
+Each criterion maps ``(weight, statistics, target, options)`` to a mask (and, for SparseGPT,
+an updated weight); see :class:`neuroal.criteria.base.Criterion`.
+"""
+
+from __future__ import annotations
+
+from neuroal.criteria.base import (
+    STAT_HESSIAN,
+    STAT_SQ_NORM,
+    Criterion,
+    LayerPruneResult,
+    LayerStats,
+    LayerTarget,
+    NMPattern,
+)
+from neuroal.criteria.magnitude import MAGNITUDE, magnitude_score
+from neuroal.criteria.multiflow import MULTIFLOW, multiflow_score
+from neuroal.criteria.ria import RIA, relative_importance, ria_score
+from neuroal.criteria.scored import ScoreCriterion
+from neuroal.criteria.sparsegpt import SPARSEGPT, CholeskyFailureError, SparseGPTCriterion
+from neuroal.criteria.wanda import WANDA, wanda_score
+from neuroal.registry import Registry
+
+CRITERIA: Registry[Criterion] = Registry("criterion")
+for _criterion in (MAGNITUDE, WANDA, RIA, MULTIFLOW, SPARSEGPT):
+    CRITERIA.add(_criterion.name, _criterion)
+
+__all__ = [
+    "CRITERIA",
+    "STAT_HESSIAN",
+    "STAT_SQ_NORM",
+    "CholeskyFailureError",
+    "Criterion",
+    "LayerPruneResult",
+    "LayerStats",
+    "LayerTarget",
+    "NMPattern",
+    "ScoreCriterion",
+    "SparseGPTCriterion",
+    "magnitude_score",
+    "multiflow_score",
+    "relative_importance",
+    "ria_score",
+    "wanda_score",
+]
