@@ -104,7 +104,8 @@ def masks(opts: argparse.Namespace) -> dict:
             same = bool(torch.equal(timings["masks"]["threshold"], timings["masks"]["argsort"]))
             rows.append({"shape": list(shape), "scores": label, "threshold_s": timings["threshold"],
                          "argsort_s": timings["argsort"], "identical": same})
-    header = f"{'shape':<16}{'scores':<8}{'threshold s':>13}{'argsort s':>11}{'speed-up':>10}{'identical':>11}"
+    header = (f"{'shape':<16}{'scores':<8}{'threshold s':>13}{'argsort s':>11}{'speed-up':>10}"
+              f"{'identical':>11}")
     print(header)
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):<16}{r['scores']:<8}{r['threshold_s']:>13.4f}"

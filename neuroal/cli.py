@@ -111,13 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def summarize(report: dict[str, Any], output: Any) -> None:
-    """Log the headline numbers: sparsity, perplexities, time, where the model went."""
-    log.info("achieved sparsity %.4f (target %.4f) in %.1f s", report["achieved_sparsity"],
-             report["target_sparsity"], report["timings"].get("total", 0.0))
+    """The headline numbers on stdout (the CLI's result; logs go to stderr)."""
+    lines = [f"{report['model']}: {report['criterion']} + {report['allocation']}, "
+             f"{report['pattern']}, target sparsity {report['target_sparsity']:.4f}, achieved "
+             f"{report['achieved_sparsity']:.4f}, {report['timings'].get('total', 0.0):.1f} s"]
     for name, ev in report.get("eval", {}).items():
         dense = ev.get("dense_ppl")
         dense_txt = f"{dense:.3f}" if dense is not None else "n/a"
-        log.info("%s perplexity: dense %s -> pruned %.3f (%d windows x %d tokens)", name,
-                 dense_txt, ev["sparse_ppl"], ev["windows"], ev["seqlen"])
+        lines.append(f"{name} perplexity ({ev['windows']} windows x {ev['seqlen']} tokens): "
+                     f"dense {dense_txt}  ->  pruned {ev['sparse_ppl']:.3f}")
     if output is not None:
-        log.info("wrote %s", output)
+        lines.append(f"output: {output}")
+    sys.stdout.write("\n".join(lines) + "\n")

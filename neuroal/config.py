@@ -353,6 +353,10 @@ def _check_plugins(cfg: PruneConfig) -> list[str]:
     else:
         policy = ALLOCATIONS.get(cfg.allocation.name)
         errors += policy.validate(cfg)
+        if cfg.pattern != "unstructured" and not policy.nm_compatible:
+            errors.append(f"allocation={cfg.allocation.name!r} gives non-uniform ratios, which "
+                          f"cannot be combined with pattern={cfg.pattern!r} (N:M is uniform by "
+                          "construction); use allocation=uniform or an unstructured pattern")
     return errors
 
 

@@ -146,7 +146,7 @@ def model_card(report: dict[str, Any]) -> str:
     """A model card with HF front matter (engine.md §9)."""
     ev = report.get("eval", {})
     front = {
-        "base_model": report["model"],
+        "base_model": report.get("base_model") or report["model"],
         "tags": ["pruned", "sparse", "neuroal", report["criterion"], report["allocation"]],
         "datasets": [report["calibration"]["source"]],
         "pipeline_tag": "text-generation",
@@ -164,8 +164,11 @@ def model_card(report: dict[str, Any]) -> str:
         f"T={report['calibration']['seqlen']}, seed={report['calibration']['seed']}",
     ]
     for name, values in ev.items():
-        lines.append(f"- {name} perplexity: dense {values.get('dense_ppl')}, "
-                     f"pruned {values.get('sparse_ppl')}")
+        dense, sparse = values.get("dense_ppl"), values.get("sparse_ppl")
+        lines.append(f"- {name} perplexity ({values.get('windows')} windows x "
+                     f"{values.get('seqlen')} tokens): dense "
+                     f"{'n/a' if dense is None else f'{dense:.3f}'}, pruned "
+                     f"{'n/a' if sparse is None else f'{sparse:.3f}'}")
     lines += ["", f"Command: `{report.get('command', '')}`", "",
               f"neuroal {report['versions']['neuroal']}", ""]
     return "\n".join(lines)

@@ -41,6 +41,7 @@ from neuroal.export import (
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import (
+    ALIAS_ORIGIN,
     ModelSource,
     ModelSourceError,
     build_skeleton,
@@ -230,10 +231,31 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, calib: 
     policy = ALLOCATIONS.get(cfg.allocation.name)
     request = PlanRequest(shape=prep.shape, target=cfg.target_sparsity, pattern=cfg.pattern,
                           clip=tuple(cfg.allocation.clip), options=dict(cfg.allocation.options),
-                          executor=executor, calibration=calib)
+                          executor=executor, calibration=calib,
+                          model_key=model_key(prep.source), cache_dir=cache_dir())
     plan = policy.plan(request)
     plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
     return plan
+
+
+def model_key(source: ModelSource) -> str:
+    """Identity of the model's weights: location plus the names, sizes and mtimes of its files
+    (hub ids: id and revision), hashed. Keys on-disk caches such as AlphaPruning's alphas."""
+    import hashlib
+
+    parts = [source.kind, source.location, str(source.gguf_file), str(source.revision)]
+    if source.kind != "hub":
+        root = Path(source.location)
+        files = [root / source.gguf_file] if source.gguf_file else sorted(root.glob("*.safetensors"))
+        parts += [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in files]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cache_dir() -> str:
+    """``$NEUROAL_CACHE`` or ``~/.cache/neuroal`` (created on first use by the policies)."""
+    import os
+
+    return os.environ.get("NEUROAL_CACHE", str(Path.home() / ".cache" / "neuroal"))
 
 
 def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> RunResult:
@@ -329,8 +351,11 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
     prefix = executor.workers[0].adapter.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
+    base_model, license_ = ALIAS_ORIGIN.get(cfg.model.name, (cfg.model.name, None))
     return {
         "model": cfg.model.name,
+        "base_model": base_model,
+        "license": license_,
         "model_type": getattr(prep.config, "model_type", None),
         "criterion": cfg.criterion.name,
         "allocation": cfg.allocation.name,
@@ -352,7 +377,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "timings": dict(timings.phases),
         "workers": [{"rank": s.rank, "blocks": [s.start, s.stop], "device": s.device,
                      "busy_seconds": w.busy_seconds}
-                    for s, w in zip(executor.specs, executor.workers)],
+                    for s, w in zip(executor.specs, executor.workers, strict=True)],
         "slices": split_blocks(prep.shape.num_blocks, cfg.engine.workers),
         "peak_memory_bytes": peak_memory_bytes(),
         "seeds": {"run": cfg.seed, "calibration": cfg.calib.seed},

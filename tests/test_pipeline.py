@@ -112,4 +112,25 @@ def test_one_and_three_workers_identical(tokenizer_dir: Path, tmp_path: Path,
     assert results[1].report["eval"] == results[3].report["eval"]
     slices = [tuple(s) for s in results[3].report["slices"]]
     assert len(slices) == 3 and slices[0][0] == 0 and slices[-1][1] == 4
-    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+    assert all(a[1] == b[0] for a, b in zip(slices, slices[1:], strict=False))
+
+
+def test_self_calibration_and_gguf_export(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Data-free calibration (sequences sampled from the model) on a GGUF input, exported as
+    safetensors that transformers loads with the same zeros."""
+    from conftest import VOCAB
+    from gguf_fixture import tiny_llama, write_tiny_llama_gguf
+
+    (tmp_path / "g").mkdir()
+    gguf_path = write_tiny_llama_gguf(tmp_path / "g" / "tiny.gguf",
+                                      tiny_llama(seed=1, vocab_size=VOCAB), quant="Q8_0")
+    out = tmp_path / "out"
+    cfg = tiny_cfg(gguf_path, out, calib={"source": "self", "nsamples": 3, "seqlen": 12},
+                   model={"name": str(gguf_path), "tokenizer": str(tokenizer_dir)})
+    result = run(cfg, keep_executor=True)
+    assert result.report["calibration"]["source"] == "self"
+    assert result.report["export_dtype"] == "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for name, mask in result.executor.masks().items():
+        assert torch.equal(loaded.get_parameter(name + ".weight") == 0, mask), name
+    assert sorted(p.suffix for p in out.glob("model-*")) == [".safetensors"]

@@ -15,7 +15,7 @@ from neuroal.data import load_calibration
 from neuroal.pipeline import run
 
 
-class _Stop(Exception):
+class _StopError(Exception):
     pass
 
 
@@ -28,13 +28,13 @@ def _reference_wanda(model_dir: Path, ids: torch.Tensor, sparsity: float) -> dic
     def grab(_m, args, kw):
         inputs.append(args[0])
         kwargs.update(kw)
-        raise _Stop
+        raise _StopError
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     for i in range(ids.shape[0]):
         try:
             model(input_ids=ids[i : i + 1], use_cache=False)
-        except _Stop:
+        except _StopError:
             pass
     handle.remove()
     masks = {}
@@ -44,7 +44,7 @@ def _reference_wanda(model_dir: Path, ids: torch.Tensor, sparsity: float) -> dic
             norms = {n: torch.zeros(m.in_features) for n, m in linears.items()}
             seen = {n: 0 for n in linears}
 
-            def make_hook(name):
+            def make_hook(name, norms=norms, seen=seen):
                 def hook(_m, args, _out):
                     x = args[0].reshape(-1, args[0].shape[-1]).float()
                     n = seen[name]

@@ -14,7 +14,9 @@ class PlanRequest:
     """What a policy gets: the model's linear shapes, the target and its options.
 
     ``executor`` is the running executor (``neuroal.engine.executor.Executor``) for policies that
-    need statistics, weight metrics or a search; data-free policies ignore it.
+    need statistics (``dense_block_metrics``), weight metrics (``weight_metrics``) or a search;
+    data-free policies ignore it. ``calibration`` holds the calibration ids ``(N, T)``.
+    ``model_key`` identifies the model's weights (for on-disk caches under ``cache_dir``).
     """
 
     shape: ModelShape
@@ -24,6 +26,8 @@ class PlanRequest:
     options: Mapping[str, Any] = field(default_factory=dict)
     executor: Any = None
     calibration: Any = None
+    model_key: str = ""
+    cache_dir: str | None = None
 
 
 class AllocationPolicy(Protocol):

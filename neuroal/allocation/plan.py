@@ -108,7 +108,7 @@ class SparsityPlan:
         if len(self.ratios) != shape.num_blocks:
             return [f"plan has {len(self.ratios)} blocks, the model has {shape.num_blocks}"]
         errors = []
-        for b, (entries, layers) in enumerate(zip(self.ratios, shape.blocks)):
+        for b, (entries, layers) in enumerate(zip(self.ratios, shape.blocks, strict=True)):
             missing = sorted(set(layers) - set(entries))
             extra = sorted(set(entries) - set(layers))
             if missing:
@@ -122,11 +122,12 @@ class SparsityPlan:
         errors = []
         for b, entries in enumerate(self.ratios):
             for name, r in entries.items():
-                values = r.to(torch.float64) if isinstance(r, torch.Tensor) else torch.tensor([r], dtype=torch.float64)
+                values = torch.as_tensor(r, dtype=torch.float64).reshape(-1)
+                inside = bool(values.min() >= lo - 1e-12) and bool(values.max() <= hi + 1e-12)
                 if isinstance(r, torch.Tensor) and r.shape != (shape.blocks[b][name][0],):
                     errors.append(f"block {b} {name}: per-row vector of shape {tuple(r.shape)}, "
                                   f"expected ({shape.blocks[b][name][0]},)")
-                elif not torch.isfinite(values).all() or values.min() < lo - 1e-12 or values.max() > hi + 1e-12:
+                elif not torch.isfinite(values).all() or not inside:
                     errors.append(f"block {b} {name}: ratio outside [{lo}, {hi}] "
                                   f"(min {float(values.min()):.4f}, max {float(values.max()):.4f})")
         return errors

@@ -8,7 +8,7 @@ every worker runs the same micro-batches through the same blocks in the same ord
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -49,6 +49,11 @@ class Executor(Protocol):
                         ids: torch.Tensor) -> list[BlockReport]: ...
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor: ...
+
+    def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
+                            needs: frozenset[str]) -> list[Any]: ...
+
+    def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]: ...
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -103,6 +108,23 @@ class LocalExecutor:
             stream, block_reports = w.prune(stream, entries, job)
             reports += block_reports
         return reports
+
+    def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
+                            needs: frozenset[str]) -> list[Any]:
+        """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``."""
+        stream = self._embed(ids)
+        values: dict[int, Any] = {}
+        for w in self.workers:
+            stream, part = w.dense_block_metrics(stream, fn, needs)
+            values.update(part)
+        return [values[b] for b in range(self._num_blocks)]
+
+    def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
+        """``fn(weight)`` per linear, each computed by the worker owning the block."""
+        values: dict[int, dict[str, Any]] = {}
+        for w in self.workers:
+            values.update(w.weight_metrics(fn))
+        return [values[b] for b in range(self._num_blocks)]
 
     def _through(self, ids: torch.Tensor) -> torch.Tensor:
         stream = self._embed(ids)

