@@ -232,7 +232,9 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, calib: 
     request = PlanRequest(shape=prep.shape, target=cfg.target_sparsity, pattern=cfg.pattern,
                           clip=tuple(cfg.allocation.clip), options=dict(cfg.allocation.options),
                           executor=executor, calibration=calib,
-                          model_key=model_key(prep.source), cache_dir=cache_dir())
+                          model_key=model_key(prep.source), cache_dir=cache_dir(),
+                          criterion=cfg.criterion.name,
+                          criterion_options=dict(cfg.criterion.options))
     plan = policy.plan(request)
     plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
     return plan
@@ -277,8 +279,9 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
             calib = calibration_windows(cfg, prep, executor)
         with timings("allocate"):
             plan = make_plan(cfg, prep, executor, calib)
-        job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm,
-                       cfg.criterion.group, cfg.mask.exact_count)
+        group = cfg.criterion.group or plan.policy.get("mask_group")
+        job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm, group,
+                       cfg.mask.exact_count)
         with timings("prune"):
             blocks = executor.run_final_prune(plan, job, calib)
         sparse = {}

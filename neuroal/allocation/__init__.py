@@ -1,12 +1,18 @@
 """Allocation policies: how much to prune where (allocation.md)."""
 
+from neuroal.allocation.alpha import AlphaPolicy
 from neuroal.allocation.base import AllocationPolicy, PlanRequest
+from neuroal.allocation.neuroal import NeuroALPolicy
+from neuroal.allocation.owl import OWLPolicy
 from neuroal.allocation.plan import ModelShape, PlanError, SparsityPlan
 from neuroal.allocation.uniform import UniformPolicy
 from neuroal.registry import Registry
 
 ALLOCATIONS: Registry[AllocationPolicy] = Registry("allocation")
 ALLOCATIONS.add("uniform", UniformPolicy())
+ALLOCATIONS.add("owl", OWLPolicy())
+ALLOCATIONS.add("alpha", AlphaPolicy(), "alphapruning")
+ALLOCATIONS.add("neuroal", NeuroALPolicy(), "neuronal")
 
 __all__ = ["ALLOCATIONS", "AllocationPolicy", "ModelShape", "PlanError", "PlanRequest",
            "SparsityPlan"]

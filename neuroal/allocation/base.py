@@ -28,6 +28,8 @@ class PlanRequest:
     calibration: Any = None
     model_key: str = ""
     cache_dir: str | None = None
+    criterion: str = "wanda"
+    criterion_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 class AllocationPolicy(Protocol):

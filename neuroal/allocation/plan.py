@@ -17,9 +17,17 @@ Ratio = float | torch.Tensor
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Shapes of the prunable linears: ``blocks[b][name] = (rows, cols)`` (registration order)."""
+    """Shapes of the prunable linears: ``blocks[b][name] = (rows, cols)`` (registration order).
+
+    ``consumers`` (producer -> consumer linear of the same block), ``uniform_rows``, ``heads``
+    and ``kv_heads`` come from the model adapter for policies that allocate per output row.
+    """
 
     blocks: tuple[Mapping[str, tuple[int, int]], ...]
+    consumers: Mapping[str, str] = field(default_factory=dict)
+    uniform_rows: frozenset[str] = frozenset()
+    heads: int = 0
+    kv_heads: int = 0
 
     @property
     def num_blocks(self) -> int:

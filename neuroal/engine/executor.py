@@ -8,13 +8,20 @@ every worker runs the same micro-batches through the same blocks in the same ord
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.engine.worker import BlockReport, PruneJob, Worker, WorkerSpec
+from neuroal.engine.worker import (
+    BlockAlignment,
+    BlockReport,
+    CandidateJob,
+    PruneJob,
+    Worker,
+    WorkerSpec,
+)
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
 
@@ -49,6 +56,10 @@ class Executor(Protocol):
                         ids: torch.Tensor) -> list[BlockReport]: ...
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor: ...
+
+    def evaluate_candidates(self, ids: torch.Tensor,
+                            candidates: Sequence[Sequence[Mapping[str, Any]]],
+                            job: CandidateJob) -> list[list[BlockAlignment]]: ...
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]: ...
@@ -108,6 +119,26 @@ class LocalExecutor:
             stream, block_reports = w.prune(stream, entries, job)
             reports += block_reports
         return reports
+
+    def evaluate_candidates(self, ids: torch.Tensor,
+                            candidates: Sequence[Sequence[Mapping[str, Any]]],
+                            job: CandidateJob) -> list[list[BlockAlignment]]:
+        """Alignment terms of each candidate plan (``candidates[c][b][name]`` = ratio).
+
+        Candidates are independent: the local executor runs them one after another over the
+        shared embeddings of the search windows ``ids`` ``(n_s, T)``; the result is keyed by
+        candidate, then block.
+        """
+        embedded = self._embed(ids)
+        results = []
+        for ratios in progress(candidates, "candidates", total=len(candidates)):
+            stream = embedded
+            per_block: dict[int, BlockAlignment] = {}
+            for w in self.workers:
+                stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks}, job)
+                per_block.update(part)
+            results.append([per_block[b] for b in range(self._num_blocks)])
+        return results
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:

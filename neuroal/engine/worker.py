@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from neuroal.capture import StatsCollector
 from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import LayerTarget, NMPattern
+from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
 from neuroal.logging import get_logger
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.loading import (
@@ -60,6 +60,30 @@ class PruneJob:
     nm: NMPattern | None = None
     group: str | None = None
     exact_count: bool = True
+
+
+@dataclass(frozen=True)
+class CandidateJob:
+    """How a search candidate is realised: criterion, options and comparison group.
+
+    ``group`` is ``row`` for every score criterion inside NeuroAL (neuroal.md §A3); per-row
+    ratio vectors select NeuroAL's ``neuron`` masks automatically.
+    """
+
+    criterion: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    group: str | None = "row"
+
+
+@dataclass
+class BlockAlignment:
+    """Per-linear neuron-alignment terms of one block (neuroal.md §A4-A5).
+
+    ``na[name]``: float64 NA_l; ``delta[name]``: ``a_dense - a_sparse`` of shape ``(cols,)``.
+    """
+
+    na: dict[str, float]
+    delta: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -226,6 +250,72 @@ class Worker:
                                        int((linear.weight.data == 0).sum()),
                                        linear.weight.numel(), result.info))
         return reports
+
+    # ------------------------------------------------------------------ search candidates
+
+    @torch.no_grad()
+    def eval_candidate(self, stream: torch.Tensor, ratios: Mapping[int, Mapping[str, Any]],
+                       job: CandidateJob) -> tuple[torch.Tensor, dict[int, BlockAlignment]]:
+        """Evaluate one NeuroAL candidate over the owned blocks (neuroal.md §A5).
+
+        Per block: dense forward on ``stream`` collecting input norms ``a_d``; masks from the
+        candidate ratios scored with those statistics; the masked block (weights swapped in
+        temporarily, dense weights untouched afterwards) run on the same inputs collecting
+        ``a_s``; its outputs become the next block's inputs (sparse-prefix propagation).
+        """
+        from neuroal.allocation.neuroal_math import alignment
+
+        criterion = CRITERIA.get(job.criterion)
+        options = {**criterion.defaults, **job.options}
+        needs = frozenset({STAT_SQ_NORM}) | criterion.needs
+        out: dict[int, BlockAlignment] = {}
+        t0 = time.perf_counter()
+        for index in self.blocks:
+            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+            dense = StatsCollector(linears, needs)
+            with dense.attached():
+                self._stats_forward(index, stream, dense)
+            dense_stats = dense.stats()
+            masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
+            sparse = StatsCollector(linears, frozenset({STAT_SQ_NORM}))
+            originals = {n: m.weight.data for n, m in linears.items()}
+            try:
+                for name, weight in masked.items():
+                    linears[name].weight.data = weight
+                with sparse.attached():
+                    stream = self._forward_block(index, stream, sparse)
+            finally:
+                for name, weight in originals.items():
+                    linears[name].weight.data = weight
+            a_d = {n: st.sq_norm.sqrt() for n, st in dense_stats.items()}
+            a_s = {n: st.sq_norm.sqrt() for n, st in sparse.stats().items()}
+            out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
+                                        delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
+        self.busy_seconds += time.perf_counter() - t0
+        return stream, out
+
+    def _stats_forward(self, index: int, stream: torch.Tensor, collector: StatsCollector) -> None:
+        """Forward every micro-batch through block ``index`` for its statistics only."""
+        block = self.adapter.blocks[index]
+        for sl in self._batches(stream.shape[0]):
+            x = stream[sl].to(self.device)
+            self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+            collector.end_batch()
+
+    def _masked_weights(self, linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Any],
+                        entries: Mapping[str, Any], job: CandidateJob, criterion: Any,
+                        options: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Temporary pruned (SparseGPT: updated) copies of each linear's weight."""
+        out = {}
+        for name, linear in linears.items():
+            ratio = entries[name]
+            group = None if isinstance(ratio, torch.Tensor) else job.group
+            target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None)
+            result = criterion.prune(linear.weight.data, stats[name], target, options)
+            weight = result.weight.to(linear.weight.dtype) if result.weight is not None \
+                else linear.weight.data.clone()
+            out[name] = weight.masked_fill_(result.mask.to(weight.device), 0.0)
+        return out
 
     # ------------------------------------------------------------------ policy metrics
 

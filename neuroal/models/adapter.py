@@ -20,27 +20,51 @@ from neuroal.allocation.plan import ModelShape
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Dotted module paths of one architecture family (relative to the CausalLM model)."""
+    """Dotted module paths of one architecture family (relative to the CausalLM model).
+
+    ``consumers`` maps a prunable linear (relative name) to the linear of the same block whose
+    input channels are indexed by its output rows (NeuroAL's row step, neuroal.md §A7); a
+    producer absent from the map has no consumer inside the block (uniform rows).
+    ``uniform_rows`` lists linears whose rows the reference always keeps uniform.
+    """
 
     blocks: str
     embed: str
     final: tuple[str, ...]
     head: str = "lm_head"
+    consumers: tuple[tuple[str, str], ...] = ()
+    uniform_rows: tuple[str, ...] = ()
 
 
-_LLAMA_LIKE = ArchSpec(blocks="model.layers", embed="model.embed_tokens", final=("model.norm",))
+_LLAMA_CONSUMERS = (
+    ("self_attn.q_proj", "self_attn.o_proj"), ("self_attn.k_proj", "self_attn.o_proj"),
+    ("self_attn.v_proj", "self_attn.o_proj"), ("self_attn.o_proj", "mlp.gate_proj"),
+    ("mlp.gate_proj", "mlp.down_proj"), ("mlp.up_proj", "mlp.down_proj"),
+)
+_LLAMA_LIKE = ArchSpec(blocks="model.layers", embed="model.embed_tokens", final=("model.norm",),
+                       consumers=_LLAMA_CONSUMERS)
 ARCHS: dict[str, ArchSpec] = {
     "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
+    "mistral": ArchSpec(blocks="model.layers", embed="model.embed_tokens", final=("model.norm",),
+                        consumers=_LLAMA_CONSUMERS,
+                        uniform_rows=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
     "qwen2": _LLAMA_LIKE,
     "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
     "gemma2": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
     "phi": ArchSpec(blocks="model.layers", embed="model.embed_tokens",
-                    final=("model.final_layernorm",)),
+                    final=("model.final_layernorm",),
+                    consumers=(("self_attn.q_proj", "self_attn.dense"),
+                               ("self_attn.k_proj", "self_attn.dense"),
+                               ("self_attn.v_proj", "self_attn.dense"),
+                               ("self_attn.dense", "mlp.fc1"), ("mlp.fc1", "mlp.fc2"))),
     "opt": ArchSpec(blocks="model.decoder.layers", embed="model.decoder.embed_tokens",
-                    final=("model.decoder.final_layer_norm", "model.decoder.project_out")),
+                    final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
+                    consumers=(("self_attn.k_proj", "self_attn.out_proj"),
+                               ("self_attn.v_proj", "self_attn.out_proj"),
+                               ("self_attn.q_proj", "self_attn.out_proj"),
+                               ("self_attn.out_proj", "fc1"), ("fc1", "fc2"))),
 }
 TESTED_ARCHS = ("llama", "mistral", "qwen2", "opt", "phi")
 
@@ -128,10 +152,18 @@ class ModelAdapter:
         return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
     def shape(self) -> ModelShape:
-        """``(rows, cols)`` of every prunable linear of every block (works on meta)."""
-        return ModelShape(tuple(
-            {n: (m.out_features, m.in_features) for n, m in self.prunable_linears(b).items()}
-            for b in self.blocks))
+        """``(rows, cols)`` of every prunable linear of every block (works on meta), with the
+        row-consumer map and attention geometry NeuroAL's row step needs."""
+        cfg = self.config
+        heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+        return ModelShape(
+            tuple({n: (m.out_features, m.in_features) for n, m in self.prunable_linears(b).items()}
+                  for b in self.blocks),
+            consumers=dict(self.spec.consumers) if self.model_type in ARCHS else {},
+            uniform_rows=frozenset(self.spec.uniform_rows),
+            heads=heads,
+            kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+        )
 
     @property
     def tied(self) -> bool:
