@@ -136,3 +136,68 @@ def test_search_is_identical_with_one_and_two_workers(tokenizer_dir: Path, tmp_p
     assert [e["score"] for e in p1.trail["candidates"]] == [e["score"] for e in p2.trail["candidates"]]
     for name in m1:
         assert torch.equal(m1[name], m2[name]), name
+
+
+def _executor(model_dir: Path, workers: int = 1) -> LocalExecutor:
+    return LocalExecutor(resolve_model(str(model_dir)), 2, workers, ["cpu"], "float32", 2)
+
+
+def test_shared_block0_statistics_are_exact(tiny_models: dict[str, Path]) -> None:
+    """§B5: reusing block 0's dense statistics across candidates changes no bit."""
+    executor = _executor(tiny_models["qwen2"])
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(2))
+    worker = executor.workers[0]
+    ratios = {b: {n: 0.5 for n in blk} for b, blk in enumerate(worker.adapter.shape().blocks)}
+    embedded = worker.embed(ids)
+    _, fresh = worker.eval_candidate(embedded, ratios, CandidateJob("wanda"))
+    shared = executor.dense_reference(embedded, CandidateJob("wanda"), "local")
+    _, reused = worker.eval_candidate(embedded, ratios, CandidateJob("wanda"), shared)
+    for b in fresh:
+        assert fresh[b].na == reused[b].na
+        for name in fresh[b].delta:
+            assert torch.equal(fresh[b].delta[name], reused[b].delta[name])
+
+
+def test_global_reference_stream(tiny_models: dict[str, Path]) -> None:
+    """§B4: alignment against the dense model; q/k/v terms become non-zero after block 0."""
+    executor = _executor(tiny_models["llama"])
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(3))
+    ratios = [{n: 0.7 for n in blk} for blk in executor.workers[0].adapter.shape().blocks]
+    job = CandidateJob("wanda")
+    local = executor.evaluate_candidates(ids, [ratios], job, "local")[0]
+    glob = executor.evaluate_candidates(ids, [ratios], job, "global")[0]
+    assert local[0].na == glob[0].na  # block 0 sees the same inputs either way
+    assert glob[1].na["self_attn.q_proj"] > 0 and local[1].na["self_attn.q_proj"] == 0
+
+
+@pytest.mark.parametrize("options", [
+    {"base": "alpha", "base_options": {"epsilon": 0.1}, "include_uniform": True},
+    {"reference_stream": "global", "steps": "block"},
+    {"grid_refine": 1, "steps": "block"},
+])
+def test_options_run_and_keep_the_target(options: dict, tiny_models: dict[str, Path],
+                                         small_text: Path) -> None:  # noqa: F811
+    cfg = tiny_cfg(tiny_models["llama"], None, calib={"source": f"text:{small_text}"},
+                   sparsity=0.6, allocation={**SMALL_GRIDS, **options})
+    result = run(cfg, keep_executor=True)
+    shape = result.executor.workers[0].adapter.shape()
+    assert result.plan.planned_global(shape) == pytest.approx(0.6, abs=1e-6)
+    trail = result.plan.trail["candidates"]
+    if options.get("grid_refine"):
+        values = [e["value"] for e in trail if e["phase"] == "block"]
+        assert len(values) > 3 and set(values) - {0.05, 0.1, 0.2}
+    if options.get("base"):
+        assert trail[0]["value"] == 0.0
+
+
+def test_base_plan_with_zero_ramp_is_the_base_plan(tiny_models: dict[str, Path],
+                                                   small_text: Path) -> None:  # noqa: F811
+    """NeuroAL on top of OWL: the lambda = 0 candidate is exactly OWL's plan."""
+    common = dict(calib={"source": f"text:{small_text}"}, sparsity=0.6)
+    owl = run(tiny_cfg(tiny_models["llama"], None, allocation={"name": "owl", "lam": 0.05},
+                       **common)).plan
+    neuro = run(tiny_cfg(tiny_models["llama"], None, allocation={
+        "name": "neuroal", "base": "owl", "base_options": {"lam": 0.05}, "steps": "block",
+        "block_grid": [0.0]}, **common)).plan
+    assert neuro.ratios == owl.ratios
+    assert len({r for blk in owl.ratios for r in blk.values()}) > 1  # really non-uniform

@@ -11,6 +11,7 @@ evaluated by the executor (``evaluate_candidates``).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -20,10 +21,11 @@ from neuroal.allocation.neuroal_math import (
     ROW_GRID,
     block_grid,
     block_ramp,
+    first_minimum,
     row_plan,
     total_alignment,
 )
-from neuroal.allocation.plan import ModelShape, SparsityPlan
+from neuroal.allocation.plan import SparsityPlan
 from neuroal.logging import get_logger
 from neuroal.search import Candidate, Outcome, PhaseResult, run_phase
 
@@ -44,6 +46,10 @@ RULES: dict[str, tuple[Any, str]] = {
     "block_grid": (_grid, "'auto' or a non-empty list of half-widths in [0, 0.5)"),
     "row_grid": (_grid, "'auto' or a non-empty list of widths in [0, 0.5)"),
     "include_uniform": (lambda v: isinstance(v, bool), "true or false"),
+    "reference_stream": (lambda v: v in ("local", "global"), "'local' (faithful) or 'global'"),
+    "base": (lambda v: v in ("uniform", "owl", "alpha"), "'uniform' (faithful), 'owl' or 'alpha'"),
+    "base_options": (lambda v: isinstance(v, dict), "a mapping of the base policy's options"),
+    "grid_refine": (lambda v: isinstance(v, int) and 0 <= v <= 5, "an integer in [0, 5]"),
 }
 
 
@@ -54,7 +60,9 @@ class NeuroALPolicy:
     needs = "search"
     nm_compatible = False
     defaults: Mapping[str, Any] = {"steps": "both", "search_samples": 8, "block_grid": "auto",
-                                   "row_grid": "auto", "include_uniform": False}
+                                   "row_grid": "auto", "include_uniform": False,
+                                   "reference_stream": "local", "base": "uniform",
+                                   "base_options": {}, "grid_refine": 0}
 
     def validate(self, cfg: Any) -> list[str]:
         errors = []
@@ -80,7 +88,8 @@ class NeuroALPolicy:
         job = CandidateJob(request.criterion, dict(request.criterion_options), group)
 
         def evaluate(cands: list[Candidate]) -> list[Outcome]:
-            results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job)
+            results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
+                                                           opts["reference_stream"])
             return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
 
         block = self._block_step(request, opts, evaluate)
@@ -99,9 +108,15 @@ class NeuroALPolicy:
             grid = block_grid(request.target, bool(opts["include_uniform"]))
         else:
             grid = tuple(float(v) for v in opts["block_grid"])
-        cands = [Candidate("block", lam, _per_linear(request.shape, block_ramp(
-            request.shape.num_blocks, request.target, lam, request.clip))) for lam in grid]
-        return run_phase("block", cands, evaluate)
+            if opts["include_uniform"] and 0.0 not in grid:
+                grid = (0.0, *grid)
+        base = _base_ratios(request, opts)
+
+        def make(lam: float) -> Candidate:
+            return Candidate("block", lam, _shifted(request, base, lam))
+
+        return refine(run_phase("block", [make(lam) for lam in grid], evaluate), make,
+                      int(opts["grid_refine"]), evaluate)
 
     def _row_step(self, request: PlanRequest, opts: Mapping[str, Any], block: PhaseResult,
                   evaluate: Any) -> PhaseResult:
@@ -109,10 +124,13 @@ class NeuroALPolicy:
         grid = ROW_GRID if opts["row_grid"] == "auto" else tuple(float(v) for v in opts["row_grid"])
         deltas = [blk.delta for blk in block.best_outcome.detail]
         base = block.best.ratios
-        cands = [Candidate("row", mu, row_plan(base, deltas, request.shape.consumers,
-                                               request.shape, mu, request.clip,
-                                               request.shape.uniform_rows)) for mu in grid]
-        return run_phase("row", cands, evaluate)
+        def make(mu: float) -> Candidate:
+            return Candidate("row", mu, row_plan(base, deltas, request.shape.consumers,
+                                                 request.shape, mu, request.clip,
+                                                 request.shape.uniform_rows))
+
+        return refine(run_phase("row", [make(mu) for mu in grid], evaluate), make,
+                      int(opts["grid_refine"]), evaluate)
 
     def _finish(self, request: PlanRequest, opts: Mapping[str, Any], ratios: list[dict[str, Any]],
                 phases: list[PhaseResult], group: str | None) -> SparsityPlan:
@@ -134,9 +152,48 @@ class NeuroALPolicy:
         return plan
 
 
-def _per_linear(shape: ModelShape, block_ratios: list[float]) -> list[dict[str, Any]]:
-    """Every linear of block b gets the block's ratio."""
-    return [{name: float(block_ratios[b]) for name in blk} for b, blk in enumerate(shape.blocks)]
+def _base_ratios(request: PlanRequest, opts: Mapping[str, Any]) -> list[dict[str, float]] | None:
+    """The base plan's ratios (``base: owl|alpha``, §4 option); None for the faithful uniform."""
+    if opts["base"] == "uniform":
+        return None
+    from neuroal.allocation import ALLOCATIONS
+
+    sub = replace(request, options=dict(opts["base_options"]))
+    plan = ALLOCATIONS.get(opts["base"]).plan(sub)
+    return [{n: float(r) for n, r in blk.items()} for blk in plan.ratios]
+
+
+def _shifted(request: PlanRequest, base: list[dict[str, float]] | None,
+             lam: float) -> list[dict[str, Any]]:
+    """Block ratios: the ramp around the target (faithful), or the base plan plus the ramp's
+    offsets, clipped into ``request.clip``."""
+    shape, lo, hi = request.shape, request.clip[0], request.clip[1]
+    if base is None:
+        ramp = block_ramp(shape.num_blocks, request.target, lam, request.clip)
+        return [{name: float(ramp[b]) for name in blk} for b, blk in enumerate(shape.blocks)]
+    offsets = [r - request.target for r in
+               block_ramp(shape.num_blocks, request.target, lam, (-1.0, 2.0))]
+    return [{n: min(hi, max(lo, base[b][n] + offsets[b])) for n in blk}
+            for b, blk in enumerate(shape.blocks)]
+
+
+def refine(result: PhaseResult, make: Any, rounds: int, evaluate: Any) -> PhaseResult:
+    """Adaptive grid (§4 option ``grid_refine``): evaluate the midpoints between the winner and
+    its grid neighbours, ``rounds`` times; the first minimum over all candidates wins."""
+    candidates, outcomes = list(result.candidates), list(result.outcomes)
+    for _ in range(rounds):
+        values = sorted({c.value for c in candidates})
+        best = candidates[first_minimum([o.score for o in outcomes])].value
+        i = values.index(best)
+        mids = [(values[j] + best) / 2 for j in (i - 1, i + 1) if 0 <= j < len(values)]
+        new = [make(v) for v in mids if v not in values]
+        if not new:
+            break
+        candidates += new
+        outcomes += evaluate(new)
+    if len(candidates) == len(result.candidates):
+        return result
+    return run_phase(result.phase, candidates, lambda _c: outcomes)
 
 
 def _plain(value: Any) -> Any:

@@ -14,6 +14,8 @@ from typing import Any, Protocol
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
@@ -47,6 +49,11 @@ def split_blocks(num_blocks: int, workers: int) -> list[tuple[int, int]]:
     return bounds
 
 
+def _stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
+    """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
+    return stats
+
+
 class Executor(Protocol):
     """What the pipeline needs from an executor."""
 
@@ -59,7 +66,8 @@ class Executor(Protocol):
 
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
-                            job: CandidateJob) -> list[list[BlockAlignment]]: ...
+                            job: CandidateJob, reference_stream: str = "local",
+                            ) -> list[list[BlockAlignment]]: ...
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]: ...
@@ -122,23 +130,39 @@ class LocalExecutor:
 
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
-                            job: CandidateJob) -> list[list[BlockAlignment]]:
+                            job: CandidateJob, reference_stream: str = "local",
+                            ) -> list[list[BlockAlignment]]:
         """Alignment terms of each candidate plan (``candidates[c][b][name]`` = ratio).
 
         Candidates are independent: the local executor runs them one after another over the
         shared embeddings of the search windows ``ids`` ``(n_s, T)``; the result is keyed by
-        candidate, then block.
+        candidate, then block. Dense statistics identical for every candidate are computed
+        once: block 0's (``local``, exact) or every block's from the dense model (``global``).
         """
         embedded = self._embed(ids)
+        reference = self.dense_reference(embedded, job, reference_stream)
         results = []
         for ratios in progress(candidates, "candidates", total=len(candidates)):
             stream = embedded
             per_block: dict[int, BlockAlignment] = {}
             for w in self.workers:
-                stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks}, job)
+                stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks}, job,
+                                                reference)
                 per_block.update(part)
             results.append([per_block[b] for b in range(self._num_blocks)])
         return results
+
+    def dense_reference(self, embedded: torch.Tensor, job: CandidateJob,
+                        reference_stream: str) -> dict[int, Any]:
+        """Candidate-independent dense statistics, keyed by block (neuroal.md §B4, §B5)."""
+        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        if reference_stream == "local":
+            return {0: self.workers[0].block_stats(0, embedded, needs)}
+        stream, reference = embedded, {}
+        for w in self.workers:
+            stream, part = w.dense_block_metrics(stream, _stats_only, needs)
+            reference.update(part)
+        return reference
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:

@@ -255,13 +255,17 @@ class Worker:
 
     @torch.no_grad()
     def eval_candidate(self, stream: torch.Tensor, ratios: Mapping[int, Mapping[str, Any]],
-                       job: CandidateJob) -> tuple[torch.Tensor, dict[int, BlockAlignment]]:
+                       job: CandidateJob, reference: Mapping[int, Mapping[str, Any]] | None = None,
+                       ) -> tuple[torch.Tensor, dict[int, BlockAlignment]]:
         """Evaluate one NeuroAL candidate over the owned blocks (neuroal.md §A5).
 
         Per block: dense forward on ``stream`` collecting input norms ``a_d``; masks from the
         candidate ratios scored with those statistics; the masked block (weights swapped in
         temporarily, dense weights untouched afterwards) run on the same inputs collecting
         ``a_s``; its outputs become the next block's inputs (sparse-prefix propagation).
+        ``reference[b]`` supplies block b's dense statistics instead of the dense forward:
+        block 0 always sees identical inputs (shared across candidates, §B5), and under the
+        global variant (§B4) every block uses the dense model's statistics.
         """
         from neuroal.allocation.neuroal_math import alignment
 
@@ -272,10 +276,10 @@ class Worker:
         t0 = time.perf_counter()
         for index in self.blocks:
             linears = self.adapter.prunable_linears(self.adapter.blocks[index])
-            dense = StatsCollector(linears, needs)
-            with dense.attached():
-                self._stats_forward(index, stream, dense)
-            dense_stats = dense.stats()
+            if reference is not None and index in reference:
+                dense_stats = reference[index]
+            else:
+                dense_stats = self.block_stats(index, stream, needs)
             masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
             sparse = StatsCollector(linears, frozenset({STAT_SQ_NORM}))
             originals = {n: m.weight.data for n, m in linears.items()}
@@ -294,13 +298,18 @@ class Worker:
         self.busy_seconds += time.perf_counter() - t0
         return stream, out
 
-    def _stats_forward(self, index: int, stream: torch.Tensor, collector: StatsCollector) -> None:
-        """Forward every micro-batch through block ``index`` for its statistics only."""
+    @torch.no_grad()
+    def block_stats(self, index: int, stream: torch.Tensor, needs: frozenset[str]) -> dict[str, Any]:
+        """Dense statistics of block ``index``'s linears on ``stream`` (outputs discarded)."""
+        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+        collector = StatsCollector(linears, needs)
         block = self.adapter.blocks[index]
-        for sl in self._batches(stream.shape[0]):
-            x = stream[sl].to(self.device)
-            self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
-            collector.end_batch()
+        with collector.attached():
+            for sl in self._batches(stream.shape[0]):
+                x = stream[sl].to(self.device)
+                self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+                collector.end_batch()
+        return collector.stats()
 
     def _masked_weights(self, linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Any],
                         entries: Mapping[str, Any], job: CandidateJob, criterion: Any,
