@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local HF dir, hub id, .gguf file or alias (smollm2-135m)")
     p.add_argument("--sparsity", type=float, help="target fraction of zeros, in (0, 1)")
     p.add_argument("--criterion", help="magnitude | wanda | ria | sparsegpt | multiflow")
-    p.add_argument("--allocation", help="uniform (more policies register by name)")
+    p.add_argument("--allocation", help="uniform | owl | alpha | neuroal")
     p.add_argument("--pattern", help="unstructured | N:M (N kept of every M), e.g. 2:4")
     p.add_argument("--calib", help="wikitext2 | c4 | text:<path> | self")
     p.add_argument("--nsamples", type=int, help="calibration windows")
