@@ -93,17 +93,15 @@ def masks(opts: argparse.Namespace) -> dict:
         scores = torch.rand(shape)
         scores_ties = (scores * 16).floor()  # de-quantised-like ties
         for label, s in (("random", scores), ("ties", scores_ties)):
-            timings = {}
+            seconds, outputs = {}, {}
             for name, fn in (("threshold", row_mask), ("argsort", reference_row_mask)):
                 t0 = time.perf_counter()
                 for _ in range(opts.repeat):
-                    out = fn(s, 0.5)
-                timings[name] = (time.perf_counter() - t0) / opts.repeat
-                masks_ = timings.setdefault("masks", {})
-                masks_[name] = out
-            same = bool(torch.equal(timings["masks"]["threshold"], timings["masks"]["argsort"]))
-            rows.append({"shape": list(shape), "scores": label, "threshold_s": timings["threshold"],
-                         "argsort_s": timings["argsort"], "identical": same})
+                    outputs[name] = fn(s, 0.5)
+                seconds[name] = (time.perf_counter() - t0) / opts.repeat
+            same = bool(torch.equal(outputs["threshold"], outputs["argsort"]))
+            rows.append({"shape": list(shape), "scores": label, "threshold_s": seconds["threshold"],
+                         "argsort_s": seconds["argsort"], "identical": same})
     header = (f"{'shape':<16}{'scores':<8}{'threshold s':>13}{'argsort s':>11}{'speed-up':>10}"
               f"{'identical':>11}")
     print(header)

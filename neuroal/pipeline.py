@@ -24,7 +24,6 @@ import torch
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
 from neuroal.config import ConfigError, PruneConfig
-from neuroal.criteria import CRITERIA
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine.executor import LocalExecutor, split_blocks
@@ -35,7 +34,6 @@ from neuroal.export import (
     parse_size,
     slug,
     write_config,
-    write_json,
     write_run_files,
 )
 from neuroal.logging import get_logger
@@ -319,7 +317,6 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, plan
         report["export_dtype"] = dtype
     plan.save(staging)
     write_run_files(staging, report, cfg.to_dict())
-    write_json(staging / "report.json", report)
 
 
 def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:
@@ -434,11 +431,6 @@ def hardware(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def criterion_names() -> list[str]:
-    """Registered criteria (for the CLI help)."""
-    return CRITERIA.names()
 
 
 __all__ = ["RunResult", "run", "prepare"]

@@ -83,6 +83,15 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -
 
 
 @pytest.fixture(scope="session")
+def small_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 60 kB excerpt of WikiText-2 validation: fast to tokenise, enough for tiny runs."""
+    text = (DATA_DIR / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")[:60_000]
+    path = tmp_path_factory.mktemp("text") / "excerpt.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "wikitext2" / "wiki.valid.tokens").is_file():
         pytest.fail(f"shared data not found at {DATA_DIR}; CI expects shared/ beside the repo")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import DATA_DIR, tiny_cfg
+from conftest import tiny_cfg
 
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanError, PlanRequest
 from neuroal.allocation.alpha import alpha_ratios, cache_path, eigenvalues, hill_alpha, layer_alpha
@@ -351,11 +351,8 @@ def test_config_validation_names_value_and_fix(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def excerpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    text = (DATA_DIR / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")[:30_000]
-    path = tmp_path_factory.mktemp("text") / "excerpt.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+def excerpt(small_text: Path) -> Path:
+    return small_text
 
 
 @pytest.mark.parametrize(("policy", "options"), [("owl", {"lam": 0.1}), ("alpha", {})])

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import VOCAB
 from gguf_fixture import tiny_llama, write_tiny_llama_gguf
-from test_pipeline import _cfg, small_text  # noqa: F401 - fixture re-export
+from test_pipeline import _cfg
 
 from neuroal.pipeline import run
 
@@ -16,7 +16,7 @@ from neuroal.pipeline import run
 @pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
 def test_gguf_and_safetensors_copy_give_identical_masks(criterion: str, tmp_path: Path,
                                                         tokenizer_dir: Path,
-                                                        small_text: Path) -> None:  # noqa: F811
+                                                        small_text: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     (tmp_path / "g").mkdir()

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_model, tiny_cfg
-from test_pipeline import small_text  # noqa: F401 - fixture re-export
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -103,7 +102,7 @@ def test_alignment_matches_brute_force(tiny_models: dict[str, Path]) -> None:
 
 
 def test_neuroal_plan_gqa_rows_and_target(tiny_models: dict[str, Path],
-                                          small_text: Path) -> None:  # noqa: F811
+                                          small_text: Path) -> None:
     cfg = tiny_cfg(tiny_models["llama"], None, calib={"source": f"text:{small_text}"},
                    sparsity=0.6, allocation=SMALL_GRIDS)
     result = run(cfg, keep_executor=True)
@@ -122,7 +121,7 @@ def test_neuroal_plan_gqa_rows_and_target(tiny_models: dict[str, Path],
 
 
 def test_search_is_identical_with_one_and_two_workers(tokenizer_dir: Path, tmp_path: Path,
-                                                      small_text: Path) -> None:  # noqa: F811
+                                                      small_text: Path) -> None:
     model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
     outcomes = {}
     for workers in (1, 2):
@@ -176,7 +175,7 @@ def test_global_reference_stream(tiny_models: dict[str, Path]) -> None:
     {"grid_refine": 1, "steps": "block"},
 ])
 def test_options_run_and_keep_the_target(options: dict, tiny_models: dict[str, Path],
-                                         small_text: Path) -> None:  # noqa: F811
+                                         small_text: Path) -> None:
     cfg = tiny_cfg(tiny_models["llama"], None, calib={"source": f"text:{small_text}"},
                    sparsity=0.6, allocation={**SMALL_GRIDS, **options})
     result = run(cfg, keep_executor=True)
@@ -191,7 +190,7 @@ def test_options_run_and_keep_the_target(options: dict, tiny_models: dict[str, P
 
 
 def test_base_plan_with_zero_ramp_is_the_base_plan(tiny_models: dict[str, Path],
-                                                   small_text: Path) -> None:  # noqa: F811
+                                                   small_text: Path) -> None:
     """NeuroAL on top of OWL: the lambda = 0 candidate is exactly OWL's plan."""
     common = dict(calib={"source": f"text:{small_text}"}, sparsity=0.6)
     owl = run(tiny_cfg(tiny_models["llama"], None, allocation={"name": "owl", "lam": 0.05},

@@ -8,22 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, DATA_DIR, save_tiny_model, tiny_cfg
+from conftest import ARCHS, save_tiny_model, tiny_cfg
 from transformers import AutoModelForCausalLM
 
 from neuroal.pipeline import run
 
 CRITERIA = ("magnitude", "wanda", "ria", "sparsegpt", "multiflow")
 PATTERNS = ("unstructured", "2:4", "4:8")
-
-
-@pytest.fixture(scope="session")
-def small_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 60 kB excerpt of WikiText-2 validation: fast to tokenise, enough for tiny runs."""
-    text = (DATA_DIR / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")[:60_000]
-    path = tmp_path_factory.mktemp("text") / "excerpt.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 def _cfg(model_dir: Path, out: Path | None, text: Path, **overrides):

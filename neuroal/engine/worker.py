@@ -397,8 +397,9 @@ class Worker:
 
     def state_items(self) -> dict[str, torch.Tensor]:
         """Owned tensors under their HF state-dict names (tied head left out)."""
+        loaded = set(self.loaded)
         return {n: p.data for n, p in self.adapter.model.named_parameters()
-                if n in set(self.loaded) and not self.adapter.export_skip(n)}
+                if n in loaded and not self.adapter.export_skip(n)}
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
         """Write owned tensors as ``worker<rank>-<j>.safetensors`` files of at most ``max_bytes``.
