@@ -28,7 +28,7 @@ FLAG_KEYS = {
     "nsamples": "calib.nsamples", "seqlen": "calib.seqlen", "data_dir": "calib.data_dir",
     "eval": "eval.datasets", "eval_windows": "eval.max_windows", "workers": "engine.workers",
     "dtype": "model.dtype", "device": "engine.device", "output": "output.dir",
-    "micro_batch": "engine.micro_batch", "seed": "seed",
+    "micro_batch": "engine.micro_batch", "seed": "seed", "compare": "compare",
 }
 
 
@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--output", help="output directory (default outputs/<model>-<recipe>)")
     p.add_argument("--seed", type=int, help="run seed")
+    p.add_argument("--compare", help="comma list of allocations also pruned, side by side")
     p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-save", action="store_true", help="report only, no model files")
@@ -120,6 +121,10 @@ def summarize(report: dict[str, Any], output: Any) -> None:
         dense_txt = f"{dense:.3f}" if dense is not None else "n/a"
         lines.append(f"{name} perplexity ({ev['windows']} windows x {ev['seqlen']} tokens): "
                      f"dense {dense_txt}  ->  pruned {ev['sparse_ppl']:.3f}")
+    for row in report.get("compare", []):
+        for name, ppl in row["sparse_ppl"].items():
+            lines.append(f"{name} perplexity with allocation {row['allocation']!r} instead "
+                         f"(achieved {row['achieved_sparsity']:.4f}): {ppl:.3f}")
     if output is not None:
         lines.append(f"output: {output}")
     sys.stdout.write("\n".join(lines) + "\n")

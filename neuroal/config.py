@@ -133,6 +133,7 @@ class PruneConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    compare: tuple[str, ...] = ()  # extra allocations pruned on the same data, side by side
     seed: int = 0
     log_level: str = "INFO"
 
@@ -243,6 +244,8 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
             section = _build_section(key, value, errors)
             if section is not None:
                 kwargs[key] = section
+        elif key == "compare":
+            kwargs[key] = tuple(_split_list(value) if isinstance(value, str) else value or ())
         else:
             kwargs[key] = value
     if errors:
@@ -347,6 +350,10 @@ def _check_plugins(cfg: PruneConfig) -> list[str]:
                       f"{', '.join(CRITERIA.names())}")
     else:
         errors += _check_criterion(cfg, CRITERIA.get(cfg.criterion.name))
+    for name in cfg.compare:
+        if name not in ALLOCATIONS:
+            errors.append(f"compare: allocation {name!r} is unknown; available: "
+                          f"{', '.join(ALLOCATIONS.names())}")
     if cfg.allocation.name not in ALLOCATIONS:
         errors.append(f"allocation={cfg.allocation.name!r} is unknown; available: "
                       f"{', '.join(ALLOCATIONS.names())}")

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
-from neuroal.config import ConfigError, PruneConfig
+from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine.executor import LocalExecutor, split_blocks
@@ -259,13 +259,19 @@ def cache_dir() -> str:
 
 
 def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> RunResult:
-    """Run one pruning job end to end; returns the report (also written beside the model)."""
+    """Run one pruning job end to end; returns the report (also written beside the model).
+
+    Allocations listed in ``cfg.compare`` are pruned first on the same data (each with a fresh
+    executor, released afterwards) and reported side by side under ``report["compare"]``; only
+    the main allocation's model is exported.
+    """
     timings = Timings()
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic)
     prep = prepare(cfg, timings)
     staging_ctx = prep.output.atomic() if prep.output is not None else _no_output()
     with staging_ctx as staging:
+        compared = [compare_variant(cfg, name, prep, timings) for name in cfg.compare]
         with timings("load"):
             executor = build_executor(cfg, prep)
         dense = {}
@@ -273,27 +279,55 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
             with timings("eval_dense"):
                 dense = evaluate(executor, prep.evals)
             log.info("dense perplexity: %s", _fmt(dense))
-        with timings("calibrate"):
-            calib = calibration_windows(cfg, prep, executor)
-        with timings("allocate"):
-            plan = make_plan(cfg, prep, executor, calib)
-        group = cfg.criterion.group or plan.policy.get("mask_group")
-        job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm, group,
-                       cfg.mask.exact_count)
-        with timings("prune"):
-            blocks = executor.run_final_prune(plan, job, calib)
-        sparse = {}
-        if prep.evals:
-            with timings("eval_sparse"):
-                sparse = evaluate(executor, prep.evals)
-            log.info("pruned perplexity: %s", _fmt(sparse))
+        plan, blocks, sparse = prune_and_evaluate(cfg, prep, executor, timings)
         timings.phases["total"] = time.perf_counter() - t_start
         report = build_report(cfg, prep, plan, blocks, dense, sparse, timings, executor, command)
+        if compared:
+            report["compare"] = compared
         if staging is not None:
             with timings("export"):
                 export_model(cfg, prep, executor, plan, staging, report)
     return RunResult(report, plan, prep.output.path if prep.output else None,
                      executor if keep_executor else None)
+
+
+def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor,
+                       timings: Timings, tag: str = "") -> tuple[SparsityPlan, list[BlockReport],
+                                                                 dict[str, float]]:
+    """Calibrate, allocate, prune and (if configured) evaluate the pruned model."""
+    with timings(f"calibrate{tag}"):
+        calib = calibration_windows(cfg, prep, executor)
+    with timings(f"allocate{tag}"):
+        plan = make_plan(cfg, prep, executor, calib)
+    group = cfg.criterion.group or plan.policy.get("mask_group")
+    job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm, group,
+                   cfg.mask.exact_count)
+    with timings(f"prune{tag}"):
+        blocks = executor.run_final_prune(plan, job, calib)
+    sparse = {}
+    if prep.evals:
+        with timings(f"eval_sparse{tag}"):
+            sparse = evaluate(executor, prep.evals)
+        log.info("pruned perplexity%s: %s", tag, _fmt(sparse))
+    return plan, blocks, sparse
+
+
+def compare_variant(cfg: PruneConfig, allocation: str, prep: Prepared,
+                    timings: Timings) -> dict[str, Any]:
+    """Prune with another allocation (default options) on the same data; a summary row."""
+    variant = replace(cfg, allocation=AllocationConfig(name=allocation, clip=cfg.allocation.clip))
+    tag = f"[{allocation}]"
+    t0 = time.perf_counter()
+    with timings(f"load{tag}"):
+        executor = build_executor(variant, prep)
+    try:
+        plan, blocks, sparse = prune_and_evaluate(variant, prep, executor, timings, tag)
+    finally:
+        executor.shutdown()
+    zeros = sum(r.zeros for b in blocks for r in b.layers)
+    numel = sum(r.numel for b in blocks for r in b.layers)
+    return {"allocation": allocation, "achieved_sparsity": zeros / numel,
+            "sparse_ppl": sparse, "policy": plan.policy, "seconds": time.perf_counter() - t0}
 
 
 @contextmanager

@@ -125,3 +125,16 @@ def test_self_calibration_and_gguf_export(tokenizer_dir: Path, tmp_path: Path) -
     for name, mask in result.executor.masks().items():
         assert torch.equal(loaded.get_parameter(name + ".weight") == 0, mask), name
     assert sorted(p.suffix for p in out.glob("model-*")) == [".safetensors"]
+
+
+def test_compare_runs_other_allocations_side_by_side(tiny_models: dict[str, Path],
+                                                     small_text: Path) -> None:
+    cfg = _cfg(tiny_models["llama"], None, small_text, sparsity=0.6, compare=["uniform"],
+               allocation={"name": "owl", "lam": 0.05},
+               eval={"datasets": [f"text:{small_text}"], "max_windows": 2})
+    report = run(cfg).report
+    (row,) = report["compare"]
+    assert row["allocation"] == "uniform" and row["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+    spec = f"text:{small_text}"
+    assert row["sparse_ppl"][spec] != report["eval"][spec]["sparse_ppl"]  # OWL differs from uniform
+    assert report["timings"]["prune[uniform]"] > 0
