@@ -122,10 +122,11 @@ class LocalExecutor:
         """Embed the calibration windows ``(N, T)`` and prune every slice in order."""
         stream = self._embed(ids)
         reports: list[BlockReport] = []
-        for w in self.workers:
-            entries = {b: plan.block(b) for b in w.blocks}
-            stream, block_reports = w.prune(stream, entries, job)
-            reports += block_reports
+        owner = [w for w in self.workers for _ in w.blocks]
+        for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
+            stream = stream.to(owner[b].device) if not owner[b].spec.offload_activations else stream
+            stream, report = owner[b].prune_one(b, stream, plan.block(b), job)
+            reports.append(report)
         return reports
 
     def evaluate_candidates(self, ids: torch.Tensor,

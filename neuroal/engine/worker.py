@@ -202,16 +202,23 @@ class Worker:
         """
         reports = []
         for index in self.blocks:
-            t0 = time.perf_counter()
-            stats, order = self.collect_stats(index, stream, job)
-            layers = self.prune_block(index, stats, plan_blocks[index], job, order)
-            stream = self._forward_block(index, stream)
-            report = BlockReport(index, layers, time.perf_counter() - t0)
-            self.busy_seconds += report.seconds
-            log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
-                     self.spec.num_blocks, report.target, report.achieved, report.seconds)
+            stream, report = self.prune_one(index, stream, plan_blocks[index], job)
             reports.append(report)
         return stream, reports
+
+    @torch.no_grad()
+    def prune_one(self, index: int, stream: torch.Tensor, entries: Mapping[str, Any],
+                  job: PruneJob) -> tuple[torch.Tensor, BlockReport]:
+        """Statistics, masks and propagation for one owned block; logs a summary line."""
+        t0 = time.perf_counter()
+        stats, order = self.collect_stats(index, stream, job)
+        layers = self.prune_block(index, stats, entries, job, order)
+        stream = self._forward_block(index, stream)
+        report = BlockReport(index, layers, time.perf_counter() - t0)
+        self.busy_seconds += report.seconds
+        log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
+                 self.spec.num_blocks, report.target, report.achieved, report.seconds)
+        return stream, report
 
     def collect_stats(self, index: int, stream: torch.Tensor,
                       job: PruneJob) -> tuple[dict[str, Any], list[str]]:
