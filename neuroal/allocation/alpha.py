@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 import neuroal
-from neuroal.allocation.base import PlanRequest
-from neuroal.allocation.owl import Rule, choice, feasibility_errors, option_errors
+from neuroal.allocation.base import PlanRequest, Rule, choice, option_errors
+from neuroal.allocation.owl import feasibility_errors
 from neuroal.allocation.plan import ModelShape, SparsityPlan
 from neuroal.allocation.renorm import (
     check_feasible,

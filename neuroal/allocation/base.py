@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from neuroal.allocation.plan import ModelShape, SparsityPlan
+
+# An option rule: (predicate on the value, what was expected, for the error message).
+Rule = tuple[Callable[[Any], bool], str]
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,20 @@ class AllocationPolicy(Protocol):
     def plan(self, request: PlanRequest) -> SparsityPlan:
         """Produce a validated plan."""
         ...
+
+
+def option_errors(policy: str, options: Mapping[str, Any], rules: Mapping[str, Rule]) -> list[str]:
+    """Unknown keys and values breaking ``rules[key] = (predicate, expectation)``."""
+    errors = []
+    for key in sorted(set(options) - set(rules)):
+        errors.append(f"allocation.{key} is not an option of {policy!r}; valid options: "
+                      f"{', '.join(sorted(rules))}")
+    for key, value in options.items():
+        if key in rules and not rules[key][0](value):
+            errors.append(f"allocation.{key}={value!r}: expected {rules[key][1]}")
+    return errors
+
+
+def choice(*values: str) -> Callable[[Any], bool]:
+    """A rule predicate accepting exactly the strings ``values``."""
+    return lambda v: isinstance(v, str) and v in values

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from neuroal.allocation.base import PlanRequest
+from neuroal.allocation.base import PlanRequest, Rule, option_errors
 from neuroal.allocation.neuroal_math import (
     ROW_GRID,
     block_grid,
@@ -40,7 +40,7 @@ def _grid(value: Any) -> bool:
         isinstance(v, (int, float)) and 0 <= v < 0.5 for v in value) and len(value) > 0)
 
 
-RULES: dict[str, tuple[Any, str]] = {
+RULES: dict[str, Rule] = {
     "steps": (lambda v: v in STEPS, f"one of {', '.join(STEPS)}"),
     "search_samples": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "block_grid": (_grid, "'auto' or a non-empty list of half-widths in [0, 0.5)"),
@@ -65,13 +65,7 @@ class NeuroALPolicy:
                                    "base_options": {}, "grid_refine": 0}
 
     def validate(self, cfg: Any) -> list[str]:
-        errors = []
-        for key, value in cfg.allocation.options.items():
-            if key not in RULES:
-                errors.append(f"allocation.{key} is not an option of 'neuroal'; valid options: "
-                              f"{', '.join(sorted(RULES))}")
-            elif not RULES[key][0](value):
-                errors.append(f"allocation.{key}={value!r}: expected {RULES[key][1]}")
+        errors = option_errors(self.name, cfg.allocation.options, RULES)
         steps = cfg.allocation.options.get("steps", "both")
         if cfg.criterion.name in NO_ROW_STEP and steps == "row":
             errors.append("allocation.steps='row' with criterion 'sparsegpt': SparseGPT chooses "

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 import neuroal
-from neuroal.allocation.base import PlanRequest
+from neuroal.allocation.base import PlanRequest, Rule, choice, option_errors
 from neuroal.allocation.plan import ModelShape, SparsityPlan
 from neuroal.allocation.renorm import additive_correction, check_feasible, clip_ratios, weighted_mean
 from neuroal.criteria.base import STAT_SQ_NORM, LayerStats
@@ -31,23 +31,10 @@ from neuroal.logging import get_logger
 
 log = get_logger(__name__)
 
-Rule = tuple[Callable[[Any], bool], str]
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def option_errors(policy: str, options: Mapping[str, Any], rules: Mapping[str, Rule]) -> list[str]:
-    """Unknown keys and values breaking ``rules[key] = (predicate, expectation)``."""
-    errors = []
-    for key in sorted(set(options) - set(rules)):
-        errors.append(f"allocation.{key} is not an option of {policy!r}; valid options: "
-                      f"{', '.join(sorted(rules))}")
-    for key, value in options.items():
-        if key in rules and not rules[key][0](value):
-            errors.append(f"allocation.{key}={value!r}: expected {rules[key][1]}")
-    return errors
 
 
 def feasibility_errors(cfg: Any) -> list[str]:
@@ -131,11 +118,6 @@ def owl_ratios(lods: Sequence[float], target: float, lam: float) -> list[float]:
 
 
 # --------------------------------------------------------------------------- policy
-
-
-def choice(*values: str) -> Callable[[Any], bool]:
-    """A rule predicate accepting exactly the strings ``values``."""
-    return lambda v: isinstance(v, str) and v in values
 
 
 OWL_RULES: dict[str, Rule] = {

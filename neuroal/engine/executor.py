@@ -212,9 +212,6 @@ class LocalExecutor:
             out.update(w.masks())
         return out
 
-    def busy_seconds(self) -> list[float]:
-        return [w.busy_seconds for w in self.workers]
-
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
         files: list[dict[str, Any]] = []
         for w in self.workers:

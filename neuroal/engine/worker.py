@@ -193,23 +193,11 @@ class Worker:
     # ------------------------------------------------------------------ pruning
 
     @torch.no_grad()
-    def prune(self, stream: torch.Tensor, plan_blocks: Mapping[int, Mapping[str, Any]],
-              job: PruneJob) -> tuple[torch.Tensor, list[BlockReport]]:
-        """Sequential prune of every owned block (criteria.md §1.3).
-
-        Per block: dense forward with hooks (statistics), masks from the plan, in-place zeroing
-        (SparseGPT: updated weights), forward of the pruned block to produce the next inputs.
-        """
-        reports = []
-        for index in self.blocks:
-            stream, report = self.prune_one(index, stream, plan_blocks[index], job)
-            reports.append(report)
-        return stream, reports
-
-    @torch.no_grad()
     def prune_one(self, index: int, stream: torch.Tensor, entries: Mapping[str, Any],
                   job: PruneJob) -> tuple[torch.Tensor, BlockReport]:
-        """Statistics, masks and propagation for one owned block; logs a summary line."""
+        """Sequential prune of one owned block (criteria.md §1.3): dense forward with hooks
+        (statistics), masks from the plan entries, in-place zeroing (SparseGPT: updated
+        weights), forward of the pruned block producing the next inputs; logs one line."""
         t0 = time.perf_counter()
         stats, order = self.collect_stats(index, stream, job)
         layers = self.prune_block(index, stats, entries, job, order)
