@@ -3,6 +3,7 @@
 
     python launch/bench.py foundation      # SmolLM2 CPU protocol: criteria x {50 %, 70 %} + Wanda 2:4
     python launch/bench.py masks           # threshold selection vs stable argsort on wide rows
+    python launch/bench.py allocation      # SmolLM2 CPU protocol: uniform/OWL/Alpha/NeuroAL (+ options)
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -25,6 +26,31 @@ FOUNDATION_RUNS = [
     ("magnitude", "unstructured", 0.7), ("wanda", "unstructured", 0.7),
     ("ria", "unstructured", 0.7), ("sparsegpt", "unstructured", 0.7),
     ("wanda", "2:4", 0.5),
+]
+
+C = "configs/smollm2/"
+NA60, NA70 = C + "wanda-neuroal-60.yaml", C + "wanda-neuroal-70.yaml"
+# (label, config, overrides), in the order they run: the issue 3 table, headline rows first.
+ALLOCATION_RUNS = [
+    ("wanda-owl-70", C + "wanda-owl-70.yaml", []),
+    ("wanda-alpha-70", C + "wanda-alpha-70.yaml", []),
+    ("wanda-uniform-60", C + "wanda-uniform-50.yaml", ["sparsity=0.6"]),
+    ("wanda-neuroal-60", NA60, []),
+    ("wanda-neuroal-global-70", NA70, ["allocation.reference_stream=global"]),
+    ("wanda-neuroal-base_owl-70", NA70, ["allocation.base=owl"]),
+    ("wanda-neuroal-base_alpha-70", NA70, ["allocation.base=alpha"]),
+    ("wanda-neuroal-lambda0-70", NA70, ["allocation.include_uniform=true"]),
+    ("wanda-neuroal-refine-70", NA70, ["allocation.grid_refine=1"]),
+    ("magnitude-neuroal-70", NA70, ["criterion.name=magnitude"]),
+    ("sparsegpt-neuroal-70", NA70, ["criterion.name=sparsegpt"]),
+    ("wanda-owl-60", C + "wanda-owl-60.yaml", []),
+    ("wanda-alpha-60", C + "wanda-alpha-60.yaml", []),
+    ("wanda-neuroal-global-60", NA60, ["allocation.reference_stream=global"]),
+    ("wanda-neuroal-base_owl-60", NA60, ["allocation.base=owl"]),
+    ("wanda-neuroal-base_alpha-60", NA60, ["allocation.base=alpha"]),
+    ("wanda-neuroal-lambda0-60", NA60, ["allocation.include_uniform=true"]),
+    ("wanda-neuroal-refine-60", NA60, ["allocation.grid_refine=1"]),
+    ("wanda-neuroal-70", NA70, []),
 ]
 
 
@@ -81,6 +107,47 @@ def foundation(opts: argparse.Namespace) -> dict:
     return {"dense_ppl": dense, "rows": rows, "settings": vars(opts)}
 
 
+def allocation(opts: argparse.Namespace) -> dict:
+    """The issue 3 table: one process per row, results saved after every row; rows already in
+    the JSON file are kept and skipped, so an interrupted suite resumes where it stopped."""
+    path = Path(opts.json or Path(opts.out) / "allocation.json")
+    done = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    rows = {r["run"]: r for r in done["rows"]}
+    dense = done.get("dense_ppl")
+    for i, (label, config, overrides) in enumerate(ALLOCATION_RUNS):
+        if label in rows or (opts.only and not any(k in label for k in opts.only.split(","))):
+            continue
+        args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
+                f"eval.max_windows={opts.eval_windows}", f"eval.dense={'true' if dense is None else 'false'}"]
+        report = run_prune(label, args, Path(opts.out))
+        ev = report["eval"]["wikitext2"]
+        dense = dense if dense is not None else ev["dense_ppl"]
+        policy, t = report["plan"]["policy"], report["timings"]
+        rows[label] = {
+            "run": label, "criterion": report["criterion"], "allocation": report["allocation"],
+            "options": overrides, "target": report["target_sparsity"],
+            "achieved": report["achieved_sparsity"], "ppl": ev["sparse_ppl"],
+            "lambda_block": policy.get("lambda_block"), "lambda_row": policy.get("lambda_row"),
+            "candidates": len((report.get("search") or {}).get("candidates", [])),
+            "plan_s": t.get("allocate"), "prune_s": t.get("prune"), "total_s": t.get("total"),
+            "wall_s": report["bench_wall_seconds"], "peak_rss_gb": report["peak_memory_bytes"] / 1e9,
+            "command": report["bench_command"],
+        }
+        print(f"[{i + 1}/{len(ALLOCATION_RUNS)}] {label}: ppl {ev['sparse_ppl']:.3f}", file=sys.stderr,
+              flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"dense_ppl": dense, "rows": list(rows.values())}, indent=2))
+    header = (f"{'run':<30}{'ppl':>10}{'achieved':>10}{'lam_b':>7}{'lam_r':>7}{'plan s':>8}"
+              f"{'prune s':>9}{'total s':>9}{'RSS GB':>8}")
+    print(f"dense wikitext2 perplexity: {dense}\n{header}\n{'-' * len(header)}")
+    for r in rows.values():
+        lam = [("-" if v is None else f"{v:.3g}") for v in (r["lambda_block"], r["lambda_row"])]
+        print(f"{r['run']:<30}{r['ppl']:>10.2f}{r['achieved']:>10.4f}{lam[0]:>7}{lam[1]:>7}"
+              f"{(r['plan_s'] or 0):>8.0f}{(r['prune_s'] or 0):>9.0f}{r['total_s']:>9.0f}"
+              f"{r['peak_rss_gb']:>8.2f}")
+    return {"dense_ppl": dense, "rows": list(rows.values()), "settings": vars(opts)}
+
+
 def masks(opts: argparse.Namespace) -> dict:
     """Per-row mask selection: threshold (kthvalue + tie fix) vs stable argsort."""
     import torch
@@ -113,17 +180,17 @@ def masks(opts: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["foundation", "masks"], nargs="?", default="foundation")
+    p.add_argument("suite", choices=["foundation", "masks", "allocation"], nargs="?", default="foundation")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
-    p.add_argument("--only", help="comma list of criteria to run")
+    p.add_argument("--only", help="comma list of criteria (allocation: label substrings) to run")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
-    result = {"foundation": foundation, "masks": masks}[opts.suite](opts)
+    result = {"foundation": foundation, "masks": masks, "allocation": allocation}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

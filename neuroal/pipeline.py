@@ -408,6 +408,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                         "origin": _origin(prep.calib)},
         "plan": {"granularity": plan.granularity, "policy": plan.policy,
                  "warnings": plan.warnings},
+        "search": plan.trail if "candidates" in plan.trail else None,
         "timings": dict(timings.phases),
         "workers": [{"rank": s.rank, "blocks": [s.start, s.stop], "device": s.device,
                      "busy_seconds": w.busy_seconds}
