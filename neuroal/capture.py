@@ -1,9 +1,10 @@
-"""Forward hooks that accumulate per-linear input statistics (criteria.md §1.2).
+"""Forward hooks that accumulate per-linear input (and output) statistics (criteria.md §1.2).
 
 Statistics are fp32 running means over *sequences* (normaliser N, not N*T), updated per
 micro-batch of ``b`` sequences as ``s <- s * n / (n + b) + sum_batch / (n + b)``. Linears that
 receive the very same input tensor in one forward (q/k/v, gate/up) share the computed batch
-contribution, so a Hessian is formed once per distinct input.
+contribution, so a Hessian is formed once per distinct input. Output-side statistics
+(``out_sq_norm``, the symmetric criteria's z) are collected in the same pass, per linear.
 """
 
 from __future__ import annotations
@@ -14,7 +15,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM, LayerStats
+from neuroal.criteria.base import (
+    INPUT_STATS,
+    STAT_HESSIAN,
+    STAT_MEAN,
+    STAT_OUT_SQ_NORM,
+    STAT_SQ_NORM,
+    STAT_VAR,
+    LayerStats,
+)
 
 
 class _Accumulator:
@@ -25,6 +34,9 @@ class _Accumulator:
         self.n = 0
         self.sq_norm: torch.Tensor | None = None
         self.hessian: torch.Tensor | None = None
+        self.mean: torch.Tensor | None = None
+        self.var: torch.Tensor | None = None
+        self.out_sq_norm: torch.Tensor | None = None
 
     def update(self, contrib: dict[str, torch.Tensor], batch: int) -> None:
         """Fold one micro-batch's sums (``sq_norm``: (cols,), ``hessian``: (cols, cols))."""
@@ -38,14 +50,18 @@ class _Accumulator:
         self.n = total
 
     def stats(self) -> LayerStats:
-        return LayerStats(nsamples=self.n, sq_norm=self.sq_norm, hessian=self.hessian)
+        return LayerStats(nsamples=self.n, sq_norm=self.sq_norm, hessian=self.hessian,
+                          mean=self.mean, var=self.var, out_sq_norm=self.out_sq_norm)
 
 
-def batch_sums(x: torch.Tensor, needs: frozenset[str]) -> dict[str, torch.Tensor]:
-    """Sums over the tokens of a micro-batch of linear inputs ``x`` of shape ``(B, T, cols)``.
+def batch_sums(x: torch.Tensor, needs: frozenset[str], sequences: int | None = None,
+               ) -> dict[str, torch.Tensor]:
+    """Sums over the tokens of a micro-batch of linear inputs ``x`` of shape ``(B, T, cols)``
+    (or ``(B*T, cols)`` where the architecture flattens, e.g. OPT's MLP: ``sequences`` = B).
 
-    Returns ``sq_norm``: ``sum_tok x_j^2`` (cols,) and ``hessian``: ``2 * sum_tok x x^T``
-    (cols, cols), both fp32.
+    Returns ``sq_norm``: ``sum_tok x_j^2`` (cols,), ``hessian``: ``2 * sum_tok x x^T``
+    (cols, cols), ``mean``: ``sum_tok x_j`` (cols,) and ``var``: the sum over the ``B``
+    sequences of each one's population variance over its ``T`` tokens (cols,), all fp32.
     """
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (B*T, cols)
     out: dict[str, torch.Tensor] = {}
@@ -53,7 +69,17 @@ def batch_sums(x: torch.Tensor, needs: frozenset[str]) -> dict[str, torch.Tensor
         out[STAT_SQ_NORM] = flat.pow(2).sum(dim=0)
     if STAT_HESSIAN in needs:
         out[STAT_HESSIAN] = 2.0 * (flat.t() @ flat)
+    if STAT_MEAN in needs:
+        out[STAT_MEAN] = flat.sum(dim=0)
+    if STAT_VAR in needs:
+        seq = flat.reshape(sequences or (x.shape[0] if x.dim() > 2 else 1), -1, x.shape[-1])
+        out[STAT_VAR] = seq.var(dim=1, unbiased=False).sum(dim=0)
     return out
+
+
+def output_sums(y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``out_sq_norm``: ``sum_tok y_i^2`` (rows,) of a linear's outputs ``(B, T, rows)``, fp32."""
+    return {STAT_OUT_SQ_NORM: y.reshape(-1, y.shape[-1]).to(torch.float32).pow(2).sum(dim=0)}
 
 
 class StatsCollector:
@@ -68,20 +94,25 @@ class StatsCollector:
         self.linears = linears
         self.needs = needs
         self.acc = {name: _Accumulator(needs) for name in linears}
+        self._input_needs = frozenset(n for n in needs if n in INPUT_STATS)
+        self._output = STAT_OUT_SQ_NORM in needs
+        self._sequences: int | None = None
         self.order: list[str] = []  # execution order seen in the first forward
         self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def _hook(self, name: str):  # noqa: ANN202 - hook factory
-        def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             x = args[0]
             if name not in self.order:
                 self.order.append(name)
             if self._last is not None and self._last[0] is x:
                 contrib = self._last[1]
             else:
-                contrib = batch_sums(x, self.needs)
+                contrib = batch_sums(x, self._input_needs, self._sequences)
                 self._last = (x, contrib)
-            self.acc[name].update(contrib, x.shape[0])
+            if self._output:
+                contrib = {**contrib, **output_sums(output)}
+            self.acc[name].update(contrib, self._sequences or x.shape[0])
 
         return hook
 
@@ -96,9 +127,15 @@ class StatsCollector:
                 h.remove()
             self._last = None
 
+    def begin_batch(self, sequences: int) -> None:
+        """Declare the number of sequences in the next micro-batch (the normaliser N counts
+        sequences even where a block flattens ``(B, T, h)`` to ``(B*T, h)``)."""
+        self._sequences = sequences
+
     def end_batch(self) -> None:
         """Forget the shared-input cache (call between micro-batches)."""
         self._last = None
+        self._sequences = None
 
     def stats(self) -> dict[str, LayerStats]:
         """Final statistics per linear name."""

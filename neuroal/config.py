@@ -20,7 +20,6 @@ from neuroal.criteria.base import NMPattern
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
-EXECUTORS = ("local",)
 
 
 class ConfigError(ValueError):
@@ -404,9 +403,11 @@ def _check_data(cfg: PruneConfig) -> list[str]:
 def _check_engine(cfg: PruneConfig) -> list[str]:
     errors = []
     eng = cfg.engine
+    from neuroal.engine import EXECUTORS
+
     if eng.executor not in EXECUTORS:
         errors.append(f"engine.executor={eng.executor!r}: available executors: "
-                      f"{', '.join(EXECUTORS)}")
+                      f"{', '.join(EXECUTORS.names())}")
     if not isinstance(eng.workers, int) or eng.workers < 1:
         errors.append(f"engine.workers={eng.workers!r}: expected an integer >= 1")
     if not isinstance(eng.micro_batch, int) or eng.micro_batch < 1:

@@ -26,7 +26,8 @@ from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPla
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
-from neuroal.engine.executor import LocalExecutor, split_blocks
+from neuroal.engine import EXECUTORS
+from neuroal.engine.executor import Executor, split_blocks
 from neuroal.engine.worker import BlockReport, PruneJob
 from neuroal.export import (
     OutputDir,
@@ -77,7 +78,7 @@ class RunResult:
     report: dict[str, Any]
     plan: SparsityPlan
     output: Path | None
-    executor: LocalExecutor | None = None
+    executor: Executor | None = None
 
 
 @dataclass
@@ -198,21 +199,21 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_executor(cfg: PruneConfig, prep: Prepared) -> LocalExecutor:
-    """The executor named by the config (only ``local`` in this version)."""
+def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
+    """The executor named by ``engine.executor`` (registry :data:`neuroal.engine.EXECUTORS`)."""
     devices = list(cfg.engine.devices) or [str(prep.device)]
     dtype_name = str(prep.dtype).removeprefix("torch.")
-    return LocalExecutor(prep.source, prep.shape.num_blocks, cfg.engine.workers, devices,
-                         dtype_name, cfg.engine.micro_batch, cfg.engine.offload_activations,
-                         cfg.model.trust_remote_code)
+    return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
+                                              num_blocks=prep.shape.num_blocks,
+                                              devices=devices, dtype=dtype_name)
 
 
-def evaluate(executor: LocalExecutor, evals: dict[str, Any]) -> dict[str, float]:
+def evaluate(executor: Executor, evals: dict[str, Any]) -> dict[str, float]:
     """Perplexity per evaluation source (protocol: exp of the mean per-window NLL)."""
     return {spec: perplexity(executor.window_nll(data.windows)) for spec, data in evals.items()}
 
 
-def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor) -> Any:
+def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: Executor) -> Any:
     """The calibration ids ``(N, T)``; ``self`` samples them from the dense model."""
     if prep.calib is not None:
         return prep.calib.windows
@@ -224,7 +225,7 @@ def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: LocalExecuto
                                temperature=cfg.calib.self_temperature, top_k=cfg.calib.self_top_k)
 
 
-def make_plan(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, calib: Any) -> SparsityPlan:
+def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any) -> SparsityPlan:
     """Ask the allocation policy for a plan and validate it against the model."""
     policy = ALLOCATIONS.get(cfg.allocation.name)
     request = PlanRequest(shape=prep.shape, target=cfg.target_sparsity, pattern=cfg.pattern,
@@ -291,7 +292,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
                      executor if keep_executor else None)
 
 
-def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor,
+def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor,
                        timings: Timings, tag: str = "") -> tuple[SparsityPlan, list[BlockReport],
                                                                  dict[str, float]]:
     """Calibrate, allocate, prune and (if configured) evaluate the pruned model."""
@@ -339,7 +340,7 @@ def _fmt(values: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.3f}" for k, v in values.items())
 
 
-def export_model(cfg: PruneConfig, prep: Prepared, executor: LocalExecutor, plan: SparsityPlan,
+def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: SparsityPlan,
                  staging: Path, report: dict[str, Any]) -> None:
     """Shards (written per worker), index, config, tokenizer, plan, report, model card."""
     if cfg.output.save_model:
@@ -380,7 +381,7 @@ def layer_table(blocks: list[BlockReport], adapter_prefix: Any) -> dict[str, dic
 
 def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: list[BlockReport],
                  dense: dict[str, float], sparse: dict[str, float], timings: Timings,
-                 executor: LocalExecutor, command: str) -> dict[str, Any]:
+                 executor: Executor, command: str) -> dict[str, Any]:
     """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
     prefix = executor.workers[0].adapter.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)

@@ -15,6 +15,10 @@ import torch
 
 STAT_SQ_NORM = "sq_norm"
 STAT_HESSIAN = "hessian"
+STAT_MEAN = "mean"
+STAT_VAR = "var"
+STAT_OUT_SQ_NORM = "out_sq_norm"
+INPUT_STATS = (STAT_SQ_NORM, STAT_HESSIAN, STAT_MEAN, STAT_VAR)
 
 
 @dataclass(frozen=True)
@@ -25,11 +29,21 @@ class LayerStats:
         nsamples: Number of calibration sequences seen (the normaliser N).
         sq_norm: ``s_j = (1/N) sum_seq sum_tok x_j^2``, shape ``(cols,)``, fp32.
         hessian: ``H = (2/N) sum_seq sum_tok x x^T``, shape ``(cols, cols)``, fp32.
+        mean: ``m_j = (1/N) sum_seq sum_tok x_j`` (the per-sequence *sum*, averaged over
+            sequences; recovery.md §1.1), shape ``(cols,)``, fp32.
+        var: ``v_j``: the within-sequence population variance of ``x_j`` over the tokens of a
+            sequence, averaged over sequences (recovery.md §1.1; not the variance over all
+            tokens), shape ``(cols,)``, fp32.
+        out_sq_norm: ``z_i = (1/N) sum_seq sum_tok y_i^2`` on the layer's *output*
+            (criteria.md §1.2, the symmetric output term), shape ``(rows,)``, fp32.
     """
 
     nsamples: int = 0
     sq_norm: torch.Tensor | None = None
     hessian: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    var: torch.Tensor | None = None
+    out_sq_norm: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

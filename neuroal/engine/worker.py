@@ -175,6 +175,8 @@ class Worker:
         out = torch.empty_like(stream)
         for sl in self._batches(stream.shape[0]):
             x = stream[sl].to(self.device)
+            if collector is not None:
+                collector.begin_batch(x.shape[0])
             y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
             out[sl] = y.to(out.device)
             if collector is not None:
@@ -302,6 +304,7 @@ class Worker:
         with collector.attached():
             for sl in self._batches(stream.shape[0]):
                 x = stream[sl].to(self.device)
+                collector.begin_batch(x.shape[0])
                 self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
                 collector.end_batch()
         return collector.stats()

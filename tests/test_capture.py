@@ -1,0 +1,43 @@
+"""Hook statistics equal brute-force computations (criteria.md §1.2, recovery.md §1.1)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from neuroal.capture import StatsCollector
+from neuroal.criteria.base import STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
+
+
+def _collect(lin: nn.Linear, batches: list[torch.Tensor], needs: frozenset[str], flatten: bool):
+    col = StatsCollector({"l": lin}, needs)
+    with col.attached():
+        for x in batches:
+            col.begin_batch(x.shape[0])
+            lin(x.reshape(-1, x.shape[-1]) if flatten else x)
+            col.end_batch()
+    return col.stats()["l"]
+
+
+def test_input_and_output_statistics_match_brute_force() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    x = torch.randn(5, 7, 6) * torch.linspace(0.5, 3, 6) + torch.arange(6.0)
+    needs = frozenset({STAT_SQ_NORM, STAT_MEAN, STAT_VAR, STAT_OUT_SQ_NORM})
+    y = lin(x).detach()
+    for flatten in (False, True):  # OPT's MLP sees (B*T, h): the normaliser still counts sequences
+        st = _collect(lin, [x[:2], x[2:]], needs, flatten)
+        assert st.nsamples == 5
+        torch.testing.assert_close(st.sq_norm, x.pow(2).sum(dim=(0, 1)) / 5)
+        torch.testing.assert_close(st.mean, x.sum(dim=(0, 1)) / 5)
+        torch.testing.assert_close(st.var, x.var(dim=1, unbiased=False).mean(dim=0))
+        torch.testing.assert_close(st.out_sq_norm, y.pow(2).sum(dim=(0, 1)) / 5)
+
+
+def test_within_sequence_variance_is_not_the_total_variance() -> None:
+    # recovery.md §1.1: two sequences with means 0 and 5 -> pooled within-sequence variance.
+    lin = nn.Linear(1, 1)
+    x = torch.stack([torch.tensor([-1.0, 1.0, -1.0, 1.0]), torch.tensor([4.0, 6.0, 4.0, 6.0])])
+    st = _collect(lin, [x.unsqueeze(-1)], frozenset({STAT_VAR}), False)
+    assert float(st.var) == 1.0
+    assert float(x.flatten().var(unbiased=False)) > 6
