@@ -20,6 +20,7 @@ class PlanRequest:
     need statistics (``dense_block_metrics``), weight metrics (``weight_metrics``) or a search;
     data-free policies ignore it. ``calibration`` holds the calibration ids ``(N, T)``.
     ``model_key`` identifies the model's weights (for on-disk caches under ``cache_dir``).
+    ``state`` (optional) stores every finished search candidate so ``--resume`` skips it.
     """
 
     shape: ModelShape
@@ -33,6 +34,7 @@ class PlanRequest:
     cache_dir: str | None = None
     criterion: str = "wanda"
     criterion_options: Mapping[str, Any] = field(default_factory=dict)
+    state: Any = None  # neuroal.checkpoint.RunState: finished search candidates (resume)
 
 
 class AllocationPolicy(Protocol):

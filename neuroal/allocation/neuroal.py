@@ -81,10 +81,12 @@ class NeuroALPolicy:
         group = None if request.criterion in NO_ROW_STEP else "row"
         job = CandidateJob(request.criterion, dict(request.criterion_options), group)
 
-        def evaluate(cands: list[Candidate]) -> list[Outcome]:
+        def fresh(cands: list[Candidate]) -> list[Outcome]:
             results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
                                                            opts["reference_stream"])
             return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
+
+        evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
 
         block = self._block_step(request, opts, evaluate)
         ratios, phases = block.best.ratios, [block]
@@ -144,6 +146,42 @@ class NeuroALPolicy:
         log.info("NeuroAL: lambda_block=%s lambda_row=%s", plan.policy["lambda_block"],
                  plan.policy["lambda_row"])
         return plan
+
+
+class Checkpointed:
+    """``evaluate`` with resume (engine.md §8): every finished candidate is stored under the run
+    state as soon as its batch returns; candidates already stored (same phase, ordinal and grid
+    value) are loaded instead of evaluated. Ordinals count candidates per phase in the order the
+    coordinator submits them, which is deterministic for a given configuration."""
+
+    def __init__(self, state: Any, evaluate: Any) -> None:
+        self.state, self.evaluate = state, evaluate
+        self.ordinal: dict[str, int] = {}
+
+    def __call__(self, cands: list[Candidate]) -> list[Outcome]:
+        from neuroal.engine.worker import BlockAlignment
+
+        keys = []
+        for c in cands:
+            keys.append((c.phase, self.ordinal.get(c.phase, 0), c.value))
+            self.ordinal[c.phase] = keys[-1][1] + 1
+        stored = [self.state.load_candidate(*k) for k in keys]
+        todo = [c for c, s in zip(cands, stored, strict=True) if s is None]
+        if len(todo) < len(cands):
+            log.info("resume: %d of %d candidates loaded from %s", len(cands) - len(todo),
+                     len(cands), self.state.root)
+        new = iter(self.evaluate(todo) if todo else [])
+        out = []
+        for key, payload in zip(keys, stored, strict=True):
+            if payload is None:
+                outcome = next(new)
+                self.state.save_candidate(*key, outcome.score,
+                                          [{"na": b.na, "delta": b.delta} for b in outcome.detail])
+            else:
+                outcome = Outcome(payload["score"], [BlockAlignment(d["na"], d["delta"])
+                                                     for d in payload["detail"]])
+            out.append(outcome)
+        return out
 
 
 def _base_ratios(request: PlanRequest, opts: Mapping[str, Any]) -> list[dict[str, float]] | None:
