@@ -75,8 +75,9 @@ def prune(name: str, weight: torch.Tensor, stats: LayerStats, target: LayerTarge
 
 
 def test_registry_names_and_unknown_name() -> None:
-    assert CRITERIA.names() == ["magnitude", "multiflow", "ria", "sparsegpt", "wanda"]
-    with pytest.raises(UnknownNameError, match="available: magnitude, multiflow, ria"):
+    assert CRITERIA.names() == ["magnitude", "multiflow", "owanda", "ria", "ria_lp", "sparsegpt",
+                                "stoch_ria", "symwanda", "wanda"]
+    with pytest.raises(UnknownNameError, match="available: magnitude, multiflow, owanda, ria"):
         CRITERIA.get("wandaa")
 
 

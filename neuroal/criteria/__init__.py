@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from neuroal.criteria.base import (
     STAT_HESSIAN,
+    STAT_OUT_SQ_NORM,
     STAT_SQ_NORM,
     Criterion,
     LayerPruneResult,
@@ -20,16 +21,27 @@ from neuroal.criteria.multiflow import MULTIFLOW, multiflow_score
 from neuroal.criteria.ria import RIA, relative_importance, ria_score
 from neuroal.criteria.scored import ScoreCriterion
 from neuroal.criteria.sparsegpt import SPARSEGPT, CholeskyFailureError, SparseGPTCriterion
+from neuroal.criteria.symmetric import (
+    OWANDA,
+    RIA_LP,
+    STOCH_RIA,
+    SYMWANDA,
+    owanda_score,
+    ria_lp_score,
+    stoch_ria_score,
+    symwanda_score,
+)
 from neuroal.criteria.wanda import WANDA, wanda_score
 from neuroal.registry import Registry
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
-for _criterion in (MAGNITUDE, WANDA, RIA, MULTIFLOW, SPARSEGPT):
+for _criterion in (MAGNITUDE, WANDA, RIA, MULTIFLOW, SPARSEGPT, SYMWANDA, OWANDA, RIA_LP, STOCH_RIA):
     CRITERIA.add(_criterion.name, _criterion)
 
 __all__ = [
     "CRITERIA",
     "STAT_HESSIAN",
+    "STAT_OUT_SQ_NORM",
     "STAT_SQ_NORM",
     "CholeskyFailureError",
     "Criterion",
@@ -41,7 +53,11 @@ __all__ = [
     "SparseGPTCriterion",
     "magnitude_score",
     "multiflow_score",
+    "owanda_score",
     "relative_importance",
+    "ria_lp_score",
     "ria_score",
+    "stoch_ria_score",
+    "symwanda_score",
     "wanda_score",
 ]
