@@ -17,6 +17,7 @@ EPILOG = """examples:
   python launch/prune.py --model ./Llama-2-7b-hf --sparsity 0.6 --criterion sparsegpt
   python launch/prune.py --pattern 2:4 --criterion wanda --workers 3 calib.nsamples=32
   python launch/prune.py --config configs/smollm2/wanda-uniform-50.yaml eval.max_windows=16
+  python launch/prune.py --sparsity 0.6 --recover dsnot recover.baseline=true
 
 key=value overrides address any config key (e.g. engine.micro_batch=4, criterion.percdamp=0.1).
 """
@@ -29,6 +30,8 @@ FLAG_KEYS = {
     "eval": "eval.datasets", "eval_windows": "eval.max_windows", "workers": "engine.workers",
     "dtype": "model.dtype", "device": "engine.device", "output": "output.dir",
     "micro_batch": "engine.micro_batch", "seed": "seed", "compare": "compare",
+    "recover": "recover.steps",
+    "engine": "engine.executor",
 }
 
 
@@ -39,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="local HF dir, hub id, .gguf file or alias (smollm2-135m)")
     p.add_argument("--sparsity", type=float, help="target fraction of zeros, in (0, 1)")
-    p.add_argument("--criterion", help="magnitude | wanda | ria | sparsegpt | multiflow")
+    p.add_argument("--criterion", help="magnitude | wanda | ria | sparsegpt | multiflow | symwanda | "
+                   "owanda | ria_lp | stoch_ria")
     p.add_argument("--allocation", help="uniform | owl | alpha | neuroal")
     p.add_argument("--pattern", help="unstructured | N:M (N kept of every M), e.g. 2:4")
     p.add_argument("--calib", help="wikitext2 | c4 | text:<path> | self")
@@ -49,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="comma list of wikitext2 | c4 | text:<path>, or none")
     p.add_argument("--eval-windows", type=int, help="first k perplexity windows")
     p.add_argument("--workers", type=int, help="block slices (one worker each)")
+    p.add_argument("--engine", help="executor: local (in-process) | ray (one actor per worker)")
     p.add_argument("--micro-batch", type=int, help="sequences per forward call")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--output", help="output directory (default outputs/<model>-<recipe>)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--compare", help="comma list of allocations also pruned, side by side")
+    p.add_argument("--recover", help="comma list of recovery steps, e.g. dsnot or r2dsnot "
+                   "(mask refinement inside the prune), or none; options: recover.dsnot.<key>=...")
     p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-save", action="store_true", help="report only, no model files")
@@ -97,9 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, flags_to_tree(args))
         configure(cfg.log_level)
+        from neuroal.engine.dist import coordinator, rank_info, serve
         from neuroal.pipeline import run
 
-        result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]))
+        info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
+        if info is not None and info.rank > 0:
+            return serve(cfg)  # ranks > 0 run rank 0's commands on their own block slice
+        with coordinator(cfg):
+            result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]))
     except (ConfigError, ModelSourceError, AdapterError, OutputExistsError,
             FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
@@ -121,6 +133,8 @@ def summarize(report: dict[str, Any], output: Any) -> None:
         dense_txt = f"{dense:.3f}" if dense is not None else "n/a"
         lines.append(f"{name} perplexity ({ev['windows']} windows x {ev['seqlen']} tokens): "
                      f"dense {dense_txt}  ->  pruned {ev['sparse_ppl']:.3f}")
+    for step in (report.get("recovery") or {}).get("steps", []):
+        lines.append(_recovery_line(step))
     for row in report.get("compare", []):
         for name, ppl in row["sparse_ppl"].items():
             lines.append(f"{name} perplexity with allocation {row['allocation']!r} instead "
@@ -128,3 +142,18 @@ def summarize(report: dict[str, Any], output: Any) -> None:
     if output is not None:
         lines.append(f"output: {output}")
     sys.stdout.write("\n".join(lines) + "\n")
+
+
+def _recovery_line(step: dict[str, Any]) -> str:
+    """One summary line per recovery step: work done and perplexity before -> after."""
+    text = f"recovery {step['label']}: "
+    if "swaps" in step:
+        text += (f"{step['swaps']} swaps in {step['layers_refined']} layers, mean |eps| "
+                 f"{step['eps_before']:.4g} -> {step['eps_after']:.4g}, ")
+    seconds = step.get("seconds")
+    text += f"{seconds:.1f} s" if seconds is not None else "time n/a"
+    before, after = step.get("ppl_before") or {}, step.get("ppl_after") or {}
+    for name, ppl in after.items():
+        prior = before.get(name)
+        text += f"; {name} perplexity {'n/a' if prior is None else f'{prior:.3f}'} -> {ppl:.3f}"
+    return text

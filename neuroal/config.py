@@ -20,6 +20,7 @@ from neuroal.criteria.base import NMPattern
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
+RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 class ConfigError(ValueError):
@@ -98,6 +99,10 @@ class EngineConfig:
     micro_batch: int = 8
     offload_activations: bool = False
     deterministic: bool = True
+    inflight: int = 0  # candidates / windows in flight (pipelining executors); 0 = workers
+    ray_address: str | None = None  # "auto", "ray://host:10001"; None = $RAY_ADDRESS or local
+    ray_placement: str = "PACK"  # placement-group strategy of the worker bundles
+    ray_cpus: float = 1.0  # CPUs reserved per Ray actor
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,23 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
+class RecoverConfig:
+    """Recovery steps after (or inside) pruning (recovery.md).
+
+    ``steps`` run in order; names come from ``neuroal.recovery.RECOVERY_STEPS``. Mask refiners
+    (``dsnot``, ``r2dsnot``) run inside the final prune, so they must come first and at most one
+    of them may be chained. ``options[name]`` overrides a step's defaults (YAML: ``recover:
+    {steps: [dsnot], dsnot: {max_cycles: 100}}``; override: ``recover.dsnot.max_cycles=100``).
+    ``baseline: true`` also prunes once without the refiner (a fresh model, same data and
+    allocation, about doubling the run) so the report can give the perplexity before it.
+    """
+
+    steps: tuple[str, ...] = ()
+    options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    baseline: bool = False
+
+
+@dataclass(frozen=True)
 class PruneConfig:
     """A complete, validated pruning run."""
 
@@ -132,6 +154,7 @@ class PruneConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     compare: tuple[str, ...] = ()  # extra allocations pruned on the same data, side by side
     seed: int = 0
     log_level: str = "INFO"
@@ -191,6 +214,8 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text or text.startswith("="):
         raise ConfigError([f"override {text!r}: expected key=value, e.g. calib.nsamples=32"])
     key, raw = text.split("=", 1)
+    if PATTERN_RE.match(raw.strip()):  # YAML 1.1 would read 2:4 as the base-60 integer 124
+        return key.strip(), raw.strip()
     return key.strip(), yaml.safe_load(raw) if raw != "" else None
 
 
@@ -245,6 +270,10 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
                 kwargs[key] = section
         elif key == "compare":
             kwargs[key] = tuple(_split_list(value) if isinstance(value, str) else value or ())
+        elif key == "recover":
+            recover = _build_recover(value, errors)
+            if recover is not None:
+                kwargs[key] = recover
         else:
             kwargs[key] = value
     if errors:
@@ -281,6 +310,31 @@ def _build_section(name: str, value: Any, errors: list[str]) -> Any:
     return cls(**known)
 
 
+def _build_recover(value: Any, errors: list[str]) -> RecoverConfig | None:
+    """``recover``: a step name, a comma list, a list of names, or a mapping with ``steps``,
+    ``baseline`` and one option mapping per step name."""
+    if value is None or isinstance(value, (str, list, tuple)):
+        value = {"steps": value}
+    if not isinstance(value, Mapping):
+        errors.append(f"recover: expected a step list (e.g. [dsnot]) or a mapping with 'steps', "
+                      f"got {value!r}")
+        return None
+    steps = value.get("steps")
+    steps = _split_list(steps) if isinstance(steps, str) else tuple(steps or ())
+    baseline = value.get("baseline", False)
+    nested = value.get("options") or {}  # the resolved form written by to_dict()
+    sections = dict(nested) if isinstance(nested, Mapping) else {"options": nested}
+    sections.update({k: v for k, v in value.items() if k not in ("steps", "baseline", "options")})
+    options: dict[str, Any] = {}
+    for name, opts in sections.items():
+        if not isinstance(opts, Mapping):
+            errors.append(f"recover.{name}: expected the options of step {name!r} as a mapping "
+                          f"(e.g. recover.{name}.max_cycles=100), got {opts!r}")
+            continue
+        options[name] = dict(opts)
+    return RecoverConfig(steps=steps, options=options, baseline=baseline)
+
+
 def _split_list(text: str) -> tuple[str, ...]:
     if text.strip().lower() in ("", "none", "off", "false"):
         return ()
@@ -290,13 +344,22 @@ def _split_list(text: str) -> tuple[str, ...]:
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 extra: Mapping[str, Any] | None = None) -> PruneConfig:
     """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
-    tree: dict[str, Any] = read_yaml(path) if path is not None else {}
+    tree: dict[str, Any] = _expand_recover(read_yaml(path) if path is not None else {})
     if extra:
-        tree = merge(tree, extra)
+        tree = _expand_recover(merge(tree, extra))
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
+        _expand_recover(tree)
     return build_config(tree)
+
+
+def _expand_recover(tree: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the shorthand ``recover: dsnot`` / ``[dsnot]`` as ``{steps: ...}`` in place, so
+    later ``recover.<step>.<option>=...`` overrides and flags can merge into it."""
+    if isinstance(tree.get("recover"), (str, list)):
+        tree["recover"] = {"steps": tree["recover"]}
+    return tree
 
 
 # --------------------------------------------------------------------------- validation
@@ -309,6 +372,7 @@ def validate(cfg: PruneConfig) -> None:
     errors += _check_plugins(cfg)
     errors += _check_data(cfg)
     errors += _check_engine(cfg)
+    errors += _check_recover(cfg)
     if cfg.model.dtype not in DTYPES:
         errors.append(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.output.dtype not in DTYPES:
@@ -319,6 +383,9 @@ def validate(cfg: PruneConfig) -> None:
 
 def _check_sparsity(cfg: PruneConfig) -> list[str]:
     errors = []
+    if not isinstance(cfg.pattern, str):
+        return [f"pattern={cfg.pattern!r}: expected 'unstructured' or an N:M string; quote it in "
+                "YAML (pattern: \"2:4\"), which otherwise reads 2:4 as the number 124"]
     match = PATTERN_RE.match(cfg.pattern)
     if cfg.pattern != "unstructured" and match is None:
         return [f"pattern={cfg.pattern!r}: expected 'unstructured' or 'N:M' with N kept of "
@@ -415,4 +482,57 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if eng.devices and len(eng.devices) not in (1, eng.workers):
         errors.append(f"engine.devices has {len(eng.devices)} entries for {eng.workers} "
                       "workers: give one device, or one per worker")
+    if not isinstance(eng.inflight, int) or isinstance(eng.inflight, bool) or eng.inflight < 0:
+        errors.append(f"engine.inflight={eng.inflight!r}: expected an integer >= 0 (0 = one per "
+                      "worker)")
+    if eng.ray_placement not in RAY_PLACEMENTS:
+        errors.append(f"engine.ray_placement={eng.ray_placement!r}: expected one of "
+                      f"{', '.join(RAY_PLACEMENTS)} (STRICT_SPREAD needs one node per worker)")
+    if isinstance(eng.ray_cpus, bool) or not isinstance(eng.ray_cpus, (int, float)) \
+            or eng.ray_cpus <= 0:
+        errors.append(f"engine.ray_cpus={eng.ray_cpus!r}: expected a number > 0 (CPUs per actor)")
+    if eng.ray_address is not None and not isinstance(eng.ray_address, str):
+        errors.append(f"engine.ray_address={eng.ray_address!r}: expected 'auto', "
+                      "'ray://host:port' or 'host:port'")
+    return errors
+
+
+def _check_recover(cfg: PruneConfig) -> list[str]:
+    """Step names, chain rules and each step's options (recovery.md)."""
+    from neuroal.recovery import RECOVERY_STEPS, REFINERS, resolved_options
+
+    rec = cfg.recover
+    available = ", ".join(RECOVERY_STEPS.names())
+    errors = []
+    if not isinstance(rec.baseline, bool):
+        errors.append(f"recover.baseline={rec.baseline!r}: expected true or false")
+    for name in rec.steps:
+        if name not in RECOVERY_STEPS:
+            errors.append(f"recover: step {name!r} is unknown; available: {available}")
+    for name in sorted({n for n in rec.steps if rec.steps.count(n) > 1}):
+        errors.append(f"recover: step {name!r} is listed twice; list each step once")
+    refiners = [n for n in rec.steps if n in REFINERS]
+    if len(set(refiners)) > 1:
+        errors.append(f"recover: {' and '.join(refiners)} both refine the masks inside the final "
+                      "prune; chain at most one of them")
+    first_other = next((i for i, n in enumerate(rec.steps)
+                        if n in RECOVERY_STEPS and n not in REFINERS), len(rec.steps))
+    late = [n for n in rec.steps[first_other:] if n in REFINERS]
+    if late:
+        errors.append(f"recover: {late[0]!r} refines masks inside the final prune, so it runs "
+                      f"before {rec.steps[first_other]!r}; list it first")
+    for name, options in rec.options.items():
+        if name not in RECOVERY_STEPS:
+            errors.append(f"recover.{name}: {name!r} is not a recovery step; available: {available}")
+            continue
+        step = RECOVERY_STEPS.get(name)
+        unknown = sorted(set(options) - set(step.defaults))
+        for key in unknown:
+            hint = (" (the initial mask is the criterion's: set criterion=<name>)"
+                    if key == "initial" else "")
+            errors.append(f"recover.{name}.{key} is not an option of {name!r}{hint}; valid "
+                          f"options: {', '.join(sorted(step.defaults)) or '(none)'}")
+    for name in dict.fromkeys(rec.steps):
+        if name in RECOVERY_STEPS:
+            errors += RECOVERY_STEPS.get(name).validate(resolved_options(name, rec.options), cfg)
     return errors

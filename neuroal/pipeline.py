@@ -49,6 +49,7 @@ from neuroal.models.loading import (
     resolve_model,
     source_dtype,
 )
+from neuroal.recovery import RECOVERY_STEPS, REFINERS, resolved_options
 
 log = get_logger(__name__)
 
@@ -103,6 +104,7 @@ def default_output(cfg: PruneConfig) -> Path:
     """``outputs/<model>-<criterion>-<allocation>-<sparsity or N:M>``."""
     amount = cfg.pattern.replace(":", "of") if cfg.nm else f"{cfg.sparsity:g}"
     name = f"{Path(cfg.model.name).stem}-{cfg.criterion.name}-{cfg.allocation.name}-{amount}"
+    name += "".join(f"-{step}" for step in cfg.recover.steps)
     return Path("outputs") / slug(name)
 
 
@@ -273,6 +275,9 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     staging_ctx = prep.output.atomic() if prep.output is not None else _no_output()
     with staging_ctx as staging:
         compared = [compare_variant(cfg, name, prep, timings) for name in cfg.compare]
+        for name, options in refine_steps(cfg):
+            log.info("recovery: %s, options %s", RECOVERY_STEPS.get(name).label, options)
+        baseline = recovery_baseline(cfg, prep, timings)
         with timings("load"):
             executor = build_executor(cfg, prep)
         dense = {}
@@ -285,9 +290,13 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
         report = build_report(cfg, prep, plan, blocks, dense, sparse, timings, executor, command)
         if compared:
             report["compare"] = compared
+        if cfg.recover.steps:
+            report["recovery"] = recovery_report(cfg, blocks, sparse, baseline)
         if staging is not None:
             with timings("export"):
                 export_model(cfg, prep, executor, plan, staging, report)
+    if not keep_executor:  # releases Ray actors and their placement group
+        executor.shutdown()
     return RunResult(report, plan, prep.output.path if prep.output else None,
                      executor if keep_executor else None)
 
@@ -302,7 +311,7 @@ def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor,
         plan = make_plan(cfg, prep, executor, calib)
     group = cfg.criterion.group or plan.policy.get("mask_group")
     job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm, group,
-                   cfg.mask.exact_count)
+                   cfg.mask.exact_count, refine=refine_steps(cfg))
     with timings(f"prune{tag}"):
         blocks = executor.run_final_prune(plan, job, calib)
     sparse = {}
@@ -329,6 +338,78 @@ def compare_variant(cfg: PruneConfig, allocation: str, prep: Prepared,
     numel = sum(r.numel for b in blocks for r in b.layers)
     return {"allocation": allocation, "achieved_sparsity": zeros / numel,
             "sparse_ppl": sparse, "policy": plan.policy, "seconds": time.perf_counter() - t0}
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+def refine_steps(cfg: PruneConfig) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """``(name, resolved options)`` of the chain's block-wise mask refiners, for the PruneJob."""
+    return tuple((name, resolved_options(name, cfg.recover.options))
+                 for name in cfg.recover.steps if name in REFINERS)
+
+
+def recovery_baseline(cfg: PruneConfig, prep: Prepared, timings: Timings) -> dict[str, Any] | None:
+    """With ``recover.baseline``: prune once more without the refiners (fresh model, same data,
+    same allocation, released afterwards) so the report can give the perplexity before them.
+
+    Costs one more load, calibration, allocation, prune and evaluation. Returns a summary or
+    None when not requested, when the chain has no refiner or when nothing is evaluated.
+    """
+    if not (cfg.recover.baseline and refine_steps(cfg)):
+        return None
+    if not prep.evals:
+        log.warning("recover.baseline=true but eval.datasets is empty: nothing to compare")
+        return None
+    variant = replace(cfg, recover=replace(cfg.recover, steps=()))
+    tag = "[no-recover]"
+    t0 = time.perf_counter()
+    with timings(f"load{tag}"):
+        executor = build_executor(variant, prep)
+    try:
+        _plan, blocks, sparse = prune_and_evaluate(variant, prep, executor, timings, tag)
+    finally:
+        executor.shutdown()
+    zeros = sum(r.zeros for b in blocks for r in b.layers)
+    numel = sum(r.numel for b in blocks for r in b.layers)
+    return {"achieved_sparsity": zeros / numel, "sparse_ppl": sparse,
+            "seconds": time.perf_counter() - t0}
+
+
+def refiner_totals(name: str, blocks: list[BlockReport]) -> dict[str, Any]:
+    """Sum one refiner's per-layer facts (``info["recovery"][name]``) over the whole model."""
+    facts = [layer.info["recovery"][name] for b in blocks for layer in b.layers
+             if name in layer.info.get("recovery", {})]
+    rows = sum(f["rows"] for f in facts) or 1
+    return {"seconds": sum(f["seconds"] for f in facts), "layers_refined": len(facts),
+            "swaps": sum(f["swaps"] for f in facts),
+            **{key: sum(f[key] for f in facts)
+               for key in ("rows", "rows_changed", "stopped_rows", "rows_worse")},
+            "max_cycles_run": max((f["cycles"] for f in facts), default=0),
+            "eps_before": sum(f["eps_before"] * f["rows"] for f in facts) / rows,
+            "eps_after": sum(f["eps_after"] * f["rows"] for f in facts) / rows}
+
+
+def recovery_report(cfg: PruneConfig, blocks: list[BlockReport], sparse: dict[str, float],
+                    baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """``report["recovery"]``: per step its name, label, options, time and perplexity before
+    and after. A mask refiner runs inside the final prune, so "after" is the pruned model's
+    perplexity and "before" that of the same prune without refinement, measured only with
+    ``recover.baseline: true`` (null otherwise)."""
+    steps = []
+    for name in cfg.recover.steps:
+        step = RECOVERY_STEPS.get(name)
+        entry: dict[str, Any] = {"name": name, "label": step.label, "stage": step.stage,
+                                 "options": resolved_options(name, cfg.recover.options)}
+        if name in REFINERS:
+            entry.update(refiner_totals(name, blocks))
+            entry["ppl_before"] = baseline["sparse_ppl"] if baseline else None
+            entry["ppl_after"] = sparse
+            entry["before"] = ("the same prune without refinement (recover.baseline)" if baseline
+                               else "not measured; set recover.baseline=true (one more load, "
+                               "allocation, prune and evaluation)")
+        steps.append(entry)
+    return {"steps": steps, "baseline": baseline}
 
 
 @contextmanager
@@ -383,7 +464,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                  dense: dict[str, float], sparse: dict[str, float], timings: Timings,
                  executor: Executor, command: str) -> dict[str, Any]:
     """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
-    prefix = executor.workers[0].adapter.block_prefix
+    prefix = executor.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
     base_model, license_ = ALIAS_ORIGIN.get(cfg.model.name, (cfg.model.name, None))
@@ -410,10 +491,8 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "plan": {"granularity": plan.granularity, "policy": plan.policy,
                  "warnings": plan.warnings},
         "search": plan.trail if "candidates" in plan.trail else None,
-        "timings": dict(timings.phases),
-        "workers": [{"rank": s.rank, "blocks": [s.start, s.stop], "device": s.device,
-                     "busy_seconds": w.busy_seconds}
-                    for s, w in zip(executor.specs, executor.workers, strict=True)],
+        "timings": {**timings.phases, **utilisation_timings(executor)},
+        "workers": executor.worker_info(),
         "slices": split_blocks(prep.shape.num_blocks, cfg.engine.workers),
         "peak_memory_bytes": peak_memory_bytes(),
         "seeds": {"run": cfg.seed, "calibration": cfg.calib.seed},
@@ -422,6 +501,18 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "command": command,
         "config": cfg.to_dict(),
     }
+
+
+def utilisation_timings(executor: Executor) -> dict[str, Any]:
+    """Pipeline overlap (engine.md §4): ``<phase>_utilisation`` = sum of the workers' busy
+    seconds / (workers x wall seconds) for search, prune and eval; ``<phase>_busy`` per worker;
+    ``workers_busy``: each worker's busy seconds over the whole run."""
+    out: dict[str, Any] = {}
+    for phase, use in executor.utilisation().items():
+        out[f"{phase}_utilisation"] = use["utilisation"]
+        out[f"{phase}_busy"] = use["busy"]
+    out["workers_busy"] = [w["busy_seconds"] for w in executor.worker_info()]
+    return out
 
 
 def _origin(calib: Any) -> Any:

@@ -25,3 +25,29 @@ def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype:
 
 
 EXECUTORS.add("local", _local)
+
+
+def _ray(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: str) -> Any:
+    """One Ray actor per worker in a placement group (engine.md §3.3); imports Ray lazily."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    eng = cfg.engine
+    return RayExecutor(source, num_blocks, eng.workers, devices, dtype, eng.micro_batch,
+                       eng.offload_activations, cfg.model.trust_remote_code,
+                       placement=eng.ray_placement, cpus_per_worker=eng.ray_cpus,
+                       address=eng.ray_address, inflight=eng.inflight,
+                       deterministic=eng.deterministic)
+
+
+EXECUTORS.add("ray", _ray)
+
+
+def _dist(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: str) -> Any:
+    """Rank 0 of a torchrun / accelerate launch, one rank per slice (engine.md §3.4); every
+    rank picks its own device (``cuda:<LOCAL_RANK>`` or ``cpu``), so ``devices`` is unused."""
+    from neuroal.engine.dist import DistExecutor
+
+    return DistExecutor.from_config(cfg, source, num_blocks, dtype)
+
+
+EXECUTORS.add("dist", _dist)

@@ -8,7 +8,10 @@ every worker runs the same micro-batches through the same blocks in the same ord
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -54,6 +57,49 @@ def _stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> 
     return stats
 
 
+@dataclass
+class PhaseUse:
+    """Wall seconds of a phase and every worker's busy seconds inside it."""
+
+    wall: float = 0.0
+    busy: list[float] = field(default_factory=list)
+
+    @property
+    def utilisation(self) -> float:
+        """``sum(busy) / (workers * wall)``: 1.0 when every worker computed all the time."""
+        if self.wall <= 0 or not self.busy:
+            return 0.0
+        return sum(self.busy) / (len(self.busy) * self.wall)
+
+
+class BusyMeter:
+    """Pipeline utilisation per phase (engine.md §4), for any executor.
+
+    Args:
+        read: Returns every worker's cumulative ``busy_seconds`` (in-process or remote).
+    """
+
+    def __init__(self, read: Callable[[], list[float]]) -> None:
+        self._read = read
+        self.phases: dict[str, PhaseUse] = {}
+
+    @contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        """Accumulate the wall time of the body and the workers' busy time during it."""
+        before, t0 = self._read(), time.perf_counter()
+        yield  # on an exception nothing is recorded
+        wall = time.perf_counter() - t0
+        after = self._read()
+        use = self.phases.setdefault(phase, PhaseUse(busy=[0.0] * len(after)))
+        use.wall += wall
+        use.busy = [u + a - b for u, a, b in zip(use.busy, after, before, strict=True)]
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """``phase -> {wall, busy (per worker), utilisation}``."""
+        return {name: {"wall": u.wall, "busy": list(u.busy), "utilisation": u.utilisation}
+                for name, u in self.phases.items()}
+
+
 class Executor(Protocol):
     """What the pipeline needs from an executor."""
 
@@ -76,7 +122,15 @@ class Executor(Protocol):
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor: ...
 
+    def logits(self, ids: torch.Tensor) -> torch.Tensor: ...
+
     def masks(self) -> dict[str, torch.Tensor]: ...
+
+    def block_prefix(self, index: int) -> str: ...
+
+    def worker_info(self) -> list[dict[str, Any]]: ...
+
+    def utilisation(self) -> dict[str, dict[str, Any]]: ...
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]: ...
 
@@ -107,6 +161,7 @@ class LocalExecutor:
                       for r, (a, b) in enumerate(slices)]
         self.workers = [Worker(s) for s in progress(self.specs, "loading slices")]
         self._num_blocks = num_blocks
+        self.meter = BusyMeter(lambda: [w.busy_seconds for w in self.workers])
         for w in self.workers:
             log.info("worker %d owns blocks [%d, %d) on %s", w.spec.rank, w.spec.start,
                      w.spec.stop, w.spec.device)
@@ -120,13 +175,15 @@ class LocalExecutor:
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
         """Embed the calibration windows ``(N, T)`` and prune every slice in order."""
-        stream = self._embed(ids)
         reports: list[BlockReport] = []
-        owner = [w for w in self.workers for _ in w.blocks]
-        for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
-            stream = stream.to(owner[b].device) if not owner[b].spec.offload_activations else stream
-            stream, report = owner[b].prune_one(b, stream, plan.block(b), job)
-            reports.append(report)
+        with self.meter("prune"):
+            stream = self._embed(ids)
+            owner = [w for w in self.workers for _ in w.blocks]
+            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
+                if not owner[b].spec.offload_activations:
+                    stream = stream.to(owner[b].device)
+                stream, report = owner[b].prune_one(b, stream, plan.block(b), job)
+                reports.append(report)
         return reports
 
     def evaluate_candidates(self, ids: torch.Tensor,
@@ -140,17 +197,18 @@ class LocalExecutor:
         candidate, then block. Dense statistics identical for every candidate are computed
         once: block 0's (``local``, exact) or every block's from the dense model (``global``).
         """
-        embedded = self._embed(ids)
-        reference = self.dense_reference(embedded, job, reference_stream)
         results = []
-        for ratios in progress(candidates, "candidates", total=len(candidates)):
-            stream = embedded
-            per_block: dict[int, BlockAlignment] = {}
-            for w in self.workers:
-                stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks}, job,
-                                                reference)
-                per_block.update(part)
-            results.append([per_block[b] for b in range(self._num_blocks)])
+        with self.meter("search"):
+            embedded = self._embed(ids)
+            reference = self.dense_reference(embedded, job, reference_stream)
+            for ratios in progress(candidates, "candidates", total=len(candidates)):
+                stream = embedded
+                per_block: dict[int, BlockAlignment] = {}
+                for w in self.workers:
+                    stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks},
+                                                    job, reference)
+                    per_block.update(part)
+                results.append([per_block[b] for b in range(self._num_blocks)])
         return results
 
     def dense_reference(self, embedded: torch.Tensor, job: CandidateJob,
@@ -193,9 +251,10 @@ class LocalExecutor:
         mb = self.specs[0].micro_batch
         out = []
         chunks = range(0, windows.shape[0], mb)
-        for i in progress(chunks, "perplexity", total=len(chunks)):
-            chunk = windows[i : i + mb]
-            out.append(self.workers[-1].window_nll(self._through(chunk), chunk))
+        with self.meter("eval"):
+            for i in progress(chunks, "perplexity", total=len(chunks)):
+                chunk = windows[i : i + mb]
+                out.append(self.workers[-1].window_nll(self._through(chunk), chunk))
         return torch.cat(out)
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -217,6 +276,19 @@ class LocalExecutor:
         for w in self.workers:
             files += w.write_shards(directory, dtype, max_bytes)
         return files
+
+    def block_prefix(self, index: int) -> str:
+        """State-dict prefix of block ``index`` (``model.layers.3.``)."""
+        return self.workers[0].adapter.block_prefix(index)
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        """One entry per worker: rank, owned blocks ``[a, b)``, device, busy seconds."""
+        return [{"rank": w.spec.rank, "blocks": [w.spec.start, w.spec.stop],
+                 "device": w.spec.device, "busy_seconds": w.busy_seconds} for w in self.workers]
+
+    def utilisation(self) -> dict[str, dict[str, Any]]:
+        """Per phase (``search``, ``prune``, ``eval``): wall, busy per worker, utilisation."""
+        return self.meter.report()
 
     def shutdown(self) -> None:
         self.workers.clear()

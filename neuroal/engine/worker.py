@@ -31,6 +31,7 @@ from neuroal.models.loading import (
     materialise,
     open_checkpoint,
 )
+from neuroal.recovery import REFINERS, refiner_needs
 
 log = get_logger(__name__)
 
@@ -53,13 +54,19 @@ class WorkerSpec:
 
 @dataclass(frozen=True)
 class PruneJob:
-    """How to prune: criterion, its options and the mask rule (plain values from the config)."""
+    """How to prune: criterion, its options and the mask rule (plain values from the config).
+
+    ``refine`` lists block-wise mask refiners (``neuroal.recovery.REFINERS``, e.g. DSnoT) with
+    their resolved options, applied in order to each linear they target between the criterion's
+    mask and the zeroing.
+    """
 
     criterion: str
     options: Mapping[str, Any] = field(default_factory=dict)
     nm: NMPattern | None = None
     group: str | None = None
     exact_count: bool = True
+    refine: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (refiner name, resolved options)
 
 
 @dataclass(frozen=True)
@@ -113,6 +120,21 @@ class BlockReport:
     @property
     def achieved(self) -> float:
         return sum(r.zeros for r in self.layers) / sum(r.numel for r in self.layers)
+
+
+def attention_linears(block: torch.nn.Module) -> frozenset[str]:
+    """Names of the block's linears that live inside its attention module.
+
+    Generic over Hugging Face decoders, whose attention classes are named ``*Attention``
+    (``LlamaAttention``, ``OPTAttention``, ``PhiAttention``, ...): q/k/v and the output
+    projection; MLP linears sit outside. Used by DSnoT's ``layers: attention``.
+    """
+    names = []
+    for prefix, module in block.named_modules():
+        if prefix and type(module).__name__.endswith("Attention"):
+            names += [f"{prefix}.{n}" for n, m in module.named_modules()
+                      if isinstance(m, torch.nn.Linear)]
+    return frozenset(names)
 
 
 class Worker:
@@ -202,7 +224,7 @@ class Worker:
         weights), forward of the pruned block producing the next inputs; logs one line."""
         t0 = time.perf_counter()
         stats, order = self.collect_stats(index, stream, job)
-        layers = self.prune_block(index, stats, entries, job, order)
+        layers = self.prune_block(index, stats, entries, job, order, seqlen=stream.shape[1])
         stream = self._forward_block(index, stream)
         report = BlockReport(index, layers, time.perf_counter() - t0)
         self.busy_seconds += report.seconds
@@ -214,7 +236,7 @@ class Worker:
                       job: PruneJob) -> tuple[dict[str, Any], list[str]]:
         """Dense forward of block ``index`` with hooks; returns stats and execution order."""
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
-        needs = CRITERIA.get(job.criterion).needs
+        needs = CRITERIA.get(job.criterion).needs | refiner_needs(job.refine)
         collector = StatsCollector(linears, needs)
         if needs:
             with collector.attached():
@@ -222,11 +244,14 @@ class Worker:
         return collector.stats(), collector.order or list(linears)
 
     def prune_block(self, index: int, stats: Mapping[str, Any], entries: Mapping[str, Any],
-                    job: PruneJob, order: list[str]) -> list[LayerReport]:
-        """Masks for every linear of block ``index`` from its plan entries; zero in place."""
+                    job: PruneJob, order: list[str], seqlen: int | None = None) -> list[LayerReport]:
+        """Masks for every linear of block ``index`` from its plan entries, refined by the
+        job's refiners (``seqlen``: calibration tokens per sequence); zero in place."""
         criterion = CRITERIA.get(job.criterion)
         options = {**criterion.defaults, **job.options}
-        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+        block = self.adapter.blocks[index]
+        linears = self.adapter.prunable_linears(block)
+        attention = attention_linears(block) if job.refine else frozenset()
         reports = []
         for name in order:
             linear = linears[name]
@@ -235,18 +260,51 @@ class Worker:
                                  exact_count=job.exact_count)
             try:
                 result = criterion.prune(linear.weight.data, stats[name], target, options)
+                mask, weight, refined = self._refine(linear.weight.data, result, stats[name], job,
+                                                     name in attention, seqlen)
             except ValueError as exc:
                 raise ValueError(f"block {index} {name}: {exc}") from exc
             if result.info.get("damp_retries") or result.info.get("cholesky_failure"):
                 log.warning("block %d %s: SparseGPT dampening %s", index, name, result.info)
-            if result.weight is not None:
-                linear.weight.data.copy_(result.weight.to(linear.weight.dtype))
-            linear.weight.data.masked_fill_(result.mask.to(linear.weight.device), 0.0)
+            for step, facts in refined.items():
+                if facts.get("stopped_rows"):
+                    log.info("block %d %s: %s stopped %d row(s) that ran out of swap candidates",
+                             index, name, step, facts["stopped_rows"])
+            if weight is not None:
+                linear.weight.data.copy_(weight.to(linear.weight.dtype))
+            linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0.0)
             mean_ratio = float(ratio.double().mean()) if isinstance(ratio, torch.Tensor) else float(ratio)
-            reports.append(LayerReport(name, mean_ratio, int(result.mask.sum()),
+            info = {**result.info, "recovery": refined} if refined else result.info
+            reports.append(LayerReport(name, mean_ratio, int(mask.sum()),
                                        int((linear.weight.data == 0).sum()),
-                                       linear.weight.numel(), result.info))
+                                       linear.weight.numel(), info))
         return reports
+
+    @staticmethod
+    def _refine(dense: torch.Tensor, result: Any, stats: Any, job: PruneJob, is_attention: bool,
+                seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+        """Apply the job's refiners to one linear (recovery.md §1-2).
+
+        Returns the final mask, the weight to write before zeroing (None: keep the dense one)
+        and per-refiner facts. After a weight update (SparseGPT) the refiner sees the updated
+        weights where kept and the dense ones where pruned, so a regrown weight gets its dense
+        value [reconstructed, recovery.md §1.5].
+        """
+        mask, weight = result.mask, result.weight
+        if weight is not None and job.refine:
+            weight = torch.where(mask.to(dense.device), dense, weight.to(dense.dtype))
+        facts: dict[str, Any] = {}
+        for name, options in job.refine:
+            refiner = REFINERS.get(name)
+            resolved = {**refiner.defaults, **options}
+            if not refiner.applies_to(is_attention, resolved):
+                continue
+            t0 = time.perf_counter()
+            mask, facts[name] = refiner.refine(dense if weight is None else weight, mask, stats,
+                                               resolved, job.nm, seqlen,
+                                               None if weight is None else dense)
+            facts[name]["seconds"] = time.perf_counter() - t0
+        return mask, weight, facts
 
     # ------------------------------------------------------------------ search candidates
 

