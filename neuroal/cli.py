@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-save", action="store_true", help="report only, no model files")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from <output>.neuroal-tmp/state (same config)")
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
@@ -83,6 +85,8 @@ def flags_to_tree(args: argparse.Namespace) -> dict[str, Any]:
         set_dotted(tree, "output.overwrite", True)
     if args.no_save:
         set_dotted(tree, "output.save_model", False)
+    if args.resume:
+        set_dotted(tree, "output.resume", True)
     if args.log_level:
         tree["log_level"] = args.log_level
     return tree

@@ -103,6 +103,7 @@ class EngineConfig:
     ray_address: str | None = None  # "auto", "ray://host:10001"; None = $RAY_ADDRESS or local
     ray_placement: str = "PACK"  # placement-group strategy of the worker bundles
     ray_cpus: float = 1.0  # CPUs reserved per Ray actor
+    memory_limit: int | str | None = None  # bytes per worker ("24GB", "80GiB"); None = device's
 
 
 @dataclass(frozen=True)
@@ -121,6 +122,8 @@ class OutputConfig:
     save_model: bool = True
     dtype: str = "auto"
     shard_size: str = "2GB"
+    resume: bool = False  # continue from <dir>.neuroal-tmp/state (engine.md §8)
+    keep_state: bool = True  # keep the resume state when a run fails
 
 
 @dataclass(frozen=True)
@@ -377,6 +380,11 @@ def validate(cfg: PruneConfig) -> None:
         errors.append(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.output.dtype not in DTYPES:
         errors.append(f"output.dtype={cfg.output.dtype!r}: expected one of {', '.join(DTYPES)}")
+    for key in ("resume", "keep_state", "overwrite", "save_model"):
+        if not isinstance(getattr(cfg.output, key), bool):
+            errors.append(f"output.{key}={getattr(cfg.output, key)!r}: expected true or false")
+    if cfg.output.resume and not (cfg.output.save_model or cfg.output.dir):
+        errors.append("output.resume=true needs an output directory for its state: pass --output")
     if errors:
         raise ConfigError(errors)
 
@@ -494,6 +502,13 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if eng.ray_address is not None and not isinstance(eng.ray_address, str):
         errors.append(f"engine.ray_address={eng.ray_address!r}: expected 'auto', "
                       "'ray://host:port' or 'host:port'")
+    if eng.memory_limit is not None:
+        from neuroal.planner import parse_bytes
+
+        try:
+            parse_bytes(eng.memory_limit)
+        except ValueError as exc:
+            errors.append(f"engine.memory_limit: {exc} (the memory each worker may use)")
     return errors
 
 

@@ -52,30 +52,43 @@ class OutputDir:
     def staging(self) -> Path:
         return self.tmp / "model"
 
-    def check(self, overwrite: bool) -> None:
-        """Refuse an existing output (before any heavy work) unless ``overwrite``."""
+    @property
+    def state(self) -> Path:
+        return self.tmp / "state"
+
+    def check(self, overwrite: bool, resume: bool = False) -> None:
+        """Refuse an existing output (before any heavy work) unless ``overwrite``; a previous
+        run's temporary directory is reused with ``resume`` and replaced with ``overwrite``."""
         if self.path.exists() and not overwrite:
             raise OutputExistsError(
                 f"output directory {str(self.path)!r} already exists; choose another --output "
                 "or pass --overwrite to replace it")
-        if self.tmp.exists() and not overwrite:
+        if self.tmp.exists() and not (overwrite or resume):
             raise OutputExistsError(
-                f"a previous run left {str(self.tmp)!r}; remove it or pass --overwrite")
+                f"a previous run left {str(self.tmp)!r}; pass --resume to continue it (same "
+                "config), --overwrite to start afresh, or remove it")
 
     @contextmanager
-    def atomic(self) -> Iterator[Path]:
-        """Yield the staging directory; move it to ``path`` only if the body completes.
+    def atomic(self, keep_state: bool = False) -> Iterator[Path]:
+        """Yield the staging directory ``<tmp>/model``; move it to ``path`` only if the body
+        completes, then delete the temporary directory.
 
-        On any failure, Ctrl-C included, the temporary directory is removed and nothing
-        appears at ``path``.
+        On any failure, Ctrl-C included, ``model/`` is removed and nothing appears at ``path``;
+        with ``keep_state`` the resume state ``<tmp>/state`` survives (engine.md §8).
         """
-        if self.tmp.exists():
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        if not keep_state and self.tmp.exists():
             shutil.rmtree(self.tmp)
         self.staging.mkdir(parents=True)
         try:
             yield self.staging
         except BaseException:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if keep_state and self.state.exists():
+                shutil.rmtree(self.staging, ignore_errors=True)
+                log.warning("run failed; resume state kept in %s (rerun with --resume)", self.state)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
             raise
         if self.path.exists():
             shutil.rmtree(self.path)

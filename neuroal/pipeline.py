@@ -23,6 +23,7 @@ import torch
 
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
+from neuroal.checkpoint import RunState, canonical_config
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
@@ -143,6 +144,30 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
         raise ConfigError(errors)
 
 
+def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
+                 dtype: torch.dtype) -> None:
+    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7).
+
+    Checked when ``engine.memory_limit`` is set (bytes per worker) or the device is CUDA: its
+    free memory, shared equally by the workers the local executor places on it.
+    """
+    from neuroal.planner import ModelLayout, check_fits, parse_bytes
+
+    if cfg.engine.memory_limit is not None:
+        budget = parse_bytes(cfg.engine.memory_limit)
+    elif device.type == "cuda":
+        shared = cfg.engine.workers if cfg.engine.executor == "local" and \
+            len(cfg.engine.devices) <= 1 else 1
+        budget = torch.cuda.mem_get_info(device)[0] // shared
+    else:
+        return
+    plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
+                      device_type=device.type,
+                      layout=ModelLayout.from_adapter(adapter, cfg.model.name))
+    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB", plan.peak / 1e9,
+             plan.peak_worker.rank, budget / 1e9)
+
+
 def load_tokenizer(source: ModelSource, trust_remote_code: bool,
                    override: str | None = None) -> Any:
     """The model's tokenizer (directory, hub or GGUF file), or ``model.tokenizer`` if set."""
@@ -165,13 +190,15 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         output = None
         if cfg.output.save_model or cfg.output.dir:
             output = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg))
-            output.check(cfg.output.overwrite)
+            output.check(cfg.output.overwrite, cfg.output.resume)
         source = resolve_model(cfg.model.name, cfg.model.revision)
         config = load_model_config(source, cfg.model.trust_remote_code)
         device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
-        shape = ModelAdapter(build_skeleton(config, dtype)).shape()
+        adapter = ModelAdapter(build_skeleton(config, dtype))
+        shape = adapter.shape()
         check_shape(cfg, shape)
+        check_memory(cfg, config, adapter, device, dtype)
     with timings("data"):
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
         calib = None
@@ -227,7 +254,8 @@ def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: Executor) ->
                                temperature=cfg.calib.self_temperature, top_k=cfg.calib.self_top_k)
 
 
-def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any) -> SparsityPlan:
+def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any,
+              state: RunState | None = None) -> SparsityPlan:
     """Ask the allocation policy for a plan and validate it against the model."""
     policy = ALLOCATIONS.get(cfg.allocation.name)
     request = PlanRequest(shape=prep.shape, target=cfg.target_sparsity, pattern=cfg.pattern,
@@ -235,7 +263,7 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any) 
                           executor=executor, calibration=calib,
                           model_key=model_key(prep.source), cache_dir=cache_dir(),
                           criterion=cfg.criterion.name,
-                          criterion_options=dict(cfg.criterion.options))
+                          criterion_options=dict(cfg.criterion.options), state=state)
     plan = policy.plan(request)
     plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
     return plan
@@ -272,8 +300,10 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic)
     prep = prepare(cfg, timings)
-    staging_ctx = prep.output.atomic() if prep.output is not None else _no_output()
+    staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
+        else _no_output()
     with staging_ctx as staging:
+        state = open_state(cfg, prep)
         compared = [compare_variant(cfg, name, prep, timings) for name in cfg.compare]
         for name, options in refine_steps(cfg):
             log.info("recovery: %s, options %s", RECOVERY_STEPS.get(name).label, options)
@@ -285,7 +315,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
             with timings("eval_dense"):
                 dense = evaluate(executor, prep.evals)
             log.info("dense perplexity: %s", _fmt(dense))
-        plan, blocks, sparse = prune_and_evaluate(cfg, prep, executor, timings)
+        plan, blocks, sparse = prune_and_evaluate(cfg, prep, executor, timings, state=state)
         timings.phases["total"] = time.perf_counter() - t_start
         report = build_report(cfg, prep, plan, blocks, dense, sparse, timings, executor, command)
         if compared:
@@ -301,17 +331,28 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
                      executor if keep_executor else None)
 
 
-def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor,
-                       timings: Timings, tag: str = "") -> tuple[SparsityPlan, list[BlockReport],
-                                                                 dict[str, float]]:
+def open_state(cfg: PruneConfig, prep: Prepared) -> RunState | None:
+    """The resume state under ``<output>.neuroal-tmp/state`` (engine.md §8), keyed by the hash
+    of the semantic config plus library versions, device type and dtype; None without output."""
+    if prep.output is None:
+        return None
+    extra = {"neuroal": getattr(neuroal, "__version__", "0"), "torch": torch.__version__,
+             "device_type": torch.device(prep.device).type, "dtype": str(prep.dtype)}
+    return RunState(prep.output.state, canonical_config(cfg.to_dict(), extra), cfg.output.resume)
+
+
+def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, timings: Timings,
+                       tag: str = "", state: RunState | None = None,
+                       ) -> tuple[SparsityPlan, list[BlockReport], dict[str, float]]:
     """Calibrate, allocate, prune and (if configured) evaluate the pruned model."""
     with timings(f"calibrate{tag}"):
         calib = calibration_windows(cfg, prep, executor)
     with timings(f"allocate{tag}"):
-        plan = make_plan(cfg, prep, executor, calib)
+        plan = make_plan(cfg, prep, executor, calib, state)
     group = cfg.criterion.group or plan.policy.get("mask_group")
     job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm, group,
-                   cfg.mask.exact_count, refine=refine_steps(cfg))
+                   cfg.mask.exact_count, refine=refine_steps(cfg),
+                   state_dir=str(state.root) if state is not None else None)
     with timings(f"prune{tag}"):
         blocks = executor.run_final_prune(plan, job, calib)
     sparse = {}

@@ -25,7 +25,8 @@ allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
   ``7 x 4 cols^2 + 12 rows cols + 28 x 128 rows`` (the damped Hessian, its Cholesky factor,
   inverse and inverse factor alive together, the fp32 working weight, strided update
   temporaries); the running Hessian update ``4 x 4 cols^2``; a micro-batch forward
-  ``mb T (4 I b + 48 h)`` (+ the fp32 input squares the hooks take); AlphaPruning's spectrum,
+  ``mb T I (4 b + 8)`` (the 8: the hooks' fp32 copy and square of a half-precision input, none
+  in fp32), ``I`` the widest linear dimension; AlphaPruning's spectrum,
   ``5 B`` per weight; the last worker's evaluation logits ``T_eval V (b + 8)``.
 * **masked block** (search only): the temporary masked copy of one block's linears, ``b`` per
   weight.
@@ -62,8 +63,8 @@ SPARSEGPT_BYTES = 12  # per weight: fp32 working copy, mask, strided update temp
 SPARSEGPT_ROW_BYTES = 28 * 128  # per row: selection inside one 128-column block
 HESSIAN_UPDATE_SQUARES = 4  # batch sum, old * a, new / b and their sum (running mean update)
 SPECTRUM_BYTES = 5  # per weight: fp32 copy for svdvals (AlphaPruning)
-FORWARD_MLP_COPIES = 4  # (mb, T, I) tensors alive in an MLP forward (gate, up, act, product)
-FORWARD_HIDDEN_BYTES = 48  # per (token, hidden unit): norm upcasts, q/k/v/o, residuals in fp32
+FORWARD_MLP_COPIES = 4  # (mb, T, I) run-dtype tensors alive in a block forward (gate, up, ...)
+HOOK_FP32_BYTES = 8  # per (token, I): the hooks' fp32 copy of a half-precision input + its square
 HEAD_EXTRA_BYTES = 8  # per logit beyond the run dtype: fp32 copy + log-softmax
 
 _STAT_BYTES: dict[str, Callable[[int, int], int]] = {
@@ -165,8 +166,13 @@ class ModelLayout:
         )
 
     @classmethod
-    def from_config(cls, model_config: Any, name: str | None = None) -> ModelLayout:
-        """Build the meta skeleton of ``model_config`` (a ``PretrainedConfig``) and count it."""
+    def from_config(cls, model_config: Any, name: str | None = None,
+                    repeat_block: bool = False) -> ModelLayout:
+        """Build the meta skeleton of ``model_config`` (a ``PretrainedConfig``) and count it.
+
+        ``repeat_block`` builds a single block and repeats its counts: exact, and about 50x
+        faster at 80 blocks, for models whose blocks are all alike (every known alias).
+        """
         import torch
 
         from neuroal.models.adapter import ModelAdapter
@@ -174,7 +180,16 @@ class ModelLayout:
 
         config = copy.deepcopy(model_config)  # from_config records the dtype on the config
         label = name or getattr(config, "name_or_path", "") or str(config.model_type)
-        return cls.from_adapter(ModelAdapter(build_skeleton(config, torch.float32)), label)
+        depth = int(config.num_hidden_layers)
+        if repeat_block:
+            config.num_hidden_layers = 1
+            if isinstance(getattr(config, "layer_types", None), list):
+                config.layer_types = config.layer_types[:1]
+        layout = cls.from_adapter(ModelAdapter(build_skeleton(config, torch.float32)), label)
+        if not repeat_block:
+            return layout
+        return replace(layout, block_params=layout.block_params * depth,
+                       linears=layout.linears * depth)
 
     def weight_params(self, start: int, stop: int, first: bool, last: bool) -> int:
         """Parameters a worker owning blocks ``[start, stop)`` loads (as ``materialise`` does)."""
@@ -191,7 +206,7 @@ class ModelLayout:
 def _known_layout(alias: str) -> ModelLayout:
     from neuroal.models.known import known_config
 
-    return ModelLayout.from_config(known_config(alias), alias)
+    return ModelLayout.from_config(known_config(alias), alias, repeat_block=True)
 
 
 def layout_of(model: str | ModelLayout | Any) -> ModelLayout:
@@ -296,7 +311,7 @@ class MemoryPlan:
     def over(self, limit: int | Sequence[int]) -> list[WorkerMemory]:
         """Workers whose total exceeds ``limit`` (one value, or one per worker)."""
         limits = _per_worker(limit, len(self.workers))
-        return [w for w, cap in zip(self.workers, limits) if w.total > cap]
+        return [w for w, cap in zip(self.workers, limits, strict=True) if w.total > cap]
 
     def fits(self, limit: int | Sequence[int]) -> bool:
         return not self.over(limit)
@@ -319,10 +334,10 @@ class MemoryPlan:
                 for w in self.workers]
         if any(w.host_activations for w in self.workers):
             head.append("host act.")
-            for row, w in zip(rows, self.workers):
+            for row, w in zip(rows, self.workers, strict=True):
                 row.append(f"{w.host_activations / GB:.2f}")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-        return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(r, widths))
+        return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=True))
                          for r in [head, *rows])
 
 
@@ -366,14 +381,12 @@ def _mask_transient(linears: Mapping[str, tuple[int, int]], hessian: bool) -> in
 
 
 def _forward_transient(linears: Mapping[str, tuple[int, int]], request: MemoryRequest,
-                       hidden: int, needs: frozenset[str]) -> int:
+                       needs: frozenset[str]) -> int:
     """One micro-batch through a block, with the hooks' fp32 input copies and Hessian update."""
     b = DTYPE_BYTES[request.dtype]
     tokens = min(request.micro_batch, request.nsamples) * request.seqlen
     widest = max(max(r, c) for r, c in linears.values())
-    forward = tokens * (FORWARD_MLP_COPIES * widest * b + FORWARD_HIDDEN_BYTES * hidden)
-    if needs:
-        forward += tokens * widest * 4 * (2 if b < 4 else 1)
+    forward = tokens * widest * (FORWARD_MLP_COPIES * b + (HOOK_FP32_BYTES if needs and b < 4 else 0))
     if STAT_HESSIAN in needs:
         cols = max(c for _, c in linears.values())
         forward += HESSIAN_UPDATE_SQUARES * 4 * cols * cols
@@ -388,7 +401,7 @@ def _transients(layout: ModelLayout, request: MemoryRequest, blocks: range, last
     for i in blocks:
         linears = layout.linears[i]
         worst = max(worst, _mask_transient(linears, hessian),
-                    _forward_transient(linears, request, layout.hidden, needs))
+                    _forward_transient(linears, request, needs))
         if policy_needs == "weights":
             worst = max(worst, max(SPECTRUM_BYTES * r * c for r, c in linears.values()))
     if last and request.eval_seqlen:
@@ -407,9 +420,11 @@ def _streams(request: MemoryRequest, layout: ModelLayout, sequences: int,
     return 2 * stream_bytes(batch, request.seqlen, layout.hidden, b), full
 
 
-def _worker(layout: ModelLayout, request: MemoryRequest, rank: int, start: int, stop: int,
-            needs: frozenset[str], policy_needs: str) -> WorkerMemory:
-    """Both phases of one worker; the larger is kept."""
+def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start: int,
+                  stop: int) -> dict[str, WorkerMemory]:
+    """Every phase of one worker owning blocks ``[start, stop)``: ``prune`` (the final prune,
+    and any dense statistics pass) and, for search policies, ``search`` (one NeuroAL candidate)."""
+    needs, policy_needs = _needs(request)
     b = DTYPE_BYTES[request.dtype]
     first, last = start == 0, stop == layout.num_blocks
     blocks = range(start, stop)
@@ -418,11 +433,11 @@ def _worker(layout: ModelLayout, request: MemoryRequest, rank: int, start: int, 
     transients = _transients(layout, request, blocks, last, needs, policy_needs)
     prune_needs = needs | ({STAT_SQ_NORM} if policy_needs in ("stats", "search") else frozenset())
     device, host = _streams(request, layout, request.nsamples, 2)
-    best = WorkerMemory(rank, start, stop, "prune", weights, device,
-                        max(stat_bytes(layout.linears[i], prune_needs) for i in blocks),
-                        transients, 0, overhead, host)
+    prune = WorkerMemory(rank, start, stop, "prune", weights, device,
+                         max(stat_bytes(layout.linears[i], prune_needs) for i in blocks),
+                         transients, 0, overhead, host)
     if policy_needs != "search":
-        return best
+        return {"prune": prune}
     dense = needs | {STAT_SQ_NORM}
     samples = min(request.search_samples, request.nsamples)
     device, host = _streams(request, layout, samples, 3 if first else 2)
@@ -435,7 +450,7 @@ def _worker(layout: ModelLayout, request: MemoryRequest, rank: int, start: int, 
     masked = max(sum(r * c for r, c in layout.linears[i].values()) for i in blocks) * b
     search = WorkerMemory(rank, start, stop, "search", weights, device, statistics, transients,
                           masked, overhead, host)
-    return search if search.total > best.total else best
+    return {"prune": prune, "search": search}
 
 
 def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> MemoryPlan:
@@ -457,9 +472,8 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
     if request.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
     layout = layout_of(model)
-    needs, policy_needs = _needs(request)
     slices = split_blocks(layout.num_blocks, request.workers)
-    workers = tuple(_worker(layout, request, r, a, b, needs, policy_needs)
+    workers = tuple(max(worker_phases(layout, request, r, a, b).values(), key=lambda w: w.total)
                     for r, (a, b) in enumerate(slices))
     return MemoryPlan(layout.name, layout.params, layout.num_blocks, request, workers)
 
@@ -558,11 +572,20 @@ def _refusal(model: str, plan: MemoryPlan, worst: WorkerMemory, limit: int,
                f"device of {limit / GB:.1f} GB each)")
     else:
         fix = (f"no worker count fits (even one block per worker exceeds {limit / GB:.1f} GB); "
-               "shrink engine.micro_batch, calib.nsamples or calib.seqlen, use model.dtype="
-               "bfloat16 or engine.offload_activations=true")
+               f"{_other_fixes(request)}")
     return (f"model {model!r} does not fit: {request.describe()} need a predicted peak of "
             f"{worst.total / GB:.1f} GB on {worst.describe()}; the limit is {limit / GB:.1f} GB "
             f"per worker. {fix[0].upper()}{fix[1:]}. Nothing was loaded.")
+
+
+def _other_fixes(request: MemoryRequest) -> str:
+    """The settings that lower the peak other than the worker count."""
+    fixes = ["shrink engine.micro_batch, calib.nsamples or calib.seqlen"]
+    if DTYPE_BYTES[request.dtype] > 2:
+        fixes.append("use model.dtype=bfloat16")
+    if not request.offload_activations and request.device_type != "cpu":
+        fixes.append("set engine.offload_activations=true")
+    return ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
 
 
 # --------------------------------------------------------------------------- report

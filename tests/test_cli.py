@@ -115,4 +115,5 @@ def test_interrupted_run_leaves_nothing(error: type[BaseException], tiny_models:
     else:
         with pytest.raises(RuntimeError):
             cli.main(argv)
-    assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()
+    # nothing at the output and no half-written model; only the resume state survives
+    assert not out.exists() and not (tmp_path / "out.neuroal-tmp" / "model").exists()

@@ -70,6 +70,15 @@ def _ids(batch: int = 2, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 320, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices: one intra-op thread avoids OpenMP spinning on a shared CI machine (10x)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def windows(tokenizer_dir: Path, small_text: Path) -> torch.Tensor:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -317,7 +326,7 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(tokenizer_dir: Path, small_
            "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
            "ACCELERATE_USE_DEEPSPEED": "true",
            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/deepspeed/zero3.json"),
-           "NEUROAL_PROGRESS": "0", "PYTHONWARNINGS": "ignore"}
+           "NEUROAL_PROGRESS": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", _LAUNCH, str(REPO / "launch/recover.py"), str(pruned), "--output",
            str(out), "--variant", "masklora", "--steps", "4", "--lr", "1e-2",
            "--calib", f"text:{small_text}", "--eval", f"text:{small_text}", "--nsamples", "4",

@@ -81,9 +81,10 @@ class NeuroALPolicy:
         group = None if request.criterion in NO_ROW_STEP else "row"
         job = CandidateJob(request.criterion, dict(request.criterion_options), group)
 
-        def fresh(cands: list[Candidate]) -> list[Outcome]:
+        def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
+            kwargs = {"on_result": on_result} if on_result is not None else {}
             results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
-                                                           opts["reference_stream"])
+                                                           opts["reference_stream"], **kwargs)
             return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
 
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
@@ -149,10 +150,10 @@ class NeuroALPolicy:
 
 
 class Checkpointed:
-    """``evaluate`` with resume (engine.md §8): every finished candidate is stored under the run
-    state as soon as its batch returns; candidates already stored (same phase, ordinal and grid
-    value) are loaded instead of evaluated. Ordinals count candidates per phase in the order the
-    coordinator submits them, which is deterministic for a given configuration."""
+    """``evaluate`` with resume (engine.md §8): every candidate is stored under the run state as
+    soon as the executor reports it finished (``on_result``); candidates already stored (same
+    phase, ordinal and grid value) are loaded instead of evaluated. Ordinals count candidates per
+    phase in the order the coordinator submits them, deterministic for a given configuration."""
 
     def __init__(self, state: Any, evaluate: Any) -> None:
         self.state, self.evaluate = state, evaluate
@@ -170,13 +171,17 @@ class Checkpointed:
         if len(todo) < len(cands):
             log.info("resume: %d of %d candidates loaded from %s", len(cands) - len(todo),
                      len(cands), self.state.root)
-        new = iter(self.evaluate(todo) if todo else [])
+        todo_keys = [k for k, s in zip(keys, stored, strict=True) if s is None]
+
+        def save(i: int, result: list[Any]) -> None:
+            self.state.save_candidate(*todo_keys[i], total_alignment([b.na for b in result]),
+                                      [{"na": b.na, "delta": b.delta} for b in result])
+
+        new = iter(self.evaluate(todo, save) if todo else [])
         out = []
-        for key, payload in zip(keys, stored, strict=True):
+        for payload in stored:
             if payload is None:
                 outcome = next(new)
-                self.state.save_candidate(*key, outcome.score,
-                                          [{"na": b.na, "delta": b.delta} for b in outcome.detail])
             else:
                 outcome = Outcome(payload["score"], [BlockAlignment(d["na"], d["delta"])
                                                      for d in payload["detail"]])

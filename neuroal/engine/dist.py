@@ -597,8 +597,12 @@ class DistExecutor:
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
+                            on_result: Callable[[int, list[BlockAlignment]], None] | None = None,
                             ) -> list[list[BlockAlignment]]:
-        """Alignment terms per candidate, then block; candidates pipeline across the ranks."""
+        """Alignment terms per candidate, then block; candidates pipeline across the ranks.
+
+        Results reach rank 0 in one gather, so ``on_result`` (resume checkpoints) runs for
+        every candidate after the whole batch."""
         per_rank = [[{b: ratios[b] for b in range(a, z)} for ratios in candidates]
                     for a, z in self.slices]
         with self.meter("search"):
@@ -607,6 +611,8 @@ class DistExecutor:
         for c in range(len(candidates)):
             merged = {b: v for part in parts for b, v in part[c].items()}
             results.append([merged[b] for b in range(self._num_blocks)])
+            if on_result is not None:
+                on_result(c, results[-1])
         return results
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],

@@ -100,6 +100,11 @@ class BusyMeter:
                 for name, u in self.phases.items()}
 
 
+OnResult = Callable[[int, list[BlockAlignment]], None]
+"""Called with (candidate index, its per-block result) as soon as a candidate finishes (resume
+checkpoints every finished candidate, engine.md §8)."""
+
+
 class Executor(Protocol):
     """What the pipeline needs from an executor."""
 
@@ -113,6 +118,7 @@ class Executor(Protocol):
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
+                            on_result: OnResult | None = None,
                             ) -> list[list[BlockAlignment]]: ...
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
@@ -189,6 +195,7 @@ class LocalExecutor:
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
+                            on_result: OnResult | None = None,
                             ) -> list[list[BlockAlignment]]:
         """Alignment terms of each candidate plan (``candidates[c][b][name]`` = ratio).
 
@@ -209,6 +216,8 @@ class LocalExecutor:
                                                     job, reference)
                     per_block.update(part)
                 results.append([per_block[b] for b in range(self._num_blocks)])
+                if on_result is not None:
+                    on_result(len(results) - 1, results[-1])
         return results
 
     def dense_reference(self, embedded: torch.Tensor, job: CandidateJob,

@@ -342,6 +342,7 @@ class RayExecutor:
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
+                            on_result: Callable[[int, list[BlockAlignment]], None] | None = None,
                             ) -> list[list[BlockAlignment]]:
         """Alignment terms of each candidate, candidates pipelined through the actors.
 
@@ -366,7 +367,10 @@ class RayExecutor:
                 per_block: dict[int, BlockAlignment] = {}
                 for part in self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"):
                     per_block.update(part)
-                return [per_block[b] for b in range(self._num_blocks)]
+                result = [per_block[b] for b in range(self._num_blocks)]
+                if on_result is not None:
+                    on_result(c, result)
+                return result
 
             return self._pipelined(len(candidates), submit, gather, "candidates")
 

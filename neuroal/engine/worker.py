@@ -8,10 +8,11 @@ from the resolved config, so GEMM shapes (and float results) do not depend on th
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from neuroal.capture import StatsCollector
+from neuroal.checkpoint import load_block_state, save_block_state
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
 from neuroal.logging import get_logger
@@ -67,6 +69,7 @@ class PruneJob:
     group: str | None = None
     exact_count: bool = True
     refine: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (refiner name, resolved options)
+    state_dir: str | None = None  # resume state (neuroal.checkpoint): finished blocks are replayed
 
 
 @dataclass(frozen=True)
@@ -120,6 +123,20 @@ class BlockReport:
     @property
     def achieved(self) -> float:
         return sum(r.zeros for r in self.layers) / sum(r.numel for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (resume state)."""
+        return json.loads(json.dumps(asdict(self), default=_jsonable))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockReport:
+        return cls(data["index"], [LayerReport(**r) for r in data["layers"]], data["seconds"])
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
 
 
 def attention_linears(block: torch.nn.Module) -> frozenset[str]:
@@ -223,14 +240,31 @@ class Worker:
         (statistics), masks from the plan entries, in-place zeroing (SparseGPT: updated
         weights), forward of the pruned block producing the next inputs; logs one line."""
         t0 = time.perf_counter()
+        if job.state_dir is not None and (saved := load_block_state(job.state_dir, index)):
+            return self._replay(index, stream, *saved)
         stats, order = self.collect_stats(index, stream, job)
         layers = self.prune_block(index, stats, entries, job, order, seqlen=stream.shape[1])
         stream = self._forward_block(index, stream)
         report = BlockReport(index, layers, time.perf_counter() - t0)
+        if job.state_dir is not None:
+            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+            save_block_state(job.state_dir, index, {n: m.weight.data for n, m in linears.items()},
+                             report.to_dict())
         self.busy_seconds += report.seconds
         log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
                  self.spec.num_blocks, report.target, report.achieved, report.seconds)
         return stream, report
+
+    def _replay(self, index: int, stream: torch.Tensor, weights: Mapping[str, torch.Tensor],
+                report: Mapping[str, Any]) -> tuple[torch.Tensor, BlockReport]:
+        """Resume (engine.md §8): load a finished block's pruned weights and run it on the
+        stream; the same micro-batches through the same weights give bit-identical outputs."""
+        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+        for name, weight in weights.items():
+            linears[name].weight.data.copy_(weight.to(linears[name].weight.device))
+        stream = self._forward_block(index, stream)
+        log.info("block %d/%d  resumed from the saved state", index + 1, self.spec.num_blocks)
+        return stream, BlockReport.from_dict(report)
 
     def collect_stats(self, index: int, stream: torch.Tensor,
                       job: PruneJob) -> tuple[dict[str, Any], list[str]]:

@@ -174,12 +174,23 @@ def source_dtype(config: Any, fallback: torch.dtype) -> torch.dtype:
 
 
 def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
-    """A ``*ForCausalLM`` with every parameter on ``meta`` (buffers real, e.g. rotary)."""
+    """A ``*ForCausalLM`` with every parameter on ``meta`` (buffers real, e.g. rotary).
+
+    ``init_empty_weights`` lets each ``nn.Linear`` allocate its weight with ``torch.empty``
+    before moving it to ``meta``; under deterministic algorithms torch fills that memory with
+    NaN, which costs minutes at 70B, so the fill is off while the skeleton is built.
+    """
+    import torch.utils.deterministic as deterministic
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    fill = deterministic.fill_uninitialized_memory
+    deterministic.fill_uninitialized_memory = False
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        deterministic.fill_uninitialized_memory = fill
     return model.eval()
 
 

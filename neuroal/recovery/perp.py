@@ -173,8 +173,6 @@ class AdaptedLinear(nn.Module):
     weight into the original linear and returns it.
     """
 
-    kind = "base"
-
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features = linear.in_features
@@ -207,8 +205,6 @@ class AdaptedLinear(nn.Module):
 
 class LoRALinear(AdaptedLinear):
     """Standard LoRA ``x W^T + s x A^T B^T`` (A Kaiming-uniform a=sqrt(5), B = 0); for the head."""
-
-    kind = "lora"
 
     def __init__(self, linear: nn.Linear, rank: int, alpha: float,
                  generator: torch.Generator | None = None) -> None:
@@ -244,8 +240,6 @@ class MaskLoRALinear(LoRALinear):
             every forward (nothing stored, as in the reference).
     """
 
-    kind = "mask_lora"
-
     def __init__(self, linear: nn.Linear, rank: int, alpha: float,
                  generator: torch.Generator | None = None, pruned: torch.Tensor | None = None) -> None:
         super().__init__(linear, rank, alpha, generator)
@@ -271,8 +265,6 @@ class ScaleLoRALinear(AdaptedLinear):
 
     Computed as ``((x * v) W^T) * u`` (no dense rows x cols product).
     """
-
-    kind = "scale_lora"
 
     def __init__(self, linear: nn.Linear, rank: int = 1, alpha: float = 1.0,
                  generator: torch.Generator | None = None, pruned: torch.Tensor | None = None) -> None:

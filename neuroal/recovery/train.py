@@ -180,7 +180,11 @@ def _trainables(model: nn.Module) -> list[nn.Parameter]:
 def _training_mode(model: nn.Module, checkpointing: bool) -> Iterator[None]:
     """``model.train()`` (dropout as in the reference) and optional gradient checkpointing."""
     was_training = model.training
-    if checkpointing:
+    # transformers 5 renamed gradient_* to activation_checkpointing_*; 4.x has only the old names
+    modern = hasattr(model, "activation_checkpointing_enable")
+    if checkpointing and modern:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
@@ -188,7 +192,7 @@ def _training_mode(model: nn.Module, checkpointing: bool) -> Iterator[None]:
     finally:
         model.train(was_training)
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            (model.activation_checkpointing_disable if modern else model.gradient_checkpointing_disable)()
 
 
 # --------------------------------------------------------------------------- runners

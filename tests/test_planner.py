@@ -1,0 +1,237 @@
+"""Memory planner: predictions from the config alone, checked against what workers allocate."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from neuroal.config import ConfigError, load_config
+from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
+from neuroal.engine.executor import split_blocks
+from neuroal.engine.worker import CandidateJob, PruneJob, Worker, WorkerSpec
+from neuroal.models.known import KNOWN, KNOWN_DIR, known_config
+from neuroal.models.loading import load_model_config, resolve_model
+from neuroal.planner import (
+    GB,
+    MemoryBudgetError,
+    MemoryRequest,
+    ModelLayout,
+    check_fits,
+    largest_fit,
+    layout_of,
+    min_workers,
+    parse_bytes,
+    plan_memory,
+    request_from_config,
+    worker_phases,
+)
+
+LLAMA2_70B_BLOCK = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
+
+
+def _tensor_bytes(tensors) -> int:
+    """Bytes of distinct materialised tensors (a tied tensor counted once)."""
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if t.device.type != "meta":
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+    return sum(seen.values())
+
+
+# --------------------------------------------------------------------------- Llama-2-70B
+
+
+def test_llama2_70b_fits_on_8_by_80gb() -> None:
+    request = MemoryRequest(workers=8, dtype="bfloat16", nsamples=128, seqlen=2048)
+    plan = plan_memory("llama-2-70b", request)
+    assert plan.params == pytest.approx(68.98e9, rel=1e-3)
+    middle = plan.workers[1]
+    assert middle.weights == 10 * LLAMA2_70B_BLOCK * 2  # 17.1 GB, engine.md §10
+    assert middle.activations == 2 * 128 * 2048 * 8192 * 2  # in + out, 4.29 GB each
+    assert plan.workers[0].weights == middle.weights + 32000 * 8192 * 2  # embedding
+    assert plan.workers[-1].weights == middle.weights + (32000 + 1) * 8192 * 2  # head + norm
+    assert plan.fits(80 * GB) and 25 * GB < plan.peak < 45 * GB  # engine.md §7: ≈ 30-40 GB
+    for criterion, allocation in [("sparsegpt", "uniform"), ("wanda", "neuroal")]:
+        assert plan_memory("llama-2-70b", replace(request, criterion=criterion,
+                                                  allocation=allocation)).fits(80 * GB)
+
+
+def test_sparsegpt_holds_one_hessian_per_linear() -> None:
+    plan = plan_memory("llama-2-70b", MemoryRequest(workers=8, criterion="sparsegpt"))
+    per_linear = 4 * (6 * 8192**2 + 28672**2)  # q, k, v, o, gate, up: h^2; down: I^2
+    assert plan.workers[0].statistics == per_linear
+
+
+def test_min_workers_and_largest_fit_are_consistent() -> None:
+    request = MemoryRequest(workers=2, dtype="bfloat16", nsamples=128, seqlen=512)
+    fewest = min_workers("llama-2-70b", request, 24 * GB)
+    assert fewest is not None and fewest > 2
+    assert plan_memory("llama-2-70b", replace(request, workers=fewest)).fits(24 * GB)
+    assert not plan_memory("llama-2-70b", replace(request, workers=fewest - 1)).fits(24 * GB)
+    best = largest_fit(MemoryRequest(workers=8), 80 * GB)
+    assert best is not None and best.fits(80 * GB) and best.params > 68e9
+    small = largest_fit(MemoryRequest(workers=1, seqlen=512), 24 * GB,
+                        candidates=["phi-3-mini", "llama-2-7b", "llama-2-13b"])
+    assert small is not None and small.model == "llama-2-7b"
+
+
+def test_offloaded_streams_move_to_host() -> None:
+    request = MemoryRequest(workers=8, offload_activations=True, micro_batch=4)
+    row = plan_memory("llama-2-70b", request).workers[1]
+    assert row.host_activations == 2 * 128 * 2048 * 8192 * 2
+    assert row.activations == 2 * 4 * 2048 * 8192 * 2
+
+
+# --------------------------------------------------------------------------- refusal
+
+
+def test_cli_refuses_before_loading(monkeypatch: pytest.MonkeyPatch,
+                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Llama-2-70B on 2 x 24 GB: exit 2 before the tokenizer or any weight is loaded."""
+    import neuroal.pipeline as pipeline
+    from neuroal.cli import main
+
+    def never(*_args, **_kwargs):
+        raise AssertionError("the refusal must come before the tokenizer and the weights")
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", never)
+    monkeypatch.setattr(pipeline, "build_executor", never)
+    cfg = load_config(None, ["model.name=llama-2-70b", "model.dtype=bfloat16", "engine.workers=2",
+                             "engine.device=cpu", "eval.datasets=none"])
+    fewest = min_workers("llama-2-70b", request_from_config(cfg, "bfloat16", "cpu"), 24 * GB)
+    argv = ["--model", "llama-2-70b", "--workers", "2", "--device", "cpu", "--dtype", "bfloat16",
+            "--no-save", "--eval", "none", "engine.memory_limit=24GB"]
+    caplog.clear()
+    with caplog.at_level(logging.ERROR, logger="neuroal"):
+        logging.getLogger("neuroal").addHandler(caplog.handler)
+        try:
+            assert main(argv) == 2
+        finally:
+            logging.getLogger("neuroal").removeHandler(caplog.handler)
+    message = caplog.text
+    assert "does not fit" in message and "24.0 GB per worker" in message
+    assert f"smallest worker count that fits is {fewest}" in message
+    assert "2 worker(s), bfloat16, 128 x 512" in message
+
+
+def test_check_fits_names_the_fix() -> None:
+    cfg = load_config(None, ["model.name=llama-2-70b", "engine.workers=2", "calib.seqlen=2048"])
+    config = known_config("llama-2-70b")
+    with pytest.raises(MemoryBudgetError, match=r"smallest worker count that fits is \d+"):
+        check_fits(cfg, config, 24 * GB, dtype="bfloat16")
+    with pytest.raises(MemoryBudgetError, match="No worker count fits.*micro_batch"):
+        check_fits(cfg, config, 4 * GB, dtype="bfloat16")
+    assert check_fits(cfg, config, 200 * GB, dtype="bfloat16").fits(200 * GB)
+
+
+def test_cuda_budget_is_the_free_memory_shared_by_its_workers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroal.models.adapter import ModelAdapter
+    from neuroal.models.loading import build_skeleton
+    from neuroal.pipeline import check_memory
+
+    cfg = load_config(None, ["model.name=llama-2-7b", "engine.workers=2", "model.dtype=bfloat16"])
+    config = known_config("llama-2-7b")
+    adapter = ModelAdapter(build_skeleton(known_config("llama-2-7b"), torch.bfloat16))
+    need = plan_memory("llama-2-7b", request_from_config(cfg, "bfloat16", "cuda")).peak
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device: (2 * need + 2, 80 * GB))
+    check_memory(cfg, config, adapter, torch.device("cuda"), torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda _device: (2 * need - 2, 80 * GB))
+    with pytest.raises(MemoryBudgetError):
+        check_memory(cfg, config, adapter, torch.device("cuda"), torch.bfloat16)
+
+
+def test_memory_limit_is_validated() -> None:
+    assert parse_bytes("24GB") == 24 * 10**9
+    assert parse_bytes("80GiB") == 80 * 2**30
+    assert parse_bytes(1024) == 1024
+    assert load_config(None, ["engine.memory_limit=24GB"]).engine.memory_limit == "24GB"
+    with pytest.raises(ConfigError, match="engine.memory_limit"):
+        load_config(None, ["engine.memory_limit=lots"])
+    with pytest.raises(ConfigError, match="engine.memory_limit"):
+        load_config(None, ["engine.memory_limit=-3"])
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+TINY = MemoryRequest(workers=2, dtype="bfloat16", nsamples=4, seqlen=16, micro_batch=3,
+                     criterion="wanda", device_type="cpu")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "opt", "phi"])
+def test_tiny_weights_and_streams_match_the_workers(tiny_models: dict[str, Path],
+                                                    model_type: str) -> None:
+    model_dir = tiny_models[model_type]
+    layout = ModelLayout.from_config(load_model_config(resolve_model(str(model_dir))))
+    plan = plan_memory(layout, TINY)
+    ids = torch.randint(0, layout.vocab, (TINY.nsamples, TINY.seqlen))
+    stream = None
+    for row, (start, stop) in zip(plan.workers, split_blocks(layout.num_blocks, 2), strict=True):
+        worker = Worker(WorkerSpec(resolve_model(str(model_dir)), start, stop, layout.num_blocks,
+                                   "cpu", TINY.dtype, TINY.micro_batch, rank=row.rank))
+        assert _tensor_bytes(worker.adapter.model.parameters()) == row.weights
+        if stream is None:
+            stream = worker.embed(ids)
+        out = worker.forward(stream)
+        assert stream.nbytes + out.nbytes == row.activations
+        stream = out
+
+
+@pytest.mark.parametrize("criterion,stat", [("wanda", STAT_SQ_NORM), ("sparsegpt", STAT_HESSIAN)])
+def test_tiny_statistics_and_masked_block_match(tiny_models: dict[str, Path], criterion: str,
+                                                stat: str) -> None:
+    model_dir = tiny_models["llama"]
+    layout = layout_of(load_model_config(resolve_model(str(model_dir))))
+    request = replace(TINY, workers=1, dtype="float32", criterion=criterion, allocation="neuroal")
+    phases = worker_phases(layout, request, 0, 0, layout.num_blocks)
+    worker = Worker(WorkerSpec(resolve_model(str(model_dir)), 0, layout.num_blocks,
+                               layout.num_blocks, "cpu", "float32", TINY.micro_batch))
+    stream = worker.embed(torch.randint(0, layout.vocab, (TINY.nsamples, TINY.seqlen)))
+    stats, _ = worker.collect_stats(0, stream, PruneJob(criterion))
+    held = _tensor_bytes(getattr(s, stat) for s in stats.values())
+    assert held == phases["prune"].statistics - (
+        0 if stat == STAT_SQ_NORM else sum(4 * c for _, c in layout.linears[0].values()))
+    linears = worker.adapter.prunable_linears(worker.adapter.blocks[0])
+    from neuroal.criteria import CRITERIA
+
+    crit = CRITERIA.get(criterion)
+    masked = worker._masked_weights(linears, stats, {n: 0.5 for n in linears},
+                                    CandidateJob(criterion, group=None), crit, dict(crit.defaults))
+    assert _tensor_bytes(masked.values()) == phases["search"].masked_block
+
+
+# --------------------------------------------------------------------------- aliases
+
+
+def test_aliases_resolve_offline() -> None:
+    source = resolve_model("llama-70b")
+    assert (source.kind, source.location) == ("hub", "meta-llama/Llama-2-70b-hf")
+    config = load_model_config(source)  # HF_HUB_OFFLINE=1 (conftest): the shipped config
+    assert (config.hidden_size, config.num_key_value_heads, config.vocab_size) == (8192, 8, 32000)
+    assert load_model_config(resolve_model("meta-llama/Llama-2-70b-hf")).num_hidden_layers == 80
+    for alias, (hub, filename) in KNOWN.items():
+        assert (KNOWN_DIR / filename).is_file()
+        assert known_config(alias).name_or_path == hub
+
+
+@pytest.mark.parametrize("alias,billions", [("llama-2-7b", 6.738), ("llama-2-13b", 13.016),
+                                            ("llama-3-8b", 8.030), ("mistral-7b", 7.242),
+                                            ("qwen2.5-7b", 7.616), ("qwen2.5-72b", 72.706),
+                                            ("opt-13b", 12.853), ("phi-3-mini", 3.821)])
+def test_known_models_have_their_public_sizes(alias: str, billions: float) -> None:
+    assert layout_of(alias).params == pytest.approx(billions * 1e9, rel=1e-3)
+
+
+def test_repeated_block_layout_is_exact() -> None:
+    config = known_config("phi-3-mini")
+    assert ModelLayout.from_config(config, "phi-3-mini") == layout_of("phi-3-mini")
+
+
+def test_known_configs_ship_as_package_data() -> None:
+    pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    assert "models/known/*.json" in pyproject
