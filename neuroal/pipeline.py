@@ -254,6 +254,14 @@ def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: Executor) ->
                                temperature=cfg.calib.self_temperature, top_k=cfg.calib.self_top_k)
 
 
+def criterion_options(cfg: PruneConfig) -> dict[str, Any]:
+    """The criterion's options; a seeded criterion (stochRIA) defaults to the run seed."""
+    from neuroal.criteria import CRITERIA
+
+    seeded = {"seed": cfg.seed} if "seed" in CRITERIA.get(cfg.criterion.name).defaults else {}
+    return {**seeded, **cfg.criterion.options}
+
+
 def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any,
               state: RunState | None = None) -> SparsityPlan:
     """Ask the allocation policy for a plan and validate it against the model."""
@@ -263,7 +271,7 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any,
                           executor=executor, calibration=calib,
                           model_key=model_key(prep.source), cache_dir=cache_dir(),
                           criterion=cfg.criterion.name,
-                          criterion_options=dict(cfg.criterion.options), state=state)
+                          criterion_options=criterion_options(cfg), state=state)
     plan = policy.plan(request)
     plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
     return plan
@@ -350,7 +358,7 @@ def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, tim
     with timings(f"allocate{tag}"):
         plan = make_plan(cfg, prep, executor, calib, state)
     group = cfg.criterion.group or plan.policy.get("mask_group")
-    job = PruneJob(cfg.criterion.name, dict(cfg.criterion.options), cfg.nm, group,
+    job = PruneJob(cfg.criterion.name, criterion_options(cfg), cfg.nm, group,
                    cfg.mask.exact_count, refine=refine_steps(cfg),
                    state_dir=str(state.root) if state is not None else None)
     with timings(f"prune{tag}"):

@@ -14,7 +14,6 @@ from conftest import ARCHS, DATA_DIR, save_tiny_model, tiny_cfg, tiny_config
 from neuroal import cli
 from neuroal.criteria.base import LayerStats, NMPattern
 from neuroal.engine import executor as executor_mod
-from neuroal.engine.worker import attention_linears
 from neuroal.masking import nm_mask, row_mask, row_ratio_mask
 from neuroal.pipeline import run
 from neuroal.recovery import DSNOT, R2DSNOT, RECOVERY_STEPS, REFINERS
@@ -194,9 +193,12 @@ def test_registries() -> None:
 def test_attention_linears_are_the_four_projections(model_type: str) -> None:
     from transformers import AutoModelForCausalLM
 
+    from neuroal.models.adapter import ModelAdapter
+
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers=1))
-    block = next(m for m in model.modules() if isinstance(m, torch.nn.ModuleList))[0]
-    names = attention_linears(block)
+    adapter = ModelAdapter(model)
+    block = adapter.blocks[0]
+    names = adapter.attention_linears(block)
     linears = {n for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
     assert len(names) == 4 and names < linears
     assert not any("fc" in n or "mlp" in n for n in names)

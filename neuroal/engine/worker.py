@@ -139,21 +139,6 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
-def attention_linears(block: torch.nn.Module) -> frozenset[str]:
-    """Names of the block's linears that live inside its attention module.
-
-    Generic over Hugging Face decoders, whose attention classes are named ``*Attention``
-    (``LlamaAttention``, ``OPTAttention``, ``PhiAttention``, ...): q/k/v and the output
-    projection; MLP linears sit outside. Used by DSnoT's ``layers: attention``.
-    """
-    names = []
-    for prefix, module in block.named_modules():
-        if prefix and type(module).__name__.endswith("Attention"):
-            names += [f"{prefix}.{n}" for n, m in module.named_modules()
-                      if isinstance(m, torch.nn.Linear)]
-    return frozenset(names)
-
-
 class Worker:
     """Owns blocks ``[spec.start, spec.stop)``; the first also embeds, the last computes logits."""
 
@@ -285,7 +270,7 @@ class Worker:
         options = {**criterion.defaults, **job.options}
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
-        attention = attention_linears(block) if job.refine else frozenset()
+        attention = self.adapter.attention_linears(block) if job.refine else frozenset()
         reports = []
         for name in order:
             linear = linears[name]

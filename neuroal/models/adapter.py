@@ -34,6 +34,7 @@ class ArchSpec:
     head: str = "lm_head"
     consumers: tuple[tuple[str, str], ...] = ()
     uniform_rows: tuple[str, ...] = ()
+    attention: str = "self_attn"  # the block's attention module (DSnoT's ``layers: attention``)
 
 
 _LLAMA_CONSUMERS = (
@@ -145,6 +146,12 @@ class ModelAdapter:
     def block_prefix(self, index: int) -> str:
         """State-dict prefix of block ``index`` (e.g. ``model.layers.3.``)."""
         return f"{self.blocks_path}.{index}."
+
+    def attention_linears(self, block: nn.Module) -> frozenset[str]:
+        """Relative names of the block's prunable linears inside its attention module (q/k/v
+        and the output projection); the MLP's sit outside."""
+        prefix = self.spec.attention + "."
+        return frozenset(n for n in self.prunable_linears(block) if n.startswith(prefix))
 
     @staticmethod
     def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
