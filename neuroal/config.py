@@ -103,6 +103,7 @@ class EngineConfig:
     ray_address: str | None = None  # "auto", "ray://host:10001"; None = $RAY_ADDRESS or local
     ray_placement: str = "PACK"  # placement-group strategy of the worker bundles
     ray_cpus: float = 1.0  # CPUs reserved per Ray actor
+    max_restarts: int = 3  # restarts per Ray actor after it died (killed, OOM); then the run stops
     memory_limit: int | str | None = None  # bytes per worker ("24GB", "80GiB"); None = device's
 
 
@@ -130,12 +131,14 @@ class OutputConfig:
 class RecoverConfig:
     """Recovery steps after (or inside) pruning (recovery.md).
 
-    ``steps`` run in order; names come from ``neuroal.recovery.RECOVERY_STEPS``. Mask refiners
-    (``dsnot``, ``r2dsnot``) run inside the final prune, so they must come first and at most one
-    of them may be chained. ``options[name]`` overrides a step's defaults (YAML: ``recover:
+    ``steps`` run in order; names come from ``neuroal.recovery.RECOVERY_STEPS``. The order is
+    fixed: at most one mask refiner (``dsnot``, ``r2dsnot``) and ``perp-reconstruct`` run inside
+    the final prune, then at most one whole-model PERP variant (``perp-bias-norm``,
+    ``perp-masklora``, ``perp-scalelora``) retrains the exported model.
+    ``options[name]`` overrides a step's defaults (YAML: ``recover:
     {steps: [dsnot], dsnot: {max_cycles: 100}}``; override: ``recover.dsnot.max_cycles=100``).
-    ``baseline: true`` also prunes once without the refiner (a fresh model, same data and
-    allocation, about doubling the run) so the report can give the perplexity before it.
+    ``baseline: true`` also prunes once without the in-prune steps (a fresh model, same data and
+    allocation, about doubling the run) so the report can give the perplexity before them.
     """
 
     steps: tuple[str, ...] = ()
@@ -499,6 +502,10 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if isinstance(eng.ray_cpus, bool) or not isinstance(eng.ray_cpus, (int, float)) \
             or eng.ray_cpus <= 0:
         errors.append(f"engine.ray_cpus={eng.ray_cpus!r}: expected a number > 0 (CPUs per actor)")
+    if not isinstance(eng.max_restarts, int) or isinstance(eng.max_restarts, bool) \
+            or eng.max_restarts < 0:
+        errors.append(f"engine.max_restarts={eng.max_restarts!r}: expected an integer >= 0 "
+                      "(restarts per Ray actor after it died; 0 = stop at the first death)")
     if eng.ray_address is not None and not isinstance(eng.ray_address, str):
         errors.append(f"engine.ray_address={eng.ray_address!r}: expected 'auto', "
                       "'ray://host:port' or 'host:port'")
@@ -514,7 +521,7 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
 
 def _check_recover(cfg: PruneConfig) -> list[str]:
     """Step names, chain rules and each step's options (recovery.md)."""
-    from neuroal.recovery import RECOVERY_STEPS, REFINERS, resolved_options
+    from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 
     rec = cfg.recover
     available = ", ".join(RECOVERY_STEPS.names())
@@ -526,16 +533,7 @@ def _check_recover(cfg: PruneConfig) -> list[str]:
             errors.append(f"recover: step {name!r} is unknown; available: {available}")
     for name in sorted({n for n in rec.steps if rec.steps.count(n) > 1}):
         errors.append(f"recover: step {name!r} is listed twice; list each step once")
-    refiners = [n for n in rec.steps if n in REFINERS]
-    if len(set(refiners)) > 1:
-        errors.append(f"recover: {' and '.join(refiners)} both refine the masks inside the final "
-                      "prune; chain at most one of them")
-    first_other = next((i for i, n in enumerate(rec.steps)
-                        if n in RECOVERY_STEPS and n not in REFINERS), len(rec.steps))
-    late = [n for n in rec.steps[first_other:] if n in REFINERS]
-    if late:
-        errors.append(f"recover: {late[0]!r} refines masks inside the final prune, so it runs "
-                      f"before {rec.steps[first_other]!r}; list it first")
+    errors += chain_errors(rec.steps)
     for name, options in rec.options.items():
         if name not in RECOVERY_STEPS:
             errors.append(f"recover.{name}: {name!r} is not a recovery step; available: {available}")

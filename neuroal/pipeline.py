@@ -50,7 +50,15 @@ from neuroal.models.loading import (
     resolve_model,
     source_dtype,
 )
-from neuroal.recovery import RECOVERY_STEPS, REFINERS, resolved_options
+from neuroal.recovery import (
+    RECONSTRUCT,
+    RECOVERY_STEPS,
+    REFINERS,
+    RetrainStep,
+    model_step,
+    prune_steps,
+    resolved_options,
+)
 
 log = get_logger(__name__)
 
@@ -313,27 +321,36 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     with staging_ctx as staging:
         state = open_state(cfg, prep)
         compared = [compare_variant(cfg, name, prep, timings) for name in cfg.compare]
-        for name, options in refine_steps(cfg):
-            log.info("recovery: %s, options %s", RECOVERY_STEPS.get(name).label, options)
+        for name in cfg.recover.steps:
+            log.info("recovery: %s, options %s", RECOVERY_STEPS.get(name).label,
+                     resolved_options(name, cfg.recover.options))
         baseline = recovery_baseline(cfg, prep, timings)
         with timings("load"):
             executor = build_executor(cfg, prep)
+            if state is not None and hasattr(executor, "state_dir"):
+                executor.state_dir = str(state.root)  # named in restart errors (Ray)
         dense = {}
         if cfg.eval.dense and prep.evals:
             with timings("eval_dense"):
                 dense = evaluate(executor, prep.evals)
             log.info("dense perplexity: %s", _fmt(dense))
-        plan, blocks, sparse = prune_and_evaluate(cfg, prep, executor, timings, state=state)
+        plan, blocks, sparse, calib = prune_and_evaluate(cfg, prep, executor, timings, state=state)
         timings.phases["total"] = time.perf_counter() - t_start
         report = build_report(cfg, prep, plan, blocks, dense, sparse, timings, executor, command)
         if compared:
             report["compare"] = compared
         if cfg.recover.steps:
-            report["recovery"] = recovery_report(cfg, blocks, sparse, baseline)
+            report["recovery"] = recovery_report(cfg, prep, blocks, sparse, baseline)
+        step = model_step(cfg.recover.steps)
+        if step is not None:  # releases the executor first unless it is kept
+            retrain_phase(cfg, prep, executor, step, calib, staging, report, timings,
+                          release=not keep_executor)
+            report["timings"]["total"] = time.perf_counter() - t_start
         if staging is not None:
             with timings("export"):
-                export_model(cfg, prep, executor, plan, staging, report)
-    if not keep_executor:  # releases Ray actors and their placement group
+                export_model(cfg, prep, executor, plan, staging, report,
+                             weights=step is None and cfg.output.save_model)
+    if not keep_executor and step is None:  # releases Ray actors and their placement group
         executor.shutdown()
     return RunResult(report, plan, prep.output.path if prep.output else None,
                      executor if keep_executor else None)
@@ -351,8 +368,9 @@ def open_state(cfg: PruneConfig, prep: Prepared) -> RunState | None:
 
 def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, timings: Timings,
                        tag: str = "", state: RunState | None = None,
-                       ) -> tuple[SparsityPlan, list[BlockReport], dict[str, float]]:
-    """Calibrate, allocate, prune and (if configured) evaluate the pruned model."""
+                       ) -> tuple[SparsityPlan, list[BlockReport], dict[str, float], Any]:
+    """Calibrate, allocate, prune and (if configured) evaluate the pruned model; returns the
+    plan, block reports, pruned perplexities and the calibration ids ``(N, T)``."""
     with timings(f"calibrate{tag}"):
         calib = calibration_windows(cfg, prep, executor)
     with timings(f"allocate{tag}"):
@@ -360,6 +378,7 @@ def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, tim
     group = cfg.criterion.group or plan.policy.get("mask_group")
     job = PruneJob(cfg.criterion.name, criterion_options(cfg), cfg.nm, group,
                    cfg.mask.exact_count, refine=refine_steps(cfg),
+                   reconstruct=reconstruct_options(cfg),
                    state_dir=str(state.root) if state is not None else None)
     with timings(f"prune{tag}"):
         blocks = executor.run_final_prune(plan, job, calib)
@@ -368,7 +387,7 @@ def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, tim
         with timings(f"eval_sparse{tag}"):
             sparse = evaluate(executor, prep.evals)
         log.info("pruned perplexity%s: %s", tag, _fmt(sparse))
-    return plan, blocks, sparse
+    return plan, blocks, sparse, calib
 
 
 def compare_variant(cfg: PruneConfig, allocation: str, prep: Prepared,
@@ -380,7 +399,7 @@ def compare_variant(cfg: PruneConfig, allocation: str, prep: Prepared,
     with timings(f"load{tag}"):
         executor = build_executor(variant, prep)
     try:
-        plan, blocks, sparse = prune_and_evaluate(variant, prep, executor, timings, tag)
+        plan, blocks, sparse, _ = prune_and_evaluate(variant, prep, executor, timings, tag)
     finally:
         executor.shutdown()
     zeros = sum(r.zeros for b in blocks for r in b.layers)
@@ -398,14 +417,22 @@ def refine_steps(cfg: PruneConfig) -> tuple[tuple[str, dict[str, Any]], ...]:
                  for name in cfg.recover.steps if name in REFINERS)
 
 
+def reconstruct_options(cfg: PruneConfig) -> dict[str, Any] | None:
+    """Resolved options of ``perp-reconstruct`` for the PruneJob, or None if not chained."""
+    if RECONSTRUCT.name not in cfg.recover.steps:
+        return None
+    return resolved_options(RECONSTRUCT.name, cfg.recover.options)
+
+
 def recovery_baseline(cfg: PruneConfig, prep: Prepared, timings: Timings) -> dict[str, Any] | None:
-    """With ``recover.baseline``: prune once more without the refiners (fresh model, same data,
-    same allocation, released afterwards) so the report can give the perplexity before them.
+    """With ``recover.baseline``: prune once more without the in-prune steps (refiners and
+    ``perp-reconstruct``; fresh model, same data, same allocation, released afterwards) so the
+    report can give the perplexity before them.
 
     Costs one more load, calibration, allocation, prune and evaluation. Returns a summary or
-    None when not requested, when the chain has no refiner or when nothing is evaluated.
+    None when not requested, when the chain has no in-prune step or when nothing is evaluated.
     """
-    if not (cfg.recover.baseline and refine_steps(cfg)):
+    if not (cfg.recover.baseline and prune_steps(cfg.recover.steps)):
         return None
     if not prep.evals:
         log.warning("recover.baseline=true but eval.datasets is empty: nothing to compare")
@@ -416,7 +443,7 @@ def recovery_baseline(cfg: PruneConfig, prep: Prepared, timings: Timings) -> dic
     with timings(f"load{tag}"):
         executor = build_executor(variant, prep)
     try:
-        _plan, blocks, sparse = prune_and_evaluate(variant, prep, executor, timings, tag)
+        _plan, blocks, sparse, _ = prune_and_evaluate(variant, prep, executor, timings, tag)
     finally:
         executor.shutdown()
     zeros = sum(r.zeros for b in blocks for r in b.layers)
@@ -439,12 +466,30 @@ def refiner_totals(name: str, blocks: list[BlockReport]) -> dict[str, Any]:
             "eps_after": sum(f["eps_after"] * f["rows"] for f in facts) / rows}
 
 
-def recovery_report(cfg: PruneConfig, blocks: list[BlockReport], sparse: dict[str, float],
-                    baseline: dict[str, Any] | None) -> dict[str, Any]:
+def reconstruct_totals(blocks: list[BlockReport], total: int) -> dict[str, Any]:
+    """Sum the per-block facts of ``perp-reconstruct`` (``BlockReport.info``) over the model.
+
+    ``trainable`` adds every block's trainables (each block is fitted alone); the fraction is
+    of the ``total`` model parameters. MSEs are block means (NaN when ``measure`` is off).
+    """
+    facts = [{"index": b.index, **b.info[RECONSTRUCT.name]} for b in blocks
+             if RECONSTRUCT.name in b.info]
+    n = max(1, len(facts))
+    trainable = sum(f["trainable"] for f in facts)
+    return {"seconds": sum(f["seconds"] for f in facts), "blocks_reconstructed": len(facts),
+            "trainable": trainable, "trainable_fraction": trainable / max(1, total),
+            "tokens": sum(f["tokens"] for f in facts),
+            "mse_before": sum(f["mse_before"] for f in facts) / n,
+            "mse_after": sum(f["mse_after"] for f in facts) / n, "blocks": facts}
+
+
+def recovery_report(cfg: PruneConfig, prep: Prepared, blocks: list[BlockReport],
+                    sparse: dict[str, float], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """``report["recovery"]``: per step its name, label, options, time and perplexity before
-    and after. A mask refiner runs inside the final prune, so "after" is the pruned model's
-    perplexity and "before" that of the same prune without refinement, measured only with
-    ``recover.baseline: true`` (null otherwise)."""
+    and after. Refiners and ``perp-reconstruct`` run inside the final prune, so "after" is the
+    pruned model's perplexity and "before" that of the same prune without them, measured only
+    with ``recover.baseline: true`` (null otherwise). A whole-model PERP step's entry is
+    completed by :func:`retrain_phase`."""
     steps = []
     for name in cfg.recover.steps:
         step = RECOVERY_STEPS.get(name)
@@ -452,13 +497,131 @@ def recovery_report(cfg: PruneConfig, blocks: list[BlockReport], sparse: dict[st
                                  "options": resolved_options(name, cfg.recover.options)}
         if name in REFINERS:
             entry.update(refiner_totals(name, blocks))
+        elif name == RECONSTRUCT.name:
+            entry.update(reconstruct_totals(blocks, model_parameters(prep)))
+        if name in prune_steps([name]):
             entry["ppl_before"] = baseline["sparse_ppl"] if baseline else None
             entry["ppl_after"] = sparse
-            entry["before"] = ("the same prune without refinement (recover.baseline)" if baseline
+            entry["before"] = ("the same prune without the in-prune recovery steps "
+                               "(recover.baseline)" if baseline
                                else "not measured; set recover.baseline=true (one more load, "
                                "allocation, prune and evaluation)")
         steps.append(entry)
     return {"steps": steps, "baseline": baseline}
+
+
+def model_parameters(prep: Prepared) -> int:
+    """Parameters of the model (tied tensors once), from a meta skeleton."""
+    from neuroal.recovery.perp import numel, total_parameters
+
+    adapter = ModelAdapter(build_skeleton(prep.config, prep.dtype))
+    total = total_parameters(adapter.model)
+    if adapter.tied and adapter.head.weight is not adapter.embed.weight:
+        total -= numel(adapter.head.weight)  # a meta skeleton may leave a tied head untied
+    return total
+
+
+@contextmanager
+def _weights_dir(cfg: PruneConfig, staging: Path | None) -> Iterator[Path]:
+    """Where the pruned model is written for whole-model PERP: the staging directory when the
+    model is saved, else a temporary directory removed afterwards (``--no-save``)."""
+    import tempfile
+
+    if staging is not None and cfg.output.save_model:
+        yield staging
+        return
+    with tempfile.TemporaryDirectory(prefix="neuroal-perp-") as tmp:
+        yield Path(tmp)
+
+
+def retrain_phase(cfg: PruneConfig, prep: Prepared, executor: Executor, step: RetrainStep,
+                  calib: torch.Tensor, staging: Path | None, report: dict[str, Any],
+                  timings: Timings, release: bool) -> None:
+    """Whole-model PERP after the final prune: export the pruned weights, release the
+    executor (``release``) so one process can hold the model, retrain, re-export in place and
+    complete ``report["recovery"]`` and ``report["eval"][*]["recovered_ppl"]``."""
+    with _weights_dir(cfg, staging) as directory:
+        with timings("export"):
+            write_weights(cfg, prep, executor, directory, report)
+        if release:
+            executor.shutdown()
+        with timings(f"recover[{step.name}]"):
+            entry = retrain_exported(cfg, prep, step, calib, directory, report["export_dtype"])
+    target = next(e for e in report["recovery"]["steps"] if e["name"] == step.name)
+    target.update(entry)
+    for spec, ppl in entry["ppl_after"].items():
+        report["eval"][spec]["recovered_ppl"] = ppl
+    report["timings"].update(timings.phases)
+
+
+def retrain_exported(cfg: PruneConfig, prep: Prepared, step: RetrainStep, calib: torch.Tensor,
+                     directory: Path, dtype_name: str) -> dict[str, Any]:
+    """Load the exported pruned model with transformers on the run device, measure its
+    perplexity, retrain it with PERP on the calibration windows (masks fixed, merged), measure
+    again with the same code and windows, and replace the shards in ``directory``.
+
+    Returns the step's report facts (seconds, parameter counts, tokens, loss, perplexities).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from neuroal.recovery.train import retrain
+
+    t0 = time.perf_counter()
+    options = resolved_options(step.name, cfg.recover.options)
+    train_options = step.train_options(options)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=prep.dtype, attn_implementation="sdpa",
+        trust_remote_code=cfg.model.trust_remote_code).to(prep.device)
+    before = _hf_perplexity(model, prep, train_options.eval_batch_size)
+    info, state = retrain(model, calib, step.perp_options(options), train_options)
+    after = _hf_perplexity(model, prep, train_options.eval_batch_size)
+    zeros = replace_shards(model, prep.tokenizer, directory, getattr(torch, dtype_name),
+                           cfg.output.shard_size)
+    log.info("%s: perplexity %s -> %s", step.label, _fmt(before), _fmt(after))
+    count = info.count
+    assert count is not None  # retrain() fills it
+    return {"seconds": time.perf_counter() - t0, "train_seconds": info.seconds,
+            "trainable": count.trainable, "trainable_fraction": count.fraction,
+            "params": count.to_dict(), "tokens": info.tokens, "steps": info.steps,
+            "loss": info.loss_summary(), "untied_head": state.untied,
+            "added_biases": len(state.added_biases), "achieved_sparsity_after": zeros,
+            "ppl_before": before, "ppl_after": after,
+            "before": "the exported pruned model loaded with transformers; same windows and "
+                      "evaluation code as after"}
+
+
+def _hf_perplexity(model: Any, prep: Prepared, batch_size: int) -> dict[str, float]:
+    """Perplexity of an in-memory HF model on every evaluation source (same protocol)."""
+    from neuroal.recovery.train import window_nll
+
+    return {spec: perplexity(window_nll(model, data.windows, batch_size, prep.device))
+            for spec, data in prep.evals.items()}
+
+
+def replace_shards(model: Any, tokenizer: Any, directory: Path, dtype: torch.dtype,
+                   shard_size: str) -> float:
+    """Write the retrained ``model`` beside ``directory``, check that every zero of the old
+    shards is still zero in the new ones, then move the new shards, index and config into
+    ``directory`` (the old shards removed). Returns the achieved sparsity of the new shards.
+    """
+    import os
+    import shutil
+
+    from neuroal.recovery.train import prunable_weight_names, save_model, verify_saved_zeros
+
+    new = directory.with_name(directory.name + "-perp")
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    try:
+        save_model(model.state_dict(), model, tokenizer, new, dtype, shard_size)
+        counts = verify_saved_zeros(directory, new, prunable_weight_names(model))
+        for old in [*directory.glob("*.safetensors"), *directory.glob("*.safetensors.index.json")]:
+            old.unlink()
+        for path in new.iterdir():
+            os.replace(path, directory / path.name)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    return sum(c["zeros"] for c in counts.values()) / max(1, sum(c["numel"] for c in counts.values()))
 
 
 @contextmanager
@@ -471,17 +634,24 @@ def _fmt(values: dict[str, float]) -> str:
 
 
 def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: SparsityPlan,
-                 staging: Path, report: dict[str, Any]) -> None:
-    """Shards (written per worker), index, config, tokenizer, plan, report, model card."""
-    if cfg.output.save_model:
-        dtype = _export_dtype(cfg, prep)
-        files = executor.write_shards(str(staging), dtype, parse_size(cfg.output.shard_size))
-        finalize_shards(staging, files)
-        write_config(staging, prep.config, dtype)
-        prep.tokenizer.save_pretrained(staging)
-        report["export_dtype"] = dtype
+                 staging: Path, report: dict[str, Any], weights: bool = True) -> None:
+    """Shards (written per worker; not when ``weights`` is False, e.g. already written by
+    whole-model PERP), index, config, tokenizer, plan, report, model card."""
+    if weights and cfg.output.save_model:
+        write_weights(cfg, prep, executor, staging, report)
     plan.save(staging)
     write_run_files(staging, report, cfg.to_dict())
+
+
+def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, directory: Path,
+                  report: dict[str, Any]) -> None:
+    """Shards (written per worker), index, config and tokenizer; records ``export_dtype``."""
+    dtype = _export_dtype(cfg, prep)
+    files = executor.write_shards(str(directory), dtype, parse_size(cfg.output.shard_size))
+    finalize_shards(directory, files)
+    write_config(directory, prep.config, dtype)
+    prep.tokenizer.save_pretrained(directory)
+    report["export_dtype"] = dtype
 
 
 def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,115 @@ def test_ray_config_keys() -> None:
     assert len(err.value.errors) == 3
     tree = flags_to_tree(build_parser().parse_args(["--engine", "ray", "--workers", "8"]))
     assert tree["engine"] == {"executor": "ray", "workers": 8}
+
+
+# --------------------------------------------------------------------------- actor failures
+
+
+def _killer(kills: dict[str, tuple[int, int]], after_prune: tuple[str, ...] = ("perplexity",)):
+    """A ``RayExecutor.fault_hook`` that, once per operation in ``kills`` (``operation ->
+    (unit, rank)``), queues ``os._exit(1)`` on actor ``rank`` right behind the work of ``unit``:
+    the actor process dies inside Ray after finishing that unit. Operations in ``after_prune``
+    fire only once the final prune has been submitted (the dense evaluation comes first)."""
+    fired: set[str] = set()
+
+    def hook(self, operation: str, unit: int) -> None:  # noqa: ANN001
+        if operation == "prune":
+            fired.add("prune-seen")
+        if operation in fired or operation not in kills or kills[operation][0] != unit:
+            return
+        if operation in after_prune and "prune-seen" not in fired:
+            return
+        fired.add(operation)
+        self.workers[kills[operation][1]].__ray_call__.remote(lambda _worker: os._exit(1))
+
+    return hook, fired
+
+
+@pytest.fixture(scope="module")
+def local_ref(llama4: Path, small_text: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Uninterrupted LocalExecutor runs: NeuroAL with output, uniform without output."""
+    base = tmp_path_factory.mktemp("ref")
+    neuroal = _run(llama4, base / "local", small_text, "local", 1, allocation=NEUROAL)
+    uniform = _run(llama4, None, small_text, "local", 1)
+    return {"neuroal": (neuroal, base / "local"), "uniform": uniform}
+
+
+def test_killed_actors_restart_and_match_local(ray_instance, llama4: Path, small_text: Path,
+                                               tmp_path: Path, local_ref,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An actor killed during the search, the final prune (after block 2) and the sparse
+    evaluation: each time restarted (slice reloaded, pruned blocks replayed or restored from the
+    resume state), and the run ends exactly as an uninterrupted local run."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    ref, ref_dir = local_ref["neuroal"]
+    hook, fired = _killer({"candidate": (0, 1), "prune": (2, 1), "perplexity": (0, 0)})
+    monkeypatch.setattr(RayExecutor, "fault_hook", hook)
+    out = tmp_path / "ray"
+    result = _run(llama4, out, small_text, "ray", 2, allocation=NEUROAL)
+    try:
+        assert {"candidate", "prune", "perplexity"} <= fired
+        assert [w["restarts"] for w in result.report["workers"]] == [1, 2]
+        assert result.plan.policy["lambda_block"] == ref.plan.policy["lambda_block"]
+        assert result.plan.policy["lambda_row"] == ref.plan.policy["lambda_row"]
+        assert result.plan.trail["candidates"] == ref.plan.trail["candidates"]
+        assert result.report["eval"] == ref.report["eval"]
+        assert result.report["layers"] == ref.report["layers"]
+        ref_masks, masks = ref.executor.masks(), result.executor.masks()
+        assert masks.keys() == ref_masks.keys()
+        assert all(torch.equal(masks[n], ref_masks[n]) for n in masks)
+        state, ref_state = _state(out), _state(ref_dir)
+        assert state.keys() == ref_state.keys()
+        assert all(torch.equal(state[n], ref_state[n]) for n in state)
+        assert not (tmp_path / "ray.neuroal-tmp").exists()
+    finally:
+        result.executor.shutdown()
+
+
+def test_restart_without_output_prunes_again(ray_instance, llama4: Path, small_text: Path,
+                                             local_ref, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No output directory, so no resume state: the restarted actor's blocks are pruned again
+    from its reloaded dense slice (during the prune and, for worker 0, after it)."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    ref = local_ref["uniform"]
+    hook, fired = _killer({"prune": (2, 1), "perplexity": (0, 0)})
+    monkeypatch.setattr(RayExecutor, "fault_hook", hook)
+    result = _run(llama4, None, small_text, "ray", 2)
+    try:
+        assert {"prune", "perplexity"} <= fired
+        assert [w["restarts"] for w in result.report["workers"]] == [1, 1]
+        assert result.report["eval"] == ref.report["eval"]
+        assert result.report["layers"] == ref.report["layers"]
+        ref_masks, masks = ref.executor.masks(), result.executor.masks()
+        assert masks.keys() == ref_masks.keys()
+        assert all(torch.equal(masks[n], ref_masks[n]) for n in masks)
+    finally:
+        result.executor.shutdown()
+
+
+def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, small_text: Path,
+                                                  tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """``engine.max_restarts=0``: the first death stops the run naming the worker, its blocks
+    and the kept resume state; the blocks finished before it stay saved."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    hook, _ = _killer({"prune": (2, 1)})
+    monkeypatch.setattr(RayExecutor, "fault_hook", hook)
+    out = tmp_path / "out"
+    cfg = tiny_cfg(llama4, out, calib={"source": f"text:{small_text}"}, sparsity=0.7,
+                   engine={"executor": "ray", "workers": 2, "max_restarts": 0})
+    with pytest.raises(RuntimeError) as err:
+        run(cfg)
+    message = str(err.value)
+    state = tmp_path / "out.neuroal-tmp" / "state"
+    for part in ("Ray worker 1", "blocks [2, 4)", "after 0 restart(s)", "engine.max_restarts=0",
+                 f"resume state is kept at {state}", "--resume"):
+        assert part in message, (part, message)
+    assert not out.exists()
+    assert sorted(p.name for p in (state / "prune").glob("*.safetensors")) == \
+        [f"block_{b:04d}.safetensors" for b in range(3)]
+    with pytest.raises(ConfigError, match="max_restarts"):
+        tiny_cfg(llama4, None, engine={"max_restarts": -1})

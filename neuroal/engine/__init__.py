@@ -36,7 +36,7 @@ def _ray(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: s
                        eng.offload_activations, cfg.model.trust_remote_code,
                        placement=eng.ray_placement, cpus_per_worker=eng.ray_cpus,
                        address=eng.ray_address, inflight=eng.inflight,
-                       deterministic=eng.deterministic)
+                       deterministic=eng.deterministic, max_restarts=eng.max_restarts)
 
 
 EXECUTORS.add("ray", _ray)

@@ -9,19 +9,30 @@ chaining refs pipelines independent work (engine.md §4): actor 0 evaluates cand
 actor 1 evaluates candidate c-1. Results are gathered per candidate, in the original order, from
 the same worker calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are
 bit-identical to it (engine.md §3.5). ``import ray`` happens only in this module, lazily.
+
+Fault tolerance: when an actor dies (killed process, OOM, lost node) the failing call raises a
+Ray actor error; the executor finds the dead actors by pinging every one, starts a fresh actor
+from the same :class:`~neuroal.engine.worker.WorkerSpec` in the same placement-group bundle (it
+reloads its slice from the checkpoint), restores its pruned blocks if the final prune has run
+(from the resume state, or by pruning them again: results are deterministic), and retries only
+the unfinished work. Each actor is restarted at most ``max_restarts`` times; then the run stops
+with an error naming the actor and its blocks, and the resume state is kept (engine.md §8).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.checkpoint import block_state_path, load_block_state
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
@@ -45,6 +56,21 @@ def import_ray() -> Any:
     except ImportError as exc:  # pragma: no cover - ray is installed where this runs
         raise RuntimeError("engine.executor=ray needs Ray: pip install 'ray>=2.40,<3'") from exc
     return ray
+
+
+def _actor_errors() -> tuple[type[BaseException], ...]:
+    """Errors meaning an actor died or is unreachable (``ActorDiedError``,
+    ``ActorUnavailableError``, the same wrapped as a failed argument of a later call, or Ray's
+    out-of-memory kill); other errors are bugs or bad inputs and are never retried."""
+    ray = import_ray()
+    return (ray.exceptions.RayActorError, ray.exceptions.OutOfMemoryError)
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: first line`` of an actor error (a failed argument: of the error it carries)."""
+    root = getattr(exc, "cause", None) or exc
+    lines = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
 
 def repo_root() -> str:
@@ -118,6 +144,41 @@ def _busy(worker: Worker) -> float:
     return worker.busy_seconds
 
 
+def _ping(worker: Worker) -> int:
+    """Liveness check (queued behind the actor's earlier calls)."""
+    return worker.spec.rank
+
+
+@torch.no_grad()
+def _forward_blocks(worker: Worker, stream: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """Forward ``stream`` through owned blocks ``indices`` as they are now (already pruned):
+    the same micro-batches through the same weights as :meth:`Worker.prune_one` produced, so
+    the output is bit-identical to the stream the final prune handed on."""
+    t0 = time.perf_counter()
+    for index in indices:
+        stream = worker._forward_block(index, stream)
+    worker.busy_seconds += time.perf_counter() - t0
+    return stream
+
+
+def _restore_pruned(worker: Worker, state_dir: str) -> list[int]:
+    """Load the saved pruned weights of every owned block (no stream needed): a restarted actor
+    gets its part of the pruned model back after the final prune.
+
+    Raises:
+        RuntimeError: A block of the slice has no saved state.
+    """
+    for index in worker.blocks:
+        saved = load_block_state(state_dir, index)
+        if saved is None:
+            raise RuntimeError(f"worker {worker.spec.rank}: no saved state of block {index} in "
+                               f"{state_dir}")
+        linears = worker.adapter.prunable_linears(worker.adapter.blocks[index])
+        for name, weight in saved[0].items():
+            linears[name].weight.data.copy_(weight.to(linears[name].weight.device))
+    return list(worker.blocks)
+
+
 def _info(worker: Worker) -> dict[str, Any]:
     import ray
 
@@ -180,6 +241,9 @@ class RayExecutor:
         inflight: Candidates / perplexity chunks in flight; 0 = one per worker.
         deterministic: Deterministic kernels inside the actors (engine.md §3.5).
         transport: How streams move between actors (default: the object store).
+        max_restarts: Restarts allowed per actor after it died; then the run stops.
+        state_dir: The run's resume state, named in the error when restarts run out (also
+            taken from ``PruneJob.state_dir``).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
@@ -187,7 +251,8 @@ class RayExecutor:
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
                  placement: str = "PACK", cpus_per_worker: float = 1.0,
                  address: str | None = None, inflight: int = 0, deterministic: bool = True,
-                 transport: ObjectStoreTransport | None = None) -> None:
+                 transport: ObjectStoreTransport | None = None, max_restarts: int = 3,
+                 state_dir: str | None = None) -> None:
         kind = device_kind(devices)
         slices = split_blocks(num_blocks, workers)
         device = "cuda:0" if kind == "cuda" else "cpu"
@@ -195,6 +260,14 @@ class RayExecutor:
                                  offload_activations, trust_remote_code, rank=r)
                       for r, (a, b) in enumerate(slices)]
         self._num_blocks = num_blocks
+        self._owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
+        self.max_restarts = max_restarts
+        self.state_dir = state_dir
+        self.restarts = [0] * workers  # per rank
+        self._busy_offset = [0.0] * workers  # busy seconds of the rank's dead predecessors
+        self._last_busy = [0.0] * workers
+        self._pruned: tuple[SparsityPlan, PruneJob, torch.Tensor] | None = None  # final prune done
+        self._failed = "running"  # the unit of work of the last failed ray.get
         self.transport = transport or ObjectStoreTransport()
         self.inflight = inflight or workers
         self.workers: list[Any] = []
@@ -209,8 +282,7 @@ class RayExecutor:
         except BaseException:
             self.shutdown()  # nothing half-started outlives a failed construction
             raise
-        self.meter = BusyMeter(lambda: self._get([a.__ray_call__.remote(_busy)
-                                                  for a in self.workers], "reading busy times"))
+        self.meter = BusyMeter(self._read_busy)
         for s in self.specs:
             log.info("ray worker %d owns blocks [%d, %d) on %s", s.rank, s.start, s.stop, s.device)
 
@@ -241,20 +313,24 @@ class RayExecutor:
 
     def _start(self, cpus: float, gpus: int, deterministic: bool) -> list[Any]:
         """One actor per spec, pinned to its bundle; returns once every slice is loaded."""
-        ray = import_ray()
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        actor = ray.remote(Worker)
         threads = None if gpus else torch.get_num_threads()
-        env = actor_env(gpus > 0, deterministic, threads)
-        actors = [actor.options(
-            num_cpus=cpus, num_gpus=gpus, runtime_env={"env_vars": env},
-            scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self._group, placement_group_bundle_index=s.rank)).remote(s) for s in self.specs]
+        self._actor_class = import_ray().remote(Worker)
+        self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {
+            "env_vars": actor_env(gpus > 0, deterministic, threads)}}
+        self._setup_args = (deterministic, threads)
+        actors = [self._new_actor(s) for s in self.specs]
         self.workers = actors  # so that shutdown() releases them if loading fails
-        self._get([a.__ray_call__.remote(_setup, deterministic, threads) for a in actors],
+        self._get([a.__ray_call__.remote(_setup, *self._setup_args) for a in actors],
                   "loading the worker slices")
         return actors
+
+    def _new_actor(self, spec: WorkerSpec) -> Any:
+        """An actor for ``spec`` in bundle ``spec.rank`` (it loads its slice on construction)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return self._actor_class.options(
+            **self._actor_options, scheduling_strategy=PlacementGroupSchedulingStrategy(
+                self._group, placement_group_bundle_index=spec.rank)).remote(spec)
 
     def shutdown(self) -> None:
         """Kill the actors, release the placement group, disconnect if this executor connected."""
@@ -279,14 +355,16 @@ class RayExecutor:
         try:
             return ray.get(refs)
         except ray.exceptions.RayError as exc:
+            self._failed = what
             if hasattr(exc, "add_note"):
                 exc.add_note(f"neuroal: the Ray executor failed while {what}")
             raise
 
-    def _pipelined(self, count: int, submit: Callable[[int], T], gather: Callable[[int, T], R],
-                   desc: str) -> list[R]:
-        """Submit items ``0..count-1`` with at most ``self.inflight`` unfinished; gather in order."""
+    def _pipelined(self, items: Sequence[int], submit: Callable[[int], T],
+                   gather: Callable[[int, T], R], desc: str) -> list[R]:
+        """Submit ``items`` with at most ``self.inflight`` unfinished; gather in order."""
         window: deque[tuple[int, T]] = deque()
+        count = len(items)
         ticks = progress(range(count), desc, total=count)
         out: list[R] = []
         for i in range(count + 1):
@@ -295,8 +373,121 @@ class RayExecutor:
                 out.append(gather(j, pending))
                 next(ticks, None)
             if i < count:
-                window.append((i, submit(i)))
+                window.append((items[i], submit(items[i])))
         return out
+
+    # ------------------------------------------------------------------ fault tolerance
+
+    def fault_hook(self, operation: str, unit: int) -> None:
+        """Test seam, a no-op: called on the coordinator right after the work of ``unit`` of
+        ``operation`` (``prune`` block, search ``candidate``, ``perplexity`` chunk) has been
+        submitted. Tests replace it to kill an actor at a chosen point."""
+
+    def _retrying(self, attempt: Callable[[], T],
+                  on_restart: Callable[[list[int]], None] | None = None) -> T:
+        """``attempt()``; after an actor death, restart the dead actors and call it again.
+
+        ``attempt`` must submit its work afresh (the actor handles change) and skip what it has
+        already gathered; ``on_restart(ranks)`` lets it forget work held by the dead actors.
+        """
+        errors = _actor_errors()
+        while True:
+            try:
+                return attempt()
+            except errors as exc:
+                dead = self._recover(exc)
+                if on_restart is not None:
+                    on_restart(dead)
+
+    def _recover(self, exc: BaseException) -> list[int]:
+        """Restart every dead actor and restore its state; the restarted ranks.
+
+        Raises:
+            RuntimeError: An actor died more than ``max_restarts`` times.
+            BaseException: ``exc`` itself when no actor is dead (nothing to repair).
+        """
+        errors = _actor_errors()
+        restarted: set[int] = set()
+        while True:
+            dead = self._dead_ranks()
+            if not dead:
+                raise exc
+            try:
+                for k in dead:
+                    restarted.add(k)
+                    self._respawn(k, exc)
+                self._restore(sorted(restarted))
+                return sorted(restarted)
+            except errors as again:  # died again while reloading or restoring
+                exc = again
+
+    def _dead_ranks(self) -> list[int]:
+        """Ranks whose actor no longer answers (a ping waits behind earlier calls)."""
+        ray = import_ray()
+        errors = _actor_errors()
+        refs = [a.__ray_call__.remote(_ping) for a in self.workers]
+        dead = []
+        for k, ref in enumerate(refs):
+            try:
+                ray.get(ref)
+            except errors:
+                dead.append(k)
+        return dead
+
+    def _respawn(self, rank: int, exc: BaseException) -> None:
+        """A fresh actor for ``rank`` in its bundle, its slice loaded (or the final error)."""
+        ray = import_ray()
+        spec = self.specs[rank]
+        cause = _describe(exc)
+        if self.restarts[rank] >= self.max_restarts:
+            state = self.state_dir
+            where = (f"The resume state is kept at {state}: rerun with --resume to continue from "
+                     "the last checkpoint." if state else
+                     "If this run has an output directory, its resume state is kept under "
+                     "<output>.neuroal-tmp/state: rerun with --resume to continue from the last "
+                     "checkpoint.")
+            message = (f"Ray worker {rank} (blocks [{spec.start}, {spec.stop}) of "
+                       f"{self._num_blocks}) died while {self._failed} ({cause}) after "
+                       f"{self.restarts[rank]} restart(s) (engine.max_restarts="
+                       f"{self.max_restarts}); giving up. {where}")
+            self.shutdown()
+            raise RuntimeError(message) from exc
+        self.restarts[rank] += 1
+        log.warning("ray worker %d (blocks [%d, %d)) died while %s (%s); restarting it in its "
+                    "placement-group bundle, restart %d of at most %d", rank, spec.start,
+                    spec.stop, self._failed, cause, self.restarts[rank], self.max_restarts)
+        ray.kill(self.workers[rank])
+        self._busy_offset[rank] = self._last_busy[rank]
+        self.workers[rank] = self._new_actor(spec)
+        self._get(self.workers[rank].__ray_call__.remote(_setup, *self._setup_args),
+                  f"reloading the slice of worker {rank}")
+
+    def _restore(self, ranks: list[int]) -> None:
+        """Give restarted actors their pruned blocks back when the final prune has run: from the
+        resume state if every block was saved, else by pruning them again on the calibration
+        stream (bit-identical: the same inputs through the same deterministic steps)."""
+        if self._pruned is None:
+            return
+        plan, job, ids = self._pruned
+        blocks = [b for k in ranks for b in self._owned(k)]
+        if job.state_dir is not None and all(block_state_path(job.state_dir, b).exists()
+                                             for b in blocks):
+            self._get([self.workers[k].__ray_call__.remote(_restore_pruned, job.state_dir)
+                       for k in ranks], "restoring pruned blocks from the saved state")
+            log.warning("restored pruned blocks %s of restarted worker(s) %s from %s", blocks,
+                        ranks, job.state_dir)
+            return
+        log.warning("no saved state of blocks %s (no output directory, or the state was already "
+                    "removed): pruning them again on the calibration data for restarted "
+                    "worker(s) %s (deterministic, same result)", blocks, ranks)
+        self._prune_pass(plan, replace(job, state_dir=None), ids, set(blocks), {})
+
+    def _read_busy(self) -> list[float]:
+        """Every rank's cumulative busy seconds, its dead predecessors' included."""
+        raw = self._retrying(lambda: self._get([a.__ray_call__.remote(_busy) for a in self.workers],
+                                               "reading busy times"))
+        self._last_busy = [o + r for o, r in zip(self._busy_offset, raw, strict=True)]
+        return list(self._last_busy)
 
     # ------------------------------------------------------------------ protocol
 
@@ -318,26 +509,63 @@ class RayExecutor:
 
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
-        """One stream through every block in order (a barrier per block, engine.md §11)."""
-        owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
-        refs = []
+        """One stream through every block in order (a barrier per block, engine.md §11).
+
+        After an actor death the pass restarts from block 0: blocks finished on surviving
+        actors only run forward, the restarted actor's blocks are replayed from the resume
+        state (``job.state_dir``) or, without one, pruned again from its reloaded dense slice.
+        """
+        if job.state_dir is not None:
+            self.state_dir = job.state_dir
+        self._pruned = None
+        reports: dict[int, BlockReport] = {}
+
+        def forget(dead: list[int]) -> None:
+            lost = [b for k in dead for b in self._owned(k) if reports.pop(b, None) is not None]
+            how = (f"replayed from the saved state in {job.state_dir}" if job.state_dir is not None
+                   else "pruned again from the reloaded dense weights (no resume state: the run "
+                   "has no output directory; same result, slower)")
+            log.warning("final prune resumes after the restart: finished blocks %s of surviving "
+                        "workers only run forward, finished blocks %s of the restarted worker(s) "
+                        "are %s, the remaining blocks are pruned", sorted(reports), lost, how)
+
         with self.meter("prune"):
-            stream = self._embed(ids)
-            src = 0  # actor 0 embeds
-            for b in range(self._num_blocks):
-                k = owner[b]
-                stream, report = self.workers[k].prune_one.options(num_returns=2).remote(
-                    b, self.transport.handoff(stream, src, k), plan.block(b), job)
-                refs.append(report)
-                src = k
-            del stream
-            reports = []
-            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
-                reports.append(self._get(refs[b], f"pruning block {b}"))
-                r = reports[-1]
-                log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", b + 1,
-                         self._num_blocks, r.target, r.achieved, r.seconds)
-        return reports
+            self._retrying(lambda: self._prune_pass(
+                plan, job, ids, set(range(self._num_blocks)) - set(reports), reports), forget)
+        self._pruned = (plan, job, ids)
+        return [reports[b] for b in range(self._num_blocks)]
+
+    def _prune_pass(self, plan: SparsityPlan, job: PruneJob, ids: torch.Tensor, redo: set[int],
+                    reports: dict[int, BlockReport]) -> None:
+        """Stream ``ids`` through blocks ``0..max(redo)``: blocks in ``redo`` are pruned
+        (``prune_one``: replayed when saved), the others (already pruned on a live actor) run
+        forward only; each gathered report goes into ``reports`` as soon as it arrives."""
+        if not redo:
+            return
+        stop = max(redo) + 1
+        refs: dict[int, Any] = {}
+        stream, src, b = self._embed(ids), 0, 0  # actor 0 embeds
+        while b < stop:
+            k = self._owner[b]
+            arg = self.transport.handoff(stream, src, k)
+            if b in redo:
+                stream, refs[b] = self.workers[k].prune_one.options(num_returns=2).remote(
+                    b, arg, plan.block(b), job)
+                self.fault_hook("prune", b)
+                b += 1
+            else:
+                run = [b]
+                while run[-1] + 1 < stop and run[-1] + 1 not in redo and \
+                        self._owner[run[-1] + 1] == k:
+                    run.append(run[-1] + 1)
+                stream = self.workers[k].__ray_call__.remote(_forward_blocks, arg, run)
+                b = run[-1] + 1
+            src = k
+        del stream
+        for b in progress(sorted(refs), "pruning blocks", total=len(refs)):
+            r = reports[b] = self._get(refs[b], f"pruning block {b}")
+            log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", b + 1,
+                     self._num_blocks, r.target, r.achieved, r.seconds)
 
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
@@ -348,9 +576,12 @@ class RayExecutor:
 
         Every candidate starts from the same embedded search windows ``ids`` ``(n_s, T)``; up
         to ``inflight`` candidates are in flight. Per candidate the parts are gathered in the
-        original order and keyed by block, as in the local executor.
+        original order and keyed by block, as in the local executor. After an actor death only
+        the candidates not yet gathered (and reported through ``on_result``) are submitted again.
         """
-        with self.meter("search"):
+        results: dict[int, list[BlockAlignment]] = {}
+
+        def attempt() -> None:
             embedded = self._embed(ids)
             references = self._dense_reference(embedded, job, reference_stream)
 
@@ -361,18 +592,28 @@ class RayExecutor:
                     stream, part = actor.eval_candidate.options(num_returns=2).remote(
                         self.transport.handoff(stream, max(k - 1, 0), k), own, job, references[k])
                     parts.append(part)
+                self.fault_hook("candidate", c)
                 return parts
 
-            def gather(c: int, parts: list[Any]) -> list[BlockAlignment]:
+            def gather(c: int, parts: list[Any]) -> None:
                 per_block: dict[int, BlockAlignment] = {}
                 for part in self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"):
                     per_block.update(part)
-                result = [per_block[b] for b in range(self._num_blocks)]
+                results[c] = [per_block[b] for b in range(self._num_blocks)]
                 if on_result is not None:
-                    on_result(c, result)
-                return result
+                    on_result(c, results[c])
 
-            return self._pipelined(len(candidates), submit, gather, "candidates")
+            todo = [c for c in range(len(candidates)) if c not in results]
+            self._pipelined(todo, submit, gather, "candidates")
+
+        def resubmit(_dead: list[int]) -> None:
+            log.warning("search resumes after the restart: %d of %d candidate(s) already "
+                        "gathered, the other %d are submitted again", len(results),
+                        len(candidates), len(candidates) - len(results))
+
+        with self.meter("search"):
+            self._retrying(attempt, resubmit)
+        return [results[c] for c in range(len(candidates))]
 
     def _dense_reference(self, embedded: Any, job: CandidateJob,
                          reference_stream: str) -> list[Any]:
@@ -391,21 +632,25 @@ class RayExecutor:
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
         """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``."""
-        stream, parts = self._embed(ids), []
-        for k, actor in enumerate(self.workers):
-            stream, part = actor.dense_block_metrics.options(num_returns=2).remote(
-                self.transport.handoff(stream, max(k - 1, 0), k), fn, needs)
-            parts.append(part)
+        def attempt() -> list[Any]:
+            stream, parts = self._embed(ids), []
+            for k, actor in enumerate(self.workers):
+                stream, part = actor.dense_block_metrics.options(num_returns=2).remote(
+                    self.transport.handoff(stream, max(k - 1, 0), k), fn, needs)
+                parts.append(part)
+            return self._get(parts, "the dense statistics pass")
+
         values: dict[int, Any] = {}
-        for part in self._get(parts, "the dense statistics pass"):
+        for part in self._retrying(attempt):
             values.update(part)
         return [values[b] for b in range(self._num_blocks)]
 
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
         """``fn(weight)`` per linear, every actor in parallel on its own blocks."""
         values: dict[int, dict[str, Any]] = {}
-        for part in self._get([a.weight_metrics.remote(fn) for a in self.workers],
-                              "computing weight metrics"):
+        for part in self._retrying(lambda: self._get([a.weight_metrics.remote(fn)
+                                                      for a in self.workers],
+                                                     "computing weight metrics")):
             values.update(part)
         return [values[b] for b in range(self._num_blocks)]
 
@@ -413,41 +658,58 @@ class RayExecutor:
         """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
         mb = self.specs[0].micro_batch
         chunks = [windows[i : i + mb] for i in range(0, windows.shape[0], mb)]
+        done: dict[int, torch.Tensor] = {}
 
         def submit(i: int) -> Any:
-            return self.workers[-1].window_nll.remote(self._through(chunks[i]), chunks[i])
+            ref = self.workers[-1].window_nll.remote(self._through(chunks[i]), chunks[i])
+            self.fault_hook("perplexity", i)
+            return ref
+
+        def gather(i: int, ref: Any) -> None:
+            done[i] = self._get(ref, f"computing perplexity chunk {i}")
 
         with self.meter("eval"):
-            out = self._pipelined(len(chunks), submit,
-                                  lambda i, ref: self._get(ref, f"perplexity chunk {i}"),
-                                  "perplexity")
-        return torch.cat(out)
+            self._retrying(lambda: self._pipelined(
+                [i for i in range(len(chunks)) if i not in done], submit, gather, "perplexity"))
+        return torch.cat([done[i] for i in range(len(chunks))])
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
-        return self._get(self.workers[-1].last_logits.remote(self._through(ids)), "sampling")
+        return self._retrying(lambda: self._get(
+            self.workers[-1].last_logits.remote(self._through(ids)), "sampling"))
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, T, vocab)`` of the current (dense or pruned) model."""
-        return self._get(self.workers[-1].logits.remote(self._through(ids)), "computing logits")
+        return self._retrying(lambda: self._get(
+            self.workers[-1].logits.remote(self._through(ids)), "computing logits"))
 
     def masks(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
-        for part in self._get([a.masks.remote() for a in self.workers], "reading masks"):
+        for part in self._retrying(lambda: self._get([a.masks.remote() for a in self.workers],
+                                                     "reading masks")):
             out.update(part)
         return out
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
-        """Every actor writes its own files into ``directory`` (shared storage on a cluster)."""
-        refs = [a.write_shards.remote(directory, dtype, max_bytes) for a in self.workers]
-        return [f for part in self._get(refs, "writing shards") for f in part]
+        """Every actor writes its own files into ``directory`` (shared storage on a cluster);
+        after a restart every actor writes again (same names, same bytes)."""
+        parts = self._retrying(lambda: self._get(
+            [a.write_shards.remote(directory, dtype, max_bytes) for a in self.workers],
+            "writing shards"))
+        return [f for part in parts for f in part]
 
     def block_prefix(self, index: int) -> str:
         return self._prefixes[index]
 
     def worker_info(self) -> list[dict[str, Any]]:
-        """Per actor: rank, blocks, device, busy seconds, Ray node id and GPU ids."""
-        return self._get([a.__ray_call__.remote(_info) for a in self.workers], "reading workers")
+        """Per actor: rank, blocks, device, busy seconds (dead predecessors included), Ray
+        node id, GPU ids and how often it was restarted."""
+        infos = self._retrying(lambda: self._get([a.__ray_call__.remote(_info)
+                                                  for a in self.workers], "reading workers"))
+        for k, info in enumerate(infos):
+            info["busy_seconds"] += self._busy_offset[k]
+            info["restarts"] = self.restarts[k]
+        return infos
 
     def utilisation(self) -> dict[str, dict[str, Any]]:
         """Per phase (``search``, ``prune``, ``eval``): wall, busy per actor, utilisation."""

@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from neuroal.models.loading import (
     open_checkpoint,
 )
 from neuroal.recovery import REFINERS, refiner_needs
+from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
 
 log = get_logger(__name__)
 
@@ -60,7 +61,9 @@ class PruneJob:
 
     ``refine`` lists block-wise mask refiners (``neuroal.recovery.REFINERS``, e.g. DSnoT) with
     their resolved options, applied in order to each linear they target between the criterion's
-    mask and the zeroing.
+    mask and the zeroing. ``reconstruct`` holds the resolved options of ``perp-reconstruct``
+    (:class:`~neuroal.recovery.perp.ReconstructOptions` fields) or None: each block is then
+    fitted to the dense block's outputs after pruning (recovery.md §3.6).
     """
 
     criterion: str
@@ -69,6 +72,7 @@ class PruneJob:
     group: str | None = None
     exact_count: bool = True
     refine: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (refiner name, resolved options)
+    reconstruct: Mapping[str, Any] | None = None  # perp-reconstruct's resolved options
     state_dir: str | None = None  # resume state (neuroal.checkpoint): finished blocks are replayed
 
 
@@ -110,11 +114,13 @@ class LayerReport:
 
 @dataclass
 class BlockReport:
-    """Per-block outcome: its linears (execution order) and the wall time."""
+    """Per-block outcome: its linears (execution order), the wall time and block-level facts
+    (``info["perp-reconstruct"]``: :class:`~neuroal.recovery.perp.ReconstructInfo` as a dict)."""
 
     index: int
     layers: list[LayerReport]
     seconds: float
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target(self) -> float:
@@ -130,7 +136,8 @@ class BlockReport:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockReport:
-        return cls(data["index"], [LayerReport(**r) for r in data["layers"]], data["seconds"])
+        return cls(data["index"], [LayerReport(**r) for r in data["layers"]], data["seconds"],
+                   dict(data.get("info") or {}))
 
 
 def _jsonable(value: Any) -> Any:
@@ -193,10 +200,12 @@ class Worker:
         return torch.cat(out)
 
     def _forward_block(self, index: int, stream: torch.Tensor,
-                       collector: StatsCollector | None = None) -> torch.Tensor:
-        """Run every micro-batch of ``stream`` through block ``index``; new ``(N, T, h)``."""
+                       collector: StatsCollector | None = None,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
+        """Run every micro-batch of ``stream`` through block ``index``; new ``(N, T, h)``
+        (written into ``out`` when given)."""
         block = self.adapter.blocks[index]
-        out = torch.empty_like(stream)
+        out = torch.empty_like(stream) if out is None else out
         for sl in self._batches(stream.shape[0]):
             x = stream[sl].to(self.device)
             if collector is not None:
@@ -223,44 +232,93 @@ class Worker:
                   job: PruneJob) -> tuple[torch.Tensor, BlockReport]:
         """Sequential prune of one owned block (criteria.md §1.3): dense forward with hooks
         (statistics), masks from the plan entries, in-place zeroing (SparseGPT: updated
-        weights), forward of the pruned block producing the next inputs; logs one line."""
+        weights), forward of the pruned block producing the next inputs; logs one line.
+
+        With ``job.reconstruct`` the dense forward also keeps the block's outputs, the targets
+        of the PERP reconstruction that runs after the masks (recovery.md §3.6); the forward of
+        the reconstructed block then produces the next inputs (sparse propagation)."""
         t0 = time.perf_counter()
         if job.state_dir is not None and (saved := load_block_state(job.state_dir, index)):
             return self._replay(index, stream, *saved)
-        stats, order = self.collect_stats(index, stream, job)
+        targets = torch.empty_like(stream) if job.reconstruct is not None else None
+        stats, order = self.collect_stats(index, stream, job, outputs=targets)
         layers = self.prune_block(index, stats, entries, job, order, seqlen=stream.shape[1])
+        info = {}
+        if targets is not None:
+            info["perp-reconstruct"] = self.reconstruct(index, stream, targets, job, layers)
+            del targets
         stream = self._forward_block(index, stream)
-        report = BlockReport(index, layers, time.perf_counter() - t0)
+        report = BlockReport(index, layers, time.perf_counter() - t0, info)
         if job.state_dir is not None:
-            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
-            save_block_state(job.state_dir, index, {n: m.weight.data for n, m in linears.items()},
-                             report.to_dict())
+            save_block_state(job.state_dir, index, self._block_state(index, job), report.to_dict())
         self.busy_seconds += report.seconds
         log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
                  self.spec.num_blocks, report.target, report.achieved, report.seconds)
         return stream, report
 
+    def _block_state(self, index: int, job: PruneJob) -> dict[str, torch.Tensor]:
+        """What resume must restore: each linear's weight under the linear's name; after a
+        reconstruction also every other block parameter (norms, biases) under its own name."""
+        block = self.adapter.blocks[index]
+        linears = self.adapter.prunable_linears(block)
+        state = {n: m.weight.data for n, m in linears.items()}
+        if job.reconstruct is not None:
+            weights = {f"{n}.weight" for n in linears}
+            state.update({n: p.data for n, p in block.named_parameters() if n not in weights})
+        return state
+
     def _replay(self, index: int, stream: torch.Tensor, weights: Mapping[str, torch.Tensor],
                 report: Mapping[str, Any]) -> tuple[torch.Tensor, BlockReport]:
         """Resume (engine.md §8): load a finished block's pruned weights and run it on the
         stream; the same micro-batches through the same weights give bit-identical outputs."""
-        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+        block = self.adapter.blocks[index]
+        linears = self.adapter.prunable_linears(block)
         for name, weight in weights.items():
-            linears[name].weight.data.copy_(weight.to(linears[name].weight.device))
+            target = linears[name].weight if name in linears else block.get_parameter(name)
+            target.data.copy_(weight.to(target.device))
         stream = self._forward_block(index, stream)
         log.info("block %d/%d  resumed from the saved state", index + 1, self.spec.num_blocks)
         return stream, BlockReport.from_dict(report)
 
-    def collect_stats(self, index: int, stream: torch.Tensor,
-                      job: PruneJob) -> tuple[dict[str, Any], list[str]]:
-        """Dense forward of block ``index`` with hooks; returns stats and execution order."""
+    def collect_stats(self, index: int, stream: torch.Tensor, job: PruneJob,
+                      outputs: torch.Tensor | None = None) -> tuple[dict[str, Any], list[str]]:
+        """Dense forward of block ``index`` with hooks; returns stats and execution order.
+
+        ``outputs``, an ``(N, T, h)`` buffer like ``stream``, receives the dense block's outputs
+        of the same forward (the reconstruction targets); the forward then runs even when the
+        criterion needs no statistic.
+        """
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         needs = CRITERIA.get(job.criterion).needs | refiner_needs(job.refine)
         collector = StatsCollector(linears, needs)
         if needs:
             with collector.attached():
-                self._forward_block(index, stream, collector)
+                self._forward_block(index, stream, collector, out=outputs)
+        elif outputs is not None:
+            self._forward_block(index, stream, out=outputs)
         return collector.stats(), collector.order or list(linears)
+
+    def reconstruct(self, index: int, stream: torch.Tensor, targets: torch.Tensor, job: PruneJob,
+                    layers: list[LayerReport]) -> dict[str, Any]:
+        """PERP reconstruction of pruned block ``index`` (recovery.md §3.6): MaskLoRA on its
+        linears plus its biases and norms fitted to ``targets`` (the dense block on ``stream``),
+        with masks = the zero pattern after pruning; merged in place (zeros kept exactly).
+        Updates the layer reports' zero counts; returns the block's facts."""
+        block = self.adapter.blocks[index]
+        linears = self.adapter.prunable_linears(block)
+        masks = {n: m.weight.data == 0 for n, m in linears.items()}
+        options = ReconstructOptions(**dict(job.reconstruct or {}))
+        options = replace(options, seed=options.seed + index)  # fresh adapter init per block
+
+        def call(x: torch.Tensor) -> torch.Tensor:
+            return self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+
+        info = reconstruct_block(block, call, stream, targets, masks, linears, options)
+        for layer in layers:
+            layer.zeros = int((linears[layer.name].weight.data == 0).sum())
+        log.info("block %d/%d  reconstruction: MSE %.4g -> %.4g, %d trainable, %.1f s", index + 1,
+                 self.spec.num_blocks, info.mse_before, info.mse_after, info.trainable, info.seconds)
+        return {**info.to_dict(), "tokens": options.steps * options.batch_size * stream.shape[1]}
 
     def prune_block(self, index: int, stats: Mapping[str, Any], entries: Mapping[str, Any],
                     job: PruneJob, order: list[str], seqlen: int | None = None) -> list[LayerReport]:
