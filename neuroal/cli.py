@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory (default outputs/<model>-<recipe>)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--compare", help="comma list of allocations also pruned, side by side")
-    p.add_argument("--recover", help="comma list of recovery steps, e.g. dsnot or r2dsnot "
-                   "(mask refinement inside the prune), or none; options: recover.dsnot.<key>=...")
+    p.add_argument("--recover", help="comma list of recovery steps, in order: dsnot | r2dsnot "
+                   "(mask refinement), perp-reconstruct (per block), perp-bias-norm | perp-masklora | "
+                   "perp-scalelora (whole model, last); or none; options: recover.<step>.<key>=...")
     p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-save", action="store_true", help="report only, no model files")

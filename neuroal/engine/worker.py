@@ -243,7 +243,7 @@ class Worker:
         targets = torch.empty_like(stream) if job.reconstruct is not None else None
         stats, order = self.collect_stats(index, stream, job, outputs=targets)
         layers = self.prune_block(index, stats, entries, job, order, seqlen=stream.shape[1])
-        info = {}
+        info: dict[str, Any] = {}
         if targets is not None:
             info["perp-reconstruct"] = self.reconstruct(index, stream, targets, job, layers)
             del targets
