@@ -215,9 +215,8 @@ def measure_workers(model_dir: Path, work: Path, plan: Any, opts: argparse.Names
 
 
 def measure_cli(model_dir: Path, plan: Any, opts: argparse.Namespace) -> dict[str, Any]:
-    """The real ``launch/prune.py`` (all workers in one process) against the one-process sum:
-    every slice's weights, plus the largest (streams + statistics + transients) of any worker
-    (they run one after another), plus one runtime overhead."""
+    """The real ``launch/prune.py`` (all workers in one process) against the planner's
+    ``one_process`` figure (all weights + the largest working set + one overhead)."""
     args = [sys.executable, str(REPO / "launch" / "prune.py"), "--model", str(model_dir),
             "--workers", str(opts.workers), "--device", "cpu", "--dtype", opts.dtype,
             "--calib", "wikitext2", "--data-dir", str(DATA_DIR), "--nsamples", str(opts.nsamples),
@@ -227,9 +226,7 @@ def measure_cli(model_dir: Path, plan: Any, opts: argparse.Namespace) -> dict[st
     code, peak, err = spawn(args)
     if code != 0:
         raise SystemExit(f"launch/prune.py failed ({code}):\n{err}")
-    workers = plan.workers
-    predicted = sum(w.weights for w in workers) + workers[0].overhead + max(
-        w.activations + w.statistics + w.transients + w.masked_block for w in workers)
+    predicted = plan.one_process
     return {"command": " ".join(args[1:]), "peak_rss": peak, "predicted": predicted,
             "error": peak / predicted - 1, "wall_s": time.perf_counter() - t0}
 

@@ -51,10 +51,11 @@ from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STA
 
 GB = 10**9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# Fixed runtime overhead per worker. cpu: measured resident size of a worker process after
-# importing torch, transformers and neuroal and building a meta skeleton, before any weight
-# (0.37-0.45 GB on this project's CI machine; launch/bench_scale.py reports it). cuda: CUDA
-# context, cuBLAS workspaces and caching-allocator slack, estimated (0.5-1 GB on H100s).
+# Fixed runtime overhead per worker. cpu: measured: a worker process holds 0.31-0.32 GB after
+# importing torch, transformers and neuroal (launch/bench_scale.py reports it as baseline_rss),
+# and its peak exceeds baseline + predicted terms by another 0.1-0.2 GB of allocator slack
+# (0.37 GB with a 70B meta skeleton built). cuda: CUDA context, cuBLAS workspaces and
+# caching-allocator slack, estimated (0.5-1 GB on H100s), not measured here.
 OVERHEAD_BYTES: dict[str, int] = {"cpu": 450 * 10**6, "cuda": 2**30}
 
 SELECT_BYTES = 16  # per weight: fp32 scores + kthvalue's fp32 copy + int64 indices
@@ -307,6 +308,15 @@ class MemoryPlan:
     def peak(self) -> int:
         """The largest per-worker total, in bytes."""
         return self.peak_worker.total
+
+    @property
+    def one_process(self) -> int:
+        """Bytes when every worker lives in one process (the local executor on one device):
+        all weights, the largest working set of any worker (they run one after another; the
+        stream is handed over, not copied) and one runtime overhead."""
+        working = max(w.activations + w.statistics + w.transients + w.masked_block
+                      for w in self.workers)
+        return sum(w.weights for w in self.workers) + working + self.workers[0].overhead
 
     def over(self, limit: int | Sequence[int]) -> list[WorkerMemory]:
         """Workers whose total exceeds ``limit`` (one value, or one per worker)."""
