@@ -121,3 +121,19 @@ def tiny_cfg(model_dir: Path, out: Path | None, **overrides):
         "output": {"dir": str(out) if out else None, "save_model": out is not None},
     }
     return build_config(merge(tree, overrides))
+
+
+def run_cli_logged(argv: list[str], caplog: pytest.LogCaptureFixture) -> tuple[int, str]:
+    """``neuroal.cli.main(argv)`` with the package's ERROR logs captured: (exit code, log text)."""
+    import logging
+
+    from neuroal import cli
+
+    logger = logging.getLogger("neuroal")
+    with caplog.at_level(logging.ERROR, logger="neuroal"):
+        logger.addHandler(caplog.handler)
+        try:
+            code = cli.main(argv)
+        finally:
+            logger.removeHandler(caplog.handler)
+    return code, caplog.text

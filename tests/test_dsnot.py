@@ -4,14 +4,12 @@ layers, N:M re-validation, the engine wiring through the pipeline, and config er
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, DATA_DIR, save_tiny_model, tiny_cfg, tiny_config
+from conftest import ARCHS, DATA_DIR, run_cli_logged, save_tiny_model, tiny_cfg, tiny_config
 
-from neuroal import cli
 from neuroal.criteria.base import LayerStats, NMPattern
 from neuroal.engine import executor as executor_mod
 from neuroal.masking import nm_mask, row_mask, row_ratio_mask
@@ -292,14 +290,8 @@ def test_bad_recover_values_exit_2_before_loading(extra: list[str], expected: li
     out = tmp_path / "out"
     argv = ["--model", str(llama_dir), "--calib", "wikitext2", "--data-dir", str(DATA_DIR),
             "--eval", "none", "--nsamples", "2", "--seqlen", "16", "--output", str(out)]
-    logger = logging.getLogger("neuroal")
-    with caplog.at_level(logging.ERROR, logger="neuroal"):
-        logger.addHandler(caplog.handler)
-        try:
-            code = cli.main(argv + extra)
-        finally:
-            logger.removeHandler(caplog.handler)
+    code, text = run_cli_logged(argv + extra, caplog)
     assert code == 2
     for fragment in expected:
-        assert fragment in caplog.text, f"{fragment!r} not in {caplog.text!r}"
+        assert fragment in text, f"{fragment!r} not in {text!r}"
     assert not out.exists()

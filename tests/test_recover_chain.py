@@ -5,15 +5,13 @@ it, chains after DSnoT / R²-DSnoT, exact masks in the exported shards and confi
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_DIR, save_tiny_model, tiny_cfg
+from conftest import DATA_DIR, run_cli_logged, save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
 
-from neuroal import cli
 from neuroal.engine import executor as executor_mod
 from neuroal.pipeline import run
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
@@ -106,16 +104,10 @@ def test_bad_chains_exit_2_before_loading(extra: list[str], expected: list[str],
     out = tmp_path / "out"
     argv = ["--model", str(llama_dir), "--calib", "wikitext2", "--data-dir", str(DATA_DIR),
             "--eval", "none", "--nsamples", "2", "--seqlen", "16", "--output", str(out)]
-    logger = logging.getLogger("neuroal")
-    with caplog.at_level(logging.ERROR, logger="neuroal"):
-        logger.addHandler(caplog.handler)
-        try:
-            code = cli.main(argv + extra)
-        finally:
-            logger.removeHandler(caplog.handler)
+    code, text = run_cli_logged(argv + extra, caplog)
     assert code == 2
     for fragment in expected:
-        assert fragment in caplog.text, f"{fragment!r} not in {caplog.text!r}"
+        assert fragment in text, f"{fragment!r} not in {text!r}"
     assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()
 
 
