@@ -394,7 +394,14 @@ def compare_variant(cfg: PruneConfig, allocation: str, prep: Prepared,
                     timings: Timings) -> dict[str, Any]:
     """Prune with another allocation (default options) on the same data; a summary row."""
     variant = replace(cfg, allocation=AllocationConfig(name=allocation, clip=cfg.allocation.clip))
-    tag = f"[{allocation}]"
+    plan, row = side_run(variant, prep, timings, f"[{allocation}]")
+    return {"allocation": allocation, **row, "policy": plan.policy}
+
+
+def side_run(variant: PruneConfig, prep: Prepared, timings: Timings,
+             tag: str) -> tuple[SparsityPlan, dict[str, Any]]:
+    """Prune ``variant`` on the same data with a fresh executor (released afterwards); its plan
+    and a summary row (achieved sparsity, perplexity, seconds)."""
     t0 = time.perf_counter()
     with timings(f"load{tag}"):
         executor = build_executor(variant, prep)
@@ -404,8 +411,8 @@ def compare_variant(cfg: PruneConfig, allocation: str, prep: Prepared,
         executor.shutdown()
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
-    return {"allocation": allocation, "achieved_sparsity": zeros / numel,
-            "sparse_ppl": sparse, "policy": plan.policy, "seconds": time.perf_counter() - t0}
+    return plan, {"achieved_sparsity": zeros / numel, "sparse_ppl": sparse,
+                  "seconds": time.perf_counter() - t0}
 
 
 # --------------------------------------------------------------------------- recovery
@@ -438,18 +445,7 @@ def recovery_baseline(cfg: PruneConfig, prep: Prepared, timings: Timings) -> dic
         log.warning("recover.baseline=true but eval.datasets is empty: nothing to compare")
         return None
     variant = replace(cfg, recover=replace(cfg.recover, steps=()))
-    tag = "[no-recover]"
-    t0 = time.perf_counter()
-    with timings(f"load{tag}"):
-        executor = build_executor(variant, prep)
-    try:
-        _plan, blocks, sparse, _ = prune_and_evaluate(variant, prep, executor, timings, tag)
-    finally:
-        executor.shutdown()
-    zeros = sum(r.zeros for b in blocks for r in b.layers)
-    numel = sum(r.numel for b in blocks for r in b.layers)
-    return {"achieved_sparsity": zeros / numel, "sparse_ppl": sparse,
-            "seconds": time.perf_counter() - t0}
+    return side_run(variant, prep, timings, "[no-recover]")[1]
 
 
 def refiner_totals(name: str, blocks: list[BlockReport]) -> dict[str, Any]:

@@ -137,3 +137,14 @@ def run_cli_logged(argv: list[str], caplog: pytest.LogCaptureFixture) -> tuple[i
         finally:
             logger.removeHandler(caplog.handler)
     return code, caplog.text
+
+
+@pytest.fixture()
+def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if any worker is constructed (i.e. if weights would be loaded)."""
+    from neuroal.engine import executor as executor_mod
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("weights were loaded before the input was rejected")
+
+    monkeypatch.setattr(executor_mod, "Worker", refuse)

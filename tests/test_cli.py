@@ -13,16 +13,6 @@ from neuroal.engine import executor as executor_mod
 
 
 @pytest.fixture()
-def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fail the test if any worker is constructed (i.e. if weights would be loaded)."""
-
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("weights were loaded before the input was rejected")
-
-    monkeypatch.setattr(executor_mod, "Worker", refuse)
-
-
-@pytest.fixture()
 def small_file(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text((DATA_DIR / "wikitext2" / "wiki.valid.tokens").read_text()[:20_000])

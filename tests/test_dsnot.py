@@ -11,7 +11,6 @@ import torch
 from conftest import ARCHS, DATA_DIR, run_cli_logged, save_tiny_model, tiny_cfg, tiny_config
 
 from neuroal.criteria.base import LayerStats, NMPattern
-from neuroal.engine import executor as executor_mod
 from neuroal.masking import nm_mask, row_mask, row_ratio_mask
 from neuroal.pipeline import run
 from neuroal.recovery import DSNOT, R2DSNOT, RECOVERY_STEPS, REFINERS
@@ -260,14 +259,6 @@ def test_pipeline_r2dsnot_all_layers_with_sparsegpt_and_nm(llama_dir: Path,
 
 
 # --------------------------------------------------------------------------- config and CLI
-
-
-@pytest.fixture()
-def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("weights were loaded before the input was rejected")
-
-    monkeypatch.setattr(executor_mod, "Worker", refuse)
 
 
 BAD_RECOVER = [

@@ -12,7 +12,6 @@ import torch
 from conftest import DATA_DIR, run_cli_logged, save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
 
-from neuroal.engine import executor as executor_mod
 from neuroal.pipeline import run
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
 
@@ -75,14 +74,6 @@ def test_registry_and_chain_rules() -> None:
     assert masklora.perp_options({"rank": 4}).adapter == "mask_lora"
     assert masklora.train_options({"tokens": 512}).plan_steps(32) == 8
     assert "rank" not in RECOVERY_STEPS.get("perp-bias-norm").defaults
-
-
-@pytest.fixture()
-def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*_args, **_kwargs):
-        raise AssertionError("weights were loaded before the input was rejected")
-
-    monkeypatch.setattr(executor_mod, "Worker", refuse)
 
 
 BAD_CHAINS = [
