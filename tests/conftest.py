@@ -148,3 +148,17 @@ def no_loading(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("weights were loaded before the input was rejected")
 
     monkeypatch.setattr(executor_mod, "Worker", refuse)
+
+
+def assert_rejected_before_loading(model_dir: Path, extra: list[str], expected: list[str],
+                                   tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The CLI with ``extra`` flags exits 2, its error names every ``expected`` fragment, and
+    nothing is left at the output path or its temporary sibling (use with ``no_loading``)."""
+    out = tmp_path / "out"
+    argv = ["--model", str(model_dir), "--calib", "wikitext2", "--data-dir", str(DATA_DIR),
+            "--eval", "none", "--nsamples", "2", "--seqlen", "16", "--output", str(out)]
+    code, text = run_cli_logged(argv + extra, caplog)
+    assert code == 2
+    for fragment in expected:
+        assert fragment in text, f"{fragment!r} not in {text!r}"
+    assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHS, DATA_DIR, run_cli_logged, save_tiny_model, tiny_cfg, tiny_config
+from conftest import ARCHS, assert_rejected_before_loading, save_tiny_model, tiny_cfg, tiny_config
 
 from neuroal.criteria.base import LayerStats, NMPattern
 from neuroal.masking import nm_mask, row_mask, row_ratio_mask
@@ -278,11 +278,4 @@ def test_bad_recover_values_exit_2_before_loading(extra: list[str], expected: li
                                                   llama_dir: Path, tmp_path: Path,
                                                   no_loading: None,
                                                   caplog: pytest.LogCaptureFixture) -> None:
-    out = tmp_path / "out"
-    argv = ["--model", str(llama_dir), "--calib", "wikitext2", "--data-dir", str(DATA_DIR),
-            "--eval", "none", "--nsamples", "2", "--seqlen", "16", "--output", str(out)]
-    code, text = run_cli_logged(argv + extra, caplog)
-    assert code == 2
-    for fragment in expected:
-        assert fragment in text, f"{fragment!r} not in {text!r}"
-    assert not out.exists()
+    assert_rejected_before_loading(llama_dir, extra, expected, tmp_path, caplog)

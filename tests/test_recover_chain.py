@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DATA_DIR, run_cli_logged, save_tiny_model, tiny_cfg
+from conftest import assert_rejected_before_loading, save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
 
 from neuroal.pipeline import run
@@ -92,14 +92,7 @@ BAD_CHAINS = [
 def test_bad_chains_exit_2_before_loading(extra: list[str], expected: list[str], llama_dir: Path,
                                           tmp_path: Path, no_loading: None,
                                           caplog: pytest.LogCaptureFixture) -> None:
-    out = tmp_path / "out"
-    argv = ["--model", str(llama_dir), "--calib", "wikitext2", "--data-dir", str(DATA_DIR),
-            "--eval", "none", "--nsamples", "2", "--seqlen", "16", "--output", str(out)]
-    code, text = run_cli_logged(argv + extra, caplog)
-    assert code == 2
-    for fragment in expected:
-        assert fragment in text, f"{fragment!r} not in {text!r}"
-    assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()
+    assert_rejected_before_loading(llama_dir, extra, expected, tmp_path, caplog)
 
 
 # --------------------------------------------------------------------------- perp-reconstruct

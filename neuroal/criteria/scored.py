@@ -34,16 +34,24 @@ def input_norm(stats: LayerStats, weight: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: If ``sq_norm`` is missing, has the wrong shape, is negative or not finite.
     """
-    sq_norm = stats.sq_norm
-    cols = weight.shape[1]
-    if sq_norm is None:
-        raise ValueError(f"this criterion needs the {STAT_SQ_NORM!r} statistic; none collected")
-    if tuple(sq_norm.shape) != (cols,):
-        raise ValueError(f"sq_norm has shape {tuple(sq_norm.shape)}; expected ({cols},)")
-    values = sq_norm.detach().to(device=weight.device, dtype=torch.float32)
-    check_finite(values, what="sq_norm statistics")
+    return stat_norm(stats.sq_norm, STAT_SQ_NORM, weight.shape[1], weight.device)
+
+
+def stat_norm(values: torch.Tensor | None, name: str, length: int,
+              device: torch.device) -> torch.Tensor:
+    """``sqrt`` of a mean-of-squares statistic ``name`` of shape ``(length,)``, fp32 on ``device``.
+
+    Raises:
+        ValueError: If the statistic is missing, has the wrong shape, is negative or not finite.
+    """
+    if values is None:
+        raise ValueError(f"this criterion needs the {name!r} statistic; none collected")
+    if tuple(values.shape) != (length,):
+        raise ValueError(f"{name} has shape {tuple(values.shape)}; expected ({length},)")
+    values = values.detach().to(device=device, dtype=torch.float32)
+    check_finite(values, what=f"{name} statistics")
     if bool((values < 0).any()):
-        raise ValueError("sq_norm has negative entries; it must be a mean of squares")
+        raise ValueError(f"{name} has negative entries; it must be a mean of squares")
     return values.sqrt()
 
 

@@ -48,8 +48,7 @@ from neuroal.criteria.base import (
     LayerTarget,
 )
 from neuroal.criteria.ria import relative_importance, ria_score
-from neuroal.criteria.scored import ScoreCriterion, frozen, input_norm, merged_options
-from neuroal.masking import check_finite
+from neuroal.criteria.scored import ScoreCriterion, frozen, input_norm, merged_options, stat_norm
 
 STAT_SCALE = "sqrt(mean over sequences of token sums of squares), same for x_j and y_i"
 SUBSET_MODES = ("independent", "shared")
@@ -67,17 +66,7 @@ def output_norm(stats: LayerStats, weight: torch.Tensor) -> torch.Tensor:
     Raises:
         ValueError: If ``out_sq_norm`` is missing, has the wrong shape, is negative or not finite.
     """
-    out_sq_norm = stats.out_sq_norm
-    rows = weight.shape[0]
-    if out_sq_norm is None:
-        raise ValueError(f"this criterion needs the {STAT_OUT_SQ_NORM!r} statistic; none collected")
-    if tuple(out_sq_norm.shape) != (rows,):
-        raise ValueError(f"out_sq_norm has shape {tuple(out_sq_norm.shape)}; expected ({rows},)")
-    values = out_sq_norm.detach().to(device=weight.device, dtype=torch.float32)
-    check_finite(values, what="out_sq_norm statistics")
-    if bool((values < 0).any()):
-        raise ValueError("out_sq_norm has negative entries; it must be a mean of squares")
-    return values.sqrt()
+    return stat_norm(stats.out_sq_norm, STAT_OUT_SQ_NORM, weight.shape[0], weight.device)
 
 
 def _scale_info(stats: LayerStats, weight: torch.Tensor) -> dict[str, Any]:
