@@ -37,19 +37,30 @@ def input_norm(stats: LayerStats, weight: torch.Tensor) -> torch.Tensor:
     return stat_norm(stats.sq_norm, STAT_SQ_NORM, weight.shape[1], weight.device)
 
 
-def stat_norm(values: torch.Tensor | None, name: str, length: int,
-              device: torch.device) -> torch.Tensor:
-    """``sqrt`` of a mean-of-squares statistic ``name`` of shape ``(length,)``, fp32 on ``device``.
+def stat_vector(values: torch.Tensor | None, name: str, length: int,
+                device: torch.device) -> torch.Tensor:
+    """A per-channel statistic ``name`` of shape ``(length,)`` as fp32 on ``device``.
 
     Raises:
-        ValueError: If the statistic is missing, has the wrong shape, is negative or not finite.
+        ValueError: If the statistic is missing, has the wrong shape or is not finite.
     """
     if values is None:
-        raise ValueError(f"this criterion needs the {name!r} statistic; none collected")
+        raise ValueError(f"this step needs the {name!r} statistic; none collected")
     if tuple(values.shape) != (length,):
         raise ValueError(f"{name} has shape {tuple(values.shape)}; expected ({length},)")
     values = values.detach().to(device=device, dtype=torch.float32)
     check_finite(values, what=f"{name} statistics")
+    return values
+
+
+def stat_norm(values: torch.Tensor | None, name: str, length: int,
+              device: torch.device) -> torch.Tensor:
+    """``sqrt`` of a mean-of-squares statistic (see :func:`stat_vector`).
+
+    Raises:
+        ValueError: As :func:`stat_vector`, or if the statistic has negative entries.
+    """
+    values = stat_vector(values, name, length, device)
     if bool((values < 0).any()):
         raise ValueError(f"{name} has negative entries; it must be a mean of squares")
     return values.sqrt()

@@ -28,7 +28,7 @@ import torch
 
 from neuroal.criteria.base import STAT_MEAN, STAT_SQ_NORM, STAT_VAR, LayerStats, NMPattern
 from neuroal.criteria.ria import relative_importance
-from neuroal.masking import check_finite
+from neuroal.criteria.scored import stat_vector
 
 STAGE_PRUNE = "prune"
 LAYER_CHOICES = ("attention", "all")
@@ -62,14 +62,7 @@ class RefineKeys:
 
 def _stat(stats: LayerStats, name: str, cols: int, device: torch.device) -> torch.Tensor:
     """One ``(cols,)`` statistic as fp32 on ``device``; a clear error when missing or bad."""
-    value = getattr(stats, name)
-    if value is None:
-        raise ValueError(f"mask refinement needs the {name!r} statistic; none was collected")
-    if tuple(value.shape) != (cols,):
-        raise ValueError(f"{name} statistic has shape {tuple(value.shape)}; expected ({cols},)")
-    value = value.detach().to(device=device, dtype=torch.float32)
-    check_finite(value, what=f"{name} statistics")
-    return value
+    return stat_vector(getattr(stats, name), name, cols, device)
 
 
 def contribution_and_growth(weight: torch.Tensor, stats: LayerStats,
