@@ -4,6 +4,7 @@
     python launch/bench.py foundation      # SmolLM2 CPU protocol: criteria x {50 %, 70 %} + Wanda 2:4
     python launch/bench.py masks           # threshold selection vs stable argsort on wide rows
     python launch/bench.py allocation      # SmolLM2 CPU protocol: uniform/OWL/Alpha/NeuroAL (+ options)
+    python launch/bench.py screen --nsamples 32 --eval-windows 16   # NeuroAL options, cheap protocol
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -51,6 +52,26 @@ ALLOCATION_RUNS = [
     ("wanda-neuroal-lambda0-60", NA60, ["allocation.include_uniform=true"]),
     ("wanda-neuroal-refine-60", NA60, ["allocation.grid_refine=1"]),
     ("wanda-neuroal-70", NA70, []),
+]
+
+# Screening of the NeuroAL options of issue 3 (§4): every option beside faithful mode at 70 % and
+# 60 %, on a protocol cheap enough to run all of them on 2 cores (about 4 min a row instead of
+# 18): 32 calibration windows, 4 search windows, a 6-point block grid and a 6-point row grid, 16
+# test windows. The winner is then rerun on the full protocol (``allocation`` suite).
+SCREEN_GRID = ["allocation.search_samples=4", "allocation.block_grid=[0.05,0.1,0.15,0.2,0.25,0.3]",
+               "allocation.row_grid=[0.0,0.05,0.1,0.15,0.2,0.25]"]
+SCREEN_OPTIONS = [("faithful", []), ("global", ["allocation.reference_stream=global"]),
+                  ("base_owl", ["allocation.base=owl"]), ("base_alpha", ["allocation.base=alpha"]),
+                  ("lambda0", ["allocation.include_uniform=true"]), ("refine", ["allocation.grid_refine=1"])]
+SCREEN_RUNS = [
+    run
+    for pct, na in (("70", NA70), ("60", NA60))
+    for run in [
+        (f"wanda-uniform-{pct}", C + "wanda-uniform-50.yaml", [f"sparsity=0.{pct[0]}"]),
+        (f"wanda-owl-{pct}", C + f"wanda-owl-{pct}.yaml", []),
+        (f"wanda-alpha-{pct}", C + f"wanda-alpha-{pct}.yaml", []),
+        *[(f"wanda-neuroal-{name}-{pct}", na, SCREEN_GRID + extra) for name, extra in SCREEN_OPTIONS],
+    ]
 ]
 
 
@@ -107,14 +128,15 @@ def foundation(opts: argparse.Namespace) -> dict:
     return {"dense_ppl": dense, "rows": rows, "settings": vars(opts)}
 
 
-def allocation(opts: argparse.Namespace) -> dict:
+def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
     """The issue 3 table: one process per row, results saved after every row; rows already in
     the JSON file are kept and skipped, so an interrupted suite resumes where it stopped."""
-    path = Path(opts.json or Path(opts.out) / "allocation.json")
+    runs = ALLOCATION_RUNS if runs is None else runs
+    path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     done = json.loads(path.read_text()) if path.exists() else {"rows": []}
     rows = {r["run"]: r for r in done["rows"]}
     dense = done.get("dense_ppl")
-    for i, (label, config, overrides) in enumerate(ALLOCATION_RUNS):
+    for i, (label, config, overrides) in enumerate(runs):
         if label in rows or (opts.only and not any(k in label for k in opts.only.split(","))):
             continue
         args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
@@ -133,7 +155,7 @@ def allocation(opts: argparse.Namespace) -> dict:
             "wall_s": report["bench_wall_seconds"], "peak_rss_gb": report["peak_memory_bytes"] / 1e9,
             "command": report["bench_command"],
         }
-        print(f"[{i + 1}/{len(ALLOCATION_RUNS)}] {label}: ppl {ev['sparse_ppl']:.3f}", file=sys.stderr,
+        print(f"[{i + 1}/{len(runs)}] {label}: ppl {ev['sparse_ppl']:.3f}", file=sys.stderr,
               flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"dense_ppl": dense, "rows": list(rows.values())}, indent=2))
@@ -146,6 +168,11 @@ def allocation(opts: argparse.Namespace) -> dict:
               f"{(r['plan_s'] or 0):>8.0f}{(r['prune_s'] or 0):>9.0f}{r['total_s']:>9.0f}"
               f"{r['peak_rss_gb']:>8.2f}")
     return {"dense_ppl": dense, "rows": list(rows.values()), "settings": vars(opts)}
+
+
+def screen(opts: argparse.Namespace) -> dict:
+    """NeuroAL options against faithful mode on the screening protocol (see SCREEN_GRID)."""
+    return allocation(opts, SCREEN_RUNS)
 
 
 def masks(opts: argparse.Namespace) -> dict:
@@ -180,7 +207,8 @@ def masks(opts: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["foundation", "masks", "allocation"], nargs="?", default="foundation")
+    p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen"], nargs="?",
+                   default="foundation")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
@@ -190,7 +218,8 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
-    result = {"foundation": foundation, "masks": masks, "allocation": allocation}[opts.suite](opts)
+    result = {"foundation": foundation, "masks": masks, "allocation": allocation,
+              "screen": screen}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
