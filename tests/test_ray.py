@@ -244,6 +244,42 @@ def test_restart_without_output_prunes_again(ray_instance, llama4: Path, small_t
         result.executor.shutdown()
 
 
+def test_actor_killed_while_loading_restarts(ray_instance, llama4: Path, small_text: Path,
+                                            local_ref, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An actor that dies right after construction, before the executor has seen it load, is
+    restarted in its bundle like one that dies later; the run matches the local one."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    ref = local_ref["uniform"]
+    hook, fired = _killer({"load": (1, 1)})
+    monkeypatch.setattr(RayExecutor, "fault_hook", hook)
+    result = _run(llama4, None, small_text, "ray", 2)
+    try:
+        assert "load" in fired
+        assert [w["restarts"] for w in result.report["workers"]] == [0, 1]
+        assert result.report["eval"] == ref.report["eval"]
+        ref_masks, masks = ref.executor.masks(), result.executor.masks()
+        assert all(torch.equal(masks[n], ref_masks[n]) for n in ref_masks)
+    finally:
+        result.executor.shutdown()
+
+
+def test_constructor_error_is_not_retried() -> None:
+    """A Python exception in a worker's constructor (``actor_init_failed``) would recur on every
+    restart: it is raised at once, before any actor is pinged or restarted."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    class InitFailedError(RuntimeError):
+        actor_init_failed = True
+
+    executor = RayExecutor.__new__(RayExecutor)
+    executor._dead_ranks = lambda: pytest.fail("pinged the actors")  # noqa: SLF001
+    error = InitFailedError("no such shard")
+    with pytest.raises(InitFailedError) as err:
+        executor._recover(error)  # noqa: SLF001
+    assert err.value is error
+
+
 def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, small_text: Path,
                                                   tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:

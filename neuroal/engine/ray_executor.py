@@ -10,13 +10,15 @@ actor 1 evaluates candidate c-1. Results are gathered per candidate, in the orig
 the same worker calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are
 bit-identical to it (engine.md §3.5). ``import ray`` happens only in this module, lazily.
 
-Fault tolerance: when an actor dies (killed process, OOM, lost node) the failing call raises a
-Ray actor error; the executor finds the dead actors by pinging every one, starts a fresh actor
-from the same :class:`~neuroal.engine.worker.WorkerSpec` in the same placement-group bundle (it
-reloads its slice from the checkpoint), restores its pruned blocks if the final prune has run
-(from the resume state, or by pruning them again: results are deterministic), and retries only
-the unfinished work. Each actor is restarted at most ``max_restarts`` times; then the run stops
-with an error naming the actor and its blocks, and the resume state is kept (engine.md §8).
+Fault tolerance: when an actor dies (killed process, OOM, lost node), also while it loads its
+slice, the failing call raises a Ray actor error; the executor finds the dead actors by pinging
+every one, starts a fresh actor from the same :class:`~neuroal.engine.worker.WorkerSpec` in the
+same placement-group bundle (it reloads its slice from the checkpoint), restores its pruned
+blocks if the final prune has run (from the resume state, or by pruning them again: results are
+deterministic), and retries only the unfinished work. Each actor is restarted at most
+``max_restarts`` times; then the run stops with an error naming the actor and its blocks, and
+the resume state is kept (engine.md §8). An exception raised by the worker's own constructor (a
+missing shard, a bad path) is deterministic and stops the run at once, without restarts.
 """
 
 from __future__ import annotations
@@ -318,11 +320,15 @@ class RayExecutor:
         self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {
             "env_vars": actor_env(gpus > 0, deterministic, threads)}}
         self._setup_args = (deterministic, threads)
-        actors = [self._new_actor(s) for s in self.specs]
-        self.workers = actors  # so that shutdown() releases them if loading fails
-        self._get([a.__ray_call__.remote(_setup, *self._setup_args) for a in actors],
-                  "loading the worker slices")
-        return actors
+        self.workers = [self._new_actor(s) for s in self.specs]  # shutdown() releases them
+        for spec in self.specs:
+            self.fault_hook("load", spec.rank)
+        # An actor killed while loading (OOM, lost node) is restarted like one killed later;
+        # an exception raised by the loading code itself is not retried (see _recover).
+        self._retrying(lambda: self._get(
+            [a.__ray_call__.remote(_setup, *self._setup_args) for a in self.workers],
+            "loading the worker slices"))
+        return self.workers
 
     def _new_actor(self, spec: WorkerSpec) -> Any:
         """An actor for ``spec`` in bundle ``spec.rank`` (it loads its slice on construction)."""
@@ -380,8 +386,8 @@ class RayExecutor:
 
     def fault_hook(self, operation: str, unit: int) -> None:
         """Test seam, a no-op: called on the coordinator right after the work of ``unit`` of
-        ``operation`` (``prune`` block, search ``candidate``, ``perplexity`` chunk) has been
-        submitted. Tests replace it to kill an actor at a chosen point."""
+        ``operation`` (``load`` rank, ``prune`` block, search ``candidate``, ``perplexity``
+        chunk) has been submitted. Tests replace it to kill an actor at a chosen point."""
 
     def _retrying(self, attempt: Callable[[], T],
                   on_restart: Callable[[list[int]], None] | None = None) -> T:
@@ -409,6 +415,8 @@ class RayExecutor:
         errors = _actor_errors()
         restarted: set[int] = set()
         while True:
+            if getattr(exc, "actor_init_failed", False):
+                raise exc  # the worker's constructor raised: the same error on every restart
             dead = self._dead_ranks()
             if not dead:
                 raise exc
