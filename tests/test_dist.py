@@ -128,10 +128,15 @@ def _compare_executors(model_dir: str) -> None:
     assert torch.equal(ex.window_nll(ids), local.window_nll(ids))
     assert torch.equal(ex.last_logits(ids), local.last_logits(ids))
     plan = SparsityPlan(0.5, "unstructured", [{n: 0.5 for n in blk} for blk in blocks])
-    reports = ex.run_final_prune(plan, PruneJob("sparsegpt"), ids)
+    # SparseGPT, then the PERP reconstruction of each block (recovery.md §3.6) on the ranks
+    job = PruneJob("sparsegpt", reconstruct={"steps": 3, "batch_size": 2, "lr": 1e-2, "rank": 4})
+    reports = ex.run_final_prune(plan, job, ids)
+    want_reports = local.run_final_prune(plan, job, ids)
     assert [r.index for r in reports] == [0, 1, 2]
-    assert [r.layers[0].zeros for r in reports] == \
-        [r.layers[0].zeros for r in local.run_final_prune(plan, PruneJob("sparsegpt"), ids)]
+    assert [r.layers[0].zeros for r in reports] == [r.layers[0].zeros for r in want_reports]
+    fitted = [{k: v for k, v in r.info["perp-reconstruct"].items() if k != "seconds"}
+              for r in (*reports, *want_reports)]
+    assert fitted[:3] == fitted[3:] and all(f["steps"] == 3 for f in fitted), fitted
     got_masks, want_masks = ex.masks(), local.masks()
     assert got_masks.keys() == want_masks.keys()
     assert all(torch.equal(got_masks[n], want_masks[n]) for n in want_masks)
@@ -160,7 +165,8 @@ def _rank_main(rank: int, port: int, model_dir: str) -> None:
 
 def test_two_gloo_ranks_match_local_executor(llama3: Path) -> None:
     """Both ranks spawned here; rank 0 checks every executor operation against the local one
-    (candidates with both reference streams, NLL, logits, SparseGPT prune, masks) and that an
+    (candidates with both reference streams, NLL, logits, SparseGPT prune with PERP block
+    reconstruction, masks, the reconstructed model's logits) and that an
     error on either rank is raised on rank 0 while the ranks stay in step."""
     import torch.multiprocessing as mp
 

@@ -158,6 +158,28 @@ def test_ray_config_keys() -> None:
     assert tree["engine"] == {"executor": "ray", "workers": 8}
 
 
+def test_perp_reconstruct_in_actors_matches_local(ray_instance, llama4: Path, small_text: Path,
+                                                  tmp_path: Path) -> None:
+    """``perp-reconstruct`` runs inside the actors, per block, during the final prune: the
+    exported weights (pruned, LoRA merged, biases and norms refitted) are bit-identical to one
+    local worker's, and every pruned weight is still zero."""
+    recover = {"steps": ["perp-reconstruct"],
+               "perp-reconstruct": {"steps": 4, "batch_size": 2, "lr": 1e-2, "rank": 4}}
+    local = _run(llama4, tmp_path / "local", small_text, "local", 1, recover=recover)
+    result = _run(llama4, tmp_path / "ray", small_text, "ray", 2, recover=recover)
+    try:
+        got, want = _state(tmp_path / "ray"), _state(tmp_path / "local")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want)
+        assert result.report["eval"] == local.report["eval"]
+        masks = local.executor.masks()
+        assert all((got[n + ".weight"][m] == 0).all() for n, m in masks.items())
+        steps = result.report["recovery"]["steps"]
+        assert [s["name"] for s in steps] == ["perp-reconstruct"]
+    finally:
+        result.executor.shutdown()
+
+
 # --------------------------------------------------------------------------- actor failures
 
 
