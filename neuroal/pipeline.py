@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import platform
 import random
-import resource
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +27,7 @@ from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine import EXECUTORS
 from neuroal.engine.executor import Executor, split_blocks
-from neuroal.engine.worker import BlockReport, PruneJob
+from neuroal.engine.worker import BlockReport, PruneJob, peak_memory_bytes
 from neuroal.export import (
     OutputDir,
     finalize_shards,
@@ -733,14 +731,6 @@ def utilisation_timings(executor: Executor) -> dict[str, Any]:
 def _origin(calib: Any) -> Any:
     info = getattr(calib, "source_info", None)
     return info.to_dict() if hasattr(info, "to_dict") else None
-
-
-def peak_memory_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB), plus CUDA peaks."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
-    if torch.cuda.is_available():
-        rss += sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-    return int(rss)
 
 
 def versions() -> dict[str, str]:

@@ -141,7 +141,9 @@ def _compare_executors(model_dir: str) -> None:
     assert got_masks.keys() == want_masks.keys()
     assert all(torch.equal(got_masks[n], want_masks[n]) for n in want_masks)
     assert torch.equal(ex.logits(ids), local.logits(ids))
-    assert [(i["rank"], i["blocks"]) for i in ex.worker_info()] == [(0, [0, 2]), (1, [2, 3])]
+    info = ex.worker_info()
+    assert [(i["rank"], i["blocks"]) for i in info] == [(0, [0, 2]), (1, [2, 3])]
+    assert all(i["peak_memory_bytes"] > 0 for i in info)
     assert ex.block_prefix(2) == local.block_prefix(2)
     ex.shutdown()
 

@@ -93,6 +93,8 @@ def test_neuroal_prune_eval_export_match_local(ray_instance, llama4: Path, small
             assert report["eval"] == ref.report["eval"]
             assert report["layers"] == ref.report["layers"]
             assert [w["blocks"] for w in report["workers"]] == [list(s) for s in report["slices"]]
+            peaks = [w["peak_memory_bytes"] for w in report["workers"]]  # each actor's own
+            assert all(0 < p != report["peak_memory_bytes"] for p in peaks), peaks
             _check_utilisation(report, ("search", "prune", "eval"))
             state = _state(out)
             assert state.keys() == ref_state.keys()

@@ -48,6 +48,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    peak_memory_bytes,
 )
 from neuroal.logging import configure, get_logger, progress
 from neuroal.models.loading import ModelSource
@@ -291,7 +292,8 @@ class RankStage:
     def info(self, _common: Any, _own: Any) -> dict[str, Any] | None:
         return self._try(lambda: {"rank": self.info.rank, "device": self.w.spec.device,
                                   "blocks": [self.w.spec.start, self.w.spec.stop],
-                                  "busy_seconds": self.w.busy_seconds})
+                                  "busy_seconds": self.w.busy_seconds,
+                                  "peak_memory_bytes": peak_memory_bytes()})
 
     def prune(self, common: tuple[PruneJob, torch.Tensor],
               entries: Mapping[int, Mapping[str, Any]]) -> list[BlockReport]:
@@ -576,7 +578,7 @@ class DistExecutor:
         return self.stage.w.adapter.block_prefix(index)
 
     def worker_info(self) -> list[dict[str, Any]]:
-        """Per rank: ``{rank, blocks: [a, b], device, busy_seconds}``."""
+        """Per rank: ``{rank, blocks: [a, b], device, busy_seconds, peak_memory_bytes}``."""
         return self._call("info")
 
     def utilisation(self) -> dict[str, dict[str, Any]]:

@@ -26,6 +26,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    peak_memory_bytes,
 )
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
@@ -291,9 +292,12 @@ class LocalExecutor:
         return self.workers[0].adapter.block_prefix(index)
 
     def worker_info(self) -> list[dict[str, Any]]:
-        """One entry per worker: rank, owned blocks ``[a, b)``, device, busy seconds."""
+        """One entry per worker: rank, owned blocks ``[a, b)``, device, busy seconds and the
+        peak memory of its process (here the driver's, shared by all local workers)."""
+        peak = peak_memory_bytes()
         return [{"rank": w.spec.rank, "blocks": [w.spec.start, w.spec.stop],
-                 "device": w.spec.device, "busy_seconds": w.busy_seconds} for w in self.workers]
+                 "device": w.spec.device, "busy_seconds": w.busy_seconds,
+                 "peak_memory_bytes": peak} for w in self.workers]
 
     def utilisation(self) -> dict[str, dict[str, Any]]:
         """Per phase (``search``, ``prune``, ``eval``): wall, busy per worker, utilisation."""

@@ -38,7 +38,15 @@ from neuroal.checkpoint import block_state_path, load_block_state
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
-from neuroal.engine.worker import BlockAlignment, BlockReport, CandidateJob, PruneJob, Worker, WorkerSpec
+from neuroal.engine.worker import (
+    BlockAlignment,
+    BlockReport,
+    CandidateJob,
+    PruneJob,
+    Worker,
+    WorkerSpec,
+    peak_memory_bytes,
+)
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
 
@@ -187,7 +195,8 @@ def _info(worker: Worker) -> dict[str, Any]:
     ctx = ray.get_runtime_context()
     return {"rank": worker.spec.rank, "blocks": [worker.spec.start, worker.spec.stop],
             "device": worker.spec.device, "busy_seconds": worker.busy_seconds,
-            "node": ctx.get_node_id(), "gpu_ids": ctx.get_accelerator_ids().get("GPU", [])}
+            "peak_memory_bytes": peak_memory_bytes(), "node": ctx.get_node_id(),
+            "gpu_ids": ctx.get_accelerator_ids().get("GPU", [])}
 
 
 def _prefixes(worker: Worker, num_blocks: int) -> list[str]:

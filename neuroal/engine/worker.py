@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import resource
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -37,6 +39,15 @@ from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
 
 log = get_logger(__name__)
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident set size of this process (Linux reports KiB), plus CUDA peaks: a Ray actor
+    or a torch.distributed rank measures its own process, the local executor the driver's."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
+    if torch.cuda.is_available():
+        rss += sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
+    return int(rss)
 
 
 @dataclass(frozen=True)
