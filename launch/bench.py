@@ -5,6 +5,7 @@
     python launch/bench.py masks           # threshold selection vs stable argsort on wide rows
     python launch/bench.py allocation      # SmolLM2 CPU protocol: uniform/OWL/Alpha/NeuroAL (+ options)
     python launch/bench.py screen --nsamples 32 --eval-windows 16   # NeuroAL options, cheap protocol
+    python launch/bench.py workers --nsamples 32 --eval-windows 16  # 1-3 workers, local and Ray
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -153,6 +154,11 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
             "candidates": len((report.get("search") or {}).get("candidates", [])),
             "plan_s": t.get("allocate"), "prune_s": t.get("prune"), "total_s": t.get("total"),
             "wall_s": report["bench_wall_seconds"], "peak_rss_gb": report["peak_memory_bytes"] / 1e9,
+            "utilisation": {k[: -len("_utilisation")]: v for k, v in t.items()
+                            if k.endswith("_utilisation")},
+            "workers": [{"blocks": w["blocks"], "busy_s": w["busy_seconds"],
+                         "peak_rss_gb": w.get("peak_memory_bytes", 0) / 1e9}
+                        for w in report.get("workers", [])],
             "command": report["bench_command"],
         }
         print(f"[{i + 1}/{len(runs)}] {label}: ppl {ev['sparse_ppl']:.3f}", file=sys.stderr,
@@ -168,6 +174,31 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
               f"{(r['plan_s'] or 0):>8.0f}{(r['prune_s'] or 0):>9.0f}{r['total_s']:>9.0f}"
               f"{r['peak_rss_gb']:>8.2f}")
     return {"dense_ppl": dense, "rows": list(rows.values()), "settings": vars(opts)}
+
+
+WORKER_RUNS = [(f"{executor}-{k}", NA60, [*SCREEN_GRID, f"engine.executor={executor}",
+                                            f"engine.workers={k}"])
+               for executor in ("local", "ray") for k in (1, 2, 3)]
+"""Issue 4's scale-out table: NeuroAL search + prune at 60 % on the screening protocol with 1, 2
+and 3 workers, in-process and as Ray actors (one actor process per worker)."""
+
+
+def workers(opts: argparse.Namespace) -> dict:
+    """Wall time, pipeline utilisation and per-worker peak RSS for WORKER_RUNS; every run must
+    end with the same lambdas and perplexity (the engines are bit-identical)."""
+    result = allocation(opts, WORKER_RUNS)
+    header = (f"{'run':<10}{'ppl':>10}{'lam_b':>7}{'lam_r':>7}{'search s':>10}{'util':>6}"
+              f"{'prune s':>9}{'util':>6}{'total s':>9}  per-worker peak RSS GB (driver)")
+    print(f"\n{header}\n{'-' * len(header)}")
+    for r in result["rows"]:
+        use = r.get("utilisation", {})
+        peaks = " ".join(f"{w['peak_rss_gb']:.2f}" for w in r.get("workers", []))
+        print(f"{r['run']:<10}{r['ppl']:>10.3f}{r['lambda_block']:>7.3g}{r['lambda_row']:>7.3g}"
+              f"{(r['plan_s'] or 0):>10.0f}{use.get('search', 0):>6.2f}{(r['prune_s'] or 0):>9.0f}"
+              f"{use.get('prune', 0):>6.2f}{r['total_s']:>9.0f}  {peaks} ({r['peak_rss_gb']:.2f})")
+    same = len({(r["ppl"], r["lambda_block"], r["lambda_row"]) for r in result["rows"]}) <= 1
+    print(f"identical perplexity and lambdas across engines and worker counts: {same}")
+    return {**result, "identical": same}
 
 
 def screen(opts: argparse.Namespace) -> dict:
@@ -207,7 +238,7 @@ def masks(opts: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen"], nargs="?",
+    p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers"], nargs="?",
                    default="foundation")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
@@ -219,7 +250,7 @@ def main() -> int:
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
-              "screen": screen}[opts.suite](opts)
+              "screen": screen, "workers": workers}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
