@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -431,6 +431,9 @@ def _check_plugins(cfg: PruneConfig) -> list[str]:
         if name not in ALLOCATIONS:
             errors.append(f"compare: allocation {name!r} is unknown; available: "
                           f"{', '.join(ALLOCATIONS.names())}")
+        else:  # compared allocations run with their default options
+            variant = replace(cfg, allocation=AllocationConfig(name=name, clip=cfg.allocation.clip))
+            errors += [f"compare: {e}" for e in ALLOCATIONS.get(name).validate(variant)]
     if cfg.allocation.name not in ALLOCATIONS:
         errors.append(f"allocation={cfg.allocation.name!r} is unknown; available: "
                       f"{', '.join(ALLOCATIONS.names())}")

@@ -378,3 +378,45 @@ def test_pipeline_end_to_end(policy: str, options: dict, tiny_models: dict[str, 
     if policy == "alpha":
         assert len(list((tmp_path / "cache" / "alpha").iterdir())) == 1
         assert plan.warnings and "clipped" in plan.warnings[0]  # 2 blocks, eps 0.3 at 80 %
+
+
+def test_file_policy_reuses_an_earlier_plan(tiny_models: dict[str, Path], excerpt: Path,
+                                            tmp_path: Path) -> None:
+    """``allocation: file`` prunes with the row-wise NeuroAL plan an earlier run wrote: the same
+    ratios, bit for bit, and the same masks, without a search."""
+    from neuroal.pipeline import run
+
+    calib = {"source": f"text:{excerpt}"}
+    searched = run(tiny_cfg(tiny_models["llama"], tmp_path / "searched", sparsity=0.7, calib=calib,
+                            allocation={"name": "neuroal", "block_grid": [0.05, 0.1],
+                                        "row_grid": [0.0, 0.05], "search_samples": 2}),
+                   keep_executor=True)
+    assert searched.plan.granularity == "row"
+    reused = run(tiny_cfg(tiny_models["llama"], None, sparsity=0.7, calib=calib,
+                          allocation={"name": "file", "path": str(tmp_path / "searched")}),
+                 keep_executor=True)
+    plan = reused.plan
+    assert plan.policy["name"] == "file" and plan.policy["source"] == searched.plan.policy
+    assert not plan.trail and reused.report["search"] is None
+    for got, want in zip(plan.ratios, searched.plan.ratios, strict=True):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(torch.as_tensor(got[n]), torch.as_tensor(want[n])) for n in want)
+    masks, want_masks = reused.executor.masks(), searched.executor.masks()
+    assert all(torch.equal(masks[n], want_masks[n]) for n in want_masks)
+
+
+def test_file_policy_errors_before_loading(tmp_path: Path) -> None:
+    from neuroal.allocation.plan import SparsityPlan
+
+    SparsityPlan(0.7, "unstructured", [{"q": 0.7}]).save(tmp_path)
+    cases = [({"name": "file"}, "needs allocation.path"),
+             ({"name": "file", "path": str(tmp_path / "none")}, "cannot read"),
+             ({"name": "file", "path": str(tmp_path)}, "that plan targets sparsity 0.7 with "
+              "pattern 'unstructured', this run asks for 0.5"),
+             ({"name": "file", "path": 3}, "allocation.path=3: expected the directory")]
+    for allocation, expected in cases:
+        with pytest.raises(ConfigError, match=expected):
+            tiny_cfg(tmp_path, None, allocation=allocation)
+    assert tiny_cfg(tmp_path, None, sparsity=0.7, allocation={"name": "file", "path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="compare: allocation 'file' needs allocation.path"):
+        tiny_cfg(tmp_path, None, compare=["file"])

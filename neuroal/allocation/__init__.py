@@ -2,6 +2,7 @@
 
 from neuroal.allocation.alpha import AlphaPolicy
 from neuroal.allocation.base import AllocationPolicy, PlanRequest
+from neuroal.allocation.file import FilePolicy
 from neuroal.allocation.neuroal import NeuroALPolicy
 from neuroal.allocation.owl import OWLPolicy
 from neuroal.allocation.plan import ModelShape, PlanError, SparsityPlan
@@ -13,6 +14,7 @@ ALLOCATIONS.add("uniform", UniformPolicy())
 ALLOCATIONS.add("owl", OWLPolicy())
 ALLOCATIONS.add("alpha", AlphaPolicy(), "alphapruning")
 ALLOCATIONS.add("neuroal", NeuroALPolicy(), "neuronal")
+ALLOCATIONS.add("file", FilePolicy(), "plan")
 
 __all__ = ["ALLOCATIONS", "AllocationPolicy", "ModelShape", "PlanError", "PlanRequest",
            "SparsityPlan"]
