@@ -6,6 +6,7 @@
     python launch/bench.py allocation      # SmolLM2 CPU protocol: uniform/OWL/Alpha/NeuroAL (+ options)
     python launch/bench.py screen --nsamples 32 --eval-windows 16   # NeuroAL options, cheap protocol
     python launch/bench.py workers --nsamples 32 --eval-windows 16  # 1-3 workers, local and Ray
+    python launch/bench.py recovery --nsamples 32 --eval-windows 16 # DSnoT, R2-DSnoT, PERP variants
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -129,6 +130,18 @@ def foundation(opts: argparse.Namespace) -> dict:
     return {"dense_ppl": dense, "rows": rows, "settings": vars(opts)}
 
 
+def _recovery_facts(report: dict) -> dict:
+    """The recovery step of a row (at most one here): perplexity after it, its seconds and
+    trainable parameters; nothing for rows without ``recover``."""
+    steps = (report.get("recovery") or {}).get("steps") or []
+    if not steps:
+        return {}
+    step, ev = steps[0], report["eval"]["wikitext2"]
+    return {"recover": step["name"], "recovered_ppl": ev.get("recovered_ppl", ev["sparse_ppl"]),
+            "step_s": step.get("seconds"), "trainable": step.get("trainable"),
+            "trainable_fraction": step.get("trainable_fraction"), "tokens": step.get("tokens")}
+
+
 def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
     """The issue 3 table: one process per row, results saved after every row; rows already in
     the JSON file are kept and skipped, so an interrupted suite resumes where it stopped."""
@@ -160,6 +173,7 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
                          "peak_rss_gb": w.get("peak_memory_bytes", 0) / 1e9}
                         for w in report.get("workers", [])],
             "command": report["bench_command"],
+            **_recovery_facts(report),
         }
         print(f"[{i + 1}/{len(runs)}] {label}: ppl {ev['sparse_ppl']:.3f}", file=sys.stderr,
               flush=True)
@@ -201,6 +215,57 @@ def workers(opts: argparse.Namespace) -> dict:
     return {**result, "identical": same}
 
 
+RECOVERY_STEPS = ("dsnot", "r2dsnot", "perp-reconstruct", "perp-bias-norm", "perp-masklora",
+                  "perp-scalelora")
+PERP_TOKENS = 32768
+"""Fixed token budget of every whole-model PERP row (32 optimiser steps of 2 windows x 512
+tokens); the layer-wise reconstruction keeps its per-block default (20 steps of 1 window)."""
+
+
+def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
+    """Issue 5's table: Wanda and SparseGPT at 60 and 70 %, uniform and NeuroAL (screening
+    grid), each pruned once plainly and once per recovery step. The recovery rows reuse the
+    plain NeuroAL run's plan (``allocation: file``), so every row of a base prunes with the same
+    ratios and only the step differs."""
+    runs = []
+    for criterion in ("wanda", "sparsegpt"):
+        for pct in ("60", "70"):
+            for alloc in ("uniform", "neuroal"):
+                base = f"{criterion}-{alloc}-{pct}"
+                crit = [f"criterion.name={criterion}"]
+                if alloc == "neuroal":
+                    runs.append((base, C + f"wanda-neuroal-{pct}.yaml", [*SCREEN_GRID, *crit]))
+                    reuse = ["allocation.name=file", f"allocation.path={out / base}"]
+                else:
+                    runs.append((base, C + "wanda-uniform-50.yaml", [f"sparsity=0.{pct[0]}", *crit]))
+                    reuse = []
+                for step in RECOVERY_STEPS:
+                    extra = [f"recover.steps=[{step}]"]
+                    if step.startswith("perp-") and step != "perp-reconstruct":
+                        extra.append(f"recover.{step}.tokens={PERP_TOKENS}")
+                    runs.append((f"{base}+{step}", C + "wanda-uniform-50.yaml",
+                                 [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
+    return runs
+
+
+def recovery(opts: argparse.Namespace) -> dict:
+    """Perplexity before (the base row) and after each recovery step, with the step's time and
+    trainable parameters; one process per row, resumable like ``allocation``."""
+    result = allocation(opts, recovery_runs(Path(opts.out)))
+    rows = {r["run"]: r for r in result["rows"]}
+    header = f"{'base':<24}{'before':>10}" + "".join(f"{s:>18}" for s in RECOVERY_STEPS)
+    print(f"\nperplexity after each step (step seconds)\n{header}\n{'-' * len(header)}")
+    for label, row in rows.items():
+        if "+" in label:
+            continue
+        cells = []
+        for step in RECOVERY_STEPS:
+            r = rows.get(f"{label}+{step}")
+            cells.append("-" if r is None else f"{r['recovered_ppl']:.2f} ({r['step_s']:.0f})")
+        print(f"{label:<24}{row['ppl']:>10.2f}" + "".join(f"{c:>18}" for c in cells))
+    return result
+
+
 def screen(opts: argparse.Namespace) -> dict:
     """NeuroAL options against faithful mode on the screening protocol (see SCREEN_GRID)."""
     return allocation(opts, SCREEN_RUNS)
@@ -238,7 +303,8 @@ def masks(opts: argparse.Namespace) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers"], nargs="?",
+    p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
+                                          "recovery"], nargs="?",
                    default="foundation")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
@@ -250,7 +316,8 @@ def main() -> int:
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
-              "screen": screen, "workers": workers}[opts.suite](opts)
+              "screen": screen, "workers": workers,
+              "recovery": recovery}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

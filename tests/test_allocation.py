@@ -397,6 +397,7 @@ def test_file_policy_reuses_an_earlier_plan(tiny_models: dict[str, Path], excerp
                  keep_executor=True)
     plan = reused.plan
     assert plan.policy["name"] == "file" and plan.policy["source"] == searched.plan.policy
+    assert plan.policy["mask_group"] == searched.plan.policy["mask_group"] == "row"
     assert not plan.trail and reused.report["search"] is None
     for got, want in zip(plan.ratios, searched.plan.ratios, strict=True):
         assert got.keys() == want.keys()

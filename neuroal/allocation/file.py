@@ -64,7 +64,8 @@ class FilePolicy:
     def plan(self, request: PlanRequest) -> SparsityPlan:
         source = _plan_file(str(request.options["path"]))
         loaded = SparsityPlan.load(source.parent)
+        policy = {"name": self.name, "path": str(source.resolve()), "source": loaded.policy}
+        if "mask_group" in loaded.policy:  # the mask rule the plan was searched with (NeuroAL)
+            policy["mask_group"] = loaded.policy["mask_group"]
         return SparsityPlan(target=request.target, pattern=request.pattern, ratios=loaded.ratios,
-                            policy={"name": self.name, "path": str(source.resolve()),
-                                    "source": loaded.policy},
-                            trail={}, warnings=list(loaded.warnings))
+                            policy=policy, trail={}, warnings=list(loaded.warnings))
