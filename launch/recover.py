@@ -20,7 +20,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="pruned Hugging Face model directory (e.g. from launch/prune.py)")
     p.add_argument("--output", required=True, help="directory for the retrained model")
-    p.add_argument("--variant", default="masklora", help="bias-norm | masklora | scalelora")
+    p.add_argument("--variant", default="masklora",
+                   help="bias-norm | masklora | scalelora | full (block weights, re-masked)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
     p.add_argument("--head-lora", action=argparse.BooleanOptionalAction, default=None,

@@ -130,12 +130,22 @@ def test_merge_keeps_every_zero_and_the_logits(model_type: str, variant: str) ->
 #   biases 2*(4*64+128+64) = 896; norms 2*2*128+128 = 640; MaskLoRA 2*16*(4*128+2*192) = 28672
 #   total 20480 (embed) + 258*64 (positions) + 2*33472 + 128 + 20480 (head) = 124544
 TINY_COUNTS = {
-    ("llama", "masklora"): ({"biases": 1024, "norms": 320, "adapters": 32768, "lm_head_lora": 6144}, 94528),
-    ("llama", "scalelora"): ({"biases": 1024, "norms": 320, "adapters": 2048, "lm_head_lora": 6144}, 94528),
-    ("llama", "bias-norm"): ({"biases": 1024, "norms": 320, "adapters": 0, "lm_head_lora": 0}, 94528),
-    ("opt", "masklora"): ({"biases": 896, "norms": 640, "adapters": 28672, "lm_head_lora": 6144}, 124544),
-    ("opt", "scalelora"): ({"biases": 896, "norms": 640, "adapters": 1792, "lm_head_lora": 6144}, 124544),
-    ("opt", "bias-norm"): ({"biases": 896, "norms": 640, "adapters": 0, "lm_head_lora": 0}, 124544),
+    ("llama", "masklora"): ({"biases": 1024, "norms": 320, "adapters": 32768, "lm_head_lora": 6144,
+                         "weights": 0}, 94528),
+    ("llama", "scalelora"): ({"biases": 1024, "norms": 320, "adapters": 2048, "lm_head_lora": 6144,
+                         "weights": 0}, 94528),
+    ("llama", "bias-norm"): ({"biases": 1024, "norms": 320, "adapters": 0, "lm_head_lora": 0,
+                         "weights": 0}, 94528),
+    ("opt", "masklora"): ({"biases": 896, "norms": 640, "adapters": 28672, "lm_head_lora": 6144,
+                         "weights": 0}, 124544),
+    ("opt", "scalelora"): ({"biases": 896, "norms": 640, "adapters": 1792, "lm_head_lora": 6144,
+                         "weights": 0}, 124544),
+    ("opt", "bias-norm"): ({"biases": 896, "norms": 640, "adapters": 0, "lm_head_lora": 0,
+                         "weights": 0}, 124544),
+    ("llama", "full"): ({"biases": 1024, "norms": 320, "adapters": 0, "lm_head_lora": 0,
+                         "weights": 73728}, 94528),
+    ("opt", "full"): ({"biases": 896, "norms": 640, "adapters": 0, "lm_head_lora": 0,
+                       "weights": 65536}, 124544),
 }
 
 
@@ -215,6 +225,50 @@ def test_retraining_lowers_the_loss_and_keeps_the_masks(model_type: str, variant
     assert info.count is state.count and info.count.trainable > 0
     after = zero_masks(model)
     assert all(torch.equal(after[n], m) for n, m in before.items())
+
+
+def test_full_fine_tuning_remasks_weights_and_moments(windows: torch.Tensor) -> None:
+    """``perp-full`` (recovery.md §4.2 option 2) trains the block weights themselves: every
+    zero survives each step, Adam's moments stay zero there, the kept weights move; without the
+    re-masking the zeros would come back."""
+    from neuroal.recovery.perp import apply_perp, block_weights
+    from neuroal.recovery.train import TorchRunner, run_steps
+
+    options = TrainOptions(lr=1e-3, steps=4, batch_size=2, grad_accum=1, seed=0)
+    runs = {}
+    for keep in (True, False):
+        model = _tiny("llama")
+        _prune(model)
+        before = {n: w.detach().clone() for n, w in block_weights(model).items()}
+        state = apply_perp(model, PERP_VARIANTS.get("full"))
+        assert state.count.groups["weights"] == sum(w.numel() for w in before.values())
+        runner = TorchRunner(model, options, options.steps)
+        assert runner.keeper is not None and runner.keeper.packed_bytes() * 8 >= \
+            sum(w.numel() for w in before.values())
+        if not keep:
+            runner.keeper = None
+        info = run_steps(runner, windows, options, options.steps)
+        runs[keep] = (model, before, runner, info)
+    model, before, runner, info = runs[True]
+    for name, weight in block_weights(model).items():
+        pruned = before[name] == 0
+        assert (weight[pruned] == 0).all(), name
+        assert not torch.equal(weight[~pruned], before[name][~pruned]), name
+        moments = runner.optimizer.state[weight]
+        assert (moments["exp_avg"][pruned] == 0).all() and (moments["exp_avg_sq"][pruned] == 0).all()
+    assert info.losses[-1] < info.losses[0]
+    model, before, _, _ = runs[False]
+    assert any((w[before[n] == 0] != 0).any() for n, w in block_weights(model).items())
+
+
+def test_bit_packing_round_trip() -> None:
+    from neuroal.recovery.remask import pack_bits, unpack_bits
+
+    for n in (1, 7, 8, 9, 1000):
+        mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+        packed = pack_bits(mask)
+        assert packed.dtype == torch.uint8 and packed.numel() == -(-n // 8)
+        assert torch.equal(unpack_bits(packed, n), mask)
 
 
 def test_token_budget_sets_the_steps() -> None:
@@ -317,8 +371,11 @@ _LAUNCH = ("import runpy, sys, deepspeed.ops; "
            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def test_deepspeed_zero3_single_rank_keeps_the_masks(tokenizer_dir: Path, small_text: Path,
-                                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["masklora", "full"])
+def test_deepspeed_zero3_single_rank_keeps_the_masks(variant: str, tokenizer_dir: Path,
+                                                     small_text: Path, tmp_path: Path) -> None:
+    """MaskLoRA on a frozen base, and ``full``: the weights themselves trained under ZeRO-3,
+    re-masked through each rank's local fp32 fragment (recovery.md §4.2)."""
     pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (pip install '.[deepspeed]')")
     pruned = _pruned_dir(tmp_path, tokenizer_dir, "llama")
     out = tmp_path / "perp"
@@ -327,14 +384,15 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(tokenizer_dir: Path, small_
            "ACCELERATE_USE_DEEPSPEED": "true",
            "ACCELERATE_DEEPSPEED_CONFIG_FILE": str(REPO / "configs/deepspeed/zero3.json"),
            "NEUROAL_PROGRESS": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    lr = "1e-2" if variant == "masklora" else "1e-3"
     cmd = [sys.executable, "-c", _LAUNCH, str(REPO / "launch/recover.py"), str(pruned), "--output",
-           str(out), "--variant", "masklora", "--steps", "4", "--lr", "1e-2",
+           str(out), "--variant", variant, "--steps", "4", "--lr", lr,
            "--calib", f"text:{small_text}", "--eval", f"text:{small_text}", "--nsamples", "4",
            "--seqlen", "32", "--eval-windows", "2"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     report = _check_recovered(pruned, out)
     assert report["backend"] == "accelerate" and report["zero_stage"] == 3 and report["ranks"] == 1
-    assert report["untied_head"] and report["train"]["steps"] == 4
-    assert report["moved"] == 14, "MaskLoRA must have updated every kept weight matrix"
+    assert report["untied_head"] == (variant == "masklora") and report["train"]["steps"] == 4
+    assert report["moved"] == 14, f"{variant} must have updated every kept weight matrix"
     assert report["perplexity"]["after"] < report["perplexity"]["before"]

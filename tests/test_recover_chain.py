@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from neuroal.pipeline import run
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
 
-WHOLE_MODEL = ("perp-bias-norm", "perp-masklora", "perp-scalelora")
+WHOLE_MODEL = ("perp-bias-norm", "perp-masklora", "perp-scalelora", "perp-full")
 FAST = {"perp-reconstruct": {"steps": 6, "batch_size": 2, "lr": 1e-2},
-        **{name: {"steps": 3, "lr": 1e-3, "rank": 4} for name in WHOLE_MODEL[1:]},
+        **{name: {"steps": 3, "lr": 1e-3, "rank": 4} for name in WHOLE_MODEL[1:3]},
+        "perp-full": {"steps": 3, "lr": 1e-3},
         "perp-bias-norm": {"steps": 3, "lr": 1e-3}}
 
 
@@ -163,7 +164,7 @@ def test_whole_model_step_keeps_masks_and_reports(name: str, llama_dir: Path, sm
     for field in ("seconds", "trainable", "trainable_fraction", "tokens", "ppl_before", "ppl_after"):
         assert step[field] is not None, field
     assert step["tokens"] == 3 * 1 * 2 * 32 and step["steps"] == 3
-    assert 0 < step["trainable_fraction"] < 0.5
+    assert 0 < step["trainable_fraction"] < (1.0 if name == "perp-full" else 0.5)
     assert step["achieved_sparsity_after"] == pytest.approx(result.report["achieved_sparsity"])
     assert result.report["eval"][key]["recovered_ppl"] == step["ppl_after"][key]
     # the model entering the step is the pruned export: its perplexity is the pipeline's
@@ -173,6 +174,8 @@ def test_whole_model_step_keeps_masks_and_reports(name: str, llama_dir: Path, sm
                                                    .get_parameter(n + ".weight").float())]
     if name == "perp-bias-norm":
         assert not moved and step["params"]["groups"]["adapters"] == 0
+    elif name == "perp-full":  # the weights themselves, re-masked: every matrix moved
+        assert len(moved) == len(masks) and step["params"]["groups"]["weights"] > 0
     else:
         assert moved and step["untied_head"] is True and "lm_head.weight" in tensors
     on_disk = json.loads((out / "report.json").read_text())

@@ -129,14 +129,14 @@ class ReconstructStep:
         return errors
 
 
-def _retrain_defaults(variant: PerpOptions) -> Mapping[str, Any]:
+def _retrain_defaults(variant: PerpOptions, **train: Any) -> Mapping[str, Any]:
     """Training options plus the variant's PERP switches (the adapter is the step itself;
     rank, alpha and the head LoRA only where the variant has adapters). ``seed`` seeds both
     the window order and the adapters' initialisation."""
-    perp = {k: v for k, v in asdict(variant).items() if k not in ("adapter", "seed")}
+    perp = {k: v for k, v in asdict(variant).items() if k not in ("adapter", "weights", "seed")}
     if variant.adapter is None:
         perp = {k: v for k, v in perp.items() if k not in ("rank", "alpha", "lm_head_lora")}
-    return MappingProxyType({**asdict(TrainOptions()), **perp})
+    return MappingProxyType({**asdict(TrainOptions()), **train, **perp})
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,13 +169,20 @@ class RetrainStep:
         return _option_errors(self.name, options, self.defaults, build)
 
 
+_TRAIN_DEFAULTS = {"full": {"lr": 2e-5}}
+"""Per-variant training defaults: updating every kept weight needs a full fine-tuning learning
+rate, not the adapters' 5e-4."""
+
 RECONSTRUCT = ReconstructStep()
 RECOVERY_STEPS.add(RECONSTRUCT.name, RECONSTRUCT, "perp_reconstruct")
 for _variant, _label in (("bias-norm", "PERP retraining (biases + norms)"),
                          ("masklora", "PERP retraining (MaskLoRA)"),
-                         ("scalelora", "PERP retraining (ScaleLoRA)")):
+                         ("scalelora", "PERP retraining (ScaleLoRA)"),
+                         ("full", "Full fine-tuning of the block weights, re-masked every step "
+                                  "(opt-in, recovery.md §4.2 option 2)")):
     _step = RetrainStep(name=f"perp-{_variant}", label=_label, variant=_variant,
-                        defaults=_retrain_defaults(PERP_VARIANTS.get(_variant)))
+                        defaults=_retrain_defaults(PERP_VARIANTS.get(_variant),
+                                                   **_TRAIN_DEFAULTS.get(_variant, {})))
     RECOVERY_STEPS.add(_step.name, _step, f"perp_{_variant.replace('-', '_')}")
 
 

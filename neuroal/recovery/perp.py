@@ -56,6 +56,9 @@ class PerpOptions:
         add_biases: Add zero biases to the block linears that lack them, where the architecture
             has a config flag for them (e.g. ``attention_bias``), so the export still loads.
             Not in the reference (there Llama/Mistral simply have no biases).
+        weights: Train the prunable block weights themselves, re-masked around every optimiser
+            step (:mod:`neuroal.recovery.remask`; recovery.md §4.2 option 2, opt-in). Needs
+            ``adapter=None``.
         seed: Seed of the adapters' initialisation.
     """
 
@@ -66,12 +69,16 @@ class PerpOptions:
     norms: bool = True
     lm_head_lora: bool = True
     add_biases: bool = False
+    weights: bool = False
     seed: int = 42
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.alpha <= 0:
             raise ValueError(f"PERP rank={self.rank}, alpha={self.alpha}: expected rank >= 1 and "
                              "alpha > 0 (reference: rank 16, alpha 32)")
+        if self.weights and self.adapter is not None:
+            raise ValueError(f"PERP weights=true with adapter={self.adapter!r}: training the block "
+                             "weights directly excludes an adapter on them; set adapter to null")
         if self.adapter is not None:
             ADAPTERS.canonical(self.adapter)
 
@@ -86,7 +93,9 @@ class ParamCount:
     """Trainable-parameter count by group and the model's total (tied tensors counted once).
 
     Attributes:
-        groups: ``biases``, ``norms``, ``adapters`` (block linears) and ``lm_head_lora``.
+        groups: ``biases``, ``norms``, ``adapters`` (block linears), ``lm_head_lora`` and
+            ``weights`` (the block weights themselves, ``weights=True``: every element, of
+            which the pruned ones are held at zero).
         total: Parameters of the model before PERP changed it.
     """
 
@@ -296,6 +305,7 @@ PERP_VARIANTS: Registry[PerpOptions] = Registry("PERP variant")
 PERP_VARIANTS.add("bias-norm", PerpOptions(adapter=None, lm_head_lora=False), "bias_norm")
 PERP_VARIANTS.add("masklora", PerpOptions(adapter="mask_lora"), "mask_lora")
 PERP_VARIANTS.add("scalelora", PerpOptions(adapter="scale_lora"), "scale_lora")
+PERP_VARIANTS.add("full", PerpOptions(adapter=None, lm_head_lora=False, weights=True))
 
 
 # --------------------------------------------------------------------------- parameter selection
@@ -439,7 +449,7 @@ def count_perp_parameters(model: nn.Module, options: PerpOptions) -> ParamCount:
     ScaleLoRA ``in + out`` per block linear (its rank-one form).
     """
     adapter = ModelAdapter(model)
-    groups = {"biases": 0, "norms": 0, "adapters": 0, "lm_head_lora": 0}
+    groups = {"biases": 0, "norms": 0, "adapters": 0, "lm_head_lora": 0, "weights": 0}
     if options.biases:
         groups["biases"] = unique_numel(bias_parameters(model))
         if options.add_biases:
@@ -451,6 +461,9 @@ def count_perp_parameters(model: nn.Module, options: PerpOptions) -> ParamCount:
         groups["adapters"] = sum(kind.count(lin.out_features, lin.in_features, options.rank)
                                  for block in adapter.blocks
                                  for lin in adapter.prunable_linears(block).values())
+    if options.weights:
+        groups["weights"] = sum(numel(lin.weight) for block in adapter.blocks
+                                for lin in adapter.prunable_linears(block).values())
     if options.lm_head_lora:
         head = adapter.head
         groups["lm_head_lora"] = LoRALinear.count(head.out_features, head.in_features, options.rank)
@@ -515,12 +528,22 @@ def _cast_back(root: nn.Module, dtypes: Mapping[str, torch.dtype]) -> None:
 
 
 def _select(root: nn.Module, options: PerpOptions) -> dict[str, nn.Parameter]:
-    """Unfreeze biases / norms per ``options``; returns every trainable parameter."""
+    """Unfreeze biases / norms (and the block weights) per ``options``; returns every
+    trainable parameter."""
     chosen = {**(bias_parameters(root) if options.biases else {}),
-              **(norm_parameters(root) if options.norms else {})}
+              **(norm_parameters(root) if options.norms else {}),
+              **(block_weights(root) if options.weights else {})}
     for p in chosen.values():
         p.requires_grad_(True)
     return trainable_parameters(root)
+
+
+def block_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weight of every prunable block linear, by qualified name."""
+    adapter = ModelAdapter(model)
+    return {f"{adapter.block_prefix(i)}{n}.weight": lin.weight
+            for i, block in enumerate(adapter.blocks)
+            for n, lin in adapter.prunable_linears(block).items()}
 
 
 def apply_perp(model: nn.Module, options: PerpOptions, upcast: bool = True) -> PerpState:

@@ -43,6 +43,7 @@ from neuroal.recovery.perp import (
     warmup_steps,
     zero_masks,
 )
+from neuroal.recovery.remask import MaskKeeper
 from neuroal.registry import Registry
 
 log = get_logger(__name__)
@@ -240,6 +241,7 @@ class TorchRunner:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.rank, self.world, self.is_main = 0, 1, True
         self.zero_stage: int | None = None
+        self.keeper = MaskKeeper.for_model(model)  # perp-full only: re-mask around each step
 
     def micro(self) -> Any:
         return nullcontext()
@@ -252,9 +254,13 @@ class TorchRunner:
 
     def step(self) -> None:
         self.scaler.unscale_(self.optimizer)
+        if self.keeper is not None:
+            self.keeper.zero_grads()
         torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.keeper is not None:
+            self.keeper.reapply()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -291,6 +297,7 @@ class AcceleratorRunner:
         self.device = accelerator.device
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.is_main = accelerator.is_main_process
+        self.keeper = MaskKeeper.for_model(model)  # after prepare: ZeRO-3 fragments are final
 
     def micro(self) -> Any:
         return self.accelerator.accumulate(self.module)
@@ -300,12 +307,27 @@ class AcceleratorRunner:
         return nullcontext() if self.deepspeed else autocast_for(self.device, self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        if not (self.deepspeed and self.keeper is not None):
+            self.accelerator.backward(loss)
+            return
+        # accelerate's DeepSpeed backward runs engine.backward and engine.step back to back;
+        # re-masking needs the gap between them, so the same two calls are made here.
+        engine, sync = self.module, self.accelerator.sync_gradients
+        engine.set_gradient_accumulation_boundary(is_boundary=sync)
+        engine.backward(loss)
+        if sync:
+            self.keeper.zero_grads()
+            engine.step()
+            self.keeper.reapply()
 
     def step(self) -> None:
         if not self.deepspeed:  # DeepSpeed clips with the config's gradient_clipping
+            if self.keeper is not None:
+                self.keeper.zero_grads()
             self.accelerator.clip_grad_norm_(self.params, self.options.max_grad_norm)
         self.optimizer.step()
+        if self.keeper is not None and not self.deepspeed:
+            self.keeper.reapply()
         self.schedule.step()
         self.optimizer.zero_grad()
 
