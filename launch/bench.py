@@ -190,11 +190,13 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
     return {"dense_ppl": dense, "rows": list(rows.values()), "settings": vars(opts)}
 
 
-WORKER_RUNS = [(f"{executor}-{k}", NA60, [*SCREEN_GRID, f"engine.executor={executor}",
+WORKER_GRID = ["allocation.search_samples=4", "allocation.block_grid=[0.05,0.1,0.15]",
+               "allocation.row_grid=[0.0,0.05,0.1]"]
+WORKER_RUNS = [(f"{executor}-{k}", NA60, [*WORKER_GRID, f"engine.executor={executor}",
                                             f"engine.workers={k}"])
                for executor in ("local", "ray") for k in (1, 2, 3)]
-"""Issue 4's scale-out table: NeuroAL search + prune at 60 % on the screening protocol with 1, 2
-and 3 workers, in-process and as Ray actors (one actor process per worker)."""
+"""Issue 4's scale-out table: NeuroAL search (3 + 3 candidates on 4 windows) + prune at 60 %
+with 1, 2 and 3 workers, in-process and as Ray actors (one actor process per worker)."""
 
 
 def workers(opts: argparse.Namespace) -> dict:
