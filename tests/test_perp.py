@@ -232,6 +232,7 @@ def test_full_fine_tuning_remasks_weights_and_moments(windows: torch.Tensor) -> 
     zero survives each step, Adam's moments stay zero there, the kept weights move; without the
     re-masking the zeros would come back."""
     from neuroal.recovery.perp import apply_perp, block_weights
+    from neuroal.recovery.remask import MaskKeeper
     from neuroal.recovery.train import TorchRunner, run_steps
 
     options = TrainOptions(lr=1e-3, steps=4, batch_size=2, grad_accum=1, seed=0)
@@ -243,10 +244,10 @@ def test_full_fine_tuning_remasks_weights_and_moments(windows: torch.Tensor) -> 
         state = apply_perp(model, PERP_VARIANTS.get("full"))
         assert state.count.groups["weights"] == sum(w.numel() for w in before.values())
         runner = TorchRunner(model, options, options.steps)
-        assert runner.keeper is not None and runner.keeper.packed_bytes() * 8 >= \
+        assert runner.keeper and runner.keeper.packed_bytes() * 8 >= \
             sum(w.numel() for w in before.values())
         if not keep:
-            runner.keeper = None
+            runner.keeper = MaskKeeper({})  # holds nothing: the step no longer re-masks
         info = run_steps(runner, windows, options, options.steps)
         runs[keep] = (model, before, runner, info)
     model, before, runner, info = runs[True]

@@ -462,8 +462,7 @@ def count_perp_parameters(model: nn.Module, options: PerpOptions) -> ParamCount:
                                  for block in adapter.blocks
                                  for lin in adapter.prunable_linears(block).values())
     if options.weights:
-        groups["weights"] = sum(numel(lin.weight) for block in adapter.blocks
-                                for lin in adapter.prunable_linears(block).values())
+        groups["weights"] = sum(numel(w) for w in block_weights(model).values())
     if options.lm_head_lora:
         head = adapter.head
         groups["lm_head_lora"] = LoRALinear.count(head.out_features, head.in_features, options.rank)

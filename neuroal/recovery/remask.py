@@ -64,20 +64,25 @@ class MaskKeeper:
 
     def __init__(self, params: dict[str, nn.Parameter]) -> None:
         self.kept: dict[str, _Kept] = {}
+        zeros = 0
         for name, p in params.items():
-            local = p.ds_tensor if _is_zero3(p) else p
-            flat = local.detach().reshape(-1) == 0
-            self.kept[name] = _Kept(p, pack_bits(flat), flat.numel(), _is_zero3(p))
-        zeros = sum(int(unpack_bits(k.packed, k.numel).sum()) for k in self.kept.values())
-        log.info("re-masking %d trainable weight tensors (%d zeros held, %.1f MB of packed masks)",
-                 len(self.kept), zeros, self.packed_bytes() / 1e6)
+            zero3 = _is_zero3(p)
+            flat = (p.ds_tensor if zero3 else p).detach().reshape(-1) == 0
+            zeros += int(flat.sum())
+            self.kept[name] = _Kept(p, pack_bits(flat), flat.numel(), zero3)
+        if self.kept:
+            log.info("re-masking %d trainable weight tensors (%d zeros held, %.1f MB of packed "
+                     "masks)", len(self.kept), zeros, self.packed_bytes() / 1e6)
+
+    def __bool__(self) -> bool:
+        """Whether any weight is held (False for adapters on a frozen base)."""
+        return bool(self.kept)
 
     @classmethod
-    def for_model(cls, model: nn.Module) -> MaskKeeper | None:
-        """A keeper for the trainable prunable block weights of ``model``; None when PERP
-        trains none of them (adapters on a frozen base need no re-masking)."""
-        params = {n: w for n, w in block_weights(model).items() if w.requires_grad}
-        return cls(params) if params else None
+    def for_model(cls, model: nn.Module) -> MaskKeeper:
+        """A keeper for the trainable prunable block weights of ``model``; empty (its calls are
+        no-ops) when PERP trains none of them, as with adapters on a frozen base."""
+        return cls({n: w for n, w in block_weights(model).items() if w.requires_grad})
 
     def packed_bytes(self) -> int:
         return sum(k.packed.numel() for k in self.kept.values())

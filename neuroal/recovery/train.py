@@ -254,13 +254,11 @@ class TorchRunner:
 
     def step(self) -> None:
         self.scaler.unscale_(self.optimizer)
-        if self.keeper is not None:
-            self.keeper.zero_grads()
+        self.keeper.zero_grads()
         torch.nn.utils.clip_grad_norm_(self.params, self.options.max_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if self.keeper is not None:
-            self.keeper.reapply()
+        self.keeper.reapply()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -307,7 +305,7 @@ class AcceleratorRunner:
         return nullcontext() if self.deepspeed else autocast_for(self.device, self.dtype)
 
     def backward(self, loss: torch.Tensor) -> None:
-        if not (self.deepspeed and self.keeper is not None):
+        if not (self.deepspeed and self.keeper):
             self.accelerator.backward(loss)
             return
         # accelerate's DeepSpeed backward runs engine.backward and engine.step back to back;
@@ -321,12 +319,12 @@ class AcceleratorRunner:
             self.keeper.reapply()
 
     def step(self) -> None:
-        if not self.deepspeed:  # DeepSpeed clips with the config's gradient_clipping
-            if self.keeper is not None:
-                self.keeper.zero_grads()
+        if self.deepspeed:  # clips with the config's gradient_clipping; re-masks in backward
+            self.optimizer.step()
+        else:
+            self.keeper.zero_grads()
             self.accelerator.clip_grad_norm_(self.params, self.options.max_grad_norm)
-        self.optimizer.step()
-        if self.keeper is not None and not self.deepspeed:
+            self.optimizer.step()
             self.keeper.reapply()
         self.schedule.step()
         self.optimizer.zero_grad()
