@@ -228,26 +228,33 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
     """Issue 5's table: Wanda and SparseGPT at 60 and 70 %, uniform and NeuroAL (screening
     grid), each pruned once plainly and once per recovery step. The recovery rows reuse the
     plain NeuroAL run's plan (``allocation: file``), so every row of a base prunes with the same
-    ratios and only the step differs."""
-    runs = []
+    ratios and only the step differs.
+
+    Order: every base with its in-worker steps (the refiners and ``perp-reconstruct``, a few
+    minutes each) first, then the whole-model PERP rows (about 4-5 minutes each on 2 cores), so
+    that an interrupted run (the suite resumes from its JSON) covers every base before it covers
+    every variant."""
+    cheap, model = [], []
     for criterion in ("wanda", "sparsegpt"):
         for pct in ("60", "70"):
             for alloc in ("uniform", "neuroal"):
                 base = f"{criterion}-{alloc}-{pct}"
                 crit = [f"criterion.name={criterion}"]
                 if alloc == "neuroal":
-                    runs.append((base, C + f"wanda-neuroal-{pct}.yaml", [*SCREEN_GRID, *crit]))
+                    cheap.append((base, C + f"wanda-neuroal-{pct}.yaml", [*SCREEN_GRID, *crit]))
                     reuse = ["allocation.name=file", f"allocation.path={out / base}"]
                 else:
-                    runs.append((base, C + "wanda-uniform-50.yaml", [f"sparsity=0.{pct[0]}", *crit]))
+                    cheap.append((base, C + "wanda-uniform-50.yaml", [f"sparsity=0.{pct[0]}", *crit]))
                     reuse = []
                 for step in RECOVERY_STEPS:
                     extra = [f"recover.steps=[{step}]"]
-                    if step.startswith("perp-") and step != "perp-reconstruct":
+                    whole = step.startswith("perp-") and step != "perp-reconstruct"
+                    if whole:
                         extra.append(f"recover.{step}.tokens={PERP_TOKENS}")
-                    runs.append((f"{base}+{step}", C + "wanda-uniform-50.yaml",
-                                 [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
-    return runs
+                    (model if whole else cheap).append(
+                        (f"{base}+{step}", C + "wanda-uniform-50.yaml",
+                         [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
+    return cheap + model
 
 
 def recovery(opts: argparse.Namespace) -> dict:
