@@ -219,6 +219,7 @@ def workers(opts: argparse.Namespace) -> dict:
 
 RECOVERY_STEPS = ("dsnot", "r2dsnot", "perp-reconstruct", "perp-bias-norm", "perp-masklora",
                   "perp-scalelora")
+ALL_LAYER_STEPS = ("dsnot", "r2dsnot")
 PERP_TOKENS = 32768
 """Fixed token budget of every whole-model PERP row (32 optimiser steps of 2 windows x 512
 tokens); the layer-wise reconstruction keeps its per-block default (20 steps of 1 window)."""
@@ -233,8 +234,9 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
     Order: every base with its in-worker steps (the refiners and ``perp-reconstruct``, a few
     minutes each) first, then the whole-model PERP rows (about 4-5 minutes each on 2 cores), so
     that an interrupted run (the suite resumes from its JSON) covers every base before it covers
-    every variant."""
-    cheap, model = [], []
+    every variant (see ``_whole_model_priority``). The refiners on every linear (``layers=all``, recovery.md §2.2: "benchmark
+    `all` too") follow the in-worker rows, for the uniform Wanda bases."""
+    cheap, model, all_layers = [], [], []
     for criterion in ("wanda", "sparsegpt"):
         for pct in ("60", "70"):
             for alloc in ("uniform", "neuroal"):
@@ -254,7 +256,18 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
                     (model if whole else cheap).append(
                         (f"{base}+{step}", C + "wanda-uniform-50.yaml",
                          [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
-    return cheap + model
+                    if step in ALL_LAYER_STEPS and criterion == "wanda" and alloc == "uniform":
+                        all_layers.append((f"{base}+{step}-all", C + "wanda-uniform-50.yaml",
+                                           [f"sparsity=0.{pct[0]}", *crit, *extra,
+                                            f"recover.{step}.layers=all"]))
+    return cheap + all_layers + sorted(model, key=_whole_model_priority)
+
+
+def _whole_model_priority(run: tuple[str, str, list[str]]) -> tuple:
+    """Whole-model PERP rows: Wanda before SparseGPT, 70 % before 60 % (where recovery matters
+    most), uniform before NeuroAL; the variants of one base stay together."""
+    criterion, alloc, pct = run[0].split("+")[0].split("-")
+    return criterion != "wanda", pct != "70", alloc != "uniform"
 
 
 def recovery(opts: argparse.Namespace) -> dict:
@@ -262,13 +275,14 @@ def recovery(opts: argparse.Namespace) -> dict:
     trainable parameters; one process per row, resumable like ``allocation``."""
     result = allocation(opts, recovery_runs(Path(opts.out)))
     rows = {r["run"]: r for r in result["rows"]}
-    header = f"{'base':<24}{'before':>10}" + "".join(f"{s:>18}" for s in RECOVERY_STEPS)
+    columns = [*RECOVERY_STEPS, *(f"{s}-all" for s in ALL_LAYER_STEPS)]
+    header = f"{'base':<24}{'before':>10}" + "".join(f"{s:>18}" for s in columns)
     print(f"\nperplexity after each step (step seconds)\n{header}\n{'-' * len(header)}")
     for label, row in rows.items():
         if "+" in label:
             continue
         cells = []
-        for step in RECOVERY_STEPS:
+        for step in columns:
             r = rows.get(f"{label}+{step}")
             cells.append("-" if r is None else f"{r['recovered_ppl']:.2f} ({r['step_s']:.0f})")
         print(f"{label:<24}{row['ppl']:>10.2f}" + "".join(f"{c:>18}" for c in cells))
