@@ -220,6 +220,9 @@ def workers(opts: argparse.Namespace) -> dict:
 RECOVERY_STEPS = ("dsnot", "r2dsnot", "perp-reconstruct", "perp-bias-norm", "perp-masklora",
                   "perp-scalelora")
 ALL_LAYER_STEPS = ("dsnot", "r2dsnot")
+REFINER_VARIANTS = {"all": ["layers=all"], "sign": ["sign_check=true"]}
+"""Refiner rows beside the faithful defaults, for the uniform Wanda bases: every linear refined
+(recovery.md §2.2: "benchmark `all` too") and DSnoT with the paper's sign check (§1.5)."""
 PERP_TOKENS = 32768
 """Fixed token budget of every whole-model PERP row (32 optimiser steps of 2 windows x 512
 tokens); the layer-wise reconstruction keeps its per-block default (20 steps of 1 window)."""
@@ -234,8 +237,8 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
     Order: every base with its in-worker steps (the refiners and ``perp-reconstruct``, a few
     minutes each) first, then the whole-model PERP rows (about 4-5 minutes each on 2 cores), so
     that an interrupted run (the suite resumes from its JSON) covers every base before it covers
-    every variant (see ``_whole_model_priority``). The refiners on every linear (``layers=all``, recovery.md §2.2: "benchmark
-    `all` too") follow the in-worker rows, for the uniform Wanda bases."""
+    every variant (see ``_whole_model_priority``). The REFINER_VARIANTS rows of the uniform
+    Wanda bases follow the in-worker rows."""
     cheap, model, all_layers = [], [], []
     for criterion in ("wanda", "sparsegpt"):
         for pct in ("60", "70"):
@@ -256,10 +259,14 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
                     (model if whole else cheap).append(
                         (f"{base}+{step}", C + "wanda-uniform-50.yaml",
                          [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
-                    if step in ALL_LAYER_STEPS and criterion == "wanda" and alloc == "uniform":
-                        all_layers.append((f"{base}+{step}-all", C + "wanda-uniform-50.yaml",
+                    if step not in ALL_LAYER_STEPS or criterion != "wanda" or alloc != "uniform":
+                        continue
+                    for variant, options in REFINER_VARIANTS.items():
+                        if variant == "sign" and step != "dsnot":
+                            continue
+                        all_layers.append((f"{base}+{step}-{variant}", C + "wanda-uniform-50.yaml",
                                            [f"sparsity=0.{pct[0]}", *crit, *extra,
-                                            f"recover.{step}.layers=all"]))
+                                            *(f"recover.{step}.{o}" for o in options)]))
     return cheap + all_layers + sorted(model, key=_whole_model_priority)
 
 
@@ -275,7 +282,8 @@ def recovery(opts: argparse.Namespace) -> dict:
     trainable parameters; one process per row, resumable like ``allocation``."""
     result = allocation(opts, recovery_runs(Path(opts.out)))
     rows = {r["run"]: r for r in result["rows"]}
-    columns = [*RECOVERY_STEPS, *(f"{s}-all" for s in ALL_LAYER_STEPS)]
+    columns = [*RECOVERY_STEPS, *(f"{s}-{v}" for s in ALL_LAYER_STEPS for v in REFINER_VARIANTS
+                                  if v != "sign" or s == "dsnot")]
     header = f"{'base':<24}{'before':>10}" + "".join(f"{s:>18}" for s in columns)
     print(f"\nperplexity after each step (step seconds)\n{header}\n{'-' * len(header)}")
     for label, row in rows.items():
