@@ -222,7 +222,7 @@ RECOVERY_STEPS = ("dsnot", "r2dsnot", "perp-reconstruct", "perp-bias-norm", "per
 ALL_LAYER_STEPS = ("dsnot", "r2dsnot")
 REFINER_VARIANTS = {"all": ["layers=all"], "sign": ["sign_check=true"]}
 """Refiner rows beside the faithful defaults, for the uniform Wanda bases: every linear refined
-(recovery.md §2.2: "benchmark `all` too") and DSnoT with the paper's sign check (§1.5)."""
+(recovery.md §2.2: "benchmark `all` too") and with the paper's sign check (§1.5; faithful mode has none)."""
 PERP_TOKENS = 32768
 """Fixed token budget of every whole-model PERP row (32 optimiser steps of 2 windows x 512
 tokens); the layer-wise reconstruction keeps its per-block default (20 steps of 1 window)."""
@@ -262,8 +262,6 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
                     if step not in ALL_LAYER_STEPS or criterion != "wanda" or alloc != "uniform":
                         continue
                     for variant, options in REFINER_VARIANTS.items():
-                        if variant == "sign" and step != "dsnot":
-                            continue
                         all_layers.append((f"{base}+{step}-{variant}", C + "wanda-uniform-50.yaml",
                                            [f"sparsity=0.{pct[0]}", *crit, *extra,
                                             *(f"recover.{step}.{o}" for o in options)]))
@@ -282,8 +280,7 @@ def recovery(opts: argparse.Namespace) -> dict:
     trainable parameters; one process per row, resumable like ``allocation``."""
     result = allocation(opts, recovery_runs(Path(opts.out)))
     rows = {r["run"]: r for r in result["rows"]}
-    columns = [*RECOVERY_STEPS, *(f"{s}-{v}" for s in ALL_LAYER_STEPS for v in REFINER_VARIANTS
-                                  if v != "sign" or s == "dsnot")]
+    columns = [*RECOVERY_STEPS, *(f"{s}-{v}" for s in ALL_LAYER_STEPS for v in REFINER_VARIANTS)]
     header = f"{'base':<24}{'before':>10}" + "".join(f"{s:>18}" for s in columns)
     print(f"\nperplexity after each step (step seconds)\n{header}\n{'-' * len(header)}")
     for label, row in rows.items():
