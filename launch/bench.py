@@ -222,7 +222,8 @@ RECOVERY_STEPS = ("dsnot", "r2dsnot", "perp-reconstruct", "perp-bias-norm", "per
 ALL_LAYER_STEPS = ("dsnot", "r2dsnot")
 REFINER_VARIANTS = {"all": ["layers=all"], "sign": ["sign_check=true"]}
 """Refiner rows beside the faithful defaults, for the uniform Wanda bases: every linear refined
-(recovery.md §2.2: "benchmark `all` too") and with the paper's sign check (§1.5; faithful mode has none)."""
+(recovery.md §2.2: "benchmark `all` too") and with the paper's sign check (§1.5; faithful mode
+has none)."""
 PERP_TOKENS = 32768
 """Fixed token budget of every whole-model PERP row (32 optimiser steps of 2 windows x 512
 tokens); the layer-wise reconstruction keeps its per-block default (20 steps of 1 window)."""
