@@ -219,7 +219,7 @@ def workers(opts: argparse.Namespace) -> dict:
 
 RECOVERY_STEPS = ("dsnot", "r2dsnot", "perp-reconstruct", "perp-bias-norm", "perp-masklora",
                   "perp-scalelora")
-ALL_LAYER_STEPS = ("dsnot", "r2dsnot")
+REFINER_STEPS = ("dsnot", "r2dsnot")
 REFINER_VARIANTS = {"all": ["layers=all"], "sign": ["sign_check=true"]}
 """Refiner rows beside the faithful defaults, for the uniform Wanda bases: every linear refined
 (recovery.md §2.2: "benchmark `all` too") and with the paper's sign check (§1.5; faithful mode
@@ -240,7 +240,7 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
     that an interrupted run (the suite resumes from its JSON) covers every base before it covers
     every variant (see ``_whole_model_priority``). The REFINER_VARIANTS rows of the uniform
     Wanda bases follow the in-worker rows."""
-    cheap, model, all_layers = [], [], []
+    cheap, model, variants = [], [], []
     for criterion in ("wanda", "sparsegpt"):
         for pct in ("60", "70"):
             for alloc in ("uniform", "neuroal"):
@@ -260,13 +260,13 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
                     (model if whole else cheap).append(
                         (f"{base}+{step}", C + "wanda-uniform-50.yaml",
                          [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
-                    if step not in ALL_LAYER_STEPS or criterion != "wanda" or alloc != "uniform":
+                    if step not in REFINER_STEPS or criterion != "wanda" or alloc != "uniform":
                         continue
                     for variant, options in REFINER_VARIANTS.items():
-                        all_layers.append((f"{base}+{step}-{variant}", C + "wanda-uniform-50.yaml",
+                        variants.append((f"{base}+{step}-{variant}", C + "wanda-uniform-50.yaml",
                                            [f"sparsity=0.{pct[0]}", *crit, *extra,
                                             *(f"recover.{step}.{o}" for o in options)]))
-    return cheap + all_layers + sorted(model, key=_whole_model_priority)
+    return cheap + variants + sorted(model, key=_whole_model_priority)
 
 
 def _whole_model_priority(run: tuple[str, str, list[str]]) -> tuple:
@@ -281,7 +281,7 @@ def recovery(opts: argparse.Namespace) -> dict:
     trainable parameters; one process per row, resumable like ``allocation``."""
     result = allocation(opts, recovery_runs(Path(opts.out)))
     rows = {r["run"]: r for r in result["rows"]}
-    columns = [*RECOVERY_STEPS, *(f"{s}-{v}" for s in ALL_LAYER_STEPS for v in REFINER_VARIANTS)]
+    columns = [*RECOVERY_STEPS, *(f"{s}-{v}" for s in REFINER_STEPS for v in REFINER_VARIANTS)]
     header = f"{'base':<24}{'before':>10}" + "".join(f"{s:>18}" for s in columns)
     print(f"\nperplexity after each step (step seconds)\n{header}\n{'-' * len(header)}")
     for label, row in rows.items():
