@@ -264,8 +264,8 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
                         continue
                     for variant, options in REFINER_VARIANTS.items():
                         variants.append((f"{base}+{step}-{variant}", C + "wanda-uniform-50.yaml",
-                                           [f"sparsity=0.{pct[0]}", *crit, *extra,
-                                            *(f"recover.{step}.{o}" for o in options)]))
+                                         [f"sparsity=0.{pct[0]}", *crit, *extra,
+                                          *(f"recover.{step}.{o}" for o in options)]))
     return cheap + variants + sorted(model, key=_whole_model_priority)
 
 
