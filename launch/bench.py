@@ -238,42 +238,37 @@ def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
     Order: every base with its in-worker steps (the refiners and ``perp-reconstruct``, a few
     minutes each) first, then the whole-model PERP rows (about 4-5 minutes each on 2 cores), so
     that an interrupted run (the suite resumes from its JSON) covers every base before it covers
-    every variant (see ``_whole_model_priority``). The REFINER_VARIANTS rows of the uniform
+    every variant. The REFINER_VARIANTS rows of the uniform
     Wanda bases follow the in-worker rows."""
     cheap, model, variants = [], [], []
     for criterion in ("wanda", "sparsegpt"):
         for pct in ("60", "70"):
             for alloc in ("uniform", "neuroal"):
                 base = f"{criterion}-{alloc}-{pct}"
-                crit = [f"criterion.name={criterion}"]
+                plain = [f"sparsity=0.{pct[0]}", f"criterion.name={criterion}"]
                 if alloc == "neuroal":
-                    cheap.append((base, C + f"wanda-neuroal-{pct}.yaml", [*SCREEN_GRID, *crit]))
-                    reuse = ["allocation.name=file", f"allocation.path={out / base}"]
+                    cheap.append((base, C + f"wanda-neuroal-{pct}.yaml", [*SCREEN_GRID, plain[1]]))
+                    plain += ["allocation.name=file", f"allocation.path={out / base}"]
                 else:
-                    cheap.append((base, C + "wanda-uniform-50.yaml", [f"sparsity=0.{pct[0]}", *crit]))
-                    reuse = []
+                    cheap.append((base, C + "wanda-uniform-50.yaml", plain))
+                # Whole-model rows: Wanda before SparseGPT (loop order), 70 % before 60 % (where
+                # recovery matters most), uniform before NeuroAL (loop order).
+                priority = (criterion != "wanda", pct != "70")
                 for step in RECOVERY_STEPS:
                     extra = [f"recover.steps=[{step}]"]
-                    whole = step.startswith("perp-") and step != "perp-reconstruct"
-                    if whole:
-                        extra.append(f"recover.{step}.tokens={PERP_TOKENS}")
-                    (model if whole else cheap).append(
-                        (f"{base}+{step}", C + "wanda-uniform-50.yaml",
-                         [f"sparsity=0.{pct[0]}", *crit, *reuse, *extra]))
+                    run = (f"{base}+{step}", C + "wanda-uniform-50.yaml", [*plain, *extra])
+                    if step.startswith("perp-") and step != "perp-reconstruct":
+                        run[2].append(f"recover.{step}.tokens={PERP_TOKENS}")
+                        model.append((priority, run))
+                    else:
+                        cheap.append(run)
                     if step not in REFINER_STEPS or criterion != "wanda" or alloc != "uniform":
                         continue
                     for variant, options in REFINER_VARIANTS.items():
                         variants.append((f"{base}+{step}-{variant}", C + "wanda-uniform-50.yaml",
-                                         [f"sparsity=0.{pct[0]}", *crit, *extra,
-                                          *(f"recover.{step}.{o}" for o in options)]))
-    return cheap + variants + sorted(model, key=_whole_model_priority)
-
-
-def _whole_model_priority(run: tuple[str, str, list[str]]) -> tuple:
-    """Whole-model PERP rows: Wanda before SparseGPT, 70 % before 60 % (where recovery matters
-    most), uniform before NeuroAL; the variants of one base stay together."""
-    criterion, alloc, pct = run[0].split("+")[0].split("-")
-    return criterion != "wanda", pct != "70", alloc != "uniform"
+                                         [*plain, *extra, *(f"recover.{step}.{o}" for o in options)]))
+    # sorted() is stable: the variants of one base stay together, in RECOVERY_STEPS order.
+    return cheap + variants + [run for _, run in sorted(model, key=lambda item: item[0])]
 
 
 def recovery(opts: argparse.Namespace) -> dict:
