@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 
@@ -67,7 +68,14 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
                      data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                      shard_size=args.shard_size, overwrite=args.overwrite)
-    report = recover(job)
+    from neuroal.export import OutputExistsError
+    from neuroal.models.loading import ModelSourceError
+
+    try:
+        report = recover(job)
+    except (OutputExistsError, ModelSourceError) as exc:  # refused before loading
+        logging.getLogger("neuroal").error("%s", exc)
+        return 2
     if report:
         ppl = report["perplexity"]
         sys.stdout.write(f"{args.eval}: perplexity before {ppl['before']}, after {ppl['after']} "

@@ -11,6 +11,12 @@ Layout under ``<output>.neuroal-tmp/state/``:
   bit-identical inputs to the next block because the same micro-batches run through the same
   weights.
 
+Integrity: every state file ``F`` gets a sidecar ``F.sha256`` (``sha256sum`` format) written
+before ``F`` is renamed into place; reading ``F`` verifies it and refuses a mismatch or a missing
+digest, naming the file. ``meta.json`` also records a fingerprint of the model's weights
+(:func:`neuroal.models.loading.weights_fingerprint`): ``--resume`` refuses a model that changed.
+A replayed block is checked against its stored report and its plan (:func:`check_replayed`).
+
 Everything here is file I/O on plain tensors and dicts; the workers write and read their own
 blocks (shared storage), the coordinator writes the search candidates.
 """
@@ -39,8 +45,15 @@ NON_SEMANTIC = ("output.dir", "output.overwrite", "log_level", "engine.executor"
                 "compare")
 
 
+FORMAT = 2  # 2: SHA-256 sidecars and the weights fingerprint
+
+
 class ResumeMismatchError(ValueError):
-    """``--resume`` found state written by a different configuration."""
+    """``--resume`` found state written by a different configuration or model."""
+
+
+class StateIntegrityError(ValueError):
+    """A resume state file is corrupted, edited or inconsistent with its plan."""
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -68,10 +81,53 @@ def config_hash(canonical: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
+def _digest_path(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``<path>.part``, record its SHA-256 in ``<path>.sha256``, then rename: a
+    file at ``path`` always has its digest beside it."""
     tmp = path.with_name(path.name + ".part")
     write(tmp)
+    side = _digest_path(path)
+    side_tmp = side.with_name(side.name + ".part")
+    side_tmp.write_text(f"{_file_sha256(tmp)}  {path.name}\n")
+    os.replace(side_tmp, side)
     os.replace(tmp, path)
+
+
+def verified_bytes(path: str | Path) -> bytes:
+    """The content of a state file after checking it against its recorded SHA-256.
+
+    Raises:
+        StateIntegrityError: No digest recorded, or the content does not match it.
+    """
+    path = Path(path)
+    side = _digest_path(path)
+    data = path.read_bytes()
+    try:
+        expected = side.read_text().split()[0]
+    except (OSError, IndexError):
+        raise StateIntegrityError(
+            f"resume state file {str(path)!r} has no recorded SHA-256 ({side.name} missing); it "
+            "was not written by this neuroal run: drop --resume and pass --overwrite to start "
+            "afresh") from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected:
+        raise StateIntegrityError(
+            f"resume state file {str(path)!r} was modified or corrupted after it was written "
+            f"(SHA-256 {actual[:16]}..., recorded {expected[:16]}...); refusing to use it: drop "
+            "--resume and pass --overwrite to start afresh")
+    return data
 
 
 class RunState:
@@ -81,24 +137,23 @@ class RunState:
         root: ``<output>.neuroal-tmp/state``.
         canonical: The canonical config (see :func:`canonical_config`).
         resume: Reuse existing state (must match); otherwise any old state is discarded.
+        weights: The model's :func:`~neuroal.models.loading.weights_fingerprint`; with
+            ``resume`` it must match the stored one.
 
     Raises:
-        ResumeMismatchError: ``resume`` and the stored hash differs; the message lists the keys.
+        ResumeMismatchError: ``resume`` and the stored config hash or weights differ; the
+            message lists the differing keys and what changed in the model.
+        StateIntegrityError: ``resume`` and a state file fails its SHA-256 (named).
     """
 
-    def __init__(self, root: str | Path, canonical: Mapping[str, Any], resume: bool) -> None:
+    def __init__(self, root: str | Path, canonical: Mapping[str, Any], resume: bool,
+                 weights: Mapping[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.hash = config_hash(canonical)
+        self.weights = dict(weights or {})
         meta = self.root / "meta.json"
         if resume and meta.exists():
-            old = json.loads(meta.read_text())
-            if old["hash"] != self.hash:
-                keys = sorted(k for k in set(old["config"]) | set(canonical)
-                              if old["config"].get(k) != canonical.get(k))
-                raise ResumeMismatchError(
-                    f"--resume: the state in {str(self.root)!r} was written by a different "
-                    f"configuration (differing keys: {', '.join(keys)}); rerun with the same "
-                    "settings, or drop --resume (with --overwrite) to start afresh")
+            self._check_resume(meta, canonical)
             log.info("resuming from %s (config hash %s)", self.root, self.hash[:12])
         elif self.root.exists():
             import shutil
@@ -107,7 +162,36 @@ class RunState:
         (self.root / "search").mkdir(parents=True, exist_ok=True)
         (self.root / "prune").mkdir(parents=True, exist_ok=True)
         _atomic_write(meta, lambda p: p.write_text(json.dumps(
-            {"hash": self.hash, "config": dict(canonical)}, indent=1, sort_keys=True)))
+            {"format": FORMAT, "hash": self.hash, "config": dict(canonical),
+             "weights": self.weights}, indent=1, sort_keys=True)))
+
+    def _check_resume(self, meta: Path, canonical: Mapping[str, Any]) -> None:
+        """Same format, config and weights as the stored state, every state file intact."""
+        from neuroal.models.loading import fingerprint_changes
+
+        old = json.loads(verified_bytes(meta))
+        if old.get("format") != FORMAT:
+            raise ResumeMismatchError(
+                f"--resume: the state in {str(self.root)!r} was written by an earlier neuroal "
+                "(no integrity digests, no weights fingerprint); drop --resume and pass "
+                "--overwrite to start afresh")
+        problems = []
+        if old["hash"] != self.hash:
+            keys = sorted(k for k in set(old["config"]) | set(canonical)
+                          if old["config"].get(k) != canonical.get(k))
+            problems.append(f"a different configuration (differing keys: {', '.join(keys)})")
+        changes = fingerprint_changes(old.get("weights") or {}, self.weights)
+        if changes:
+            problems.append(f"a different model: its weights changed since the interrupted run "
+                            f"({'; '.join(changes)})")
+        if problems:
+            raise ResumeMismatchError(
+                f"--resume: the state in {str(self.root)!r} was written by "
+                f"{' and by '.join(problems)}; rerun with the same settings and model, or drop "
+                "--resume (with --overwrite) to start afresh")
+        for path in sorted([*self.root.glob("search/*.pt"),
+                            *self.root.glob("prune/*.safetensors")]):
+            verified_bytes(path)
 
     # ------------------------------------------------------------------ search candidates
 
@@ -122,10 +206,12 @@ class RunState:
 
     def load_candidate(self, phase: str, ordinal: int, value: float) -> dict[str, Any] | None:
         """A finished candidate, or None (also when its grid value differs: never reuse)."""
+        import io
+
         path = self.candidate_path(phase, ordinal)
         if not path.exists():
             return None
-        payload = torch.load(path, weights_only=True)
+        payload = torch.load(io.BytesIO(verified_bytes(path)), weights_only=True)
         return payload if payload["value"] == float(value) else None
 
     # ------------------------------------------------------------------ pruned blocks
@@ -152,12 +238,56 @@ def save_block_state(root: str | Path, index: int, weights: Mapping[str, torch.T
 def load_block_state(root: str | Path, index: int,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """A finished block's weights and report, or None if the block is not finished."""
-    from safetensors import safe_open
+    from safetensors.torch import load
 
     path = block_state_path(root, index)
     if not path.exists():
         return None
-    with safe_open(str(path), framework="pt") as f:
-        weights = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 - safe_open API
-        report = json.loads((f.metadata() or {}).get("report", "{}"))
-    return weights, report
+    data = verified_bytes(path)
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    report = json.loads((header.get("__metadata__") or {}).get("report", "{}"))
+    return load(data), report
+
+
+def check_replayed(path: str | Path, weights: Mapping[str, torch.Tensor], report: Mapping[str, Any],
+                   linears: Mapping[str, int], targets: Mapping[str, float] | None = None) -> None:
+    """Check a stored block before it is replayed: every prunable linear is there, its zeros
+    are the ones its report counts (at least the pruned count), and the report's targets are
+    the plan's.
+
+    Args:
+        path: The block's state file (named in errors).
+        weights: Stored tensors ``name -> (rows, cols)``.
+        report: The stored :class:`~neuroal.engine.worker.BlockReport` as a dict.
+        linears: ``linear name -> input columns`` of the block's prunable linears.
+        targets: ``linear name -> mean planned ratio`` from the current plan (None: not checked).
+
+    Raises:
+        StateIntegrityError: Naming the file, the linear and the mismatch.
+    """
+    layers = {r["name"]: r for r in report.get("layers", [])}
+    problems = [f"{n}: no stored weight" for n in sorted(set(linears) - set(weights))]
+    problems += [f"{n}: not in the stored report" for n in sorted(set(linears) - set(layers))]
+    for name in sorted(set(linears) & set(weights) & set(layers)):
+        layer, weight = layers[name], weights[name]
+        zeros = int((weight == 0).sum())
+        if zeros != layer["zeros"] or weight.numel() != layer["numel"]:
+            problems.append(f"{name}: {zeros} zeros of {weight.numel()} stored, the report says "
+                            f"{layer['zeros']} of {layer['numel']}")
+        elif zeros < layer["pruned"]:
+            problems.append(f"{name}: {zeros} zeros but {layer['pruned']} pruned")
+        if targets is not None and name in targets:
+            target = targets[name]
+            # the planned count is exact up to rounding per row (1 / columns) or group
+            slack = 0.02 + 1.0 / max(1, linears[name])
+            if abs(layer["target"] - target) > 1e-9:
+                problems.append(f"{name}: stored target {layer['target']:.6f}, the plan says "
+                                f"{target:.6f}")
+            elif layer["pruned"] / max(1, layer["numel"]) < target - slack:
+                problems.append(f"{name}: {layer['pruned'] / layer['numel']:.4f} pruned, the plan "
+                                f"says {target:.4f}")
+    if problems:
+        raise StateIntegrityError(
+            f"resume state file {str(path)!r} does not match its report or the plan "
+            f"({'; '.join(problems)}); refusing to replay it: drop --resume and pass --overwrite "
+            "to start afresh")

@@ -7,24 +7,29 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from neuroal.logging import get_logger
+from neuroal.safety import (
+    OutputExistsError,  # noqa: F401 - re-exported: neuroal.export.OutputExistsError
+    OutputLock,
+    check_output_path,
+    check_tmp,
+    clear_tmp,
+    swap_into_place,
+    write_marker,
+)
 
 log = get_logger(__name__)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and ``--overwrite`` was not given."""
 
 
 def parse_size(text: str | int) -> int:
@@ -38,11 +43,21 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
-@dataclass(frozen=True)
+@dataclass
 class OutputDir:
-    """The final output path and its sibling temporary directory ``<output>.neuroal-tmp``."""
+    """The final output path and its sibling temporary directory ``<output>.neuroal-tmp``.
+
+    The path is made absolute (``--output .`` and ``..`` name real directories). The safety
+    rules (what may be written or replaced, the lock, the swap) live in :mod:`neuroal.safety`.
+    """
 
     path: Path
+    overwrite: bool = False
+    lock: OutputLock = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(os.path.abspath(self.path))
+        self.lock = OutputLock(self.tmp)
 
     @property
     def tmp(self) -> Path:
@@ -56,44 +71,57 @@ class OutputDir:
     def state(self) -> Path:
         return self.tmp / "state"
 
-    def check(self, overwrite: bool, resume: bool = False) -> None:
-        """Refuse an existing output (before any heavy work) unless ``overwrite``; a previous
-        run's temporary directory is reused with ``resume`` and replaced with ``overwrite``."""
-        if self.path.exists() and not overwrite:
-            raise OutputExistsError(
-                f"output directory {str(self.path)!r} already exists; choose another --output "
-                "or pass --overwrite to replace it")
-        if self.tmp.exists() and not (overwrite or resume):
-            raise OutputExistsError(
-                f"a previous run left {str(self.tmp)!r}; pass --resume to continue it (same "
-                "config), --overwrite to start afresh, or remove it")
+    def check(self, overwrite: bool, resume: bool = False, inputs: Iterable[str | Path] = ()) -> None:
+        """Refuse, before any heavy work and without side effects, an output path that may not
+        be written: an existing output without ``overwrite``, one neuroal did not write, a link,
+        a file, an unwritable parent, or a path that is, contains or lies inside an input."""
+        self.overwrite = overwrite
+        check_output_path(self.path, overwrite, inputs)
+
+    def acquire(self, overwrite: bool, resume: bool = False) -> None:
+        """Take the output's lock (refused while another run holds it), then check what a
+        previous run left in the temporary directory: reused with ``resume``, replaced with
+        ``overwrite``. Release with :meth:`release` (``atomic`` does it on exit)."""
+        self.overwrite = overwrite
+        self.lock.acquire()
+        try:
+            check_tmp(self.tmp, self.path, overwrite, resume)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def release(self) -> None:
+        self.lock.release()
 
     @contextmanager
-    def atomic(self, keep_state: bool = False) -> Iterator[Path]:
+    def atomic(self, keep_state: bool = False, kind: str = "prune") -> Iterator[Path]:
         """Yield the staging directory ``<tmp>/model``; move it to ``path`` only if the body
-        completes, then delete the temporary directory.
+        completes (old output moved aside, new one moved in, old one deleted), then delete the
+        temporary directory. Takes the lock if :meth:`acquire` has not, releases it on exit.
 
         On any failure, Ctrl-C included, ``model/`` is removed and nothing appears at ``path``;
         with ``keep_state`` the resume state ``<tmp>/state`` survives (engine.md §8).
         """
-        if self.staging.exists():
-            shutil.rmtree(self.staging)
-        if not keep_state and self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.staging.mkdir(parents=True)
+        if not self.lock.held:
+            self.acquire(self.overwrite, resume=keep_state)
         try:
-            yield self.staging
-        except BaseException:
-            if keep_state and self.state.exists():
-                shutil.rmtree(self.staging, ignore_errors=True)
-                log.warning("run failed; resume state kept in %s (rerun with --resume)", self.state)
-            else:
-                shutil.rmtree(self.tmp, ignore_errors=True)
-            raise
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.staging, self.path)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            clear_tmp(self.tmp, keep=("state",) if keep_state else ())
+            self.staging.mkdir(parents=True)
+            try:
+                yield self.staging
+            except BaseException:
+                if keep_state and self.state.exists():
+                    shutil.rmtree(self.staging, ignore_errors=True)
+                    log.warning("run failed; resume state kept in %s (rerun with --resume)",
+                                self.state)
+                else:
+                    clear_tmp(self.tmp, keep=())
+                raise
+            write_marker(self.staging, kind)
+            swap_into_place(self.staging, self.path, self.overwrite)
+            clear_tmp(self.tmp, keep=())
+        finally:
+            self.release()
 
 
 def finalize_shards(directory: Path, files: list[dict[str, Any]]) -> dict[str, Any]:

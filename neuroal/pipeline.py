@@ -43,10 +43,12 @@ from neuroal.models.loading import (
     ModelSource,
     ModelSourceError,
     build_skeleton,
+    input_paths,
     load_model_config,
     resolve_dtype,
     resolve_model,
     source_dtype,
+    weights_fingerprint,
 )
 from neuroal.recovery import (
     RECONSTRUCT,
@@ -194,10 +196,11 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
     """Resolve and check everything that needs no weights; tokenise the data."""
     with timings("resolve"):
         output = None
+        source = resolve_model(cfg.model.name, cfg.model.revision)
         if cfg.output.save_model or cfg.output.dir:
             output = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg))
-            output.check(cfg.output.overwrite, cfg.output.resume)
-        source = resolve_model(cfg.model.name, cfg.model.revision)
+            output.check(cfg.output.overwrite, cfg.output.resume,
+                         inputs=[*input_paths(source), *_local(cfg.model.tokenizer)])
         config = load_model_config(source, cfg.model.trust_remote_code)
         device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
@@ -205,16 +208,28 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         shape = adapter.shape()
         check_shape(cfg, shape)
         check_memory(cfg, config, adapter, device, dtype)
-    with timings("data"):
-        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
-        calib = None
-        if parse_source(cfg.calib.source).name != "self":
-            calib = load_calibration(cfg.calib.source, tokenizer, cfg.calib.nsamples,
-                                     cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir)
-        evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
-                                         cfg.eval.max_windows, cfg.calib.data_dir)
-                 for spec in cfg.eval.datasets}
+        if output is not None:  # one run per output; released by OutputDir.atomic
+            output.acquire(cfg.output.overwrite, cfg.output.resume)
+    try:
+        with timings("data"):
+            tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
+            calib = None
+            if parse_source(cfg.calib.source).name != "self":
+                calib = load_calibration(cfg.calib.source, tokenizer, cfg.calib.nsamples,
+                                         cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir)
+            evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
+                                             cfg.eval.max_windows, cfg.calib.data_dir)
+                     for spec in cfg.eval.datasets}
+    except BaseException:
+        if output is not None:
+            output.release()
+        raise
     return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output)
+
+
+def _local(path: str | None) -> list[str]:
+    """``[path]`` if it names an existing local file or directory, else ``[]``."""
+    return [path] if path and Path(path).expanduser().exists() else []
 
 
 # --------------------------------------------------------------------------- run
@@ -356,12 +371,14 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
 
 def open_state(cfg: PruneConfig, prep: Prepared) -> RunState | None:
     """The resume state under ``<output>.neuroal-tmp/state`` (engine.md §8), keyed by the hash
-    of the semantic config plus library versions, device type and dtype; None without output."""
+    of the semantic config plus library versions, device type and dtype, and the fingerprint of
+    the model's weights (a swapped checkpoint is refused on resume); None without output."""
     if prep.output is None:
         return None
     extra = {"neuroal": getattr(neuroal, "__version__", "0"), "torch": torch.__version__,
              "device_type": torch.device(prep.device).type, "dtype": str(prep.dtype)}
-    return RunState(prep.output.state, canonical_config(cfg.to_dict(), extra), cfg.output.resume)
+    return RunState(prep.output.state, canonical_config(cfg.to_dict(), extra), cfg.output.resume,
+                    weights=weights_fingerprint(prep.source))
 
 
 def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, timings: Timings,

@@ -167,6 +167,15 @@ class Checkpointed:
             keys.append((c.phase, self.ordinal.get(c.phase, 0), c.value))
             self.ordinal[c.phase] = keys[-1][1] + 1
         stored = [self.state.load_candidate(*k) for k in keys]
+        for key, payload in zip(keys, stored, strict=True):
+            if payload is not None and payload["score"] != total_alignment(
+                    [d["na"] for d in payload["detail"]]):
+                from neuroal.checkpoint import StateIntegrityError
+
+                raise StateIntegrityError(
+                    f"resume state file {str(self.state.candidate_path(*key[:2]))!r}: stored "
+                    f"score {payload['score']!r} is not the sum of its alignment terms; "
+                    "refusing to use it: drop --resume and pass --overwrite to start afresh")
         todo = [c for c, s in zip(cands, stored, strict=True) if s is None]
         if len(todo) < len(cands):
             log.info("resume: %d of %d candidates loaded from %s", len(cands) - len(todo),

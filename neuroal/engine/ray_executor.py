@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.checkpoint import block_state_path, load_block_state
+from neuroal.checkpoint import block_state_path, check_replayed, load_block_state
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
@@ -184,6 +184,8 @@ def _restore_pruned(worker: Worker, state_dir: str) -> list[int]:
             raise RuntimeError(f"worker {worker.spec.rank}: no saved state of block {index} in "
                                f"{state_dir}")
         linears = worker.adapter.prunable_linears(worker.adapter.blocks[index])
+        check_replayed(block_state_path(state_dir, index), *saved,
+                       {n: m.weight.shape[1] for n, m in linears.items()})
         for name, weight in saved[0].items():
             linears[name].weight.data.copy_(weight.to(linears[name].weight.device))
     return list(worker.blocks)

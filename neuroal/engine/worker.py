@@ -22,7 +22,12 @@ import torch
 from safetensors.torch import save_file
 
 from neuroal.capture import StatsCollector
-from neuroal.checkpoint import load_block_state, save_block_state
+from neuroal.checkpoint import (
+    block_state_path,
+    check_replayed,
+    load_block_state,
+    save_block_state,
+)
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
 from neuroal.logging import get_logger
@@ -151,6 +156,15 @@ class BlockReport:
                    dict(data.get("info") or {}))
 
 
+def mean_ratio(ratio: Any) -> float:
+    """A plan entry's mean ratio (a float, or per-row ratios ``(rows,)``): the layer target."""
+    if isinstance(ratio, torch.Tensor):
+        return float(ratio.double().mean())
+    if isinstance(ratio, (list, tuple)):
+        return float(torch.as_tensor(ratio, dtype=torch.float64).mean())
+    return float(ratio)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -250,7 +264,8 @@ class Worker:
         the reconstructed block then produces the next inputs (sparse propagation)."""
         t0 = time.perf_counter()
         if job.state_dir is not None and (saved := load_block_state(job.state_dir, index)):
-            return self._replay(index, stream, *saved)
+            return self._replay(index, stream, *saved, entries=entries,
+                                path=block_state_path(job.state_dir, index))
         targets = torch.empty_like(stream) if job.reconstruct is not None else None
         stats, order = self.collect_stats(index, stream, job, outputs=targets)
         layers = self.prune_block(index, stats, entries, job, order, seqlen=stream.shape[1])
@@ -279,11 +294,17 @@ class Worker:
         return state
 
     def _replay(self, index: int, stream: torch.Tensor, weights: Mapping[str, torch.Tensor],
-                report: Mapping[str, Any]) -> tuple[torch.Tensor, BlockReport]:
+                report: Mapping[str, Any], entries: Mapping[str, Any] | None = None,
+                path: str | Path = "block state") -> tuple[torch.Tensor, BlockReport]:
         """Resume (engine.md §8): load a finished block's pruned weights and run it on the
-        stream; the same micro-batches through the same weights give bit-identical outputs."""
+        stream; the same micro-batches through the same weights give bit-identical outputs.
+        The stored weights are checked first against their report and the plan ``entries``."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
+        targets = None if entries is None else {n: mean_ratio(entries[n]) for n in linears
+                                                if n in entries}
+        check_replayed(path, weights, report,
+                       {n: m.weight.shape[1] for n, m in linears.items()}, targets)
         for name, weight in weights.items():
             target = linears[name].weight if name in linears else block.get_parameter(name)
             target.data.copy_(weight.to(target.device))
@@ -361,9 +382,9 @@ class Worker:
             if weight is not None:
                 linear.weight.data.copy_(weight.to(linear.weight.dtype))
             linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0.0)
-            mean_ratio = float(ratio.double().mean()) if isinstance(ratio, torch.Tensor) else float(ratio)
+            ratio_mean = mean_ratio(ratio)
             info = {**result.info, "recovery": refined} if refined else result.info
-            reports.append(LayerReport(name, mean_ratio, int(mask.sum()),
+            reports.append(LayerReport(name, ratio_mean, int(mask.sum()),
                                        int((linear.weight.data == 0).sum()),
                                        linear.weight.numel(), info))
         return reports

@@ -327,3 +327,135 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     setattr(owner, attr, nn.Parameter(value, requires_grad=False))
+
+
+# --------------------------------------------------------------------------- identity of the weights
+
+_SAMPLE = 64 * 1024  # bytes hashed at each of the sampled offsets of a weight file's data
+_SAMPLES = 4
+_SMALL_FILES = ("config.json", "model.safetensors.index.json")
+
+
+def input_paths(source: ModelSource) -> list[str]:
+    """The local paths a run reads its model from: the HF directory or the ``.gguf`` file
+    (the hub cache snapshot when cached). An output may not be, contain or lie in one."""
+    if source.kind == "hf_dir":
+        return [source.location]
+    if source.kind == "gguf":
+        return [str(Path(source.location) / str(source.gguf_file))]
+    snapshot = _hub_snapshot(source)
+    return [str(snapshot)] if snapshot is not None else []
+
+
+def _hub_snapshot(source: ModelSource) -> Path | None:
+    """The cached snapshot directory of a hub model (its name is the commit), if cached."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source.location, "config.json",
+                                        revision=source.revision or "main")
+    except Exception:  # noqa: BLE001 - no cache, bad id: nothing to fingerprint
+        return None
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def _sha(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
+
+
+def _file_print(path: Path, header_end: int | None) -> dict[str, Any]:
+    """Size, SHA-256 of the header (safetensors JSON / GGUF metadata and tensor directory) and
+    of ``_SAMPLES`` evenly spaced ``_SAMPLE``-byte slices of the data after it.
+
+    Not a full-file hash: it reads a few hundred kB per file, yet any change of shapes, dtypes,
+    names, metadata, size or of the sampled bytes shows."""
+    import hashlib
+
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        if header_end is None:
+            header_end = min(size, 8 + int.from_bytes(f.read(8), "little"))
+        f.seek(0)
+        header = _sha(f.read(min(header_end, size)))
+        span = max(0, size - header_end)
+        sample = hashlib.sha256()
+        for k in range(_SAMPLES):
+            offset = (span - _SAMPLE) * k // (_SAMPLES - 1) if span > _SAMPLE else 0
+            f.seek(header_end + offset)
+            sample.update(f.read(_SAMPLE))
+    return {"size": size, "header": header, "sample": sample.hexdigest()}
+
+
+def _gguf_data_offset(path: Path) -> int | None:
+    try:
+        from gguf import GGUFReader
+
+        return int(GGUFReader(path, "r").data_offset)
+    except Exception:  # noqa: BLE001 - unreadable metadata: hash a fixed prefix instead
+        return None
+
+
+def weights_fingerprint(source: ModelSource) -> dict[str, Any]:
+    """What identifies a model's weights without hashing whole files (resume keys on it).
+
+    ``{"kind", "files": {name: {size, header, sample}}}`` for local directories (config, index
+    and every ``*.safetensors``) and GGUF files (header = metadata + tensor directory); hub
+    sources: ``{"kind": "hub", "id", "revision", "commit"}`` from the cached snapshot, with the
+    cached files, or ``"commit": None`` and a ``"note"`` when nothing is cached.
+    """
+    if source.kind == "gguf":
+        path = Path(source.location) / str(source.gguf_file)
+        files = {path.name: _file_print(path, _gguf_data_offset(path) or min(path.stat().st_size,
+                                                                            1 << 20))}
+        return {"kind": "gguf", "files": files}
+    if source.kind == "hf_dir":
+        return {"kind": "hf_dir", "files": _dir_prints(Path(source.location))}
+    snapshot = _hub_snapshot(source)
+    out: dict[str, Any] = {"kind": "hub", "id": source.location, "revision": source.revision,
+                           "commit": snapshot.name if snapshot is not None else None}
+    if snapshot is None:
+        out["note"] = "no cached files: the weights cannot be fingerprinted, only the id"
+    return out
+
+
+def _dir_prints(root: Path) -> dict[str, Any]:
+    prints: dict[str, Any] = {}
+    for name in _SMALL_FILES:
+        if (root / name).is_file():
+            prints[name] = {"size": (root / name).stat().st_size,
+                            "sha256": _sha((root / name).read_bytes())}
+    for path in sorted(root.glob("*.safetensors")):
+        prints[path.name] = _file_print(path, None)
+    return prints
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`weights_fingerprint` results (empty when
+    they match). Hub sources compare id, revision and commit when both commits are known."""
+    if old.get("kind") != new.get("kind"):
+        return [f"model source kind {old.get('kind')} -> {new.get('kind')}"]
+    if new.get("kind") == "hub":
+        changes = [f"{key} {old.get(key)} -> {new.get(key)}" for key in ("id", "revision")
+                   if old.get(key) != new.get(key)]
+        if old.get("commit") and new.get("commit") and old["commit"] != new["commit"]:
+            changes.append(f"commit {old['commit']} -> {new['commit']}")
+        elif not (old.get("commit") and new.get("commit")):
+            log.warning("resume: hub model %s is not fully cached; its weights cannot be "
+                        "fingerprinted, only its id and revision are compared", new.get("id"))
+        return changes
+    a, b = old.get("files", {}), new.get("files", {})
+    changes = [f"{name}: removed" for name in sorted(set(a) - set(b))]
+    changes += [f"{name}: added" for name in sorted(set(b) - set(a))]
+    for name in sorted(set(a) & set(b)):
+        was, now = a[name], b[name]
+        if was.get("size") != now.get("size"):
+            changes.append(f"{name}: size {was.get('size')} -> {now.get('size')} bytes")
+        elif was.get("sha256") != now.get("sha256"):
+            changes.append(f"{name}: content differs")
+        elif was.get("header") != now.get("header"):
+            changes.append(f"{name}: tensor directory / metadata differs")
+        elif was.get("sample") != now.get("sample"):
+            changes.append(f"{name}: weight bytes differ")
+    return changes

@@ -568,14 +568,16 @@ def _data(job: RecoverJob, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
-            merged: Mapping[str, torch.Tensor], names: list[str], report: dict[str, Any]) -> None:
+            merged: Mapping[str, torch.Tensor], names: list[str], report: dict[str, Any],
+            output: Any = None) -> None:
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
-    directory appears (atomic)."""
+    directory appears (atomic; ``output``: the checked, locked :class:`OutputDir`)."""
     from neuroal.export import OutputDir, write_json
     from neuroal.models.loading import source_dtype
 
     dtype = source_dtype(model.config, model_dtype(model))
-    with OutputDir(Path(job.output)).atomic() as staging:
+    output = output if output is not None else OutputDir(Path(job.output), job.overwrite)
+    with output.atomic(kind="recover") as staging:
         save_model(merged, model, tokenizer, staging, dtype, job.shard_size)
         layers = verify_saved_zeros(Path(source.location), staging, names)
         report["achieved_sparsity"] = (sum(v["zeros"] for v in layers.values())
@@ -591,13 +593,30 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     up to float rounding). The saved zeros are checked against the input checkpoint before the
     output directory appears.
 
+    The output path is checked first (neuroal.safety: not the input, not a directory neuroal
+    did not write, ...) and locked by rank 0 for the whole job.
+
     Returns:
         The report (also written as ``recovery.json`` in the output); empty on other ranks.
     """
-    from neuroal.export import OutputDir
+    import os
 
+    from neuroal.export import OutputDir
+    from neuroal.models.loading import input_paths, resolve_model
+
+    output = OutputDir(Path(job.output))
+    output.check(job.overwrite, inputs=input_paths(resolve_model(job.model)))
+    if os.environ.get("RANK", "0") == "0":  # the process that exports (one per job)
+        output.acquire(job.overwrite)
+    try:
+        return _recover(job, output)
+    finally:
+        output.release()
+
+
+def _recover(job: RecoverJob, output: Any) -> dict[str, Any]:
+    """:func:`recover` once the output is checked and locked."""
     t0 = time.perf_counter()
-    OutputDir(Path(job.output)).check(job.overwrite)
     device, accelerator = BACKENDS.get(job.backend)(job)
     source, model, tokenizer = _load(job, device)
     windows, evals = _data(job, tokenizer)
@@ -622,7 +641,7 @@ def recover(job: RecoverJob) -> dict[str, Any]:
                   "train_options": asdict(job.train), "train": info.to_dict(),
                   "added_biases": len(state.added_biases), "untied_head": state.untied,
                   "perplexity": ppl, "seconds": time.perf_counter() - t0}
-        _export(job, source, model, tokenizer, merged, names, report)
+        _export(job, source, model, tokenizer, merged, names, report, output)
     runner.barrier()
     return report
 
