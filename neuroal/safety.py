@@ -350,7 +350,7 @@ class OutputLock:
 
     def _remove_tmp_if_empty(self) -> None:
         """Remove the temp dir if empty, and the parents acquire() created if left empty."""
-        for directory in (self.tmp, *self._made):
+        for directory in (self.tmp, *(d for d in self._made if d != self.tmp)):
             try:
                 directory.rmdir()
             except OSError:
