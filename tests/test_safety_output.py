@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import DATA_DIR, REPO, run_cli_logged
 
-from neuroal.export import OutputDir
-from neuroal.safety import MARKER, OutputLock, UnsafeOutputError
+from neuroal.export import OutputDir, OutputExistsError
+
+MARKER = "neuroal_output.json"  # neuroal.safety.MARKER (spelled out: the tests also run on old code)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -230,7 +231,7 @@ def test_a_crash_during_the_swap_leaves_a_complete_model(tmp_path: Path,
     assert sorted(reports) == ["new", "old"], "one complete output must survive next to the path"
     again = OutputDir(out)
     again.check(overwrite=True)
-    with pytest.raises(UnsafeOutputError, match="interrupted while replacing"):
+    with pytest.raises(OutputExistsError, match="interrupted while replacing"):
         again.acquire(overwrite=True)
     assert sorted(json.loads(p.read_text())["v"] for p in tmp_path.rglob("report.json")) == ["new", "old"]
 
@@ -239,7 +240,7 @@ def test_swap_refuses_an_output_that_changed_during_the_run(tmp_path: Path) -> N
     out = tmp_path / "out"
     output = OutputDir(out)
     output.check(overwrite=True)
-    with pytest.raises(UnsafeOutputError, match="kept in"), output.atomic() as staging:
+    with pytest.raises(OutputExistsError, match="kept in"), output.atomic() as staging:
         (staging / "report.json").write_text("{}")
         out.mkdir()
         (out / "diary.txt").write_text("written meanwhile\n")
@@ -367,6 +368,8 @@ def test_two_real_runs_on_one_output(sandbox: Path) -> None:
 
 
 def test_lock_release_removes_only_what_it_created(tmp_path: Path) -> None:
+    from neuroal.safety import OutputLock
+
     lock = OutputLock(tmp_path / "a" / "b" / "out.neuroal-tmp")
     lock.acquire()
     assert json.loads(lock.file.read_text())["pid"] == os.getpid()
