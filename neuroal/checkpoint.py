@@ -106,14 +106,24 @@ def _atomic_write(path: Path, write: Any) -> None:
 
 
 def verified_bytes(path: str | Path) -> bytes:
-    """The content of a state file after checking it against its recorded SHA-256.
+    """The content of a (small) state file after checking it against its recorded SHA-256.
+
+    Raises:
+        StateIntegrityError: No digest recorded, or the content does not match it.
+    """
+    data = Path(path).read_bytes()
+    verify_file(path, hashlib.sha256(data).hexdigest())
+    return data
+
+
+def verify_file(path: str | Path, actual: str | None = None) -> None:
+    """Check a state file against its recorded SHA-256 (hashed in chunks unless ``actual``).
 
     Raises:
         StateIntegrityError: No digest recorded, or the content does not match it.
     """
     path = Path(path)
     side = _digest_path(path)
-    data = path.read_bytes()
     try:
         expected = side.read_text().split()[0]
     except (OSError, IndexError):
@@ -121,13 +131,12 @@ def verified_bytes(path: str | Path) -> bytes:
             f"resume state file {str(path)!r} has no recorded SHA-256 ({side.name} missing); it "
             "was not written by this neuroal run: drop --resume and pass --overwrite to start "
             "afresh") from None
-    actual = hashlib.sha256(data).hexdigest()
+    actual = actual or _file_sha256(path)
     if actual != expected:
         raise StateIntegrityError(
             f"resume state file {str(path)!r} was modified or corrupted after it was written "
             f"(SHA-256 {actual[:16]}..., recorded {expected[:16]}...); refusing to use it: drop "
             "--resume and pass --overwrite to start afresh")
-    return data
 
 
 class RunState:
@@ -191,7 +200,7 @@ class RunState:
                 "--resume (with --overwrite) to start afresh")
         for path in sorted([*self.root.glob("search/*.pt"),
                             *self.root.glob("prune/*.safetensors")]):
-            verified_bytes(path)
+            verify_file(path)
 
     # ------------------------------------------------------------------ search candidates
 
@@ -238,15 +247,16 @@ def save_block_state(root: str | Path, index: int, weights: Mapping[str, torch.T
 def load_block_state(root: str | Path, index: int,
                      ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """A finished block's weights and report, or None if the block is not finished."""
-    from safetensors.torch import load
+    from safetensors import safe_open
 
     path = block_state_path(root, index)
     if not path.exists():
         return None
-    data = verified_bytes(path)
-    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
-    report = json.loads((header.get("__metadata__") or {}).get("report", "{}"))
-    return load(data), report
+    verify_file(path)  # streamed: a 70B block is ~1.7 GB
+    with safe_open(str(path), framework="pt") as f:
+        weights = {n: f.get_tensor(n) for n in f.keys()}  # noqa: SIM118 - safe_open API
+        report = json.loads((f.metadata() or {}).get("report", "{}"))
+    return weights, report
 
 
 def check_replayed(path: str | Path, weights: Mapping[str, torch.Tensor], report: Mapping[str, Any],

@@ -15,7 +15,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -345,26 +344,51 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(sandbox: Path,
     assert (out / "report.json").is_file() and not tmp.exists()
 
 
-def test_two_real_runs_on_one_output(sandbox: Path) -> None:
-    """Two CLI processes on one output: exactly one writes it, the other exits 2 naming the
-    holder; never a traceback."""
+def test_a_second_run_while_one_is_writing_is_refused(sandbox: Path,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Run A (``--overwrite``) is paused in the middle of its prune; run B starts on the same
+    output with ``--overwrite``. Without a lock B deleted A's files and A crashed; now B exits 2
+    naming A, and A completes."""
+    import threading
+
+    from neuroal import cli
+    from neuroal.engine.worker import Worker
+
     out = sandbox / "out"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "launch" / "prune.py"), *prune_argv(sandbox / "model", out)]
-    first = subprocess.Popen(cmd, cwd=sandbox, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (sandbox / "out.neuroal-tmp" / "lock").exists() and first.poll() is None:
-        assert time.time() < deadline
-        time.sleep(0.05)
-    second = subprocess.run(cmd, cwd=sandbox, env=env, capture_output=True, text=True, timeout=300)
-    _, err1 = first.communicate(timeout=300)
-    codes = sorted([first.returncode, second.returncode])
-    assert "Traceback" not in err1 and "Traceback" not in second.stderr
-    assert codes == [0, 2], (err1[-2000:], second.stderr[-2000:])
-    loser = second.stderr if second.returncode == 2 else err1
-    assert "is held by PID" in loser or "already exists" in loser, loser[-2000:]
-    assert (out / "report.json").is_file()
+    argv = prune_argv(sandbox / "model", out, "--overwrite")
+    paused, go = threading.Event(), threading.Event()
+    original = Worker.prune_one
+    result: dict[str, object] = {}
+
+    def pause_run_a(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        if threading.current_thread().name == "run-a" and not paused.is_set():
+            paused.set()
+            go.wait(timeout=300)
+        return original(self, *args, **kwargs)
+
+    def run_a() -> None:
+        try:
+            result["a"] = cli.main(argv)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            result["a"] = exc
+
+    monkeypatch.setattr(Worker, "prune_one", pause_run_a)
+    thread = threading.Thread(target=run_a, name="run-a")
+    thread.start()
+    try:
+        assert paused.wait(timeout=300), result
+        before = snapshot(sandbox)
+        code, text = run_cli_logged(argv, caplog)
+    finally:
+        go.set()
+        thread.join(timeout=300)
+    assert_refused(code, text, f"is held by PID {os.getpid()}", socket.gethostname(),
+                   str(sandbox / "out.neuroal-tmp" / "lock"))
+    assert changed(before, snapshot(sandbox), own=("out", "out.neuroal-tmp")) == []
+    assert result["a"] == 0, result
+    assert json.loads((out / "report.json").read_text())["achieved_sparsity"] > 0.4
+    assert (out / MARKER).is_file() and not (sandbox / "out.neuroal-tmp").exists()
 
 
 def test_lock_release_removes_only_what_it_created(tmp_path: Path) -> None:
