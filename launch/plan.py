@@ -44,6 +44,10 @@ def main() -> int:
         offload_activations=args.offload_activations, device_type=args.device_type,
         eval_seqlen=args.eval_seqlen)
     try:
+        if args.json and args.json != "-":  # never over the model's own files
+            from neuroal.safety import check_file_output
+
+            check_file_output(args.json, [args.model] if Path(args.model).exists() else [])
         summary = summarize(args.model, request, parse_bytes(args.gpu_memory))
     except (ValueError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

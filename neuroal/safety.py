@@ -124,7 +124,10 @@ def replaceable(path: Path) -> tuple[bool, str]:
 
     Empty directories and neuroal outputs holding only what neuroal wrote are replaceable.
     """
-    entries = {e.name: e for e in os.scandir(path)}
+    try:
+        entries = {e.name: e for e in os.scandir(path)}
+    except OSError as exc:
+        return False, f"it cannot be listed ({exc.strerror})"
     if not entries:
         return True, "empty"
     marker = read_marker(path)
@@ -223,6 +226,22 @@ def _check_parent(path: Path) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UnsafeOutputError(f"cannot create output {str(path)!r}: the directory "
                                 f"{str(parent)!r} is not writable; choose another --output")
+
+
+def check_file_output(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
+    """Refuse a single-file output (e.g. ``plan.py --json``) that is a directory or a link, or
+    that is or lies inside an input (a model directory), symbolic links resolved."""
+    path = Path(os.path.abspath(path))
+    if path.is_symlink() or path.is_dir():
+        raise UnsafeOutputError(f"output file {str(path)!r} is "
+                                f"{'a symbolic link' if path.is_symlink() else 'a directory'}; "
+                                "pass a new file name")
+    real = Path(os.path.realpath(path))
+    for item in inputs:
+        src = Path(os.path.realpath(item))
+        if _within(real, src):
+            raise UnsafeOutputError(f"output file {str(path)!r} {'is' if real == src else 'lies inside'} "
+                                    f"the input {str(item)!r}; write it elsewhere")
 
 
 # --------------------------------------------------------------------------- lock
@@ -469,5 +488,5 @@ def swap_into_place(new: Path, path: Path, overwrite: bool) -> None:
 
 
 __all__ = ["MARKER", "OutputExistsError", "OutputLock", "OutputLockedError", "UnsafeOutputError",
-           "check_output_path", "check_tmp", "clear_tmp", "describe", "read_marker",
+           "check_file_output", "check_output_path", "check_tmp", "clear_tmp", "describe", "read_marker",
            "replaceable", "swap_into_place", "write_marker"]

@@ -399,3 +399,21 @@ def test_lock_release_removes_only_what_it_created(tmp_path: Path) -> None:
     assert json.loads(lock.file.read_text())["pid"] == os.getpid()
     lock.release()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_json_may_not_overwrite_the_model(sandbox: Path, monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """``launch/plan.py --json`` is a writer too: it replaced the model's config.json."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_cli", REPO / "launch" / "plan.py")
+    assert spec is not None and spec.loader is not None
+    plan_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plan_cli)
+    target = sandbox / "model" / "config.json"
+    before = snapshot(sandbox)
+    monkeypatch.setattr(sys, "argv", ["plan.py", "--model", str(sandbox / "model"), "--workers", "1",
+                                      "--device-type", "cpu", "--json", str(target)])
+    assert plan_cli.main() == 2
+    assert str(target) in capsys.readouterr().err
+    assert changed(before, snapshot(sandbox)) == []
