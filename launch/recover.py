@@ -77,7 +77,6 @@ def validate(args: argparse.Namespace) -> None:
     errors += positive_int("--tokens", args.tokens) if args.tokens is not None else []
     errors += positive_int("--rank", args.rank) if args.rank is not None else []
     errors += positive_number("--alpha", args.alpha) if args.alpha is not None else []
-    errors += positive_int("--eval-windows", args.eval_windows, minimum=0)
     try:
         config_from_flags({
             "model.name": args.model, "output.dir": args.output, "calib.source": args.calib,

@@ -18,7 +18,14 @@ from typing import Any
 import yaml
 
 from neuroal.criteria.base import NMPattern
-from neuroal.inputs import is_int, is_number, output_name_error, parse_size, typed_fields
+from neuroal.inputs import (
+    is_int,
+    is_number,
+    output_name_error,
+    parse_size,
+    type_error,
+    typed_fields,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
@@ -468,7 +475,7 @@ def _check_sparsity(cfg: PruneConfig) -> list[str]:
         errors.append(f"sparsity={cfg.sparsity!r}: expected a fraction strictly between 0 and 1 "
                       "(e.g. 0.5 for 50 %)")
     clip = tuple(cfg.allocation.clip)
-    numeric = all(isinstance(v, (int, float)) for v in clip)
+    numeric = all(is_number(v) for v in clip)
     if len(clip) != 2 or not numeric or not 0.0 <= clip[0] < clip[1] <= 1.0:
         errors.append(f"allocation.clip={list(cfg.allocation.clip)!r}: expected [lo, hi] with "
                       "0 <= lo < hi <= 1, e.g. [0.01, 0.99]")
@@ -511,6 +518,10 @@ def _check_criterion(cfg: PruneConfig, crit: Any) -> list[str]:
     if unknown:
         errors.append(f"criterion.{unknown[0]} is not an option of {crit.name!r}; valid options: "
                       f"{', '.join(sorted(crit.defaults)) or '(none)'}")
+    for key, value in cfg.criterion.options.items():  # typed like the option's default
+        kind = {bool: "bool", int: "int", float: "float"}.get(type(crit.defaults.get(key)))
+        error = type_error(f"criterion.{key}", value, kind) if kind else None
+        errors += [error] if error else []
     if cfg.criterion.group is not None and cfg.criterion.group not in crit.groups:
         errors.append(f"criterion.group={cfg.criterion.group!r} is not valid for {crit.name!r}; "
                       f"expected one of {', '.join(sorted(crit.groups))}")
