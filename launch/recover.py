@@ -64,7 +64,7 @@ def validate(args: argparse.Namespace) -> None:
     (exit code 2). Model, output and windows are checked against the model's config."""
     from neuroal.config import ConfigError, config_from_flags
     from neuroal.export import OutputDir
-    from neuroal.inputs import positive_int, positive_number, position_errors
+    from neuroal.inputs import position_errors, positive_int, positive_number
     from neuroal.models.loading import load_model_config, resolve_model
     from neuroal.recovery.perp import PERP_VARIANTS
 
