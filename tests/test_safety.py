@@ -28,6 +28,7 @@ from neuroal.config import ConfigError, load_config
 from neuroal.engine import executor as executor_mod
 
 BLOCK1 = "model.layers.1.mlp.down_proj.weight"
+NORM = "model.norm.weight"  # not pruned: a non-finite value there used to reach the output
 
 
 def _launch(name: str):
@@ -69,11 +70,12 @@ def sandbox(tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.Mo
     root.mkdir()
     model = root / "model"
     shutil.copytree(tiny_models["llama"], model)
-    shutil.copytree(model, root / "nan")
-    shard = _shard_of(root / "nan", BLOCK1)
-    tensors = load_file(str(shard))
-    tensors[BLOCK1][0, 0] = float("nan")
-    save_file(tensors, str(shard), metadata={"format": "pt"})
+    for name, key, value in (("nan", BLOCK1, float("nan")), ("inf", NORM, float("inf"))):
+        shutil.copytree(model, root / name)
+        shard = _shard_of(root / name, key)
+        tensors = load_file(str(shard))
+        tensors[key].view(-1)[3] = value
+        save_file(tensors, str(shard), metadata={"format": "pt"})
     shutil.copytree(model, root / "trunc")
     shard = _shard_of(root / "trunc", BLOCK1)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
@@ -224,7 +226,7 @@ CASES = [
 
 
 @pytest.mark.parametrize(("entry", "argv", "expected"), CASES,
-                         ids=[f"{c[0]}:{' '.join(c[1][-3:])}"[:80] for c in CASES])
+                         ids=[f"{c[0]}-{i}-{c[2][0]}"[:60] for i, c in enumerate(CASES)])
 def test_bad_input_exits_2_before_loading(entry: str, argv: list[str], expected: list[str],
                                           sandbox: Path, no_model_loading: None,
                                           caplog: pytest.LogCaptureFixture,
@@ -238,19 +240,21 @@ def test_bad_input_exits_2_before_loading(entry: str, argv: list[str], expected:
     assert snapshot(sandbox.parent) == before  # nothing written, moved or deleted
 
 
-@pytest.mark.parametrize("criterion", ["magnitude", "wanda"])
-def test_nan_weight_is_named_while_loading(criterion: str, sandbox: Path,
+@pytest.mark.parametrize(("model", "key", "criterion"), [("inf", NORM, "magnitude"),
+                                                          ("nan", BLOCK1, "wanda")])
+def test_nan_weight_is_named_while_loading(model: str, key: str, criterion: str, sandbox: Path,
                                            caplog: pytest.LogCaptureFixture,
                                            capsys: pytest.CaptureFixture) -> None:
-    """NaN in a block weight: refused as the block is loaded, tensor and shard named, nothing
-    written (magnitude needs no activations, so the NaN used to reach the output)."""
+    """NaN or Inf in a weight: refused as its block is loaded, tensor and shard named, nothing
+    written (an Inf in the final norm used to be pruned around and written out)."""
     before = snapshot(sandbox)
-    code, text = _capture(cli.main, ["--model", "nan", *_prune(["--criterion", criterion])[2:]],
+    code, text = _capture(cli.main, ["--model", model, *_prune(["--criterion", criterion])[2:]],
                           caplog, capsys)
     assert code == 2, text
-    shard = _shard_of(sandbox / "nan", BLOCK1).name
-    for fragment in (f"'{BLOCK1}'", shard, "NaN or Inf"):
+    shard = _shard_of(sandbox / model, key).name
+    for fragment in (f"'{key}'", shard, "NaN or Inf"):
         assert fragment in text
+    assert not (sandbox / "out").exists()
     assert snapshot(sandbox) == before
 
 
