@@ -20,7 +20,6 @@ from neuroal.logging import get_logger
 log = get_logger(__name__)
 
 
-
 class OutputExistsError(FileExistsError):
     """The output directory exists and ``--overwrite`` was not given."""
 
