@@ -18,8 +18,39 @@ from pathlib import Path
 
 from neuroal.planner import MemoryRequest, format_summary, parse_bytes, summarize
 
+# dotted config key -> flag: the flags are validated by the same config checks as prune.py
+FLAGS = {"model.name": "--model", "engine.workers": "--workers", "engine.memory_limit": "--gpu-memory",
+         "calib.nsamples": "--nsamples", "calib.seqlen": "--seqlen",
+         "engine.micro_batch": "--micro-batch", "criterion.name": "--criterion",
+         "allocation.name": "--allocation", "allocation.search_samples": "--search-samples",
+         "allocation.reference_stream": "--reference-stream", "eval.seqlen": "--eval-seqlen"}
 
-def main() -> int:
+
+def validate(args: argparse.Namespace) -> None:
+    """The flags as a prune config (same checks and messages as launch/prune.py), then the
+    windows against the model's positions; raises ConfigError (exit code 2)."""
+    from neuroal.config import ConfigError, config_from_flags
+    from neuroal.inputs import position_errors
+    from neuroal.models.loading import load_model_config, resolve_model
+
+    values = {"model.name": args.model, "engine.workers": args.workers,
+              "engine.memory_limit": args.gpu_memory, "calib.nsamples": args.nsamples,
+              "calib.seqlen": args.seqlen, "engine.micro_batch": args.micro_batch,
+              "criterion.name": args.criterion, "allocation.name": args.allocation,
+              "eval.seqlen": args.eval_seqlen, "eval.datasets": "wikitext2" if args.eval_seqlen
+              else "none"}
+    if args.allocation == "neuroal":
+        values.update({"allocation.search_samples": args.search_samples,
+                       "allocation.reference_stream": args.reference_stream})
+    config_from_flags(values, FLAGS)
+    errors = position_errors(load_model_config(resolve_model(args.model)),
+                             {"--seqlen": args.seqlen, "--eval-seqlen": args.eval_seqlen},
+                             args.model)
+    if errors:
+        raise ConfigError(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-2-70b", help="alias, HF directory or hub id")
     p.add_argument("--workers", type=int, default=8, help="workers, one device each")
@@ -36,7 +67,12 @@ def main() -> int:
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (last worker)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    try:
+        validate(args)
+    except (ValueError, OSError) as exc:  # ConfigError, ModelSourceError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     request = MemoryRequest(
         workers=args.workers, dtype=args.dtype, nsamples=args.nsamples, seqlen=args.seqlen,
         micro_batch=args.micro_batch, criterion=args.criterion, allocation=args.allocation,

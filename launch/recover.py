@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import os
 import sys
+from pathlib import Path
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,13 +51,83 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from neuroal.logging import configure
+# dotted config key -> flag: shared flags are validated by the same config checks as prune.py
+FLAGS = {"model.name": "model", "output.dir": "--output", "calib.source": "--calib",
+         "calib.nsamples": "--nsamples", "calib.seqlen": "--seqlen", "calib.seed": "--seed",
+         "calib.data_dir": "--data-dir", "eval.datasets": "--eval",
+         "eval.max_windows": "--eval-windows", "engine.device": "--device",
+         "model.dtype": "--dtype", "output.shard_size": "--shard-size"}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every flag checked before the model is loaded, all errors at once; raises ConfigError
+    (exit code 2). Model, output and windows are checked against the model's config."""
+    from neuroal.config import ConfigError, config_from_flags
+    from neuroal.export import OutputDir
+    from neuroal.inputs import position_errors, positive_int, positive_number
+    from neuroal.models.loading import load_model_config, resolve_model
     from neuroal.recovery.perp import PERP_VARIANTS
-    from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+
+    errors = []
+    if args.variant not in PERP_VARIANTS:
+        errors.append(f"--variant={args.variant!r} is unknown; available: "
+                      f"{', '.join(PERP_VARIANTS.names())}")
+    errors += positive_int("--steps", args.steps) + positive_int("--batch-size", args.batch_size)
+    errors += positive_int("--grad-accum", args.grad_accum) + positive_number("--lr", args.lr)
+    errors += positive_int("--tokens", args.tokens) if args.tokens is not None else []
+    errors += positive_int("--rank", args.rank) if args.rank is not None else []
+    errors += positive_number("--alpha", args.alpha) if args.alpha is not None else []
+    try:
+        config_from_flags({
+            "model.name": args.model, "output.dir": args.output, "calib.source": args.calib,
+            "calib.nsamples": args.nsamples, "calib.seqlen": args.seqlen, "calib.seed": args.seed,
+            "calib.data_dir": args.data_dir, "eval.datasets": args.eval if args.eval_windows
+            else "none", "eval.max_windows": args.eval_windows or None,
+            "engine.device": args.device, "model.dtype": args.dtype,
+            "output.shard_size": args.shard_size}, FLAGS)
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+    source = resolve_model(args.model)
+    if source.kind != "hf_dir":
+        raise ConfigError([f"model={args.model!r}: recover reads a local Hugging Face directory "
+                           "(a pruned export of launch/prune.py)"])
+    OutputDir(Path(args.output)).check(args.overwrite)
+    errors = position_errors(load_model_config(source), {"--seqlen": args.seqlen}, args.model)
+    if errors:
+        raise ConfigError(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from neuroal.export import OutputExistsError
+    from neuroal.logging import configure, get_logger
 
     args = parse(argv)
     configure("INFO")
+    log = get_logger("neuroal.recover")
+    try:
+        validate(args)
+        report = run(args)
+    except (ValueError, FileNotFoundError, OutputExistsError) as exc:  # ConfigError, ModelSourceError
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; no output was written")
+        return 130
+    if report:
+        ppl = report["perplexity"]
+        sys.stdout.write(f"{args.eval}: perplexity before {ppl['before']}, after {ppl['after']} "
+                         f"({report['train']['steps']} steps, {report['train']['tokens']} tokens, "
+                         f"sparsity {report['achieved_sparsity']:.4f}) -> {args.output}\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The validated flags as a RecoverJob, run; returns its report (empty on other ranks)."""
+    from neuroal.recovery.perp import PERP_VARIANTS
+    from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+
     overrides = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha),
                                    ("lm_head_lora", args.head_lora)) if v is not None}
     perp = dataclasses.replace(PERP_VARIANTS.get(args.variant), add_biases=args.add_biases, **overrides)
@@ -68,20 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                      seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
                      data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
                      shard_size=args.shard_size, overwrite=args.overwrite)
-    from neuroal.export import OutputExistsError
-    from neuroal.models.loading import ModelSourceError
-
-    try:
-        report = recover(job)
-    except (OutputExistsError, ModelSourceError) as exc:  # refused before loading
-        logging.getLogger("neuroal").error("%s", exc)
-        return 2
-    if report:
-        ppl = report["perplexity"]
-        sys.stdout.write(f"{args.eval}: perplexity before {ppl['before']}, after {ppl['after']} "
-                         f"({report['train']['steps']} steps, {report['train']['tokens']} tokens, "
-                         f"sparsity {report['achieved_sparsity']:.4f}) -> {args.output}\n")
-    return 0
+    return recover(job)
 
 
 if __name__ == "__main__":

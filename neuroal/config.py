@@ -8,6 +8,7 @@ the library only plain arguments taken from it travel.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -17,10 +18,19 @@ from typing import Any
 import yaml
 
 from neuroal.criteria.base import NMPattern
+from neuroal.inputs import (
+    is_int,
+    is_number,
+    output_name_error,
+    parse_size,
+    type_error,
+    typed_fields,
+)
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class ConfigError(ValueError):
@@ -122,7 +132,7 @@ class OutputConfig:
     overwrite: bool = False
     save_model: bool = True
     dtype: str = "auto"
-    shard_size: str = "2GB"
+    shard_size: int | str = "2GB"  # bytes or "2GB", "500MiB" (neuroal.inputs.parse_size)
     resume: bool = False  # continue from <dir>.neuroal-tmp/state (engine.md §8)
     keep_state: bool = True  # keep the resume state when a run fails
 
@@ -263,7 +273,11 @@ def merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def build_config(tree: Mapping[str, Any]) -> PruneConfig:
-    """Build and validate a :class:`PruneConfig` from a nested dict; raises ConfigError."""
+    """Build and validate a :class:`PruneConfig` from a nested dict; raises ConfigError.
+
+    Every error is collected: a malformed section or a value of the wrong type is reported and
+    replaced by its default, so that the remaining checks still run and report theirs.
+    """
     errors: list[str] = []
     kwargs: dict[str, Any] = {}
     top_fields = {f.name for f in dataclasses.fields(PruneConfig)}
@@ -275,44 +289,66 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
             if section is not None:
                 kwargs[key] = section
         elif key == "compare":
+            if value is not None and not isinstance(value, (str, list, tuple)):
+                errors.append(f"compare={value!r}: expected a list of allocation names")
+                continue
             kwargs[key] = tuple(_split_list(value) if isinstance(value, str) else value or ())
         elif key == "recover":
             recover = _build_recover(value, errors)
             if recover is not None:
                 kwargs[key] = recover
         else:
-            kwargs[key] = value
+            kwargs.update(typed_fields("", PruneConfig, {key: value}, errors, skip=("pattern",)))
+    _match_sparsity(tree, kwargs, errors)
+    cfg = PruneConfig(**kwargs)
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        errors += exc.errors
     if errors:
         raise ConfigError(errors)
-    try:
-        cfg = PruneConfig(**kwargs)
-    except TypeError as exc:
-        raise ConfigError([str(exc)]) from exc
-    validate(cfg)
     return cfg
+
+
+def _match_sparsity(tree: Mapping[str, Any], kwargs: dict[str, Any], errors: list[str]) -> None:
+    """With an N:M pattern the sparsity is ``1 - N/M``: a different explicit ``sparsity`` is an
+    error (it would be ignored); an unset one takes that value, so the resolved config agrees."""
+    pattern = kwargs.get("pattern")
+    match = PATTERN_RE.match(pattern) if isinstance(pattern, str) else None
+    if match is None or not 0 < int(match.group(1)) < int(match.group(2)):
+        return
+    implied = 1.0 - int(match.group(1)) / int(match.group(2))
+    if "sparsity" not in tree:
+        kwargs["sparsity"] = implied
+    elif "sparsity" in kwargs and not math.isclose(kwargs["sparsity"], implied, abs_tol=1e-9):
+        errors.append(f"sparsity={kwargs['sparsity']!r} conflicts with pattern={pattern!r}, which "
+                      f"prunes exactly 1 - {match.group(1)}/{match.group(2)} = {implied:g} of every "
+                      f"group; drop sparsity (or --sparsity) or set it to {implied:g}")
 
 
 def _build_section(name: str, value: Any, errors: list[str]) -> Any:
     cls = _SECTIONS[name]
-    if isinstance(value, str) and name in ("model", "criterion", "allocation"):
+    named = name in ("model", "criterion", "allocation")
+    if isinstance(value, str) and named:
         value = {"name": value}
     if not isinstance(value, Mapping):
-        errors.append(f"{name}: expected a mapping, got {value!r}")
+        errors.append(f"{name}: expected a mapping{' or a name' if named else ''}, got {value!r}")
         return None
     fields = {f.name for f in dataclasses.fields(cls)}
-    known = {k: v for k, v in value.items() if k in fields}
+    value = dict(value)
+    if name == "eval" and isinstance(value.get("datasets"), str):
+        value["datasets"] = _split_list(value["datasets"])
+    known = typed_fields(f"{name}.", cls, {k: v for k, v in value.items() if k in fields}, errors)
     extra = {k: v for k, v in value.items() if k not in fields}
     if extra and name not in _OPEN_SECTIONS:
         for k in extra:
             errors.append(f"unknown key {name}.{k}; valid keys: {', '.join(sorted(fields))}")
-        return None
+        extra = {}
     if name in _OPEN_SECTIONS:
         known["options"] = {**dict(known.get("options") or {}), **extra}
     for k in ("clip", "datasets", "devices"):
         if k in known and isinstance(known[k], list):
             known[k] = tuple(known[k])
-    if name == "eval" and isinstance(known.get("datasets"), str):
-        known["datasets"] = _split_list(known["datasets"])
     return cls(**known)
 
 
@@ -326,6 +362,9 @@ def _build_recover(value: Any, errors: list[str]) -> RecoverConfig | None:
                       f"got {value!r}")
         return None
     steps = value.get("steps")
+    if steps is not None and not isinstance(steps, (str, list, tuple)):
+        errors.append(f"recover.steps={steps!r}: expected a list of step names, e.g. [dsnot]")
+        steps = None
     steps = _split_list(steps) if isinstance(steps, str) else tuple(steps or ())
     baseline = value.get("baseline", False)
     nested = value.get("options") or {}  # the resolved form written by to_dict()
@@ -360,6 +399,21 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
     return build_config(tree)
 
 
+def config_from_flags(values: Mapping[str, Any], flags: Mapping[str, str]) -> PruneConfig:
+    """A validated config for another entry point (plan, evaluate, recover): ``values`` maps
+    dotted keys to the flag values, ``flags`` dotted keys to flag names, so each error names
+    the flag too (``--windows: eval.max_windows=-1: expected a positive integer``)."""
+    from neuroal.inputs import label_flags
+
+    tree: dict[str, Any] = {}
+    for key, value in values.items():
+        set_dotted(tree, key, value)
+    try:
+        return build_config(tree)
+    except ConfigError as exc:
+        raise ConfigError(label_flags(exc.errors, flags)) from None
+
+
 def _expand_recover(tree: dict[str, Any]) -> dict[str, Any]:
     """Rewrite the shorthand ``recover: dsnot`` / ``[dsnot]`` as ``{steps: ...}`` in place, so
     later ``recover.<step>.<option>=...`` overrides and flags can merge into it."""
@@ -388,6 +442,17 @@ def validate(cfg: PruneConfig) -> None:
             errors.append(f"output.{key}={getattr(cfg.output, key)!r}: expected true or false")
     if cfg.output.resume and not (cfg.output.save_model or cfg.output.dir):
         errors.append("output.resume=true needs an output directory for its state: pass --output")
+    if isinstance(cfg.output.dir, str):
+        errors += [e for e in [output_name_error("output.dir", cfg.output.dir)] if e]
+    try:
+        parse_size(cfg.output.shard_size, "output.shard_size")
+    except ValueError as exc:
+        errors.append(f"{exc} (the largest model shard file)")
+    for label, seed in (("seed", cfg.seed), ("calib.seed", cfg.calib.seed)):
+        if is_int(seed) and not 0 <= seed < 2**32:
+            errors.append(f"{label}={seed}: expected an integer in [0, 2**32 - 1]")
+    if isinstance(cfg.log_level, str) and cfg.log_level.upper() not in LOG_LEVELS:
+        errors.append(f"log_level={cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if errors:
         raise ConfigError(errors)
 
@@ -406,11 +471,11 @@ def _check_sparsity(cfg: PruneConfig) -> list[str]:
         if not 0 < n < m:
             errors.append(f"pattern={cfg.pattern!r}: N:M needs 0 < N < M (N weights kept in "
                           "every group of M), e.g. 2:4 or 4:8")
-    elif not isinstance(cfg.sparsity, (int, float)) or not 0.0 < float(cfg.sparsity) < 1.0:
+    elif not is_number(cfg.sparsity) or not 0.0 < float(cfg.sparsity) < 1.0:
         errors.append(f"sparsity={cfg.sparsity!r}: expected a fraction strictly between 0 and 1 "
                       "(e.g. 0.5 for 50 %)")
     clip = tuple(cfg.allocation.clip)
-    numeric = all(isinstance(v, (int, float)) for v in clip)
+    numeric = all(is_number(v) for v in clip)
     if len(clip) != 2 or not numeric or not 0.0 <= clip[0] < clip[1] <= 1.0:
         errors.append(f"allocation.clip={list(cfg.allocation.clip)!r}: expected [lo, hi] with "
                       "0 <= lo < hi <= 1, e.g. [0.01, 0.99]")
@@ -453,6 +518,10 @@ def _check_criterion(cfg: PruneConfig, crit: Any) -> list[str]:
     if unknown:
         errors.append(f"criterion.{unknown[0]} is not an option of {crit.name!r}; valid options: "
                       f"{', '.join(sorted(crit.defaults)) or '(none)'}")
+    for key, value in cfg.criterion.options.items():  # typed like the option's default
+        kind = {bool: "bool", int: "int", float: "float"}.get(type(crit.defaults.get(key)))
+        error = type_error(f"criterion.{key}", value, kind) if kind else None
+        errors += [error] if error else []
     if cfg.criterion.group is not None and cfg.criterion.group not in crit.groups:
         errors.append(f"criterion.group={cfg.criterion.group!r} is not valid for {crit.name!r}; "
                       f"expected one of {', '.join(sorted(crit.groups))}")
@@ -476,8 +545,15 @@ def _check_data(cfg: PruneConfig) -> list[str]:
                           "wikitext2, c4 or text:<path>")
     for label, value in [("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
                          ("eval.seqlen", cfg.eval.seqlen), ("eval.max_windows", cfg.eval.max_windows)]:
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (not is_int(value) or value < 1):
             errors.append(f"{label}={value!r}: expected a positive integer")
+    temperature, top_k = cfg.calib.self_temperature, cfg.calib.self_top_k
+    if not is_number(temperature) or temperature <= 0:
+        errors.append(f"calib.self_temperature={temperature!r}: expected a number > 0 (the "
+                      "softmax temperature of calib=self sampling; 1.0 samples the model as is)")
+    if top_k is not None and (not is_int(top_k) or top_k < 1):
+        errors.append(f"calib.self_top_k={top_k!r}: expected an integer >= 1 (tokens kept per "
+                      "step of calib=self sampling) or null for the full vocabulary")
     return errors
 
 
@@ -489,11 +565,11 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if eng.executor not in EXECUTORS:
         errors.append(f"engine.executor={eng.executor!r}: available executors: "
                       f"{', '.join(EXECUTORS.names())}")
-    if not isinstance(eng.workers, int) or eng.workers < 1:
+    if not is_int(eng.workers) or eng.workers < 1:
         errors.append(f"engine.workers={eng.workers!r}: expected an integer >= 1")
-    if not isinstance(eng.micro_batch, int) or eng.micro_batch < 1:
+    if not is_int(eng.micro_batch) or eng.micro_batch < 1:
         errors.append(f"engine.micro_batch={eng.micro_batch!r}: expected an integer >= 1")
-    if eng.devices and len(eng.devices) not in (1, eng.workers):
+    if eng.devices and is_int(eng.workers) and len(eng.devices) not in (1, eng.workers):
         errors.append(f"engine.devices has {len(eng.devices)} entries for {eng.workers} "
                       "workers: give one device, or one per worker")
     if not isinstance(eng.inflight, int) or isinstance(eng.inflight, bool) or eng.inflight < 0:
@@ -513,12 +589,10 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
         errors.append(f"engine.ray_address={eng.ray_address!r}: expected 'auto', "
                       "'ray://host:port' or 'host:port'")
     if eng.memory_limit is not None:
-        from neuroal.planner import parse_bytes
-
         try:
-            parse_bytes(eng.memory_limit)
+            parse_size(eng.memory_limit, "engine.memory_limit")
         except ValueError as exc:
-            errors.append(f"engine.memory_limit: {exc} (the memory each worker may use)")
+            errors.append(f"{exc} (the memory each worker may use)")
     return errors
 
 

@@ -28,19 +28,13 @@ from neuroal.safety import (
 
 log = get_logger(__name__)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*$", re.IGNORECASE)
-_UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-
 
 def parse_size(text: str | int) -> int:
-    """``"2GB"`` -> 2_000_000_000 bytes."""
-    if isinstance(text, int):
-        return text
-    match = _SIZE.match(text)
-    if match is None:
-        raise ValueError(f"size {text!r}: expected a number with an optional unit, e.g. 2GB")
-    unit = match.group(2).upper() if match.group(2) else None
-    return int(float(match.group(1)) * _UNITS[unit])
+    """``"2GB"`` -> 2_000_000_000 bytes, ``"2GiB"`` -> 2 * 2^30 (:func:`neuroal.inputs.parse_size`,
+    the one size parser of ``output.shard_size`` and ``engine.memory_limit``)."""
+    from neuroal.inputs import parse_size as parse
+
+    return parse(text, "output.shard_size")
 
 
 @dataclass

@@ -42,6 +42,7 @@ from neuroal.models.loading import (
     ALIAS_ORIGIN,
     ModelSource,
     ModelSourceError,
+    SafetensorsCheckpoint,
     build_skeleton,
     input_paths,
     load_model_config,
@@ -152,6 +153,18 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
         raise ConfigError(errors)
 
 
+def check_positions(cfg: PruneConfig, config: Any) -> None:
+    """Calibration and evaluation windows must fit the model's ``max_position_embeddings``."""
+    from neuroal.inputs import position_errors
+
+    seqlens = {"calib.seqlen": cfg.calib.seqlen}
+    if cfg.eval.datasets and cfg.eval.seqlen:
+        seqlens["eval.seqlen"] = cfg.eval.seqlen  # unset: evaluation uses calib.seqlen
+    errors = position_errors(config, seqlens, cfg.model.name)
+    if errors:
+        raise ConfigError(errors)
+
+
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
                  dtype: torch.dtype) -> None:
     """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7).
@@ -181,6 +194,7 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool,
     """The model's tokenizer (directory, hub or GGUF file), or ``model.tokenizer`` if set."""
     from transformers import AutoTokenizer
 
+    trust_remote_code = trust_remote_code is True  # never a truthy string such as "false"
     if override:
         return AutoTokenizer.from_pretrained(override, trust_remote_code=trust_remote_code)
     try:
@@ -202,11 +216,14 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
             output.check(cfg.output.overwrite, cfg.output.resume,
                          inputs=[*input_paths(source), *_local(cfg.model.tokenizer)])
         config = load_model_config(source, cfg.model.trust_remote_code)
+        if source.kind == "hf_dir":  # shard headers only: truncated files fail here, not later
+            SafetensorsCheckpoint(Path(source.location)).verify()
         device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
         adapter = ModelAdapter(build_skeleton(config, dtype))
         shape = adapter.shape()
         check_shape(cfg, shape)
+        check_positions(cfg, config)
         check_memory(cfg, config, adapter, device, dtype)
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)
@@ -582,7 +599,7 @@ def retrain_exported(cfg: PruneConfig, prep: Prepared, step: RetrainStep, calib:
     train_options = step.train_options(options)
     model = AutoModelForCausalLM.from_pretrained(
         directory, dtype=prep.dtype, attn_implementation="sdpa",
-        trust_remote_code=cfg.model.trust_remote_code).to(prep.device)
+        trust_remote_code=cfg.model.trust_remote_code is True).to(prep.device)
     before = _hf_perplexity(model, prep, train_options.eval_batch_size)
     info, state = retrain(model, calib, step.perp_options(options), train_options)
     after = _hf_perplexity(model, prep, train_options.eval_batch_size)

@@ -41,7 +41,6 @@ the whole) and are kept for CUDA, where ``kthvalue`` copies less: there they err
 from __future__ import annotations
 
 import copy
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from functools import cache
@@ -75,9 +74,6 @@ _STAT_BYTES: dict[str, Callable[[int, int], int]] = {
     STAT_OUT_SQ_NORM: lambda rows, cols: 4 * rows,
     STAT_HESSIAN: lambda rows, cols: 4 * cols * cols,
 }
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class MemoryBudgetError(ValueError):
@@ -90,19 +86,9 @@ def parse_bytes(value: int | float | str) -> int:
     Raises:
         ValueError: Not a positive size.
     """
-    if isinstance(value, bool):
-        raise ValueError(f"memory size {value!r}: expected bytes or a size such as 24GB")
-    if isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        match = _SIZE.match(str(value))
-        if match is None:
-            raise ValueError(f"memory size {value!r}: expected bytes or a number with a unit "
-                             "(B, KB, MB, GB, TB or KiB, MiB, GiB, TiB), e.g. 24GB")
-        number = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
-    if number <= 0:
-        raise ValueError(f"memory size {value!r}: expected a positive size")
-    return int(number)
+    from neuroal.inputs import parse_size
+
+    return parse_size(value, "memory size")
 
 
 # --------------------------------------------------------------------------- model layout

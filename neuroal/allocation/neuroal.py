@@ -26,6 +26,7 @@ from neuroal.allocation.neuroal_math import (
     total_alignment,
 )
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.inputs import is_int, is_number
 from neuroal.logging import get_logger
 from neuroal.search import Candidate, Outcome, PhaseResult, run_phase
 
@@ -37,19 +38,19 @@ NO_ROW_STEP = frozenset({"sparsegpt"})  # per-128-column-block masks: per-row ra
 
 def _grid(value: Any) -> bool:
     return value == "auto" or (isinstance(value, list) and all(
-        isinstance(v, (int, float)) and 0 <= v < 0.5 for v in value) and len(value) > 0)
+        is_number(v) and 0 <= v < 0.5 for v in value) and len(value) > 0)
 
 
 RULES: dict[str, Rule] = {
     "steps": (lambda v: v in STEPS, f"one of {', '.join(STEPS)}"),
-    "search_samples": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
+    "search_samples": (lambda v: is_int(v) and v >= 1, "an integer >= 1"),
     "block_grid": (_grid, "'auto' or a non-empty list of half-widths in [0, 0.5)"),
     "row_grid": (_grid, "'auto' or a non-empty list of widths in [0, 0.5)"),
     "include_uniform": (lambda v: isinstance(v, bool), "true or false"),
     "reference_stream": (lambda v: v in ("local", "global"), "'local' (faithful) or 'global'"),
     "base": (lambda v: v in ("uniform", "owl", "alpha"), "'uniform' (faithful), 'owl' or 'alpha'"),
     "base_options": (lambda v: isinstance(v, dict), "a mapping of the base policy's options"),
-    "grid_refine": (lambda v: isinstance(v, int) and 0 <= v <= 5, "an integer in [0, 5]"),
+    "grid_refine": (lambda v: is_int(v) and 0 <= v <= 5, "an integer in [0, 5]"),
 }
 
 

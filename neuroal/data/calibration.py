@@ -317,9 +317,29 @@ def _load_dataset(*args: Any, **kwargs: Any) -> Any:
 
 
 def _read_text(path: Path) -> str:
-    """A UTF-8 text file read with universal newlines (CRLF becomes LF)."""
-    with path.open(encoding="utf-8") as handle:
-        return handle.read()
+    """A UTF-8 text file read with universal newlines (CRLF becomes LF).
+
+    Raises:
+        ValueError: The file is not UTF-8 text or holds NUL bytes (a binary file); the message
+            names the file and the byte offset.
+    """
+    try:
+        with path.open(encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError:
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:  # decoded whole: the offset is the file's
+            bad = path.read_bytes()[exc.start:exc.start + 1].hex()
+            raise ValueError(f"text file {str(path)!r} is not UTF-8 text: byte 0x{bad} at byte "
+                             f"offset {exc.start} ({exc.reason}); give a UTF-8 text file "
+                             "(convert it with iconv -t utf-8)") from None
+        raise
+    if "\x00" in text:
+        offset = path.read_bytes().find(b"\x00")
+        raise ValueError(f"text file {str(path)!r} holds a NUL byte at byte offset {offset}: it "
+                         "looks like a binary file; give a UTF-8 text file")
+    return text
 
 
 # --------------------------------------------------------------------------- tokenisation

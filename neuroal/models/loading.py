@@ -11,7 +11,8 @@ import importlib.util
 import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -93,6 +94,10 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         path = embedded_gguf(target.split(":", 1)[1])
         return ModelSource("gguf", str(path.parent), name, gguf_file=path.name)
     path = Path(target).expanduser()
+    if path.is_file() and not target.endswith(".gguf"):
+        raise ModelSourceError(
+            f"model {name!r} is a file, not a model directory: expected a Hugging Face model "
+            "directory (config.json + *.safetensors), a .gguf file, a hub id or an alias")
     if target.endswith(".gguf"):
         if not path.is_file():
             raise ModelSourceError(f"model {name!r}: GGUF file {str(path)!r} does not exist")
@@ -112,10 +117,14 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
 
 
 def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
-    """The model's ``PretrainedConfig``; errors if it is not a causal LM."""
+    """The model's ``PretrainedConfig``; errors if it is not a causal LM.
+
+    Remote code runs only when ``trust_remote_code`` is the boolean True (not a truthy string).
+    """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+    trust_remote_code = trust_remote_code is True
     alias = known_alias(source.location) if source.kind == "hub" else None
     try:
         if alias is not None:
@@ -225,7 +234,8 @@ class SafetensorsCheckpoint:
         elif (self.directory / "model.safetensors").is_file():
             from safetensors import safe_open
 
-            with safe_open(str(self.directory / "model.safetensors"), "pt") as f:
+            with self._reading("model.safetensors"), \
+                    safe_open(str(self.directory / "model.safetensors"), "pt") as f:
                 self.weight_map = {k: "model.safetensors" for k in f.keys()}  # noqa: SIM118
         else:
             raise ModelSourceError(
@@ -247,10 +257,40 @@ class SafetensorsCheckpoint:
         out: dict[str, torch.Tensor] = {}
         for fname, tensors in by_file.items():
             self.opened.add(fname)
-            with safe_open(str(self.directory / fname), framework="pt", device="cpu") as f:
+            with self._reading(fname), \
+                    safe_open(str(self.directory / fname), framework="pt", device="cpu") as f:
                 for name in tensors:
                     out[name] = f.get_tensor(name).to(device=device, dtype=dtype)
         return out
+
+    def verify(self) -> None:
+        """Open every shard's header (no tensor is read): a missing, truncated or corrupt
+        shard is refused before any weight is loaded (raises ModelSourceError naming it)."""
+        from safetensors import safe_open
+
+        for fname in sorted(set(self.weight_map.values())):
+            path = self.directory / fname
+            if not path.is_file():
+                raise ModelSourceError(f"shard {fname!r} listed in the index of "
+                                       f"{str(self.directory)!r} does not exist; copy it again")
+            with self._reading(fname), safe_open(str(path), framework="pt", device="cpu"):
+                pass
+
+    def where(self, name: str) -> str:
+        """``shard 'model-00002-of-00008.safetensors' of '<dir>'`` for error messages."""
+        return f"shard {self.weight_map.get(name, '?')!r} of {str(self.directory)!r}"
+
+    @contextmanager
+    def _reading(self, fname: str) -> Iterator[None]:
+        """A truncated or corrupt shard becomes a ModelSourceError naming the file."""
+        from safetensors import SafetensorError
+
+        try:
+            yield
+        except (SafetensorError, OSError) as exc:
+            raise ModelSourceError(
+                f"shard {fname!r} of {str(self.directory)!r} cannot be read ({exc}); the file is "
+                "truncated or corrupt: copy or download it again") from exc
 
 
 def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = (),
@@ -311,16 +351,36 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
     tensors = checkpoint.load(sorted(keys), dtype, device)
     for name, param in wanted:
-        value = tensors[adapter.checkpoint_key(name)]
+        key = adapter.checkpoint_key(name)
+        value = tensors[key]
         if tuple(value.shape) != tuple(param.shape):
             raise ModelSourceError(f"tensor {name!r} has shape {tuple(value.shape)} in the "
                                    f"checkpoint, expected {tuple(param.shape)}")
+        check_finite(key, value, checkpoint)
         _set_parameter(adapter.model, name, value)
     for mname in module_names:
         module = adapter._module(mname)
         if module is not None:
             module.to(device)  # buffers (rotary inv_freq); parameters are already there
     return [n for n, _ in wanted]
+
+
+def check_finite(key: str, value: torch.Tensor, checkpoint: Any) -> None:
+    """Refuse a tensor holding NaN or Inf as it is loaded: one ``isfinite().all()`` per tensor.
+
+    Raises:
+        ModelSourceError: Naming the tensor and its shard (or file).
+    """
+    if not value.is_floating_point() or bool(torch.isfinite(value).all()):
+        return
+    where = checkpoint.where(key) if hasattr(checkpoint, "where") else \
+        f"file {str(getattr(checkpoint, 'path', '?'))!r}"
+    bad = int((~torch.isfinite(value)).sum())
+    hint = "" if value.dtype == torch.float32 else " (or load it with --dtype float32)"
+    raise ModelSourceError(
+        f"tensor {key!r} in {where} holds {bad} NaN or Inf value(s) as "
+        f"{str(value.dtype).removeprefix('torch.')}; the checkpoint is corrupt: re-export or "
+        f"copy it again{hint}; neuroal does not prune or write non-finite weights")
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:

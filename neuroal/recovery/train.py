@@ -540,6 +540,8 @@ def _load(job: RecoverJob, device: torch.device) -> tuple[Any, nn.Module, Any]:
 
     from neuroal.models.loading import (
         ModelSourceError,
+        SafetensorsCheckpoint,
+        check_finite,
         load_model_config,
         resolve_dtype,
         resolve_model,
@@ -552,8 +554,12 @@ def _load(job: RecoverJob, device: torch.device) -> tuple[Any, nn.Module, Any]:
                                f"{job.model!r} ({source.kind}); prune it with launch/prune.py first")
     config = load_model_config(source)
     dtype = resolve_dtype(job.dtype, config, device)
+    checkpoint = SafetensorsCheckpoint(Path(source.location))
+    checkpoint.verify()  # a truncated or corrupt shard is named before loading
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype,
                                                  attn_implementation="sdpa", **source.hf_kwargs())
+    for name, tensor in model.state_dict().items():
+        check_finite(name, tensor, checkpoint)
     return source, model, load_tokenizer(source, False)
 
 
