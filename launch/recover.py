@@ -93,7 +93,7 @@ def validate(args: argparse.Namespace) -> None:
     if source.kind != "hf_dir":
         raise ConfigError([f"model={args.model!r}: recover reads a local Hugging Face directory "
                            "(a pruned export of launch/prune.py)"])
-    OutputDir(Path(args.output)).check(args.overwrite)
+    OutputDir(Path(args.output)).check(args.overwrite, inputs=(source.location,))
     errors = position_errors(load_model_config(source), {"--seqlen": args.seqlen}, args.model)
     if errors:
         raise ConfigError(errors)

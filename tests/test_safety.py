@@ -210,7 +210,7 @@ CASES = [
     ("recover", _recover([], model="missing"), ["'missing'", "does not exist"]),
     ("recover", _recover(["--variant", "nope"]), ["--variant='nope'", "masklora"]),
     ("recover", _recover(["--steps", "0"]), ["--steps=0", ">= 1"]),
-    ("recover", _recover(["--output", "model"]), ["'model'", "already exists"]),
+    ("recover", _recover(["--output", "model"]), ["sandbox/model'", "is the input"]),
     ("recover", _recover(["--output", "."]), ["--output", "output.dir='.'"]),
     ("recover", _recover(["--rank", "0"]), ["--rank=0"]),
     ("recover", _recover(["--batch-size", "0"]), ["--batch-size=0"]),
