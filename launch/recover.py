@@ -30,7 +30,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "architecture has a config flag for them")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tokens", type=int, help="token budget (overrides --steps)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the variant's, as the "
+                   "pipeline's perp-<variant> step: 5e-4 for adapters, 2e-5 for full)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -50,24 +51,33 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from neuroal.logging import configure
+def build_job(args: argparse.Namespace) -> object:
+    """The :class:`~neuroal.recovery.train.RecoverJob` of the parsed arguments; unset options take
+    the variant's defaults, the same as the pipeline's ``perp-<variant>`` step."""
+    from neuroal.recovery import variant_train_defaults
     from neuroal.recovery.perp import PERP_VARIANTS
-    from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+    from neuroal.recovery.train import RecoverJob, TrainOptions
 
-    args = parse(argv)
-    configure("INFO")
     overrides = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha),
                                    ("lm_head_lora", args.head_lora)) if v is not None}
     perp = dataclasses.replace(PERP_VARIANTS.get(args.variant), add_biases=args.add_biases, **overrides)
-    train = TrainOptions(lr=args.lr, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
+    lr = args.lr if args.lr is not None else variant_train_defaults(args.variant)["lr"]
+    train = TrainOptions(lr=lr, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
-    job = RecoverJob(model=args.model, output=args.output, variant=PERP_VARIANTS.canonical(args.variant),
-                     perp=perp, train=train, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                     seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
-                     data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
-                     shard_size=args.shard_size, overwrite=args.overwrite)
-    report = recover(job)
+    return RecoverJob(model=args.model, output=args.output, variant=PERP_VARIANTS.canonical(args.variant),
+                      perp=perp, train=train, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                      seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
+                      data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
+                      shard_size=args.shard_size, overwrite=args.overwrite)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from neuroal.logging import configure
+    from neuroal.recovery.train import recover
+
+    args = parse(argv)
+    configure("INFO")
+    report = recover(build_job(args))
     if report:
         ppl = report["perplexity"]
         sys.stdout.write(f"{args.eval}: perplexity before {ppl['before']}, after {ppl['after']} "

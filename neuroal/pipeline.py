@@ -277,7 +277,8 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any,
                           executor=executor, calibration=calib,
                           model_key=model_key(prep.source), cache_dir=cache_dir(),
                           criterion=cfg.criterion.name,
-                          criterion_options=criterion_options(cfg), state=state)
+                          criterion_options=criterion_options(cfg), state=state,
+                          exact_count=cfg.mask.exact_count)
     plan = policy.plan(request)
     plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
     return plan

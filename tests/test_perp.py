@@ -397,3 +397,20 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(variant: str, tokenizer_dir
     assert report["untied_head"] == (variant == "masklora") and report["train"]["steps"] == 4
     assert report["moved"] == 14, f"{variant} must have updated every kept weight matrix"
     assert report["perplexity"]["after"] < report["perplexity"]["before"]
+
+
+def test_recover_entry_point_takes_the_variant_learning_rate() -> None:
+    """Issue 16.4: without --lr, ``launch/recover.py --variant full`` trains at the pipeline's
+    ``perp-full`` rate (2e-5), the adapters at 5e-4; an explicit --lr wins."""
+    from neuroal.recovery import RECOVERY_STEPS
+
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from recover import build_job, parse
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    for variant in ("full", "masklora", "scalelora", "bias-norm"):
+        job = build_job(parse(["m", "--output", "o", "--variant", variant]))
+        assert job.train.lr == RECOVERY_STEPS.get(f"perp-{variant}").defaults["lr"], variant
+    assert build_job(parse(["m", "--output", "o", "--variant", "full"])).train.lr == 2e-5
+    assert build_job(parse(["m", "--output", "o", "--variant", "full", "--lr", "1e-3"])).train.lr == 1e-3

@@ -79,7 +79,8 @@ class NeuroALPolicy:
         opts = {**self.defaults, **request.options}
         ids = request.calibration[: opts["search_samples"]]
         group = None if request.criterion in NO_ROW_STEP else "row"
-        job = CandidateJob(request.criterion, dict(request.criterion_options), group)
+        job = CandidateJob(request.criterion, dict(request.criterion_options), group,
+                           request.exact_count)
 
         def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
             kwargs = {"on_result": on_result} if on_result is not None else {}
@@ -216,12 +217,15 @@ def _shifted(request: PlanRequest, base: list[dict[str, float]] | None,
 
 def refine(result: PhaseResult, make: Any, rounds: int, evaluate: Any) -> PhaseResult:
     """Adaptive grid (§4 option ``grid_refine``): evaluate the midpoints between the winner and
-    its grid neighbours, ``rounds`` times; the first minimum over all candidates wins."""
+    its grid neighbours, ``rounds`` times. Candidates are then ranked by value, so among equal
+    scores the smaller lambda or mu wins (the rule of §A8), whatever order they were evaluated
+    in; the trail lists them by value."""
     candidates, outcomes = list(result.candidates), list(result.outcomes)
     for _ in range(rounds):
-        values = sorted({c.value for c in candidates})
-        best = candidates[first_minimum([o.score for o in outcomes])].value
-        i = values.index(best)
+        candidates, outcomes = _by_value(candidates, outcomes)
+        values = [c.value for c in candidates]
+        i = first_minimum([o.score for o in outcomes])
+        best = values[i]
         mids = [(values[j] + best) / 2 for j in (i - 1, i + 1) if 0 <= j < len(values)]
         new = [make(v) for v in mids if v not in values]
         if not new:
@@ -230,7 +234,15 @@ def refine(result: PhaseResult, make: Any, rounds: int, evaluate: Any) -> PhaseR
         outcomes += evaluate(new)
     if len(candidates) == len(result.candidates):
         return result
+    candidates, outcomes = _by_value(candidates, outcomes)
     return run_phase(result.phase, candidates, lambda _c: outcomes)
+
+
+def _by_value(candidates: list[Candidate], outcomes: list[Outcome]
+              ) -> tuple[list[Candidate], list[Outcome]]:
+    """Candidates and their outcomes sorted by grid value (stable)."""
+    order = sorted(range(len(candidates)), key=lambda k: candidates[k].value)
+    return [candidates[k] for k in order], [outcomes[k] for k in order]
 
 
 def _plain(value: Any) -> Any:

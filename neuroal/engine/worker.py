@@ -89,15 +89,17 @@ class PruneJob:
 
 @dataclass(frozen=True)
 class CandidateJob:
-    """How a search candidate is realised: criterion, options and comparison group.
+    """How a search candidate is realised: criterion, options, comparison group and counting.
 
     ``group`` is ``row`` for every score criterion inside NeuroAL (neuroal.md §A3); per-row
-    ratio vectors select NeuroAL's ``neuron`` masks automatically.
+    ratio vectors select NeuroAL's ``neuron`` masks automatically. ``exact_count`` is the run's
+    ``mask.exact_count``, so candidates are masked as the final prune masks.
     """
 
     criterion: str
     options: Mapping[str, Any] = field(default_factory=dict)
     group: str | None = "row"
+    exact_count: bool = True
 
 
 @dataclass
@@ -463,7 +465,8 @@ class Worker:
         for name, linear in linears.items():
             ratio = entries[name]
             group = None if isinstance(ratio, torch.Tensor) else job.group
-            target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None)
+            target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None,
+                                 exact_count=job.exact_count)
             result = criterion.prune(linear.weight.data, stats[name], target, options)
             weight = result.weight.to(linear.weight.dtype) if result.weight is not None \
                 else linear.weight.data.clone()
