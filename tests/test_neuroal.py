@@ -251,3 +251,37 @@ def test_search_masks_follow_mask_exact_count(tiny_models: dict[str, Path]) -> N
     assert jobs[-1].exact_count
     # the inclusive threshold prunes at least one more weight per row: another objective
     assert loose.trail["candidates"][0]["score"] != exact.trail["candidates"][0]["score"]
+
+
+@pytest.mark.parametrize(("weights", "stat"), [("reference", "sq_norm_windowed"),
+                                               ("uniform", "sq_norm")])
+def test_sparsegpt_search_weights_windows_like_the_reference(weights: str, stat: str,
+                                                              tiny_models: dict[str, Path]) -> None:
+    """Issue 16.5: faithful NeuroAL + SparseGPT measures alignment with the reference wrapper's
+    1/k-weighted norm (``window_weights: uniform`` opts out); both stay exact on the q/k/v
+    inputs and the objective differs between the two."""
+    from neuroal.allocation.base import PlanRequest
+    from neuroal.allocation.neuroal import NeuroALPolicy
+
+    executor = _executor(tiny_models["llama"])
+    shape = executor.workers[0].adapter.shape()
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(6))
+    jobs: list[CandidateJob] = []
+    results: list = []
+
+    class Spy:
+        def evaluate_candidates(self, ids, ratios, job, stream, **kwargs):
+            jobs.append(job)
+            results.append(executor.evaluate_candidates(ids, ratios, job, stream, **kwargs))
+            return results[-1]
+
+    request = PlanRequest(shape, 0.6, "unstructured", (0.01, 0.99), criterion="sparsegpt",
+                          options={"steps": "block", "block_grid": [0.1],
+                                   "window_weights": weights}, executor=Spy(), calibration=ids)
+    NeuroALPolicy().plan(request)
+    assert {job.alignment_stat for job in jobs} == {stat}
+    other = "uniform" if weights == "reference" else "reference"
+    NeuroALPolicy().plan(replace(request, options={**request.options, "window_weights": other}))
+    first, second = results[0][0][0], results[-1][0][0]
+    assert first.na["self_attn.q_proj"] == second.na["self_attn.q_proj"] == 0.0
+    assert first.na["self_attn.o_proj"] != second.na["self_attn.o_proj"]

@@ -26,6 +26,7 @@ from neuroal.allocation.neuroal_math import (
     total_alignment,
 )
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.criteria.base import STAT_SQ_NORM, STAT_SQ_NORM_WINDOWED
 from neuroal.logging import get_logger
 from neuroal.search import Candidate, Outcome, PhaseResult, run_phase
 
@@ -33,6 +34,12 @@ log = get_logger(__name__)
 
 STEPS = ("block", "row", "both")
 NO_ROW_STEP = frozenset({"sparsegpt"})  # per-128-column-block masks: per-row ratios do not apply
+WINDOWED_ALIGNMENT = {"sparsegpt": STAT_SQ_NORM_WINDOWED}
+"""Criteria whose reference search measures input norms with another statistic: the SparseGPT
+wrapper's running norm weights search window k by 2/(N k) (its running-mean update scales the
+new window by 2/k before dividing by k again). neuroal.md §A4 states the uniform mean for every
+criterion and §A11 does not mention the difference: the spec is incomplete there, the reference
+code is followed. ``window_weights: uniform`` uses the plain mean (``sq_norm``) instead."""
 
 
 def _grid(value: Any) -> bool:
@@ -50,6 +57,9 @@ RULES: dict[str, Rule] = {
     "base": (lambda v: v in ("uniform", "owl", "alpha"), "'uniform' (faithful), 'owl' or 'alpha'"),
     "base_options": (lambda v: isinstance(v, dict), "a mapping of the base policy's options"),
     "grid_refine": (lambda v: isinstance(v, int) and 0 <= v <= 5, "an integer in [0, 5]"),
+    "window_weights": (lambda v: v in ("reference", "uniform"),
+                       "'reference' (faithful: SparseGPT's search weights window k by 1/k) or "
+                       "'uniform'"),
 }
 
 
@@ -62,7 +72,8 @@ class NeuroALPolicy:
     defaults: Mapping[str, Any] = {"steps": "both", "search_samples": 8, "block_grid": "auto",
                                    "row_grid": "auto", "include_uniform": False,
                                    "reference_stream": "local", "base": "uniform",
-                                   "base_options": {}, "grid_refine": 0}
+                                   "base_options": {}, "grid_refine": 0,
+                                   "window_weights": "reference"}
 
     def validate(self, cfg: Any) -> list[str]:
         errors = option_errors(self.name, cfg.allocation.options, RULES)
@@ -79,8 +90,10 @@ class NeuroALPolicy:
         opts = {**self.defaults, **request.options}
         ids = request.calibration[: opts["search_samples"]]
         group = None if request.criterion in NO_ROW_STEP else "row"
+        stat = (WINDOWED_ALIGNMENT.get(request.criterion, STAT_SQ_NORM)
+                if opts["window_weights"] == "reference" else STAT_SQ_NORM)
         job = CandidateJob(request.criterion, dict(request.criterion_options), group,
-                           request.exact_count)
+                           request.exact_count, stat)
 
         def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
             kwargs = {"on_result": on_result} if on_result is not None else {}

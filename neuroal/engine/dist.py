@@ -38,8 +38,6 @@ import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.config import ConfigError, PruneConfig
-from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
 from neuroal.engine.worker import (
     BlockAlignment,
@@ -48,6 +46,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    candidate_needs,
     peak_memory_bytes,
 )
 from neuroal.logging import configure, get_logger, progress
@@ -334,7 +333,7 @@ class RankStage:
                    reference_stream: str) -> dict[int, Any]:
         """Candidate-independent dense statistics of the owned blocks (neuroal.md §B4, §B5):
         block 0's on rank 0 (``local``), or every block's from one dense pass (``global``)."""
-        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        needs = candidate_needs(job)
         reference: dict[int, Any] = {}
         if reference_stream == "local":
             if self.info.rank == 0:

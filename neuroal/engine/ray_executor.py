@@ -35,8 +35,6 @@ import torch
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.checkpoint import block_state_path, load_block_state
-from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
 from neuroal.engine.worker import (
     BlockAlignment,
@@ -45,6 +43,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    candidate_needs,
     peak_memory_bytes,
 )
 from neuroal.logging import get_logger, progress
@@ -635,7 +634,7 @@ class RayExecutor:
     def _dense_reference(self, embedded: Any, job: CandidateJob,
                          reference_stream: str) -> list[Any]:
         """Per actor, a ref to its candidate-independent dense statistics (or None)."""
-        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        needs = candidate_needs(job)
         if reference_stream == "local":
             first = self.workers[0].__ray_call__.remote(_block0_reference, embedded, needs)
             return [first] + [None] * (len(self.workers) - 1)
