@@ -220,8 +220,12 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
 # --------------------------------------------------------------------------- run
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seeds of the protocol (specs README) and deterministic kernels (engine.md §3.5)."""
+def seed_everything(seed: int, deterministic: bool, threads: int | None = None) -> None:
+    """Seeds of the protocol (specs README), deterministic kernels and the thread count
+    (engine.md §3.5; the same settings every executor's processes apply, see
+    :mod:`neuroal.engine.determinism`)."""
+    from neuroal.engine.determinism import apply_determinism
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -230,8 +234,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         np.random.seed(seed)
     except ImportError:  # pragma: no cover - numpy ships with torch wheels
         pass
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    apply_determinism(deterministic, threads)
 
 
 def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
@@ -313,7 +316,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     """
     timings = Timings()
     t_start = time.perf_counter()
-    seed_everything(cfg.seed, cfg.engine.deterministic)
+    seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
     prep = prepare(cfg, timings)
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
