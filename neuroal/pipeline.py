@@ -681,6 +681,8 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                  dense: dict[str, float], sparse: dict[str, float], timings: Timings,
                  executor: Executor, command: str) -> dict[str, Any]:
     """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
+    from neuroal.criteria import criterion_label
+
     prefix = executor.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
@@ -691,6 +693,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "license": license_,
         "model_type": getattr(prep.config, "model_type", None),
         "criterion": cfg.criterion.name,
+        "criterion_label": criterion_label(cfg.criterion.name),
         "allocation": cfg.allocation.name,
         "pattern": cfg.pattern,
         "target_sparsity": cfg.target_sparsity,

@@ -354,6 +354,7 @@ def test_pipeline_exact_sparsity(name: str, llama_dir: Path, small_text: Path) -
             else:  # the family's default group: the whole matrix
                 assert int(mask.sum()) == int(0.5 * rows * cols), layer
         assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert result.report["criterion_label"].endswith("(reconstructed)")  # issue 16.11
         infos = [entry.get("info", {}) for entry in result.report["layers"].values()]
         if name == "stoch_ria":
             assert len({info["seed"] for info in infos}) == len(infos)  # one seed per layer
@@ -372,3 +373,12 @@ def test_pipeline_with_owl(llama_dir: Path, small_text: Path) -> None:
     for layer, mask in result.executor.masks().items():
         assert int(mask.sum()) == int(layers[layer]["target"] * mask.numel()), layer
     assert result.report["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_reconstructed_criteria_are_labelled() -> None:
+    """Issue 16.11: the specs' [reconstructed] criteria say so in reports; the others do not."""
+    from neuroal.criteria import CRITERIA, criterion_label
+
+    labels = {name: criterion_label(name) for name in CRITERIA.names()}
+    assert {n for n, label in labels.items() if "(reconstructed)" in label} == set(NEW)
+    assert labels["wanda"] == "wanda" and labels["symwanda"] == "SymWanda (reconstructed)"
