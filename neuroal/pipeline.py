@@ -159,17 +159,19 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     """
     from neuroal.planner import ModelLayout, check_fits, parse_bytes
 
+    shared = cfg.engine.workers if cfg.engine.executor == "local" and \
+        len(cfg.engine.devices) <= 1 else 1
     if cfg.engine.memory_limit is not None:
         budget = parse_bytes(cfg.engine.memory_limit)
     elif device.type == "cuda":
-        shared = cfg.engine.workers if cfg.engine.executor == "local" and \
-            len(cfg.engine.devices) <= 1 else 1
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
         return
+    # whole-model PERP runs alone after the workers are released: the shared device is its own
     plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
                       device_type=device.type,
-                      layout=ModelLayout.from_adapter(adapter, cfg.model.name))
+                      layout=ModelLayout.from_adapter(adapter, cfg.model.name),
+                      retrain_limit=budget * shared)
     log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB", plan.peak / 1e9,
              plan.peak_worker.rank, budget / 1e9)
 
