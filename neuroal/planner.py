@@ -648,6 +648,7 @@ def largest_fit(request: MemoryRequest, limit: int,
 def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest:
     """The :class:`MemoryRequest` of a validated ``PruneConfig`` and its resolved dtype."""
     from neuroal.allocation import ALLOCATIONS
+    from neuroal.recovery import RECOVERY_STEPS
 
     defaults = ALLOCATIONS.get(cfg.allocation.name).defaults
     options = {**defaults, **cfg.allocation.options}
@@ -660,8 +661,9 @@ def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest
         reference_stream=str(options.get("reference_stream", "local")),
         offload_activations=cfg.engine.offload_activations, device_type=device_type,
         eval_seqlen=(cfg.eval.seqlen or cfg.calib.seqlen) if evaluates else None,
-        recover=tuple(cfg.recover.steps),
-        recover_options={k: dict(v) for k, v in cfg.recover.options.items()})
+        recover=tuple(RECOVERY_STEPS.canonical(s) for s in cfg.recover.steps),
+        recover_options={(RECOVERY_STEPS.canonical(k) if k in RECOVERY_STEPS else k): dict(v)
+                         for k, v in cfg.recover.options.items()})
 
 
 def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[int], *,

@@ -274,6 +274,8 @@ def test_whole_model_perp_is_planned_and_refused_before_loading() -> None:
     assert row is not None and row.weights >= 6.7e9 * 2
     ckpt = replace(request, recover_options={"perp-masklora": {"gradient_checkpointing": True}})
     assert plan_memory("llama-2-7b", ckpt).retrain.activations < row.activations / 4
+    alias = load_config(None, ["model.name=llama-2-7b", "recover.steps=perp_reconstruct"])
+    assert request_from_config(alias, "bfloat16", "cuda").recover == ("perp-reconstruct",)
     full = replace(request, recover=("perp-full",))
     assert plan_memory("llama-2-7b", full).retrain.transients > 6e9 * 12  # fp32 weights + Adam
 
