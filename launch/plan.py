@@ -4,6 +4,8 @@
     python launch/plan.py --model llama-2-70b --workers 8 --gpu-memory 80GB
     python launch/plan.py --model qwen2.5-72b --workers 4 --gpu-memory 80GB --criterion sparsegpt
     python launch/plan.py --model ./my-model --workers 2 --gpu-memory 24GB --json plan.json
+    python launch/plan.py --model llama-2-70b --recover perp-reconstruct,perp-masklora \
+        --recover-opt perp-masklora.gradient_checkpointing=true
 
 ``--model`` takes a known alias (config shipped with neuroal, works offline), a local HF
 directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planner.
@@ -50,6 +52,37 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError(errors)
 
 
+def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """``--recover`` and ``--recover-opt`` as ``MemoryRequest.recover`` / ``recover_options``,
+    checked against the registered steps and their options."""
+    import yaml
+
+    from neuroal.recovery import RECOVERY_STEPS, chain_errors
+
+    names = tuple(s.strip() for s in steps.split(",") if s.strip())
+    unknown = [s for s in names if s not in RECOVERY_STEPS]
+    if unknown:
+        raise ValueError(f"--recover: unknown step(s) {unknown}; available: "
+                         f"{', '.join(RECOVERY_STEPS.names())}")
+    errors = chain_errors(names)
+    if errors:
+        raise ValueError("; ".join(errors))
+    names = tuple(RECOVERY_STEPS.canonical(s) for s in names)
+    options: dict[str, dict] = {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        step, dot, option = key.rpartition(".")
+        if not sep or not dot or RECOVERY_STEPS.canonical(step) not in names:
+            raise ValueError(f"--recover-opt {item!r}: expected STEP.KEY=VALUE with STEP one of "
+                             f"--recover ({', '.join(names) or 'none given'})")
+        step = RECOVERY_STEPS.canonical(step)
+        if option not in RECOVERY_STEPS.get(step).defaults:
+            raise ValueError(f"--recover-opt {item!r}: {step} has no option {option!r}; options: "
+                             f"{', '.join(RECOVERY_STEPS.get(step).defaults)}")
+        options.setdefault(step, {})[option] = yaml.safe_load(value)
+    return names, options
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="llama-2-70b", help="alias, HF directory or hub id")
@@ -66,10 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reference-stream", default="local", choices=["local", "global"])
     p.add_argument("--offload-activations", action="store_true")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (last worker)")
+    p.add_argument("--recover", default="", metavar="STEPS",
+                   help="recovery steps, comma-separated as recover.steps (e.g. "
+                        "perp-reconstruct,perp-masklora)")
+    p.add_argument("--recover-opt", action="append", default=[], metavar="STEP.KEY=VALUE",
+                   help="a recovery step option (YAML value), e.g. perp-reconstruct.batch_size=2")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout)")
     args = p.parse_args(argv)
     try:
         validate(args)
+        steps, options = recovery_settings(args.recover, args.recover_opt)
     except (ValueError, OSError) as exc:  # ConfigError, ModelSourceError
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -78,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         micro_batch=args.micro_batch, criterion=args.criterion, allocation=args.allocation,
         search_samples=args.search_samples, reference_stream=args.reference_stream,
         offload_activations=args.offload_activations, device_type=args.device_type,
-        eval_seqlen=args.eval_seqlen)
+        eval_seqlen=args.eval_seqlen, recover=steps, recover_options=options)
     try:
         if args.json and args.json != "-":  # never over the model's own files
             from neuroal.safety import check_file_output

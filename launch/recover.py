@@ -31,7 +31,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "architecture has a config flag for them")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--tokens", type=int, help="token budget (overrides --steps)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the variant's, as the "
+                   "pipeline's perp-<variant> step: 5e-4 for adapters, 2e-5 for full)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -73,7 +74,8 @@ def validate(args: argparse.Namespace) -> None:
         errors.append(f"--variant={args.variant!r} is unknown; available: "
                       f"{', '.join(PERP_VARIANTS.names())}")
     errors += positive_int("--steps", args.steps) + positive_int("--batch-size", args.batch_size)
-    errors += positive_int("--grad-accum", args.grad_accum) + positive_number("--lr", args.lr)
+    errors += positive_int("--grad-accum", args.grad_accum)
+    errors += positive_number("--lr", args.lr) if args.lr is not None else []
     errors += positive_int("--tokens", args.tokens) if args.tokens is not None else []
     errors += positive_int("--rank", args.rank) if args.rank is not None else []
     errors += positive_number("--alpha", args.alpha) if args.alpha is not None else []
@@ -125,20 +127,29 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """The validated flags as a RecoverJob, run; returns its report (empty on other ranks)."""
+    from neuroal.recovery.train import recover
+
+    return recover(build_job(args))
+
+
+def build_job(args: argparse.Namespace) -> object:
+    """The :class:`~neuroal.recovery.train.RecoverJob` of the parsed arguments; unset options take
+    the variant's defaults, the same as the pipeline's ``perp-<variant>`` step."""
+    from neuroal.recovery import variant_train_defaults
     from neuroal.recovery.perp import PERP_VARIANTS
-    from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+    from neuroal.recovery.train import RecoverJob, TrainOptions
 
     overrides = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha),
                                    ("lm_head_lora", args.head_lora)) if v is not None}
     perp = dataclasses.replace(PERP_VARIANTS.get(args.variant), add_biases=args.add_biases, **overrides)
-    train = TrainOptions(lr=args.lr, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
+    lr = args.lr if args.lr is not None else variant_train_defaults(args.variant)["lr"]
+    train = TrainOptions(lr=lr, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
                          grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
-    job = RecoverJob(model=args.model, output=args.output, variant=PERP_VARIANTS.canonical(args.variant),
-                     perp=perp, train=train, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
-                     seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
-                     data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
-                     shard_size=args.shard_size, overwrite=args.overwrite)
-    return recover(job)
+    return RecoverJob(model=args.model, output=args.output, variant=PERP_VARIANTS.canonical(args.variant),
+                      perp=perp, train=train, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                      seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
+                      data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
+                      shard_size=args.shard_size, overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from neuroal.criteria.base import (
     STAT_MEAN,
     STAT_OUT_SQ_NORM,
     STAT_SQ_NORM,
+    STAT_SQ_NORM_WINDOWED,
     STAT_VAR,
     LayerStats,
 )
@@ -37,11 +38,17 @@ class _Accumulator:
         self.mean: torch.Tensor | None = None
         self.var: torch.Tensor | None = None
         self.out_sq_norm: torch.Tensor | None = None
+        self.sq_norm_windowed: torch.Tensor | None = None
 
     def update(self, contrib: dict[str, torch.Tensor], batch: int) -> None:
-        """Fold one micro-batch's sums (``sq_norm``: (cols,), ``hessian``: (cols, cols))."""
+        """Fold one micro-batch's sums (``sq_norm``: (cols,), ``hessian``: (cols, cols);
+        ``sq_norm_windowed``: per-sequence sums (batch, cols), weighted here by ``2 / k``
+        with ``k`` the sequence's 1-based position in the stream)."""
         total = self.n + batch
         for key, value in contrib.items():
+            if key == STAT_SQ_NORM_WINDOWED:
+                k = torch.arange(self.n + 1, total + 1, dtype=value.dtype, device=value.device)
+                value = (value * (2.0 / k).unsqueeze(1)).sum(dim=0)  # (batch, cols) -> (cols,)
             old = getattr(self, key)
             if old is None:
                 setattr(self, key, value / total)
@@ -51,7 +58,8 @@ class _Accumulator:
 
     def stats(self) -> LayerStats:
         return LayerStats(nsamples=self.n, sq_norm=self.sq_norm, hessian=self.hessian,
-                          mean=self.mean, var=self.var, out_sq_norm=self.out_sq_norm)
+                          mean=self.mean, var=self.var, out_sq_norm=self.out_sq_norm,
+                          sq_norm_windowed=self.sq_norm_windowed)
 
 
 def batch_sums(x: torch.Tensor, needs: frozenset[str], sequences: int | None = None,
@@ -60,8 +68,9 @@ def batch_sums(x: torch.Tensor, needs: frozenset[str], sequences: int | None = N
     (or ``(B*T, cols)`` where the architecture flattens, e.g. OPT's MLP: ``sequences`` = B).
 
     Returns ``sq_norm``: ``sum_tok x_j^2`` (cols,), ``hessian``: ``2 * sum_tok x x^T``
-    (cols, cols), ``mean``: ``sum_tok x_j`` (cols,) and ``var``: the sum over the ``B``
-    sequences of each one's population variance over its ``T`` tokens (cols,), all fp32.
+    (cols, cols), ``mean``: ``sum_tok x_j`` (cols,), ``var``: the sum over the ``B``
+    sequences of each one's population variance over its ``T`` tokens (cols,) and
+    ``sq_norm_windowed``: ``sum_tok x_j^2`` per sequence (B, cols), all fp32.
     """
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32)  # (B*T, cols)
     out: dict[str, torch.Tensor] = {}
@@ -74,6 +83,9 @@ def batch_sums(x: torch.Tensor, needs: frozenset[str], sequences: int | None = N
     if STAT_VAR in needs:
         seq = flat.reshape(sequences or (x.shape[0] if x.dim() > 2 else 1), -1, x.shape[-1])
         out[STAT_VAR] = seq.var(dim=1, unbiased=False).sum(dim=0)
+    if STAT_SQ_NORM_WINDOWED in needs:  # per sequence: (B, cols)
+        seq = flat.reshape(sequences or (x.shape[0] if x.dim() > 2 else 1), -1, x.shape[-1])
+        out[STAT_SQ_NORM_WINDOWED] = seq.pow(2).sum(dim=1)
     return out
 
 

@@ -109,6 +109,7 @@ class EngineConfig:
     micro_batch: int = 8
     offload_activations: bool = False
     deterministic: bool = True
+    threads: int | None = None  # intra-op threads of every process; None = each one's default
     inflight: int = 0  # candidates / windows in flight (pipelining executors); 0 = workers
     ray_address: str | None = None  # "auto", "ray://host:10001"; None = $RAY_ADDRESS or local
     ray_placement: str = "PACK"  # placement-group strategy of the worker bundles
@@ -567,6 +568,9 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
                       f"{', '.join(EXECUTORS.names())}")
     if not is_int(eng.workers) or eng.workers < 1:
         errors.append(f"engine.workers={eng.workers!r}: expected an integer >= 1")
+    if eng.threads is not None and (not is_int(eng.threads) or eng.threads < 1):
+        errors.append(f"engine.threads={eng.threads!r}: expected an integer >= 1 or null (each "
+                      "process keeps its default thread count)")
     if not is_int(eng.micro_batch) or eng.micro_batch < 1:
         errors.append(f"engine.micro_batch={eng.micro_batch!r}: expected an integer >= 1")
     if eng.devices and is_int(eng.workers) and len(eng.devices) not in (1, eng.workers):

@@ -6,8 +6,8 @@ pruned. Counts are computed in float64 with truncation, as the reference reposit
 
 Selection avoids a full sort: the k-th smallest score of each row is found with
 ``torch.kthvalue`` and ties at that value are resolved by a running count along the index
-order, which reproduces a stable ascending sort bit for bit (``reference_*`` functions below
-are the sort-based definitions the tests compare against).
+order, which reproduces a stable ascending sort bit for bit (the tests compare every rule with
+independent plain-Python sorts, ``tests/reference_masks.py``).
 
 Tie rules:
     ``low_index``: among equal scores the lower index is pruned first (stable ascending sort;
@@ -177,8 +177,9 @@ def select_lowest(
             of a selection per call.
 
     Returns:
-        ``(rows, cols)`` bool mask, ``True`` = pruned, identical to
-        :func:`reference_select_lowest`.
+        ``(rows, cols)`` bool mask, ``True`` = pruned, identical to the first ``k[r]``
+        entries of a stable sort of each row (ascending for ``low_index``; for
+        ``high_index``, everything but the first ``cols - k[r]`` of a stable descending sort).
 
     Raises:
         NonFiniteScoresError: If a score is NaN or Inf.
@@ -421,62 +422,3 @@ def build_mask(scores: torch.Tensor, target: LayerTarget, default_group: str) ->
     if name not in MASK_RULES:
         raise ValueError(f"unknown comparison group {name!r}; available: {sorted(GROUPS)}")
     return MASK_RULES[name](scores, target)
-
-
-# ---------------------------------------------------------------------------------------------
-# Sort-based reference implementations (definitions; tests compare the fast path against them).
-
-
-def _reference_prefix(order: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Mask of the first ``counts[r]`` positions of each row's ``order`` (rows, cols)."""
-    ranks = torch.empty_like(order)
-    positions = torch.arange(order.shape[1], device=order.device).expand_as(order)
-    ranks.scatter_(1, order, positions)
-    return ranks < counts.unsqueeze(1)
-
-
-def reference_select_lowest(
-    scores: torch.Tensor, k: int | torch.Tensor, tie: str = "low_index"
-) -> torch.Tensor:
-    """:func:`select_lowest` by a full stable sort (ascending, or descending for high_index)."""
-    rows, cols = _check_2d(scores)
-    _check_tie(tie)
-    counts = _counts(k, rows, cols, scores.device)
-    if tie == "low_index":
-        order = torch.sort(scores, dim=1, stable=True).indices
-        return _reference_prefix(order, counts)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return ~_reference_prefix(order, cols - counts)  # keep the first cols - k, prune the rest
-
-
-def reference_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Per-row mask via stable argsort: the first ``int(s * cols)`` indices of each row."""
-    return reference_select_lowest(scores, int(float(sparsity) * scores.shape[1]))
-
-
-def reference_matrix_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Whole-matrix mask via a stable argsort of the row-major flattened scores."""
-    flat = scores.reshape(1, -1)
-    return reference_select_lowest(flat, int(float(sparsity) * flat.shape[1])).reshape(scores.shape)
-
-
-def reference_inclusive(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Inclusive threshold via a full sort: prune scores <= sorted value at position k."""
-    if k >= scores.shape[1]:
-        return torch.ones_like(scores, dtype=torch.bool)
-    return scores <= torch.sort(scores, dim=1).values[:, k : k + 1]
-
-
-def reference_row_ratio_mask(
-    scores: torch.Tensor, ratios: torch.Tensor, tie: str = "high_index"
-) -> torch.Tensor:
-    """Per-row ratios via stable sorts, keep count ``floor((1 - s_r) * cols)`` in float64."""
-    cols = scores.shape[1]
-    keep = torch.floor((1.0 - ratios.to(torch.float64)) * cols).to(torch.int64)
-    return reference_select_lowest(scores, cols - keep, tie=tie)
-
-
-def reference_nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """N:M mask via a stable sort inside every group of ``m`` columns."""
-    groups = _nm_groups(scores, n, m)
-    return reference_select_lowest(groups, m - n).reshape(scores.shape)

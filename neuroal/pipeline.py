@@ -174,17 +174,19 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     """
     from neuroal.planner import ModelLayout, check_fits, parse_bytes
 
+    shared = cfg.engine.workers if cfg.engine.executor == "local" and \
+        len(cfg.engine.devices) <= 1 else 1
     if cfg.engine.memory_limit is not None:
         budget = parse_bytes(cfg.engine.memory_limit)
     elif device.type == "cuda":
-        shared = cfg.engine.workers if cfg.engine.executor == "local" and \
-            len(cfg.engine.devices) <= 1 else 1
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
         return
+    # whole-model PERP runs alone after the workers are released: the shared device is its own
     plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
                       device_type=device.type,
-                      layout=ModelLayout.from_adapter(adapter, cfg.model.name))
+                      layout=ModelLayout.from_adapter(adapter, cfg.model.name),
+                      retrain_limit=budget * shared)
     log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB", plan.peak / 1e9,
              plan.peak_worker.rank, budget / 1e9)
 
@@ -252,8 +254,12 @@ def _local(path: str | None) -> list[str]:
 # --------------------------------------------------------------------------- run
 
 
-def seed_everything(seed: int, deterministic: bool) -> None:
-    """Seeds of the protocol (specs README) and deterministic kernels (engine.md §3.5)."""
+def seed_everything(seed: int, deterministic: bool, threads: int | None = None) -> None:
+    """Seeds of the protocol (specs README), deterministic kernels and the thread count
+    (engine.md §3.5; the same settings every executor's processes apply, see
+    :mod:`neuroal.engine.determinism`)."""
+    from neuroal.engine.determinism import apply_determinism
+
     random.seed(seed)
     torch.manual_seed(seed)
     try:
@@ -262,8 +268,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         np.random.seed(seed)
     except ImportError:  # pragma: no cover - numpy ships with torch wheels
         pass
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    apply_determinism(deterministic, threads)
 
 
 def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
@@ -309,7 +314,8 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any,
                           executor=executor, calibration=calib,
                           model_key=model_key(prep.source), cache_dir=cache_dir(),
                           criterion=cfg.criterion.name,
-                          criterion_options=criterion_options(cfg), state=state)
+                          criterion_options=criterion_options(cfg), state=state,
+                          exact_count=cfg.mask.exact_count)
     plan = policy.plan(request)
     plan.validate(prep.shape, tuple(cfg.allocation.clip), cfg.allocation.strict)
     return plan
@@ -344,7 +350,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     """
     timings = Timings()
     t_start = time.perf_counter()
-    seed_everything(cfg.seed, cfg.engine.deterministic)
+    seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
     prep = prepare(cfg, timings)
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
@@ -711,6 +717,8 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                  dense: dict[str, float], sparse: dict[str, float], timings: Timings,
                  executor: Executor, command: str) -> dict[str, Any]:
     """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
+    from neuroal.criteria import criterion_label
+
     prefix = executor.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
@@ -721,6 +729,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "license": license_,
         "model_type": getattr(prep.config, "model_type", None),
         "criterion": cfg.criterion.name,
+        "criterion_label": criterion_label(cfg.criterion.name),
         "allocation": cfg.allocation.name,
         "pattern": cfg.pattern,
         "target_sparsity": cfg.target_sparsity,

@@ -31,6 +31,13 @@ allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
 * **masked block** (search only): the temporary masked copy of one block's linears, ``b`` per
   weight.
 * **overhead**: a fixed runtime constant per worker (:data:`OVERHEAD_BYTES`).
+* **recovery** (``recover``, :func:`recovery_phases`): ``perp-reconstruct`` adds a ``reconstruct``
+  phase to every worker: a third stream (the dense block's outputs, the fit's targets), the
+  block's MaskLoRA adapters with their gradients and Adam moments, what autograd keeps for one
+  micro-batch (every linear's mask and effective weight, the block's activations) and the
+  largest linear's fp32 temporaries. Whole-model PERP (``perp-*`` retraining) runs after the
+  prune in one process holding the whole model: :func:`retrain_memory`, reported as the plan's
+  ``retrain`` row.
 
 A worker's peak is the larger of its final-prune phase and (for search policies) its search
 phase; each row reports the components of that phase, which add up to the total. The transient
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from typing import Any
 
@@ -234,13 +241,16 @@ class MemoryRequest:
     offload_activations: bool = False
     device_type: str = "cuda"
     eval_seqlen: int | None = None
+    recover: tuple[str, ...] = ()
+    recover_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line naming every setting, for messages."""
         return (f"{self.workers} worker(s), {self.dtype}, {self.nsamples} x {self.seqlen} "
                 f"calibration tokens, micro-batch {self.micro_batch}, criterion "
                 f"{self.criterion}, allocation {self.allocation}"
-                + (", activations offloaded" if self.offload_activations else ""))
+                + (", activations offloaded" if self.offload_activations else "")
+                + (f", recovery {' -> '.join(self.recover)}" if self.recover else ""))
 
 
 COMPONENTS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead")
@@ -285,6 +295,7 @@ class MemoryPlan:
     num_blocks: int
     request: MemoryRequest
     workers: tuple[WorkerMemory, ...]
+    retrain: WorkerMemory | None = None  # whole-model PERP: one process after the prune
 
     @property
     def peak_worker(self) -> WorkerMemory:
@@ -304,13 +315,18 @@ class MemoryPlan:
                       for w in self.workers)
         return sum(w.weights for w in self.workers) + working + self.workers[0].overhead
 
-    def over(self, limit: int | Sequence[int]) -> list[WorkerMemory]:
-        """Workers whose total exceeds ``limit`` (one value, or one per worker)."""
+    def over(self, limit: int | Sequence[int], retrain_limit: int | None = None) -> list[WorkerMemory]:
+        """Workers whose total exceeds ``limit`` (one value, or one per worker), then the
+        ``retrain`` row if it exceeds ``retrain_limit`` (default: the first worker's limit)."""
         limits = _per_worker(limit, len(self.workers))
-        return [w for w, cap in zip(self.workers, limits, strict=True) if w.total > cap]
+        out = [w for w, cap in zip(self.workers, limits, strict=True) if w.total > cap]
+        cap = limits[0] if retrain_limit is None else retrain_limit
+        if self.retrain is not None and self.retrain.total > cap:
+            out.append(self.retrain)
+        return out
 
-    def fits(self, limit: int | Sequence[int]) -> bool:
-        return not self.over(limit)
+    def fits(self, limit: int | Sequence[int], retrain_limit: int | None = None) -> bool:
+        return not self.over(limit, retrain_limit)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able: request, totals and every worker's components in bytes."""
@@ -320,17 +336,21 @@ class MemoryPlan:
             "peak_bytes": self.peak,
             "workers": [{**{f.name: getattr(w, f.name) for f in fields(w)}, "total": w.total}
                         for w in self.workers],
+            "retrain": None if self.retrain is None else {
+                **{f.name: getattr(self.retrain, f.name) for f in fields(self.retrain)},
+                "total": self.retrain.total},
         }
 
     def table(self) -> str:
         """The per-worker table, components in GB."""
         head = ["worker", "blocks", *[c.replace("_", " ") for c in COMPONENTS], "total", "phase"]
-        rows = [[str(w.rank), f"{w.start}-{w.stop - 1}",
+        shown = [*self.workers, *([self.retrain] if self.retrain is not None else [])]
+        rows = [[str(w.rank) if w.phase != "retrain" else "all", f"{w.start}-{w.stop - 1}",
                  *[f"{getattr(w, c) / GB:.2f}" for c in COMPONENTS], f"{w.total / GB:.2f}", w.phase]
-                for w in self.workers]
-        if any(w.host_activations for w in self.workers):
+                for w in shown]
+        if any(w.host_activations for w in shown):
             head.append("host act.")
-            for row, w in zip(rows, self.workers, strict=True):
+            for row, w in zip(rows, shown, strict=True):
                 row.append(f"{w.host_activations / GB:.2f}")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=True))
@@ -449,6 +469,104 @@ def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start:
     return {"prune": prune, "search": search}
 
 
+# --------------------------------------------------------------------------- recovery terms
+
+RECONSTRUCT_STEP = "perp-reconstruct"
+TRAIN_STATE_BYTES = 16  # per trainable parameter: fp32 value, gradient, two fp32 Adam moments
+SAVED_TOKEN_H = 12  # per token, run-dtype values of width h autograd keeps in a block (estimate)
+SAVED_TOKEN_I = 5  # per token, values of the MLP width (gate, up, activation, product; estimate)
+LORA_TEMP_BYTES = 20  # per weight of the largest linear: fp32 B A, scaled, masked, W and sum
+LORA_SAVED_BYTES = 1  # per weight kept for backward besides the effective weight: the bool mask
+HOST_MASK_BYTES = 2  # per block weight: the zero masks before and after retraining (host)
+
+
+def _recovery_options(name: str, request: MemoryRequest) -> Mapping[str, Any]:
+    from neuroal.recovery import resolved_options
+
+    return resolved_options(name, request.recover_options)
+
+
+def _block_saved_bytes(linears: Mapping[str, tuple[int, int]], hidden: int, tokens: int,
+                       lora: bool, b: int) -> int:
+    """What autograd keeps for one block's backward on ``tokens`` tokens: its activations and,
+    under MaskLoRA, every linear's mask and effective weight."""
+    widest = max(max(r, c) for r, c in linears.values())
+    acts = tokens * (SAVED_TOKEN_H * hidden + SAVED_TOKEN_I * widest) * b
+    numel = sum(r * c for r, c in linears.values())
+    return acts + ((LORA_SAVED_BYTES + b) * numel if lora else 0)
+
+
+def _lora_temp_bytes(linears: Mapping[str, tuple[int, int]]) -> int:
+    """fp32 temporaries of one MaskLoRA linear (the largest) in its forward or backward."""
+    return LORA_TEMP_BYTES * max(r * c for r, c in linears.values())
+
+
+def _adapter_state_bytes(linears: Mapping[str, tuple[int, int]], rank: int) -> int:
+    """MaskLoRA's A and B on every linear, with gradients and Adam moments."""
+    return TRAIN_STATE_BYTES * rank * sum(r + c for r, c in linears.values())
+
+
+def recovery_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start: int,
+                    stop: int) -> dict[str, WorkerMemory]:
+    """The ``reconstruct`` phase of a worker when ``perp-reconstruct`` is in ``request.recover``
+    (recovery.md §3.6): the prune phase plus the targets stream (3 streams instead of 2) and
+    the fit of its costliest block (MaskLoRA rank and micro-batch from the step's options)."""
+    if RECONSTRUCT_STEP not in request.recover:
+        return {}
+    prune = worker_phases(layout, request, rank, start, stop)["prune"]
+    opts = _recovery_options(RECONSTRUCT_STEP, request)
+    b = DTYPE_BYTES[request.dtype]
+    device, host = _streams(request, layout, request.nsamples, 3)
+    tokens = int(opts["batch_size"]) * request.seqlen
+    fit = max(_adapter_state_bytes(layout.linears[i], int(opts["rank"]))
+              + _block_saved_bytes(layout.linears[i], layout.hidden, tokens, True, b)
+              + _lora_temp_bytes(layout.linears[i]) for i in range(start, stop))
+    return {"reconstruct": replace(prune, phase="reconstruct", activations=device,
+                                   host_activations=host, transients=max(prune.transients, fit))}
+
+
+def retrain_memory(layout: ModelLayout, request: MemoryRequest) -> WorkerMemory | None:
+    """Whole-model PERP (recovery.md §3.3-3.5) in one process after the prune, or None when
+    ``request.recover`` has no such step.
+
+    The whole model in the run dtype (plus an untied head copy for the head LoRA); trainables
+    with gradients and Adam moments (``full``: every block weight, upcast to fp32, and its
+    packed mask); what autograd keeps for one micro-batch through every block (with gradient
+    checkpointing: the block inputs plus one block); the logits with their fp32 copy and
+    gradient; on CPU the zero masks checked before and after.
+    """
+    from neuroal.recovery import RECOVERY_STEPS, STAGE_MODEL
+
+    names = [s for s in request.recover if RECOVERY_STEPS.get(s).stage == STAGE_MODEL]
+    if not names:
+        return None
+    step = RECOVERY_STEPS.get(names[-1])
+    opts = _recovery_options(names[-1], request)
+    perp, train = step.perp_options(opts), step.train_options(opts)  # type: ignore[attr-defined]
+    b = DTYPE_BYTES[request.dtype]
+    blocks = layout.linears
+    numel = sum(r * c for blk in blocks for r, c in blk.values())
+    small = sum(layout.block_params) - numel + layout.final_params  # norms, biases
+    lora = perp.adapter == "mask_lora"
+    per_adapter = {"mask_lora": perp.rank, "scale_lora": 1}.get(perp.adapter or "", 0)
+    trainable = small + per_adapter * sum(r + c for blk in blocks for r, c in blk.values())
+    weights = layout.params * b
+    if perp.lm_head_lora:
+        trainable += perp.rank * (layout.vocab + layout.hidden)
+        weights += layout.head_params * b if layout.tied else 0  # untied copy
+    extra = (TRAIN_STATE_BYTES - b) * numel + numel // 8 if perp.weights else 0
+    tokens = train.batch_size * request.seqlen
+    kept = [_block_saved_bytes(blk, layout.hidden, tokens, lora, b) for blk in blocks]
+    saved = (tokens * layout.hidden * b * len(blocks) + max(kept) if train.gradient_checkpointing
+             else sum(kept))
+    temps = max(_lora_temp_bytes(blk) for blk in blocks) if lora else 0
+    logits = max(tokens, train.eval_batch_size * request.seqlen) * layout.vocab * (b + 8)
+    host = HOST_MASK_BYTES * numel if request.device_type == "cpu" else 0
+    overhead = OVERHEAD_BYTES.get(request.device_type, OVERHEAD_BYTES["cuda"])
+    return WorkerMemory(0, 0, layout.num_blocks, "retrain", weights, saved + logits, host,
+                        TRAIN_STATE_BYTES * trainable + extra + temps, 0, overhead)
+
+
 def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> MemoryPlan:
     """Predict every worker's peak bytes for ``request`` (no weights are read).
 
@@ -469,9 +587,12 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
         raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
     layout = layout_of(model)
     slices = split_blocks(layout.num_blocks, request.workers)
-    workers = tuple(max(worker_phases(layout, request, r, a, b).values(), key=lambda w: w.total)
+    workers = tuple(max({**worker_phases(layout, request, r, a, b),
+                         **recovery_phases(layout, request, r, a, b)}.values(),
+                        key=lambda w: w.total)
                     for r, (a, b) in enumerate(slices))
-    return MemoryPlan(layout.name, layout.params, layout.num_blocks, request, workers)
+    return MemoryPlan(layout.name, layout.params, layout.num_blocks, request, workers,
+                      retrain_memory(layout, request))
 
 
 def min_workers(model: str | ModelLayout | Any, request: MemoryRequest, limit: int) -> int | None:
@@ -513,6 +634,7 @@ def largest_fit(request: MemoryRequest, limit: int,
 def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest:
     """The :class:`MemoryRequest` of a validated ``PruneConfig`` and its resolved dtype."""
     from neuroal.allocation import ALLOCATIONS
+    from neuroal.recovery import RECOVERY_STEPS
 
     defaults = ALLOCATIONS.get(cfg.allocation.name).defaults
     options = {**defaults, **cfg.allocation.options}
@@ -524,12 +646,15 @@ def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest
         search_samples=int(options.get("search_samples", 8)),
         reference_stream=str(options.get("reference_stream", "local")),
         offload_activations=cfg.engine.offload_activations, device_type=device_type,
-        eval_seqlen=(cfg.eval.seqlen or cfg.calib.seqlen) if evaluates else None)
+        eval_seqlen=(cfg.eval.seqlen or cfg.calib.seqlen) if evaluates else None,
+        recover=tuple(RECOVERY_STEPS.canonical(s) for s in cfg.recover.steps),
+        recover_options={(RECOVERY_STEPS.canonical(k) if k in RECOVERY_STEPS else k): dict(v)
+                         for k, v in cfg.recover.options.items()})
 
 
 def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[int], *,
                dtype: str | None = None, device_type: str = "cuda",
-               layout: ModelLayout | None = None) -> MemoryPlan:
+               layout: ModelLayout | None = None, retrain_limit: int | None = None) -> MemoryPlan:
     """Refuse a run whose predicted per-worker peak exceeds the memory of its device.
 
     Args:
@@ -539,6 +664,8 @@ def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[
         dtype: Run dtype name (default: ``cfg.model.dtype``, ``auto`` read as bfloat16).
         device_type: ``cuda`` or ``cpu`` (selects the runtime overhead).
         layout: A layout already built from ``model_config`` (saves a second skeleton).
+        retrain_limit: Bytes for whole-model PERP, which runs in one process after the workers
+            are released (default: the first worker's limit).
 
     Returns:
         The plan, when every worker fits.
@@ -551,13 +678,27 @@ def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[
     request = request_from_config(cfg, run_dtype, device_type)
     layout = layout or ModelLayout.from_config(model_config, cfg.model.name)
     plan = plan_memory(layout, request)
-    over = plan.over(device_memory_bytes)
+    over = plan.over(device_memory_bytes, retrain_limit)
     if not over:
         return plan
     limit = min(_per_worker(device_memory_bytes, len(plan.workers)))
+    if over[-1] is plan.retrain:
+        cap = limit if retrain_limit is None else retrain_limit
+        raise MemoryBudgetError(_retrain_refusal(cfg.model.name, plan.retrain, cap))
     worst = max(over, key=lambda w: w.total)
     raise MemoryBudgetError(_refusal(cfg.model.name, plan, worst, limit,
                                      min_workers(layout, request, limit)))
+
+
+def _retrain_refusal(model: str, row: WorkerMemory, limit: int) -> str:
+    parts = ", ".join(f"{name.replace('_', ' ')} {getattr(row, name) / GB:.1f} GB"
+                      for name in COMPONENTS)
+    return (f"model {model!r} does not fit for whole-model PERP retraining, which holds the whole "
+            f"model in one process after the prune: predicted peak {row.total / GB:.1f} GB "
+            f"({parts}), limit {limit / GB:.1f} GB. Enable gradient checkpointing "
+            "(recover.<step>.gradient_checkpointing=true), lower recover.<step>.batch_size or "
+            "calib.seqlen, or drop the step from recover.steps (perp-reconstruct works block by "
+            "block). Nothing was loaded.")
 
 
 def _refusal(model: str, plan: MemoryPlan, worst: WorkerMemory, limit: int,
@@ -616,6 +757,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     verdict = "fits" if summary["fits"] else "does NOT fit"
     lines.append(f"verdict: {verdict}: peak {peak / GB:.2f} GB per worker vs {limit / GB:.2f} GB "
                  f"({(limit - peak) / GB:+.2f} GB to spare)")
+    if plan.get("retrain"):
+        need = plan["retrain"]["total"]
+        lines.append(f"whole-model PERP (one process, after the prune): {need / GB:.2f} GB vs "
+                     f"{limit / GB:.2f} GB ({(limit - need) / GB:+.2f} GB to spare)")
     largest = summary["largest_fit"]
     lines.append(f"largest known model that fits on {req['workers']} x {limit / GB:.0f} GB: "
                  + (f"{largest['model']} ({largest['params'] / 1e9:.2f} B, peak "

@@ -242,7 +242,68 @@ def test_hill_matches_a_literal_reading_of_the_spec(lower: str, fingers: str | N
         lam = eigenvalues(torch.randn(48, 160, generator=gen) * scale
                           + torch.randn(48, 1, generator=gen) * torch.randn(1, 160, generator=gen))
         expected = naive_hill(lam.double().tolist(), lower, fingers)
-        assert hill_alpha(lam, lower, fingers) == pytest.approx(expected, rel=1e-9)
+        assert hill_alpha(lam, lower, fingers, "float64") == pytest.approx(expected, rel=1e-9)
+
+
+def reference_fp32_hill(lam: torch.Tensor, lower: str, fingers: str | None) -> float:
+    """§4.2 in the reference's arithmetic, one cut at a time: fp32 tensors, ``torch.histc``
+    with ``linspace`` edges, ``alpha = 1 + n / (sum(log lam[i:]) - n log lam[i])``."""
+    lam = torch.sort(lam.float()).values
+    size, logs = lam.numel(), torch.log(lam)
+    alphas, dists = torch.zeros(size - 1), torch.ones(size - 1)
+    log10 = torch.log10(lam)
+    counts = torch.histc(log10, 100, min=float(log10.min()), max=float(log10.max()))
+    peak = 10 ** torch.linspace(float(log10.min()), float(log10.max()), 101)[int(counts.argmax())]
+    low = torch.log10(0.95 * peak) if lower == "quirk" else 0.95 * peak
+    for i in ([size // 2] if fingers == "xmin_mid" else range(size - 1)):
+        if fingers == "xmin_peak" and lam[i] < low:
+            continue
+        if fingers == "xmin_peak" and lam[i] > 1.5 * peak:
+            break
+        n = float(size - i)
+        alphas[i] = 1 + n / (torch.sum(logs[i:]) - n * logs[i])
+        if alphas[i] > 1:
+            seq = torch.arange(n)
+            dists[i] = torch.max(torch.abs(1 - (lam[i:] / lam[i]) ** (1 - alphas[i]) - seq / n))
+    return float(alphas[int(torch.argmin(dists))])
+
+
+@pytest.mark.parametrize("fingers", ["xmin_peak", "xmin_mid", None])
+def test_hill_float32_follows_the_reference_arithmetic(fingers: str | None) -> None:
+    """Issue 16.6: the faithful scan runs in fp32 like the reference (histc, fp32 sums): it
+    reproduces the literal fp32 reading bit for bit on most spectra and within summation-order
+    rounding (< 5e-6 relative) on all; the float64 option matches none of them exactly."""
+    gen = torch.Generator().manual_seed(1)
+    exact32 = exact64 = 0
+    for scale in (0.05, 1.0, 30.0, 300.0):
+        lam = eigenvalues(torch.randn(200, 600, generator=gen) * scale
+                          + torch.randn(200, 1, generator=gen) * torch.randn(1, 600, generator=gen))
+        expected = reference_fp32_hill(lam, "quirk", fingers)
+        got = hill_alpha(lam, "quirk", fingers)
+        assert got == pytest.approx(expected, rel=5e-6, abs=0)
+        exact32 += got == expected
+        exact64 += hill_alpha(lam, "quirk", fingers, "float64") == expected
+    assert exact32 >= 2 and exact64 == 0
+
+
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_hill_alpha_hand_computed(precision: str) -> None:
+    """Hand-computed alphas (allocation.md §4.7 regression): lambda = 1, 2, 4, 8, 16.
+
+    A tail of n points from cut i has sum ln(lambda_{i+k} / lambda_i) = ln 2 n (n - 1) / 2, so
+    alpha(i) = 1 + 2 / ((n - 1) ln 2) and (lambda_{i+k} / lambda_i)^(1 - alpha) = e^(-2k/(n-1)),
+    D(i) = max_k |1 - e^(-2k/(n-1)) - k/n|: 0.2321 (n=5), 0.2366 (4), 0.2988 (3), 0.3647 (2).
+    The full scan picks i = 0: alpha = 1 + 1 / (2 ln 2) = 1.7213475. The peak scan sees a
+    histogram peak of 1 (one value per bin, first bin wins) and visits only lambda <= 1.5, so
+    also i = 0. ``xmin_mid`` fixes i = 2 (n = 3): alpha = 1 + 1 / ln 2 = 2.4426950.
+    """
+    lam = torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    one_cut = 1 + 1 / (2 * math.log(2))
+    for lower in ("quirk", "fixed"):
+        assert hill_alpha(lam, lower, "xmin_peak", precision) == pytest.approx(one_cut, rel=1e-6)
+        assert hill_alpha(lam, lower, None, precision) == pytest.approx(one_cut, rel=1e-6)
+    assert hill_alpha(lam, "quirk", "xmin_mid", precision) == pytest.approx(1 + 1 / math.log(2),
+                                                                             rel=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [2.5, 4.0])

@@ -41,3 +41,27 @@ def test_within_sequence_variance_is_not_the_total_variance() -> None:
     st = _collect(lin, [x.unsqueeze(-1)], frozenset({STAT_VAR}), False)
     assert float(st.var) == 1.0
     assert float(x.flatten().var(unbiased=False)) > 6
+
+
+def test_windowed_norm_follows_the_reference_sparsegpt_wrapper() -> None:
+    """Issue 16.5: NeuroAL's SparseGPT search reads input norms from the reference wrapper's
+    running statistic, fed one window per call: ``s <- s n/(n+1); n <- n+1; x <- sqrt(2/n) x;
+    s <- s + ||x||^2 / n`` (written out here), i.e. window k weighted by 2/(N k). Micro-batches
+    of any size give the same result."""
+    from neuroal.criteria.base import STAT_SQ_NORM_WINDOWED
+
+    torch.manual_seed(1)
+    lin = nn.Linear(6, 4)
+    x = torch.randn(5, 7, 6) * torch.linspace(0.5, 3, 6)
+    s, n = torch.zeros(6), 0
+    for window in x:
+        s *= n / (n + 1)
+        n += 1
+        scaled = (2 / n) ** 0.5 * window
+        s += scaled.pow(2).sum(dim=0) / n
+    for batches in ([x], [x[:2], x[2:]], [x[i:i + 1] for i in range(5)]):
+        for flatten in (False, True):
+            st = _collect(lin, batches, frozenset({STAT_SQ_NORM_WINDOWED}), flatten)
+            torch.testing.assert_close(st.sq_norm_windowed, s)
+    uniform = x.pow(2).sum(dim=(0, 1)) / 5
+    assert not torch.allclose(s / s.sum(), uniform / uniform.sum())  # not just a scale factor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import reference_masks as ref
 import torch
 
 from neuroal.criteria import (
@@ -16,14 +17,7 @@ from neuroal.criteria import (
     LayerTarget,
     NMPattern,
 )
-from neuroal.criteria.sparsegpt import inverse_factor, prepare_hessian
-from neuroal.masking import (
-    NonFiniteScoresError,
-    matrix_mask,
-    nm_mask,
-    reference_matrix_mask,
-    reference_row_mask,
-)
+from neuroal.masking import NonFiniteScoresError
 from neuroal.registry import UnknownNameError
 
 
@@ -107,7 +101,7 @@ def test_wanda_matches_brute_force_per_row() -> None:
     torch.testing.assert_close(scores, loop_wanda(weight, stats.sq_norm))
     result = prune("wanda", weight, stats, LayerTarget(0.5))
     assert result.weight is None
-    assert torch.equal(result.mask, reference_row_mask(loop_wanda(weight, stats.sq_norm), 0.5))
+    assert torch.equal(result.mask, ref.row_mask(loop_wanda(weight, stats.sq_norm), 0.5))
     assert result.mask.sum(dim=1).tolist() == [4, 4, 4, 4]
 
 
@@ -126,7 +120,7 @@ def test_ria_matches_brute_force_per_matrix(a: float) -> None:
     expected = loop_ria(weight, stats.sq_norm, a)
     torch.testing.assert_close(scores, expected)
     result = CRITERIA.get("ria").prune(weight, stats, LayerTarget(0.5), {"a": a})
-    assert torch.equal(result.mask, reference_matrix_mask(expected, 0.5))
+    assert torch.equal(result.mask, ref.matrix_mask(expected, 0.5))
     assert int(result.mask.sum()) == 24
 
 
@@ -143,7 +137,7 @@ def test_multiflow_matches_brute_force() -> None:
     expected = loop_multiflow(weight, stats.sq_norm)
     torch.testing.assert_close(scores, expected)
     result = prune("multiflow", weight, stats, LayerTarget(0.5))
-    assert torch.equal(result.mask, reference_row_mask(expected, 0.5))
+    assert torch.equal(result.mask, ref.row_mask(expected, 0.5))
 
 
 def test_magnitude_per_matrix_and_group_override() -> None:
@@ -151,10 +145,10 @@ def test_magnitude_per_matrix_and_group_override() -> None:
     stats = LayerStats()
     assert torch.equal(
         prune("magnitude", weight, stats, LayerTarget(0.5)).mask,
-        reference_matrix_mask(weight.abs(), 0.5),
+        ref.matrix_mask(weight.abs(), 0.5),
     )
     per_row = prune("magnitude", weight, stats, LayerTarget(0.5, group="row")).mask
-    assert torch.equal(per_row, reference_row_mask(weight.abs(), 0.5))
+    assert torch.equal(per_row, ref.row_mask(weight.abs(), 0.5))
 
 
 @pytest.mark.parametrize("name", ["wanda", "ria", "multiflow"])
@@ -278,22 +272,35 @@ def test_sparsegpt_nm_exact(n: int, m: int) -> None:
     assert bool((result.weight[result.mask] == 0).all())
 
 
+def inverse_upper(hessian: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Written from the SparseGPT paper, in float64 and without the library: dead inputs
+    (H_jj = 0) get H_jj = 1 and a zero weight column; 1 % of the mean diagonal is added; the
+    upper factor U of the inverse (U^T U = H^-1) is the transpose of the lower Cholesky factor
+    of ``inv(H)``. Returns ``(U, W)``."""
+    h, w = hessian.double().clone(), weight.double().clone()
+    dead = torch.nonzero(h.diagonal() == 0).flatten().tolist()
+    for j in dead:
+        h[j, j] = 1.0
+        w[:, j] = 0.0
+    h += 0.01 * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=torch.float64)
+    return torch.linalg.cholesky(torch.linalg.inv(h)).T, w
+
+
 def naive_sweep(weight: torch.Tensor, hessian: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Column sweep updating every later column at once (no lazy block updates)."""
-    h, w, _ = prepare_hessian(hessian, weight)
-    upper = inverse_factor(h, 0.01)
-    assert upper is not None
+    """Column sweep updating every later column at once (no lazy block updates), float64;
+    each 128-column block's mask is the plain-sort matrix mask of w^2 / U_jj^2."""
+    upper, w = inverse_upper(hessian, weight)
     cols = w.shape[1]
     for start in range(0, cols, 128):
         stop = min(start + 128, cols)
         diag = upper.diagonal()[start:stop]
-        mask = matrix_mask(w[:, start:stop] ** 2 / diag**2, ratio)
+        mask = ref.matrix_mask(w[:, start:stop] ** 2 / diag**2, ratio)
         for j in range(start, stop):
             pruned = torch.where(mask[:, j - start], 0.0, w[:, j])
             err = (w[:, j] - pruned) / upper[j, j]
             w[:, j + 1 :] -= torch.outer(err, upper[j, j + 1 :])
             w[:, j] = pruned
-    return w
+    return w.float()
 
 
 def test_sparsegpt_lazy_updates_match_naive_sweep() -> None:
@@ -343,7 +350,7 @@ def test_sparsegpt_cholesky_failure_modes() -> None:
     assert result.weight is None
     assert result.info["cholesky_failure"] == "no_update"
     assert result.info["damp_retries"] == [0.1, 1.0]
-    assert torch.equal(result.mask, reference_row_mask(weight.abs(), 0.5))  # H_jj all equal
+    assert torch.equal(result.mask, ref.row_mask(weight.abs(), 0.5))  # H_jj all equal
 
 
 def test_sparsegpt_nan_hessian_raises() -> None:
@@ -373,8 +380,6 @@ def test_nm_mask_helper_is_what_sparsegpt_uses_per_group() -> None:
     # One block of exactly M columns: the N:M choice is made on the untouched first group.
     weight, _, stats = correlated_layer(rows=8, cols=4, tokens=64)
     result = prune("sparsegpt", weight, stats, LayerTarget(0.5, nm=NMPattern(2, 4)))
-    h, _, _ = prepare_hessian(stats.hessian, weight)
-    upper = inverse_factor(h, 0.01)
-    assert upper is not None
-    expected = nm_mask(weight**2 / upper.diagonal() ** 2, 2, 4)
+    upper, _ = inverse_upper(stats.hessian, weight)
+    expected = ref.nm_mask(weight.double() ** 2 / upper.diagonal() ** 2, 2, 4)
     assert torch.equal(result.mask, expected)

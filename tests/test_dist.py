@@ -209,24 +209,28 @@ def test_torchrun_two_ranks_match_local(llama3: Path, small_text: Path, tmp_path
     from neuroal.pipeline import run
 
     overrides = [f"{k}={v}" for k, v in NEUROAL.items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "NEUROAL_PROGRESS": "0"}
+    env = {**os.environ, "NEUROAL_PROGRESS": "0"}
+    env.pop("OMP_NUM_THREADS", None)
+    # engine.threads=1 on both sides: every process of both runs applies the same settings
+    # (neuroal.engine.determinism), nothing is pinned by hand
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "launch" / "prune.py"), *_cli_args(llama3, small_text, tmp_path / "dist", 2),
-           "engine.executor=dist", *overrides]
+           "engine.executor=dist", "engine.threads=1", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "lambda_block" in proc.stderr and "rank 1 owns blocks [2, 3)" in proc.stderr
 
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the ranks run single-threaded (OMP_NUM_THREADS=1)
     try:
         cfg = tiny_cfg(llama3, tmp_path / "local", calib={"source": f"text:{small_text}"},
                        eval={"datasets": [f"text:{small_text}"], "max_windows": 3},
                        allocation={"name": "neuroal", "block_grid": [0.05, 0.1],
-                                   "row_grid": [0.0, 0.05], "search_samples": 2})
+                                   "row_grid": [0.0, 0.05], "search_samples": 2},
+                       engine={"threads": 1})
         local = run(cfg, keep_executor=True)
+        assert torch.get_num_threads() == 1  # applied by the run itself
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(threads)  # restore for the rest of the session
 
     report = json.loads((tmp_path / "dist" / "report.json").read_text())
     want = json.loads((tmp_path / "local" / "report.json").read_text())

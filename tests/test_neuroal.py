@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -110,9 +111,12 @@ def test_neuroal_plan_gqa_rows_and_target(tiny_models: dict[str, Path],
     assert plan.granularity == "row"
     block0 = plan.ratios[0]
     assert isinstance(block0["self_attn.q_proj"], torch.Tensor)  # 64 rows = o_proj input
-    for name in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj"):
-        assert isinstance(block0[name], float), name  # GQA guard / no consumer: uniform
-    assert all(isinstance(r, float) for r in plan.ratios[-1].values())  # last block uniform
+    assert len(set(block0["self_attn.q_proj"].tolist())) > 1
+    # GQA guard / no consumer / last block: uniform rows, but as per-row vectors so that the
+    # reference's `neuron` rule applies to them too (neuroal.md §A9; issue 16.1)
+    fallbacks = [block0[n] for n in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    for vec in fallbacks + list(plan.ratios[-1].values()):
+        assert isinstance(vec, torch.Tensor) and len(set(vec.tolist())) == 1
     trail = plan.trail["candidates"]
     assert [e["value"] for e in trail] == [0.05, 0.1, 0.2, 0.0, 0.05, 0.1]
     assert result.report["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
@@ -200,3 +204,84 @@ def test_base_plan_with_zero_ramp_is_the_base_plan(tiny_models: dict[str, Path],
         "block_grid": [0.0]}, **common)).plan
     assert neuro.ratios == owl.ratios
     assert len({r for blk in owl.ratios for r in blk.values()}) > 1  # really non-uniform
+
+
+def test_grid_refine_breaks_ties_by_the_smaller_value() -> None:
+    """Issue 16.4: a refined midpoint that ties with the grid winner wins when it is smaller
+    (§A8: ties go to the smaller lambda), although it was evaluated later."""
+    from neuroal.allocation.neuroal import refine
+
+    scores = {0.1: 3.0, 0.2: 1.0, 0.3: 2.0, 0.15: 1.0, 0.25: 5.0}
+
+    def stub(cands: list[Candidate]) -> list[Outcome]:
+        return [Outcome(scores[round(c.value, 6)]) for c in cands]
+
+    def make(v: float) -> Candidate:
+        return Candidate("block", v, [])
+
+    first = run_phase("block", [make(v) for v in (0.1, 0.2, 0.3)], stub)
+    assert first.best.value == 0.2
+    refined = refine(first, make, 1, stub)
+    assert refined.best.value == pytest.approx(0.15)
+    assert [e["value"] for e in refined.trail] == pytest.approx([0.1, 0.15, 0.2, 0.25, 0.3])
+
+
+def test_search_masks_follow_mask_exact_count(tiny_models: dict[str, Path]) -> None:
+    """Issue 16.4: ``mask.exact_count=false`` reaches the search candidates (the policy's job
+    and the worker's masks), not only the final prune."""
+    from neuroal.allocation.base import PlanRequest
+    from neuroal.allocation.neuroal import NeuroALPolicy
+
+    executor = _executor(tiny_models["llama"])
+    shape = executor.workers[0].adapter.shape()
+    ids = torch.randint(3, 320, (2, 16), generator=torch.Generator().manual_seed(5))
+    jobs: list[CandidateJob] = []
+
+    class Spy:
+        def evaluate_candidates(self, ids, ratios, job, stream, **kwargs):
+            jobs.append(job)
+            return executor.evaluate_candidates(ids, ratios, job, stream, **kwargs)
+
+    request = PlanRequest(shape, 0.6, "unstructured", (0.01, 0.99),
+                          options={"steps": "block", "block_grid": [0.1]}, executor=Spy(),
+                          calibration=ids, exact_count=False)
+    loose = NeuroALPolicy().plan(request)
+    assert jobs and all(not job.exact_count for job in jobs)
+    exact = NeuroALPolicy().plan(replace(request, exact_count=True))
+    assert jobs[-1].exact_count
+    # the inclusive threshold prunes at least one more weight per row: another objective
+    assert loose.trail["candidates"][0]["score"] != exact.trail["candidates"][0]["score"]
+
+
+@pytest.mark.parametrize(("weights", "stat"), [("reference", "sq_norm_windowed"),
+                                               ("uniform", "sq_norm")])
+def test_sparsegpt_search_weights_windows_like_the_reference(weights: str, stat: str,
+                                                              tiny_models: dict[str, Path]) -> None:
+    """Issue 16.5: faithful NeuroAL + SparseGPT measures alignment with the reference wrapper's
+    1/k-weighted norm (``window_weights: uniform`` opts out); both stay exact on the q/k/v
+    inputs and the objective differs between the two."""
+    from neuroal.allocation.base import PlanRequest
+    from neuroal.allocation.neuroal import NeuroALPolicy
+
+    executor = _executor(tiny_models["llama"])
+    shape = executor.workers[0].adapter.shape()
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(6))
+    jobs: list[CandidateJob] = []
+    results: list = []
+
+    class Spy:
+        def evaluate_candidates(self, ids, ratios, job, stream, **kwargs):
+            jobs.append(job)
+            results.append(executor.evaluate_candidates(ids, ratios, job, stream, **kwargs))
+            return results[-1]
+
+    request = PlanRequest(shape, 0.6, "unstructured", (0.01, 0.99), criterion="sparsegpt",
+                          options={"steps": "block", "block_grid": [0.1],
+                                   "window_weights": weights}, executor=Spy(), calibration=ids)
+    NeuroALPolicy().plan(request)
+    assert {job.alignment_stat for job in jobs} == {stat}
+    other = "uniform" if weights == "reference" else "reference"
+    NeuroALPolicy().plan(replace(request, options={**request.options, "window_weights": other}))
+    first, second = results[0][0][0], results[-1][0][0]
+    assert first.na["self_attn.q_proj"] == second.na["self_attn.q_proj"] == 0.0
+    assert first.na["self_attn.o_proj"] != second.na["self_attn.o_proj"]

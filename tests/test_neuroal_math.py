@@ -1,4 +1,4 @@
-"""NeuroAL maths (neuroal.md §A4, §A6-§A8, §A10, §A13, §B3, §B6): grids, ramp, metric, rows."""
+"""NeuroAL maths (neuroal.md §A4, §A6-§A8, §A10, §A13, §B3): grids, ramp, metric, rows."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from neuroal.allocation.neuroal_math import (
     block_grid,
     block_ramp,
     first_minimum,
-    gqa_group_mean,
     row_plan,
     row_ratios,
     total_alignment,
@@ -29,6 +28,19 @@ BLOCK = {"q_proj": (6, 6), "k_proj": (2, 6), "v_proj": (2, 6), "o_proj": (6, 6),
          "gate_proj": (10, 6), "up_proj": (10, 6), "down_proj": (6, 10)}
 CONSUMERS = {"q_proj": "o_proj", "k_proj": "o_proj", "v_proj": "o_proj", "o_proj": "gate_proj",
              "gate_proj": "down_proj", "up_proj": "down_proj", "down_proj": None}
+
+
+def is_uniform(value: torch.Tensor) -> bool:
+    return bool((value == value[0]).all())
+
+
+def assert_uniform_rows(value, ratio: float, rows: int) -> bool:
+    """A fallback layer's row-step entry: the constant per-row vector (never a scalar, which
+    would select the ``row`` mask rule instead of the reference's ``neuron`` rule, §A9)."""
+    assert isinstance(value, torch.Tensor) and value.dtype == torch.float64, value
+    assert value.shape == (rows,)
+    assert torch.equal(value, torch.full((rows,), float(ratio), dtype=torch.float64))
+    return True
 
 
 def tiny_inputs(num_blocks: int = 3, ratio: float = 0.5, seed: int = 0):
@@ -221,8 +233,8 @@ def test_row_plan_fallbacks_and_vectors():
         assert list(blk) == list(BLOCK)
         # q: 6 rows driven by the 6-long o_proj delta; k/v: 2 rows -> GQA guard -> uniform.
         assert isinstance(blk["q_proj"], torch.Tensor)
-        assert blk["k_proj"] == 0.5 and blk["v_proj"] == 0.5
-        assert blk["down_proj"] == 0.5  # consumer None
+        assert_uniform_rows(blk["k_proj"], 0.5, 2) and assert_uniform_rows(blk["v_proj"], 0.5, 2)
+        assert_uniform_rows(blk["down_proj"], 0.5, 6)  # consumer None
         for name in ("q_proj", "o_proj", "gate_proj", "up_proj"):
             vec = blk[name]
             assert isinstance(vec, torch.Tensor) and vec.dtype == torch.float64
@@ -232,7 +244,8 @@ def test_row_plan_fallbacks_and_vectors():
         torch.testing.assert_close(blk["gate_proj"], expected, rtol=0, atol=0)
         torch.testing.assert_close(blk["up_proj"], expected, rtol=0, atol=0)
         torch.testing.assert_close(blk["o_proj"], row_ratios(0.5, deltas[b]["gate_proj"], 0.1))
-    assert all(isinstance(v, float) and v == 0.5 for v in plan[2].values())  # last block
+    for name, value in plan[2].items():  # last block
+        assert_uniform_rows(value, 0.5, BLOCK[name][0])
     SparsityPlan(target=0.5, pattern="unstructured", ratios=plan).validate(shape, strict=True)
 
 
@@ -240,24 +253,22 @@ def test_row_plan_zero_delta_uniform_layers_and_mu_zero():
     shape, ratios, deltas = tiny_inputs()
     deltas[1]["down_proj"] = torch.zeros(10)
     plan = row_plan(ratios, deltas, CONSUMERS, shape, mu=0.2)
-    assert plan[1]["gate_proj"] == 0.5 and plan[1]["up_proj"] == 0.5
-    assert isinstance(plan[0]["gate_proj"], torch.Tensor)
+    assert_uniform_rows(plan[1]["gate_proj"], 0.5, 10)
+    assert_uniform_rows(plan[1]["up_proj"], 0.5, 10)
+    assert not is_uniform(plan[0]["gate_proj"])
     skip = frozenset({"q_proj", "k_proj", "v_proj"})
     plan = row_plan(ratios, deltas, CONSUMERS, shape, mu=0.2, uniform_layers=skip)
-    assert plan[0]["q_proj"] == 0.5 and isinstance(plan[0]["o_proj"], torch.Tensor)
+    assert_uniform_rows(plan[0]["q_proj"], 0.5, 6) and not is_uniform(plan[0]["o_proj"])
     absent = {k: v for k, v in CONSUMERS.items() if v is not None and k != "up_proj"}  # adapter style
     plan = row_plan(ratios, deltas, absent, shape, mu=0.2)
-    assert plan[0]["up_proj"] == 0.5 and plan[0]["down_proj"] == 0.5
-    assert isinstance(plan[0]["gate_proj"], torch.Tensor)
+    assert_uniform_rows(plan[0]["up_proj"], 0.5, 10)
+    assert_uniform_rows(plan[0]["down_proj"], 0.5, 6)
+    assert not is_uniform(plan[0]["gate_proj"])
     ratios[0] = {n: 0.6 for n in BLOCK}
     plan = row_plan(ratios, deltas, CONSUMERS, shape, mu=0.0)
     for b, blk in enumerate(plan):
         for name, value in blk.items():
-            if isinstance(value, torch.Tensor):
-                assert torch.equal(value, torch.full_like(value, ratios[b][name]))
-            else:
-                assert value == ratios[b][name]
-    assert isinstance(plan[0]["q_proj"], torch.Tensor)
+            assert_uniform_rows(value, ratios[b][name], BLOCK[name][0])
 
 
 def test_row_plan_gqa_guard_smollm2_sizes():
@@ -269,11 +280,8 @@ def test_row_plan_gqa_guard_smollm2_sizes():
     ratios = [{n: 0.7 for n in block} for _ in range(2)]
     plan = row_plan(ratios, deltas, consumers, shape, mu=0.05)
     assert isinstance(plan[0]["q_proj"], torch.Tensor) and plan[0]["q_proj"].shape == (576,)
-    assert plan[0]["k_proj"] == 0.7 and plan[0]["v_proj"] == 0.7
-    # With the §B6 group mean the caller can hand k/v a matching 192-long delta instead.
-    delta_kv = gqa_group_mean(delta_o, num_heads=9, num_kv_heads=3, head_dim=64)
-    assert delta_kv.shape == (192,)
-    assert row_ratios(0.7, delta_kv, 0.05).shape == (192,)
+    assert_uniform_rows(plan[0]["k_proj"], 0.7, 192)
+    assert_uniform_rows(plan[0]["v_proj"], 0.7, 192)
 
 
 def test_row_plan_errors():
@@ -285,16 +293,19 @@ def test_row_plan_errors():
         row_plan(ratios, deltas, CONSUMERS, shape, mu=0.1)
 
 
-def test_gqa_group_mean_hand_example():
-    delta_o = torch.arange(8, dtype=torch.float32)  # heads h0:(0,1) h1:(2,3) h2:(4,5) h3:(6,7)
-    out = gqa_group_mean(delta_o, num_heads=4, num_kv_heads=2, head_dim=2)
-    assert out.dtype == torch.float64
-    torch.testing.assert_close(out, torch.tensor([1.0, 2.0, 5.0, 6.0], dtype=torch.float64))
-    one = gqa_group_mean(delta_o, num_heads=4, num_kv_heads=1, head_dim=2)
-    torch.testing.assert_close(one, torch.tensor([3.0, 4.0], dtype=torch.float64))
-    same = gqa_group_mean(delta_o, num_heads=4, num_kv_heads=4, head_dim=2)
-    torch.testing.assert_close(same, delta_o.double(), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="multiple"):
-        gqa_group_mean(delta_o, num_heads=4, num_kv_heads=3, head_dim=2)
-    with pytest.raises(ValueError, match="expected"):
-        gqa_group_mean(delta_o, num_heads=4, num_kv_heads=2, head_dim=3)
+
+
+def test_fallback_rows_use_the_neuron_rule():
+    """Issue 16.1: a layer that falls back to uniform rows (here: the last block, SmolLM2's
+    down_proj size) keeps floor((1 - s) cols) per row like every other row-step layer, and
+    prunes the higher index first among ties (neuroal.md §A3, §A9): 922 of 1536 at 60 %, where
+    the ``row`` rule would prune 921 and the lower indices."""
+    from neuroal.criteria.base import LayerTarget
+    from neuroal.masking import build_mask
+
+    shape = ModelShape(blocks=({"down_proj": (4, 1536)},))
+    plan = row_plan([{"down_proj": 0.6}], [{}], {"down_proj": None}, shape, mu=0.1)
+    scores = torch.ones(4, 1536)  # all tied
+    mask = build_mask(scores, LayerTarget(ratio=plan[0]["down_proj"], group="row"), "row")
+    assert mask.sum(dim=1).tolist() == [922] * 4
+    assert bool(mask[:, 1536 - 922:].all()) and not bool(mask[:, :1536 - 922].any())

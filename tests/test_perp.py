@@ -397,3 +397,99 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(variant: str, tokenizer_dir
     assert report["untied_head"] == (variant == "masklora") and report["train"]["steps"] == 4
     assert report["moved"] == 14, f"{variant} must have updated every kept weight matrix"
     assert report["perplexity"]["after"] < report["perplexity"]["before"]
+
+
+def test_recover_entry_point_takes_the_variant_learning_rate() -> None:
+    """Issue 16.4: without --lr, ``launch/recover.py --variant full`` trains at the pipeline's
+    ``perp-full`` rate (2e-5), the adapters at 5e-4; an explicit --lr wins."""
+    from neuroal.recovery import RECOVERY_STEPS
+
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from recover import build_job, parse
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    for variant in ("full", "masklora", "scalelora", "bias-norm"):
+        job = build_job(parse(["m", "--output", "o", "--variant", variant]))
+        assert job.train.lr == RECOVERY_STEPS.get(f"perp-{variant}").defaults["lr"], variant
+    assert build_job(parse(["m", "--output", "o", "--variant", "full"])).train.lr == 2e-5
+    assert build_job(parse(["m", "--output", "o", "--variant", "full", "--lr", "1e-3"])).train.lr == 1e-3
+
+
+class _DropoutBlock(torch.nn.Module):
+    """A block with one prunable linear and a dropout; records its mode at every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.drop = torch.nn.Dropout(0.5)
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.modes.append(self.drop.training)
+        return self.drop(self.fc(x))
+
+
+def test_reconstruction_trains_the_block_in_train_mode_with_floor_warmup(monkeypatch) -> None:
+    """Issue 16.7: the reference's reconstruction calls ``layer.train()`` for the fit (dropout
+    active) and warms up for ``int(0.1 * steps)`` steps (1 of 15; the Trainer's ceil gives 2)."""
+    import neuroal.recovery.perp as perp_module
+
+    gen = torch.Generator().manual_seed(0)
+    block = _DropoutBlock().eval().requires_grad_(False)
+    with torch.no_grad():
+        block.fc.weight[:, :4] = 0.0
+    inputs = torch.randn(4, 3, 8, generator=gen)
+    with torch.no_grad():
+        targets = block(inputs)
+    block.modes.clear()
+    lrs: list[float] = []
+    real_adamw = perp_module.adamw
+
+    def spy(params, lr):
+        optimizer = real_adamw(params, lr)
+        optimizer.register_step_pre_hook(lambda opt, *_: lrs.append(opt.param_groups[0]["lr"]))
+        return optimizer
+
+    monkeypatch.setattr(perp_module, "adamw", spy)
+    options = ReconstructOptions(steps=15, batch_size=2, lr=1e-2, measure=True)
+    reconstruct_block(block, block, inputs, targets, {"fc": block.fc.weight == 0},
+                      {"fc": block.fc}, options)
+    # MSE before and after (2 micro-batches each) keep the caller's eval mode; the fit trains
+    assert block.modes == [False] * 2 + [True] * 15 + [False] * 2
+    assert not block.training and not block.drop.training and not block.fc.training
+    assert lrs[0] == 0.0 and lrs[1] == pytest.approx(1e-2)  # one warm-up step, then the peak
+    assert perp_module.reconstruction_warmup_steps(15, 0.1) == 1
+
+
+@pytest.mark.parametrize("rank", [4, 16])
+def test_scale_lora_vectors_follow_the_authors_rank_r_form_under_adam(rank: int) -> None:
+    """Issue 16.2: the two ScaleLoRA vectors, trained by PERP's AdamW, give the same effective
+    weights step for step as the authors' rank-r ``W * (B A)`` with ``A = B = 1/sqrt(r)``
+    trained by plain AdamW (recovery.md §3.4), up to float32 rounding."""
+    from neuroal.recovery.perp import ScaleLoRALinear, adamw
+
+    gen = torch.Generator().manual_seed(rank)
+    rows, cols, lr = 6, 10, 1e-2
+    weight = torch.randn(rows, cols, generator=gen) * (torch.rand(rows, cols, generator=gen) > 0.5)
+    x = torch.randn(32, cols, generator=gen)
+    y = x @ (weight * (1 + 0.3 * torch.randn(rows, cols, generator=gen))).T
+
+    b = torch.full((rows, rank), rank ** -0.5, requires_grad=True)
+    a = torch.full((rank, cols), rank ** -0.5, requires_grad=True)
+    reference = torch.optim.AdamW([b, a], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    linear.weight.data.copy_(weight)
+    linear.weight.requires_grad_(False)
+    module = ScaleLoRALinear(linear, rank=rank)
+    ours = adamw([module.row_scale, module.col_scale], lr)
+    for step in range(60):
+        for opt, loss in ((reference, (x @ (weight * (b @ a)).T - y).pow(2).mean()),
+                          (ours, (module(x) - y).pow(2).mean())):
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        expected = weight * (b @ a).detach()
+        got = module.merged_weight()
+        assert (got - expected).abs().max() < 1e-5, step  # 1.4e-6 measured; 0.5 without sqrt(r)
+    assert (expected - weight).abs().max() > 0.05  # the weights really moved

@@ -235,3 +235,69 @@ def test_repeated_block_layout_is_exact() -> None:
 def test_known_configs_ship_as_package_data() -> None:
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert "models/known/*.json" in pyproject
+
+
+# --------------------------------------------------------------------------- recovery (issue 16.3)
+
+
+def test_reconstruction_adds_the_target_stream_and_the_block_fit() -> None:
+    """perp-reconstruct keeps the dense block's outputs (one more 4.29 GB stream at 70B bf16,
+    128 x 2048) and trains one block's MaskLoRA; every worker's peak grows accordingly."""
+    request = MemoryRequest(workers=8, dtype="bfloat16", nsamples=128, seqlen=2048)
+    plain = plan_memory("llama-2-70b", request)
+    recon = plan_memory("llama-2-70b", replace(request, recover=("perp-reconstruct",)))
+    stream = 128 * 2048 * 8192 * 2
+    for before, after in zip(plain.workers, recon.workers, strict=True):
+        assert after.phase == "reconstruct"
+        assert after.activations == before.activations + stream
+        assert after.transients > before.transients  # adapters, Adam, masks, effective weights
+        assert after.total > before.total + stream
+    assert recon.retrain is None and plain.retrain is None
+    small = plan_memory("llama-2-70b", replace(request, recover=("perp-reconstruct",),
+                                               recover_options={"perp-reconstruct": {"rank": 4}}))
+    assert small.workers[1].transients < recon.workers[1].transients
+
+
+def test_whole_model_perp_is_planned_and_refused_before_loading() -> None:
+    """A config that passes the pre-load check without whole-model PERP is refused with it
+    (one process holds the whole model, its adapters and a full backward); checkpointing
+    shrinks the saved activations."""
+    cfg = load_config(None, ["model.name=llama-2-7b", "engine.workers=2", "calib.seqlen=2048"])
+    config = known_config("llama-2-7b")
+    assert check_fits(cfg, config, 24 * GB, dtype="bfloat16").retrain is None
+    perp = load_config(None, ["model.name=llama-2-7b", "engine.workers=2", "calib.seqlen=2048",
+                              "recover.steps=perp-masklora"])
+    with pytest.raises(MemoryBudgetError, match="whole-model PERP"):
+        check_fits(perp, config, 24 * GB, dtype="bfloat16")
+    request = request_from_config(perp, "bfloat16", "cuda")
+    row = plan_memory("llama-2-7b", request).retrain
+    assert row is not None and row.weights >= 6.7e9 * 2
+    ckpt = replace(request, recover_options={"perp-masklora": {"gradient_checkpointing": True}})
+    assert plan_memory("llama-2-7b", ckpt).retrain.activations < row.activations / 4
+    alias = load_config(None, ["model.name=llama-2-7b", "recover.steps=perp_reconstruct"])
+    assert request_from_config(alias, "bfloat16", "cuda").recover == ("perp-reconstruct",)
+    full = replace(request, recover=("perp-full",))
+    assert plan_memory("llama-2-7b", full).retrain.transients > 6e9 * 12  # fp32 weights + Adam
+
+
+def test_plan_cli_recover_option() -> None:
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "launch"))
+    try:
+        from plan import recovery_settings
+    finally:
+        sys.path.remove(str(REPO / "launch"))
+    steps, opts = recovery_settings("perp-reconstruct, perp-masklora",
+                                    ["perp-masklora.gradient_checkpointing=true",
+                                     "perp-reconstruct.batch_size=2"])
+    assert steps == ("perp-reconstruct", "perp-masklora")
+    assert opts == {"perp-masklora": {"gradient_checkpointing": True},
+                    "perp-reconstruct": {"batch_size": 2}}
+    for bad in (("bogus", []), ("perp-masklora", ["perp-masklora.nope=1"]),
+                ("perp-masklora", ["dsnot.max_cycles=3"]),
+                ("perp-masklora,perp-reconstruct", [])):
+        with pytest.raises(ValueError):
+            recovery_settings(*bad)

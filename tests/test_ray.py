@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import ray  # a hard dependency: a broken install must fail the suite, not skip it
 import torch
 from conftest import save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
@@ -24,7 +25,6 @@ from neuroal.engine.worker import CandidateJob
 from neuroal.models.loading import resolve_model
 from neuroal.pipeline import run
 
-ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 NEUROAL = {"name": "neuroal", "block_grid": [0.05, 0.1], "row_grid": [0.0, 0.05],

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import reference_masks as ref
 import torch
 from conftest import save_tiny_model, tiny_cfg
 from torch import nn
@@ -26,7 +27,6 @@ from neuroal.criteria.symmetric import (
     sampled_abs_sums,
     stoch_relative_importance,
 )
-from neuroal.masking import reference_matrix_mask, reference_row_mask
 
 NEW = ("symwanda", "owanda", "ria_lp", "stoch_ria")
 TARGETS = (
@@ -128,7 +128,7 @@ def test_symwanda_is_the_cost_of_removing_one_weight() -> None:
     scores = score("symwanda", linear.weight, stats).double() * math.sqrt(sequences)
     torch.testing.assert_close(scores, brute, rtol=1e-5, atol=1e-6)
     mask = prune("symwanda", linear.weight, stats, LayerTarget(0.5)).mask
-    assert torch.equal(mask, reference_matrix_mask(brute, 0.5))
+    assert torch.equal(mask, ref.matrix_mask(brute, 0.5))
 
 
 def test_symwanda_reports_the_statistics_scale() -> None:
@@ -148,12 +148,12 @@ def test_owanda_per_row_is_magnitude() -> None:
         assert torch.equal(prune("owanda", weight, stats, target).mask,
                            prune("magnitude", weight, stats, target).mask)
     assert torch.equal(prune("owanda", weight, stats, LayerTarget(0.5, group="row")).mask,
-                       reference_row_mask(weight.abs(), 0.5))
+                       ref.row_mask(weight.abs(), 0.5))
     # per matrix the output norms matter
     expected = weight.abs() * stats.out_sq_norm.sqrt().unsqueeze(1)
     torch.testing.assert_close(score("owanda", weight, stats), expected)
     owanda = prune("owanda", weight, stats, LayerTarget(0.5)).mask
-    assert torch.equal(owanda, reference_matrix_mask(expected, 0.5))
+    assert torch.equal(owanda, ref.matrix_mask(expected, 0.5))
     assert not torch.equal(owanda, prune("magnitude", weight, stats, LayerTarget(0.5)).mask)
 
 
@@ -201,7 +201,7 @@ def test_ria_lp_matches_brute_force(p: float) -> None:
     expected = loop_ria_lp(weight, stats.sq_norm, p, 0.5)
     torch.testing.assert_close(score("ria_lp", weight, stats, p=p), expected)
     mask = prune("ria_lp", weight, stats, LayerTarget(0.5), p=p).mask
-    assert torch.equal(mask, reference_matrix_mask(expected, 0.5))
+    assert torch.equal(mask, ref.matrix_mask(expected, 0.5))
 
 
 def test_ria_lp_p_changes_the_mask_and_rejects_bad_p() -> None:
@@ -354,6 +354,7 @@ def test_pipeline_exact_sparsity(name: str, llama_dir: Path, small_text: Path) -
             else:  # the family's default group: the whole matrix
                 assert int(mask.sum()) == int(0.5 * rows * cols), layer
         assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert result.report["criterion_label"].endswith("(reconstructed)")  # issue 16.11
         infos = [entry.get("info", {}) for entry in result.report["layers"].values()]
         if name == "stoch_ria":
             assert len({info["seed"] for info in infos}) == len(infos)  # one seed per layer
@@ -372,3 +373,12 @@ def test_pipeline_with_owl(llama_dir: Path, small_text: Path) -> None:
     for layer, mask in result.executor.masks().items():
         assert int(mask.sum()) == int(layers[layer]["target"] * mask.numel()), layer
     assert result.report["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
+
+
+def test_reconstructed_criteria_are_labelled() -> None:
+    """Issue 16.11: the specs' [reconstructed] criteria say so in reports; the others do not."""
+    from neuroal.criteria import CRITERIA, criterion_label
+
+    labels = {name: criterion_label(name) for name in CRITERIA.names()}
+    assert {n for n, label in labels.items() if "(reconstructed)" in label} == set(NEW)
+    assert labels["wanda"] == "wanda" and labels["symwanda"] == "SymWanda (reconstructed)"

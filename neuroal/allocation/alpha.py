@@ -11,6 +11,12 @@ Kolmogorov-Smirnov scan near the peak of the log-spectrum (``alpha_peak``, §4.2
 with ``c`` making the parameter-weighted mean equal S (§4.4): a larger alpha (lighter tail, less
 trained) gives more sparsity. Unlike the reference, ratios are clipped into ``allocation.clip``
 and renormalised multiplicatively (§1.4). Per-linear alphas are cached on disk as JSON.
+
+Precision (``alpha.precision``): ``float32`` (faithful) runs the scan as the reference does, in
+fp32 with ``torch.histc`` and ``linspace`` bin edges and ``alpha = 1 + n / (sum ln lambda - n ln
+x_min)``; ``float64`` (opt-in) uses a float64 copy, a float64 bin index and term-by-term log
+ratios (a flat tail gives exactly 0, no cancellation). They can pick different cuts when the KS
+minimum is shallow or an eigenvalue lies on a bin edge.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from neuroal.logging import get_logger
 
 log = get_logger(__name__)
 
-ESTIMATOR_VERSION = 1
+ESTIMATOR_VERSION = 2  # 2: the fp32 scan of the reference is the default (``precision``)
 HISTOGRAM_BINS = 100
+PRECISIONS: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 KS_CHUNK = 256
 
 # --------------------------------------------------------------------------- estimator (pure)
@@ -57,24 +64,33 @@ def eigenvalues(weight: torch.Tensor) -> torch.Tensor:
     return torch.sort(sigma.square()).values
 
 
-def spectrum_peak(lam: torch.Tensor, bins: int = HISTOGRAM_BINS) -> float:
-    """``10 ** (left edge of the fullest bin)`` of a ``bins``-bin histogram of ``log10(lam)``.
+def spectrum_peak(lam: torch.Tensor, bins: int = HISTOGRAM_BINS) -> torch.Tensor:
+    """``10 ** (left edge of the fullest bin)`` of a ``bins``-bin histogram of ``log10(lam)``,
+    a 0-d tensor in ``lam``'s dtype.
 
     Bins span ``[min, max]`` equally; the maximum falls in the last bin; ties pick the first bin.
+    float32 (faithful) counts with ``torch.histc`` and takes the edge from ``torch.linspace``,
+    as the reference; float64 computes the bin index by hand.
     """
     logs = torch.log10(lam)
-    lo, hi = float(logs.min()), float(logs.max())
-    if hi > lo:
-        index = ((logs - lo) * bins / (hi - lo)).floor().clamp(0, bins - 1).long()
+    lo, hi = logs.min(), logs.max()
+    if lam.dtype == torch.float32:
+        counts = torch.histc(logs, bins, min=float(lo), max=float(hi))
+        edges = torch.linspace(float(lo), float(hi), bins + 1, dtype=lam.dtype, device=lam.device)
+        return torch.pow(10.0, edges[int(torch.argmax(counts))])
+    low, high = float(lo), float(hi)
+    if high > low:
+        index = ((logs - low) * bins / (high - low)).floor().clamp(0, bins - 1).long()
     else:
         index = torch.zeros_like(logs, dtype=torch.long)
     fullest = int(torch.argmax(torch.bincount(index, minlength=bins)))
-    return 10.0 ** (lo + fullest * (hi - lo) / bins)
+    return torch.tensor(10.0 ** (low + fullest * (high - low) / bins), dtype=lam.dtype,
+                        device=lam.device)
 
 
-LOWER_BOUNDS: dict[str, Callable[[float], float]] = {
+LOWER_BOUNDS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # The reference compares linear eigenvalues with log10(0.95 * peak) (allocation.md §4.2).
-    "quirk": lambda peak: math.log10(0.95 * peak),
+    "quirk": lambda peak: torch.log10(0.95 * peak),
     "fixed": lambda peak: 0.95 * peak,
 }
 
@@ -119,23 +135,28 @@ def _tail_tables(lam: torch.Tensor, cuts: torch.Tensor) -> Iterator[tuple[torch.
 
 
 def hill_estimates(lam: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
-    """``alpha(i) = 1 + n / sum_{k=0}^{n-1} ln(lambda_{i+k} / lambda_i)``, tail ``n = N - i``.
+    """``alpha(i) = 1 + n / (sum_{k=0}^{n-1} ln lambda_{i+k} - n ln lambda_i)``, tail ``n = N - i``.
 
-    The sum is taken term by term (as the reference does) rather than from cumulative sums, so
-    a flat tail gives exactly 0.
+    In float32 the denominator is formed as written, as the reference does (subject to its
+    cancellation); in float64 it is summed term by term as ``sum ln(lambda_{i+k} / lambda_i)``,
+    so a flat tail gives exactly 0.
 
     Args:
-        lam: ``(N,)`` float64 ascending positive eigenvalues.
+        lam: ``(N,)`` float32 or float64 ascending positive eigenvalues.
         cuts: ``(C,)`` ascending cut indices, ``C >= 1``.
 
     Returns:
-        ``(C,)`` alphas; 0 where the tail is flat (zero denominator).
+        ``(C,)`` alphas in ``lam``'s dtype; 0 where the denominator is not positive (a flat
+        tail; the reference would divide by zero there).
     """
     out = []
+    tiny = torch.finfo(lam.dtype).tiny
     for cut, n, k, tail in _tail_tables(lam, cuts):
-        logs = (tail / lam[cut].unsqueeze(1)).log().masked_fill(k >= n, 0.0)
-        denom = logs.sum(1)
-        out.append(torch.where(denom > 0, 1.0 + n.squeeze(1) / denom.clamp_min(1e-300),
+        if lam.dtype == torch.float32:
+            denom = tail.log().masked_fill(k >= n, 0.0).sum(1) - n.squeeze(1) * lam[cut].log()
+        else:
+            denom = (tail / lam[cut].unsqueeze(1)).log().masked_fill(k >= n, 0.0).sum(1)
+        out.append(torch.where(denom > 0, 1.0 + n.squeeze(1) / denom.clamp_min(tiny),
                                torch.zeros_like(denom)))
     return torch.cat(out)
 
@@ -144,7 +165,7 @@ def ks_distances(lam: torch.Tensor, cuts: torch.Tensor, alphas: torch.Tensor) ->
     """``D(i) = max_k |1 - (lambda_{i+k} / lambda_i)^(1 - alpha_i) - k / n|``, ``k = 0..n-1``.
 
     Args:
-        lam: ``(N,)`` float64 ascending positive eigenvalues.
+        lam: ``(N,)`` float32 or float64 ascending positive eigenvalues.
         cuts: ``(C,)`` ascending cut indices, ``C >= 1``.
         alphas: ``(C,)`` their Hill estimates.
 
@@ -160,7 +181,7 @@ def ks_distances(lam: torch.Tensor, cuts: torch.Tensor, alphas: torch.Tensor) ->
 
 
 def hill_alpha(eigenvalues: torch.Tensor, xmin_lower_bound: str = "quirk",
-               fix_fingers: str | None = "xmin_peak") -> float:
+               fix_fingers: str | None = "xmin_peak", precision: str = "float32") -> float:
     """Power-law exponent of an eigenvalue spectrum (AlphaPruning's ``alpha_peak``, §4.2).
 
     Args:
@@ -168,6 +189,8 @@ def hill_alpha(eigenvalues: torch.Tensor, xmin_lower_bound: str = "quirk",
         xmin_lower_bound: ``quirk`` (the reference's log-space lower bound) or ``fixed``.
         fix_fingers: ``xmin_peak`` (scan near the histogram peak), ``xmin_mid`` or ``None``
             (full scan).
+        precision: ``float32`` (faithful: the reference's arithmetic) or ``float64`` (module
+            docstring).
 
     Returns:
         ``alpha(i*)`` with ``i*`` the first argmin of the KS distance; unvisited cuts hold
@@ -175,7 +198,7 @@ def hill_alpha(eigenvalues: torch.Tensor, xmin_lower_bound: str = "quirk",
         ``alpha(0)`` (0 when cut 0 was not visited). Non-positive eigenvalues are dropped (their
         logarithm is undefined; the reference returns NaN there).
     """
-    lam = torch.sort(eigenvalues.detach().to(torch.float64).reshape(-1)).values
+    lam = torch.sort(eigenvalues.detach().to(PRECISIONS[precision]).reshape(-1)).values
     lam = lam[lam > 0]
     if lam.numel() < 2:
         return 0.0
@@ -191,9 +214,9 @@ def hill_alpha(eigenvalues: torch.Tensor, xmin_lower_bound: str = "quirk",
 
 
 def layer_alpha(weight: torch.Tensor, xmin_lower_bound: str = "quirk",
-                fix_fingers: str | None = "xmin_peak") -> float:
+                fix_fingers: str | None = "xmin_peak", precision: str = "float32") -> float:
     """Hill alpha of one ``(rows, cols)`` weight (module-level, so ``partial`` of it pickles)."""
-    return hill_alpha(eigenvalues(weight), xmin_lower_bound, fix_fingers)
+    return hill_alpha(eigenvalues(weight), xmin_lower_bound, fix_fingers, precision)
 
 
 def alpha_ratios(metrics: Sequence[float], numels: Sequence[int], target: float,
@@ -243,7 +266,8 @@ MAPPINGS: dict[str, Callable[[list[dict[str, float]], ModelShape], list[tuple[Gr
 def estimator_key(opts: Mapping[str, Any]) -> dict[str, Any]:
     """What determines the cached alphas besides the weights."""
     return {"metric": "alpha_peak", "xmin_lower_bound": opts["xmin_lower_bound"],
-            "fix_fingers": opts["fix_fingers"], "version": ESTIMATOR_VERSION}
+            "fix_fingers": opts["fix_fingers"], "precision": opts.get("precision", "float32"),
+            "version": ESTIMATOR_VERSION}
 
 
 def cache_path(cache_dir: str | None, model_key: str, opts: Mapping[str, Any]) -> Path | None:
@@ -298,6 +322,7 @@ ALPHA_RULES: dict[str, Rule] = {
     "xmin_lower_bound": (choice(*LOWER_BOUNDS), f"one of {', '.join(LOWER_BOUNDS)}"),
     "fix_fingers": (_fix_fingers_ok, "one of xmin_peak, xmin_mid, none"),
     "renormalise": (lambda v: isinstance(v, bool), "true or false"),
+    "precision": (choice(*PRECISIONS), "float32 (faithful: the reference's fp32 scan) or float64"),
 }
 
 
@@ -325,7 +350,7 @@ class AlphaPolicy:
     needs = "weights"
     defaults: Mapping[str, Any] = {"epsilon": 0.3, "mapping": "block_wise",
                                    "xmin_lower_bound": "quirk", "fix_fingers": "xmin_peak",
-                                   "renormalise": True}
+                                   "renormalise": True, "precision": "float32"}
     nm_compatible = False
 
     def validate(self, cfg: Any) -> list[str]:
@@ -352,7 +377,7 @@ class AlphaPolicy:
             raise RuntimeError("allocation 'alpha' needs an executor to compute weight spectra; "
                                "run it through neuroal.pipeline")
         fn = functools.partial(layer_alpha, xmin_lower_bound=opts["xmin_lower_bound"],
-                               fix_fingers=opts["fix_fingers"])
+                               fix_fingers=opts["fix_fingers"], precision=opts["precision"])
         log.info("alpha: computing the spectra of %d linears (SVD on each worker's device)",
                  sum(len(b) for b in request.shape.blocks))
         alphas = [{n: float(a) for n, a in blk.items()} for blk in request.executor.weight_metrics(fn)]

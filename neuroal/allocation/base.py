@@ -35,6 +35,7 @@ class PlanRequest:
     criterion: str = "wanda"
     criterion_options: Mapping[str, Any] = field(default_factory=dict)
     state: Any = None  # neuroal.checkpoint.RunState: finished search candidates (resume)
+    exact_count: bool = True  # mask.exact_count, for masks a policy builds itself (search)
 
 
 class AllocationPolicy(Protocol):

@@ -26,6 +26,7 @@ from neuroal.allocation.neuroal_math import (
     total_alignment,
 )
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.criteria.base import STAT_SQ_NORM, STAT_SQ_NORM_WINDOWED
 from neuroal.inputs import is_int, is_number
 from neuroal.logging import get_logger
 from neuroal.search import Candidate, Outcome, PhaseResult, run_phase
@@ -34,6 +35,12 @@ log = get_logger(__name__)
 
 STEPS = ("block", "row", "both")
 NO_ROW_STEP = frozenset({"sparsegpt"})  # per-128-column-block masks: per-row ratios do not apply
+WINDOWED_ALIGNMENT = {"sparsegpt": STAT_SQ_NORM_WINDOWED}
+"""Criteria whose reference search measures input norms with another statistic: the SparseGPT
+wrapper's running norm weights search window k by 2/(N k) (its running-mean update scales the
+new window by 2/k before dividing by k again). neuroal.md §A4 states the uniform mean for every
+criterion and §A11 does not mention the difference: the spec is incomplete there, the reference
+code is followed. ``window_weights: uniform`` uses the plain mean (``sq_norm``) instead."""
 
 
 def _grid(value: Any) -> bool:
@@ -51,6 +58,9 @@ RULES: dict[str, Rule] = {
     "base": (lambda v: v in ("uniform", "owl", "alpha"), "'uniform' (faithful), 'owl' or 'alpha'"),
     "base_options": (lambda v: isinstance(v, dict), "a mapping of the base policy's options"),
     "grid_refine": (lambda v: is_int(v) and 0 <= v <= 5, "an integer in [0, 5]"),
+    "window_weights": (lambda v: v in ("reference", "uniform"),
+                       "'reference' (faithful: SparseGPT's search weights window k by 1/k) or "
+                       "'uniform'"),
 }
 
 
@@ -63,7 +73,8 @@ class NeuroALPolicy:
     defaults: Mapping[str, Any] = {"steps": "both", "search_samples": 8, "block_grid": "auto",
                                    "row_grid": "auto", "include_uniform": False,
                                    "reference_stream": "local", "base": "uniform",
-                                   "base_options": {}, "grid_refine": 0}
+                                   "base_options": {}, "grid_refine": 0,
+                                   "window_weights": "reference"}
 
     def validate(self, cfg: Any) -> list[str]:
         errors = option_errors(self.name, cfg.allocation.options, RULES)
@@ -80,7 +91,10 @@ class NeuroALPolicy:
         opts = {**self.defaults, **request.options}
         ids = request.calibration[: opts["search_samples"]]
         group = None if request.criterion in NO_ROW_STEP else "row"
-        job = CandidateJob(request.criterion, dict(request.criterion_options), group)
+        stat = (WINDOWED_ALIGNMENT.get(request.criterion, STAT_SQ_NORM)
+                if opts["window_weights"] == "reference" else STAT_SQ_NORM)
+        job = CandidateJob(request.criterion, dict(request.criterion_options), group,
+                           request.exact_count, stat)
 
         def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
             kwargs = {"on_result": on_result} if on_result is not None else {}
@@ -226,12 +240,15 @@ def _shifted(request: PlanRequest, base: list[dict[str, float]] | None,
 
 def refine(result: PhaseResult, make: Any, rounds: int, evaluate: Any) -> PhaseResult:
     """Adaptive grid (§4 option ``grid_refine``): evaluate the midpoints between the winner and
-    its grid neighbours, ``rounds`` times; the first minimum over all candidates wins."""
+    its grid neighbours, ``rounds`` times. Candidates are then ranked by value, so among equal
+    scores the smaller lambda or mu wins (the rule of §A8), whatever order they were evaluated
+    in; the trail lists them by value."""
     candidates, outcomes = list(result.candidates), list(result.outcomes)
     for _ in range(rounds):
-        values = sorted({c.value for c in candidates})
-        best = candidates[first_minimum([o.score for o in outcomes])].value
-        i = values.index(best)
+        candidates, outcomes = _by_value(candidates, outcomes)
+        values = [c.value for c in candidates]
+        i = first_minimum([o.score for o in outcomes])
+        best = values[i]
         mids = [(values[j] + best) / 2 for j in (i - 1, i + 1) if 0 <= j < len(values)]
         new = [make(v) for v in mids if v not in values]
         if not new:
@@ -240,7 +257,15 @@ def refine(result: PhaseResult, make: Any, rounds: int, evaluate: Any) -> PhaseR
         outcomes += evaluate(new)
     if len(candidates) == len(result.candidates):
         return result
+    candidates, outcomes = _by_value(candidates, outcomes)
     return run_phase(result.phase, candidates, lambda _c: outcomes)
+
+
+def _by_value(candidates: list[Candidate], outcomes: list[Outcome]
+              ) -> tuple[list[Candidate], list[Outcome]]:
+    """Candidates and their outcomes sorted by grid value (stable)."""
+    order = sorted(range(len(candidates)), key=lambda k: candidates[k].value)
+    return [candidates[k] for k in order], [outcomes[k] for k in order]
 
 
 def _plain(value: Any) -> Any:

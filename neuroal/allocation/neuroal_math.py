@@ -13,7 +13,7 @@ input-channel norms. This module holds only the arithmetic of that search (no en
       NA_l = || a^d_l / sum_j a^d_lj - a^s_l / sum_j a^s_lj ||_2 / cols_l,   NA = sum_blocks sum_l NA_l;
 
 * the winner rule (§A8): the first minimum in grid order, compared as float64;
-* the row step (§A7) with its uniform fallbacks and the GQA group mean of §B6
+* the row step (§A7) with its uniform fallbacks (a constant per-row vector, as the reference)
 
       u_r = (delta_r - min delta) / (max delta - min delta),
       s_lr(mu) = clip(s_l - 2 mu (u_r - mean_r u), lo, hi).
@@ -206,15 +206,23 @@ def row_plan(layer_ratios: Sequence[Mapping[str, float]], deltas: Sequence[Mappi
              consumers: Mapping[str, str | None], shape: ModelShape, mu: float,
              clip: tuple[float, float] = (0.01, 0.99),
              uniform_layers: frozenset[str] = frozenset()) -> list[dict[str, float | torch.Tensor]]:
-    """Row-step ratios of every linear for one mu (arXiv 2411.07066; spec §A7, §B6).
+    """Row-step ratios of every linear for one mu (arXiv 2411.07066; spec §A7, §A9).
 
     Linear ``name`` of block b is driven by ``deltas[b][consumers[name]]``, the delta at the input
-    of the layer of the same block whose input channels index ``name``'s output rows. It keeps
-    its uniform ratio ``layer_ratios[b][name]`` (a float) when: b is the last block; its consumer
-    is None or absent (the next block's first layer, whose delta is 0 in faithful mode); ``name`` is in
-    ``uniform_layers`` (e.g. the Mistral q/k/v rule, chosen by the caller); the delta's length
-    differs from the layer's row count (generalised GQA guard); or :func:`row_ratios` returns
-    None (zero-sum or degenerate delta). Otherwise it gets a float64 ``(rows,)`` vector.
+    of the layer of the same block whose input channels index ``name``'s output rows. It falls
+    back to uniform rows (every row gets ``layer_ratios[b][name]``) when: b is the last block; its
+    consumer is None or absent (the next block's first layer, whose delta is 0 in faithful mode);
+    ``name`` is in ``uniform_layers`` (e.g. the Mistral q/k/v rule, chosen by the caller); the
+    delta's length differs from the layer's row count (generalised GQA guard); or
+    :func:`row_ratios` returns None (zero-sum or degenerate delta).
+
+    Every entry is a float64 ``(rows,)`` vector, the fallbacks included (a constant vector): the
+    reference hands every layer a per-row list in the row step, so every layer of the row-step
+    candidates and of the final prune uses the ``neuron`` rule (keep ``floor((1 - s) cols)``
+    per row, higher index pruned first among ties; neuroal.md §A3, §A7, §A9). A scalar would
+    select the ``row`` rule instead, which prunes one weight per row less whenever ``s cols`` is
+    not an integer (e.g. 921 instead of 922 of 1536 on SmolLM2's down_proj at 60 %) and breaks
+    ties the other way.
 
     Args:
         layer_ratios: ``layer_ratios[b][name]``, the block-step ratio of every linear.
@@ -227,7 +235,7 @@ def row_plan(layer_ratios: Sequence[Mapping[str, float]], deltas: Sequence[Mappi
         uniform_layers: Names that always keep uniform rows.
 
     Returns:
-        One dict per block, ``name -> float | (rows,) float64 tensor``.
+        One dict per block, ``name -> (rows,) float64 tensor``.
 
     Raises:
         ValueError: block counts disagree, or a consumer's delta is missing.
@@ -243,12 +251,18 @@ def row_plan(layer_ratios: Sequence[Mapping[str, float]], deltas: Sequence[Mappi
             ratio = float(layer_ratios[b][name])
             consumer = consumers.get(name)
             if b == last or consumer is None or name in uniform_layers:
-                entries[name] = ratio
+                entries[name] = uniform_rows(ratio, rows)
                 continue
             entries[name] = _row_entry(ratio, _delta_of(deltas[b], consumer, b, name), rows, mu,
                                        clip, f"block {b} {name}")
         plan.append(entries)
     return plan
+
+
+def uniform_rows(ratio: float, rows: int) -> torch.Tensor:
+    """The row-step entry of a layer that falls back to uniform rows: ``ratio`` in every row,
+    float64 ``(rows,)`` (a per-row list, as in the reference; see :func:`row_plan`)."""
+    return torch.full((rows,), float(ratio), dtype=torch.float64)
 
 
 def _delta_of(block_deltas: Mapping[str, torch.Tensor], consumer: str, b: int, name: str) -> torch.Tensor:
@@ -260,41 +274,10 @@ def _delta_of(block_deltas: Mapping[str, torch.Tensor], consumer: str, b: int, n
 
 
 def _row_entry(ratio: float, delta: torch.Tensor, rows: int, mu: float, clip: tuple[float, float],
-               label: str) -> float | torch.Tensor:
-    """Row vector of one linear, or ``ratio`` under the GQA guard or a degenerate delta."""
+               label: str) -> torch.Tensor:
+    """Row vector of one linear; uniform rows under the GQA guard or a degenerate delta."""
     if delta.numel() != rows:
-        return ratio
+        return uniform_rows(ratio, rows)
     vector = row_ratios(ratio, delta.reshape(-1), mu, clip, label=label)
-    return ratio if vector is None else vector
+    return uniform_rows(ratio, rows) if vector is None else vector.to(torch.float64)
 
-
-def gqa_group_mean(delta_o: torch.Tensor, num_heads: int, num_kv_heads: int,
-                   head_dim: int) -> torch.Tensor:
-    """Delta for k/v rows: the mean over each KV group's query heads (spec §B6, arXiv 2411.07066).
-
-    With ``G = num_heads / num_kv_heads`` query head h reads KV head ``h // G`` and context
-    channel ``(h, d)`` has index ``h * head_dim + d``, so
-
-        delta_kv[g * head_dim + d] = mean_{h = gG .. gG+G-1} delta_o[h * head_dim + d].
-
-    Args:
-        delta_o: ``(num_heads * head_dim,)`` delta at the attention output projection's input.
-        num_heads: Query heads.
-        num_kv_heads: Key/value heads (divides ``num_heads``).
-        head_dim: Channels per head.
-
-    Returns:
-        float64 ``(num_kv_heads * head_dim,)``.
-
-    Raises:
-        ValueError: the head counts do not divide or do not match ``delta_o``'s length.
-    """
-    if num_kv_heads < 1 or num_heads % num_kv_heads != 0:
-        raise ValueError(f"num_heads={num_heads} must be a positive multiple of num_kv_heads="
-                         f"{num_kv_heads}")
-    if delta_o.numel() != num_heads * head_dim:
-        raise ValueError(f"delta_o has {delta_o.numel()} entries, expected num_heads * head_dim = "
-                         f"{num_heads} * {head_dim} = {num_heads * head_dim}")
-    group = num_heads // num_kv_heads
-    grouped = delta_o.to(torch.float64).reshape(num_kv_heads, group, head_dim)  # (kv, G, d_h)
-    return grouped.mean(dim=1).reshape(-1)  # (kv * d_h,)

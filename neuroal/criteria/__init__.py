@@ -38,6 +38,13 @@ CRITERIA: Registry[Criterion] = Registry("criterion")
 for _criterion in (MAGNITUDE, WANDA, RIA, MULTIFLOW, SPARSEGPT, SYMWANDA, OWANDA, RIA_LP, STOCH_RIA):
     CRITERIA.add(_criterion.name, _criterion)
 
+
+def criterion_label(name: str) -> str:
+    """The name reports show for criterion ``name``: its ``label`` (e.g. "SymWanda
+    (reconstructed)", specs README status tags) or the registry name."""
+    return getattr(CRITERIA.get(name), "label", None) or CRITERIA.canonical(name)
+
+
 __all__ = [
     "CRITERIA",
     "STAT_HESSIAN",
@@ -58,6 +65,7 @@ __all__ = [
     "ria_lp_score",
     "ria_score",
     "stoch_ria_score",
+    "criterion_label",
     "symwanda_score",
     "wanda_score",
 ]

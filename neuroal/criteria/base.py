@@ -18,7 +18,8 @@ STAT_HESSIAN = "hessian"
 STAT_MEAN = "mean"
 STAT_VAR = "var"
 STAT_OUT_SQ_NORM = "out_sq_norm"
-INPUT_STATS = (STAT_SQ_NORM, STAT_HESSIAN, STAT_MEAN, STAT_VAR)
+STAT_SQ_NORM_WINDOWED = "sq_norm_windowed"
+INPUT_STATS = (STAT_SQ_NORM, STAT_HESSIAN, STAT_MEAN, STAT_VAR, STAT_SQ_NORM_WINDOWED)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class LayerStats:
             tokens), shape ``(cols,)``, fp32.
         out_sq_norm: ``z_i = (1/N) sum_seq sum_tok y_i^2`` on the layer's *output*
             (criteria.md §1.2, the symmetric output term), shape ``(rows,)``, fp32.
+        sq_norm_windowed: ``(2/N) sum_k (sum_tok x_kj^2) / k`` over the sequences ``k = 1..N``
+            in order: what the reference's SparseGPT wrapper accumulates next to its Hessian
+            (a running mean whose new term is already scaled by ``2/k``), used by NeuroAL's
+            SparseGPT search as its alignment statistic (neuroal.md §A11), shape ``(cols,)``.
     """
 
     nsamples: int = 0
@@ -44,6 +49,7 @@ class LayerStats:
     mean: torch.Tensor | None = None
     var: torch.Tensor | None = None
     out_sq_norm: torch.Tensor | None = None
+    sq_norm_windowed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,8 @@ class ScoreCriterion:
         groups: Accepted comparison groups.
         defaults: Options and their default values.
         supports_row_ratios: Whether per-row ratio vectors are accepted.
+        label: Name in reports when it must say more than ``name`` (e.g. "(reconstructed)",
+            specs README: a method not confirmed by any primary source is labelled so).
     """
 
     name: str
@@ -97,6 +99,7 @@ class ScoreCriterion:
     groups: frozenset[str] = GROUPS
     defaults: Mapping[str, Any] = field(default_factory=frozen)
     supports_row_ratios: bool = True
+    label: str | None = None
 
     def score(
         self, weight: torch.Tensor, stats: LayerStats, options: Mapping[str, Any] | None = None

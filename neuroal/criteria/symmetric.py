@@ -351,10 +351,12 @@ SYMWANDA = ReportingScoreCriterion(
     needs=frozenset({STAT_SQ_NORM, STAT_OUT_SQ_NORM}),
     default_group="matrix",
     info_fn=lambda weight, stats, options: _scale_info(stats, weight),
+    label="SymWanda (reconstructed)",
 )
 
 OWANDA = ScoreCriterion(
-    name="owanda", score_fn=_owanda, needs=frozenset({STAT_OUT_SQ_NORM}), default_group="matrix"
+    name="owanda", score_fn=_owanda, needs=frozenset({STAT_OUT_SQ_NORM}), default_group="matrix",
+    label="OWanda (reconstructed)",
 )
 
 RIA_LP = ScoreCriterion(
@@ -363,6 +365,7 @@ RIA_LP = ScoreCriterion(
     needs=frozenset({STAT_SQ_NORM}),
     default_group="matrix",
     defaults=frozen({"p": 1.0, "a": 0.5}),
+    label="lp-RIA (reconstructed)",
 )
 
 STOCH_RIA = ReportingScoreCriterion(
@@ -373,4 +376,5 @@ STOCH_RIA = ReportingScoreCriterion(
     defaults=frozen({"beta": 0.1, "subsets": "independent", "size": "proportional",
                      "rescale": True, "activation": True, "a": 0.5, "seed": 0}),
     info_fn=_stoch_info,
+    label="stochRIA (reconstructed)",
 )

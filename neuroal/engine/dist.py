@@ -38,8 +38,7 @@ import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.config import ConfigError, PruneConfig
-from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM
+from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
 from neuroal.engine.worker import (
     BlockAlignment,
@@ -48,6 +47,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    candidate_needs,
     peak_memory_bytes,
 )
 from neuroal.logging import configure, get_logger, progress
@@ -160,7 +160,7 @@ def rank_device(cfg: PruneConfig, rank: int, local_rank: int) -> tuple[str, list
 def _process_group(info: RankInfo) -> Iterator[None]:
     """Initialise the default process group from the launcher's environment (env://)."""
     if torch.device(info.device).type == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # deterministic cuBLAS
         torch.cuda.set_device(torch.device(info.device))
     dist.init_process_group(info.backend, rank=info.rank, world_size=info.world, timeout=TIMEOUT)
     try:
@@ -334,7 +334,7 @@ class RankStage:
                    reference_stream: str) -> dict[int, Any]:
         """Candidate-independent dense statistics of the owned blocks (neuroal.md §B4, §B5):
         block 0's on rank 0 (``local``), or every block's from one dense pass (``global``)."""
-        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        needs = candidate_needs(job)
         reference: dict[int, Any] = {}
         if reference_stream == "local":
             if self.info.rank == 0:
@@ -487,7 +487,7 @@ def serve(cfg: PruneConfig) -> int:
     configure("WARNING" if not isinstance(level, int) or level < logging.WARNING else cfg.log_level)
     from neuroal.pipeline import seed_everything  # lazy: the pipeline imports the engine
 
-    seed_everything(cfg.seed, cfg.engine.deterministic)
+    seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
     with _process_group(info):
         return serve_loop(RankStage(info))
 

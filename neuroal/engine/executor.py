@@ -17,8 +17,6 @@ from typing import Any, Protocol
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
@@ -26,6 +24,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    candidate_needs,
     peak_memory_bytes,
 )
 from neuroal.logging import get_logger, progress
@@ -224,7 +223,7 @@ class LocalExecutor:
     def dense_reference(self, embedded: torch.Tensor, job: CandidateJob,
                         reference_stream: str) -> dict[int, Any]:
         """Candidate-independent dense statistics, keyed by block (neuroal.md §B4, §B5)."""
-        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        needs = candidate_needs(job)
         if reference_stream == "local":
             return {0: self.workers[0].block_stats(0, embedded, needs)}
         stream, reference = embedded, {}

@@ -35,8 +35,7 @@ import torch
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.checkpoint import block_state_path, check_replayed, load_block_state
-from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM
+from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
 from neuroal.engine.worker import (
     BlockAlignment,
@@ -45,6 +44,7 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
+    candidate_needs,
     peak_memory_bytes,
 )
 from neuroal.logging import get_logger, progress
@@ -107,15 +107,11 @@ def init_ray(address: str | None = None, num_cpus: float = 1.0) -> bool:
 
 
 def actor_env(cuda: bool, deterministic: bool, threads: int | None) -> dict[str, str]:
-    """``runtime_env.env_vars`` of every actor: this checkout importable, deterministic cuBLAS,
-    and (CPU actors) the driver's thread count."""
+    """``runtime_env.env_vars`` of every actor: this checkout importable, and the settings of
+    :func:`~neuroal.engine.determinism.determinism_env` (deterministic cuBLAS, the thread count
+    of CPU actors), the same the driver applies to itself."""
     path = os.pathsep.join(p for p in (repo_root(), os.environ.get("PYTHONPATH", "")) if p)
-    env = {"PYTHONPATH": path}
-    if cuda and deterministic:
-        env["CUBLAS_WORKSPACE_CONFIG"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
+    return {"PYTHONPATH": path, **determinism_env(deterministic, threads)}
 
 
 def device_kind(devices: Sequence[str]) -> str:
@@ -144,10 +140,7 @@ def _setup(worker: Worker, deterministic: bool, threads: int | None) -> None:
     SparseGPT's Cholesky differs in the last bits between 1 and 2 threads), so CPU actors use the
     driver's count and match :class:`LocalExecutor` bit for bit.
     """
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    if threads is not None:
-        torch.set_num_threads(threads)
+    apply_determinism(deterministic, threads)
 
 
 def _busy(worker: Worker) -> float:
@@ -637,7 +630,7 @@ class RayExecutor:
     def _dense_reference(self, embedded: Any, job: CandidateJob,
                          reference_stream: str) -> list[Any]:
         """Per actor, a ref to its candidate-independent dense statistics (or None)."""
-        needs = frozenset({STAT_SQ_NORM}) | CRITERIA.get(job.criterion).needs
+        needs = candidate_needs(job)
         if reference_stream == "local":
             first = self.workers[0].__ray_call__.remote(_block0_reference, embedded, needs)
             return [first] + [None] * (len(self.workers) - 1)

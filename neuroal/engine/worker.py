@@ -94,15 +94,27 @@ class PruneJob:
 
 @dataclass(frozen=True)
 class CandidateJob:
-    """How a search candidate is realised: criterion, options and comparison group.
+    """How a search candidate is realised: criterion, options, comparison group and counting.
 
     ``group`` is ``row`` for every score criterion inside NeuroAL (neuroal.md §A3); per-row
-    ratio vectors select NeuroAL's ``neuron`` masks automatically.
+    ratio vectors select NeuroAL's ``neuron`` masks automatically. ``exact_count`` is the run's
+    ``mask.exact_count``, so candidates are masked as the final prune masks. ``alignment_stat``
+    is the statistic whose square root is the alignment's input norm: ``sq_norm``, or for
+    SparseGPT in faithful mode ``sq_norm_windowed`` (the reference's wrapper weights the search
+    windows by ``1/k``; neuroal.md §A11).
     """
 
     criterion: str
     options: Mapping[str, Any] = field(default_factory=dict)
     group: str | None = "row"
+    exact_count: bool = True
+    alignment_stat: str = STAT_SQ_NORM
+
+
+def candidate_needs(job: CandidateJob) -> frozenset[str]:
+    """Statistics a candidate's dense pass collects: the alignment statistic, ``sq_norm`` and
+    the criterion's needs (every executor builds shared dense references with it)."""
+    return frozenset({STAT_SQ_NORM, job.alignment_stat}) | CRITERIA.get(job.criterion).needs
 
 
 @dataclass
@@ -435,7 +447,8 @@ class Worker:
 
         criterion = CRITERIA.get(job.criterion)
         options = {**criterion.defaults, **job.options}
-        needs = frozenset({STAT_SQ_NORM}) | criterion.needs
+        needs = candidate_needs(job)
+        stat = job.alignment_stat
         out: dict[int, BlockAlignment] = {}
         t0 = time.perf_counter()
         for index in self.blocks:
@@ -445,7 +458,7 @@ class Worker:
             else:
                 dense_stats = self.block_stats(index, stream, needs)
             masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
-            sparse = StatsCollector(linears, frozenset({STAT_SQ_NORM}))
+            sparse = StatsCollector(linears, frozenset({stat}))
             originals = {n: m.weight.data for n, m in linears.items()}
             try:
                 for name, weight in masked.items():
@@ -455,8 +468,8 @@ class Worker:
             finally:
                 for name, weight in originals.items():
                     linears[name].weight.data = weight
-            a_d = {n: st.sq_norm.sqrt() for n, st in dense_stats.items()}
-            a_s = {n: st.sq_norm.sqrt() for n, st in sparse.stats().items()}
+            a_d = {n: getattr(st, stat).sqrt() for n, st in dense_stats.items()}
+            a_s = {n: getattr(st, stat).sqrt() for n, st in sparse.stats().items()}
             out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
                                         delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
         self.busy_seconds += time.perf_counter() - t0
@@ -484,7 +497,8 @@ class Worker:
         for name, linear in linears.items():
             ratio = entries[name]
             group = None if isinstance(ratio, torch.Tensor) else job.group
-            target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None)
+            target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None,
+                                 exact_count=job.exact_count)
             result = criterion.prune(linear.weight.data, stats[name], target, options)
             weight = result.weight.to(linear.weight.dtype) if result.weight is not None \
                 else linear.weight.data.clone()

@@ -186,6 +186,13 @@ for _variant, _label in (("bias-norm", "PERP retraining (biases + norms)"),
     RECOVERY_STEPS.add(_step.name, _step, f"perp_{_variant.replace('-', '_')}")
 
 
+def variant_train_defaults(variant: str) -> dict[str, Any]:
+    """Training defaults of PERP variant ``variant`` (any alias): :class:`TrainOptions`' with the
+    variant's overrides (``full``: lr 2e-5); shared by the pipeline and ``launch/recover.py``."""
+    canonical = PERP_VARIANTS.canonical(variant)
+    return {**asdict(TrainOptions()), **_TRAIN_DEFAULTS.get(canonical, {})}
+
+
 def phase_of(name: str) -> str:
     """The chain phase of a registered step (:data:`PHASES`)."""
     return "refine" if name in REFINERS else RECOVERY_STEPS.get(name).phase  # type: ignore[attr-defined]
@@ -256,4 +263,5 @@ __all__ = [
     "refiner_needs",
     "register_refiner",
     "resolved_options",
+    "variant_train_defaults",
 ]

@@ -9,7 +9,12 @@ sparsity-preserving adapter on every prunable linear of the blocks (§3.4):
   merged as ``W <- W_eff``, so pruned entries stay exactly zero and train == inference.
 * ``scale_lora``: ``W_eff = W * (u v^T)``; the authors' rank-r ``B A`` initialised to all ones
   stays rank one under Adam (§3.4), so it is implemented as the two vectors ``u`` (rows) and
-  ``v`` (cols) initialised to one; merged as ``W <- W * (u v^T)``.
+  ``v`` (cols) initialised to one; merged as ``W <- W * (u v^T)``. The vectors are trained with
+  lr and Adam's eps multiplied by ``sqrt(r)``: in the rank-r form ``u = sqrt(r) b`` while each
+  entry of ``B`` sees the gradient ``dL/du / sqrt(r)``, and Adam's step does not scale with
+  the gradient, so ``u`` moves ``sqrt(r)`` times faster than a vector trained at the same lr.
+  With the factor the two forms are the same optimisation (gradient norms for clipping agree
+  too: ``r`` copies of ``g / sqrt(r)``).
 
 The base weights are frozen, so no optimiser ever writes a pruned entry (§4.2 option 1). The
 module also holds the layer-wise reconstruction of one block (§3.6), which workers call on their
@@ -161,13 +166,35 @@ def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
 
 
 def warmup_steps(total: int, ratio: float) -> int:
-    """``ceil(ratio * total)`` warm-up steps (the Trainer's ``warmup_ratio``)."""
+    """``ceil(ratio * total)`` warm-up steps (the HF Trainer's ``warmup_ratio``, which the
+    reference's whole-model retraining uses)."""
     return math.ceil(ratio * total)
 
 
+def reconstruction_warmup_steps(total: int, ratio: float) -> int:
+    """``floor(ratio * total)`` warm-up steps: the reference's layer-wise reconstruction builds
+    its schedule itself and truncates (``int``), unlike the Trainer (e.g. 1, not 2, of 15)."""
+    return int(ratio * total)
+
+
+LR_SCALE = "_neuroal_lr_scale"
+"""Attribute a parameter may carry: its lr (and Adam eps) factor, read by :func:`adamw`."""
+ADAM_EPS = 1e-8
+
+
 def adamw(params: list[nn.Parameter], lr: float) -> torch.optim.AdamW:
-    """AdamW with the reference's settings: betas (0.9, 0.999), eps 1e-8, weight decay 0."""
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    """AdamW with the reference's settings: betas (0.9, 0.999), eps 1e-8, weight decay 0.
+
+    Parameters tagged with :data:`LR_SCALE` (ScaleLoRA's vectors: ``sqrt(r)``) form their own
+    group whose lr and eps are multiplied by the factor, so that they follow the authors'
+    rank-r parametrisation step for step (module docstring).
+    """
+    groups: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        groups.setdefault(float(getattr(p, LR_SCALE, 1.0)), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr * f, "eps": ADAM_EPS * f}
+                              for f, ps in groups.items()],
+                             lr=lr, betas=(0.9, 0.999), eps=ADAM_EPS, weight_decay=0.0)
 
 
 # --------------------------------------------------------------------------- adapter modules
@@ -272,7 +299,9 @@ class MaskLoRALinear(LoRALinear):
 class ScaleLoRALinear(AdaptedLinear):
     """ScaleLoRA as its rank-one equivalent: ``x (W * u v^T)^T`` with ``u = v = 1`` at init.
 
-    Computed as ``((x * v) W^T) * u`` (no dense rows x cols product).
+    Computed as ``((x * v) W^T) * u`` (no dense rows x cols product). ``rank`` is the authors'
+    ``r``: it sets the vectors' lr factor ``sqrt(r)`` (:data:`LR_SCALE`), which makes AdamW
+    train them exactly as it trains the rank-r ``B A`` initialised to ones.
     """
 
     def __init__(self, linear: nn.Linear, rank: int = 1, alpha: float = 1.0,
@@ -281,6 +310,8 @@ class ScaleLoRALinear(AdaptedLinear):
         device = linear.weight.device
         self.row_scale = nn.Parameter(torch.ones(self.out_features, device=device))
         self.col_scale = nn.Parameter(torch.ones(self.in_features, device=device))
+        for p in (self.row_scale, self.col_scale):
+            setattr(p, LR_SCALE, math.sqrt(rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x * self.col_scale.to(x.dtype), self.weight.to(x.dtype)) * self.row_scale.to(x.dtype)
@@ -663,7 +694,8 @@ class ReconstructOptions:
         steps: Optimiser steps ``T`` (reference default 20, batch 1; paper values unknown).
         batch_size: Samples per step, cycled over the calibration set in fixed order.
         lr: AdamW learning rate (reference code default 5e-4).
-        warmup: Warm-up fraction of the linear schedule (10 %).
+        warmup: Warm-up fraction of the linear schedule (10 %; ``floor(warmup * steps)`` steps
+            as in the reference's reconstruction loop).
         rank, alpha: MaskLoRA rank and alpha.
         biases, norms: Also train the block's biases / norms.
         measure: Compute the block MSE before and after (two extra passes).
@@ -750,12 +782,25 @@ def _block_adapters(block: nn.Module, linears: Mapping[str, nn.Linear],
             p.requires_grad_(flags.get(n, False))
 
 
+@contextmanager
+def _train_mode(block: nn.Module) -> Iterator[None]:
+    """The block in training mode for the fit, as the reference (dropout active, e.g. OPT's
+    0.1; the targets and the MSE passes keep the caller's mode); the mode is restored after."""
+    modes = {name: m.training for name, m in block.named_modules()}
+    block.train()
+    try:
+        yield
+    finally:
+        for name, m in block.named_modules():
+            m.training = modes.get(name, m.training)
+
+
 def _fit(call_block_fn: Callable[[torch.Tensor], torch.Tensor], inputs: torch.Tensor,
          targets: torch.Tensor, params: list[nn.Parameter], options: ReconstructOptions,
          device: torch.device, dtype: torch.dtype) -> list[float]:
     """AdamW + linear warm-up/decay + MSE on the dense targets; batches cycled in order."""
     optimizer = adamw(params, options.lr)
-    warm = warmup_steps(options.steps, options.warmup)
+    warm = reconstruction_warmup_steps(options.steps, options.warmup)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: linear_warmup_decay(s, options.steps, warm))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -798,7 +843,8 @@ def reconstruct_block(block: nn.Module, call_block_fn: Callable[[torch.Tensor], 
     holds plain linears (the same objects as in ``linears``) whose pruned entries are exactly 0.
 
     Args:
-        block: The decoder block (its train/eval mode is left as is).
+        block: The decoder block; it is in training mode during the fit only (dropout as in
+            the reference) and gets its modes back afterwards.
         call_block_fn: ``(B, T, h) -> (B, T, h)`` forward of ``block`` for any micro-batch; it
             must not disable autograd (the caller builds the block arguments).
         inputs: ``X``, ``(N, T, h)`` on any device (batches are moved to the block's).
@@ -822,7 +868,7 @@ def reconstruct_block(block: nn.Module, call_block_fn: Callable[[torch.Tensor], 
     info = ReconstructInfo(steps=options.steps, seconds=0.0, trainable=0)
     if options.measure:
         info.mse_before = block_mse(call_block_fn, inputs, targets, options.batch_size, device)
-    with _block_adapters(block, linears, masks, options) as trainable:
+    with _train_mode(block), _block_adapters(block, linears, masks, options) as trainable:
         info.trainable = unique_numel(trainable)
         losses = _fit(call_block_fn, inputs, targets, list(trainable.values()), options, device, dtype)
     info.loss_first, info.loss_last = losses[0], losses[-1]
