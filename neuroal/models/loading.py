@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
+from neuroal.models.adapter import check_text_decoder
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 
 log = get_logger(__name__)
@@ -125,11 +126,12 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> A
                                                 **source.hf_kwargs())
     except OSError as exc:
         raise ModelSourceError(f"model {source.name!r}: cannot read its config ({exc})") from exc
+    check_text_decoder(config, source.name)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelSourceError(
             f"model {source.name!r} has model_type {config.model_type!r}, which is not a causal "
-            "language model; neuroal prunes *ForCausalLM models (Llama, Mistral, Qwen2, OPT, "
-            "Phi, ...)")
+            "language model; neuroal prunes *ForCausalLM models (Llama, Mistral, Qwen2/3, OPT, "
+            "Phi, Phi-3, Gemma-2/3, GPT-NeoX, GPT-J, Falcon, ...)")
     return config
 
 
@@ -188,10 +190,19 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     deterministic.fill_uninitialized_memory = False
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=attention_kind(config))
     finally:
         deterministic.fill_uninitialized_memory = fill
     return model.eval()
+
+
+def attention_kind(config: Any) -> str:
+    """``sdpa`` where the architecture supports it (most), else ``eager`` (e.g. Gemma-2)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 # --------------------------------------------------------------------------- checkpoints
