@@ -232,7 +232,10 @@ def _plain_rope(params: dict[str, Any]) -> dict[str, Any]:
 def probe(twin: Any) -> ConsumerMap:
     """Derive the map on a one-block ``twin`` config (see the module docstring).
 
-    The twin's random weights come from a forked RNG, so the caller's random stream is unchanged.
+    Three forwards: the plain batch, one batch element per producer with that producer's output
+    perturbed (which linear inputs move), and one batch element per output row of every
+    candidate producer (where each row lands). The twin's random weights come from a forked RNG,
+    so the caller's random stream is unchanged.
     """
     from transformers import AutoModelForCausalLM
 
@@ -242,47 +245,54 @@ def probe(twin: Any) -> ConsumerMap:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
+        adapter = ModelAdapter(model)
+        linears = adapter.prunable_linears(adapter.blocks[0])
         ids = torch.randint(3, TWIN_VOCAB, (1, TWIN_TOKENS))
-        linears = ModelAdapter(model).prunable_linears(ModelAdapter(model).blocks[0])
-        base, order = _inputs(model, linears, ids)
-        consumers, tiles, fallbacks = [], [], []
-        for name, lin in linears.items():
-            consumer = _consumer_of(model, linears, ids, name, base, order)
-            if consumer is None:
-                continue
-            rows, cols = lin.out_features, linears[consumer].in_features
-            if rows % cols:
-                consumers.append((name, consumer))  # GQA guard decides (uniform rows)
-                continue
-            if not _rows_line_up(model, linears, ids, name, consumer, base[consumer]):
-                fallbacks.append((name, f"its {rows} rows do not line up with the {cols} input "
-                                  f"channels of {consumer!r} (fused per-head layout)"))
-                log.info("row-step map: %s -> %s is not one-to-one; uniform rows", name, consumer)
-                continue
-            consumers.append((name, consumer))
-            if rows != cols:
-                tiles.append((name, rows // cols))
+        found = _consumers(model, linears, ids)
+        aligned = _aligned(model, linears, ids, [(p, c) for p, c in found.items()
+                                                 if c is not None and _multiple(linears, p, c)])
+    consumers, tiles, fallbacks = [], [], []
+    for name, consumer in found.items():
+        if consumer is None:
+            continue
+        rows, cols = linears[name].out_features, linears[consumer].in_features
+        if not aligned.get(name, True):
+            fallbacks.append((name, f"its {rows} rows do not line up with the {cols} input "
+                              f"channels of {consumer!r} (fused per-head layout)"))
+            log.info("row-step map: %s -> %s is not one-to-one; uniform rows", name, consumer)
+            continue
+        consumers.append((name, consumer))  # rows != n x cols: the GQA guard makes them uniform
+        if rows != cols and rows % cols == 0:
+            tiles.append((name, rows // cols))
     return ConsumerMap(tuple(consumers), tuple(tiles), tuple(fallbacks))
 
 
+def _multiple(linears: Mapping[str, nn.Linear], producer: str, consumer: str) -> bool:
+    return linears[producer].out_features % linears[consumer].in_features == 0
+
+
+Hook = Callable[[nn.Module, Any, torch.Tensor], torch.Tensor]
+
+
 def _inputs(model: nn.Module, linears: Mapping[str, nn.Linear], ids: torch.Tensor,
-            perturb: Callable[[nn.Module, Any, torch.Tensor], torch.Tensor] | None = None,
-            target: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Inputs of every linear of the block on ``ids`` (first call), and their execution order;
-    ``perturb`` is a forward hook placed on linear ``target``."""
+            hooks: Mapping[str, Hook]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Inputs of every linear of the block on ``ids`` (first call) as ``(B, T', cols)``, and
+    their execution order; ``hooks[name]`` is a forward hook placed on linear ``name``."""
     seen: dict[str, torch.Tensor] = {}
     handles = []
+    batch = ids.shape[0]
 
     def recorder(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(_m: nn.Module, args: tuple) -> None:
-            seen.setdefault(name, args[0].detach().clone())
+            if name not in seen:  # OPT flattens tokens: (B*T, cols) -> (B, T, cols)
+                seen[name] = args[0].detach().reshape(batch, -1, args[0].shape[-1]).clone()
         return hook
 
     try:
         for name, lin in linears.items():
             handles.append(lin.register_forward_pre_hook(recorder(name)))
-        if perturb is not None and target is not None:
-            handles.append(linears[target].register_forward_hook(perturb))
+        for name, hook in hooks.items():
+            handles.append(linears[name].register_forward_hook(hook))
         model(input_ids=ids, use_cache=False)
     finally:
         for h in handles:
@@ -290,45 +300,67 @@ def _inputs(model: nn.Module, linears: Mapping[str, nn.Linear], ids: torch.Tenso
     return seen, list(seen)
 
 
-def _consumer_of(model: nn.Module, linears: Mapping[str, nn.Linear], ids: torch.Tensor,
-                 name: str, base: Mapping[str, torch.Tensor], order: list[str]) -> str | None:
-    """First linear after ``name`` (execution order) whose input changes when its output does."""
+def _consumers(model: nn.Module, linears: Mapping[str, nn.Linear],
+               ids: torch.Tensor) -> dict[str, str | None]:
+    """For every linear, the first linear after it (execution order) whose input changes when
+    its output does (batch element i perturbs linear i)."""
+    names = list(linears)
+    batch = ids.expand(len(names), -1)
+    base, order = _inputs(model, linears, batch, {})
     gen = torch.Generator().manual_seed(1)
 
-    def noise(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor:
-        scale = float(out.abs().max()) + 1e-3
-        return out + 0.1 * scale * torch.randn(out.shape, generator=gen)
+    def noise(i: int) -> Hook:
+        def hook(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor:
+            view = out.clone().reshape(len(names), -1, out.shape[-1])  # (B, T, rows)
+            scale = float(view[i].abs().max()) + 1e-3
+            view[i] += 0.1 * scale * torch.randn(view[i].shape, generator=gen)
+            return view.reshape(out.shape)
+        return hook
 
-    moved, _ = _inputs(model, linears, ids, noise, name)
-    for other in order:
-        if other == name or other not in moved:
-            continue
-        ref = base[other]
-        if float((moved[other] - ref).abs().max()) > 1e-5 * (float(ref.abs().max()) + 1e-12):
-            return other
-    return None
+    moved, _ = _inputs(model, linears, batch, {n: noise(i) for i, n in enumerate(names)})
+    found: dict[str, str | None] = {}
+    for i, name in enumerate(names):
+        found[name] = next((o for o in order if o != name and _changed(base[o][i], moved[o][i])),
+                           None)
+    return found
 
 
-def _rows_line_up(model: nn.Module, linears: Mapping[str, nn.Linear], ids: torch.Tensor,
-                  name: str, consumer: str, base: torch.Tensor) -> bool:
-    """Whether perturbing output row r of ``name`` reaches input channel ``r mod cols`` of
-    ``consumer``, for every row (one batch element per row)."""
-    rows, cols = linears[name].out_features, linears[consumer].in_features
-    batch = torch.arange(rows)
+def _changed(ref: torch.Tensor, new: torch.Tensor) -> bool:
+    return float((new - ref).abs().max()) > 1e-5 * (float(ref.abs().max()) + 1e-12)
 
-    def bump(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor:
-        view = out.clone().reshape(rows, -1, rows)  # (B, T, rows); OPT flattens to (B*T, rows)
-        steps = torch.arange(1, view.shape[1] + 1, dtype=view.dtype) / view.shape[1]  # (T,)
-        # (B, T) entries, growing over tokens: a constant shift of a key row would cancel in
-        # the softmax
-        view[batch, :, batch] += (1.0 + 10.0 * float(view.abs().max())) * steps
-        return view.reshape(out.shape)
 
-    moved, _ = _inputs(model, linears, ids.expand(rows, -1), bump, name)
-    change = moved[consumer].reshape(rows, -1, cols) - base.reshape(1, -1, cols)
-    reach = change.abs().amax(dim=1)  # (rows, cols)
-    peak = reach.amax(dim=1)  # (rows,)
-    testable = peak > 1e-4 * float(peak.max())
-    hit = reach[batch, batch % cols] >= 1e-3 * peak
-    return bool(testable.float().mean() >= 0.5) and bool(hit[testable].all())
+def _aligned(model: nn.Module, linears: Mapping[str, nn.Linear], ids: torch.Tensor,
+             pairs: Sequence[tuple[str, str]]) -> dict[str, bool]:
+    """Whether perturbing output row r of each producer reaches input channel ``r mod cols`` of
+    its consumer, for every row (one batch element per row of every producer)."""
+    if not pairs:
+        return {}
+    sizes = [linears[p].out_features for p, _ in pairs]
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    total = sum(sizes)
 
+    def bump(start: int, rows: int) -> Hook:
+        def hook(_m: nn.Module, _a: Any, out: torch.Tensor) -> torch.Tensor:
+            view = out.clone().reshape(total, -1, rows)  # (B, T, rows)
+            steps = torch.arange(1, view.shape[1] + 1, dtype=view.dtype) / view.shape[1]  # (T,)
+            own = torch.arange(rows)
+            # (rows, T) entries growing over tokens: a constant shift of a key row would
+            # cancel in the softmax
+            view[start + own, :, own] += (1.0 + 10.0 * float(view.abs().max())) * steps
+            return view.reshape(out.shape)
+        return hook
+
+    hooks = {p: bump(st, n) for (p, _), st, n in zip(pairs, starts, sizes, strict=True)}
+    base, _ = _inputs(model, linears, ids, {})
+    moved, _ = _inputs(model, linears, ids.expand(total, -1), hooks)
+    out = {}
+    for (producer, consumer), start, rows in zip(pairs, starts, sizes, strict=True):
+        cols = linears[consumer].in_features
+        change = moved[consumer][start:start + rows] - base[consumer]  # (rows, T, cols)
+        reach = change.abs().amax(dim=1)  # (rows, cols)
+        peak = reach.amax(dim=1)  # (rows,)
+        testable = peak > 1e-4 * float(peak.max())
+        own = torch.arange(rows)
+        hit = reach[own, own % cols] >= 1e-3 * peak
+        out[producer] = bool(testable.float().mean() >= 0.5) and bool(hit[testable].all())
+    return out
