@@ -169,8 +169,8 @@ class Worker:
         config = load_model_config(spec.source, spec.trust_remote_code)
         self.adapter = ModelAdapter(build_skeleton(config, self.dtype))
         modules = self.adapter.owned_module_names(spec.start, spec.stop, self.first, self.last)
-        needed = [self.adapter.checkpoint_key(n)
-                  for n, _ in self.adapter.named_owned_parameters(modules)]
+        needed = [k for n, _ in self.adapter.named_owned_parameters(modules)
+                  for k in self.adapter.checkpoint_keys(n)]
         self.checkpoint = open_checkpoint(spec.source, config, needed, self.adapter.model)
         self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype, self.device)
         self._calls: dict[tuple[int, int, str | None], BlockCall] = {}

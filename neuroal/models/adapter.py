@@ -279,6 +279,38 @@ class ModelAdapter:
             return f"{self.spec.embed}.weight"
         return param_name
 
+    def stored_key(self, param_name: str, stored: set[str]) -> str:
+        """Checkpoint tensor that fills ``param_name`` in a checkpoint holding ``stored``: the
+        :meth:`checkpoint_key`, or its name in transformers' older layout where the class
+        renamed a module on load (GPT-NeoX's ``embed_out`` is ``lm_head`` now)."""
+        keys = self.checkpoint_keys(param_name)
+        return next((k for k in keys if k in stored), keys[0])
+
+    def checkpoint_keys(self, param_name: str) -> tuple[str, ...]:
+        """:meth:`checkpoint_key`, then its older-layout name if transformers renamed it."""
+        key = self.checkpoint_key(param_name)
+        legacy = self._legacy_renamer()(key)
+        return (key,) if legacy == key else (key, legacy)
+
+    def _legacy_renamer(self) -> Any:
+        """Model -> checkpoint name map of transformers' own renamings (identity if none)."""
+        if not hasattr(self, "_renamer"):
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+                from transformers.core_model_loading import (
+                    PrefixChange,
+                    WeightRenaming,
+                    apply_renamings,
+                )
+
+                found = get_model_conversion_mapping(self.model, add_legacy=False)
+                back = [c.reverse_transform() for c in found[::-1]
+                        if isinstance(c, WeightRenaming) and not isinstance(c, PrefixChange)]
+                self._renamer = lambda key: apply_renamings(key, back)
+            except (ImportError, AttributeError, TypeError):  # other transformers versions
+                self._renamer = lambda key: key
+        return self._renamer
+
     def export_skip(self, param_name: str) -> bool:
         """Whether a parameter is left out of the exported state dict (tied head)."""
         return self.tied and param_name == f"{self.spec.head}.weight"

@@ -315,14 +315,16 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
     ``meta``. Tied heads receive their own copy of the embedding tensor.
     """
     wanted = list(adapter.named_owned_parameters(module_names))
-    keys = {adapter.checkpoint_key(n) for n, _ in wanted}
-    missing = sorted(keys - checkpoint.names())
+    stored = checkpoint.names()
+    key_of = {n: adapter.stored_key(n, stored) for n, _ in wanted}
+    keys = set(key_of.values())
+    missing = sorted(keys - stored)
     if missing:
         raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
     tensors = checkpoint.load(sorted(keys), dtype, device)
     for name, param in wanted:
-        value = tensors[adapter.checkpoint_key(name)]
+        value = tensors[key_of[name]]
         if tuple(value.shape) != tuple(param.shape):
             raise ModelSourceError(f"tensor {name!r} has shape {tuple(value.shape)} in the "
                                    f"checkpoint, expected {tuple(param.shape)}")
