@@ -220,14 +220,19 @@ class ModelAdapter:
         """The derived producer -> consumer map of this architecture (cached per structure)."""
         return derive_consumer_map(self.config)
 
-    def shape(self) -> ModelShape:
+    def shape(self, row_map: bool = True) -> ModelShape:
         """``(rows, cols)`` of every prunable linear of every block (works on meta), with the
-        row-consumer map and attention geometry NeuroAL's row step needs."""
+        row-consumer map and attention geometry NeuroAL's row step needs.
+
+        Args:
+            row_map: Derive the row-step map (a probe on a tiny twin, cached per structure);
+                False leaves it empty (memory planning needs only the sizes).
+        """
         cfg = self.config
         heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
         blocks = tuple({n: (m.out_features, m.in_features)
                         for n, m in self.prunable_linears(b).items()} for b in self.blocks)
-        cmap = self.consumer_map().checked(blocks)
+        cmap = self.consumer_map().checked(blocks) if row_map else ConsumerMap()
         return ModelShape(
             blocks,
             consumers=dict(cmap.consumers),

@@ -196,6 +196,8 @@ def shrink_config(config: Any) -> Any:
     for key in _EXPERTS:
         if isinstance(d.get(key), int):
             d[key] = min(d[key], 4)
+    if isinstance(d.get("num_experts_per_tok"), int):
+        d["num_experts_per_tok"] = min(d["num_experts_per_tok"], 2)
     for hook in SHRINK_HOOKS:
         hook(d)
     d.pop("architectures", None)
