@@ -704,8 +704,8 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                         "origin": _origin(prep.calib)},
         "plan": {"granularity": plan.granularity, "policy": plan.policy,
                  "warnings": plan.warnings},
-        "row_map": derive_consumer_map(prep.config).describe(prep.shape.blocks[0],
-                                                             prep.shape.uniform_rows),
+        "row_map": derive_consumer_map(prep.config).checked(prep.shape.blocks).describe(
+            prep.shape.blocks[0], prep.shape.uniform_rows),
         "search": plan.trail if "candidates" in plan.trail else None,
         "timings": {**timings.phases, **utilisation_timings(executor)},
         "workers": executor.worker_info(),

@@ -23,7 +23,7 @@ from neuroal.allocation.base import PlanRequest
 from neuroal.allocation.neuroal_math import check_row_map, row_plan
 from neuroal.allocation.plan import ModelShape
 from neuroal.models.adapter import ModelAdapter
-from neuroal.models.consumers import derive_consumer_map
+from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 from neuroal.models.loading import attention_kind
 from neuroal.pipeline import run
 
@@ -237,3 +237,14 @@ def test_refused_before_loading(model_type: str, fragment: str, tmp_path: Path,
     model_dir = tmp_path / model_type
     AutoConfig.for_model(model_type).save_pretrained(model_dir)
     assert_rejected_before_loading(model_dir, [], [fragment, repr(model_type)], tmp_path, caplog)
+
+
+def test_map_keeps_only_pairs_every_block_has() -> None:
+    """Blocks that differ (DeepSeek: dense first blocks, MoE after) keep the common pairs."""
+    dense = {"o": (4, 4), "gate": (8, 4), "down": (4, 8)}
+    moe = {"o": (4, 4), "experts.down": (4, 8)}
+    cmap = ConsumerMap(consumers=(("o", "gate"), ("gate", "down")), tiles=(("gate", 2),))
+    fitted = cmap.checked([dense, moe])
+    assert fitted.consumers == () and fitted.tiles == ()
+    assert {p for p, _ in fitted.fallbacks} == {"o", "gate"}
+    assert cmap.checked([dense, dense]) is cmap

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 from typing import Any
 
@@ -56,10 +56,6 @@ _TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id")
 _EXPERTS = ("num_local_experts", "num_experts", "n_routed_experts")
 
 
-class ConsumerMapError(ValueError):
-    """A consumer map does not fit the model's linears; the message names the layer."""
-
-
 @dataclass(frozen=True)
 class ConsumerMap:
     """The row step's view of one block structure.
@@ -81,19 +77,24 @@ class ConsumerMap:
     reason: str = ""
 
     def checked(self, blocks: Sequence[Mapping[str, tuple[int, int]]]) -> ConsumerMap:
-        """``self`` after checking every name against every block's linears (before any search).
+        """The map restricted to pairs whose producer and consumer are linears of every block.
 
-        Raises:
-            ConsumerMapError: a producer or consumer is not a linear of some block.
+        The twin has one block; models whose blocks differ (DeepSeek's dense first blocks before
+        MoE blocks) keep only the pairs every block has, the others become uniform rows
+        (recorded in ``fallbacks``), so the row step can never miss a delta.
         """
-        for b, layers in enumerate(blocks):
-            for producer, consumer in self.consumers:
-                for name in (producer, consumer):
-                    if name not in layers:
-                        raise ConsumerMapError(
-                            f"block {b}: row-step map names {name!r} ({producer!r} -> "
-                            f"{consumer!r}) but the block's linears are {', '.join(layers)}")
-        return self
+        def everywhere(*names: str) -> bool:
+            return all(n in layers for layers in blocks for n in names)
+
+        kept = tuple((p, c) for p, c in self.consumers if everywhere(p, c))
+        if len(kept) == len(self.consumers):
+            return self
+        dropped = [(p, c) for p, c in self.consumers if (p, c) not in kept]
+        log.info("row-step map: %s not in every block; uniform rows there", dropped)
+        why = tuple((p, f"{p!r} -> {c!r} is not in every block") for p, c in dropped)
+        return replace(self, consumers=kept,
+                       tiles=tuple((p, n) for p, n in self.tiles if everywhere(p)),
+                       fallbacks=self.fallbacks + why)
 
     def describe(self, layers: Mapping[str, tuple[int, int]],
                  uniform: frozenset[str] = frozenset()) -> dict[str, Any]:
