@@ -3,7 +3,9 @@
 The adapter finds, on an HF causal-LM skeleton, the decoder blocks, the token embedding, the
 modules applied after the last block (final norm, OPT's ``project_out``) and the head, the
 prunable ``nn.Linear`` modules of a block, and how a block is called. Nothing else in the package
-names ``layers``, ``decoder`` or a model family. Quirks are data keyed by ``model_type``.
+names ``layers``, ``decoder`` or a model family. Every path is discovered on the skeleton (issue
+13); the few facts discovery cannot see are overrides keyed by ``model_type``
+(:data:`OVERRIDES`); NeuroAL's row-step map is derived by :mod:`neuroal.models.consumers`.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ class ArchSpec:
     """Dotted module paths of one model (relative to the CausalLM model), as resolved.
 
     Every field is found by discovery (:meth:`ModelAdapter._discover`); an :class:`ArchOverride`
-    replaces a field where discovery needs help. ``consumers`` maps a prunable linear (relative
-    name) to the linear of the same block whose input channels are indexed by its output rows
-    (NeuroAL's row step, neuroal.md §A7), derived by :mod:`neuroal.models.consumers`; a producer
-    absent from the map has no consumer inside the block (uniform rows). ``uniform_rows`` lists
-    linears whose rows the reference always keeps uniform.
+    replaces a field where discovery needs help. ``consumers`` stays empty here: the map of a
+    prunable linear to the linear whose input channels its output rows index (NeuroAL's row
+    step, neuroal.md §A7) is derived on demand (:meth:`ModelAdapter.consumer_map`, in
+    :meth:`ModelAdapter.shape`). ``uniform_rows`` lists linears whose rows the reference always
+    keeps uniform.
     """
 
     blocks: str
