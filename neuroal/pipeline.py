@@ -38,6 +38,7 @@ from neuroal.export import (
 )
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
+from neuroal.models.consumers import derive_consumer_map
 from neuroal.models.loading import (
     ALIAS_ORIGIN,
     ModelSource,
@@ -746,6 +747,8 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                         "origin": _origin(prep.calib)},
         "plan": {"granularity": plan.granularity, "policy": plan.policy,
                  "warnings": plan.warnings},
+        "row_map": derive_consumer_map(prep.config).checked(prep.shape.blocks).describe(
+            prep.shape.blocks[0], prep.shape.uniform_rows),
         "search": plan.trail if "candidates" in plan.trail else None,
         "timings": {**timings.phases, **utilisation_timings(executor)},
         "workers": executor.worker_info(),

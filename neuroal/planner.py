@@ -146,7 +146,7 @@ class ModelLayout:
         def count(modules: Iterable[str]) -> int:
             return sum(p.numel() for _, p in adapter.named_owned_parameters(list(modules)))
 
-        shape = adapter.shape()
+        shape = adapter.shape(row_map=False)
         return cls(
             name=name, hidden=adapter.hidden_size, vocab=int(adapter.config.vocab_size),
             tied=adapter.tied,

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO.parent / "shared" / "data"
 VOCAB = 320
 ARCHS = ("llama", "mistral", "qwen2", "opt", "phi")
+NEW_ARCHS = ("gpt_neox", "qwen3", "gemma2", "gemma3_text", "phi3", "gptj", "falcon")
+"""Architectures found by discovery alone (issue 13); tested in test_architectures.py."""
 
 
 def tiny_config(model_type: str, num_layers: int = 2):
@@ -32,6 +34,16 @@ def tiny_config(model_type: str, num_layers: int = 2):
         "qwen2": dict(intermediate_size=128, num_key_value_heads=2),
         "opt": dict(ffn_dim=128, word_embed_proj_dim=64, do_layer_norm_before=True),
         "phi": dict(intermediate_size=128, partial_rotary_factor=0.5),
+        "gpt_neox": dict(intermediate_size=128, rotary_pct=0.25),
+        "qwen3": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16),
+        "gemma2": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                       sliding_window=8),
+        "gemma3_text": dict(intermediate_size=128, num_key_value_heads=2, head_dim=16,
+                            sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"][:num_layers]),
+        "phi3": dict(intermediate_size=128),
+        "gptj": dict(rotary_dim=8),
+        "falcon": dict(),
     }[model_type]
     return AutoConfig.for_model(model_type, **{**common, **extra})
 

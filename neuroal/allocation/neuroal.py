@@ -21,6 +21,7 @@ from neuroal.allocation.neuroal_math import (
     ROW_GRID,
     block_grid,
     block_ramp,
+    check_row_map,
     first_minimum,
     row_plan,
     total_alignment,
@@ -104,6 +105,8 @@ class NeuroALPolicy:
 
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
 
+        if opts["steps"] in ("row", "both") and request.criterion not in NO_ROW_STEP:
+            check_row_map(request.shape)  # before the search: no failure after the block step
         block = self._block_step(request, opts, evaluate)
         ratios, phases = block.best.ratios, [block]
         if opts["steps"] in ("row", "both") and request.criterion not in NO_ROW_STEP:
@@ -139,7 +142,8 @@ class NeuroALPolicy:
         def make(mu: float) -> Candidate:
             return Candidate("row", mu, row_plan(base, deltas, request.shape.consumers,
                                                  request.shape, mu, request.clip,
-                                                 request.shape.uniform_rows))
+                                                 request.shape.uniform_rows,
+                                                 request.shape.row_tiles))
 
         return refine(run_phase("row", [make(mu) for mu in grid], evaluate), make,
                       int(opts["grid_refine"]), evaluate)

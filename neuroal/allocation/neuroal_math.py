@@ -205,8 +205,9 @@ def row_ratios(layer_ratio: float, delta: torch.Tensor, mu: float,
 def row_plan(layer_ratios: Sequence[Mapping[str, float]], deltas: Sequence[Mapping[str, torch.Tensor]],
              consumers: Mapping[str, str | None], shape: ModelShape, mu: float,
              clip: tuple[float, float] = (0.01, 0.99),
-             uniform_layers: frozenset[str] = frozenset()) -> list[dict[str, float | torch.Tensor]]:
-    """Row-step ratios of every linear for one mu (arXiv 2411.07066; spec §A7, §A9).
+             uniform_layers: frozenset[str] = frozenset(),
+             tiles: Mapping[str, int] | None = None) -> list[dict[str, float | torch.Tensor]]:
+    """Row-step ratios of every linear for one mu (arXiv 2411.07066; spec §A7, §A9, §B6).
 
     Linear ``name`` of block b is driven by ``deltas[b][consumers[name]]``, the delta at the input
     of the layer of the same block whose input channels index ``name``'s output rows. It falls
@@ -233,6 +234,9 @@ def row_plan(layer_ratios: Sequence[Mapping[str, float]], deltas: Sequence[Mappi
         mu: Width of the row step.
         clip: ``(lo, hi)`` bounds of every ratio.
         uniform_layers: Names that always keep uniform rows.
+        tiles: ``name -> n`` for fused producers (``gate_up_proj``, MHA ``qkv_proj``) whose rows
+            are n segments each aligned with the consumer's inputs: the consumer's delta is
+            repeated n times, so every segment gets the rows its unfused twin would get.
 
     Returns:
         One dict per block, ``name -> (rows,) float64 tensor``.
@@ -253,8 +257,10 @@ def row_plan(layer_ratios: Sequence[Mapping[str, float]], deltas: Sequence[Mappi
             if b == last or consumer is None or name in uniform_layers:
                 entries[name] = uniform_rows(ratio, rows)
                 continue
-            entries[name] = _row_entry(ratio, _delta_of(deltas[b], consumer, b, name), rows, mu,
-                                       clip, f"block {b} {name}")
+            delta = _delta_of(deltas[b], consumer, b, name)
+            if tiles and tiles.get(name, 1) > 1:
+                delta = delta.reshape(-1).repeat(tiles[name])  # (n * cols,)
+            entries[name] = _row_entry(ratio, delta, rows, mu, clip, f"block {b} {name}")
         plan.append(entries)
     return plan
 
@@ -263,6 +269,27 @@ def uniform_rows(ratio: float, rows: int) -> torch.Tensor:
     """The row-step entry of a layer that falls back to uniform rows: ``ratio`` in every row,
     float64 ``(rows,)`` (a per-row list, as in the reference; see :func:`row_plan`)."""
     return torch.full((rows,), float(ratio), dtype=torch.float64)
+
+
+def check_row_map(shape: ModelShape) -> None:
+    """Check, before any search, that the row step's map fits the model (spec §A7).
+
+    Every producer and consumer of ``shape.consumers`` and every fused producer of
+    ``shape.row_tiles`` must be a linear of every block, so that a row step can never fail after
+    a long block step for want of a delta.
+
+    Raises:
+        ValueError: naming the block, the missing linear and the block's linears.
+    """
+    pairs = [*shape.consumers.items(), *((p, p) for p in shape.row_tiles)]
+    for b, layers in enumerate(shape.blocks):
+        for producer, consumer in pairs:
+            for name in (producer, consumer):
+                if consumer is not None and name not in layers:
+                    raise ValueError(
+                        f"block {b}: the row step maps {producer!r} -> {consumer!r} but the "
+                        f"block has no linear {name!r} (its linears: {', '.join(layers)}); the "
+                        "architecture's row map does not fit this model")
 
 
 def _delta_of(block_deltas: Mapping[str, torch.Tensor], consumer: str, b: int, name: str) -> torch.Tensor:

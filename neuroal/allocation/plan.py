@@ -20,7 +20,9 @@ class ModelShape:
     """Shapes of the prunable linears: ``blocks[b][name] = (rows, cols)`` (registration order).
 
     ``consumers`` (producer -> consumer linear of the same block), ``uniform_rows``, ``heads``
-    and ``kv_heads`` come from the model adapter for policies that allocate per output row.
+    and ``kv_heads`` come from the model adapter for policies that allocate per output row;
+    ``row_tiles[p] = n`` marks a fused producer whose rows are n segments, each aligned with its
+    consumer's input channels (e.g. ``gate_up_proj``: n = 2).
     """
 
     blocks: tuple[Mapping[str, tuple[int, int]], ...]
@@ -28,6 +30,7 @@ class ModelShape:
     uniform_rows: frozenset[str] = frozenset()
     heads: int = 0
     kv_heads: int = 0
+    row_tiles: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def num_blocks(self) -> int:

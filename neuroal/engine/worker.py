@@ -195,11 +195,11 @@ class Worker:
         config = load_model_config(spec.source, spec.trust_remote_code)
         self.adapter = ModelAdapter(build_skeleton(config, self.dtype))
         modules = self.adapter.owned_module_names(spec.start, spec.stop, self.first, self.last)
-        needed = [self.adapter.checkpoint_key(n)
-                  for n, _ in self.adapter.named_owned_parameters(modules)]
+        needed = [k for n, _ in self.adapter.named_owned_parameters(modules)
+                  for k in self.adapter.checkpoint_keys(n)]
         self.checkpoint = open_checkpoint(spec.source, config, needed, self.adapter.model)
         self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype, self.device)
-        self._calls: dict[int, BlockCall] = {}
+        self._calls: dict[tuple[int, int, str | None], BlockCall] = {}
         self.busy_seconds = 0.0
 
     # ------------------------------------------------------------------ streams
@@ -215,13 +215,15 @@ class Worker:
         mb = self.spec.micro_batch
         return [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
 
-    def _call(self, batch: int, seqlen: int) -> BlockCall:
-        """Block-call arguments for a micro-batch shape, rebuilt locally (never shipped)."""
-        key = (batch, seqlen)
+    def _call(self, batch: int, seqlen: int, index: int = 0) -> BlockCall:
+        """Block-call arguments of block ``index`` for a micro-batch shape, rebuilt locally
+        (never shipped); blocks of another attention type (sliding/full) get their own."""
+        kind = self.adapter.layer_type(index)
+        key = (batch, seqlen, kind)
         if key not in self._calls:
             dummy = torch.zeros(batch, seqlen, self.adapter.hidden_size, dtype=self.dtype,
                                 device=self.device)
-            _, call = self.adapter.capture_block0(inputs_embeds=dummy)
+            _, call = self.adapter.capture_block0(inputs_embeds=dummy, layer_type=kind)
             self._calls[key] = call
         return self._calls[key]
 
@@ -247,7 +249,7 @@ class Worker:
             x = stream[sl].to(self.device)
             if collector is not None:
                 collector.begin_batch(x.shape[0])
-            y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+            y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
             out[sl] = y.to(out.device)
             if collector is not None:
                 collector.end_batch()
@@ -355,7 +357,7 @@ class Worker:
         options = replace(options, seed=options.seed + index)  # fresh adapter init per block
 
         def call(x: torch.Tensor) -> torch.Tensor:
-            return self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+            return self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
 
         info = reconstruct_block(block, call, stream, targets, masks, linears, options)
         for layer in layers:
@@ -485,7 +487,7 @@ class Worker:
             for sl in self._batches(stream.shape[0]):
                 x = stream[sl].to(self.device)
                 collector.begin_batch(x.shape[0])
-                self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+                self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
                 collector.end_batch()
         return collector.stats()
 

@@ -3,12 +3,15 @@
 The adapter finds, on an HF causal-LM skeleton, the decoder blocks, the token embedding, the
 modules applied after the last block (final norm, OPT's ``project_out``) and the head, the
 prunable ``nn.Linear`` modules of a block, and how a block is called. Nothing else in the package
-names ``layers``, ``decoder`` or a model family. Quirks are data keyed by ``model_type``.
+names ``layers``, ``decoder`` or a model family. Every path is discovered on the skeleton (issue
+13); the few facts discovery cannot see are overrides keyed by ``model_type``
+(:data:`OVERRIDES`); NeuroAL's row-step map is derived by :mod:`neuroal.models.consumers`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,16 +19,19 @@ import torch
 from torch import nn
 
 from neuroal.allocation.plan import ModelShape
+from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Dotted module paths of one architecture family (relative to the CausalLM model).
+    """Dotted module paths of one model (relative to the CausalLM model), as resolved.
 
-    ``consumers`` maps a prunable linear (relative name) to the linear of the same block whose
-    input channels are indexed by its output rows (NeuroAL's row step, neuroal.md §A7); a
-    producer absent from the map has no consumer inside the block (uniform rows).
-    ``uniform_rows`` lists linears whose rows the reference always keeps uniform.
+    Every field is found by discovery (:meth:`ModelAdapter._discover`); an :class:`ArchOverride`
+    replaces a field where discovery needs help. ``consumers`` stays empty here: the map of a
+    prunable linear to the linear whose input channels its output rows index (NeuroAL's row
+    step, neuroal.md §A7) is derived on demand (:meth:`ModelAdapter.consumer_map`, in
+    :meth:`ModelAdapter.shape`). ``uniform_rows`` lists linears whose rows the reference always
+    keeps uniform.
     """
 
     blocks: str
@@ -37,41 +43,59 @@ class ArchSpec:
     attention: str = "self_attn"  # the block's attention module (DSnoT's ``layers: attention``)
 
 
-_LLAMA_CONSUMERS = (
-    ("self_attn.q_proj", "self_attn.o_proj"), ("self_attn.k_proj", "self_attn.o_proj"),
-    ("self_attn.v_proj", "self_attn.o_proj"), ("self_attn.o_proj", "mlp.gate_proj"),
-    ("mlp.gate_proj", "mlp.down_proj"), ("mlp.up_proj", "mlp.down_proj"),
-)
-_LLAMA_LIKE = ArchSpec(blocks="model.layers", embed="model.embed_tokens", final=("model.norm",),
-                       consumers=_LLAMA_CONSUMERS)
-ARCHS: dict[str, ArchSpec] = {
-    "llama": _LLAMA_LIKE,
-    "mistral": ArchSpec(blocks="model.layers", embed="model.embed_tokens", final=("model.norm",),
-                        consumers=_LLAMA_CONSUMERS,
-                        uniform_rows=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    "qwen2": _LLAMA_LIKE,
-    "qwen3": _LLAMA_LIKE,
-    "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "phi3": _LLAMA_LIKE,
-    "phi": ArchSpec(blocks="model.layers", embed="model.embed_tokens",
-                    final=("model.final_layernorm",),
-                    consumers=(("self_attn.q_proj", "self_attn.dense"),
-                               ("self_attn.k_proj", "self_attn.dense"),
-                               ("self_attn.v_proj", "self_attn.dense"),
-                               ("self_attn.dense", "mlp.fc1"), ("mlp.fc1", "mlp.fc2"))),
-    "opt": ArchSpec(blocks="model.decoder.layers", embed="model.decoder.embed_tokens",
-                    final=("model.decoder.final_layer_norm", "model.decoder.project_out"),
-                    consumers=(("self_attn.k_proj", "self_attn.out_proj"),
-                               ("self_attn.v_proj", "self_attn.out_proj"),
-                               ("self_attn.q_proj", "self_attn.out_proj"),
-                               ("self_attn.out_proj", "fc1"), ("fc1", "fc2"))),
+@dataclass(frozen=True)
+class ArchOverride:
+    """What discovery cannot see, keyed by ``model_type`` (None: keep what was discovered).
+
+    ``final`` replaces the discovered final modules (e.g. OPT's ``project_out``, which is a
+    linear, not a norm, applied after the final norm); ``uniform_rows`` is the reference's
+    Mistral q/k/v rule (neuroal.md §A7).
+    """
+
+    final: tuple[str, ...] | None = None
+    uniform_rows: tuple[str, ...] = ()
+
+
+OVERRIDES: dict[str, ArchOverride] = {
+    "mistral": ArchOverride(uniform_rows=("self_attn.q_proj", "self_attn.k_proj",
+                                          "self_attn.v_proj")),
+    "opt": ArchOverride(final=("model.decoder.final_layer_norm", "model.decoder.project_out")),
 }
-TESTED_ARCHS = ("llama", "mistral", "qwen2", "opt", "phi")
+TESTED_ARCHS = ("llama", "mistral", "qwen2", "opt", "phi", "gpt_neox", "qwen3", "gemma2",
+                "gemma3_text", "phi3", "gptj", "falcon")
+"""Families with a tiny random-model test of discovery, pruning, export and NeuroAL."""
+_NOT_TEXT_DECODER_FIELDS = ("vision_config", "audio_config", "vision_tower", "speech_config")
 
 
 class AdapterError(ValueError):
     """The model's architecture cannot be handled; the message says what was expected."""
+
+
+def check_text_decoder(config: Any, name: str) -> None:
+    """Refuse, before anything is built, models that are not text-only decoders.
+
+    Vision-language models (a ``vision_config`` or similar beside the text model) and
+    encoder-decoders (``is_encoder_decoder``) have more than one block stack and inputs other
+    than token ids; neuroal prunes one decoder stack driven by token ids.
+
+    Raises:
+        AdapterError: naming the model type, what was found and what to pass instead.
+    """
+    model_type = getattr(config, "model_type", "?")
+    if getattr(config, "is_encoder_decoder", False):
+        raise AdapterError(
+            f"model {name!r} (model_type {model_type!r}) is an encoder-decoder model "
+            "(is_encoder_decoder=true); neuroal prunes decoder-only causal language models "
+            f"(tested: {', '.join(TESTED_ARCHS)})")
+    found = [f for f in _NOT_TEXT_DECODER_FIELDS if getattr(config, f, None) is not None]
+    if found:
+        text = getattr(config, "text_config", None)
+        hint = (f"; save its language model alone (model_type "
+                f"{getattr(text, 'model_type', '?')!r}, e.g. with save_pretrained) and pass that "
+                "directory") if text is not None else ""
+        raise AdapterError(
+            f"model {name!r} (model_type {model_type!r}) is a vision/audio-language model (its "
+            f"config has {', '.join(found)}); neuroal prunes text-only decoder LMs{hint}")
 
 
 class _Block0ReachedError(Exception):
@@ -101,8 +125,8 @@ class ModelAdapter:
         self.model = model
         self.config = model.config
         self.model_type: str = getattr(self.config, "model_type", "?")
-        self.spec = ARCHS.get(self.model_type, _LLAMA_LIKE)
         self.blocks = self._find_blocks()
+        self.spec = self._discover()
         self.head = self._module(self.spec.head, required=True)
         self.embed = self._module(self.spec.embed, required=True)
         self.final_names = tuple(n for n in self.spec.final if self._module(n) is not None)
@@ -117,20 +141,56 @@ class ModelAdapter:
                 break
         if node is None and required:
             raise AdapterError(f"model_type {self.model_type!r}: no module at {path!r}; "
-                               f"supported architectures: {', '.join(TESTED_ARCHS)}")
+                               f"tested architectures: {', '.join(TESTED_ARCHS)}")
         return node
 
+    def _name_of(self, module: nn.Module | None, what: str) -> str:
+        """Dotted path of ``module`` inside the model, or an error naming ``what`` is missing."""
+        for name, candidate in self.model.named_modules():
+            if module is not None and candidate is module:
+                return name
+        raise AdapterError(f"model_type {self.model_type!r}: could not find the {what}; "
+                           f"tested architectures: {', '.join(TESTED_ARCHS)}")
+
     def _find_blocks(self) -> nn.ModuleList:
-        blocks = self._module(self.spec.blocks)
+        """The decoder block list: the ``ModuleList`` of a ``_no_split_modules`` class, else the
+        longest ``ModuleList`` of one repeated class (llm-compressor's rule, style.md §1)."""
         wanted = set(getattr(self.model, "_no_split_modules", None) or [])
-        if not isinstance(blocks, nn.ModuleList):
-            blocks = next((m for m in self.model.modules() if isinstance(m, nn.ModuleList)
-                           and len(m) and type(m[0]).__name__ in wanted), None)
-        if blocks is None or len(blocks) == 0:
+        lists = [m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m)]
+        tagged = [m for m in lists if type(m[0]).__name__ in wanted]
+        repeated = [m for m in lists if len({type(x) for x in m}) == 1]
+        pool = tagged or repeated
+        if not pool:
             raise AdapterError(f"model_type {self.model_type!r}: could not find the decoder "
-                               f"blocks (looked at {self.spec.blocks!r} and for a list of "
-                               f"{sorted(wanted)}); supported: {', '.join(TESTED_ARCHS)}")
-        return blocks
+                               f"blocks (no ModuleList of {sorted(wanted)} nor of one repeated "
+                               f"class); tested architectures: {', '.join(TESTED_ARCHS)}")
+        return max(pool, key=len)
+
+    def _discover(self) -> ArchSpec:
+        """Resolve every path from the skeleton; :data:`OVERRIDES` only where discovery cannot."""
+        override = OVERRIDES.get(self.model_type, ArchOverride())
+        blocks = self._name_of(self.blocks, "decoder blocks")
+        container = blocks.rsplit(".", 1)[0] if "." in blocks else ""
+        embed = self._name_of(self.model.get_input_embeddings(), "token embedding")
+        head = self._name_of(self.model.get_output_embeddings(), "output head")
+        final = override.final if override.final is not None else self._final_norms(container)
+        return ArchSpec(blocks=blocks, embed=embed, final=final, head=head,
+                        uniform_rows=override.uniform_rows, attention=self._attention_name())
+
+    def _final_norms(self, container: str) -> tuple[str, ...]:
+        """Norm modules beside the blocks (``model.norm``, ``transformer.ln_f``...): applied to
+        the last block's output before the head."""
+        parent = self.model.get_submodule(container) if container else self.model
+        prefix = f"{container}." if container else ""
+        return tuple(prefix + name for name, child in parent.named_children()
+                     if "norm" in type(child).__name__.lower() or name.startswith("ln_f"))
+
+    def _attention_name(self) -> str:
+        """The block child whose class is an attention module (``self_attn``, ``attn``...)."""
+        for name, child in self.blocks[0].named_children():
+            if "attention" in type(child).__name__.lower():
+                return name
+        return "self_attn"
 
     @property
     def num_blocks(self) -> int:
@@ -158,18 +218,30 @@ class ModelAdapter:
         """The block's ``nn.Linear`` modules by relative name, in registration order."""
         return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
 
-    def shape(self) -> ModelShape:
+    def consumer_map(self) -> ConsumerMap:
+        """The derived producer -> consumer map of this architecture (cached per structure)."""
+        return derive_consumer_map(self.config)
+
+    def shape(self, row_map: bool = True) -> ModelShape:
         """``(rows, cols)`` of every prunable linear of every block (works on meta), with the
-        row-consumer map and attention geometry NeuroAL's row step needs."""
+        row-consumer map and attention geometry NeuroAL's row step needs.
+
+        Args:
+            row_map: Derive the row-step map (a probe on a tiny twin, cached per structure);
+                False leaves it empty (memory planning needs only the sizes).
+        """
         cfg = self.config
         heads = int(getattr(cfg, "num_attention_heads", 0) or 0)
+        blocks = tuple({n: (m.out_features, m.in_features)
+                        for n, m in self.prunable_linears(b).items()} for b in self.blocks)
+        cmap = self.consumer_map().checked(blocks) if row_map else ConsumerMap()
         return ModelShape(
-            tuple({n: (m.out_features, m.in_features) for n, m in self.prunable_linears(b).items()}
-                  for b in self.blocks),
-            consumers=dict(self.spec.consumers) if self.model_type in ARCHS else {},
+            blocks,
+            consumers=dict(cmap.consumers),
             uniform_rows=frozenset(self.spec.uniform_rows),
             heads=heads,
             kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),
+            row_tiles=dict(cmap.tiles),
         )
 
     @property
@@ -214,6 +286,38 @@ class ModelAdapter:
             return f"{self.spec.embed}.weight"
         return param_name
 
+    def stored_key(self, param_name: str, stored: set[str]) -> str:
+        """Checkpoint tensor that fills ``param_name`` in a checkpoint holding ``stored``: the
+        :meth:`checkpoint_key`, or its name in transformers' older layout where the class
+        renamed a module on load (GPT-NeoX's ``embed_out`` is ``lm_head`` now)."""
+        keys = self.checkpoint_keys(param_name)
+        return next((k for k in keys if k in stored), keys[0])
+
+    def checkpoint_keys(self, param_name: str) -> tuple[str, ...]:
+        """:meth:`checkpoint_key`, then its older-layout name if transformers renamed it."""
+        key = self.checkpoint_key(param_name)
+        legacy = self._legacy_renamer()(key)
+        return (key,) if legacy == key else (key, legacy)
+
+    def _legacy_renamer(self) -> Any:
+        """Model -> checkpoint name map of transformers' own renamings (identity if none)."""
+        if not hasattr(self, "_renamer"):
+            try:
+                from transformers.conversion_mapping import get_model_conversion_mapping
+                from transformers.core_model_loading import (
+                    PrefixChange,
+                    WeightRenaming,
+                    apply_renamings,
+                )
+
+                found = get_model_conversion_mapping(self.model, add_legacy=False)
+                back = [c.reverse_transform() for c in found[::-1]
+                        if isinstance(c, WeightRenaming) and not isinstance(c, PrefixChange)]
+                self._renamer = lambda key: apply_renamings(key, back)
+            except (ImportError, AttributeError, TypeError):  # other transformers versions
+                self._renamer = lambda key: key
+        return self._renamer
+
     def export_skip(self, param_name: str) -> bool:
         """Whether a parameter is left out of the exported state dict (tied head)."""
         return self.tied and param_name == f"{self.spec.head}.weight"
@@ -223,13 +327,27 @@ class ModelAdapter:
     def base_model(self) -> nn.Module:
         return self.model.base_model
 
-    def capture_block0(self, **inputs: Any) -> tuple[torch.Tensor, BlockCall]:
+    def layer_type(self, index: int) -> str | None:
+        """Attention type of block ``index`` (``config.layer_types``: sliding or full attention,
+        e.g. Gemma-2/3, Qwen2/3), or None when all blocks are called alike."""
+        types = getattr(self.config, "layer_types", None)
+        if isinstance(types, (list, tuple)) and index < len(types) and len(set(types)) > 1:
+            return str(types[index])
+        return None
+
+    def capture_block0(self, layer_type: str | None = None,
+                       **inputs: Any) -> tuple[torch.Tensor, BlockCall]:
         """Run the base model until block 0 and return its hidden states and call arguments.
 
         Args:
+            layer_type: Capture the arguments of a block of this attention type (its mask and
+                rotary embedding; see :meth:`layer_type`) instead of block 0's own type.
             inputs: ``input_ids=(B, T)`` (first worker: real embeddings) or
                 ``inputs_embeds=(B, T, h)`` (any worker: only the arguments matter).
         """
+        if layer_type is not None:
+            with self._as_layer_type(layer_type):
+                return self.capture_block0(**inputs)
         captured: dict[str, Any] = {}
 
         def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -251,6 +369,16 @@ class ModelAdapter:
             raise AdapterError(f"model_type {self.model_type!r}: block 0 was never called")
         return captured["hidden"], BlockCall(captured["args"], captured["kwargs"])
 
+    @contextmanager
+    def _as_layer_type(self, layer_type: str) -> Iterator[None]:
+        """Every block reads as ``layer_type`` while the base model builds its arguments."""
+        saved = self.config.layer_types
+        self.config.layer_types = [layer_type] * len(saved)
+        try:
+            yield
+        finally:
+            self.config.layer_types = saved
+
     @staticmethod
     def call_block(block: nn.Module, hidden: torch.Tensor, call: BlockCall) -> torch.Tensor:
         """Forward one block; returns the output hidden states ``(B, T, h)``."""
@@ -261,7 +389,11 @@ class ModelAdapter:
         """Final modules then the head: ``(B, T, h) -> (B, T, vocab)``."""
         for name in self.final_names:
             hidden = self._module(name)(hidden)
-        return self.head(hidden)
+        logits = self.head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:  # Gemma-2: tanh soft-capping of the logits, applied by the CausalLM forward
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def named_owned_parameters(self, module_names: list[str]) -> Iterator[tuple[str, nn.Parameter]]:
         """``(full name, parameter)`` for the given modules, tied duplicates included."""

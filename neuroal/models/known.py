@@ -35,12 +35,24 @@ KNOWN: dict[str, tuple[str, str]] = {
     "opt-30b": ("facebook/opt-30b", "opt-30b.json"),
     "opt-66b": ("facebook/opt-66b", "opt-66b.json"),
     "phi-3-mini": ("microsoft/Phi-3-mini-4k-instruct", "phi-3-mini.json"),
+    "llama-3.3-70b": ("meta-llama/Llama-3.3-70B-Instruct", "llama-3.3-70b.json"),
+    "qwen3-8b": ("Qwen/Qwen3-8B", "qwen3-8b.json"),
+    "qwen3-14b": ("Qwen/Qwen3-14B", "qwen3-14b.json"),
+    "qwen3-32b": ("Qwen/Qwen3-32B", "qwen3-32b.json"),
+    "qwen3-30b-a3b": ("Qwen/Qwen3-30B-A3B", "qwen3-30b-a3b.json"),
+    "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", "mixtral-8x7b.json"),
+    "gemma-2-27b": ("google/gemma-2-27b", "gemma-2-27b.json"),
+    # The hub checkpoint is multimodal (refused); the shipped file is its text model's config,
+    # for planning. Prune the extracted language model (see README, "Architectures").
+    "gemma-3-27b": ("google/gemma-3-27b-pt", "gemma-3-27b.json"),
+    "phi-4": ("microsoft/phi-4", "phi-4.json"),
 }
 # Licence of each family's weights (model cards carry it over; engine.md §9).
 KNOWN_LICENSES: dict[str, str] = {
     "meta-llama/Llama-2": "llama2", "meta-llama/Meta-Llama-3": "llama3",
     "meta-llama/Llama-3.1": "llama3.1", "mistralai/": "apache-2.0", "Qwen/Qwen2.5-72B": "other",
     "Qwen/": "apache-2.0", "facebook/opt": "other", "microsoft/Phi-3": "mit",
+    "meta-llama/Llama-3.3": "llama3.3", "google/gemma": "gemma", "microsoft/phi-4": "mit",
 }
 
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
+from neuroal.models.adapter import check_text_decoder
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 
 log = get_logger(__name__)
@@ -134,11 +135,12 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> A
                                                 **source.hf_kwargs())
     except OSError as exc:
         raise ModelSourceError(f"model {source.name!r}: cannot read its config ({exc})") from exc
+    check_text_decoder(config, source.name)
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelSourceError(
             f"model {source.name!r} has model_type {config.model_type!r}, which is not a causal "
-            "language model; neuroal prunes *ForCausalLM models (Llama, Mistral, Qwen2, OPT, "
-            "Phi, ...)")
+            "language model; neuroal prunes *ForCausalLM models (Llama, Mistral, Qwen2/3, OPT, "
+            "Phi, Phi-3, Gemma-2/3, GPT-NeoX, GPT-J, Falcon, ...)")
     return config
 
 
@@ -197,10 +199,19 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     deterministic.fill_uninitialized_memory = False
     try:
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=attention_kind(config))
     finally:
         deterministic.fill_uninitialized_memory = fill
     return model.eval()
+
+
+def attention_kind(config: Any) -> str:
+    """``sdpa`` where the architecture supports it (most), else ``eager`` (e.g. Gemma-2)."""
+    from transformers import AutoModelForCausalLM
+
+    cls = AutoModelForCausalLM._model_mapping[type(config)]
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -344,14 +355,16 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
     ``meta``. Tied heads receive their own copy of the embedding tensor.
     """
     wanted = list(adapter.named_owned_parameters(module_names))
-    keys = {adapter.checkpoint_key(n) for n, _ in wanted}
-    missing = sorted(keys - checkpoint.names())
+    stored = checkpoint.names()
+    key_of = {n: adapter.stored_key(n, stored) for n, _ in wanted}
+    keys = set(key_of.values())
+    missing = sorted(keys - stored)
     if missing:
         raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
     tensors = checkpoint.load(sorted(keys), dtype, device)
     for name, param in wanted:
-        key = adapter.checkpoint_key(name)
+        key = key_of[name]
         value = tensors[key]
         if tuple(value.shape) != tuple(param.shape):
             raise ModelSourceError(f"tensor {name!r} has shape {tuple(value.shape)} in the "
