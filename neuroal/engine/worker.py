@@ -27,6 +27,7 @@ from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
 from neuroal.logging import get_logger
 from neuroal.models.adapter import BlockCall, ModelAdapter
+from neuroal.models.conversion import to_checkpoint_layout
 from neuroal.models.loading import (
     DTYPE_NAMES,
     ModelSource,
@@ -35,6 +36,7 @@ from neuroal.models.loading import (
     materialise,
     open_checkpoint,
 )
+from neuroal.models.moe import ExpertLinear, owned_copy, swapped_weights
 from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
 
@@ -157,6 +159,22 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+def expert_fallback(criterion: Any, stats: Any, target: LayerTarget, label: str,
+                    quiet: bool = False) -> tuple[Any, LayerTarget, dict[str, Any]] | None:
+    """Magnitude in place of a data-driven criterion for a matrix that saw no calibration token
+    (an MoE expert the router never chose; neuroal.capture_moe), in the comparison group the
+    criterion would use; None when the criterion applies. Logged unless ``quiet``."""
+    if not criterion.needs or getattr(stats, "tokens", None) != 0:
+        return None
+    magnitude = CRITERIA.get("magnitude")
+    group = target.group or criterion.default_group
+    fallback = replace(target, group=group if group in magnitude.groups else None)
+    if not quiet:
+        log.warning("%s: no calibration token was routed to this expert; pruned by magnitude "
+                    "instead of %s", label, criterion.name)
+    return magnitude, fallback, {"fallback": "magnitude", "fallback_reason": "no routed token"}
+
+
 class Worker:
     """Owns blocks ``[spec.start, spec.stop)``; the first also embeds, the last computes logits."""
 
@@ -272,7 +290,7 @@ class Worker:
         reconstruction also every other block parameter (norms, biases) under its own name."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
-        state = {n: m.weight.data for n, m in linears.items()}
+        state = {n: owned_copy(m) for n, m in linears.items()}
         if job.reconstruct is not None:
             weights = {f"{n}.weight" for n in linears}
             state.update({n: p.data for n, p in block.named_parameters() if n not in weights})
@@ -317,6 +335,10 @@ class Worker:
         Updates the layer reports' zero counts; returns the block's facts."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
+        if any(isinstance(m, ExpertLinear) for m in linears.values()):
+            raise ValueError(f"block {index}: perp-reconstruct does not support mixture-of-experts "
+                             "blocks (fused expert parameters); drop recovery.reconstruct for "
+                             "this model")
         masks = {n: m.weight.data == 0 for n, m in linears.items()}
         options = ReconstructOptions(**dict(job.reconstruct or {}))
         options = replace(options, seed=options.seed + index)  # fresh adapter init per block
@@ -346,10 +368,16 @@ class Worker:
             ratio = entries[name]
             target = LayerTarget(ratio=ratio, nm=job.nm, group=job.group,
                                  exact_count=job.exact_count)
+            fallback = expert_fallback(criterion, stats[name], target, f"block {index} {name}")
             try:
-                result = criterion.prune(linear.weight.data, stats[name], target, options)
-                mask, weight, refined = self._refine(linear.weight.data, result, stats[name], job,
-                                                     name in attention, seqlen)
+                if fallback is None:
+                    result = criterion.prune(linear.weight.data, stats[name], target, options)
+                    mask, weight, refined = self._refine(linear.weight.data, result, stats[name],
+                                                         job, name in attention, seqlen)
+                else:  # an MoE expert no calibration token was routed to: magnitude, no refiner
+                    result = fallback[0].prune(linear.weight.data, stats[name], fallback[1], {})
+                    result.info.update(fallback[2])
+                    mask, weight, refined = result.mask, result.weight, {}
             except ValueError as exc:
                 raise ValueError(f"block {index} {name}: {exc}") from exc
             if result.info.get("damp_retries") or result.info.get("cholesky_failure"):
@@ -363,6 +391,8 @@ class Worker:
             linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0.0)
             mean_ratio = float(ratio.double().mean()) if isinstance(ratio, torch.Tensor) else float(ratio)
             info = {**result.info, "recovery": refined} if refined else result.info
+            if hasattr(stats[name], "tokens"):  # MoE expert: calibration tokens routed to it
+                info = {**info, "routed_tokens": stats[name].tokens}
             reports.append(LayerReport(name, mean_ratio, int(mask.sum()),
                                        int((linear.weight.data == 0).sum()),
                                        linear.weight.numel(), info))
@@ -425,15 +455,9 @@ class Worker:
                 dense_stats = self.block_stats(index, stream, needs)
             masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
             sparse = StatsCollector(linears, frozenset({STAT_SQ_NORM}))
-            originals = {n: m.weight.data for n, m in linears.items()}
-            try:
-                for name, weight in masked.items():
-                    linears[name].weight.data = weight
-                with sparse.attached():
-                    stream = self._forward_block(index, stream, sparse)
-            finally:
-                for name, weight in originals.items():
-                    linears[name].weight.data = weight
+            with swapped_weights(linears, masked), sparse.attached():
+                stream = self._forward_block(index, stream, sparse)
+            del masked
             a_d = {n: st.sq_norm.sqrt() for n, st in dense_stats.items()}
             a_s = {n: st.sq_norm.sqrt() for n, st in sparse.stats().items()}
             out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
@@ -464,7 +488,11 @@ class Worker:
             ratio = entries[name]
             group = None if isinstance(ratio, torch.Tensor) else job.group
             target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None)
-            result = criterion.prune(linear.weight.data, stats[name], target, options)
+            fallback = expert_fallback(criterion, stats[name], target, name, quiet=True)
+            if fallback is None:
+                result = criterion.prune(linear.weight.data, stats[name], target, options)
+            else:
+                result = fallback[0].prune(linear.weight.data, stats[name], fallback[1], {})
             weight = result.weight.to(linear.weight.dtype) if result.weight is not None \
                 else linear.weight.data.clone()
             out[name] = weight.masked_fill_(result.mask.to(weight.device), 0.0)
@@ -553,7 +581,7 @@ class Worker:
         cast = DTYPE_NAMES.get(dtype, self.dtype)
         groups: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, tensor in self.state_items().items():
+        for name, tensor in to_checkpoint_layout(self.adapter.model, self.state_items()).items():
             t = tensor.to(device="cpu", dtype=cast).contiguous()
             nbytes = t.numel() * t.element_size()
             if groups[-1] and size + nbytes > max_bytes:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from neuroal.allocation.plan import ModelShape
+from neuroal.models.moe import expert_consumers, with_experts
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,12 @@ class ModelAdapter:
 
     @staticmethod
     def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
-        """The block's ``nn.Linear`` modules by relative name, in registration order."""
-        return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        """The block's ``nn.Linear`` modules by relative name, in registration order; in MoE
+        blocks also every expert's matrices (``mlp.experts.3.gate_proj``: an
+        :class:`~neuroal.models.moe.ExpertLinear` view into the fused 3-D parameter), routers
+        and shared-expert gates left out (neuroal.models.moe)."""
+        return with_experts(block, {n: m for n, m in block.named_modules()
+                                    if isinstance(m, nn.Linear)})
 
     def shape(self) -> ModelShape:
         """``(rows, cols)`` of every prunable linear of every block (works on meta), with the
@@ -166,7 +171,8 @@ class ModelAdapter:
         return ModelShape(
             tuple({n: (m.out_features, m.in_features) for n, m in self.prunable_linears(b).items()}
                   for b in self.blocks),
-            consumers=dict(self.spec.consumers) if self.model_type in ARCHS else {},
+            consumers={**(dict(self.spec.consumers) if self.model_type in ARCHS else {}),
+                       **{k: v for b in self.blocks for k, v in expert_consumers(b).items()}},
             uniform_rows=frozenset(self.spec.uniform_rows),
             heads=heads,
             kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),

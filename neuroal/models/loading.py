@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
+from neuroal.models.conversion import build_parameter, checkpoint_sources
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 
 log = get_logger(__name__)
@@ -305,13 +306,20 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
     """
     wanted = list(adapter.named_owned_parameters(module_names))
     keys = {adapter.checkpoint_key(n) for n, _ in wanted}
-    missing = sorted(keys - checkpoint.names())
+    # Parameters stored in another layout (MoE experts: one tensor per expert) are rebuilt
+    # with transformers' conversion rules, one parameter at a time (neuroal.models.conversion).
+    converted = checkpoint_sources(adapter.model, checkpoint.names(), keys - checkpoint.names())
+    missing = sorted(keys - checkpoint.names() - set(converted))
     if missing:
         raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
-    tensors = checkpoint.load(sorted(keys), dtype, device)
+    tensors = checkpoint.load(sorted(keys - set(converted)), dtype, device)
     for name, param in wanted:
-        value = tensors[adapter.checkpoint_key(name)]
+        key = adapter.checkpoint_key(name)
+        if key in converted:
+            parts = checkpoint.load(converted[key].names(), dtype, device)
+            tensors[key] = build_parameter(converted[key], parts, adapter.model)
+        value = tensors[key]
         if tuple(value.shape) != tuple(param.shape):
             raise ModelSourceError(f"tensor {name!r} has shape {tuple(value.shape)} in the "
                                    f"checkpoint, expected {tuple(param.shape)}")
