@@ -570,7 +570,8 @@ class Worker:
     def state_items(self) -> dict[str, torch.Tensor]:
         """Owned tensors under their HF state-dict names (tied head left out)."""
         loaded = set(self.loaded)
-        return {n: p.data for n, p in self.adapter.model.named_parameters()
+        buffers = dict(self.adapter.model.named_buffers())  # persistent ones read from the source
+        return {n: p.data for n, p in [*self.adapter.model.named_parameters(), *buffers.items()]
                 if n in loaded and not self.adapter.export_skip(n)}
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:

@@ -328,7 +328,28 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
         module = adapter._module(mname)
         if module is not None:
             module.to(device)  # buffers (rotary inv_freq); parameters are already there
-    return [n for n, _ in wanted]
+    return [n for n, _ in wanted] + _load_buffers(adapter, module_names, checkpoint, device)
+
+
+def _load_buffers(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
+                  device: torch.device) -> list[str]:
+    """Fill the persistent buffers of ``module_names`` that the checkpoint stores (e.g.
+    DeepSeek-V3's router ``e_score_correction_bias``), in their own dtype; returns their names."""
+    names = checkpoint.names()
+    found: dict[str, torch.Tensor] = {}
+    for mname in module_names:
+        module = adapter._module(mname)
+        for bname, buf in (module.named_buffers() if module is not None else ()):
+            owner_name, _, attr = bname.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            full = f"{mname}.{bname}"
+            if attr not in owner._non_persistent_buffers_set and full in names:
+                found[full] = buf
+    for full, buf in found.items():
+        value = checkpoint.load([full], buf.dtype, device)[full]
+        owner_name, _, attr = full.rpartition(".")
+        adapter.model.get_submodule(owner_name).register_buffer(attr, value.reshape(buf.shape))
+    return list(found)
 
 
 def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
