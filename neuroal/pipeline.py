@@ -38,6 +38,7 @@ from neuroal.export import (
 )
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
+from neuroal.models.moe import has_experts
 from neuroal.models.loading import (
     ALIAS_ORIGIN,
     ModelSource,
@@ -150,6 +151,17 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
         raise ConfigError(errors)
 
 
+def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
+    """PERP (block reconstruction, whole-model retraining) wraps ``nn.Linear`` modules; MoE
+    experts are views into fused 3-D parameters (neuroal.models.moe): refuse before loading."""
+    perp = [step for step in cfg.recover.steps if step not in REFINERS]
+    if perp and any(has_experts(block) for block in adapter.blocks):
+        raise ConfigError([f"recover.steps {perp}: PERP does not support mixture-of-experts "
+                           f"models (model_type {adapter.model_type!r}, fused expert "
+                           "parameters); use the mask refiners "
+                           f"({', '.join(REFINERS.names())}) or no recovery"])
+
+
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
                  dtype: torch.dtype) -> None:
     """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7).
@@ -204,6 +216,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         adapter = ModelAdapter(build_skeleton(config, dtype))
         shape = adapter.shape()
         check_shape(cfg, shape)
+        check_experts(cfg, adapter)
         check_memory(cfg, config, adapter, device, dtype)
     with timings("data"):
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)

@@ -285,3 +285,13 @@ def test_worker_loads_only_its_experts(moe_models: dict[str, Path]) -> None:
     assert set(weight_map.values()) - needed, "fixture should spread tensors over several shards"
     linears = worker.adapter.prunable_linears(model.model.layers[1])
     assert all(isinstance(linears[f"mlp.experts.{e}.up_proj"], ExpertLinear) for e in range(4))
+
+
+def test_perp_refused_before_loading(moe_models: dict[str, Path], small_text: Path,
+                                     no_loading: None) -> None:
+    from neuroal.config import ConfigError
+
+    cfg = _cfg(moe_models["qwen2_moe"], None, small_text,
+               recover={"steps": ["perp-reconstruct"]})
+    with pytest.raises(ConfigError, match="PERP does not support mixture-of-experts"):
+        run(cfg)

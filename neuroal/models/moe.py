@@ -44,6 +44,11 @@ def is_experts(module: nn.Module) -> bool:
             and isinstance(getattr(module, "num_experts", None), int))
 
 
+def has_experts(block: nn.Module) -> bool:
+    """Whether a decoder block holds a fused experts module."""
+    return any(is_experts(m) for m in block.modules())
+
+
 def _flag(experts: nn.Module, name: str, default: bool) -> bool:
     return bool(getattr(experts, name, default))
 
