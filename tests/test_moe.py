@@ -248,7 +248,7 @@ def test_neuroal_allocates_over_experts(moe_models: dict[str, Path], small_text:
 
 
 def test_shape_and_planner_count_every_expert() -> None:
-    from neuroal.planner import ModelLayout, stat_bytes
+    from neuroal.planner import MemoryRequest, ModelLayout, plan_memory, stat_bytes
 
     config = moe_config("qwen2_moe")
     layout = ModelLayout.from_config(config)
@@ -267,6 +267,12 @@ def test_shape_and_planner_count_every_expert() -> None:
     assert layout.block_params[0] == expert_params + shared + attention + router + biases + 2 * 64
     assert stat_bytes(block, {"sq_norm"}) == 4 * sum(c for _, c in block.values())
     assert stat_bytes(block, {"hessian"}) == 4 * sum(c * c for _, c in block.values())
+    assert layout.fused_params == (expert_params,) * 2  # the search's masked 3-D copies
+    request = MemoryRequest(dtype="float32", nsamples=4, seqlen=32, micro_batch=2,
+                            allocation="neuroal", device_type="cpu")
+    search = plan_memory(layout, request).workers[0]
+    assert search.phase == "search"
+    assert search.masked_block == 4 * (sum(r * c for r, c in block.values()) + expert_params)
 
 
 def test_worker_loads_only_its_experts(moe_models: dict[str, Path]) -> None:
@@ -295,3 +301,28 @@ def test_perp_refused_before_loading(moe_models: dict[str, Path], small_text: Pa
                recover={"steps": ["perp-reconstruct"]})
     with pytest.raises(ConfigError, match="PERP does not support mixture-of-experts"):
         run(cfg)
+
+
+def test_hub_download_fetches_the_owned_expert_shards(moe_models: dict[str, Path],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+
+    from neuroal.models.loading import ModelSource, _hub_checkpoint, build_skeleton
+
+    source = moe_models["mixtral"]
+    fetched: list[str] = []
+
+    def fake_download(repo: str, fname: str, revision: str | None = None) -> str:
+        fetched.append(fname)
+        return str(source / fname)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    adapter = ModelAdapter(build_skeleton(moe_config("mixtral"), torch.float32))
+    modules = adapter.owned_module_names(1, 2, False, True)
+    needed = {adapter.checkpoint_key(n) for n, _ in adapter.named_owned_parameters(modules)}
+    _hub_checkpoint(ModelSource("hub", "org/tiny-mixtral", "org/tiny-mixtral"), needed,
+                    adapter.model)
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    expected = {f for n, f in weight_map.items() if n.startswith("model.layers.1.")
+                or n in ("model.norm.weight", "lm_head.weight")}
+    assert set(fetched) - {"model.safetensors.index.json"} == expected

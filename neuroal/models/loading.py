@@ -264,11 +264,13 @@ def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()
                               model=skeleton)
     if source.kind == "hf_dir":
         return SafetensorsCheckpoint(Path(source.location))
-    return _hub_checkpoint(source, set(needed))
+    return _hub_checkpoint(source, set(needed), skeleton)
 
 
-def _hub_checkpoint(source: ModelSource, needed: set[str]) -> Checkpoint:
-    """Download the index and only the shards holding ``needed`` tensors (network only)."""
+def _hub_checkpoint(source: ModelSource, needed: set[str], skeleton: nn.Module | None = None,
+                    ) -> Checkpoint:
+    """Download the index and only the shards holding ``needed`` tensors (network only);
+    parameters stored in another layout (MoE experts) count by their checkpoint tensors."""
     from huggingface_hub import hf_hub_download
 
     def fetch(fname: str) -> Path:
@@ -277,6 +279,9 @@ def _hub_checkpoint(source: ModelSource, needed: set[str]) -> Checkpoint:
     try:
         index = fetch("model.safetensors.index.json")
         weight_map = json.loads(index.read_text())["weight_map"]
+        if skeleton is not None:
+            sources = checkpoint_sources(skeleton, weight_map, needed - set(weight_map))
+            needed = needed | {k for src in sources.values() for k in src.names()}
         files = sorted({weight_map[n] for n in needed if n in weight_map}) or sorted(set(weight_map.values()))
         for fname in files:
             fetch(fname)
