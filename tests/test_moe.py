@@ -326,3 +326,40 @@ def test_hub_download_fetches_the_owned_expert_shards(moe_models: dict[str, Path
     expected = {f for n, f in weight_map.items() if n.startswith("model.layers.1.")
                 or n in ("model.norm.weight", "lm_head.weight")}
     assert set(fetched) - {"model.safetensors.index.json"} == expected
+
+
+def test_interrupted_moe_prune_resumes_to_identical_output(moe_models: dict[str, Path],
+                                                           small_text: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Resume stores each expert matrix as a tensor of its own (views of the fused parameter
+    share storage) and replays it into the 3-D parameter bit for bit."""
+    from safetensors.torch import load_file
+
+    from neuroal.engine.worker import Worker
+
+    source = moe_models["qwen2_moe"]
+    over = {"criterion": {"name": "sparsegpt"}}
+    ref = run(_cfg(source, tmp_path / "ref", small_text, **over))
+    out = tmp_path / "out"
+    original = Worker.prune_one
+    calls = {"n": 0}
+
+    def crash_second(self, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Worker, "prune_one", crash_second)
+        with pytest.raises(KeyboardInterrupt):
+            run(_cfg(source, out, small_text, **over))
+    res = run(_cfg(source, out, small_text, **over, output={"dir": str(out), "resume": True}))
+    assert res.report["layers"] == ref.report["layers"]
+
+    def shards(directory: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(directory.glob("*.safetensors"))
+                for k, v in load_file(str(f)).items()}
+
+    a, b = shards(out), shards(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
