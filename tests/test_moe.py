@@ -331,8 +331,8 @@ def test_hub_download_fetches_the_owned_expert_shards(moe_models: dict[str, Path
 def test_interrupted_moe_prune_resumes_to_identical_output(moe_models: dict[str, Path],
                                                            small_text: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """Resume stores each expert matrix as a tensor of its own (views of the fused parameter
-    share storage) and replays it into the 3-D parameter bit for bit."""
+    """Resume stores each expert matrix (a view into the fused parameter) and replays it into
+    the 3-D parameter bit for bit."""
     from safetensors.torch import load_file
 
     from neuroal.engine.worker import Worker
@@ -363,3 +363,23 @@ def test_interrupted_moe_prune_resumes_to_identical_output(moe_models: dict[str,
 
     a, b = shards(out), shards(tmp_path / "ref")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_swapped_weights_restore_the_dense_experts() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from neuroal.models.moe import swapped_weights
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(moe_config("qwen2_moe")).eval()
+    block = model.model.layers[0]
+    linears = ModelAdapter.prunable_linears(block)
+    dense = {n: m.weight.data.clone() for n, m in linears.items()}
+    fused = block.mlp.experts.gate_up_proj.data
+    masked = {n: torch.zeros_like(w) for n, w in dense.items()}
+    with swapped_weights(linears, masked):
+        assert not block.mlp.experts.gate_up_proj.data.any()
+        assert not block.mlp.shared_expert.up_proj.weight.data.any()
+        assert fused.all(), "the dense 3-D tensor is never written"
+    assert block.mlp.experts.gate_up_proj.data is fused
+    assert all(torch.equal(m.weight.data, dense[n]) for n, m in linears.items())

@@ -36,7 +36,7 @@ from neuroal.models.loading import (
     materialise,
     open_checkpoint,
 )
-from neuroal.models.moe import ExpertLinear, owned_copy, swapped_weights
+from neuroal.models.moe import ExpertLinear, swapped_weights
 from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
 
@@ -290,7 +290,7 @@ class Worker:
         reconstruction also every other block parameter (norms, biases) under its own name."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
-        state = {n: owned_copy(m) for n, m in linears.items()}
+        state = {n: m.weight.data for n, m in linears.items()}
         if job.reconstruct is not None:
             weights = {f"{n}.weight" for n in linears}
             state.update({n: p.data for n, p in block.named_parameters() if n not in weights})

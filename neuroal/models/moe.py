@@ -257,9 +257,3 @@ def swapped_weights(linears: Mapping[str, Any], weights: Mapping[str, torch.Tens
         for param, data in reversed(restore):
             param.data = data
 
-
-def owned_copy(linear: Any) -> torch.Tensor:
-    """The linear's weight as a tensor of its own (expert views share the fused storage, which
-    safetensors refuses to save twice)."""
-    data = linear.weight.data
-    return data.clone() if isinstance(linear, ExpertLinear) else data
