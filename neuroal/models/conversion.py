@@ -99,12 +99,13 @@ def build_parameter(source: Source, tensors: Mapping[str, torch.Tensor], model: 
 def to_checkpoint_layout(model: nn.Module, state: Mapping[str, torch.Tensor],
                          ) -> dict[str, torch.Tensor]:
     """``state`` (model parameter names, e.g. fused experts) in the layout ``save_pretrained``
-    writes (one tensor per expert and matrix); unchanged for models without conversion rules.
+    writes (one tensor per expert and matrix); unchanged for models without converters (dense
+    models keep their module names).
 
     Works on any subset of the model's parameters (one worker's blocks).
     """
-    renamings, converters = _transforms(model)
-    if not renamings and not converters:
+    _renamings, converters = _transforms(model)
+    if not converters:
         return dict(state)
     from transformers.core_model_loading import revert_weight_conversion
 
