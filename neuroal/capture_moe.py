@@ -65,25 +65,26 @@ class ExpertStats:
         self.collector = collector
         self.batch_sums, self.output_sums = batch_sums, output_sums
         self.tokens = dict.fromkeys(linears, 0)
-        self.groups: dict[int, tuple[nn.Module, dict[tuple[int, str], str]]] = {}
+        # per experts module: expert index -> {kind: linear name}
+        self.groups: dict[int, tuple[nn.Module, dict[int, dict[str, str]]]] = {}
         for name, linear in linears.items():
             _, names = self.groups.setdefault(id(linear.experts), (linear.experts, {}))
-            names[(linear.expert, linear.kind)] = name
+            names.setdefault(linear.expert, {})[linear.kind] = name
 
     def attach(self) -> list[Any]:
         """Register one pre-hook per experts module; returns the handles."""
         return [experts.register_forward_pre_hook(self._hook(names), with_kwargs=True)
                 for experts, names in self.groups.values()]
 
-    def _hook(self, names: dict[tuple[int, str], str]):  # noqa: ANN202 - hook factory
+    def _hook(self, names: dict[int, dict[str, str]]):  # noqa: ANN202 - hook factory
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             hidden, index = routed_tokens(args, kwargs)
             sequences = self.collector._sequences or 1
             seqlen = max(1, hidden.shape[0] // sequences)
             for expert, pos in enumerate(expert_positions(index, int(module.num_experts))):
-                wanted = {k: n for (e, k), n in names.items() if e == expert}
-                if wanted:
-                    self._fold(module, expert, hidden[pos], pos // seqlen, sequences, wanted)
+                if expert in names:
+                    self._fold(module, expert, hidden[pos], pos // seqlen, sequences,
+                               names[expert])
 
         return hook
 

@@ -38,7 +38,6 @@ from neuroal.export import (
 )
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
-from neuroal.models.moe import has_experts
 from neuroal.models.loading import (
     ALIAS_ORIGIN,
     ModelSource,
@@ -49,6 +48,7 @@ from neuroal.models.loading import (
     resolve_model,
     source_dtype,
 )
+from neuroal.models.moe import has_experts
 from neuroal.recovery import (
     RECONSTRUCT,
     RECOVERY_STEPS,

@@ -195,6 +195,17 @@ def test_prune_experts_exactly_and_export(model_type: str, criterion: str,
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("criterion", ["magnitude", "ria"])
+def test_per_matrix_criteria_on_expert_slices(criterion: str, moe_models: dict[str, Path],
+                                              small_text: Path) -> None:
+    result = run(_cfg(moe_models["mixtral"], None, small_text, criterion={"name": criterion}),
+                 keep_executor=True)
+    masks = result.executor.masks()
+    assert len([n for n in masks if ".experts." in n]) == 2 * EXPERTS * 3
+    for name, mask in masks.items():  # per-matrix group: each expert matrix on its own
+        assert int(mask.sum()) == int(0.5 * mask.numel()), name
+
+
 def test_expert_without_tokens_falls_back_to_magnitude(tokenizer_dir: Path, small_text: Path,
                                                        tmp_path: Path,
                                                        caplog: pytest.LogCaptureFixture) -> None:

@@ -337,8 +337,8 @@ class Worker:
         linears = self.adapter.prunable_linears(block)
         if any(isinstance(m, ExpertLinear) for m in linears.values()):
             raise ValueError(f"block {index}: perp-reconstruct does not support mixture-of-experts "
-                             "blocks (fused expert parameters); drop recovery.reconstruct for "
-                             "this model")
+                             "blocks (fused expert parameters); remove perp-reconstruct from "
+                             "recover.steps for this model")
         masks = {n: m.weight.data == 0 for n, m in linears.items()}
         options = ReconstructOptions(**dict(job.reconstruct or {}))
         options = replace(options, seed=options.seed + index)  # fresh adapter init per block
