@@ -28,6 +28,8 @@ MOE = {  # 4 experts of 32 (gate, up) x 64, top-2
     "mixtral": dict(intermediate_size=32, num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
                       num_experts_per_tok=2, shared_expert_intermediate_size=48),
+    "qwen3_moe": dict(intermediate_size=64, moe_intermediate_size=32, num_experts=4,
+                      num_experts_per_tok=2, head_dim=16),
     "deepseek_v3": dict(intermediate_size=64, moe_intermediate_size=32, n_routed_experts=4,
                         num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1,
                         first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
@@ -82,14 +84,16 @@ def _assert_exact(name: str, mask: torch.Tensor, criterion: str, sparsity: float
 # --------------------------------------------------------------------------- views and statistics
 
 
-def test_expert_views_write_into_the_fused_parameters() -> None:
+@pytest.mark.parametrize("model_type", list(MOE))
+def test_expert_views_write_into_the_fused_parameters(model_type: str) -> None:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(moe_config("mixtral")).eval()
+    model = AutoModelForCausalLM.from_config(moe_config(model_type)).eval()
     block = model.model.layers[0]
     linears = ModelAdapter.prunable_linears(block)
-    assert "mlp.gate" not in linears and not any("gate.weight" in n for n in linears)
+    assert not any(n in linears for n in ("mlp.gate", "mlp.shared_expert_gate"))
+    assert len([n for n in linears if ".experts." in n]) == EXPERTS * 3
     experts = block.mlp.experts
     assert list(linears)[4:7] == ["mlp.experts.0.gate_proj", "mlp.experts.0.up_proj",
                                   "mlp.experts.0.down_proj"]
