@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -111,6 +112,7 @@ class StatsCollector:
         self._sequences: int | None = None
         self.order: list[str] = []  # execution order seen in the first forward
         self._last: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._experts = _expert_stats(self, linears)  # MoE expert slices (capture_moe)
 
     def _hook(self, name: str):  # noqa: ANN202 - hook factory
         def hook(_module: nn.Module, args: tuple, output: torch.Tensor) -> None:
@@ -131,7 +133,9 @@ class StatsCollector:
     @contextmanager
     def attached(self) -> Iterator[StatsCollector]:
         """Register the hooks for the duration of the ``with`` body; always removed."""
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()
+                   if isinstance(m, nn.Module)]
+        handles += self._experts.attach() if self._experts is not None else []
         try:
             yield self
         finally:
@@ -151,4 +155,16 @@ class StatsCollector:
 
     def stats(self) -> dict[str, LayerStats]:
         """Final statistics per linear name."""
-        return {name: acc.stats() for name, acc in self.acc.items()}
+        stats = {name: acc.stats() for name, acc in self.acc.items()}
+        return self._experts.finish(stats) if self._experts is not None else stats
+
+
+def _expert_stats(collector: StatsCollector, linears: dict[str, nn.Linear]) -> Any:
+    """Routed-token statistics for the linears that are MoE expert slices (not modules), or
+    None for a dense block (neuroal.capture_moe)."""
+    slices = {n: m for n, m in linears.items() if not isinstance(m, nn.Module)}
+    if not slices:
+        return None
+    from neuroal.capture_moe import ExpertStats
+
+    return ExpertStats(collector, slices, batch_sums, output_sums)

@@ -52,6 +52,7 @@ from neuroal.models.loading import (
     source_dtype,
     weights_fingerprint,
 )
+from neuroal.models.moe import has_experts
 from neuroal.recovery import (
     RECONSTRUCT,
     RECOVERY_STEPS,
@@ -165,6 +166,16 @@ def check_positions(cfg: PruneConfig, config: Any) -> None:
     if errors:
         raise ConfigError(errors)
 
+def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
+    """PERP (block reconstruction, whole-model retraining) wraps ``nn.Linear`` modules; MoE
+    experts are views into fused 3-D parameters (neuroal.models.moe): refuse before loading."""
+    perp = [step for step in cfg.recover.steps if step not in REFINERS]
+    if perp and any(has_experts(block) for block in adapter.blocks):
+        raise ConfigError([f"recover.steps {perp}: PERP does not support mixture-of-experts "
+                           f"models (model_type {adapter.model_type!r}, fused expert "
+                           "parameters); use the mask refiners "
+                           f"({', '.join(REFINERS.names())}) or no recovery"])
+
 
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
                  dtype: torch.dtype) -> None:
@@ -227,6 +238,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         shape = adapter.shape()
         check_shape(cfg, shape)
         check_positions(cfg, config)
+        check_experts(cfg, adapter)
         check_memory(cfg, config, adapter, device, dtype)
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)

@@ -116,6 +116,9 @@ class ModelLayout:
         embed_params: Token embedding (first worker).
         final_params: Modules after the last block (last worker).
         head_params: ``lm_head`` (last worker).
+        fused_params: Per block, the weights of MoE experts held in fused 3-D parameters (part
+            of ``linears``): a search candidate swaps in a masked copy of those tensors besides
+            the per-matrix masked copies (``neuroal.models.moe.swapped_weights``).
     """
 
     name: str
@@ -128,6 +131,7 @@ class ModelLayout:
     embed_params: int
     final_params: int
     head_params: int
+    fused_params: tuple[int, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -157,6 +161,7 @@ class ModelLayout:
             embed_params=count([adapter.spec.embed]),
             final_params=count(adapter.final_names),
             head_params=count([adapter.spec.head]),
+            fused_params=tuple(fused_numel(adapter.prunable_linears(b)) for b in adapter.blocks),
         )
 
     @classmethod
@@ -183,7 +188,7 @@ class ModelLayout:
         if not repeat_block:
             return layout
         return replace(layout, block_params=layout.block_params * depth,
-                       linears=layout.linears * depth)
+                       linears=layout.linears * depth, fused_params=layout.fused_params * depth)
 
     def weight_params(self, start: int, stop: int, first: bool, last: bool) -> int:
         """Parameters a worker owning blocks ``[start, stop)`` loads (as ``materialise`` does)."""
@@ -201,6 +206,13 @@ def _known_layout(alias: str) -> ModelLayout:
     from neuroal.models.known import known_config
 
     return ModelLayout.from_config(known_config(alias), alias, repeat_block=True)
+
+
+def fused_numel(linears: Mapping[str, Any]) -> int:
+    """Weights of the MoE expert matrices among a block's prunable linears."""
+    from neuroal.models.moe import ExpertLinear
+
+    return sum(m.weight.numel() for m in linears.values() if isinstance(m, ExpertLinear))
 
 
 def layout_of(model: str | ModelLayout | Any) -> ModelLayout:
@@ -463,7 +475,8 @@ def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start:
         statistics = sum(per_block) + sparse
     else:
         statistics = max(per_block) + sparse + (per_block[0] if first else 0)
-    masked = max(sum(r * c for r, c in layout.linears[i].values()) for i in blocks) * b
+    masked = max(sum(r * c for r, c in layout.linears[i].values())
+                 + (layout.fused_params[i] if layout.fused_params else 0) for i in blocks) * b
     search = WorkerMemory(rank, start, stop, "search", weights, device, statistics, transients,
                           masked, overhead, host)
     return {"prune": prune, "search": search}

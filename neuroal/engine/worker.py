@@ -32,6 +32,7 @@ from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
 from neuroal.logging import get_logger
 from neuroal.models.adapter import BlockCall, ModelAdapter
+from neuroal.models.conversion import to_checkpoint_layout
 from neuroal.models.loading import (
     DTYPE_NAMES,
     ModelSource,
@@ -40,6 +41,7 @@ from neuroal.models.loading import (
     materialise,
     open_checkpoint,
 )
+from neuroal.models.moe import ExpertLinear, swapped_weights
 from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
 
@@ -181,6 +183,22 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     return str(value)
+
+
+def expert_fallback(criterion: Any, stats: Any, target: LayerTarget, label: str,
+                    quiet: bool = False) -> tuple[Any, LayerTarget, dict[str, Any]] | None:
+    """Magnitude in place of a data-driven criterion for a matrix that saw no calibration token
+    (an MoE expert the router never chose; neuroal.capture_moe), in the comparison group the
+    criterion would use; None when the criterion applies. Logged unless ``quiet``."""
+    if not criterion.needs or getattr(stats, "tokens", None) != 0:
+        return None
+    magnitude = CRITERIA.get("magnitude")
+    group = target.group or criterion.default_group
+    fallback = replace(target, group=group if group in magnitude.groups else None)
+    if not quiet:
+        log.warning("%s: no calibration token was routed to this expert; pruned by magnitude "
+                    "instead of %s", label, criterion.name)
+    return magnitude, fallback, {"fallback": "magnitude", "fallback_reason": "no routed token"}
 
 
 class Worker:
@@ -352,6 +370,10 @@ class Worker:
         Updates the layer reports' zero counts; returns the block's facts."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
+        if any(isinstance(m, ExpertLinear) for m in linears.values()):
+            raise ValueError(f"block {index}: perp-reconstruct does not support mixture-of-experts "
+                             "blocks (fused expert parameters); remove perp-reconstruct from "
+                             "recover.steps for this model")
         masks = {n: m.weight.data == 0 for n, m in linears.items()}
         options = ReconstructOptions(**dict(job.reconstruct or {}))
         options = replace(options, seed=options.seed + index)  # fresh adapter init per block
@@ -381,10 +403,16 @@ class Worker:
             ratio = entries[name]
             target = LayerTarget(ratio=ratio, nm=job.nm, group=job.group,
                                  exact_count=job.exact_count)
+            fallback = expert_fallback(criterion, stats[name], target, f"block {index} {name}")
             try:
-                result = criterion.prune(linear.weight.data, stats[name], target, options)
-                mask, weight, refined = self._refine(linear.weight.data, result, stats[name], job,
-                                                     name in attention, seqlen)
+                if fallback is None:
+                    result = criterion.prune(linear.weight.data, stats[name], target, options)
+                    mask, weight, refined = self._refine(linear.weight.data, result, stats[name],
+                                                         job, name in attention, seqlen)
+                else:  # an MoE expert no calibration token was routed to: magnitude, no refiner
+                    result = fallback[0].prune(linear.weight.data, stats[name], fallback[1], {})
+                    result.info.update(fallback[2])
+                    mask, weight, refined = result.mask, result.weight, {}
             except ValueError as exc:
                 raise ValueError(f"block {index} {name}: {exc}") from exc
             if result.info.get("damp_retries") or result.info.get("cholesky_failure"):
@@ -398,6 +426,8 @@ class Worker:
             linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0.0)
             ratio_mean = mean_ratio(ratio)
             info = {**result.info, "recovery": refined} if refined else result.info
+            if hasattr(stats[name], "tokens"):  # MoE expert: calibration tokens routed to it
+                info = {**info, "routed_tokens": stats[name].tokens}
             reports.append(LayerReport(name, ratio_mean, int(mask.sum()),
                                        int((linear.weight.data == 0).sum()),
                                        linear.weight.numel(), info))
@@ -461,15 +491,9 @@ class Worker:
                 dense_stats = self.block_stats(index, stream, needs)
             masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
             sparse = StatsCollector(linears, frozenset({stat}))
-            originals = {n: m.weight.data for n, m in linears.items()}
-            try:
-                for name, weight in masked.items():
-                    linears[name].weight.data = weight
-                with sparse.attached():
-                    stream = self._forward_block(index, stream, sparse)
-            finally:
-                for name, weight in originals.items():
-                    linears[name].weight.data = weight
+            with swapped_weights(linears, masked), sparse.attached():
+                stream = self._forward_block(index, stream, sparse)
+            del masked
             a_d = {n: getattr(st, stat).sqrt() for n, st in dense_stats.items()}
             a_s = {n: getattr(st, stat).sqrt() for n, st in sparse.stats().items()}
             out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
@@ -501,7 +525,11 @@ class Worker:
             group = None if isinstance(ratio, torch.Tensor) else job.group
             target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None,
                                  exact_count=job.exact_count)
-            result = criterion.prune(linear.weight.data, stats[name], target, options)
+            fallback = expert_fallback(criterion, stats[name], target, name, quiet=True)
+            if fallback is None:
+                result = criterion.prune(linear.weight.data, stats[name], target, options)
+            else:
+                result = fallback[0].prune(linear.weight.data, stats[name], fallback[1], {})
             weight = result.weight.to(linear.weight.dtype) if result.weight is not None \
                 else linear.weight.data.clone()
             out[name] = weight.masked_fill_(result.mask.to(weight.device), 0.0)
@@ -579,7 +607,8 @@ class Worker:
     def state_items(self) -> dict[str, torch.Tensor]:
         """Owned tensors under their HF state-dict names (tied head left out)."""
         loaded = set(self.loaded)
-        return {n: p.data for n, p in self.adapter.model.named_parameters()
+        buffers = dict(self.adapter.model.named_buffers())  # persistent ones read from the source
+        return {n: p.data for n, p in [*self.adapter.model.named_parameters(), *buffers.items()]
                 if n in loaded and not self.adapter.export_skip(n)}
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
@@ -590,7 +619,7 @@ class Worker:
         cast = DTYPE_NAMES.get(dtype, self.dtype)
         groups: list[dict[str, torch.Tensor]] = [{}]
         size = 0
-        for name, tensor in self.state_items().items():
+        for name, tensor in to_checkpoint_layout(self.adapter.model, self.state_items()).items():
             t = tensor.to(device="cpu", dtype=cast).contiguous()
             nbytes = t.numel() * t.element_size()
             if groups[-1] and size + nbytes > max_bytes:

@@ -20,6 +20,7 @@ from torch import nn
 
 from neuroal.allocation.plan import ModelShape
 from neuroal.models.consumers import ConsumerMap, derive_consumer_map
+from neuroal.models.moe import expert_consumers, with_experts
 
 
 @dataclass(frozen=True)
@@ -215,8 +216,12 @@ class ModelAdapter:
 
     @staticmethod
     def prunable_linears(block: nn.Module) -> dict[str, nn.Linear]:
-        """The block's ``nn.Linear`` modules by relative name, in registration order."""
-        return {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        """The block's ``nn.Linear`` modules by relative name, in registration order; in MoE
+        blocks also every expert's matrices (``mlp.experts.3.gate_proj``: an
+        :class:`~neuroal.models.moe.ExpertLinear` view into the fused 3-D parameter), routers
+        and shared-expert gates left out (neuroal.models.moe)."""
+        return with_experts(block, {n: m for n, m in block.named_modules()
+                                    if isinstance(m, nn.Linear)})
 
     def consumer_map(self) -> ConsumerMap:
         """The derived producer -> consumer map of this architecture (cached per structure)."""
@@ -237,7 +242,8 @@ class ModelAdapter:
         cmap = self.consumer_map().checked(blocks) if row_map else ConsumerMap()
         return ModelShape(
             blocks,
-            consumers=dict(cmap.consumers),
+            consumers={**dict(cmap.consumers),
+                       **{k: v for b in self.blocks for k, v in expert_consumers(b).items()}},
             uniform_rows=frozenset(self.spec.uniform_rows),
             heads=heads,
             kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),

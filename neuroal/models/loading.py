@@ -22,6 +22,7 @@ from torch import nn
 
 from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
+from neuroal.models.conversion import build_parameter, checkpoint_sources
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 
 log = get_logger(__name__)
@@ -314,11 +315,13 @@ def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()
                               model=skeleton)
     if source.kind == "hf_dir":
         return SafetensorsCheckpoint(Path(source.location))
-    return _hub_checkpoint(source, set(needed))
+    return _hub_checkpoint(source, set(needed), skeleton)
 
 
-def _hub_checkpoint(source: ModelSource, needed: set[str]) -> Checkpoint:
-    """Download the index and only the shards holding ``needed`` tensors (network only)."""
+def _hub_checkpoint(source: ModelSource, needed: set[str], skeleton: nn.Module | None = None,
+                    ) -> Checkpoint:
+    """Download the index and only the shards holding ``needed`` tensors (network only);
+    parameters stored in another layout (MoE experts) count by their checkpoint tensors."""
     from huggingface_hub import hf_hub_download
 
     def fetch(fname: str) -> Path:
@@ -327,6 +330,9 @@ def _hub_checkpoint(source: ModelSource, needed: set[str]) -> Checkpoint:
     try:
         index = fetch("model.safetensors.index.json")
         weight_map = json.loads(index.read_text())["weight_map"]
+        if skeleton is not None:
+            sources = checkpoint_sources(skeleton, weight_map, needed - set(weight_map))
+            needed = needed | {k for src in sources.values() for k in src.names()}
         files = sorted({weight_map[n] for n in needed if n in weight_map}) or sorted(set(weight_map.values()))
         for fname in files:
             fetch(fname)
@@ -358,13 +364,19 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
     stored = checkpoint.names()
     key_of = {n: adapter.stored_key(n, stored) for n, _ in wanted}
     keys = set(key_of.values())
-    missing = sorted(keys - stored)
+    # Parameters stored in another layout (MoE experts: one tensor per expert) are rebuilt
+    # with transformers' conversion rules, one parameter at a time (neuroal.models.conversion).
+    converted = checkpoint_sources(adapter.model, stored, keys - stored)
+    missing = sorted(keys - stored - set(converted))
     if missing:
         raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
-    tensors = checkpoint.load(sorted(keys), dtype, device)
+    tensors = checkpoint.load(sorted(keys - set(converted)), dtype, device)
     for name, param in wanted:
         key = key_of[name]
+        if key in converted:
+            parts = checkpoint.load(converted[key].names(), dtype, device)
+            tensors[key] = build_parameter(converted[key], parts, adapter.model)
         value = tensors[key]
         if tuple(value.shape) != tuple(param.shape):
             raise ModelSourceError(f"tensor {name!r} has shape {tuple(value.shape)} in the "
@@ -375,7 +387,28 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
         module = adapter._module(mname)
         if module is not None:
             module.to(device)  # buffers (rotary inv_freq); parameters are already there
-    return [n for n, _ in wanted]
+    return [n for n, _ in wanted] + _load_buffers(adapter, module_names, checkpoint, device)
+
+
+def _load_buffers(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
+                  device: torch.device) -> list[str]:
+    """Fill the persistent buffers of ``module_names`` that the checkpoint stores (e.g.
+    DeepSeek-V3's router ``e_score_correction_bias``), in their own dtype; returns their names."""
+    names = checkpoint.names()
+    found: dict[str, torch.Tensor] = {}
+    for mname in module_names:
+        module = adapter._module(mname)
+        for bname, buf in (module.named_buffers() if module is not None else ()):
+            owner_name, _, attr = bname.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            full = f"{mname}.{bname}"
+            if attr not in owner._non_persistent_buffers_set and full in names:
+                found[full] = buf
+    for full, buf in found.items():
+        value = checkpoint.load([full], buf.dtype, device)[full]
+        owner_name, _, attr = full.rpartition(".")
+        adapter.model.get_submodule(owner_name).register_buffer(attr, value.reshape(buf.shape))
+    return list(found)
 
 
 def check_finite(key: str, value: torch.Tensor, checkpoint: Any) -> None:
