@@ -41,6 +41,7 @@ from neuroal.config import ConfigError, PruneConfig
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
+from neuroal.engine.onload import resolved_onload
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
@@ -287,6 +288,8 @@ class RankStage:
         return {"rank": self.info.rank, "blocks": list(bounds), "device": spec.device}
 
     def release(self, _common: Any, _own: Any) -> None:
+        if self.worker is not None:
+            self.worker.close()
         self.worker = None
 
     def info(self, _common: Any, _own: Any) -> dict[str, Any] | None:
@@ -527,11 +530,14 @@ class DistExecutor:
         micro_batch: Sequences per forward call (identical on every rank).
         offload_activations: Keep streams in host memory between blocks.
         trust_remote_code: Passed to transformers.
+        onload: Where each rank keeps its blocks between uses (:mod:`neuroal.engine.onload`).
+        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
     def __init__(self, stage: RankStage, source: ModelSource, num_blocks: int, dtype: str,
                  micro_batch: int, offload_activations: bool = False,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, *, onload: str = "device",
+                 prefetch: bool = True) -> None:
         self.stage = stage
         self.world = stage.info.world
         self.slices = split_blocks(num_blocks, self.world)
@@ -539,7 +545,8 @@ class DistExecutor:
         self._closed = False
         self.meter = BusyMeter(lambda: [i["busy_seconds"] for i in self.worker_info()])
         template = WorkerSpec(source, 0, 0, num_blocks, stage.info.device, dtype, micro_batch,
-                              offload_activations, trust_remote_code)
+                              offload_activations, trust_remote_code, onload=onload,
+                              prefetch=prefetch)
         for entry in self._call("start", template, self.slices):
             log.info("rank %d owns blocks [%d, %d) on %s", entry["rank"], *entry["blocks"],
                      entry["device"])
@@ -559,7 +566,8 @@ class DistExecutor:
                 "neuroal.engine.dist.coordinator(cfg) and call serve(cfg) on the other ranks")
         eng = cfg.engine
         return cls(_ACTIVE, source, num_blocks, dtype, eng.micro_batch, eng.offload_activations,
-                   cfg.model.trust_remote_code)
+                   cfg.model.trust_remote_code, onload=resolved_onload(eng.onload),
+                   prefetch=eng.prefetch)
 
     def _call(self, name: str, common: Any = None, per_rank: Sequence[Any] | None = None) -> list[Any]:
         if self._closed:

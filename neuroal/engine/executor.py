@@ -156,15 +156,20 @@ class LocalExecutor:
         micro_batch: Sequences per forward call (identical on every worker).
         offload_activations: Keep streams in host memory.
         trust_remote_code: Passed to transformers.
+        onload: Where blocks live between uses: ``device``, ``host`` or ``disk`` (sequential
+            onloading, :mod:`neuroal.engine.onload`).
+        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
-                 offload_activations: bool = False, trust_remote_code: bool = False) -> None:
+                 offload_activations: bool = False, trust_remote_code: bool = False, *,
+                 onload: str = "device", prefetch: bool = True) -> None:
         slices = split_blocks(num_blocks, workers)
         devs = list(devices) * workers if len(devices) == 1 else list(devices)
         self.specs = [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
-                                 offload_activations, trust_remote_code, rank=r)
+                                 offload_activations, trust_remote_code, rank=r, onload=onload,
+                                 prefetch=prefetch)
                       for r, (a, b) in enumerate(slices)]
         self.workers = [Worker(s) for s in progress(self.specs, "loading slices")]
         self._num_blocks = num_blocks
@@ -304,4 +309,6 @@ class LocalExecutor:
         return self.meter.report()
 
     def shutdown(self) -> None:
+        for w in self.workers:
+            w.close()
         self.workers.clear()

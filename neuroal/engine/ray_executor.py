@@ -255,6 +255,9 @@ class RayExecutor:
         max_restarts: Restarts allowed per actor after it died; then the run stops.
         state_dir: The run's resume state, named in the error when restarts run out (also
             taken from ``PruneJob.state_dir``).
+        onload: Where each actor keeps its blocks between uses (``device``, ``host``,
+            ``disk``; :mod:`neuroal.engine.onload`).
+        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
@@ -263,12 +266,14 @@ class RayExecutor:
                  placement: str = "PACK", cpus_per_worker: float = 1.0,
                  address: str | None = None, inflight: int = 0, deterministic: bool = True,
                  transport: ObjectStoreTransport | None = None, max_restarts: int = 3,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, onload: str = "device",
+                 prefetch: bool = True) -> None:
         kind = device_kind(devices)
         slices = split_blocks(num_blocks, workers)
         device = "cuda:0" if kind == "cuda" else "cpu"
         self.specs = [WorkerSpec(source, a, b, num_blocks, device, dtype, micro_batch,
-                                 offload_activations, trust_remote_code, rank=r)
+                                 offload_activations, trust_remote_code, rank=r, onload=onload,
+                                 prefetch=prefetch)
                       for r, (a, b) in enumerate(slices)]
         self._num_blocks = num_blocks
         self._owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]

@@ -13,7 +13,8 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from neuroal.capture import StatsCollector
 from neuroal.checkpoint import load_block_state, save_block_state
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
+from neuroal.engine.onload import ONLOAD_MODES, BlockStore
 from neuroal.logging import get_logger
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.loading import (
@@ -64,6 +66,8 @@ class WorkerSpec:
     offload_activations: bool = False
     trust_remote_code: bool = False
     rank: int = 0
+    onload: str = "device"  # where blocks live between uses: device, host or disk (onload.py)
+    prefetch: bool = True  # fetch the next block while one is in use (onload host / disk)
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,56 @@ class Worker:
         needed = [self.adapter.checkpoint_key(n)
                   for n, _ in self.adapter.named_owned_parameters(modules)]
         self.checkpoint = open_checkpoint(spec.source, config, needed, self.adapter.model)
-        self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype, self.device)
+        self.store: BlockStore | None = None
+        if spec.onload == "device":
+            self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype,
+                                      self.device)
+        else:
+            self.loaded = self._load_onloaded(modules)
         self._calls: dict[int, BlockCall] = {}
         self.busy_seconds = 0.0
+
+    def _load_onloaded(self, modules: list[str]) -> list[str]:
+        """Sequential onloading: the non-block modules on the device, the blocks at home
+        (host memory, or left in the checkpoint for ``disk``) in a :class:`BlockStore`."""
+        if self.spec.onload not in ONLOAD_MODES:
+            raise ValueError(f"engine.onload={self.spec.onload!r}: expected one of "
+                             f"{', '.join(ONLOAD_MODES)}")
+        block_modules = [self.adapter.block_prefix(i)[:-1] for i in self.blocks]
+        others = [m for m in modules if m not in set(block_modules)]
+        loaded = materialise(self.adapter, others, self.checkpoint, self.dtype, self.device)
+        if self.spec.onload == "host":
+            loaded += materialise(self.adapter, block_modules, self.checkpoint, self.dtype,
+                                  torch.device("cpu"))
+        else:
+            loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
+        self.store = BlockStore({i: self.adapter.blocks[i] for i in self.blocks}, self.device,
+                                self.spec.onload, self._read_block, self.spec.prefetch)
+        return loaded
+
+    def _read_block(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s parameters from the checkpoint, in the run dtype, on the CPU."""
+        prefix = self.adapter.block_prefix(index)
+        keys = {n: self.adapter.checkpoint_key(prefix + n)
+                for n, _ in self.adapter.blocks[index].named_parameters()}
+        tensors = self.checkpoint.load(sorted(set(keys.values())), self.dtype, "cpu")
+        return {n: tensors[k] for n, k in keys.items()}
+
+    @contextmanager
+    def resident(self, index: int, write: bool = False) -> Iterator[torch.nn.Module]:
+        """Block ``index`` on the worker's device for the body (re-entrant). With sequential
+        onloading the block is fetched (and the next one prefetched); ``write``: the body
+        modifies its weights, which go back home afterwards."""
+        if self.store is None:
+            yield self.adapter.blocks[index]
+        else:
+            with self.store.resident(index, write) as block:
+                yield block
+
+    def close(self) -> None:
+        """Release onloading resources (prefetch thread, spill files)."""
+        if self.store is not None:
+            self.store.close()
 
     # ------------------------------------------------------------------ streams
 
@@ -215,16 +266,16 @@ class Worker:
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """Run every micro-batch of ``stream`` through block ``index``; new ``(N, T, h)``
         (written into ``out`` when given)."""
-        block = self.adapter.blocks[index]
         out = torch.empty_like(stream) if out is None else out
-        for sl in self._batches(stream.shape[0]):
-            x = stream[sl].to(self.device)
-            if collector is not None:
-                collector.begin_batch(x.shape[0])
-            y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
-            out[sl] = y.to(out.device)
-            if collector is not None:
-                collector.end_batch()
+        with self.resident(index) as block:
+            for sl in self._batches(stream.shape[0]):
+                x = stream[sl].to(self.device)
+                if collector is not None:
+                    collector.begin_batch(x.shape[0])
+                y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1]))
+                out[sl] = y.to(out.device)
+                if collector is not None:
+                    collector.end_batch()
         return out
 
     @torch.no_grad()
@@ -247,7 +298,13 @@ class Worker:
 
         With ``job.reconstruct`` the dense forward also keeps the block's outputs, the targets
         of the PERP reconstruction that runs after the masks (recovery.md §3.6); the forward of
-        the reconstructed block then produces the next inputs (sparse propagation)."""
+        the reconstructed block then produces the next inputs (sparse propagation). With
+        sequential onloading the block stays on the device for all of it, then goes home."""
+        with self.resident(index, write=True):
+            return self._prune_resident(index, stream, entries, job)
+
+    def _prune_resident(self, index: int, stream: torch.Tensor, entries: Mapping[str, Any],
+                        job: PruneJob) -> tuple[torch.Tensor, BlockReport]:
         t0 = time.perf_counter()
         if job.state_dir is not None and (saved := load_block_state(job.state_dir, index)):
             return self._replay(index, stream, *saved)
@@ -282,14 +339,20 @@ class Worker:
                 report: Mapping[str, Any]) -> tuple[torch.Tensor, BlockReport]:
         """Resume (engine.md §8): load a finished block's pruned weights and run it on the
         stream; the same micro-batches through the same weights give bit-identical outputs."""
-        block = self.adapter.blocks[index]
-        linears = self.adapter.prunable_linears(block)
-        for name, weight in weights.items():
-            target = linears[name].weight if name in linears else block.get_parameter(name)
-            target.data.copy_(weight.to(target.device))
+        self.load_block_state(index, weights)
         stream = self._forward_block(index, stream)
         log.info("block %d/%d  resumed from the saved state", index + 1, self.spec.num_blocks)
         return stream, BlockReport.from_dict(report)
+
+    def load_block_state(self, index: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write a saved block state (:meth:`_block_state`'s names: linears by linear name,
+        after ``perp-reconstruct`` also norms and biases by parameter name) into block
+        ``index``. Resume replays and restarted Ray actors both restore through here."""
+        with self.resident(index, write=True) as block:
+            linears = self.adapter.prunable_linears(block)
+            for name, weight in weights.items():
+                target = linears[name].weight if name in linears else block.get_parameter(name)
+                target.data.copy_(weight.to(target.device))
 
     def collect_stats(self, index: int, stream: torch.Tensor, job: PruneJob,
                       outputs: torch.Tensor | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -418,26 +481,27 @@ class Worker:
         out: dict[int, BlockAlignment] = {}
         t0 = time.perf_counter()
         for index in self.blocks:
-            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
-            if reference is not None and index in reference:
-                dense_stats = reference[index]
-            else:
-                dense_stats = self.block_stats(index, stream, needs)
-            masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
-            sparse = StatsCollector(linears, frozenset({STAT_SQ_NORM}))
-            originals = {n: m.weight.data for n, m in linears.items()}
-            try:
-                for name, weight in masked.items():
-                    linears[name].weight.data = weight
-                with sparse.attached():
-                    stream = self._forward_block(index, stream, sparse)
-            finally:
-                for name, weight in originals.items():
-                    linears[name].weight.data = weight
-            a_d = {n: st.sq_norm.sqrt() for n, st in dense_stats.items()}
-            a_s = {n: st.sq_norm.sqrt() for n, st in sparse.stats().items()}
-            out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
-                                        delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
+            with self.resident(index):
+                linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+                if reference is not None and index in reference:
+                    dense_stats = reference[index]
+                else:
+                    dense_stats = self.block_stats(index, stream, needs)
+                masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
+                sparse = StatsCollector(linears, frozenset({STAT_SQ_NORM}))
+                originals = {n: m.weight.data for n, m in linears.items()}
+                try:
+                    for name, weight in masked.items():
+                        linears[name].weight.data = weight
+                    with sparse.attached():
+                        stream = self._forward_block(index, stream, sparse)
+                finally:
+                    for name, weight in originals.items():
+                        linears[name].weight.data = weight
+                a_d = {n: st.sq_norm.sqrt() for n, st in dense_stats.items()}
+                a_s = {n: st.sq_norm.sqrt() for n, st in sparse.stats().items()}
+                out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
+                                            delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
         self.busy_seconds += time.perf_counter() - t0
         return stream, out
 
@@ -446,8 +510,7 @@ class Worker:
         """Dense statistics of block ``index``'s linears on ``stream`` (outputs discarded)."""
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         collector = StatsCollector(linears, needs)
-        block = self.adapter.blocks[index]
-        with collector.attached():
+        with self.resident(index) as block, collector.attached():
             for sl in self._batches(stream.shape[0]):
                 x = stream[sl].to(self.device)
                 collector.begin_batch(x.shape[0])
@@ -486,18 +549,23 @@ class Worker:
             t0 = time.perf_counter()
             linears = self.adapter.prunable_linears(self.adapter.blocks[index])
             collector = StatsCollector(linears, needs)
-            with collector.attached():
-                stream = self._forward_block(index, stream, collector)
-            values[index] = fn({n: m.weight.data for n, m in linears.items()}, collector.stats())
+            with self.resident(index):
+                with collector.attached():
+                    stream = self._forward_block(index, stream, collector)
+                values[index] = fn({n: m.weight.data for n, m in linears.items()},
+                                   collector.stats())
             self.busy_seconds += time.perf_counter() - t0
         return stream, values
 
     @torch.no_grad()
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> dict[int, dict[str, Any]]:
         """``fn(weight)`` for every prunable linear of every owned block (data-free metrics)."""
-        return {index: {n: fn(m.weight.data) for n, m in
-                        self.adapter.prunable_linears(self.adapter.blocks[index]).items()}
-                for index in self.blocks}
+        out = {}
+        for index in self.blocks:
+            with self.resident(index) as block:
+                out[index] = {n: fn(m.weight.data)
+                              for n, m in self.adapter.prunable_linears(block).items()}
+        return out
 
     # ------------------------------------------------------------------ head
 
@@ -535,15 +603,29 @@ class Worker:
         out = {}
         for index in self.blocks:
             prefix = self.adapter.block_prefix(index)
-            for name, lin in self.adapter.prunable_linears(self.adapter.blocks[index]).items():
-                out[prefix + name] = (lin.weight.data == 0).cpu()
+            weights = self._block_weights(index)
+            for name in self.adapter.prunable_linears(self.adapter.blocks[index]):
+                out[prefix + name] = (weights[f"{name}.weight"] == 0).cpu()
         return out
+
+    def _block_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s current parameters by local name, wherever they live (with
+        onloading: the host copies, or read from the spill file / checkpoint)."""
+        if self.store is not None:
+            return self.store.host_tensors(index)
+        return {n: p.data for n, p in self.adapter.blocks[index].named_parameters()}
 
     def state_items(self) -> dict[str, torch.Tensor]:
         """Owned tensors under their HF state-dict names (tied head left out)."""
         loaded = set(self.loaded)
-        return {n: p.data for n, p in self.adapter.model.named_parameters()
-                if n in loaded and not self.adapter.export_skip(n)}
+        out = {n: p.data for n, p in self.adapter.model.named_parameters()
+               if n in loaded and not self.adapter.export_skip(n)}
+        if self.store is not None:  # blocks at home: their host (or spilled) tensors
+            for index in self.blocks:
+                prefix = self.adapter.block_prefix(index)
+                out.update({prefix + n: t for n, t in self._block_weights(index).items()
+                            if prefix + n in out})
+        return out
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
         """Write owned tensors as ``worker<rank>-<j>.safetensors`` files of at most ``max_bytes``.
