@@ -4,6 +4,7 @@
     python launch/plan.py --model llama-2-70b --workers 8 --gpu-memory 80GB
     python launch/plan.py --model qwen2.5-72b --workers 4 --gpu-memory 80GB --criterion sparsegpt
     python launch/plan.py --model ./my-model --workers 2 --gpu-memory 24GB --json plan.json
+    python launch/plan.py --model llama-2-70b --workers 1 --gpu-memory 80GB   # onloading: fits
 
 ``--model`` takes a known alias (config shipped with neuroal, works offline), a local HF
 directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planner.
@@ -34,6 +35,11 @@ def main() -> int:
     p.add_argument("--search-samples", type=int, default=8, help="NeuroAL search windows")
     p.add_argument("--reference-stream", default="local", choices=["local", "global"])
     p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--onload", default="auto", choices=["auto", "device", "host", "disk"],
+                   help="where blocks live between uses (auto: the first mode that fits)")
+    p.add_argument("--no-prefetch", action="store_true", help="onloading without read-ahead")
+    p.add_argument("--host-memory", default=None,
+                   help="host memory of the node, e.g. 512GB (checked under onloading)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (last worker)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout)")
     args = p.parse_args()
@@ -42,9 +48,10 @@ def main() -> int:
         micro_batch=args.micro_batch, criterion=args.criterion, allocation=args.allocation,
         search_samples=args.search_samples, reference_stream=args.reference_stream,
         offload_activations=args.offload_activations, device_type=args.device_type,
-        eval_seqlen=args.eval_seqlen)
+        eval_seqlen=args.eval_seqlen, onload=args.onload, prefetch=not args.no_prefetch)
     try:
-        summary = summarize(args.model, request, parse_bytes(args.gpu_memory))
+        host = parse_bytes(args.host_memory) if args.host_memory else None
+        summary = summarize(args.model, request, parse_bytes(args.gpu_memory), host)
     except (ValueError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

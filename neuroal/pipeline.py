@@ -102,6 +102,7 @@ class Prepared:
     calib: Any
     evals: dict[str, Any]
     output: OutputDir | None
+    onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -151,12 +152,15 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
 
 
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
-                 dtype: torch.dtype) -> None:
-    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7).
+                 dtype: torch.dtype) -> str:
+    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7);
+    returns the onload mode to run with (``engine.onload: auto``: the planner's choice).
 
     Checked when ``engine.memory_limit`` is set (bytes per worker) or the device is CUDA: its
-    free memory, shared equally by the workers the local executor places on it.
+    free memory, shared equally by the workers the local executor places on it; under
+    onloading on CUDA the node's available host memory bounds the blocks kept there.
     """
+    from neuroal.engine.onload import resolved_onload
     from neuroal.planner import ModelLayout, check_fits, parse_bytes
 
     if cfg.engine.memory_limit is not None:
@@ -166,12 +170,26 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
             len(cfg.engine.devices) <= 1 else 1
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
-        return
+        return resolved_onload(cfg.engine.onload)
     plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
                       device_type=device.type,
-                      layout=ModelLayout.from_adapter(adapter, cfg.model.name))
-    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB", plan.peak / 1e9,
-             plan.peak_worker.rank, budget / 1e9)
+                      layout=ModelLayout.from_adapter(adapter, cfg.model.name),
+                      host_limit=host_available() if device.type == "cuda" else None)
+    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s%s",
+             plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
+             f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
+    return plan.request.onload
+
+
+def host_available() -> int | None:
+    """``MemAvailable`` of this node in bytes (Linux), else None (not checked)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool,
@@ -204,7 +222,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         adapter = ModelAdapter(build_skeleton(config, dtype))
         shape = adapter.shape()
         check_shape(cfg, shape)
-        check_memory(cfg, config, adapter, device, dtype)
+        onload = check_memory(cfg, config, adapter, device, dtype)
     with timings("data"):
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
         calib = None
@@ -214,7 +232,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
                                          cfg.eval.max_windows, cfg.calib.data_dir)
                  for spec in cfg.eval.datasets}
-    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output)
+    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload)
 
 
 # --------------------------------------------------------------------------- run
@@ -238,6 +256,8 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
     """The executor named by ``engine.executor`` (registry :data:`neuroal.engine.EXECUTORS`)."""
     devices = list(cfg.engine.devices) or [str(prep.device)]
     dtype_name = str(prep.dtype).removeprefix("torch.")
+    if prep.onload != cfg.engine.onload:  # the planner's choice for engine.onload=auto
+        cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
     return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
                                               num_blocks=prep.shape.num_blocks,
                                               devices=devices, dtype=dtype_name)

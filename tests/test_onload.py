@@ -47,7 +47,7 @@ def run_phases(ex, criterion: str, reconstruct: bool, tmp: Path) -> dict:
         res = ex.evaluate_candidates(ids, candidates, CandidateJob(criterion), reference)
         out[f"na_{reference}"] = [[b.na for b in c] for c in res]
         out[f"delta_{reference}"] = [[b.delta for b in c] for c in res]
-    out["weight_norms"] = ex.weight_metrics(_frobenius)
+    out["weight_norms"] = ex.weight_metrics(torch.linalg.matrix_norm)  # picklable by name
     out["nll_dense"] = ex.window_nll(ids)
     job = PruneJob(criterion, reconstruct=RECONSTRUCT if reconstruct else None)
     reports = ex.run_final_prune(SparsityPlan(0.5, "unstructured", blocks), job, ids)
@@ -63,10 +63,6 @@ def run_phases(ex, criterion: str, reconstruct: bool, tmp: Path) -> dict:
     for f in files:
         out["shards"].update(load_file(tmp / f["file"]))
     return out
-
-
-def _frobenius(weight: torch.Tensor) -> float:
-    return float(weight.double().norm())
 
 
 def assert_identical(got: dict, want: dict) -> None:
@@ -271,3 +267,84 @@ def test_dist_onload_is_bit_identical(llama4: Path, tmp_path: Path) -> None:
             if p.is_alive():
                 p.kill()
     assert (tmp_path / "ok").exists()
+
+
+# --------------------------------------------------------------------------- planner
+
+
+def test_planner_onload_terms_and_choice() -> None:
+    """Onloading moves all but two blocks' weights off the device into ``host_weights``
+    (``disk``: two blocks of host staging), and ``auto`` picks the first mode that fits:
+    Llama-2-70B now fits 1 x 80 GB and 2 x 24 GB (wanda), with the host memory reported."""
+    from dataclasses import replace
+
+    from neuroal.planner import GB, MemoryRequest, choose_onload, layout_of, plan_memory
+
+    layout = layout_of("llama-2-70b")
+    block = layout.block_params[0] * 2
+    req = MemoryRequest(workers=2)
+    dev, host, disk = (plan_memory(layout, replace(req, onload=m)) for m in
+                       ("device", "host", "disk"))
+    for d, h, k in zip(dev.workers, host.workers, disk.workers, strict=True):
+        owned = (d.stop - d.start) * block
+        assert h.weights == d.weights - owned + 2 * block and h.host_weights == owned
+        assert k.weights == h.weights and k.host_weights == 2 * block
+        assert h.total - h.weights == d.total - d.weights  # the rest is unchanged
+    no_prefetch = plan_memory(layout, replace(req, onload="host", prefetch=False))
+    assert no_prefetch.workers[0].weights == host.workers[0].weights - block
+    one = choose_onload(layout, replace(req, workers=1, onload="auto"), 80 * GB)
+    assert one.request.onload == "host" and one.fits(80 * GB)
+    assert one.host_total == 80 * block
+    two = choose_onload(layout, replace(req, onload="auto"), 24 * GB)
+    assert two.request.onload == "host" and two.fits(24 * GB)
+    # with too little host memory for every block, disk is chosen
+    assert choose_onload(layout, replace(req, onload="auto"), 24 * GB,
+                         host_limit=64 * GB).request.onload == "disk"
+    eight = choose_onload(layout, replace(req, workers=8, onload="auto"), 80 * GB)
+    assert eight.request.onload == "device"
+
+
+def test_plan_cli_answers_fits_with_host_memory() -> None:
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    for args in (["--workers", "1", "--gpu-memory", "80GB"],
+                 ["--workers", "2", "--gpu-memory", "24GB"]):
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "plan.py"), "--model",
+                               "llama-2-70b", *args], capture_output=True, text=True, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert "verdict: fits" in proc.stdout and "engine.onload=host" in proc.stdout
+        assert "136.90 GB for all" in proc.stdout
+
+
+def test_pipeline_auto_onload_follows_the_planner(llama4: Path) -> None:
+    """``engine.onload=auto`` with a CPU budget below the on-device peak but above the
+    ``disk`` peak runs with ``disk``; a large budget keeps ``device``."""
+    from neuroal.models.adapter import ModelAdapter
+    from neuroal.models.loading import build_skeleton
+    from neuroal.pipeline import check_memory
+    from neuroal.planner import ModelLayout, plan_memory, request_from_config
+
+    from conftest import tiny_config
+
+    config = tiny_config("llama", 8)  # 8 blocks on one worker: onloading keeps 2 on device
+    adapter = ModelAdapter(build_skeleton(config, torch.float32))
+    cfg = tiny_cfg(llama4, None)
+    request = request_from_config(cfg, "float32", "cpu")
+    layout = ModelLayout.from_adapter(adapter, "tiny")
+    from dataclasses import replace
+
+    device = plan_memory(layout, replace(request, onload="device")).peak
+    disk = plan_memory(layout, replace(request, onload="disk"))
+    disk_need = max(w.total + w.host for w in disk.workers)
+    assert disk_need < device
+    limit = (device + disk_need) // 2
+    small = tiny_cfg(llama4, None, engine={"memory_limit": limit})
+    assert check_memory(small, config, adapter, torch.device("cpu"), torch.float32) == "disk"
+    big = tiny_cfg(llama4, None, engine={"memory_limit": device * 2})
+    assert check_memory(big, config, adapter, torch.device("cpu"), torch.float32) == "device"
+    fixed = tiny_cfg(llama4, None, engine={"memory_limit": device * 2, "onload": "host"})
+    assert check_memory(fixed, config, adapter, torch.device("cpu"), torch.float32) == "host"
