@@ -323,12 +323,12 @@ def test_plan_cli_answers_fits_with_host_memory() -> None:
 def test_pipeline_auto_onload_follows_the_planner(llama4: Path) -> None:
     """``engine.onload=auto`` with a CPU budget below the on-device peak but above the
     ``disk`` peak runs with ``disk``; a large budget keeps ``device``."""
+    from conftest import tiny_config
+
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton
     from neuroal.pipeline import check_memory
     from neuroal.planner import ModelLayout, plan_memory, request_from_config
-
-    from conftest import tiny_config
 
     config = tiny_config("llama", 8)  # 8 blocks on one worker: onloading keeps 2 on device
     adapter = ModelAdapter(build_skeleton(config, torch.float32))
@@ -348,3 +348,39 @@ def test_pipeline_auto_onload_follows_the_planner(llama4: Path) -> None:
     assert check_memory(big, config, adapter, torch.device("cpu"), torch.float32) == "device"
     fixed = tiny_cfg(llama4, None, engine={"memory_limit": device * 2, "onload": "host"})
     assert check_memory(fixed, config, adapter, torch.device("cpu"), torch.float32) == "host"
+
+
+# --------------------------------------------------------------------------- CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_onload_is_bit_identical(tmp_path: Path, dtype: str) -> None:
+    """On a GPU: ``host`` (pinned host copies, prefetch on a side stream) and ``disk`` give
+    the on-device results bit for bit; blocks not in use stay in pinned host memory."""
+    from conftest import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("llama", 4)).save_pretrained(tmp_path / "m")
+    source = resolve_model(str(tmp_path / "m"))
+
+    def local(onload: str) -> LocalExecutor:
+        return LocalExecutor(source, 4, 2, ["cuda"], dtype, 2, onload=onload)
+
+    ref = local("device")
+    _SHAPE[:] = [dict(b) for b in ref.workers[0].adapter.shape().blocks]
+    want = run_phases(ref, "sparsegpt", True, tmp_path / "ref")
+    ref.shutdown()
+    for onload in ("host", "disk"):
+        ex = local(onload)
+        if onload == "host":
+            w = ex.workers[0]
+            block = w.adapter.blocks[1]
+            assert all(p.device.type == "cpu" and p.is_pinned() for p in block.parameters())
+        got = run_phases(ex, "sparsegpt", True, tmp_path / onload)
+        assert all(w.store.stats()["max_resident"] <= 2 for w in ex.workers)
+        assert all(w.store.stats()["prefetch_hits"] > 0 for w in ex.workers)
+        ex.shutdown()
+        assert_identical(got, want)

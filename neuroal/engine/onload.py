@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -75,14 +74,14 @@ class BlockStore:
         blocks: ``index -> block module`` of the owned blocks, in order.
         device: The worker's compute device.
         mode: ``host`` or ``disk`` (``device`` needs no store).
-        read: ``index -> {local parameter name: CPU tensor}`` from the checkpoint (disk mode);
-            the tensors are already in the run dtype.
+        read: ``index -> {local parameter name: CPU tensor}`` from the checkpoint, in the run
+            dtype; ``host`` reads every block once at construction, one block at a time (host
+            peak: the slice plus one block), ``disk`` reads a block whenever it is needed.
         prefetch: Fetch the next block while the current one is in use.
     """
 
     def __init__(self, blocks: Mapping[int, nn.Module], device: torch.device, mode: str,
-                 read: Callable[[int], dict[str, torch.Tensor]] | None = None,
-                 prefetch: bool = True) -> None:
+                 read: Callable[[int], dict[str, torch.Tensor]], prefetch: bool = True) -> None:
         if mode not in ("host", "disk"):
             raise ValueError(f"engine.onload={mode!r}: a BlockStore serves host or disk")
         self.blocks = dict(blocks)
@@ -103,7 +102,6 @@ class BlockStore:
         self.prefetch_hits = 0
         self.max_resident = 0  # most blocks on the device at once, staged ones included
         self.wait_seconds = 0.0  # time spent waiting for a fetch (benchmarks: overlap)
-        self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="neuroal-prefetch") \
             if self.prefetch else None
         self._side = torch.cuda.Stream(device) if self.cuda and self.prefetch else None
@@ -112,7 +110,8 @@ class BlockStore:
                 if buf.device.type != "meta":
                     block.get_buffer(buffer_name).data = buf.to(device)
             if mode == "host":
-                self.host[index] = {n: self._home(p.data) for n, p in block.named_parameters()}
+                assert read is not None
+                self.host[index] = {n: self._home(t) for n, t in read(index).items()}
                 for name, tensor in self.host[index].items():
                     _put(block, name, tensor)
             else:
@@ -144,7 +143,6 @@ class BlockStore:
             return self.host[index]
         if index in self.spilled:
             return load_file(str(self._spill_path(index)))
-        assert self.read is not None
         return self.read(index)
 
     # ------------------------------------------------------------------ fetch

@@ -194,11 +194,7 @@ class Worker:
         block_modules = [self.adapter.block_prefix(i)[:-1] for i in self.blocks]
         others = [m for m in modules if m not in set(block_modules)]
         loaded = materialise(self.adapter, others, self.checkpoint, self.dtype, self.device)
-        if self.spec.onload == "host":
-            loaded += materialise(self.adapter, block_modules, self.checkpoint, self.dtype,
-                                  torch.device("cpu"))
-        else:
-            loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
+        loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
         self.store = BlockStore({i: self.adapter.blocks[i] for i in self.blocks}, self.device,
                                 self.spec.onload, self._read_block, self.spec.prefetch)
         return loaded
