@@ -36,8 +36,8 @@ Sequential onloading (``onload``: ``host`` or ``disk``, :mod:`neuroal.engine.onl
 only the weights: the device holds the non-block modules plus the block in use and the one
 fetched ahead (``2 x`` the largest owned block; 1 without prefetch), and the host holds the
 blocks (``host``: every owned block, pinned on CUDA; ``disk``: the block being read ahead and
-the block being spilled, ``2 x`` the largest) in ``host_weights``, reported beside the device
-total. ``onload: auto`` picks the first mode of ``device``, ``host``, ``disk`` whose every
+the block being spilled, ``2 x`` the largest; none on a CPU, where the block read is the
+compute copy) in ``host_weights``, reported beside the device total. ``onload: auto`` picks the first mode of ``device``, ``host``, ``disk`` whose every
 worker fits the device (and, when a host limit is given, the host).
 
 A worker's peak is the larger of its final-prune phase and (for search policies) its search
@@ -478,6 +478,8 @@ def _weights(layout: ModelLayout, request: MemoryRequest, start: int,
     device = full - sum(owned) * b + resident
     if request.onload == "host":
         return device, sum(owned) * b
+    if request.device_type == "cpu":  # a block read from disk is the "device" copy itself
+        return device, 0
     return device, min(2, len(owned)) * max(owned) * b  # disk: read ahead + spill
 
 
@@ -532,9 +534,11 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
 
     if request.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    if request.onload == "auto":  # no budget to choose by: the workers keep their blocks
+        request = replace(request, onload="device")
     if request.onload not in ONLOAD_MODES:
-        raise ValueError(f"onload {request.onload!r}: expected one of {', '.join(ONLOAD_MODES)} "
-                         "(resolve auto with choose_onload)")
+        raise ValueError(f"onload {request.onload!r}: expected one of auto, "
+                         f"{', '.join(ONLOAD_MODES)}")
     layout = layout_of(model)
     slices = split_blocks(layout.num_blocks, request.workers)
     workers = tuple(max(worker_phases(layout, request, r, a, b).values(), key=lambda w: w.total)

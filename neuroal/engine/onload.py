@@ -151,13 +151,15 @@ class BlockStore:
         """Device copies of block ``index``'s weights; fetched ``ahead`` on CUDA: on the side
         stream, with the event of the copy (None when the copy was synchronous)."""
         source = self.host_tensors(index)
+        copy = self.mode == "host"  # host tensors stay home; tensors read from disk are fresh
         if ahead and self._side is not None:
             with torch.cuda.stream(self._side):
-                out = {n: t.to(self.device, non_blocking=True, copy=True) for n, t in source.items()}
+                out = {n: t.to(self.device, non_blocking=True, copy=copy)
+                       for n, t in source.items()}
                 event = torch.cuda.Event()
                 event.record(self._side)
             return out, event
-        return {n: t.to(self.device, copy=True) for n, t in source.items()}, None
+        return {n: t.to(self.device, copy=copy) for n, t in source.items()}, None
 
     def _take(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s device tensors: the staged fetch if still current, else a fresh one."""
