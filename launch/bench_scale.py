@@ -23,10 +23,11 @@ minus that constant. Run in fp32 because this CPU has no bf16 matrix units (bf16
 slower); 4 blocks at fp32 are 15.8 GB, so two worker processes of ~8 GB each fit in 24 GiB of
 RAM one after the other, while the one-process CLI run needs ~20 GB (``--cli`` with
 ``--blocks 2`` measures that path). Each worker also records the shard files it opened, which must
-be exactly those holding its tensors. With ``--onload host|disk`` each worker keeps its blocks off the
-"device" (issue 14); on a CPU device and host share the RAM, so the process peak is compared
-with the planner's device total plus its host figure, and the device-equivalent peak (process
-peak minus the host copies the worker holds) with the device total alone. Results: a table on stdout, JSON in outputs/bench/scale.json.
+be exactly those holding its tensors. With ``--onload host|disk`` each worker keeps its blocks
+off the "device" (issue 14); on a CPU device and host share the RAM, so the process peak is
+compared with the planner's device total plus its host figure, and the device-equivalent peak
+(process peak minus the host copies the worker holds) with the device total alone. Results: a
+table on stdout, JSON in outputs/bench/scale.json.
 """
 
 from __future__ import annotations

@@ -37,8 +37,9 @@ only the weights: the device holds the non-block modules plus the block in use a
 fetched ahead (``2 x`` the largest owned block; 1 without prefetch), and the host holds the
 blocks (``host``: every owned block, pinned on CUDA; ``disk``: the block being read ahead and
 the block being spilled, ``2 x`` the largest; none on a CPU, where the block read is the
-compute copy) in ``host_weights``, reported beside the device total. ``onload: auto`` picks the first mode of ``device``, ``host``, ``disk`` whose every
-worker fits the device (and, when a host limit is given, the host).
+compute copy) in ``host_weights``, reported beside the device total. ``onload: auto`` picks
+the first mode of ``device``, ``host``, ``disk`` whose every worker fits the device (and, when
+a host limit is given, the host).
 
 A worker's peak is the larger of its final-prune phase and (for search policies) its search
 phase; each row reports the components of that phase, which add up to the total. The transient

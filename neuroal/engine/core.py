@@ -1,5 +1,7 @@
 """What every executor shares (issue 14): worker specs, result merges, the block log line,
-worker facts, perplexity chunks and the candidate-independent dense reference.
+perplexity chunks and the statistics of the search's dense reference. Per-worker operations
+shared by the executors (the dense reference, forwards over owned blocks, block restore, worker
+facts) are :class:`~neuroal.engine.worker.Worker` methods.
 
 Executors only move data and calls between processes (in-process, Ray actors, torch.distributed
 ranks); the computations are :class:`~neuroal.engine.worker.Worker` methods and the small pure
@@ -9,13 +11,13 @@ helpers here, so the three cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM
-from neuroal.engine.worker import BlockReport, WorkerSpec, peak_memory_bytes
+from neuroal.engine.worker import BlockReport, WorkerSpec
 from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource
 
@@ -52,17 +54,6 @@ def log_block(report: BlockReport, num_blocks: int) -> None:
     """The one summary line per pruned block (style.md rule 9)."""
     log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", report.index + 1, num_blocks,
              report.target, report.achieved, report.seconds)
-
-
-def worker_facts(worker: Any, peak: int | None = None) -> dict[str, Any]:
-    """Rank, owned blocks, device, busy seconds and the peak memory of the worker's process
-    (``peak``: a figure measured elsewhere, e.g. the driver's for in-process workers)."""
-    facts = {"rank": worker.spec.rank, "blocks": [worker.spec.start, worker.spec.stop],
-             "device": worker.spec.device, "busy_seconds": worker.busy_seconds,
-             "peak_memory_bytes": peak_memory_bytes() if peak is None else peak}
-    if getattr(worker, "store", None) is not None:
-        facts["onload"] = worker.store.stats()
-    return facts
 
 
 def chunks(windows: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:

@@ -155,6 +155,11 @@ class BlockReport:
                    dict(data.get("info") or {}))
 
 
+def stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
+    """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
+    return stats
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -277,8 +282,15 @@ class Worker:
     @torch.no_grad()
     def forward(self, stream: torch.Tensor) -> torch.Tensor:
         """Plain forward of the stream through every owned block (evaluation)."""
+        return self.forward_blocks(stream, list(self.blocks))
+
+    @torch.no_grad()
+    def forward_blocks(self, stream: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Forward ``stream`` through owned blocks ``indices`` as they are now (dense, or
+        already pruned: the same micro-batches through the same weights as the final prune, so
+        the output is bit-identical to the stream it handed on)."""
         t0 = time.perf_counter()
-        for index in self.blocks:
+        for index in indices:
             stream = self._forward_block(index, stream)
         self.busy_seconds += time.perf_counter() - t0
         return stream
@@ -349,6 +361,22 @@ class Worker:
             for name, weight in weights.items():
                 target = linears[name].weight if name in linears else block.get_parameter(name)
                 target.data.copy_(weight.to(target.device))
+
+    def restore_blocks(self, state_dir: str) -> list[int]:
+        """Load the saved state of every owned block (no stream needed): a restarted worker
+        gets its part of the pruned model back, norms and biases included after
+        ``perp-reconstruct`` (the same :meth:`load_block_state` as a resume replay).
+
+        Raises:
+            RuntimeError: A block of the slice has no saved state.
+        """
+        for index in self.blocks:
+            saved = load_block_state(state_dir, index)
+            if saved is None:
+                raise RuntimeError(f"worker {self.spec.rank}: no saved state of block {index} in "
+                                   f"{state_dir}")
+            self.load_block_state(index, saved[0])
+        return list(self.blocks)
 
     def collect_stats(self, index: int, stream: torch.Tensor, job: PruneJob,
                       outputs: torch.Tensor | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -502,6 +530,17 @@ class Worker:
         return stream, out
 
     @torch.no_grad()
+    def dense_reference(self, stream: torch.Tensor, needs: frozenset[str],
+                        reference_stream: str) -> tuple[torch.Tensor, dict[int, Any]]:
+        """Candidate-independent dense statistics of the owned blocks (neuroal.md §B4, §B5):
+        ``local``: block 0's, on the first worker only (its inputs are the same for every
+        candidate; the stream is returned unchanged); ``global``: every owned block's from
+        one dense pass, whose outputs are returned for the next worker."""
+        if reference_stream == "local":
+            return stream, ({0: self.block_stats(0, stream, needs)} if self.first else {})
+        return self.dense_block_metrics(stream, stats_only, needs)
+
+    @torch.no_grad()
     def block_stats(self, index: int, stream: torch.Tensor, needs: frozenset[str]) -> dict[str, Any]:
         """Dense statistics of block ``index``'s linears on ``stream`` (outputs discarded)."""
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
@@ -593,6 +632,17 @@ class Worker:
         return self.adapter.logits(stream[:, -1:].to(self.device)).float()[:, -1].cpu()
 
     # ------------------------------------------------------------------ inspection and export
+
+    def info(self, peak: int | None = None) -> dict[str, Any]:
+        """Rank, owned blocks, device, busy seconds, the peak memory of this process (``peak``:
+        one measured elsewhere, e.g. the driver's for in-process workers) and, with
+        onloading, the block store's counters."""
+        facts: dict[str, Any] = {"rank": self.spec.rank, "blocks": [self.spec.start, self.spec.stop],
+                                 "device": self.spec.device, "busy_seconds": self.busy_seconds,
+                                 "peak_memory_bytes": peak_memory_bytes() if peak is None else peak}
+        if self.store is not None:
+            facts["onload"] = self.store.stats()
+        return facts
 
     def masks(self) -> dict[str, torch.Tensor]:
         """``full linear name -> (rows, cols) bool`` where the weight is exactly zero."""
