@@ -7,6 +7,7 @@
     python launch/bench.py screen --nsamples 32 --eval-windows 16   # NeuroAL options, cheap protocol
     python launch/bench.py workers --nsamples 32 --eval-windows 16  # 1-3 workers, local and Ray
     python launch/bench.py recovery --nsamples 32 --eval-windows 16 # DSnoT, R2-DSnoT, PERP variants
+    python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -330,10 +331,25 @@ def masks(opts: argparse.Namespace) -> dict:
     return {"rows": rows, "threads": torch.get_num_threads()}
 
 
+def onload(opts: argparse.Namespace) -> dict:
+    """Sequential onloading vs on-device, ms per block (``launch/bench_onload.py``): on a CPU
+    at a reduced width (``--tiny``, or 70B width with ``--seqlen``/``--nsamples`` small), on a
+    GPU at Llama-2-70B width in bf16 with and without the prefetch of the next block."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import bench_onload
+
+    args = ["--device", opts.device, "--blocks", str(opts.blocks), "--repeat", str(opts.repeat)]
+    if opts.device == "cpu":
+        args += ["--tiny", "--nsamples", "4", "--seqlen", "128", "--micro-batch", "2"]
+    result = bench_onload.run(bench_onload.finish(bench_onload.parser().parse_args(args)))
+    print(bench_onload.table(result))
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
-                                          "recovery"], nargs="?",
+                                          "recovery", "onload"], nargs="?",
                    default="foundation")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
@@ -341,12 +357,14 @@ def main() -> int:
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--only", help="comma list of criteria (allocation: label substrings) to run")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--device", default="cpu", help="onload suite: cpu or cuda")
+    p.add_argument("--blocks", type=int, default=4, help="onload suite: blocks of the checkpoint")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
-              "recovery": recovery}[opts.suite](opts)
+              "recovery": recovery, "onload": onload}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

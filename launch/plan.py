@@ -6,6 +6,7 @@
     python launch/plan.py --model ./my-model --workers 2 --gpu-memory 24GB --json plan.json
     python launch/plan.py --model llama-2-70b --recover perp-reconstruct,perp-masklora \
         --recover-opt perp-masklora.gradient_checkpointing=true
+    python launch/plan.py --model llama-2-70b --workers 1 --gpu-memory 80GB   # onloading: fits
 
 ``--model`` takes a known alias (config shipped with neuroal, works offline), a local HF
 directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planner.
@@ -98,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--search-samples", type=int, default=8, help="NeuroAL search windows")
     p.add_argument("--reference-stream", default="local", choices=["local", "global"])
     p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--onload", default="auto", choices=["auto", "device", "host", "disk"],
+                   help="where blocks live between uses (auto: the first mode that fits)")
+    p.add_argument("--no-prefetch", action="store_true", help="onloading without read-ahead")
+    p.add_argument("--host-memory", default=None,
+                   help="host memory of the node, e.g. 512GB (checked under onloading)")
     p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (last worker)")
     p.add_argument("--recover", default="", metavar="STEPS",
                    help="recovery steps, comma-separated as recover.steps (e.g. "
@@ -117,13 +123,15 @@ def main(argv: list[str] | None = None) -> int:
         micro_batch=args.micro_batch, criterion=args.criterion, allocation=args.allocation,
         search_samples=args.search_samples, reference_stream=args.reference_stream,
         offload_activations=args.offload_activations, device_type=args.device_type,
-        eval_seqlen=args.eval_seqlen, recover=steps, recover_options=options)
+        eval_seqlen=args.eval_seqlen, recover=steps, recover_options=options,
+        onload=args.onload, prefetch=not args.no_prefetch)
     try:
         if args.json and args.json != "-":  # never over the model's own files
             from neuroal.safety import check_file_output
 
             check_file_output(args.json, [args.model] if Path(args.model).exists() else [])
-        summary = summarize(args.model, request, parse_bytes(args.gpu_memory))
+        host = parse_bytes(args.host_memory) if args.host_memory else None
+        summary = summarize(args.model, request, parse_bytes(args.gpu_memory), host)
     except (ValueError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -116,6 +116,8 @@ class EngineConfig:
     ray_cpus: float = 1.0  # CPUs reserved per Ray actor
     max_restarts: int = 3  # restarts per Ray actor after it died (killed, OOM); then the run stops
     memory_limit: int | str | None = None  # bytes per worker ("24GB", "80GiB"); None = device's
+    onload: str = "auto"  # device | host | disk: where blocks live between uses; auto = planner
+    prefetch: bool = True  # onloading: fetch the next block while one is in use
 
 
 @dataclass(frozen=True)
@@ -592,6 +594,14 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if eng.ray_address is not None and not isinstance(eng.ray_address, str):
         errors.append(f"engine.ray_address={eng.ray_address!r}: expected 'auto', "
                       "'ray://host:port' or 'host:port'")
+    from neuroal.engine.onload import ONLOAD_CHOICES
+
+    if eng.onload not in ONLOAD_CHOICES:
+        errors.append(f"engine.onload={eng.onload!r}: expected one of {', '.join(ONLOAD_CHOICES)} "
+                      "(device: weights stay on the device; host / disk: one block at a time is "
+                      "brought to the device; auto: chosen by the memory planner)")
+    if not isinstance(eng.prefetch, bool):
+        errors.append(f"engine.prefetch={eng.prefetch!r}: expected true or false")
     if eng.memory_limit is not None:
         try:
             parse_size(eng.memory_limit, "engine.memory_limit")

@@ -107,6 +107,7 @@ class Prepared:
     calib: Any
     evals: dict[str, Any]
     output: OutputDir | None
+    onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -178,12 +179,15 @@ def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
 
 
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
-                 dtype: torch.dtype) -> None:
-    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7).
+                 dtype: torch.dtype) -> str:
+    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7);
+    returns the onload mode to run with (``engine.onload: auto``: the planner's choice).
 
     Checked when ``engine.memory_limit`` is set (bytes per worker) or the device is CUDA: its
-    free memory, shared equally by the workers the local executor places on it.
+    free memory, shared equally by the workers the local executor places on it; under
+    onloading on CUDA the node's available host memory bounds the blocks kept there.
     """
+    from neuroal.engine.onload import resolved_onload
     from neuroal.planner import ModelLayout, check_fits, parse_bytes
 
     shared = cfg.engine.workers if cfg.engine.executor == "local" and \
@@ -193,14 +197,28 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     elif device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
-        return
+        return resolved_onload(cfg.engine.onload)
     # whole-model PERP runs alone after the workers are released: the shared device is its own
     plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
                       device_type=device.type,
                       layout=ModelLayout.from_adapter(adapter, cfg.model.name),
-                      retrain_limit=budget * shared)
-    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB", plan.peak / 1e9,
-             plan.peak_worker.rank, budget / 1e9)
+                      retrain_limit=budget * shared,
+                      host_limit=host_available() if device.type == "cuda" else None)
+    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s%s",
+             plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
+             f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
+    return plan.request.onload
+
+
+def host_available() -> int | None:
+    """``MemAvailable`` of this node in bytes (Linux), else None (not checked)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 def load_tokenizer(source: ModelSource, trust_remote_code: bool,
@@ -239,7 +257,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         check_shape(cfg, shape)
         check_positions(cfg, config)
         check_experts(cfg, adapter)
-        check_memory(cfg, config, adapter, device, dtype)
+        onload = check_memory(cfg, config, adapter, device, dtype)
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)
     try:
@@ -256,7 +274,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         if output is not None:
             output.release()
         raise
-    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output)
+    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload)
 
 
 def _local(path: str | None) -> list[str]:
@@ -288,6 +306,8 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
     """The executor named by ``engine.executor`` (registry :data:`neuroal.engine.EXECUTORS`)."""
     devices = list(cfg.engine.devices) or [str(prep.device)]
     dtype_name = str(prep.dtype).removeprefix("torch.")
+    if prep.onload != cfg.engine.onload:  # the planner's choice for engine.onload=auto
+        cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
     return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
                                               num_blocks=prep.shape.num_blocks,
                                               devices=devices, dtype=dtype_name)

@@ -39,6 +39,15 @@ allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
   prune in one process holding the whole model: :func:`retrain_memory`, reported as the plan's
   ``retrain`` row.
 
+Sequential onloading (``onload``: ``host`` or ``disk``, :mod:`neuroal.engine.onload`) changes
+only the weights: the device holds the non-block modules plus the block in use and the one
+fetched ahead (``2 x`` the largest owned block; 1 without prefetch), and the host holds the
+blocks (``host``: every owned block, pinned on CUDA; ``disk``: the block being read ahead and
+the block being spilled, ``2 x`` the largest; none on a CPU, where the block read is the
+compute copy) in ``host_weights``, reported beside the device total. ``onload: auto`` picks
+the first mode of ``device``, ``host``, ``disk`` whose every worker fits the device (and, when
+a host limit is given, the host).
+
 A worker's peak is the larger of its final-prune phase and (for search policies) its search
 phase; each row reports the components of that phase, which add up to the total. The transient
 coefficients were measured on CPU (peak RSS around one call, ``launch/bench_scale.py`` checks
@@ -54,6 +63,8 @@ from functools import cache
 from typing import Any
 
 from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
+
+ONLOAD_MODES = ("device", "host", "disk")  # as neuroal.engine.onload (kept import-free here)
 
 GB = 10**9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -255,6 +266,8 @@ class MemoryRequest:
     eval_seqlen: int | None = None
     recover: tuple[str, ...] = ()
     recover_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    onload: str = "device"  # device | host | disk | auto (resolved by choose_onload)
+    prefetch: bool = True
 
     def describe(self) -> str:
         """One line naming every setting, for messages."""
@@ -262,7 +275,8 @@ class MemoryRequest:
                 f"calibration tokens, micro-batch {self.micro_batch}, criterion "
                 f"{self.criterion}, allocation {self.allocation}"
                 + (", activations offloaded" if self.offload_activations else "")
-                + (f", recovery {' -> '.join(self.recover)}" if self.recover else ""))
+                + (f", recovery {' -> '.join(self.recover)}" if self.recover else "")
+                + (f", onload {self.onload}" if self.onload != "device" else ""))
 
 
 COMPONENTS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead")
@@ -272,7 +286,8 @@ COMPONENTS = ("weights", "activations", "statistics", "transients", "masked_bloc
 class WorkerMemory:
     """Predicted bytes of one worker at its peak phase (``prune`` or ``search``).
 
-    ``host_activations`` are streams kept in host memory (offloaded), not in ``total``.
+    ``host_activations`` are streams kept in host memory (offloaded) and ``host_weights`` the
+    blocks kept there by sequential onloading; neither is in ``total`` (the device's bytes).
     """
 
     rank: int
@@ -286,10 +301,16 @@ class WorkerMemory:
     masked_block: int
     overhead: int
     host_activations: int = 0
+    host_weights: int = 0
 
     @property
     def total(self) -> int:
         return sum(getattr(self, name) for name in COMPONENTS)
+
+    @property
+    def host(self) -> int:
+        """Host bytes beyond the runtime: onloaded blocks and offloaded streams."""
+        return self.host_weights + self.host_activations
 
     def describe(self) -> str:
         """``worker 0 (blocks 0-39): weights 69.5 GB, ...``."""
@@ -319,6 +340,16 @@ class MemoryPlan:
         return self.peak_worker.total
 
     @property
+    def host_peak(self) -> int:
+        """The largest per-worker host figure (onloaded blocks + offloaded streams)."""
+        return max(w.host for w in self.workers)
+
+    @property
+    def host_total(self) -> int:
+        """Host bytes of every worker together (all workers on one node)."""
+        return sum(w.host for w in self.workers)
+
+    @property
     def one_process(self) -> int:
         """Bytes when every worker lives in one process (the local executor on one device):
         all weights, the largest working set of any worker (they run one after another; the
@@ -345,9 +376,10 @@ class MemoryPlan:
         return {
             "model": self.model, "params": self.params, "num_blocks": self.num_blocks,
             "request": {f.name: getattr(self.request, f.name) for f in fields(self.request)},
-            "peak_bytes": self.peak,
-            "workers": [{**{f.name: getattr(w, f.name) for f in fields(w)}, "total": w.total}
-                        for w in self.workers],
+            "peak_bytes": self.peak, "host_peak_bytes": self.host_peak,
+            "host_total_bytes": self.host_total,
+            "workers": [{**{f.name: getattr(w, f.name) for f in fields(w)}, "total": w.total,
+                         "host": w.host} for w in self.workers],
             "retrain": None if self.retrain is None else {
                 **{f.name: getattr(self.retrain, f.name) for f in fields(self.retrain)},
                 "total": self.retrain.total},
@@ -364,6 +396,10 @@ class MemoryPlan:
             head.append("host act.")
             for row, w in zip(rows, shown, strict=True):
                 row.append(f"{w.host_activations / GB:.2f}")
+        if any(w.host_weights for w in self.workers):
+            head.append("host weights")
+            for row, w in zip(rows, self.workers, strict=True):
+                row.append(f"{w.host_weights / GB:.2f}")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=True))
                          for r in [head, *rows])
@@ -448,6 +484,24 @@ def _streams(request: MemoryRequest, layout: ModelLayout, sequences: int,
     return 2 * stream_bytes(batch, request.seqlen, layout.hidden, b), full
 
 
+def _weights(layout: ModelLayout, request: MemoryRequest, start: int,
+             stop: int) -> tuple[int, int]:
+    """(device, host) weight bytes of a worker owning ``[start, stop)`` under ``onload``."""
+    b = DTYPE_BYTES[request.dtype]
+    first, last = start == 0, stop == layout.num_blocks
+    full = layout.weight_params(start, stop, first, last) * b
+    if request.onload == "device":
+        return full, 0
+    owned = layout.block_params[start:stop]
+    resident = min(2 if request.prefetch else 1, len(owned)) * max(owned) * b
+    device = full - sum(owned) * b + resident
+    if request.onload == "host":
+        return device, sum(owned) * b
+    if request.device_type == "cpu":  # a block read from disk is the "device" copy itself
+        return device, 0
+    return device, min(2, len(owned)) * max(owned) * b  # disk: read ahead + spill
+
+
 def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start: int,
                   stop: int) -> dict[str, WorkerMemory]:
     """Every phase of one worker owning blocks ``[start, stop)``: ``prune`` (the final prune,
@@ -456,14 +510,14 @@ def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start:
     b = DTYPE_BYTES[request.dtype]
     first, last = start == 0, stop == layout.num_blocks
     blocks = range(start, stop)
-    weights = layout.weight_params(start, stop, first, last) * b
+    weights, host_weights = _weights(layout, request, start, stop)
     overhead = OVERHEAD_BYTES.get(request.device_type, OVERHEAD_BYTES["cuda"])
     transients = _transients(layout, request, blocks, last, needs, policy_needs)
     prune_needs = needs | ({STAT_SQ_NORM} if policy_needs in ("stats", "search") else frozenset())
     device, host = _streams(request, layout, request.nsamples, 2)
     prune = WorkerMemory(rank, start, stop, "prune", weights, device,
                          max(stat_bytes(layout.linears[i], prune_needs) for i in blocks),
-                         transients, 0, overhead, host)
+                         transients, 0, overhead, host, host_weights)
     if policy_needs != "search":
         return {"prune": prune}
     dense = needs | {STAT_SQ_NORM}
@@ -478,7 +532,7 @@ def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start:
     masked = max(sum(r * c for r, c in layout.linears[i].values())
                  + (layout.fused_params[i] if layout.fused_params else 0) for i in blocks) * b
     search = WorkerMemory(rank, start, stop, "search", weights, device, statistics, transients,
-                          masked, overhead, host)
+                          masked, overhead, host, host_weights)
     return {"prune": prune, "search": search}
 
 
@@ -598,6 +652,11 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
 
     if request.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+    if request.onload == "auto":  # no budget to choose by: the workers keep their blocks
+        request = replace(request, onload="device")
+    if request.onload not in ONLOAD_MODES:
+        raise ValueError(f"onload {request.onload!r}: expected one of auto, "
+                         f"{', '.join(ONLOAD_MODES)}")
     layout = layout_of(model)
     slices = split_blocks(layout.num_blocks, request.workers)
     workers = tuple(max({**worker_phases(layout, request, r, a, b),
@@ -608,11 +667,39 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
                       retrain_memory(layout, request))
 
 
-def min_workers(model: str | ModelLayout | Any, request: MemoryRequest, limit: int) -> int | None:
+def choose_onload(model: str | ModelLayout | Any, request: MemoryRequest,
+                  limit: int | Sequence[int], host_limit: int | None = None) -> MemoryPlan:
+    """The plan of ``request.onload``, or under ``auto`` of the first of ``device``, ``host``,
+    ``disk`` whose every worker fits ``limit`` on the device and, when given, whose workers
+    together fit ``host_limit`` on the host. When none fits: the ``disk`` plan (the smallest
+    device peak), so the refusal names the best that could be done."""
+    layout = layout_of(model)
+    if request.onload != "auto":
+        return plan_memory(layout, request)
+    plan = None
+    for mode in ONLOAD_MODES:
+        plan = plan_memory(layout, replace(request, onload=mode))
+        if _fits(plan, limit, host_limit):
+            return plan
+    assert plan is not None
+    return plan
+
+
+def _fits(plan: MemoryPlan, limit: int | Sequence[int], host_limit: int | None) -> bool:
+    """Device and host fit; on a CPU "device" the host copies share the same memory."""
+    if plan.request.device_type == "cpu":
+        limits = _per_worker(limit, len(plan.workers))
+        return all(w.total + w.host <= cap for w, cap in zip(plan.workers, limits, strict=True))
+    return plan.fits(limit) and (host_limit is None or plan.host_total <= host_limit)
+
+
+def min_workers(model: str | ModelLayout | Any, request: MemoryRequest, limit: int,
+                host_limit: int | None = None) -> int | None:
     """The smallest worker count whose every worker fits in ``limit`` bytes (``None``: none)."""
     layout = layout_of(model)
     for workers in range(1, layout.num_blocks + 1):
-        if plan_memory(layout, replace(request, workers=workers)).fits(limit):
+        plan = choose_onload(layout, replace(request, workers=workers), limit, host_limit)
+        if _fits(plan, limit, host_limit):
             return workers
     return None
 
@@ -635,7 +722,7 @@ def largest_fit(request: MemoryRequest, limit: int,
         layout = layout_of(alias)
         if layout.num_blocks < request.workers:
             continue
-        plan = plan_memory(layout, request)
+        plan = choose_onload(layout, request, limit)
         if plan.fits(limit) and (best is None or plan.params > best.params):
             best = plan
     return best
@@ -662,12 +749,15 @@ def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest
         eval_seqlen=(cfg.eval.seqlen or cfg.calib.seqlen) if evaluates else None,
         recover=tuple(RECOVERY_STEPS.canonical(s) for s in cfg.recover.steps),
         recover_options={(RECOVERY_STEPS.canonical(k) if k in RECOVERY_STEPS else k): dict(v)
-                         for k, v in cfg.recover.options.items()})
+                         for k, v in cfg.recover.options.items()},
+        onload=str(getattr(cfg.engine, "onload", "device")),
+        prefetch=bool(getattr(cfg.engine, "prefetch", True)))
 
 
 def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[int], *,
                dtype: str | None = None, device_type: str = "cuda",
-               layout: ModelLayout | None = None, retrain_limit: int | None = None) -> MemoryPlan:
+               layout: ModelLayout | None = None, retrain_limit: int | None = None,
+               host_limit: int | None = None) -> MemoryPlan:
     """Refuse a run whose predicted per-worker peak exceeds the memory of its device.
 
     Args:
@@ -679,9 +769,12 @@ def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[
         layout: A layout already built from ``model_config`` (saves a second skeleton).
         retrain_limit: Bytes for whole-model PERP, which runs in one process after the workers
             are released (default: the first worker's limit).
+        host_limit: Host bytes all workers of this node may use (onloaded blocks, offloaded
+            streams); None: not checked.
 
     Returns:
-        The plan, when every worker fits.
+        The plan, when every worker fits; under ``engine.onload: auto`` its request carries
+        the chosen mode.
 
     Raises:
         MemoryBudgetError: Naming the request, the worst worker's predicted peak and its
@@ -690,8 +783,15 @@ def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[
     run_dtype = dtype or (cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16")
     request = request_from_config(cfg, run_dtype, device_type)
     layout = layout or ModelLayout.from_config(model_config, cfg.model.name)
-    plan = plan_memory(layout, request)
+    plan = choose_onload(layout, request, device_memory_bytes, host_limit)
     over = plan.over(device_memory_bytes, retrain_limit)
+    if not over and host_limit is not None and plan.host_total > host_limit:
+        raise MemoryBudgetError(
+            f"model {cfg.model.name!r} fits the device with engine.onload="
+            f"{plan.request.onload} but needs {plan.host_total / GB:.1f} GB of host memory for "
+            f"the onloaded blocks and offloaded streams; {host_limit / GB:.1f} GB are available. "
+            "Use engine.onload=disk (blocks read from the checkpoint), more nodes, or "
+            "engine.offload_activations=false. Nothing was loaded.")
     if not over:
         return plan
     limit = min(_per_worker(device_memory_bytes, len(plan.workers)))
@@ -735,23 +835,29 @@ def _other_fixes(request: MemoryRequest) -> str:
         fixes.append("use model.dtype=bfloat16")
     if not request.offload_activations and request.device_type != "cpu":
         fixes.append("set engine.offload_activations=true")
+    if request.onload in ("device", "auto"):
+        fixes.append("set engine.onload=host or disk (weights off the device)")
     return ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
 
 
 # --------------------------------------------------------------------------- report
 
 
-def summarize(model: str | ModelLayout | Any, request: MemoryRequest,
-              limit: int) -> dict[str, Any]:
-    """The plan, the verdict, the largest known model that fits and the fewest workers."""
+def summarize(model: str | ModelLayout | Any, request: MemoryRequest, limit: int,
+              host_limit: int | None = None) -> dict[str, Any]:
+    """The plan (``onload: auto``: of the chosen mode), the verdict, the host memory the run
+    needs, the largest known model that fits and the fewest workers."""
     layout = layout_of(model)
-    plan = plan_memory(layout, request)
+    plan = choose_onload(layout, request, limit, host_limit)
     largest = largest_fit(request, limit)
+    fits = _fits(plan, limit, host_limit)
     return {
         "plan": plan.to_dict(),
         "limit_bytes": limit,
-        "fits": plan.fits(limit),
-        "min_workers": min_workers(layout, request, limit),
+        "host_limit_bytes": host_limit,
+        "onload": plan.request.onload,
+        "fits": fits,
+        "min_workers": min_workers(layout, request, limit, host_limit),
         "largest_fit": None if largest is None else {"model": largest.model,
                                                       "params": largest.params,
                                                       "peak_bytes": largest.peak},
@@ -769,7 +875,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
              "", summary["table"], ""]
     verdict = "fits" if summary["fits"] else "does NOT fit"
     lines.append(f"verdict: {verdict}: peak {peak / GB:.2f} GB per worker vs {limit / GB:.2f} GB "
-                 f"({(limit - peak) / GB:+.2f} GB to spare)")
+                 f"({(limit - peak) / GB:+.2f} GB to spare) with engine.onload={req['onload']}")
+    host_peak, host_total = plan.get("host_peak_bytes", 0), plan.get("host_total_bytes", 0)
+    if host_total:
+        host_limit = summary.get("host_limit_bytes")
+        lines.append(f"host memory needed: {host_peak / GB:.2f} GB per worker, "
+                     f"{host_total / GB:.2f} GB for all {req['workers']} worker(s) on one node "
+                     "(onloaded blocks and offloaded streams, beyond the runtime)"
+                     + (f"; host limit {host_limit / GB:.1f} GB" if host_limit else ""))
     if plan.get("retrain"):
         need = plan["retrain"]["total"]
         lines.append(f"whole-model PERP (one process, after the prune): {need / GB:.2f} GB vs "

@@ -101,10 +101,10 @@ def test_cli_refuses_before_loading(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(pipeline, "load_tokenizer", never)
     monkeypatch.setattr(pipeline, "build_executor", never)
     cfg = load_config(None, ["model.name=llama-2-70b", "model.dtype=bfloat16", "engine.workers=2",
-                             "engine.device=cpu", "eval.datasets=none"])
+                             "engine.device=cpu", "eval.datasets=none", "engine.onload=device"])
     fewest = min_workers("llama-2-70b", request_from_config(cfg, "bfloat16", "cpu"), 24 * GB)
     argv = ["--model", "llama-2-70b", "--workers", "2", "--device", "cpu", "--dtype", "bfloat16",
-            "--no-save", "--eval", "none", "engine.memory_limit=24GB"]
+            "--no-save", "--eval", "none", "engine.memory_limit=24GB", "engine.onload=device"]
     caplog.clear()
     with caplog.at_level(logging.ERROR, logger="neuroal"):
         logging.getLogger("neuroal").addHandler(caplog.handler)
@@ -119,7 +119,8 @@ def test_cli_refuses_before_loading(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_check_fits_names_the_fix() -> None:
-    cfg = load_config(None, ["model.name=llama-2-70b", "engine.workers=2", "calib.seqlen=2048"])
+    cfg = load_config(None, ["model.name=llama-2-70b", "engine.workers=2", "calib.seqlen=2048",
+                             "engine.onload=device"])
     config = known_config("llama-2-70b")
     with pytest.raises(MemoryBudgetError, match=r"smallest worker count that fits is \d+"):
         check_fits(cfg, config, 24 * GB, dtype="bfloat16")
@@ -134,7 +135,8 @@ def test_cuda_budget_is_the_free_memory_shared_by_its_workers(
     from neuroal.models.loading import build_skeleton
     from neuroal.pipeline import check_memory
 
-    cfg = load_config(None, ["model.name=llama-2-7b", "engine.workers=2", "model.dtype=bfloat16"])
+    cfg = load_config(None, ["model.name=llama-2-7b", "engine.workers=2", "model.dtype=bfloat16",
+                             "engine.onload=device"])
     config = known_config("llama-2-7b")
     adapter = ModelAdapter(build_skeleton(known_config("llama-2-7b"), torch.bfloat16))
     need = plan_memory("llama-2-7b", request_from_config(cfg, "bfloat16", "cuda")).peak

@@ -328,3 +328,29 @@ def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, sm
         [f"block_{b:04d}.safetensors" for b in range(3)]
     with pytest.raises(ConfigError, match="max_restarts"):
         tiny_cfg(llama4, None, engine={"max_restarts": -1})
+
+
+def test_restart_after_perp_reconstruct_restores_norms(ray_instance, llama4: Path,
+                                                       small_text: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """An actor killed after a final prune with ``perp-reconstruct`` (during the sparse
+    evaluation) is restored from the resume state, which after a reconstruction also holds
+    the refitted norms and biases: the restarted actor must load them too (through the same
+    ``Worker.load_block_state`` as a resume replay), and the run ends exactly as a local one."""
+    from neuroal.engine.ray_executor import RayExecutor
+
+    recover = {"steps": ["perp-reconstruct"],
+               "perp-reconstruct": {"steps": 4, "batch_size": 2, "lr": 1e-2, "rank": 4}}
+    local = _run(llama4, tmp_path / "local", small_text, "local", 1, recover=recover)
+    hook, fired = _killer({"perplexity": (0, 0)})
+    monkeypatch.setattr(RayExecutor, "fault_hook", hook)
+    result = _run(llama4, tmp_path / "ray", small_text, "ray", 2, recover=recover)
+    try:
+        assert "perplexity" in fired
+        assert [w["restarts"] for w in result.report["workers"]] == [1, 0]
+        assert result.report["eval"] == local.report["eval"]
+        got, want = _state(tmp_path / "ray"), _state(tmp_path / "local")
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[n], want[n]) for n in want)
+    finally:
+        result.executor.shutdown()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from neuroal.engine.onload import resolved_onload
 from neuroal.registry import Registry
 
 EXECUTORS: Registry[Any] = Registry("executor")
@@ -21,7 +22,8 @@ def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype:
 
     eng = cfg.engine
     return LocalExecutor(source, num_blocks, eng.workers, devices, dtype, eng.micro_batch,
-                         eng.offload_activations, cfg.model.trust_remote_code)
+                         eng.offload_activations, cfg.model.trust_remote_code,
+                         onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
 
 
 EXECUTORS.add("local", _local)
@@ -36,7 +38,8 @@ def _ray(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: s
                        eng.offload_activations, cfg.model.trust_remote_code,
                        placement=eng.ray_placement, cpus_per_worker=eng.ray_cpus,
                        address=eng.ray_address, inflight=eng.inflight,
-                       deterministic=eng.deterministic, max_restarts=eng.max_restarts)
+                       deterministic=eng.deterministic, max_restarts=eng.max_restarts,
+                       onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
 
 
 EXECUTORS.add("ray", _ray)

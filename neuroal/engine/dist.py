@@ -38,8 +38,10 @@ import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.config import ConfigError, PruneConfig
+from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
-from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
+from neuroal.engine.executor import BusyMeter, split_blocks
+from neuroal.engine.onload import resolved_onload
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
@@ -47,8 +49,6 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
-    candidate_needs,
-    peak_memory_bytes,
 )
 from neuroal.logging import configure, get_logger, progress
 from neuroal.models.loading import ModelSource
@@ -287,13 +287,12 @@ class RankStage:
         return {"rank": self.info.rank, "blocks": list(bounds), "device": spec.device}
 
     def release(self, _common: Any, _own: Any) -> None:
+        if self.worker is not None:
+            self.worker.close()
         self.worker = None
 
     def info(self, _common: Any, _own: Any) -> dict[str, Any] | None:
-        return self._try(lambda: {"rank": self.info.rank, "device": self.w.spec.device,
-                                  "blocks": [self.w.spec.start, self.w.spec.stop],
-                                  "busy_seconds": self.w.busy_seconds,
-                                  "peak_memory_bytes": peak_memory_bytes()})
+        return self._try(lambda: self.w.info())
 
     def prune(self, common: tuple[PruneJob, torch.Tensor],
               entries: Mapping[int, Mapping[str, Any]]) -> list[BlockReport]:
@@ -334,15 +333,16 @@ class RankStage:
                    reference_stream: str) -> dict[int, Any]:
         """Candidate-independent dense statistics of the owned blocks (neuroal.md §B4, §B5):
         block 0's on rank 0 (``local``), or every block's from one dense pass (``global``)."""
-        needs = candidate_needs(job)
+        needs = reference_needs(job.criterion, job.alignment_stat)
         reference: dict[int, Any] = {}
         if reference_stream == "local":
             if self.info.rank == 0:
-                reference.update(self._try(lambda: {0: self.w.block_stats(0, embedded, needs)}) or {})
+                part = self._try(lambda: self.w.dense_reference(embedded, needs, "local"))
+                reference.update(part[1] if part else {})
             return reference
 
         def dense(stream: torch.Tensor) -> torch.Tensor:
-            stream, part = self.w.dense_block_metrics(stream, _stats_only, needs)
+            stream, part = self.w.dense_reference(stream, needs, reference_stream)
             reference.update(part)
             return stream
 
@@ -368,9 +368,7 @@ class RankStage:
     def window_nll(self, windows: torch.Tensor, _own: Any) -> torch.Tensor | None:
         """Per-window NLL, micro-batch by micro-batch as in the local executor (last rank)."""
         out = []
-        chunks = range(0, windows.shape[0], self.micro_batch)
-        for i in self._progress(chunks, "perplexity"):
-            chunk = windows[i : i + self.micro_batch]
+        for chunk in self._progress(chunks(windows, self.micro_batch), "perplexity"):
             stream = self._forward(chunk)
             if self.info.last and stream is not None:
                 out.append(self._try(lambda s=stream, c=chunk: self.w.window_nll(s, c)))
@@ -527,11 +525,14 @@ class DistExecutor:
         micro_batch: Sequences per forward call (identical on every rank).
         offload_activations: Keep streams in host memory between blocks.
         trust_remote_code: Passed to transformers.
+        onload: Where each rank keeps its blocks between uses (:mod:`neuroal.engine.onload`).
+        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
     def __init__(self, stage: RankStage, source: ModelSource, num_blocks: int, dtype: str,
                  micro_batch: int, offload_activations: bool = False,
-                 trust_remote_code: bool = False) -> None:
+                 trust_remote_code: bool = False, *, onload: str = "device",
+                 prefetch: bool = True) -> None:
         self.stage = stage
         self.world = stage.info.world
         self.slices = split_blocks(num_blocks, self.world)
@@ -539,7 +540,8 @@ class DistExecutor:
         self._closed = False
         self.meter = BusyMeter(lambda: [i["busy_seconds"] for i in self.worker_info()])
         template = WorkerSpec(source, 0, 0, num_blocks, stage.info.device, dtype, micro_batch,
-                              offload_activations, trust_remote_code)
+                              offload_activations, trust_remote_code, onload=onload,
+                              prefetch=prefetch)
         for entry in self._call("start", template, self.slices):
             log.info("rank %d owns blocks [%d, %d) on %s", entry["rank"], *entry["blocks"],
                      entry["device"])
@@ -559,7 +561,8 @@ class DistExecutor:
                 "neuroal.engine.dist.coordinator(cfg) and call serve(cfg) on the other ranks")
         eng = cfg.engine
         return cls(_ACTIVE, source, num_blocks, dtype, eng.micro_batch, eng.offload_activations,
-                   cfg.model.trust_remote_code)
+                   cfg.model.trust_remote_code, onload=resolved_onload(eng.onload),
+                   prefetch=eng.prefetch)
 
     def _call(self, name: str, common: Any = None, per_rank: Sequence[Any] | None = None) -> list[Any]:
         if self._closed:
@@ -592,8 +595,7 @@ class DistExecutor:
         with self.meter("prune"):
             parts = self._call("prune", (job, ids), entries)
         for report in (r for part in parts[1:] for r in part):  # rank 0 logged its own
-            log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", report.index + 1,
-                     self._num_blocks, report.target, report.achieved, report.seconds)
+            log_block(report, self._num_blocks)
         return [r for part in parts for r in part]
 
     def evaluate_candidates(self, ids: torch.Tensor,
@@ -611,8 +613,7 @@ class DistExecutor:
             parts = self._call("candidates", (ids, job, reference_stream), per_rank)
         results = []
         for c in range(len(candidates)):
-            merged = {b: v for part in parts for b, v in part[c].items()}
-            results.append([merged[b] for b in range(self._num_blocks)])
+            results.append(merge_blocks((part[c] for part in parts), self._num_blocks))
             if on_result is not None:
                 on_result(c, results[-1])
         return results
@@ -620,13 +621,11 @@ class DistExecutor:
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
         """``fn(weights, stats)`` per block over one dense pass (``fn`` must pickle)."""
-        merged = {b: v for part in self._call("dense_metrics", (ids, fn, needs)) for b, v in part.items()}
-        return [merged[b] for b in range(self._num_blocks)]
+        return merge_blocks(self._call("dense_metrics", (ids, fn, needs)), self._num_blocks)
 
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
         """``fn(weight)`` per linear on the owning rank (``fn`` must pickle)."""
-        merged = {b: v for part in self._call("weight_metrics", fn) for b, v in part.items()}
-        return [merged[b] for b in range(self._num_blocks)]
+        return merge_blocks(self._call("weight_metrics", fn), self._num_blocks)
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
         """Per-window mean NLL ``(k,)`` float64 (computed by the last rank)."""

@@ -17,15 +17,15 @@ from typing import Any, Protocol
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.engine.core import chunks, merge_blocks, reference_needs, worker_specs
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
     CandidateJob,
     PruneJob,
     Worker,
-    WorkerSpec,
-    candidate_needs,
     peak_memory_bytes,
+    stats_only,
 )
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
@@ -52,10 +52,7 @@ def split_blocks(num_blocks: int, workers: int) -> list[tuple[int, int]]:
     return bounds
 
 
-def _stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
-    """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
-    return stats
-
+_stats_only = stats_only  # old name, kept importable
 
 @dataclass
 class PhaseUse:
@@ -155,16 +152,18 @@ class LocalExecutor:
         micro_batch: Sequences per forward call (identical on every worker).
         offload_activations: Keep streams in host memory.
         trust_remote_code: Passed to transformers.
+        onload: Where blocks live between uses: ``device``, ``host`` or ``disk`` (sequential
+            onloading, :mod:`neuroal.engine.onload`).
+        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
-                 offload_activations: bool = False, trust_remote_code: bool = False) -> None:
-        slices = split_blocks(num_blocks, workers)
-        devs = list(devices) * workers if len(devices) == 1 else list(devices)
-        self.specs = [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
-                                 offload_activations, trust_remote_code, rank=r)
-                      for r, (a, b) in enumerate(slices)]
+                 offload_activations: bool = False, trust_remote_code: bool = False, *,
+                 onload: str = "device", prefetch: bool = True) -> None:
+        self.specs = worker_specs(source, split_blocks(num_blocks, workers), num_blocks, devices,
+                                  dtype, micro_batch, offload_activations, trust_remote_code,
+                                  onload=onload, prefetch=prefetch)
         self.workers = [Worker(s) for s in progress(self.specs, "loading slices")]
         self._num_blocks = num_blocks
         self.meter = BusyMeter(lambda: [w.busy_seconds for w in self.workers])
@@ -209,13 +208,12 @@ class LocalExecutor:
             embedded = self._embed(ids)
             reference = self.dense_reference(embedded, job, reference_stream)
             for ratios in progress(candidates, "candidates", total=len(candidates)):
-                stream = embedded
-                per_block: dict[int, BlockAlignment] = {}
+                stream, parts = embedded, []
                 for w in self.workers:
                     stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks},
                                                     job, reference)
-                    per_block.update(part)
-                results.append([per_block[b] for b in range(self._num_blocks)])
+                    parts.append(part)
+                results.append(merge_blocks(parts, self._num_blocks))
                 if on_result is not None:
                     on_result(len(results) - 1, results[-1])
         return results
@@ -223,31 +221,26 @@ class LocalExecutor:
     def dense_reference(self, embedded: torch.Tensor, job: CandidateJob,
                         reference_stream: str) -> dict[int, Any]:
         """Candidate-independent dense statistics, keyed by block (neuroal.md §B4, §B5)."""
-        needs = candidate_needs(job)
-        if reference_stream == "local":
-            return {0: self.workers[0].block_stats(0, embedded, needs)}
+        needs = reference_needs(job.criterion, job.alignment_stat)
+        workers = self.workers[:1] if reference_stream == "local" else self.workers
         stream, reference = embedded, {}
-        for w in self.workers:
-            stream, part = w.dense_block_metrics(stream, _stats_only, needs)
+        for w in workers:
+            stream, part = w.dense_reference(stream, needs, reference_stream)
             reference.update(part)
         return reference
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
         """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``."""
-        stream = self._embed(ids)
-        values: dict[int, Any] = {}
+        stream, parts = self._embed(ids), []
         for w in self.workers:
             stream, part = w.dense_block_metrics(stream, fn, needs)
-            values.update(part)
-        return [values[b] for b in range(self._num_blocks)]
+            parts.append(part)
+        return merge_blocks(parts, self._num_blocks)
 
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
         """``fn(weight)`` per linear, each computed by the worker owning the block."""
-        values: dict[int, dict[str, Any]] = {}
-        for w in self.workers:
-            values.update(w.weight_metrics(fn))
-        return [values[b] for b in range(self._num_blocks)]
+        return merge_blocks((w.weight_metrics(fn) for w in self.workers), self._num_blocks)
 
     def _through(self, ids: torch.Tensor) -> torch.Tensor:
         stream = self._embed(ids)
@@ -257,13 +250,10 @@ class LocalExecutor:
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
         """Per-window mean NLL ``(k,)`` float64, streamed micro-batch by micro-batch."""
-        mb = self.specs[0].micro_batch
-        out = []
-        chunks = range(0, windows.shape[0], mb)
+        parts = chunks(windows, self.specs[0].micro_batch)
         with self.meter("eval"):
-            for i in progress(chunks, "perplexity", total=len(chunks)):
-                chunk = windows[i : i + mb]
-                out.append(self.workers[-1].window_nll(self._through(chunk), chunk))
+            out = [self.workers[-1].window_nll(self._through(chunk), chunk)
+                   for chunk in progress(parts, "perplexity", total=len(parts))]
         return torch.cat(out)
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
@@ -294,13 +284,13 @@ class LocalExecutor:
         """One entry per worker: rank, owned blocks ``[a, b)``, device, busy seconds and the
         peak memory of its process (here the driver's, shared by all local workers)."""
         peak = peak_memory_bytes()
-        return [{"rank": w.spec.rank, "blocks": [w.spec.start, w.spec.stop],
-                 "device": w.spec.device, "busy_seconds": w.busy_seconds,
-                 "peak_memory_bytes": peak} for w in self.workers]
+        return [w.info(peak) for w in self.workers]
 
     def utilisation(self) -> dict[str, dict[str, Any]]:
         """Per phase (``search``, ``prune``, ``eval``): wall, busy per worker, utilisation."""
         return self.meter.report()
 
     def shutdown(self) -> None:
+        for w in self.workers:
+            w.close()
         self.workers.clear()

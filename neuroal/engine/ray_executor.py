@@ -24,7 +24,6 @@ missing shard, a bad path) is deterministic and stops the run at once, without r
 from __future__ import annotations
 
 import os
-import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -34,9 +33,10 @@ from typing import Any, TypeVar
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.checkpoint import block_state_path, check_replayed, load_block_state
+from neuroal.checkpoint import block_state_path
+from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs, worker_specs
 from neuroal.engine.determinism import apply_determinism, determinism_env
-from neuroal.engine.executor import BusyMeter, _stats_only, split_blocks
+from neuroal.engine.executor import BusyMeter, split_blocks
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
@@ -44,8 +44,6 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     WorkerSpec,
-    candidate_needs,
-    peak_memory_bytes,
 )
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
@@ -152,56 +150,17 @@ def _ping(worker: Worker) -> int:
     return worker.spec.rank
 
 
-@torch.no_grad()
-def _forward_blocks(worker: Worker, stream: torch.Tensor, indices: list[int]) -> torch.Tensor:
-    """Forward ``stream`` through owned blocks ``indices`` as they are now (already pruned):
-    the same micro-batches through the same weights as :meth:`Worker.prune_one` produced, so
-    the output is bit-identical to the stream the final prune handed on."""
-    t0 = time.perf_counter()
-    for index in indices:
-        stream = worker._forward_block(index, stream)
-    worker.busy_seconds += time.perf_counter() - t0
-    return stream
-
-
-def _restore_pruned(worker: Worker, state_dir: str) -> list[int]:
-    """Load the saved pruned weights of every owned block (no stream needed): a restarted actor
-    gets its part of the pruned model back after the final prune.
-
-    Raises:
-        RuntimeError: A block of the slice has no saved state.
-    """
-    for index in worker.blocks:
-        saved = load_block_state(state_dir, index)
-        if saved is None:
-            raise RuntimeError(f"worker {worker.spec.rank}: no saved state of block {index} in "
-                               f"{state_dir}")
-        linears = worker.adapter.prunable_linears(worker.adapter.blocks[index])
-        check_replayed(block_state_path(state_dir, index), *saved,
-                       {n: m.weight.shape[1] for n, m in linears.items()})
-        for name, weight in saved[0].items():
-            linears[name].weight.data.copy_(weight.to(linears[name].weight.device))
-    return list(worker.blocks)
-
-
 def _info(worker: Worker) -> dict[str, Any]:
+    """The worker's facts plus where Ray placed it."""
     import ray
 
     ctx = ray.get_runtime_context()
-    return {"rank": worker.spec.rank, "blocks": [worker.spec.start, worker.spec.stop],
-            "device": worker.spec.device, "busy_seconds": worker.busy_seconds,
-            "peak_memory_bytes": peak_memory_bytes(), "node": ctx.get_node_id(),
+    return {**worker.info(), "node": ctx.get_node_id(),
             "gpu_ids": ctx.get_accelerator_ids().get("GPU", [])}
 
 
 def _prefixes(worker: Worker, num_blocks: int) -> list[str]:
     return [worker.adapter.block_prefix(i) for i in range(num_blocks)]
-
-
-def _block0_reference(worker: Worker, embedded: torch.Tensor,
-                      needs: frozenset[str]) -> dict[int, Any]:
-    """Block 0's dense statistics, shared by every candidate (neuroal.md §B5)."""
-    return {0: worker.block_stats(0, embedded, needs)}
 
 
 # --------------------------------------------------------------------------- transport
@@ -250,6 +209,9 @@ class RayExecutor:
         max_restarts: Restarts allowed per actor after it died; then the run stops.
         state_dir: The run's resume state, named in the error when restarts run out (also
             taken from ``PruneJob.state_dir``).
+        onload: Where each actor keeps its blocks between uses (``device``, ``host``,
+            ``disk``; :mod:`neuroal.engine.onload`).
+        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
@@ -258,13 +220,14 @@ class RayExecutor:
                  placement: str = "PACK", cpus_per_worker: float = 1.0,
                  address: str | None = None, inflight: int = 0, deterministic: bool = True,
                  transport: ObjectStoreTransport | None = None, max_restarts: int = 3,
-                 state_dir: str | None = None) -> None:
+                 state_dir: str | None = None, onload: str = "device",
+                 prefetch: bool = True) -> None:
         kind = device_kind(devices)
         slices = split_blocks(num_blocks, workers)
         device = "cuda:0" if kind == "cuda" else "cpu"
-        self.specs = [WorkerSpec(source, a, b, num_blocks, device, dtype, micro_batch,
-                                 offload_activations, trust_remote_code, rank=r)
-                      for r, (a, b) in enumerate(slices)]
+        self.specs = worker_specs(source, slices, num_blocks, [device], dtype, micro_batch,
+                                  offload_activations, trust_remote_code, onload=onload,
+                                  prefetch=prefetch)
         self._num_blocks = num_blocks
         self._owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
         self.max_restarts = max_restarts
@@ -484,8 +447,8 @@ class RayExecutor:
         blocks = [b for k in ranks for b in self._owned(k)]
         if job.state_dir is not None and all(block_state_path(job.state_dir, b).exists()
                                              for b in blocks):
-            self._get([self.workers[k].__ray_call__.remote(_restore_pruned, job.state_dir)
-                       for k in ranks], "restoring pruned blocks from the saved state")
+            self._get([self.workers[k].restore_blocks.remote(job.state_dir) for k in ranks],
+                      "restoring pruned blocks from the saved state")
             log.warning("restored pruned blocks %s of restarted worker(s) %s from %s", blocks,
                         ranks, job.state_dir)
             return
@@ -570,14 +533,13 @@ class RayExecutor:
                 while run[-1] + 1 < stop and run[-1] + 1 not in redo and \
                         self._owner[run[-1] + 1] == k:
                     run.append(run[-1] + 1)
-                stream = self.workers[k].__ray_call__.remote(_forward_blocks, arg, run)
+                stream = self.workers[k].forward_blocks.remote(arg, run)
                 b = run[-1] + 1
             src = k
         del stream
         for b in progress(sorted(refs), "pruning blocks", total=len(refs)):
-            r = reports[b] = self._get(refs[b], f"pruning block {b}")
-            log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", b + 1,
-                     self._num_blocks, r.target, r.achieved, r.seconds)
+            reports[b] = self._get(refs[b], f"pruning block {b}")
+            log_block(reports[b], self._num_blocks)
 
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
@@ -608,10 +570,9 @@ class RayExecutor:
                 return parts
 
             def gather(c: int, parts: list[Any]) -> None:
-                per_block: dict[int, BlockAlignment] = {}
-                for part in self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"):
-                    per_block.update(part)
-                results[c] = [per_block[b] for b in range(self._num_blocks)]
+                results[c] = merge_blocks(
+                    self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"),
+                    self._num_blocks)
                 if on_result is not None:
                     on_result(c, results[c])
 
@@ -630,16 +591,14 @@ class RayExecutor:
     def _dense_reference(self, embedded: Any, job: CandidateJob,
                          reference_stream: str) -> list[Any]:
         """Per actor, a ref to its candidate-independent dense statistics (or None)."""
-        needs = candidate_needs(job)
-        if reference_stream == "local":
-            first = self.workers[0].__ray_call__.remote(_block0_reference, embedded, needs)
-            return [first] + [None] * (len(self.workers) - 1)
+        needs = reference_needs(job.criterion, job.alignment_stat)
+        workers = self.workers[:1] if reference_stream == "local" else self.workers
         stream, parts = embedded, []
-        for k, actor in enumerate(self.workers):
-            stream, part = actor.dense_block_metrics.options(num_returns=2).remote(
-                self.transport.handoff(stream, max(k - 1, 0), k), _stats_only, needs)
+        for k, actor in enumerate(workers):
+            stream, part = actor.dense_reference.options(num_returns=2).remote(
+                self.transport.handoff(stream, max(k - 1, 0), k), needs, reference_stream)
             parts.append(part)
-        return parts
+        return parts + [None] * (len(self.workers) - len(parts))
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
@@ -652,28 +611,21 @@ class RayExecutor:
                 parts.append(part)
             return self._get(parts, "the dense statistics pass")
 
-        values: dict[int, Any] = {}
-        for part in self._retrying(attempt):
-            values.update(part)
-        return [values[b] for b in range(self._num_blocks)]
+        return merge_blocks(self._retrying(attempt), self._num_blocks)
 
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
         """``fn(weight)`` per linear, every actor in parallel on its own blocks."""
-        values: dict[int, dict[str, Any]] = {}
-        for part in self._retrying(lambda: self._get([a.weight_metrics.remote(fn)
-                                                      for a in self.workers],
-                                                     "computing weight metrics")):
-            values.update(part)
-        return [values[b] for b in range(self._num_blocks)]
+        return merge_blocks(self._retrying(lambda: self._get(
+            [a.weight_metrics.remote(fn) for a in self.workers], "computing weight metrics")),
+            self._num_blocks)
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
         """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
-        mb = self.specs[0].micro_batch
-        chunks = [windows[i : i + mb] for i in range(0, windows.shape[0], mb)]
+        parts = chunks(windows, self.specs[0].micro_batch)
         done: dict[int, torch.Tensor] = {}
 
         def submit(i: int) -> Any:
-            ref = self.workers[-1].window_nll.remote(self._through(chunks[i]), chunks[i])
+            ref = self.workers[-1].window_nll.remote(self._through(parts[i]), parts[i])
             self.fault_hook("perplexity", i)
             return ref
 
@@ -682,8 +634,8 @@ class RayExecutor:
 
         with self.meter("eval"):
             self._retrying(lambda: self._pipelined(
-                [i for i in range(len(chunks)) if i not in done], submit, gather, "perplexity"))
-        return torch.cat([done[i] for i in range(len(chunks))])
+                [i for i in range(len(parts)) if i not in done], submit, gather, "perplexity"))
+        return torch.cat([done[i] for i in range(len(parts))])
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""

@@ -13,7 +13,8 @@ import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from neuroal.checkpoint import (
 )
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
+from neuroal.engine.onload import ONLOAD_MODES, BlockStore
 from neuroal.logging import get_logger
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.conversion import to_checkpoint_layout
@@ -71,6 +73,8 @@ class WorkerSpec:
     offload_activations: bool = False
     trust_remote_code: bool = False
     rank: int = 0
+    onload: str = "device"  # where blocks live between uses: device, host or disk (onload.py)
+    prefetch: bool = True  # fetch the next block while one is in use (onload host / disk)
 
 
 @dataclass(frozen=True)
@@ -179,6 +183,11 @@ def mean_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
+def stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
+    """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
+    return stats
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
@@ -216,9 +225,52 @@ class Worker:
         needed = [k for n, _ in self.adapter.named_owned_parameters(modules)
                   for k in self.adapter.checkpoint_keys(n)]
         self.checkpoint = open_checkpoint(spec.source, config, needed, self.adapter.model)
-        self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype, self.device)
+        self.store: BlockStore | None = None
+        if spec.onload == "device":
+            self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype,
+                                      self.device)
+        else:
+            self.loaded = self._load_onloaded(modules)
         self._calls: dict[tuple[int, int, str | None], BlockCall] = {}
         self.busy_seconds = 0.0
+
+    def _load_onloaded(self, modules: list[str]) -> list[str]:
+        """Sequential onloading: the non-block modules on the device, the blocks at home
+        (host memory, or left in the checkpoint for ``disk``) in a :class:`BlockStore`."""
+        if self.spec.onload not in ONLOAD_MODES:
+            raise ValueError(f"engine.onload={self.spec.onload!r}: expected one of "
+                             f"{', '.join(ONLOAD_MODES)}")
+        block_modules = [self.adapter.block_prefix(i)[:-1] for i in self.blocks]
+        others = [m for m in modules if m not in set(block_modules)]
+        loaded = materialise(self.adapter, others, self.checkpoint, self.dtype, self.device)
+        loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
+        self.store = BlockStore({i: self.adapter.blocks[i] for i in self.blocks}, self.device,
+                                self.spec.onload, self._read_block, self.spec.prefetch)
+        return loaded
+
+    def _read_block(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s parameters from the checkpoint, in the run dtype, on the CPU."""
+        prefix = self.adapter.block_prefix(index)
+        keys = {n: self.adapter.checkpoint_key(prefix + n)
+                for n, _ in self.adapter.blocks[index].named_parameters()}
+        tensors = self.checkpoint.load(sorted(set(keys.values())), self.dtype, "cpu")
+        return {n: tensors[k] for n, k in keys.items()}
+
+    @contextmanager
+    def resident(self, index: int, write: bool = False) -> Iterator[torch.nn.Module]:
+        """Block ``index`` on the worker's device for the body (re-entrant). With sequential
+        onloading the block is fetched (and the next one prefetched); ``write``: the body
+        modifies its weights, which go back home afterwards."""
+        if self.store is None:
+            yield self.adapter.blocks[index]
+        else:
+            with self.store.resident(index, write) as block:
+                yield block
+
+    def close(self) -> None:
+        """Release onloading resources (prefetch thread, spill files)."""
+        if self.store is not None:
+            self.store.close()
 
     # ------------------------------------------------------------------ streams
 
@@ -261,23 +313,30 @@ class Worker:
                        out: torch.Tensor | None = None) -> torch.Tensor:
         """Run every micro-batch of ``stream`` through block ``index``; new ``(N, T, h)``
         (written into ``out`` when given)."""
-        block = self.adapter.blocks[index]
         out = torch.empty_like(stream) if out is None else out
-        for sl in self._batches(stream.shape[0]):
-            x = stream[sl].to(self.device)
-            if collector is not None:
-                collector.begin_batch(x.shape[0])
-            y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
-            out[sl] = y.to(out.device)
-            if collector is not None:
-                collector.end_batch()
+        with self.resident(index) as block:
+            for sl in self._batches(stream.shape[0]):
+                x = stream[sl].to(self.device)
+                if collector is not None:
+                    collector.begin_batch(x.shape[0])
+                y = self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
+                out[sl] = y.to(out.device)
+                if collector is not None:
+                    collector.end_batch()
         return out
 
     @torch.no_grad()
     def forward(self, stream: torch.Tensor) -> torch.Tensor:
         """Plain forward of the stream through every owned block (evaluation)."""
+        return self.forward_blocks(stream, list(self.blocks))
+
+    @torch.no_grad()
+    def forward_blocks(self, stream: torch.Tensor, indices: list[int]) -> torch.Tensor:
+        """Forward ``stream`` through owned blocks ``indices`` as they are now (dense, or
+        already pruned: the same micro-batches through the same weights as the final prune, so
+        the output is bit-identical to the stream it handed on)."""
         t0 = time.perf_counter()
-        for index in self.blocks:
+        for index in indices:
             stream = self._forward_block(index, stream)
         self.busy_seconds += time.perf_counter() - t0
         return stream
@@ -293,7 +352,13 @@ class Worker:
 
         With ``job.reconstruct`` the dense forward also keeps the block's outputs, the targets
         of the PERP reconstruction that runs after the masks (recovery.md §3.6); the forward of
-        the reconstructed block then produces the next inputs (sparse propagation)."""
+        the reconstructed block then produces the next inputs (sparse propagation). With
+        sequential onloading the block stays on the device for all of it, then goes home."""
+        with self.resident(index, write=True):
+            return self._prune_resident(index, stream, entries, job)
+
+    def _prune_resident(self, index: int, stream: torch.Tensor, entries: Mapping[str, Any],
+                        job: PruneJob) -> tuple[torch.Tensor, BlockReport]:
         t0 = time.perf_counter()
         if job.state_dir is not None and (saved := load_block_state(job.state_dir, index)):
             return self._replay(index, stream, *saved, entries=entries,
@@ -331,18 +396,44 @@ class Worker:
         """Resume (engine.md §8): load a finished block's pruned weights and run it on the
         stream; the same micro-batches through the same weights give bit-identical outputs.
         The stored weights are checked first against their report and the plan ``entries``."""
-        block = self.adapter.blocks[index]
-        linears = self.adapter.prunable_linears(block)
+        linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         targets = None if entries is None else {n: mean_ratio(entries[n]) for n in linears
                                                 if n in entries}
         check_replayed(path, weights, report,
                        {n: m.weight.shape[1] for n, m in linears.items()}, targets)
-        for name, weight in weights.items():
-            target = linears[name].weight if name in linears else block.get_parameter(name)
-            target.data.copy_(weight.to(target.device))
+        self.load_block_state(index, weights)
         stream = self._forward_block(index, stream)
         log.info("block %d/%d  resumed from the saved state", index + 1, self.spec.num_blocks)
         return stream, BlockReport.from_dict(report)
+
+    def load_block_state(self, index: int, weights: Mapping[str, torch.Tensor]) -> None:
+        """Write a saved block state (:meth:`_block_state`'s names: linears by linear name,
+        after ``perp-reconstruct`` also norms and biases by parameter name) into block
+        ``index``. Resume replays and restarted Ray actors both restore through here."""
+        with self.resident(index, write=True) as block:
+            linears = self.adapter.prunable_linears(block)
+            for name, weight in weights.items():
+                target = linears[name].weight if name in linears else block.get_parameter(name)
+                target.data.copy_(weight.to(target.device))
+
+    def restore_blocks(self, state_dir: str) -> list[int]:
+        """Load the saved state of every owned block (no stream needed): a restarted worker
+        gets its part of the pruned model back, norms and biases included after
+        ``perp-reconstruct`` (the same :meth:`load_block_state` as a resume replay).
+
+        Raises:
+            RuntimeError: A block of the slice has no saved state.
+        """
+        for index in self.blocks:
+            saved = load_block_state(state_dir, index)
+            if saved is None:
+                raise RuntimeError(f"worker {self.spec.rank}: no saved state of block {index} in "
+                                   f"{state_dir}")
+            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+            check_replayed(block_state_path(state_dir, index), *saved,
+                           {n: m.weight.shape[1] for n, m in linears.items()})
+            self.load_block_state(index, saved[0])
+        return list(self.blocks)
 
     def collect_stats(self, index: int, stream: torch.Tensor, job: PruneJob,
                       outputs: torch.Tensor | None = None) -> tuple[dict[str, Any], list[str]]:
@@ -484,30 +575,42 @@ class Worker:
         out: dict[int, BlockAlignment] = {}
         t0 = time.perf_counter()
         for index in self.blocks:
-            linears = self.adapter.prunable_linears(self.adapter.blocks[index])
-            if reference is not None and index in reference:
-                dense_stats = reference[index]
-            else:
-                dense_stats = self.block_stats(index, stream, needs)
-            masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion, options)
-            sparse = StatsCollector(linears, frozenset({stat}))
-            with swapped_weights(linears, masked), sparse.attached():
-                stream = self._forward_block(index, stream, sparse)
-            del masked
-            a_d = {n: getattr(st, stat).sqrt() for n, st in dense_stats.items()}
-            a_s = {n: getattr(st, stat).sqrt() for n, st in sparse.stats().items()}
-            out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
-                                        delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
+            with self.resident(index):
+                linears = self.adapter.prunable_linears(self.adapter.blocks[index])
+                if reference is not None and index in reference:
+                    dense_stats = reference[index]
+                else:
+                    dense_stats = self.block_stats(index, stream, needs)
+                masked = self._masked_weights(linears, dense_stats, ratios[index], job, criterion,
+                                              options)
+                sparse = StatsCollector(linears, frozenset({stat}))
+                with swapped_weights(linears, masked), sparse.attached():
+                    stream = self._forward_block(index, stream, sparse)
+                del masked
+                a_d = {n: getattr(st, stat).sqrt() for n, st in dense_stats.items()}
+                a_s = {n: getattr(st, stat).sqrt() for n, st in sparse.stats().items()}
+                out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
+                                            delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
         self.busy_seconds += time.perf_counter() - t0
         return stream, out
+
+    @torch.no_grad()
+    def dense_reference(self, stream: torch.Tensor, needs: frozenset[str],
+                        reference_stream: str) -> tuple[torch.Tensor, dict[int, Any]]:
+        """Candidate-independent dense statistics of the owned blocks (neuroal.md §B4, §B5):
+        ``local``: block 0's, on the first worker only (its inputs are the same for every
+        candidate; the stream is returned unchanged); ``global``: every owned block's from
+        one dense pass, whose outputs are returned for the next worker."""
+        if reference_stream == "local":
+            return stream, ({0: self.block_stats(0, stream, needs)} if self.first else {})
+        return self.dense_block_metrics(stream, stats_only, needs)
 
     @torch.no_grad()
     def block_stats(self, index: int, stream: torch.Tensor, needs: frozenset[str]) -> dict[str, Any]:
         """Dense statistics of block ``index``'s linears on ``stream`` (outputs discarded)."""
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         collector = StatsCollector(linears, needs)
-        block = self.adapter.blocks[index]
-        with collector.attached():
+        with self.resident(index) as block, collector.attached():
             for sl in self._batches(stream.shape[0]):
                 x = stream[sl].to(self.device)
                 collector.begin_batch(x.shape[0])
@@ -551,18 +654,23 @@ class Worker:
             t0 = time.perf_counter()
             linears = self.adapter.prunable_linears(self.adapter.blocks[index])
             collector = StatsCollector(linears, needs)
-            with collector.attached():
-                stream = self._forward_block(index, stream, collector)
-            values[index] = fn({n: m.weight.data for n, m in linears.items()}, collector.stats())
+            with self.resident(index):
+                with collector.attached():
+                    stream = self._forward_block(index, stream, collector)
+                values[index] = fn({n: m.weight.data for n, m in linears.items()},
+                                   collector.stats())
             self.busy_seconds += time.perf_counter() - t0
         return stream, values
 
     @torch.no_grad()
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> dict[int, dict[str, Any]]:
         """``fn(weight)`` for every prunable linear of every owned block (data-free metrics)."""
-        return {index: {n: fn(m.weight.data) for n, m in
-                        self.adapter.prunable_linears(self.adapter.blocks[index]).items()}
-                for index in self.blocks}
+        out = {}
+        for index in self.blocks:
+            with self.resident(index) as block:
+                out[index] = {n: fn(m.weight.data)
+                              for n, m in self.adapter.prunable_linears(block).items()}
+        return out
 
     # ------------------------------------------------------------------ head
 
@@ -595,21 +703,46 @@ class Worker:
 
     # ------------------------------------------------------------------ inspection and export
 
+    def info(self, peak: int | None = None) -> dict[str, Any]:
+        """Rank, owned blocks, device, busy seconds, the peak memory of this process (``peak``:
+        one measured elsewhere, e.g. the driver's for in-process workers) and, with
+        onloading, the block store's counters."""
+        facts: dict[str, Any] = {"rank": self.spec.rank, "blocks": [self.spec.start, self.spec.stop],
+                                 "device": self.spec.device, "busy_seconds": self.busy_seconds,
+                                 "peak_memory_bytes": peak_memory_bytes() if peak is None else peak}
+        if self.store is not None:
+            facts["onload"] = self.store.stats()
+        return facts
+
     def masks(self) -> dict[str, torch.Tensor]:
         """``full linear name -> (rows, cols) bool`` where the weight is exactly zero."""
         out = {}
         for index in self.blocks:
             prefix = self.adapter.block_prefix(index)
-            for name, lin in self.adapter.prunable_linears(self.adapter.blocks[index]).items():
-                out[prefix + name] = (lin.weight.data == 0).cpu()
+            weights = self._block_weights(index)
+            for name in self.adapter.prunable_linears(self.adapter.blocks[index]):
+                out[prefix + name] = (weights[f"{name}.weight"] == 0).cpu()
         return out
+
+    def _block_weights(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s current parameters by local name, wherever they live (with
+        onloading: the host copies, or read from the spill file / checkpoint)."""
+        if self.store is not None:
+            return self.store.host_tensors(index)
+        return {n: p.data for n, p in self.adapter.blocks[index].named_parameters()}
 
     def state_items(self) -> dict[str, torch.Tensor]:
         """Owned tensors under their HF state-dict names (tied head left out)."""
         loaded = set(self.loaded)
         buffers = dict(self.adapter.model.named_buffers())  # persistent ones read from the source
-        return {n: p.data for n, p in [*self.adapter.model.named_parameters(), *buffers.items()]
-                if n in loaded and not self.adapter.export_skip(n)}
+        out = {n: p.data for n, p in [*self.adapter.model.named_parameters(), *buffers.items()]
+               if n in loaded and not self.adapter.export_skip(n)}
+        if self.store is not None:  # blocks at home: their host (or spilled) tensors
+            for index in self.blocks:
+                prefix = self.adapter.block_prefix(index)
+                out.update({prefix + n: t for n, t in self._block_weights(index).items()
+                            if prefix + n in out})
+        return out
 
     def write_shards(self, directory: str, dtype: str, max_bytes: int) -> list[dict[str, Any]]:
         """Write owned tensors as ``worker<rank>-<j>.safetensors`` files of at most ``max_bytes``.

@@ -193,9 +193,12 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     NaN, which costs minutes at 70B, so the fill is off while the skeleton is built.
     """
     import torch.utils.deterministic as deterministic
-    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
+    try:
+        from accelerate import init_empty_weights
+    except ImportError:  # e.g. a bare GPU image: the same effect without accelerate
+        init_empty_weights = _parameters_on_meta
     fill = deterministic.fill_uninitialized_memory
     deterministic.fill_uninitialized_memory = False
     try:
@@ -213,6 +216,26 @@ def attention_kind(config: Any) -> str:
 
     cls = AutoModelForCausalLM._model_mapping[type(config)]
     return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
+@contextmanager
+def _parameters_on_meta(include_buffers: bool = False) -> Iterator[None]:
+    """Every parameter registered in the body is moved to ``meta`` (buffers stay real), as
+    accelerate's ``init_empty_weights(include_buffers=False)``."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None:
+            p = module._parameters[name]
+            assert p is not None
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 # --------------------------------------------------------------------------- checkpoints

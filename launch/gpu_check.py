@@ -1,0 +1,219 @@
+#!/usr/bin/env python
+"""Python parts of ``launch/gpu_check.sh`` (one prepared device check, issue 14).
+
+    python launch/gpu_check.py env OUT         # versions, GPUs, optional deps neuroal imported
+    python launch/gpu_check.py nccl OUT [cpu]  # 2 ranks (NCCL; gloo with cpu) vs one local worker
+    python launch/gpu_check.py summary OUT     # one table + OUT/gpu_check.json from the parts
+
+Needs only torch, transformers, safetensors and neuroal (no Ray, GGUF or DeepSpeed, no data
+files, no network): models are random and tiny, written to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+OPTIONAL = ("ray", "gguf", "deepspeed")
+
+
+def env(out: Path) -> dict[str, Any]:
+    """Versions, devices, and which optional packages importing neuroal's engine pulled in."""
+    import importlib.util
+
+    before = {m for m in OPTIONAL if m in sys.modules}
+    import torch
+    import transformers
+
+    import neuroal.engine.dist  # noqa: F401 - the modules the checks use
+    import neuroal.engine.executor  # noqa: F401
+    import neuroal.engine.onload  # noqa: F401
+    import neuroal.pipeline  # noqa: F401
+
+    pulled = sorted(m for m in OPTIONAL if m in sys.modules and m not in before)
+    info = {
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "installed": {m: importlib.util.find_spec(m) is not None for m in OPTIONAL},
+        "imported_by_neuroal": pulled,
+    }
+    (out / "env.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info, indent=2))
+    return info
+
+
+# --------------------------------------------------------------------------- 2 ranks
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tiny_model(directory: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=4, num_attention_heads=4,
+                                  num_key_value_heads=2, vocab_size=320,
+                                  max_position_embeddings=256, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+
+
+def _cfg(model: str, device: str) -> Any:
+    from neuroal.config import build_config
+
+    return build_config({"model": {"name": model}, "sparsity": 0.5,
+                         "calib": {"nsamples": 4, "seqlen": 16},
+                         "eval": {"datasets": []},
+                         "engine": {"executor": "dist", "workers": 2, "device": device,
+                                    "micro_batch": 2, "onload": "host"},
+                         "output": {"save_model": False}})
+
+
+def _phases(ex: Any, blocks: list[dict[str, Any]]) -> dict[str, Any]:
+    import torch
+
+    from neuroal.allocation.plan import SparsityPlan
+    from neuroal.engine.worker import CandidateJob, PruneJob
+
+    ids = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(0))
+    cands = [[{n: r for n in b} for b in blocks] for r in (0.3, 0.6)]
+    res = ex.evaluate_candidates(ids, cands, CandidateJob("wanda"), "global")
+    out = {"na": [[b.na for b in c] for c in res], "nll": ex.window_nll(ids)}
+    job = PruneJob("sparsegpt", reconstruct={"steps": 2, "batch_size": 2, "rank": 4})
+    ex.run_final_prune(SparsityPlan(0.5, "unstructured", [{n: 0.5 for n in b} for b in blocks]),
+                       job, ids)
+    out.update(masks=ex.masks(), logits=ex.logits(ids), nll_sparse=ex.window_nll(ids))
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    import torch
+
+    if isinstance(b, torch.Tensor):
+        return a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+    if isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in b)
+    if isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+def _rank(rank: int, port: int, model: str, device: str, result: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    from neuroal.engine import EXECUTORS, dist
+    from neuroal.engine.executor import LocalExecutor
+    from neuroal.models.loading import resolve_model
+    from neuroal.pipeline import seed_everything
+
+    cfg = _cfg(model, device)
+    seed_everything(cfg.seed, True)
+    if rank > 0:
+        dist.serve(cfg)
+        return
+    with dist.coordinator(cfg):
+        t0 = time.perf_counter()
+        ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model), num_blocks=4,
+                                   devices=[device], dtype="float32")
+        local_device = "cuda:0" if device == "cuda" else "cpu"
+        local = LocalExecutor(resolve_model(model), 4, 1, [local_device], "float32", 2)
+        blocks = [dict(b) for b in local.workers[0].adapter.shape().blocks]
+        got, want = _phases(ex, blocks), _phases(local, blocks)
+        ex.shutdown()
+        Path(result).write_text(json.dumps({"identical": _same(got, want),
+                                            "seconds": time.perf_counter() - t0}))
+
+
+def nccl(out: Path, device: str) -> dict[str, Any]:
+    """Two ranks (``onload=host``) against one local on-device worker, every phase."""
+    import torch
+    import torch.multiprocessing as mp
+
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        info = {"skipped": f"{torch.cuda.device_count()} GPU(s): the NCCL check needs 2"}
+    else:
+        with tempfile.TemporaryDirectory(prefix="neuroal-nccl-") as tmp:
+            _tiny_model(Path(tmp) / "m")
+            result = Path(tmp) / "result.json"
+            ctx = mp.start_processes(_rank, args=(_free_port(), str(Path(tmp) / "m"), device,
+                                                  str(result)),
+                                     nprocs=2, join=False, start_method="spawn")
+            deadline = time.monotonic() + 240
+            try:
+                while not ctx.join(timeout=5):
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("2-rank check did not finish in 240 s")
+            finally:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.kill()
+            info = {"backend": "nccl" if device == "cuda" else "gloo",
+                    **json.loads(result.read_text())}
+    (out / "nccl.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info))
+    return info
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summary(out: Path) -> int:
+    """Collect the parts into OUT/gpu_check.json and print one table."""
+    parts = {}
+    for name in ("env", "pytest", "nccl", "onload"):
+        path = out / f"{name}.json"
+        parts[name] = json.loads(path.read_text()) if path.is_file() else {"missing": True}
+    (out / "gpu_check.json").write_text(json.dumps(parts, indent=2) + "\n")
+    e = parts["env"]
+    print(f"torch {e.get('torch')} cuda {e.get('cuda')} gpus {e.get('gpus')} "
+          f"optional deps imported by neuroal: {e.get('imported_by_neuroal')}")
+    print(f"pytest -m gpu: {parts['pytest']}")
+    print(f"2-rank check: {parts['nccl']}")
+    onload = parts["onload"]
+    if "rows" in onload:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from bench_onload import table
+
+        s = onload["settings"]
+        print(f"onload timings: {onload.get('gpu') or 'cpu'}, {s['blocks']} blocks of width "
+              f"{onload['width']['hidden_size']}/{onload['width']['intermediate_size']}, "
+              f"{s['dtype']}, {s['nsamples']} x {s['seqlen']} tokens, micro-batch "
+              f"{s['micro_batch']}")
+        print(table(onload))
+    else:
+        print(f"onload timings: {onload}")
+    ok = (not e.get("imported_by_neuroal")) and parts["pytest"].get("rc", 0) in (0, 5) and \
+        parts["nccl"].get("identical", "skipped" in parts["nccl"]) and all(r.get("identical") for r in
+                                                     onload.get("rows", [{"identical": False}]))
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+def main() -> int:
+    what, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    if what == "env":
+        env(out)
+        return 0
+    if what == "nccl":
+        info = nccl(out, "cpu" if len(sys.argv) > 3 and sys.argv[3] == "cpu" else "cuda")
+        return 0 if info.get("identical", True) else 1
+    if what == "summary":
+        return summary(out)
+    raise SystemExit(f"unknown part {what!r}: expected env, nccl or summary")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""What every executor shares (issue 14): worker specs, result merges, the block log line,
+perplexity chunks and the statistics of the search's dense reference. Per-worker operations
+shared by the executors (the dense reference, forwards over owned blocks, block restore, worker
+facts) are :class:`~neuroal.engine.worker.Worker` methods.
+
+Executors only move data and calls between processes (in-process, Ray actors, torch.distributed
+ranks); the computations are :class:`~neuroal.engine.worker.Worker` methods and the small pure
+helpers here, so the three cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import torch
+
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import STAT_SQ_NORM
+from neuroal.engine.worker import BlockReport, WorkerSpec
+from neuroal.logging import get_logger
+from neuroal.models.loading import ModelSource
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+def worker_specs(source: ModelSource, slices: Sequence[tuple[int, int]], num_blocks: int,
+                 devices: Sequence[str], dtype: str, micro_batch: int,
+                 offload_activations: bool = False, trust_remote_code: bool = False, *,
+                 onload: str = "device", prefetch: bool = True) -> list[WorkerSpec]:
+    """One :class:`WorkerSpec` per slice; ``devices``: one for all or one per slice."""
+    devs = list(devices) * len(slices) if len(devices) == 1 else list(devices)
+    return [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
+                       offload_activations, trust_remote_code, rank=r, onload=onload,
+                       prefetch=prefetch)
+            for r, (a, b) in enumerate(slices)]
+
+
+def merge_blocks(parts: Iterable[Mapping[int, T]], num_blocks: int) -> list[T]:
+    """Per-worker ``{block: value}`` parts -> one value per block, in block order.
+
+    Raises:
+        KeyError: A block is missing from every part (an executor bug).
+    """
+    merged: dict[int, T] = {}
+    for part in parts:
+        merged.update(part)
+    return [merged[b] for b in range(num_blocks)]
+
+
+def log_block(report: BlockReport, num_blocks: int) -> None:
+    """The one summary line per pruned block (style.md rule 9)."""
+    log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", report.index + 1, num_blocks,
+             report.target, report.achieved, report.seconds)
+
+
+def chunks(windows: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
+    """Perplexity windows ``(k, T)`` in micro-batch chunks (the order of every executor)."""
+    return [windows[i : i + micro_batch] for i in range(0, windows.shape[0], micro_batch)]
+
+
+def reference_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:
+    """Statistics of the dense reference of a search: input norms, the alignment statistic
+    (``sq_norm``, or SparseGPT's window-weighted one) plus the criterion's."""
+    return frozenset({STAT_SQ_NORM, alignment_stat}) | CRITERIA.get(criterion).needs
