@@ -719,9 +719,9 @@ class Worker:
         out = {}
         for index in self.blocks:
             prefix = self.adapter.block_prefix(index)
-            weights = self._block_weights(index)
-            for name in self.adapter.prunable_linears(self.adapter.blocks[index]):
-                out[prefix + name] = (weights[f"{name}.weight"] == 0).cpu()
+            with self.resident(index) as block:  # expert matrices are views: read them in place
+                for name, lin in self.adapter.prunable_linears(block).items():
+                    out[prefix + name] = (lin.weight.data == 0).cpu()
         return out
 
     def _block_weights(self, index: int) -> dict[str, torch.Tensor]:

@@ -249,7 +249,10 @@ def probe(twin: Any) -> ConsumerMap:
         model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
         adapter = ModelAdapter(model)
-        linears = adapter.prunable_linears(adapter.blocks[0])
+        # MoE expert matrices are views into fused 3-D parameters (no module to hook): their
+        # row map comes from neuroal.models.moe.expert_consumers, not from this probe
+        linears = {n: m for n, m in adapter.prunable_linears(adapter.blocks[0]).items()
+                   if isinstance(m, nn.Module)}
         ids = torch.randint(3, TWIN_VOCAB, (1, TWIN_TOKENS))
         found = _consumers(model, linears, ids)
         aligned = _aligned(model, linears, ids, [(p, c) for p, c in found.items()
