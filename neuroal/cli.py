@@ -53,7 +53,7 @@ def _names(registry_path: str, skip: tuple[str, ...] = ()) -> str:
 
     module, _, attr = registry_path.partition(":")
     names = getattr(importlib.import_module(module), attr).names()
-    return " | ".join(n for n in names if n not in skip)
+    return " | ".join("text:<path>" if n == "text" else n for n in names if n not in skip)
 
 
 def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
@@ -66,14 +66,14 @@ def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, help="target fraction of zeros, in (0, 1)")
     p.add_argument("--criterion", help=_names("neuroal.criteria:CRITERIA"))
     p.add_argument("--allocation", help=_names("neuroal.allocation:ALLOCATIONS") +
-                   " (file: allocation.path=<plan.json>)")
+                   " (file: allocation.path=<earlier output dir>)")
     p.add_argument("--pattern", help="unstructured | N:M (N kept of every M), e.g. 2:4")
-    p.add_argument("--calib", help=_names("neuroal.data:SOURCES").replace("text", "text:<path>"))
+    p.add_argument("--calib", help=_names("neuroal.data:SOURCES"))
     p.add_argument("--nsamples", type=int, help="calibration windows")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window")
     p.add_argument("--data-dir", help="folder with wikitext2/ (and c4 json.gz) files")
     p.add_argument("--eval", help="comma list of " + _names("neuroal.data:SOURCES", ("self",))
-                   .replace("text", "text:<path>").replace(" | ", ", ") + "; or none")
+                   .replace(" | ", ", ") + "; or none")
     p.add_argument("--eval-windows", type=int, help="first k perplexity windows")
     p.add_argument("--eval-tasks", help="comma list of lm-eval zero-shot tasks, dense and pruned "
                    "(e.g. hellaswag,arc_easy; neuroal ships neuroal_tiny_qa; needs "
@@ -87,8 +87,9 @@ def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
     p.add_argument("--output", help="output directory (default outputs/<model>-<recipe>)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--compare", help="comma list of allocations also pruned, side by side")
-    p.add_argument("--recover", help="comma list of recovery steps, in order: " +
-                   _names("neuroal.recovery:RECOVERY_STEPS").replace(" | ", ", ") +
+    p.add_argument("--recover", help="comma list of recovery steps, run in order (mask "
+                   "refiners and perp-reconstruct inside the prune, one whole-model perp-* "
+                   "last): " + _names("neuroal.recovery:RECOVERY_STEPS").replace(" | ", ", ") +
                    "; or none; options: recover.<step>.<key>=...")
     p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

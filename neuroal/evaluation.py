@@ -167,6 +167,9 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
                "--workers 8 --engine ray\n"
                "  neuroal evaluate ./model --tasks my_task --include-path ./my_tasks eval.limit=100\n"
                "\nkey=value overrides address any config key (e.g. engine.ray_cpus=2).")
+    from neuroal import __version__
+
+    p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("model", help="local HF dir, .gguf file, alias (smollm2-135m) or hub id")
     p.add_argument("--eval", help=f"comma list of {_sources()}, or none (default wikitext2)")
     p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default 512)")
@@ -191,15 +194,15 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
 
 
 def _sources() -> str:
-    from neuroal.data import SOURCES
+    from neuroal.cli import _names
 
-    return " | ".join(n if n != "text" else "text:<path>" for n in SOURCES.names() if n != "self")
+    return _names("neuroal.data:SOURCES", ("self",))
 
 
 def _executors() -> str:
-    from neuroal.engine import EXECUTORS
+    from neuroal.cli import _names
 
-    return " | ".join(EXECUTORS.names())
+    return _names("neuroal.engine:EXECUTORS")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import logging
 import random
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -122,6 +123,17 @@ def load_tasks(spec: TaskSpec, manager: Any) -> None:
         get_task_dict(list(spec.tasks), manager)
     except Exception as exc:  # lm-eval raises many kinds (network, dataset, YAML errors)
         raise ConfigError([f"eval.tasks: could not load {', '.join(spec.tasks)}: {exc}"]) from exc
+
+
+class _QuietCustomDataset(logging.Filter):
+    """Drop lm-eval's per-task hint about ``--metadata`` for tasks with a ``custom_dataset``
+    loader (neuroal's own local tasks), printed on every load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in str(record.msg)
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDataset())
 
 
 @contextmanager
