@@ -45,8 +45,15 @@ def pruned(tiny_models: dict[str, Path], small_text: Path,
     return out, result.report
 
 
-def test_report_holds_dense_and_pruned_accuracy(pruned: tuple[Path, dict]) -> None:
+def test_report_holds_dense_and_pruned_accuracy(pruned: tuple[Path, dict],
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    from neuroal.cli import summarize
+
     out, report = pruned
+    summarize(report, out)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("tiny_choice"))
+    assert line.startswith("tiny_choice zero-shot (12 documents, 0-shot): dense acc ")
+    assert "->  pruned acc " in line
     tasks = json.loads((out / "report.json").read_text())["eval"]["tasks"]
     assert tasks == json.loads(json.dumps(report["eval"]["tasks"]))
     assert tasks["lm_eval_version"] and tasks["tasks"] == ["tiny_choice"]
