@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Perplexity of a model directory, GGUF file or alias: `python launch/evaluate.py --help`."""
+"""Perplexity and lm-eval zero-shot accuracy of a model directory, GGUF file or alias, through
+the workers: `python launch/evaluate.py --help` (= `neuroal evaluate`)."""
 
 import sys
 
-from neuroal.evaluate import main
+from neuroal.evaluation import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,7 +8,7 @@ the pipeline, the other ranks serve their slice (neuroal.engine.dist).
 
 import sys
 
-from neuroal.cli import main
+from neuroal.cli import prune_main as main
 
 if __name__ == "__main__":
     sys.exit(main())

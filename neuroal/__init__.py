@@ -1,11 +1,19 @@
 """neuroal: post-training pruning of large language models, streamed block by block.
 
-Public API: :func:`prune` runs a job from a config; :func:`load_config` builds one; the
-registries let plug-ins add criteria and allocation policies by name.
+Public API: :func:`prune` runs a job and returns a :class:`Result` (output path, report, plan);
+:func:`evaluate` scores any model's perplexity and lm-eval zero-shot accuracy through the same
+workers; :func:`load_config` builds a validated config; the registries let plug-ins add
+criteria and allocation policies by name.
+
+    >>> import neuroal
+    >>> result = neuroal.prune("smollm2-135m", sparsity=0.6, allocation="owl",
+    ...                        calib={"nsamples": 32}, eval={"tasks": ["neuroal_tiny_qa"]})
+    >>> result.report["eval"]["wikitext2"]["sparse_ppl"], result.output
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 __version__ = "0.1.0"
@@ -18,11 +26,72 @@ def load_config(*args: Any, **kwargs: Any) -> Any:
     return _load(*args, **kwargs)
 
 
-def prune(config: Any, **kwargs: Any) -> Any:
-    """Run a pruning job (see :func:`neuroal.pipeline.run`)."""
+def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
+          criterion: str | None = None, allocation: str | None = None, *,
+          pattern: str | None = None, config: str | None = None, output: str | None = None,
+          overwrite: bool = False, save: bool = True, overrides: Sequence[str] = (),
+          keep_executor: bool = False, **sections: Any) -> Any:
+    """Prune ``model`` and return a :class:`Result` (``output``, ``report``, ``plan``).
+
+    Args:
+        model: Alias (``smollm2-135m``), local HF directory, ``.gguf`` file or hub id; or a
+            ready :class:`~neuroal.config.PruneConfig` (then every other argument is ignored).
+        sparsity: Target fraction of zeros (default 0.5).
+        criterion: ``wanda``, ``sparsegpt``, ``ria``, ... (default ``wanda``).
+        allocation: ``uniform``, ``owl``, ``alpha``, ``neuroal``, ``file`` (default ``uniform``).
+        pattern: ``unstructured`` or ``N:M`` such as ``2:4``.
+        config: A YAML recipe; the arguments given here win over it.
+        output: Output directory (default ``outputs/<model>-<recipe>``).
+        overwrite: Replace an existing output that neuroal wrote.
+        save: Write the pruned model (False: the report only, nothing on disk).
+        overrides: ``key=value`` strings, applied last (as on the command line).
+        keep_executor: Keep the workers alive in ``result.executor`` (inspection, tests).
+        sections: Any other config key, as a section mapping (``calib={"nsamples": 32}``,
+            ``engine={"workers": 2}``), a plain top-level value (``seed=1``) or with ``__``
+            for dots (``calib__nsamples=32``).
+
+    Raises:
+        ConfigError: A bad value, reported (all at once) before any weight is loaded.
+    """
+    from neuroal.config import PruneConfig, set_dotted
     from neuroal.pipeline import run
 
-    return run(config, **kwargs)
+    if isinstance(model, PruneConfig):
+        return run(model, keep_executor=keep_executor)
+    tree: dict[str, Any] = {}
+    named = {"model.name": model, "sparsity": sparsity, "criterion.name": criterion,
+             "allocation.name": allocation, "pattern": pattern, "output.dir": output}
+    for key, value in named.items():
+        if value is not None:
+            set_dotted(tree, key, value)
+    if overwrite:
+        set_dotted(tree, "output.overwrite", True)
+    if not save:
+        set_dotted(tree, "output.save_model", False)
+    for key, value in sections.items():
+        if isinstance(value, Mapping):
+            for sub, item in value.items():
+                set_dotted(tree, f"{key}.{sub}", item)
+        else:
+            set_dotted(tree, key.replace("__", "."), value)
+    cfg = load_config(config, overrides, tree)
+    return run(cfg, keep_executor=keep_executor, command=f"neuroal.prune({model!r}, ...)")
 
 
-__all__ = ["__version__", "load_config", "prune"]
+def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:
+    """Perplexity and zero-shot accuracy of ``model`` (see :func:`neuroal.evaluation.evaluate`)."""
+    from neuroal.evaluation import evaluate as _evaluate
+
+    return _evaluate(model, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """``neuroal.Result`` (the pipeline's RunResult) without importing torch at ``import neuroal``."""
+    if name == "Result":
+        from neuroal.pipeline import RunResult
+
+        return RunResult
+    raise AttributeError(f"module 'neuroal' has no attribute {name!r}")
+
+
+__all__ = ["Result", "__version__", "evaluate", "load_config", "prune"]

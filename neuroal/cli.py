@@ -8,18 +8,22 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from neuroal import __version__
 from neuroal.logging import configure, get_logger
 
 log = get_logger("neuroal.cli")
 
 EPILOG = """examples:
-  python launch/prune.py                                   # Wanda 50 %% on the embedded SmolLM2
-  python launch/prune.py --model ./Llama-2-7b-hf --sparsity 0.6 --criterion sparsegpt
-  python launch/prune.py --pattern 2:4 --criterion wanda --workers 3 calib.nsamples=32
-  python launch/prune.py --config configs/smollm2/wanda-uniform-50.yaml eval.max_windows=16
-  python launch/prune.py --sparsity 0.6 --recover dsnot recover.baseline=true
+  neuroal prune                                           # Wanda 50 % on the embedded SmolLM2
+  neuroal prune --model ./Llama-2-7b-hf --sparsity 0.6 --criterion sparsegpt
+  neuroal prune --pattern 2:4 calib.nsamples=32 --criterion wanda --workers 3
+  neuroal prune --config configs/smollm2/wanda-uniform-50.yaml eval.max_windows=16
+  neuroal prune --sparsity 0.6 --recover dsnot recover.baseline=true
+  neuroal prune --sparsity 0.6 --eval-tasks neuroal_tiny_qa,hellaswag eval.limit=200
+(`python launch/prune.py ...` takes the same arguments.)
 
-key=value overrides address any config key (e.g. engine.micro_batch=4, criterion.percdamp=0.1).
+key=value overrides address any config key (e.g. engine.micro_batch=4, criterion.percdamp=0.1)
+and may stand anywhere among the flags.
 """
 
 # flag -> dotted config key
@@ -32,37 +36,61 @@ FLAG_KEYS = {
     "micro_batch": "engine.micro_batch", "seed": "seed", "compare": "compare",
     "recover": "recover.steps",
     "engine": "engine.executor",
+    "eval_tasks": "eval.tasks", "include_path": "eval.include_path",
+}
+
+COMMANDS = {
+    "prune": ("neuroal.cli", "prune_main", "prune a model block by block (the default command)"),
+    "plan": ("neuroal.commands.plan", "main", "memory plan per worker before a run"),
+    "evaluate": ("neuroal.evaluation", "main", "perplexity and lm-eval zero-shot accuracy"),
+    "recover": ("neuroal.commands.recover", "main", "retrain a pruned model with PERP"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _names(registry_path: str, skip: tuple[str, ...] = ()) -> str:
+    """``a | b | c`` from a registry (``module:NAME``), so help lists never go stale."""
+    import importlib
+
+    module, _, attr = registry_path.partition(":")
+    names = getattr(importlib.import_module(module), attr).names()
+    return " | ".join("text:<path>" if n == "text" else n for n in names if n not in skip)
+
+
+def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
     """The ``prune`` argument parser; every flag maps onto one config key."""
     p = argparse.ArgumentParser(
-        prog="neuroal", description="Prune a Hugging Face causal LM block by block.",
+        prog=prog, description="Prune a Hugging Face causal LM block by block.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("--model", help="local HF dir, hub id, .gguf file or alias (smollm2-135m)")
     p.add_argument("--sparsity", type=float, help="target fraction of zeros, in (0, 1)")
-    p.add_argument("--criterion", help="magnitude | wanda | ria | sparsegpt | multiflow | symwanda | "
-                   "owanda | ria_lp | stoch_ria")
-    p.add_argument("--allocation", help="uniform | owl | alpha | neuroal")
+    p.add_argument("--criterion", help=_names("neuroal.criteria:CRITERIA"))
+    p.add_argument("--allocation", help=_names("neuroal.allocation:ALLOCATIONS") +
+                   " (file: allocation.path=<earlier output dir>)")
     p.add_argument("--pattern", help="unstructured | N:M (N kept of every M), e.g. 2:4")
-    p.add_argument("--calib", help="wikitext2 | c4 | text:<path> | self")
+    p.add_argument("--calib", help=_names("neuroal.data:SOURCES"))
     p.add_argument("--nsamples", type=int, help="calibration windows")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window")
     p.add_argument("--data-dir", help="folder with wikitext2/ (and c4 json.gz) files")
-    p.add_argument("--eval", help="comma list of wikitext2 | c4 | text:<path>, or none")
+    p.add_argument("--eval", help="comma list of " + _names("neuroal.data:SOURCES", ("self",))
+                   .replace(" | ", ", ") + "; or none")
     p.add_argument("--eval-windows", type=int, help="first k perplexity windows")
+    p.add_argument("--eval-tasks", help="comma list of lm-eval zero-shot tasks, dense and pruned "
+                   "(e.g. hellaswag,arc_easy; neuroal ships neuroal_tiny_qa; needs "
+                   "pip install 'neuroal[eval]'); eval.limit=<k> keeps k documents per task")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
     p.add_argument("--workers", type=int, help="block slices (one worker each)")
-    p.add_argument("--engine", help="executor: local (in-process) | ray (one actor per worker)")
+    p.add_argument("--engine", help="executor: " + _names("neuroal.engine:EXECUTORS"))
     p.add_argument("--micro-batch", type=int, help="sequences per forward call")
     p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--output", help="output directory (default outputs/<model>-<recipe>)")
     p.add_argument("--seed", type=int, help="run seed")
     p.add_argument("--compare", help="comma list of allocations also pruned, side by side")
-    p.add_argument("--recover", help="comma list of recovery steps, in order: dsnot | r2dsnot "
-                   "(mask refinement), perp-reconstruct (per block), perp-bias-norm | perp-masklora | "
-                   "perp-scalelora (whole model, last); or none; options: recover.<step>.<key>=...")
+    p.add_argument("--recover", help="comma list of recovery steps, run in order (mask "
+                   "refiners and perp-reconstruct inside the prune, one whole-model perp-* "
+                   "last): " + _names("neuroal.recovery:RECOVERY_STEPS").replace(" | ", ", ") +
+                   "; or none; options: recover.<step>.<key>=...")
     p.add_argument("--config", help="YAML recipe (flags and overrides win over it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     p.add_argument("--no-save", action="store_true", help="report only, no model files")
@@ -71,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
+
+
+def split_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject positional words that are not ``key=value`` (a usage error, exit 2)."""
+    stray = [o for o in args.overrides if "=" not in o]
+    if stray:
+        parser.error(f"unexpected argument(s) {stray}: overrides are key=value, e.g. "
+                     "calib.nsamples=32")
 
 
 def flags_to_tree(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,17 +130,43 @@ def flags_to_tree(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``launch/prune.py`` and the ``neuroal`` console script."""
+    """The ``neuroal`` console script: ``neuroal prune|plan|evaluate|recover ...``; without a
+    command name the arguments are those of ``prune`` (as for ``launch/prune.py``)."""
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):
+        sys.stdout.write(f"neuroal {__version__}\n")
+        return 0
+    if argv and argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(usage())
+        return 0
+    if argv and argv[0] in COMMANDS:
+        module, func, _ = COMMANDS[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    return prune_main(argv)
+
+
+def usage() -> str:
+    """Top-level help: the commands and where their flags are listed."""
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items())
+    return (f"usage: neuroal [--version] <command> [flags and key=value overrides]\n\n"
+            f"commands:\n{rows}\n\n`neuroal <command> --help` lists a command's flags; "
+            "without a command, the arguments are prune's.\n")
+
+
+def prune_main(argv: Sequence[str] | None = None) -> int:
+    """``neuroal prune`` and ``launch/prune.py``: argv -> config -> pipeline -> exit code."""
     from neuroal.config import ConfigError, load_config
     from neuroal.export import OutputExistsError
     from neuroal.models.adapter import AdapterError
     from neuroal.models.loading import ModelSourceError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    stray = [o for o in args.overrides if "=" not in o]
-    if stray:
-        build_parser().error(f"unexpected argument(s) {stray}: overrides are key=value")
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    split_overrides(parser, args)
     configure(args.log_level or "INFO")
     try:
         cfg = load_config(args.config, args.overrides, flags_to_tree(args))
@@ -134,10 +196,13 @@ def summarize(report: dict[str, Any], output: Any) -> None:
              f"{report['pattern']}, target sparsity {report['target_sparsity']:.4f}, achieved "
              f"{report['achieved_sparsity']:.4f}, {report['timings'].get('total', 0.0):.1f} s"]
     for name, ev in report.get("eval", {}).items():
+        if name == "tasks":
+            continue
         dense = ev.get("dense_ppl")
         dense_txt = f"{dense:.3f}" if dense is not None else "n/a"
         lines.append(f"{name} perplexity ({ev['windows']} windows x {ev['seqlen']} tokens): "
                      f"dense {dense_txt}  ->  pruned {ev['sparse_ppl']:.3f}")
+    lines += _task_lines(report.get("eval", {}).get("tasks"))
     for step in (report.get("recovery") or {}).get("steps", []):
         lines.append(_recovery_line(step))
     for row in report.get("compare", []):
@@ -162,3 +227,15 @@ def _recovery_line(step: dict[str, Any]) -> str:
         prior = before.get(name)
         text += f"; {name} perplexity {'n/a' if prior is None else f'{prior:.3f}'} -> {ppl:.3f}"
     return text
+
+
+def _task_lines(tasks: dict[str, Any] | None) -> list[str]:
+    """One line per zero-shot task: dense -> pruned metrics (``report["eval"]["tasks"]``)."""
+    from neuroal.evaluation import format_metrics
+
+    lines = []
+    for name, row in (tasks or {}).get("results", {}).items():
+        lines.append(f"{name} zero-shot ({row['samples']} documents, {row['n_shot']}-shot): "
+                     f"dense {format_metrics(row.get('dense'))}  ->  pruned "
+                     f"{format_metrics(row.get('sparse'))}")
+    return lines

@@ -90,12 +90,22 @@ class CalibConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Perplexity evaluation; ``datasets`` empty disables it. ``seqlen`` None = calib seqlen."""
+    """Perplexity evaluation; ``datasets`` empty disables it. ``seqlen`` None = calib seqlen.
+
+    ``tasks``: lm-eval zero-shot tasks scored through the workers (``neuroal.zeroshot``; needs
+    the ``neuroal[eval]`` extra), with task YAMLs also read from ``include_path``; ``limit``
+    keeps the first documents of each task, ``max_length`` the context window (None: model's).
+    """
 
     datasets: tuple[str, ...] = ("wikitext2",)
     seqlen: int | None = None
     max_windows: int | None = 64
     dense: bool = True
+    tasks: tuple[str, ...] = ()
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    max_length: int | None = None
 
 
 @dataclass(frozen=True)
@@ -339,8 +349,9 @@ def _build_section(name: str, value: Any, errors: list[str]) -> Any:
         return None
     fields = {f.name for f in dataclasses.fields(cls)}
     value = dict(value)
-    if name == "eval" and isinstance(value.get("datasets"), str):
-        value["datasets"] = _split_list(value["datasets"])
+    for k in ("datasets", "tasks"):
+        if name == "eval" and isinstance(value.get(k), str):
+            value[k] = _split_list(value[k])
     known = typed_fields(f"{name}.", cls, {k: v for k, v in value.items() if k in fields}, errors)
     extra = {k: v for k, v in value.items() if k not in fields}
     if extra and name not in _OPEN_SECTIONS:
@@ -349,7 +360,7 @@ def _build_section(name: str, value: Any, errors: list[str]) -> Any:
         extra = {}
     if name in _OPEN_SECTIONS:
         known["options"] = {**dict(known.get("options") or {}), **extra}
-    for k in ("clip", "datasets", "devices"):
+    for k in ("clip", "datasets", "devices", "tasks"):
         if k in known and isinstance(known[k], list):
             known[k] = tuple(known[k])
     return cls(**known)
@@ -547,7 +558,8 @@ def _check_data(cfg: PruneConfig) -> list[str]:
             errors.append("eval.datasets: 'self' is a calibration source only; evaluate on "
                           "wikitext2, c4 or text:<path>")
     for label, value in [("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
-                         ("eval.seqlen", cfg.eval.seqlen), ("eval.max_windows", cfg.eval.max_windows)]:
+                         ("eval.seqlen", cfg.eval.seqlen), ("eval.max_windows", cfg.eval.max_windows),
+                         ("eval.limit", cfg.eval.limit), ("eval.max_length", cfg.eval.max_length)]:
         if value is not None and (not is_int(value) or value < 1):
             errors.append(f"{label}={value!r}: expected a positive integer")
     temperature, top_k = cfg.calib.self_temperature, cfg.calib.self_top_k
@@ -557,6 +569,26 @@ def _check_data(cfg: PruneConfig) -> list[str]:
     if top_k is not None and (not is_int(top_k) or top_k < 1):
         errors.append(f"calib.self_top_k={top_k!r}: expected an integer >= 1 (tokens kept per "
                       "step of calib=self sampling) or null for the full vocabulary")
+    return errors + _check_tasks(cfg.eval)
+
+
+def _check_tasks(ev: EvalConfig) -> list[str]:
+    """Zero-shot settings; whether the task names exist is checked by the pipeline (it needs
+    lm-eval's task index)."""
+    import importlib.util
+
+    errors = []
+    if not isinstance(ev.tasks, tuple) or not all(isinstance(t, str) and t for t in ev.tasks):
+        errors.append(f"eval.tasks={ev.tasks!r}: expected lm-eval task names, e.g. "
+                      "hellaswag,arc_easy")
+    elif ev.tasks and importlib.util.find_spec("lm_eval") is None:
+        errors.append("eval.tasks needs lm-evaluation-harness, which is not installed; install "
+                      "it with: pip install 'neuroal[eval]'")
+    if ev.include_path is not None and not Path(str(ev.include_path)).is_dir():
+        errors.append(f"eval.include_path={ev.include_path!r} is not a directory; give a folder "
+                      "of lm-eval task YAML files")
+    if ev.num_fewshot is not None and (not is_int(ev.num_fewshot) or ev.num_fewshot < 0):
+        errors.append(f"eval.num_fewshot={ev.num_fewshot!r}: expected an integer >= 0")
     return errors
 
 

@@ -199,6 +199,8 @@ def model_card(report: dict[str, Any]) -> str:
         f"T={report['calibration']['seqlen']}, seed={report['calibration']['seed']}",
     ]
     for name, values in ev.items():
+        if name == "tasks":  # zero-shot results (neuroal.zeroshot), not a perplexity source
+            continue
         dense, sparse = values.get("dense_ppl"), values.get("sparse_ppl")
         lines.append(f"- {name} perplexity ({values.get('windows')} windows x "
                      f"{values.get('seqlen')} tokens): dense "

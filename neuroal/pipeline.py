@@ -108,6 +108,7 @@ class Prepared:
     evals: dict[str, Any]
     output: OutputDir | None
     onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
+    tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.zeroshot), or None
 
 
 # --------------------------------------------------------------------------- preparation
@@ -270,16 +271,68 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
             evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
                                              cfg.eval.max_windows, cfg.calib.data_dir)
                      for spec in cfg.eval.datasets}
+            tasks = prepare_tasks(cfg)
     except BaseException:
         if output is not None:
             output.release()
         raise
-    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload)
+    return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload,
+                    tasks)
 
 
 def _local(path: str | None) -> list[str]:
     """``[path]`` if it names an existing local file or directory, else ``[]``."""
     return [path] if path and Path(path).expanduser().exists() else []
+
+
+def task_spec(cfg: PruneConfig) -> Any:
+    """The zero-shot settings of ``cfg.eval`` as plain values (:class:`neuroal.zeroshot.TaskSpec`);
+    one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
+    from neuroal.zeroshot import TaskSpec
+
+    ev, eng = cfg.eval, cfg.engine
+    return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
+                    batch_size=4 * eng.micro_batch * eng.workers)
+
+
+def prepare_tasks(cfg: PruneConfig) -> Any:
+    """Check the task names and build every task once (documents read or downloaded) before
+    any weight is loaded; returns the lm-eval TaskManager, or None without ``eval.tasks``."""
+    if not cfg.eval.tasks:
+        return None
+    from neuroal.zeroshot import load_tasks, task_manager
+
+    spec = task_spec(cfg)
+    manager = task_manager(spec)
+    load_tasks(spec, manager)
+    return manager
+
+
+def evaluate_tasks(cfg: PruneConfig, prep: Prepared, executor: Executor) -> dict[str, Any]:
+    """Zero-shot results of the executor's current model (``{}`` without ``eval.tasks``)."""
+    if prep.tasks is None:
+        return {}
+    from neuroal.zeroshot import evaluate_tasks as run_tasks
+
+    return run_tasks(executor, prep.tokenizer, prep.config, task_spec(cfg), prep.tasks)
+
+
+def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any],
+                 key: str = "sparse") -> dict[str, Any]:
+    """``report["eval"]["tasks"]``: lm-eval's version and settings, then per task its version,
+    shots, documents and metrics of the dense model (``dense``, when measured) beside the
+    pruned one (``key``)."""
+    from neuroal.zeroshot import lm_eval_version
+
+    results = {}
+    for name, row in sparse.items():
+        results[name] = {"version": row["version"], "n_shot": row["n_shot"],
+                         "samples": row["samples"],
+                         "dense": dense[name]["metrics"] if name in dense else None,
+                         key: row["metrics"]}
+    return {"lm_eval_version": lm_eval_version(), "tasks": list(cfg.eval.tasks),
+            "include_path": cfg.eval.include_path, "num_fewshot": cfg.eval.num_fewshot,
+            "limit": cfg.eval.limit, "results": results}
 
 
 # --------------------------------------------------------------------------- run
@@ -398,14 +451,22 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
             executor = build_executor(cfg, prep)
             if state is not None and hasattr(executor, "state_dir"):
                 executor.state_dir = str(state.root)  # named in restart errors (Ray)
-        dense = {}
+        dense, dense_tasks = {}, {}
         if cfg.eval.dense and prep.evals:
             with timings("eval_dense"):
                 dense = evaluate(executor, prep.evals)
             log.info("dense perplexity: %s", _fmt(dense))
+        if cfg.eval.dense and prep.tasks is not None:
+            with timings("eval_tasks_dense"):
+                dense_tasks = evaluate_tasks(cfg, prep, executor)
         plan, blocks, sparse, calib = prune_and_evaluate(cfg, prep, executor, timings, state=state)
+        if prep.tasks is not None:
+            with timings("eval_tasks_sparse"):
+                sparse_tasks = evaluate_tasks(cfg, prep, executor)
         timings.phases["total"] = time.perf_counter() - t_start
         report = build_report(cfg, prep, plan, blocks, dense, sparse, timings, executor, command)
+        if prep.tasks is not None:
+            report["eval"]["tasks"] = tasks_report(cfg, dense_tasks, sparse_tasks)
         if compared:
             report["compare"] = compared
         if cfg.recover.steps:

@@ -127,6 +127,9 @@ def _compare_executors(model_dir: str) -> None:
                 assert all(torch.equal(g.delta[n], w.delta[n]) for n in w.delta)
     assert torch.equal(ex.window_nll(ids), local.window_nll(ids))
     assert torch.equal(ex.last_logits(ids), local.last_logits(ids))
+    targets = ids.roll(-1, dims=1)  # zero-shot scoring (neuroal.zeroshot)
+    for g, w in zip(ex.token_logprobs(ids, targets), local.token_logprobs(ids, targets), strict=True):
+        assert torch.equal(g, w)
     plan = SparsityPlan(0.5, "unstructured", [{n: 0.5 for n in blk} for blk in blocks])
     # SparseGPT, then the PERP reconstruction of each block (recovery.md §3.6) on the ranks
     job = PruneJob("sparsegpt", reconstruct={"steps": 3, "batch_size": 2, "lr": 1e-2, "rank": 4})

@@ -137,6 +137,10 @@ def test_executor_methods_match_local(ray_instance, tiny_models: dict[str, Path]
             local.dense_block_metrics(ids, lod, needs)
         assert torch.equal(remote.last_logits(ids), local.last_logits(ids))
         assert torch.equal(remote.window_nll(ids), local.window_nll(ids))
+        targets = ids.roll(-1, dims=1)  # zero-shot scoring (neuroal.zeroshot)
+        for g, w in zip(remote.token_logprobs(ids, targets), local.token_logprobs(ids, targets),
+                        strict=True):
+            assert torch.equal(g, w)
         assert [remote.block_prefix(b) for b in range(2)] == ["model.layers.0.", "model.layers.1."]
         use = remote.utilisation()["search"]
         assert len(use["busy"]) == 2 and 0.0 < use["utilisation"] <= 1.0

@@ -374,6 +374,21 @@ class RankStage:
                 out.append(self._try(lambda s=stream, c=chunk: self.w.window_nll(s, c)))
         return torch.cat(out) if self.info.last and self._error is None else None
 
+    def token_logprobs(self, common: tuple[torch.Tensor, torch.Tensor],
+                       _own: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Per-position target log-probabilities and argmax flags (last rank), micro-batch by
+        micro-batch as in the local executor."""
+        inputs, targets = common
+        parts = []
+        for i in range(0, inputs.shape[0], self.micro_batch):
+            stream = self._forward(inputs[i : i + self.micro_batch])
+            if self.info.last and stream is not None:
+                parts.append(self._try(lambda s=stream, t=targets[i : i + self.micro_batch]:
+                                       self.w.token_logprobs(s, t)))
+        if not self.info.last or self._error is not None:
+            return None
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
     def last_logits(self, ids: torch.Tensor, _own: Any) -> torch.Tensor | None:
         stream = self._forward(ids)
         if self.info.last and stream is not None:
@@ -402,6 +417,7 @@ _OPS: dict[str, Callable[[RankStage, Any, Any], Any]] = {
     "prune": RankStage.prune, "candidates": RankStage.candidates,
     "dense_metrics": RankStage.dense_metrics, "weight_metrics": RankStage.weight_metrics,
     "window_nll": RankStage.window_nll, "last_logits": RankStage.last_logits,
+    "token_logprobs": RankStage.token_logprobs,
     "logits": RankStage.logits, "masks": RankStage.masks, "write_shards": RankStage.write_shards,
 }
 
@@ -631,6 +647,12 @@ class DistExecutor:
         """Per-window mean NLL ``(k,)`` float64 (computed by the last rank)."""
         with self.meter("eval"):
             return self._call("window_nll", windows)[-1]
+
+    def token_logprobs(self, inputs: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position target log-probabilities and argmax flags ``(B, T)`` (last rank)."""
+        with self.meter("eval"):
+            return self._call("token_logprobs", (inputs, targets))[-1]
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)``."""

@@ -112,6 +112,9 @@ class Executor(Protocol):
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor: ...
 
+    def token_logprobs(self, inputs: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
@@ -255,6 +258,18 @@ class LocalExecutor:
             out = [self.workers[-1].window_nll(self._through(chunk), chunk)
                    for chunk in progress(parts, "perplexity", total=len(parts))]
         return torch.cat(out)
+
+    def token_logprobs(self, inputs: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position log-probability of ``targets`` ``(B, T)`` after ``inputs`` ``(B, T)``
+        and its argmax flag (:meth:`Worker.token_logprobs`), micro-batch by micro-batch."""
+        mb = self.specs[0].micro_batch
+        parts = []
+        with self.meter("eval"):
+            for i in range(0, inputs.shape[0], mb):
+                parts.append(self.workers[-1].token_logprobs(self._through(inputs[i : i + mb]),
+                                                             targets[i : i + mb]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""

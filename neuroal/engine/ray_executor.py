@@ -637,6 +637,27 @@ class RayExecutor:
                 [i for i in range(len(parts)) if i not in done], submit, gather, "perplexity"))
         return torch.cat([done[i] for i in range(len(parts))])
 
+    def token_logprobs(self, inputs: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position log-probability of ``targets`` after ``inputs`` (both ``(B, T)``) and
+        its argmax flag (``Worker.token_logprobs`` on the last actor); chunks pipeline."""
+        mb = self.specs[0].micro_batch
+        starts = list(range(0, inputs.shape[0], mb))
+        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def submit(i: int) -> Any:
+            sl = slice(starts[i], starts[i] + mb)
+            return self.workers[-1].token_logprobs.remote(self._through(inputs[sl]), targets[sl])
+
+        def gather(i: int, ref: Any) -> None:
+            done[i] = self._get(ref, f"scoring zero-shot chunk {i}")
+
+        with self.meter("eval"):
+            self._retrying(lambda: self._pipelined(
+                [i for i in range(len(starts)) if i not in done], submit, gather, "zero-shot"))
+        return (torch.cat([done[i][0] for i in range(len(starts))]),
+                torch.cat([done[i][1] for i in range(len(starts))]))
+
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
         return self._retrying(lambda: self._get(

@@ -688,6 +688,25 @@ class Worker:
         return out
 
     @torch.no_grad()
+    def token_logprobs(self, stream: torch.Tensor,
+                       targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-probability of ``targets[b, t]`` after position ``t``, and whether it is the
+        argmax (zero-shot scoring, ``neuroal.zeroshot``): ``(B, T, h), (B, T) -> (B, T)``
+        float64 and ``(B, T)`` bool, fp32 log-softmax, one sequence at a time (as
+        :meth:`window_nll`), so only ``(T, vocab)`` logits exist at once."""
+        if not self.last:
+            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        logprobs = torch.empty(targets.shape, dtype=torch.float64)
+        greedy = torch.empty(targets.shape, dtype=torch.bool)
+        for i in range(stream.shape[0]):
+            logits = self.adapter.logits(stream[i : i + 1].to(self.device)).float()[0]
+            scores = torch.log_softmax(logits, dim=-1)
+            target = targets[i].to(scores.device)
+            logprobs[i] = scores.gather(-1, target[:, None])[:, 0].double().cpu()
+            greedy[i] = (scores.argmax(-1) == target).cpu()
+        return logprobs, greedy
+
+    @torch.no_grad()
     def logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, T, h) -> (B, T, vocab)`` fp32 on the CPU (tests, inspection)."""
         if not self.last:

@@ -1,0 +1,150 @@
+"""Plan memory before a run (engine.md §7): per-worker table, verdict, alternatives.
+
+    neuroal plan --model llama-2-70b --workers 8 --gpu-memory 80GB
+    neuroal plan --model qwen2.5-72b --workers 4 --gpu-memory 80GB --criterion sparsegpt
+    neuroal plan --model ./my-model --workers 2 --gpu-memory 24GB --json plan.json
+    neuroal plan --model llama-2-70b --recover perp-reconstruct,perp-masklora \
+        --recover-opt perp-masklora.gradient_checkpointing=true
+    neuroal plan --model llama-2-70b --workers 1 --gpu-memory 80GB   # onloading: fits
+
+``--model`` takes a known alias (config shipped with neuroal, works offline), a local HF
+directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from neuroal import __version__
+from neuroal.planner import MemoryRequest, format_summary, parse_bytes, summarize
+
+# dotted config key -> flag: the flags are validated by the same config checks as prune.py
+FLAGS = {"model.name": "--model", "engine.workers": "--workers", "engine.memory_limit": "--gpu-memory",
+         "calib.nsamples": "--nsamples", "calib.seqlen": "--seqlen",
+         "engine.micro_batch": "--micro-batch", "criterion.name": "--criterion",
+         "allocation.name": "--allocation", "allocation.search_samples": "--search-samples",
+         "allocation.reference_stream": "--reference-stream", "eval.seqlen": "--eval-seqlen"}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """The flags as a prune config (same checks and messages as launch/prune.py), then the
+    windows against the model's positions; raises ConfigError (exit code 2)."""
+    from neuroal.config import ConfigError, config_from_flags
+    from neuroal.inputs import position_errors
+    from neuroal.models.loading import load_model_config, resolve_model
+
+    values = {"model.name": args.model, "engine.workers": args.workers,
+              "engine.memory_limit": args.gpu_memory, "calib.nsamples": args.nsamples,
+              "calib.seqlen": args.seqlen, "engine.micro_batch": args.micro_batch,
+              "criterion.name": args.criterion, "allocation.name": args.allocation,
+              "eval.seqlen": args.eval_seqlen, "eval.datasets": "wikitext2" if args.eval_seqlen
+              else "none"}
+    if args.allocation == "neuroal":
+        values.update({"allocation.search_samples": args.search_samples,
+                       "allocation.reference_stream": args.reference_stream})
+    config_from_flags(values, FLAGS)
+    errors = position_errors(load_model_config(resolve_model(args.model)),
+                             {"--seqlen": args.seqlen, "--eval-seqlen": args.eval_seqlen},
+                             args.model)
+    if errors:
+        raise ConfigError(errors)
+
+
+def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dict[str, dict]]:
+    """``--recover`` and ``--recover-opt`` as ``MemoryRequest.recover`` / ``recover_options``,
+    checked against the registered steps and their options."""
+    import yaml
+
+    from neuroal.recovery import RECOVERY_STEPS, chain_errors
+
+    names = tuple(s.strip() for s in steps.split(",") if s.strip())
+    unknown = [s for s in names if s not in RECOVERY_STEPS]
+    if unknown:
+        raise ValueError(f"--recover: unknown step(s) {unknown}; available: "
+                         f"{', '.join(RECOVERY_STEPS.names())}")
+    errors = chain_errors(names)
+    if errors:
+        raise ValueError("; ".join(errors))
+    names = tuple(RECOVERY_STEPS.canonical(s) for s in names)
+    options: dict[str, dict] = {}
+    for item in opts:
+        key, sep, value = item.partition("=")
+        step, dot, option = key.rpartition(".")
+        if not sep or not dot or RECOVERY_STEPS.canonical(step) not in names:
+            raise ValueError(f"--recover-opt {item!r}: expected STEP.KEY=VALUE with STEP one of "
+                             f"--recover ({', '.join(names) or 'none given'})")
+        step = RECOVERY_STEPS.canonical(step)
+        if option not in RECOVERY_STEPS.get(step).defaults:
+            raise ValueError(f"--recover-opt {item!r}: {step} has no option {option!r}; options: "
+                             f"{', '.join(RECOVERY_STEPS.get(step).defaults)}")
+        options.setdefault(step, {})[option] = yaml.safe_load(value)
+    return names, options
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``neuroal plan`` / ``launch/plan.py``: exit 0 when it fits, 1 when not, 2 on bad input."""
+    p = argparse.ArgumentParser(prog="neuroal plan", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"neuroal {__version__}")
+    p.add_argument("--model", default="llama-2-70b", help="alias, HF directory or hub id")
+    p.add_argument("--workers", type=int, default=8, help="workers, one device each")
+    p.add_argument("--gpu-memory", default="80GB", help="memory per device, e.g. 80GB, 24GiB")
+    p.add_argument("--device-type", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=2048)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--criterion", default="wanda")
+    p.add_argument("--allocation", default="uniform")
+    p.add_argument("--search-samples", type=int, default=8, help="NeuroAL search windows")
+    p.add_argument("--reference-stream", default="local", choices=["local", "global"])
+    p.add_argument("--offload-activations", action="store_true")
+    p.add_argument("--onload", default="auto", choices=["auto", "device", "host", "disk"],
+                   help="where blocks live between uses (auto: the first mode that fits)")
+    p.add_argument("--no-prefetch", action="store_true", help="onloading without read-ahead")
+    p.add_argument("--host-memory", default=None,
+                   help="host memory of the node, e.g. 512GB (checked under onloading)")
+    p.add_argument("--eval-seqlen", type=int, default=None, help="perplexity window (last worker)")
+    p.add_argument("--recover", default="", metavar="STEPS",
+                   help="recovery steps, comma-separated as recover.steps (e.g. "
+                        "perp-reconstruct,perp-masklora)")
+    p.add_argument("--recover-opt", action="append", default=[], metavar="STEP.KEY=VALUE",
+                   help="a recovery step option (YAML value), e.g. perp-reconstruct.batch_size=2")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout)")
+    args = p.parse_args(argv)
+    try:
+        validate(args)
+        steps, options = recovery_settings(args.recover, args.recover_opt)
+    except (ValueError, OSError) as exc:  # ConfigError, ModelSourceError
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    request = MemoryRequest(
+        workers=args.workers, dtype=args.dtype, nsamples=args.nsamples, seqlen=args.seqlen,
+        micro_batch=args.micro_batch, criterion=args.criterion, allocation=args.allocation,
+        search_samples=args.search_samples, reference_stream=args.reference_stream,
+        offload_activations=args.offload_activations, device_type=args.device_type,
+        eval_seqlen=args.eval_seqlen, recover=steps, recover_options=options,
+        onload=args.onload, prefetch=not args.no_prefetch)
+    try:
+        if args.json and args.json != "-":  # never over the model's own files
+            from neuroal.safety import check_file_output
+
+            check_file_output(args.json, [args.model] if Path(args.model).exists() else [])
+        host = parse_bytes(args.host_memory) if args.host_memory else None
+        summary = summarize(args.model, request, parse_bytes(args.gpu_memory), host)
+    except (ValueError, KeyError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json == "-":
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_summary(summary))
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if summary["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Retrain a pruned model with PERP, masks fixed (recovery.md §3): `python launch/recover.py --help`.
+
+One process:   python launch/recover.py outputs/pruned --output outputs/pruned-perp --variant masklora
+DeepSpeed:     accelerate launch --use_deepspeed --deepspeed_config_file configs/deepspeed/zero3.json \\
+                   --zero3_init_flag true --num_processes 8 launch/recover.py outputs/pruned ...
+(under `accelerate launch --use_deepspeed` the accelerate backend is chosen automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    from neuroal import __version__
+
+    p = argparse.ArgumentParser(prog="neuroal recover", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"neuroal {__version__}")
+    p.add_argument("model", help="pruned Hugging Face model directory (e.g. from launch/prune.py)")
+    p.add_argument("--output", required=True, help="directory for the retrained model")
+    from neuroal.recovery.perp import PERP_VARIANTS
+
+    p.add_argument("--variant", default="masklora", help=" | ".join(PERP_VARIANTS.names()) +
+                   " (full: block weights, re-masked)")
+    p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
+    p.add_argument("--head-lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA on the head (variant default)")
+    p.add_argument("--add-biases", action="store_true", help="add trainable zero biases where the "
+                   "architecture has a config flag for them")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tokens", type=int, help="token budget (overrides --steps)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the variant's, as the "
+                   "pipeline's perp-<variant> step: 5e-4 for adapters, 2e-5 for full)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--calib", default="wikitext2")
+    p.add_argument("--nsamples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="calibration draw seed")
+    p.add_argument("--eval", default="wikitext2")
+    p.add_argument("--eval-windows", type=int, default=16, help="0 = no perplexity")
+    p.add_argument("--data-dir")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--backend", choices=("torch", "accelerate"),
+                   default="accelerate" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "torch")
+    p.add_argument("--shard-size", default="2GB")
+    p.add_argument("--overwrite", action="store_true")
+    return p.parse_args(argv)
+
+
+# dotted config key -> flag: shared flags are validated by the same config checks as prune.py
+FLAGS = {"model.name": "model", "output.dir": "--output", "calib.source": "--calib",
+         "calib.nsamples": "--nsamples", "calib.seqlen": "--seqlen", "calib.seed": "--seed",
+         "calib.data_dir": "--data-dir", "eval.datasets": "--eval",
+         "eval.max_windows": "--eval-windows", "engine.device": "--device",
+         "model.dtype": "--dtype", "output.shard_size": "--shard-size"}
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Every flag checked before the model is loaded, all errors at once; raises ConfigError
+    (exit code 2). Model, output and windows are checked against the model's config."""
+    from neuroal.config import ConfigError, config_from_flags
+    from neuroal.export import OutputDir
+    from neuroal.inputs import position_errors, positive_int, positive_number
+    from neuroal.models.loading import load_model_config, resolve_model
+    from neuroal.recovery.perp import PERP_VARIANTS
+
+    errors = []
+    if args.variant not in PERP_VARIANTS:
+        errors.append(f"--variant={args.variant!r} is unknown; available: "
+                      f"{', '.join(PERP_VARIANTS.names())}")
+    errors += positive_int("--steps", args.steps) + positive_int("--batch-size", args.batch_size)
+    errors += positive_int("--grad-accum", args.grad_accum)
+    errors += positive_number("--lr", args.lr) if args.lr is not None else []
+    errors += positive_int("--tokens", args.tokens) if args.tokens is not None else []
+    errors += positive_int("--rank", args.rank) if args.rank is not None else []
+    errors += positive_number("--alpha", args.alpha) if args.alpha is not None else []
+    try:
+        config_from_flags({
+            "model.name": args.model, "output.dir": args.output, "calib.source": args.calib,
+            "calib.nsamples": args.nsamples, "calib.seqlen": args.seqlen, "calib.seed": args.seed,
+            "calib.data_dir": args.data_dir, "eval.datasets": args.eval if args.eval_windows
+            else "none", "eval.max_windows": args.eval_windows or None,
+            "engine.device": args.device, "model.dtype": args.dtype,
+            "output.shard_size": args.shard_size}, FLAGS)
+    except ConfigError as exc:
+        errors += exc.errors
+    if errors:
+        raise ConfigError(errors)
+    source = resolve_model(args.model)
+    if source.kind != "hf_dir":
+        raise ConfigError([f"model={args.model!r}: recover reads a local Hugging Face directory "
+                           "(a pruned export of launch/prune.py)"])
+    OutputDir(Path(args.output)).check(args.overwrite, inputs=(source.location,))
+    errors = position_errors(load_model_config(source), {"--seqlen": args.seqlen}, args.model)
+    if errors:
+        raise ConfigError(errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from neuroal.export import OutputExistsError
+    from neuroal.logging import configure, get_logger
+
+    args = parse(argv)
+    configure("INFO")
+    log = get_logger("neuroal.recover")
+    try:
+        validate(args)
+        report = run(args)
+    except (ValueError, FileNotFoundError, OutputExistsError) as exc:  # ConfigError, ModelSourceError
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; no output was written")
+        return 130
+    if report:
+        ppl = report["perplexity"]
+        sys.stdout.write(f"{args.eval}: perplexity before {ppl['before']}, after {ppl['after']} "
+                         f"({report['train']['steps']} steps, {report['train']['tokens']} tokens, "
+                         f"sparsity {report['achieved_sparsity']:.4f}) -> {args.output}\n")
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The validated flags as a RecoverJob, run; returns its report (empty on other ranks)."""
+    from neuroal.recovery.train import recover
+
+    return recover(build_job(args))
+
+
+def build_job(args: argparse.Namespace) -> object:
+    """The :class:`~neuroal.recovery.train.RecoverJob` of the parsed arguments; unset options take
+    the variant's defaults, the same as the pipeline's ``perp-<variant>`` step."""
+    from neuroal.recovery import variant_train_defaults
+    from neuroal.recovery.perp import PERP_VARIANTS
+    from neuroal.recovery.train import RecoverJob, TrainOptions
+
+    overrides = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha),
+                                   ("lm_head_lora", args.head_lora)) if v is not None}
+    perp = dataclasses.replace(PERP_VARIANTS.get(args.variant), add_biases=args.add_biases, **overrides)
+    lr = args.lr if args.lr is not None else variant_train_defaults(args.variant)["lr"]
+    train = TrainOptions(lr=lr, steps=args.steps, tokens=args.tokens, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, gradient_checkpointing=args.gradient_checkpointing)
+    return RecoverJob(model=args.model, output=args.output, variant=PERP_VARIANTS.canonical(args.variant),
+                      perp=perp, train=train, calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
+                      seed=args.seed, eval=args.eval, eval_windows=args.eval_windows,
+                      data_dir=args.data_dir, device=args.device, dtype=args.dtype, backend=args.backend,
+                      shard_size=args.shard_size, overwrite=args.overwrite)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

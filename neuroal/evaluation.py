@@ -1,0 +1,273 @@
+"""Evaluate any model (an exported pruned directory, a GGUF file, an alias) through the workers:
+the streamed perplexity and lm-eval zero-shot tasks (``neuroal.zeroshot``).
+
+:func:`evaluate` is the Python API; :func:`main` the ``neuroal evaluate`` / ``launch/evaluate.py``
+command. Both build a validated :class:`~neuroal.config.PruneConfig` (only its model, eval and
+engine sections matter here), so the same errors come out for the same bad values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from neuroal.logging import configure, get_logger
+
+log = get_logger(__name__)
+
+# evaluate flag -> dotted config key
+FLAG_KEYS = {
+    "eval": "eval.datasets", "seqlen": "eval.seqlen", "windows": "eval.max_windows",
+    "tasks": "eval.tasks", "include_path": "eval.include_path", "limit": "eval.limit",
+    "num_fewshot": "eval.num_fewshot", "max_length": "eval.max_length",
+    "workers": "engine.workers", "engine": "engine.executor", "device": "engine.device",
+    "dtype": "model.dtype", "micro_batch": "engine.micro_batch", "data_dir": "calib.data_dir",
+}
+
+
+def evaluation_config(model: str, overrides: Mapping[str, Any] | None = None,
+                      config: str | Path | None = None, items: Sequence[str] = ()) -> Any:
+    """The validated config of an evaluation: defaults <- YAML ``config`` <- ``overrides`` (a
+    nested or dotted mapping) <- ``key=value`` ``items``; ``model`` always wins."""
+    from neuroal.config import load_config, set_dotted
+
+    tree: dict[str, Any] = {}
+    for key, value in (overrides or {}).items():
+        set_dotted(tree, key.replace("__", "."), value)
+    set_dotted(tree, "model.name", model)
+    if tree.get("eval", {}).get("max_windows") == 0:  # 0 = every window
+        tree["eval"]["max_windows"] = None
+    cfg = load_config(config, items, tree)
+    return cfg
+
+
+def evaluate(model: str = "smollm2-135m", *, datasets: Sequence[str] | str = ("wikitext2",),
+             tasks: Sequence[str] | str = (), config: str | Path | None = None,
+             **overrides: Any) -> dict[str, Any]:
+    """Perplexity and zero-shot accuracy of ``model`` through the executor's workers.
+
+    Args:
+        model: Alias (``smollm2-135m``), local HF directory (e.g. a pruned output), ``.gguf``
+            file or hub id.
+        datasets: Perplexity sources (``wikitext2``, ``c4``, ``text:<path>``); ``()`` for none.
+        tasks: lm-eval task names (needs ``neuroal[eval]``), e.g. ``["hellaswag", "arc_easy"]``.
+        config: Optional YAML recipe whose ``model``, ``eval`` and ``engine`` sections apply.
+        overrides: Config keys, as sections (``engine={"workers": 2}``) or with ``__`` for dots
+            (``eval__limit=100``, ``engine__executor="ray"``).
+
+    Returns:
+        ``{"model", "perplexity": {source: ppl}, "eval": {source: {ppl, windows, seqlen}},
+        "tasks": {...} (when tasks are given), "timings", "versions"}``.
+
+    Raises:
+        ConfigError: A bad value, before any weight is loaded.
+    """
+    tree = {"eval": {"datasets": datasets, "tasks": tasks}}
+    for key, value in overrides.items():
+        if isinstance(value, Mapping):
+            tree.setdefault(key, {}).update(value)
+        else:
+            tree[key] = value
+    return run_evaluation(evaluation_config(model, _dotted(tree), config))
+
+
+def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_evaluation(cfg: Any) -> dict[str, Any]:
+    """Resolve and check everything, load the model's slices on the workers, then score the
+    perplexity sources and the zero-shot tasks of ``cfg.eval``; returns the result dict."""
+    from neuroal.config import ConfigError
+    from neuroal.data.evaluation import load_eval_windows, perplexity
+    from neuroal.inputs import position_errors
+    from neuroal.models.adapter import ModelAdapter
+    from neuroal.models.loading import (
+        SafetensorsCheckpoint,
+        build_skeleton,
+        load_model_config,
+        resolve_dtype,
+        resolve_model,
+    )
+    from neuroal.pipeline import (
+        Prepared,
+        Timings,
+        build_executor,
+        check_memory,
+        check_shape,
+        evaluate_tasks,
+        load_tokenizer,
+        pick_device,
+        prepare_tasks,
+        tasks_report,
+        versions,
+    )
+
+    timings, t0 = Timings(), time.perf_counter()
+    with timings("resolve"):
+        source = resolve_model(cfg.model.name, cfg.model.revision)
+        config = load_model_config(source, cfg.model.trust_remote_code)
+        device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
+        dtype = resolve_dtype(cfg.model.dtype, config, device)
+        adapter = ModelAdapter(build_skeleton(config, dtype))
+        shape = adapter.shape(row_map=False)
+        check_shape(cfg, shape)
+        errors = position_errors(config, {"--seqlen": cfg.eval.seqlen or cfg.calib.seqlen},
+                                 cfg.model.name)
+        if errors:
+            raise ConfigError(errors)
+        if source.kind == "hf_dir":  # truncated / corrupt shards named before any loading
+            SafetensorsCheckpoint(Path(source.location)).verify()
+        onload = check_memory(cfg, config, adapter, device, dtype)
+    with timings("data"):
+        tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
+        evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
+                                         cfg.eval.max_windows, cfg.calib.data_dir)
+                 for spec in cfg.eval.datasets}
+        manager = prepare_tasks(cfg)
+    prep = Prepared(source, config, shape, device, dtype, tokenizer, None, evals, None, onload,
+                    manager)
+    with timings("load"):
+        executor = build_executor(cfg, prep)
+    try:
+        with timings("eval"):
+            ppl = {spec: perplexity(executor.window_nll(data.windows)) for spec, data in evals.items()}
+        with timings("eval_tasks"):
+            tasks = evaluate_tasks(cfg, prep, executor)
+    finally:
+        executor.shutdown()
+    timings.phases["total"] = time.perf_counter() - t0
+    result: dict[str, Any] = {
+        "model": cfg.model.name, "perplexity": ppl,
+        "eval": {spec: {"ppl": ppl[spec], "windows": int(data.windows.shape[0]),
+                        "seqlen": int(data.windows.shape[1])} for spec, data in evals.items()},
+        "timings": timings.phases, "versions": versions(),
+        "engine": {"executor": cfg.engine.executor, "workers": cfg.engine.workers,
+                   "device": str(device), "dtype": str(dtype).removeprefix("torch.")},
+    }
+    if manager is not None:
+        result["tasks"] = tasks_report(cfg, {}, tasks, key="model")
+    return result
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
+    """The ``evaluate`` argument parser; every flag maps onto one config key."""
+    p = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Perplexity and lm-eval zero-shot accuracy of a model (e.g. a pruned "
+                    "output directory), scored through the workers.",
+        epilog="examples:\n"
+               "  neuroal evaluate outputs/smollm2-135m-wanda-uniform-0.5\n"
+               "  neuroal evaluate smollm2-135m --eval none --tasks neuroal_tiny_qa\n"
+               "  neuroal evaluate ./Llama-2-70b-pruned --tasks hellaswag,arc_easy,arc_challenge "
+               "--workers 8 --engine ray\n"
+               "  neuroal evaluate ./model --tasks my_task --include-path ./my_tasks eval.limit=100\n"
+               "\nkey=value overrides address any config key (e.g. engine.ray_cpus=2).")
+    from neuroal import __version__
+
+    p.add_argument("--version", action="version", version=f"neuroal {__version__}")
+    p.add_argument("model", help="local HF dir, .gguf file, alias (smollm2-135m) or hub id")
+    p.add_argument("--eval", help=f"comma list of {_sources()}, or none (default wikitext2)")
+    p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default 512)")
+    p.add_argument("--windows", type=int, help="first k perplexity windows (default 64; 0 = all)")
+    p.add_argument("--tasks", help="comma list of lm-eval tasks, e.g. hellaswag,arc_easy,piqa "
+                   "(needs pip install 'neuroal[eval]'); neuroal ships neuroal_tiny_qa")
+    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--limit", type=int, help="first k documents of each task")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: task's, else 0)")
+    p.add_argument("--max-length", type=int, help="context window in tokens (default: model's)")
+    p.add_argument("--workers", type=int, help="block slices (one worker each)")
+    p.add_argument("--engine", help=f"executor: {_executors()}")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--micro-batch", type=int, help="sequences per forward call")
+    p.add_argument("--data-dir", help="folder with wikitext2/ (and c4 json.gz) files")
+    p.add_argument("--config", help="YAML recipe (its model/eval/engine sections)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return p
+
+
+def _sources() -> str:
+    from neuroal.cli import _names
+
+    return _names("neuroal.data:SOURCES", ("self",))
+
+
+def _executors() -> str:
+    from neuroal.cli import _names
+
+    return _names("neuroal.engine:EXECUTORS")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``neuroal evaluate MODEL [--eval wikitext2] [--tasks hellaswag,...] [key=value ...]``."""
+    from neuroal.cli import split_overrides
+    from neuroal.config import ConfigError
+    from neuroal.engine.dist import coordinator, rank_info, serve
+    from neuroal.models.adapter import AdapterError
+    from neuroal.models.loading import ModelSourceError
+
+    parser = build_parser()
+    args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    split_overrides(parser, args)
+    configure(args.log_level or "INFO")
+    flags = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items()
+             if getattr(args, flag) is not None}
+    try:
+        cfg = evaluation_config(args.model, flags, args.config, args.overrides)
+        if args.log_level is None:
+            configure(cfg.log_level)
+        info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
+        if info is not None and info.rank > 0:
+            return serve(cfg)
+        with coordinator(cfg):
+            result = run_evaluation(cfg)
+    except (ConfigError, ModelSourceError, AdapterError, FileNotFoundError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+    sys.stdout.write("\n".join(summary_lines(result)) + "\n")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def summary_lines(result: dict[str, Any]) -> list[str]:
+    """The headline numbers of :func:`run_evaluation` (stdout; logs go to stderr)."""
+    lines = [f"{spec}: perplexity {ev['ppl']:.3f} ({ev['windows']} windows x {ev['seqlen']} tokens)"
+             for spec, ev in result["eval"].items()]
+    for name, row in (result.get("tasks") or {}).get("results", {}).items():
+        lines.append(f"{name}: {format_metrics(row['model'])} ({row['samples']} documents, "
+                     f"{row['n_shot']}-shot)")
+    return lines
+
+
+def format_metrics(metrics: Mapping[str, float] | None) -> str:
+    """``acc 0.425 ± 0.078, acc_norm 0.450`` (accuracy-like metrics first; n/a for None)."""
+    if not metrics:
+        return "n/a"
+    parts = []
+    for name, value in metrics.items():
+        if name.endswith("_stderr"):
+            continue
+        err = metrics.get(f"{name}_stderr")
+        parts.append(f"{name} {value:.3f}" + (f" ± {err:.3f}" if isinstance(err, float) else ""))
+    return ", ".join(parts)

@@ -1,0 +1,327 @@
+"""Zero-shot accuracy with lm-evaluation-harness, scored through the executor (issue 15).
+
+lm-eval turns every task into ``loglikelihood`` / ``loglikelihood_rolling`` requests; the
+:class:`ExecutorLM` below answers them with the executor's workers (embedding on the first, the
+blocks of each slice on its owner, the head on the last), so a model split over several workers,
+Ray actors or torch.distributed ranks is evaluated without ever being loaded in one process.
+Only per-position log-probabilities of the target tokens leave the last worker (``(B, T)``
+numbers, never ``(B, T, vocab)`` logits).
+
+A request ``(context, continuation)`` is scored as in lm-eval's own ``HFLM``: the tokens
+``(context + continuation)[-(max_length + 1):]`` give inputs ``[:-1]`` and targets ``[1:]``
+(right-padded within a batch; causal attention makes padding invisible to real positions), and
+the answer is the sum of the continuation tokens' log-softmax values and whether every one of
+them is the argmax.
+
+Importing this module imports lm-eval (the optional extra ``neuroal[eval]``); the rest of
+neuroal imports it only when ``eval.tasks`` is set.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from neuroal.config import ConfigError
+from neuroal.logging import get_logger, progress
+
+try:
+    from lm_eval.api.model import TemplateLM as _LMBase
+except ImportError:  # the optional extra is missing: require_lm_eval() says how to install it
+    _LMBase = object
+
+log = get_logger(__name__)
+
+INSTALL_HINT = "install it with: pip install 'neuroal[eval]' (lm-eval >= 0.4)"
+BUILTIN_TASKS = Path(__file__).resolve().parent / "tasks"
+"""Task YAMLs shipped with neuroal (always on the include path), e.g. ``neuroal_tiny_qa``."""
+DEFAULT_MAX_LENGTH = 2048
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Which lm-eval tasks to run and how (plain values taken from ``EvalConfig``).
+
+    Attributes:
+        tasks: lm-eval task (or group) names.
+        include_path: A directory of extra task YAMLs, or None.
+        num_fewshot: Few-shot examples (None: the task's default, else 0).
+        limit: First ``limit`` documents per task (None: all).
+        max_length: Context window in tokens (None: from the model config).
+        batch_size: Sequences per executor call (they are micro-batched inside it).
+    """
+
+    tasks: tuple[str, ...]
+    include_path: str | None = None
+    num_fewshot: int | None = None
+    limit: int | None = None
+    max_length: int | None = None
+    batch_size: int = 32
+
+
+def require_lm_eval() -> None:
+    """Raise a ConfigError naming the extra when lm-eval is not installed."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError([f"eval.tasks needs lm-evaluation-harness, which is not installed; "
+                           f"{INSTALL_HINT}"])
+
+
+def task_manager(spec: TaskSpec) -> Any:
+    """An lm-eval ``TaskManager`` that knows every task of ``spec``; raises ConfigError naming
+    each unknown task (with close matches) before any weight is loaded.
+
+    The built-in index (about 15,000 tasks) is only scanned when a task is not found in
+    neuroal's own tasks or ``spec.include_path``.
+    """
+    require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
+    paths = [str(BUILTIN_TASKS)]
+    if spec.include_path:
+        if not Path(spec.include_path).is_dir():
+            raise ConfigError([f"eval.include_path={spec.include_path!r} is not a directory; "
+                               "give a folder of lm-eval task YAML files"])
+        paths.append(str(spec.include_path))
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    if not _unknown(manager, spec.tasks):
+        return manager
+    manager = TaskManager(include_path=paths)
+    unknown = _unknown(manager, spec.tasks)
+    if unknown:
+        names = manager.all_tasks
+        raise ConfigError([f"eval.tasks: unknown lm-eval task {name!r}"
+                           f"{_suggest(name, names)}; list them with `lm-eval ls tasks`, or add "
+                           "a task YAML folder with --include-path" for name in unknown])
+    return manager
+
+
+def _unknown(manager: Any, tasks: Sequence[str]) -> list[str]:
+    known = set(manager.all_tasks)
+    return [t for t in tasks if t not in known]
+
+
+def _suggest(name: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, names, n=3)
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def load_tasks(spec: TaskSpec, manager: Any) -> None:
+    """Build every task once (reads or downloads its documents), so a missing dataset fails
+    before the model is loaded rather than after a long prune."""
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        get_task_dict(list(spec.tasks), manager)
+    except Exception as exc:  # lm-eval raises many kinds (network, dataset, YAML errors)
+        raise ConfigError([f"eval.tasks: could not load {', '.join(spec.tasks)}: {exc}"]) from exc
+
+
+class _QuietCustomDataset(logging.Filter):
+    """Drop lm-eval's per-task hint about ``--metadata`` for tasks with a ``custom_dataset``
+    loader (neuroal's own local tasks), printed on every load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Custom kwargs can be passed" not in str(record.msg)
+
+
+logging.getLogger("lm_eval.api.task").addFilter(_QuietCustomDataset())
+
+
+@contextmanager
+def _kept_rng() -> Iterator[None]:
+    """lm-eval reseeds ``random``, numpy and torch; restore them so adding tasks to a run
+    never changes what is pruned."""
+    import numpy as np
+
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+def evaluate_tasks(executor: Any, tokenizer: Any, model_config: Any, spec: TaskSpec,
+                   manager: Any | None = None) -> dict[str, Any]:
+    """Run the lm-eval tasks of ``spec`` on the executor's current (dense or pruned) model.
+
+    Returns:
+        ``{task: {"metrics": {name: value}, "version", "n_shot", "samples"}}`` for every task
+        and group lm-eval reports (metric names without lm-eval's ``,none`` filter suffix).
+    """
+    import lm_eval
+
+    manager = manager if manager is not None else task_manager(spec)
+    lm = ExecutorLM(executor, tokenizer, max_length(model_config, tokenizer, spec.max_length),
+                    spec.batch_size)
+    with _kept_rng():
+        out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot,
+                                      limit=spec.limit, task_manager=manager, log_samples=False,
+                                      bootstrap_iters=1000)
+    return summarize_results(out)
+
+
+def summarize_results(out: dict[str, Any]) -> dict[str, Any]:
+    """The report's view of an lm-eval result dict (see :func:`evaluate_tasks`)."""
+    table: dict[str, Any] = {}
+    for name, values in out.get("results", {}).items():
+        metrics = {}
+        for key, value in values.items():
+            metric, _, filt = key.partition(",")
+            if metric in ("alias", "sample_len") or not isinstance(value, (int, float)):
+                continue
+            metrics[metric if filt in ("", "none") else f"{metric},{filt}"] = float(value)
+        samples = out.get("n-samples", {}).get(name, {})
+        table[name] = {"metrics": metrics, "version": out.get("versions", {}).get(name),
+                       "n_shot": out.get("n-shot", {}).get(name),
+                       "samples": samples.get("effective")}
+    return table
+
+
+def lm_eval_version() -> str | None:
+    """The installed lm-eval version (report provenance), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
+
+
+def max_length(model_config: Any, tokenizer: Any, override: int | None = None) -> int:
+    """The context window: ``override``, else the config's position limit, else the
+    tokenizer's ``model_max_length`` when finite, else 2048 (lm-eval's default)."""
+    if override:
+        return int(override)
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return DEFAULT_MAX_LENGTH
+
+
+class ExecutorLM(_LMBase):  # type: ignore[misc, valid-type]
+    """An lm-eval ``LM`` whose log-likelihoods come from a neuroal executor.
+
+    Args:
+        executor: Any :class:`~neuroal.engine.executor.Executor` (local, Ray, dist).
+        tokenizer: The model's Hugging Face tokenizer.
+        max_length: Context window in tokens (longer requests are cut on the left).
+        batch_size: Requests per executor call; the executor micro-batches (and, for Ray,
+            pipelines) inside it.
+    """
+
+    backend = "causal"
+
+    def __init__(self, executor: Any, tokenizer: Any, max_length: int, batch_size: int = 32) -> None:
+        super().__init__()
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self._max_length = max_length
+        self.batch_size = batch_size
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        """Context of an empty-context request: BOS if the tokenizer has one, else EOS."""
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None,
+                   **_kwargs: Any) -> list[int]:
+        """Token ids with the tokenizer's default special tokens (no second BOS when the
+        string already starts with it)."""
+        kwargs = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
+        bos = self.tokenizer.bos_token
+        if add_special_tokens is None and bos and string.startswith(bos):
+            kwargs["add_special_tokens"] = False
+        return self.tokenizer.encode(string, **kwargs)
+
+    def tok_decode(self, tokens: list[int], **kwargs: Any) -> str:
+        return self.tokenizer.decode(tokens, **kwargs)
+
+    def _loglikelihood_tokens(self, requests: list[tuple[Any, list[int], list[int]]],
+                              disable_tqdm: bool = False, **_kwargs: Any
+                              ) -> list[tuple[float, bool]]:
+        """``(sum of continuation log-probs, all greedy)`` per ``(key, context, continuation)``
+        token request, longest first in batches of ``batch_size``, answers in request order."""
+        order = sorted(range(len(requests)),
+                       key=lambda i: -len(requests[i][1]) - len(requests[i][2]))
+        answers: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for batch in batches if disable_tqdm else progress(batches, "zero-shot requests",
+                                                           total=len(batches)):
+            for i, answer in zip(batch, self._score([requests[i] for i in batch]), strict=True):
+                answers[i] = answer
+        return answers
+
+    def _score(self, batch: list[tuple[Any, list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """One executor call: right-padded inputs/targets ``(B, T)``, then per-request sums."""
+        rows, spans = [], []
+        for _key, context, continuation in batch:
+            if not continuation:
+                raise ValueError("lm-eval sent a request with an empty continuation")
+            whole = (list(context) + list(continuation))[-(self._max_length + 1):]
+            rows.append(whole)
+            spans.append(min(len(continuation), len(whole) - 1))
+        width = max(len(r) for r in rows) - 1
+        pad = self.eot_token_id if self.eot_token_id is not None else 0
+        inputs = torch.full((len(rows), width), pad, dtype=torch.long)
+        targets = torch.full((len(rows), width), pad, dtype=torch.long)
+        for b, whole in enumerate(rows):
+            inputs[b, : len(whole) - 1] = torch.tensor(whole[:-1])
+            targets[b, : len(whole) - 1] = torch.tensor(whole[1:])
+        logprobs, greedy = self.executor.token_logprobs(inputs, targets)
+        out = []
+        for b, (whole, span) in enumerate(zip(rows, spans, strict=True)):
+            end = len(whole) - 1
+            out.append((float(logprobs[b, end - span : end].sum()),
+                        bool(greedy[b, end - span : end].all())))
+        return out
+
+    def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
+        """Full-text log-likelihood in disjoint windows of ``max_length`` tokens, each
+        conditioned on as much preceding text as fits (lm-eval's rolling windows)."""
+        from lm_eval import utils
+
+        windows, owner = [], []
+        for r, request in enumerate(requests):
+            (text,) = request.args
+            for context, continuation in map(utils.make_disjoint_window,
+                                             utils.get_rolling_token_windows(
+                                                 token_list=self.tok_encode(text),
+                                                 prefix_token=self.prefix_token_id,
+                                                 max_seq_len=self._max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owner.append(r)
+        totals = [0.0] * len(requests)
+        for r, (logprob, _greedy) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm),
+                                         strict=True):
+            totals[r] += logprob
+        return totals
+
+    def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
+        raise NotImplementedError(
+            "neuroal scores log-likelihood tasks (multiple choice, perplexity) through its "
+            "workers; generation tasks (generate_until) are not supported: evaluate the "
+            "exported model with lm-eval's hf or vllm backend instead")
