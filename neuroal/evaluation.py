@@ -220,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from neuroal.cli import split_overrides
     from neuroal.config import ConfigError
     from neuroal.engine.dist import coordinator, rank_info, serve
+    from neuroal.inputs import label_flags
     from neuroal.models.adapter import AdapterError
     from neuroal.models.loading import ModelSourceError
 
@@ -238,7 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(cfg)
         with coordinator(cfg):
             result = run_evaluation(cfg)
-    except (ConfigError, ModelSourceError, AdapterError, FileNotFoundError, ValueError) as exc:
+    except ConfigError as exc:  # each error names the flag that set its key, if any
+        labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
+        log.error("%s", ConfigError(label_flags(exc.errors, labels)))
+        return 2
+    except (ModelSourceError, AdapterError, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

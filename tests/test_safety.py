@@ -23,7 +23,7 @@ import pytest
 from conftest import DATA_DIR, REPO
 
 from neuroal import cli
-from neuroal import evaluate as evaluate_mod
+from neuroal import evaluation as evaluate_mod
 from neuroal.config import ConfigError, load_config
 from neuroal.engine import executor as executor_mod
 
@@ -196,7 +196,7 @@ CASES = [
     ("plan", PLAN + ["--gpu-memory", "abc"], ["--gpu-memory", "'abc'"]),
     ("plan", PLAN + ["--seqlen", "8192"], ["--seqlen=8192", "max_position_embeddings=4096"]),
     ("evaluate", _evaluate(["--workers", "0"]), ["--workers", "engine.workers=0"]),
-    ("evaluate", _evaluate(["--workers", "3"]), ["--workers=3", "2 blocks"]),
+    ("evaluate", _evaluate(["--workers", "3"]), ["--workers", "engine.workers=3", "2 blocks"]),
     ("evaluate", _evaluate(["--windows", "-1"]), ["--windows", "eval.max_windows=-1"]),
     ("evaluate", _evaluate(["--seqlen", "0"]), ["--seqlen", "eval.seqlen=0"]),
     ("evaluate", _evaluate(["--seqlen", "300"]), ["--seqlen=300", "max_position_embeddings=256"]),
