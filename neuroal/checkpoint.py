@@ -36,7 +36,7 @@ NON_SEMANTIC = ("output.dir", "output.overwrite", "log_level", "engine.executor"
                 "engine.devices", "engine.ray_address", "engine.ray_placement", "engine.ray_cpus",
                 "engine.inflight", "engine.memory_limit", "engine.device", "engine.max_restarts",
                 "output.resume", "output.keep_state", "output.save_model", "output.shard_size",
-                "compare")
+                "compare", "log", "output.push_to_hub", "output.plots")
 
 
 class ResumeMismatchError(ValueError):

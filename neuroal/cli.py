@@ -32,6 +32,7 @@ FLAG_KEYS = {
     "micro_batch": "engine.micro_batch", "seed": "seed", "compare": "compare",
     "recover": "recover.steps",
     "engine": "engine.executor",
+    "log_file": "log.file", "push_to_hub": "output.push_to_hub",
 }
 
 
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "owanda | ria_lp | stoch_ria")
     p.add_argument("--allocation", help="uniform | owl | alpha | neuroal")
     p.add_argument("--pattern", help="unstructured | N:M (N kept of every M), e.g. 2:4")
-    p.add_argument("--calib", help="wikitext2 | c4 | text:<path> | self")
+    p.add_argument("--calib", help="wikitext2 | c4 | text:<path> | self | "
+                   "hf:<dataset id or path>[:config][:split][:field] | tokens:<file.pt|.npy>")
     p.add_argument("--nsamples", type=int, help="calibration windows")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window")
     p.add_argument("--data-dir", help="folder with wikitext2/ (and c4 json.gz) files")
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <output>.neuroal-tmp/state (same config)")
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
+    p.add_argument("--log-file", help="also append the log to this file (every run writes "
+                   "neuroal.log into its output directory)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the finished output to this "
+                   "Hugging Face repo (network and a token needed)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 

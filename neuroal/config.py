@@ -76,6 +76,7 @@ class CalibConfig:
     data_dir: str | None = None
     self_temperature: float = 1.0
     self_top_k: int | None = 50
+    chat_template: bool = False  # hf: sources: render conversations with the tokenizer's template
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,19 @@ class OutputConfig:
     shard_size: str = "2GB"
     resume: bool = False  # continue from <dir>.neuroal-tmp/state (engine.md §8)
     keep_state: bool = True  # keep the resume state when a run fails
+    push_to_hub: str | None = None  # hub repo id to upload the finished output to (network)
+    plots: bool = True  # PNG plots beside report.json (needs matplotlib, extra [plots])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging and progress (issue 15, item 2): ``interval`` seconds between progress lines
+    when no terminal shows bars, ``progress`` mode (auto | bar | log | off), an extra log
+    ``file`` (``--log-file``; every run also writes ``neuroal.log`` into its output)."""
+
+    interval: float = 30.0
+    progress: str = "auto"
+    file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -161,6 +175,7 @@ class PruneConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     compare: tuple[str, ...] = ()  # extra allocations pruned on the same data, side by side
     seed: int = 0
     log_level: str = "INFO"
@@ -211,6 +226,7 @@ _SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "mask": MaskConfig,
     "output": OutputConfig,
+    "log": LogConfig,
 }
 _OPEN_SECTIONS = {"criterion", "allocation"}  # unknown keys there are plug-in options
 
@@ -379,6 +395,7 @@ def validate(cfg: PruneConfig) -> None:
     errors += _check_data(cfg)
     errors += _check_engine(cfg)
     errors += _check_recover(cfg)
+    errors += _check_log(cfg)
     if cfg.model.dtype not in DTYPES:
         errors.append(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.output.dtype not in DTYPES:
@@ -390,6 +407,21 @@ def validate(cfg: PruneConfig) -> None:
         errors.append("output.resume=true needs an output directory for its state: pass --output")
     if errors:
         raise ConfigError(errors)
+
+
+def _check_log(cfg: PruneConfig) -> list[str]:
+    from neuroal.progress import MODES
+
+    errors = []
+    interval = cfg.log.interval
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+        errors.append(f"log.interval={interval!r}: expected seconds >= 0 between progress lines")
+    if cfg.log.progress not in MODES:
+        errors.append(f"log.progress={cfg.log.progress!r}: expected one of {', '.join(MODES)}")
+    for key in ("chat_template",):
+        if not isinstance(getattr(cfg.calib, key), bool):
+            errors.append(f"calib.{key}={getattr(cfg.calib, key)!r}: expected true or false")
+    return errors
 
 
 def _check_sparsity(cfg: PruneConfig) -> list[str]:

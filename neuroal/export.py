@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from neuroal.compat import make_loadable
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
@@ -146,6 +147,7 @@ def write_config(directory: Path, config: Any, dtype_name: str) -> None:
             delattr(config, attr)
     config.save_pretrained(directory)
     GenerationConfig.from_model_config(config).save_pretrained(directory)
+    make_loadable(directory)  # keys transformers 4.5x / vLLM need (neuroal.compat)
 
 
 def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import torch
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
 from neuroal.checkpoint import RunState, canonical_config
+from neuroal.compat import make_loadable
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
@@ -645,6 +646,7 @@ def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, director
     finalize_shards(directory, files)
     write_config(directory, prep.config, dtype)
     prep.tokenizer.save_pretrained(directory)
+    make_loadable(directory)  # tokenizer_class older transformers can import
     report["export_dtype"] = dtype
 
 

@@ -516,6 +516,7 @@ def save_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, tokeniz
     """Safetensors shards + index, ``config.json`` (bias / tie flags as changed) and tokenizer."""
     from huggingface_hub import save_torch_state_dict
 
+    from neuroal.compat import make_loadable
     from neuroal.export import parse_size, write_config
 
     adapter = ModelAdapter(model)
@@ -524,6 +525,7 @@ def save_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, tokeniz
     save_torch_state_dict(tensors, directory, max_shard_size=parse_size(shard_size))
     write_config(directory, model.config, str(dtype).removeprefix("torch."))
     tokenizer.save_pretrained(directory)
+    make_loadable(directory)
 
 
 def _perplexity(runner: Runner, windows: torch.Tensor | None, batch: int) -> float | None:
