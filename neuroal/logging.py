@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import logging
-import shutil
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
-from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -80,59 +77,59 @@ def remove_handler(handler: logging.Handler) -> None:
     handler.close()
 
 
-class RunLog:
-    """The run's ``neuroal.log``: records are buffered from the start of the run (before the
-    output directory exists) and written to the file once :meth:`attach` names its folder.
+class RunLog(logging.Handler):
+    """The run's ``neuroal.log``. Attached to the ``neuroal`` logger for the whole run, it keeps
+    every record in memory from the start (before the output directory exists), writes them to
+    ``<staging>/neuroal.log`` once :meth:`attach` names the folder (the file then moves with the
+    output), and can still save a failed run's log with :meth:`keep` after the staging folder
+    was removed."""
 
-    Used as a context manager around a run; records below the logger's level are not kept.
-    """
+    def __init__(self, max_lines: int = 200_000) -> None:
+        super().__init__()
+        self.setFormatter(_formatter())
+        self.lines: list[str] = []
+        self.max_lines = max_lines
+        self.stream: Any = None
+        self.path: Path | None = None
+        logging.getLogger("neuroal").addHandler(self)
 
-    def __init__(self) -> None:
-        self.buffer = MemoryHandler(capacity=1 << 30, flushLevel=logging.CRITICAL + 1)
-        self.file: logging.FileHandler | None = None
-        logging.getLogger("neuroal").addHandler(self.buffer)
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if len(self.lines) < self.max_lines:
+                self.lines.append(line)
+            if self.stream is not None:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
 
     def attach(self, directory: Path) -> Path:
         """Start ``directory/neuroal.log`` with every record so far; returns its path."""
-        path = Path(directory) / LOG_FILE
-        self.file = add_log_file(path, mode="w")
-        self.buffer.setTarget(self.file)
-        self.buffer.flush()
-        logging.getLogger("neuroal").removeHandler(self.buffer)
-        self.buffer.close()
-        return path
+        self.path = Path(directory) / LOG_FILE
+        self.stream = self.path.open("w", encoding="utf-8")
+        self.stream.write("".join(line + "\n" for line in self.lines))
+        self.stream.flush()
+        return self.path
 
-    def keep(self, destination: Path) -> Path | None:
-        """Copy the log so far to ``destination`` (e.g. beside the resume state of a failed
-        run); None when no file was started."""
-        if self.file is None:
-            return None
-        self.file.flush()
-        shutil.copyfile(self.file.baseFilename, destination)
+    def keep(self, destination: Path) -> Path:
+        """Write the log so far to ``destination`` (a failed run's log beside its state)."""
+        destination.write_text("".join(line + "\n" for line in self.lines), encoding="utf-8")
         return destination
 
     def close(self) -> None:
-        """Detach the buffer or the file handler (idempotent)."""
-        root = logging.getLogger("neuroal")
-        if self.buffer in root.handlers:
-            root.removeHandler(self.buffer)
-            self.buffer.close()
-        if self.file is not None:
-            remove_handler(self.file)
-            self.file = None
+        """Detach from the logger and close the file (idempotent)."""
+        logging.getLogger("neuroal").removeHandler(self)
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        super().close()
 
     def __enter__(self) -> RunLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-@contextmanager
-def run_log() -> Iterator[RunLog]:
-    """A :class:`RunLog` detached when the body ends."""
-    with RunLog() as handle:
-        yield handle
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None,

@@ -7,6 +7,7 @@ directory, calibration size) runs before any weight is loaded.
 
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import subprocess
@@ -309,8 +310,46 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
 
     Allocations listed in ``cfg.compare`` are pruned first on the same data (each with a fresh
     executor, released afterwards) and reported side by side under ``report["compare"]``; only
-    the main allocation's model is exported.
+    the main allocation's model is exported. The log goes to ``<output>/neuroal.log`` (and
+    ``log.file``); progress follows ``log.progress`` and ``log.interval``.
     """
+    from neuroal.logging import RunLog, add_log_file, remove_handler
+    from neuroal.progress import configure_progress
+
+    configure_progress(cfg.log.interval, cfg.log.progress)
+    logger = logging.getLogger("neuroal")
+    unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
+    if unset:
+        logger.setLevel(cfg.log_level.upper())
+    user_file = add_log_file(cfg.log.file) if cfg.log.file else None
+    runlog = RunLog()
+    try:
+        return _run(cfg, keep_executor, command, runlog)
+    except BaseException:
+        keep_failed_log(cfg, runlog)
+        raise
+    finally:
+        runlog.close()
+        if user_file is not None:
+            remove_handler(user_file)
+        if unset:
+            logger.setLevel(logging.NOTSET)
+
+
+def keep_failed_log(cfg: PruneConfig, runlog: Any) -> None:
+    """A failed run whose resume state was kept gets its log beside the state
+    (``<output>.neuroal-tmp/neuroal.log``). Only runs that got as far as their staging folder
+    (so that the temporary folder is theirs) write it."""
+    if runlog.path is None:
+        return
+    tmp = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg)).tmp
+    if tmp.is_dir():
+        log.info("log of the failed run: %s", tmp / "neuroal.log")
+        runlog.keep(tmp / "neuroal.log")
+
+
+def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any) -> RunResult:
+    """:func:`run` without the logging setup."""
     timings = Timings()
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic)
@@ -318,6 +357,8 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
     with staging_ctx as staging:
+        if staging is not None:
+            runlog.attach(staging)
         state = open_state(cfg, prep)
         compared = [compare_variant(cfg, name, prep, timings) for name in cfg.compare]
         for name in cfg.recover.steps:

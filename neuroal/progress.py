@@ -110,7 +110,7 @@ class Progress:
         self.mode = resolve_mode(mode)
         self.interval = SETTINGS.interval if interval is None else interval
         self.clock, self.logger = clock, logger or log
-        self.done, self.status, self.lines = 0, "", 0
+        self.done, self.status, self.lines, self.logged = 0, "", 0, 0
         self.start = self.last = clock()
         self.bar: Any = None
         if self.mode == "bar":
@@ -147,7 +147,7 @@ class Progress:
         return text + (f"  {self.status}" if self.status else "")
 
     def _emit(self, now: float) -> None:
-        self.lines += 1
+        self.lines, self.logged = self.lines + 1, self.done
         self.logger.info("%s", self.line(now))
 
     def close(self) -> None:
@@ -155,7 +155,7 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-        elif self.mode == "log" and self.lines and self.last != self.clock():
+        elif self.mode == "log" and self.lines and self.logged != self.done:
             self._emit(self.clock())
         self.mode = "closed"
 

@@ -27,7 +27,7 @@ from neuroal.allocation.neuroal_math import (
 )
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.logging import get_logger
-from neuroal.search import Candidate, Outcome, PhaseResult, run_phase
+from neuroal.search import Candidate, CandidateProgress, Outcome, PhaseResult, run_phase
 
 log = get_logger(__name__)
 
@@ -82,9 +82,19 @@ class NeuroALPolicy:
         job = CandidateJob(request.criterion, dict(request.criterion_options), group)
 
         def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
-            kwargs = {"on_result": on_result} if on_result is not None else {}
-            results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
-                                                           opts["reference_stream"], **kwargs)
+            shown = CandidateProgress(cands)
+
+            def report(i: int, res: list[Any]) -> None:
+                shown.done(i, total_alignment([blk.na for blk in res]))
+                if on_result is not None:
+                    on_result(i, res)
+
+            try:
+                results = request.executor.evaluate_candidates(
+                    ids, [c.ratios for c in cands], job, opts["reference_stream"],
+                    on_result=report)
+            finally:
+                shown.close()
             return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
 
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)

@@ -209,7 +209,7 @@ class LocalExecutor:
         with self.meter("search"):
             embedded = self._embed(ids)
             reference = self.dense_reference(embedded, job, reference_stream)
-            for ratios in progress(candidates, "candidates", total=len(candidates)):
+            for ratios in candidates:  # progress with scores: neuroal.search.CandidateProgress
                 stream = embedded
                 per_block: dict[int, BlockAlignment] = {}
                 for w in self.workers:

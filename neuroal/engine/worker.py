@@ -25,7 +25,7 @@ from neuroal.capture import StatsCollector
 from neuroal.checkpoint import load_block_state, save_block_state
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
-from neuroal.logging import get_logger
+from neuroal.logging import get_logger, progress
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.loading import (
     DTYPE_NAMES,
@@ -482,7 +482,7 @@ class Worker:
         dense outputs of each block feed the next (allocation.md §3.1: pass 1 is dense).
         """
         values = {}
-        for index in self.blocks:
+        for index in progress(self.blocks, "dense statistics", unit="block"):
             t0 = time.perf_counter()
             linears = self.adapter.prunable_linears(self.adapter.blocks[index])
             collector = StatsCollector(linears, needs)

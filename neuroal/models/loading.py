@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
+from neuroal.progress import Progress
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 
 log = get_logger(__name__)
@@ -296,6 +297,10 @@ def _try_single_file(fetch: Any) -> Path | None:
         return None
 
 
+LOAD_GROUP = 16
+"""Tensors read per checkpoint call while loading (progress granularity)."""
+
+
 def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
                 dtype: torch.dtype, device: torch.device) -> list[str]:
     """Fill the parameters of ``module_names`` from ``checkpoint``; move their buffers.
@@ -309,7 +314,13 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
     if missing:
         raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
-    tensors = checkpoint.load(sorted(keys), dtype, device)
+    tensors: dict[str, torch.Tensor] = {}
+    order = sorted(keys)
+    with Progress(len(order), "loading weights", unit="tensor") as bar:
+        for i in range(0, len(order), LOAD_GROUP):  # in groups, so that loading shows progress
+            group = order[i:i + LOAD_GROUP]
+            tensors.update(checkpoint.load(group, dtype, device))
+            bar.update(len(group))
     for name, param in wanted:
         value = tensors[adapter.checkpoint_key(name)]
         if tuple(value.shape) != tuple(param.shape):

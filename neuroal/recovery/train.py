@@ -28,6 +28,7 @@ from torch import nn
 
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
+from neuroal.progress import Progress
 from neuroal.recovery.perp import (
     ParamCount,
     PerpOptions,
@@ -374,7 +375,8 @@ def run_steps(runner: Runner, windows: torch.Tensor, options: TrainOptions, step
     order = sample_order(windows.shape[0], steps * per_step, options.seed)
     losses = []
     t0 = time.perf_counter()
-    with _training_mode(runner.model, options.gradient_checkpointing):
+    shown = Progress(steps, "retraining", unit="step", mode=None if runner.is_main else "off")
+    with _training_mode(runner.model, options.gradient_checkpointing), shown:
         for step in range(steps):
             total = 0.0
             for micro in range(options.grad_accum):
@@ -389,6 +391,7 @@ def run_steps(runner: Runner, windows: torch.Tensor, options: TrainOptions, step
                 total += float(loss.detach())
             losses.append(total / options.grad_accum)
             log.debug("step %d/%d  loss %.4f", step + 1, steps, losses[-1])
+            shown.update(status=f"loss {losses[-1]:.4f}")
     return TrainInfo(steps, steps * per_step * windows.shape[1], time.perf_counter() - t0, None, losses)
 
 
