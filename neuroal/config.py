@@ -492,7 +492,7 @@ def _check_criterion(cfg: PruneConfig, crit: Any) -> list[str]:
 
 
 def _check_data(cfg: PruneConfig) -> list[str]:
-    from neuroal.data import parse_source
+    from neuroal.data import SOURCES, parse_source
 
     errors = []
     for label, spec in [("calib.source", cfg.calib.source)] + [
@@ -506,6 +506,13 @@ def _check_data(cfg: PruneConfig) -> list[str]:
         if label == "eval.datasets" and parsed.name == "self":
             errors.append("eval.datasets: 'self' is a calibration source only; evaluate on "
                           "wikitext2, c4 or text:<path>")
+        elif label == "eval.datasets" and SOURCES.get(parsed.name).calibration_only:
+            errors.append(f"eval.datasets: {spec!r} is a calibration source only; evaluate on "
+                          "wikitext2, c4, text:<path> or hf:<dataset>")
+        elif label == "calib.source" and cfg.calib.chat_template is True and \
+                "chat_template" not in SOURCES.get(parsed.name).options:
+            errors.append(f"calib.chat_template=true does not apply to calib.source={spec!r}; "
+                          "it renders conversations of hf:<dataset> sources")
     for label, value in [("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
                          ("eval.seqlen", cfg.eval.seqlen), ("eval.max_windows", cfg.eval.max_windows)]:
         if value is not None and (not isinstance(value, int) or value < 1):

@@ -212,7 +212,8 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         calib = None
         if parse_source(cfg.calib.source).name != "self":
             calib = load_calibration(cfg.calib.source, tokenizer, cfg.calib.nsamples,
-                                     cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir)
+                                     cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir,
+                                     chat_template=cfg.calib.chat_template)
         evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
                                          cfg.eval.max_windows, cfg.calib.data_dir)
                  for spec in cfg.eval.datasets}

@@ -25,6 +25,7 @@ from neuroal.data.calibration import (
     wikitext2_calibration_text,
     wikitext2_evaluation_text,
 )
+from neuroal.data import sources as _sources  # registers hf: and tokens:  # noqa: F401
 from neuroal.data.evaluation import (
     EvalData,
     eval_text,
