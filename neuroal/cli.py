@@ -131,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("interrupted; no output was written")
         return 130
     summarize(result.report, result.output)
-    return 0
+    return 1 if (result.report.get("hub") or {}).get("error") else 0
 
 
 def summarize(report: dict[str, Any], output: Any) -> None:
@@ -152,6 +152,10 @@ def summarize(report: dict[str, Any], output: Any) -> None:
                          f"(achieved {row['achieved_sparsity']:.4f}): {ppl:.3f}")
     if output is not None:
         lines.append(f"output: {output}")
+        for plot in report.get("plots") or []:
+            lines.append(f"plot: {output}/{plot}")
+    if (report.get("hub") or {}).get("url"):
+        lines.append(f"uploaded: {report['hub']['url']}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

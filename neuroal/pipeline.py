@@ -325,7 +325,10 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     user_file = add_log_file(cfg.log.file) if cfg.log.file else None
     runlog = RunLog()
     try:
-        return _run(cfg, keep_executor, command, runlog)
+        result = _run(cfg, keep_executor, command, runlog)
+        if cfg.output.push_to_hub and result.output is not None:
+            push(cfg.output.push_to_hub, result)
+        return result
     except BaseException:
         keep_failed_log(cfg, runlog)
         raise
@@ -335,6 +338,21 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
             remove_handler(user_file)
         if unset:
             logger.setLevel(logging.NOTSET)
+
+
+def push(repo_id: str, result: RunResult, api: Any = None) -> None:
+    """Upload the finished output (``--push-to-hub``); a failed upload leaves the local output
+    as it is and records ``report["hub"]["error"]`` (the CLI then exits with 1)."""
+    from neuroal.hub import push_output
+
+    try:
+        url = push_output(result.output, repo_id, api=api)  # type: ignore[arg-type]
+        result.report["hub"] = {"repo": repo_id, "url": url}
+    except Exception as exc:  # network, token, permissions: the local output stays valid
+        log.error("upload to the Hub repo %r failed (%s: %s); the output is complete in %s, "
+                  "upload it later with `huggingface-cli upload %s %s`", repo_id,
+                  type(exc).__name__, exc, result.output, repo_id, result.output)
+        result.report["hub"] = {"repo": repo_id, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def keep_failed_log(cfg: PruneConfig, runlog: Any) -> None:
@@ -677,6 +695,10 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: Spa
     if weights and cfg.output.save_model:
         write_weights(cfg, prep, executor, staging, report)
     plan.save(staging)
+    if cfg.output.plots:
+        from neuroal.plots import write_plots
+
+        report["plots"] = write_plots(staging, report)
     write_run_files(staging, report, cfg.to_dict())
 
 

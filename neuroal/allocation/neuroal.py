@@ -148,7 +148,8 @@ class NeuroALPolicy:
                                     **({"mask_group": group} if group else {})},
                             trail={"candidates": [e for p in phases for e in p.trail],
                                    "search_samples": min(opts["search_samples"],
-                                                         int(request.calibration.shape[0]))})
+                                                         int(request.calibration.shape[0])),
+                                   "alignment": {p.phase: _block_alignment(p) for p in phases}})
         glob = plan.planned_global(request.shape)
         if abs(glob - request.target) > 1e-6:
             plan.warnings.append(f"clipping moved the planned global sparsity to {glob:.6f} "
@@ -241,6 +242,12 @@ def refine(result: PhaseResult, make: Any, rounds: int, evaluate: Any) -> PhaseR
     if len(candidates) == len(result.candidates):
         return result
     return run_phase(result.phase, candidates, lambda _c: outcomes)
+
+
+def _block_alignment(phase: PhaseResult) -> list[float]:
+    """Per block, the winner's NA summed over the block's linears (for the report's plot)."""
+    detail = phase.best_outcome.detail or []
+    return [total_alignment([blk.na]) for blk in detail]
 
 
 def _plain(value: Any) -> Any:

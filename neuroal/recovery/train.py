@@ -576,6 +576,7 @@ def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
             merged: Mapping[str, torch.Tensor], names: list[str], report: dict[str, Any]) -> None:
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
     directory appears (atomic)."""
+    from neuroal.card import recovery_card
     from neuroal.export import OutputDir, write_json
     from neuroal.models.loading import source_dtype
 
@@ -587,6 +588,9 @@ def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
                                        / max(1, sum(v["numel"] for v in layers.values())))
         report["layers"] = {k: v["zeros"] / v["numel"] for k, v in layers.items()}
         write_json(staging / "recovery.json", report)
+        source_card = Path(source.location) / "README.md"
+        (staging / "README.md").write_text(recovery_card(
+            report, source_card.read_text() if source_card.is_file() else None))
 
 
 def recover(job: RecoverJob) -> dict[str, Any]:
@@ -623,6 +627,7 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     report: dict[str, Any] = {}
     if runner.is_main:
         report = {"model": job.model, "variant": job.variant, "backend": job.backend,
+                  "calib": job.calib,
                   "ranks": runner.world, "zero_stage": runner.zero_stage, "perp": asdict(job.perp),
                   "train_options": asdict(job.train), "train": info.to_dict(),
                   "added_biases": len(state.added_biases), "untied_head": state.untied,
