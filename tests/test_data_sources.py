@@ -133,8 +133,8 @@ def test_chat_template_renders_conversations(tmp_path: Path, tokenizer_dir: Path
         folder.mkdir()
         (folder / "data.json").write_text(json.dumps(rows))
         data = load_calibration(f"hf:{folder}", tok, 3, 16, seed=2, chat_template=True)
-        rendered = [f"<s>user: {'Question %d? ' % i * 3}</s>\n<s>assistant: "
-                    f"{'Answer %d. ' % i * 4}</s>\n" for i in range(12)]
+        rendered = [f"<s>user: {f'Question {i}? ' * 3}</s>\n<s>assistant: "
+                    f"{f'Answer {i}. ' * 4}</s>\n" for i in range(12)]
         assert rendered[0] == tok.apply_chat_template(CHATS[0]["messages"], tokenize=False)
         assert torch.equal(data.windows, _expected(rendered, tok, 3, 16, 2)), name
         assert "chat template applied" in data.source_info.note

@@ -171,7 +171,7 @@ def render_rows(rows: Any, field: str, tokenizer: TextTokenizer | None, chat: bo
     if tokenizer is None or not template:
         raise ValueError("calib.chat_template=true but the tokenizer has no chat template; set "
                          "model.tokenizer to one that has, or use calib.chat_template=false")
-    render = getattr(tokenizer, "apply_chat_template")
+    render = tokenizer.apply_chat_template
     return [render(_messages(v), tokenize=False) for v in values]
 
 

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
-from neuroal.progress import Progress
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
+from neuroal.progress import Progress
 
 log = get_logger(__name__)
 
