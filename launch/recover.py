@@ -47,6 +47,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    default="accelerate" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "torch")
     p.add_argument("--shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--log-file", help="also append the log to this file (the output always gets "
+                   "neuroal.log)")
     return p.parse_args(argv)
 
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from neuroal.recovery.train import RecoverJob, TrainOptions, recover
 
     args = parse(argv)
-    configure("INFO")
+    configure("INFO", args.log_file)
     overrides = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha),
                                    ("lm_head_lora", args.head_lora)) if v is not None}
     perp = dataclasses.replace(PERP_VARIANTS.get(args.variant), add_biases=args.add_biases, **overrides)

@@ -141,3 +141,25 @@ def test_failed_upload_keeps_the_output_and_is_reported(neuroal_run) -> None:
     copy = RunResult(dict(result.report), result.plan, out)
     push("me/x", copy, api=FakeApi(fail=True))
     assert copy.report["hub"]["error"].startswith("ConnectionError") and out.is_dir()
+
+
+def test_recover_output_gets_a_card_and_a_log(neuroal_run, tmp_path: Path) -> None:
+    from conftest import DATA_DIR
+
+    from neuroal.recovery.perp import PERP_VARIANTS
+    from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+
+    _, pruned = neuroal_run
+    out = tmp_path / "perp"
+    job = RecoverJob(model=str(pruned), output=str(out), variant="bias-norm",
+                     perp=PERP_VARIANTS.get("bias-norm"),
+                     train=TrainOptions(steps=1, batch_size=1, grad_accum=1), nsamples=4,
+                     seqlen=32, eval_windows=2, data_dir=str(DATA_DIR), device="cpu")
+    report = recover(job)
+    front = _front((out / "README.md").read_text())
+    assert "perp" in front["tags"] and "bias-norm" in front["tags"]
+    assert front["datasets"] == ["Salesforce/wikitext"]
+    assert front["model-index"][0]["results"][0]["metrics"][0]["value"] == pytest.approx(
+        report["perplexity"]["after"], rel=1e-4)
+    assert "PERP retraining" in (out / "neuroal.log").read_text() or \
+        "retraining" in (out / "neuroal.log").read_text() or (out / "neuroal.log").is_file()

@@ -166,7 +166,7 @@ class LocalExecutor:
         self.specs = [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
                                  offload_activations, trust_remote_code, rank=r)
                       for r, (a, b) in enumerate(slices)]
-        self.workers = [Worker(s) for s in progress(self.specs, "loading slices")]
+        self.workers = [Worker(s) for s in progress(self.specs, "loading slices", unit="slice")]
         self._num_blocks = num_blocks
         self.meter = BusyMeter(lambda: [w.busy_seconds for w in self.workers])
         for w in self.workers:
@@ -186,7 +186,8 @@ class LocalExecutor:
         with self.meter("prune"):
             stream = self._embed(ids)
             owner = [w for w in self.workers for _ in w.blocks]
-            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
+            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks,
+                              unit="block"):
                 if not owner[b].spec.offload_activations:
                     stream = stream.to(owner[b].device)
                 stream, report = owner[b].prune_one(b, stream, plan.block(b), job)
@@ -262,7 +263,7 @@ class LocalExecutor:
         out = []
         chunks = range(0, windows.shape[0], mb)
         with self.meter("eval"):
-            for i in progress(chunks, "perplexity", total=len(chunks)):
+            for i in progress(chunks, "perplexity", total=len(chunks), unit="batch"):
                 chunk = windows[i : i + mb]
                 out.append(self.workers[-1].window_nll(self._through(chunk), chunk))
         return torch.cat(out)

@@ -573,7 +573,8 @@ def _data(job: RecoverJob, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor |
 
 
 def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
-            merged: Mapping[str, torch.Tensor], names: list[str], report: dict[str, Any]) -> None:
+            merged: Mapping[str, torch.Tensor], names: list[str], report: dict[str, Any],
+            runlog: Any = None) -> None:
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
     directory appears (atomic)."""
     from neuroal.card import recovery_card
@@ -582,6 +583,8 @@ def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
 
     dtype = source_dtype(model.config, model_dtype(model))
     with OutputDir(Path(job.output)).atomic() as staging:
+        if runlog is not None:
+            runlog.attach(staging)  # neuroal.log, every record of the run so far
         save_model(merged, model, tokenizer, staging, dtype, job.shard_size)
         layers = verify_saved_zeros(Path(source.location), staging, names)
         report["achieved_sparsity"] = (sum(v["zeros"] for v in layers.values())
@@ -603,6 +606,13 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     Returns:
         The report (also written as ``recovery.json`` in the output); empty on other ranks.
     """
+    from neuroal.logging import RunLog
+
+    with RunLog() as runlog:
+        return _recover(job, runlog)
+
+
+def _recover(job: RecoverJob, runlog: Any) -> dict[str, Any]:
     from neuroal.export import OutputDir
 
     t0 = time.perf_counter()
@@ -632,7 +642,7 @@ def recover(job: RecoverJob) -> dict[str, Any]:
                   "train_options": asdict(job.train), "train": info.to_dict(),
                   "added_biases": len(state.added_biases), "untied_head": state.untied,
                   "perplexity": ppl, "seconds": time.perf_counter() - t0}
-        _export(job, source, model, tokenizer, merged, names, report)
+        _export(job, source, model, tokenizer, merged, names, report, runlog)
     runner.barrier()
     return report
 
