@@ -418,9 +418,12 @@ def _check_log(cfg: PruneConfig) -> list[str]:
         errors.append(f"log.interval={interval!r}: expected seconds >= 0 between progress lines")
     if cfg.log.progress not in MODES:
         errors.append(f"log.progress={cfg.log.progress!r}: expected one of {', '.join(MODES)}")
-    for key in ("chat_template",):
-        if not isinstance(getattr(cfg.calib, key), bool):
-            errors.append(f"calib.{key}={getattr(cfg.calib, key)!r}: expected true or false")
+    if not isinstance(cfg.calib.chat_template, bool):
+        errors.append(f"calib.chat_template={cfg.calib.chat_template!r}: expected true or false")
+    repo = cfg.output.push_to_hub
+    if repo is not None and not re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", str(repo)):
+        errors.append(f"output.push_to_hub={repo!r}: expected a Hub repo id owner/name, e.g. "
+                      "my-user/llama-2-7b-wanda-50")
     return errors
 
 

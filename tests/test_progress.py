@@ -144,8 +144,10 @@ def test_log_config_is_validated() -> None:
     from neuroal.config import ConfigError, build_config
 
     with pytest.raises(ConfigError) as err:
-        build_config({"log": {"interval": -5, "progress": "loud"}})
+        build_config({"log": {"interval": -5, "progress": "loud"},
+                      "output": {"push_to_hub": "no-owner"}})
     assert "log.interval=-5" in str(err.value) and "log.progress='loud'" in str(err.value)
+    assert "output.push_to_hub='no-owner'" in str(err.value)
 
 
 def test_cli_flags_map_to_config() -> None:
