@@ -141,5 +141,5 @@ def write_plots(directory: Path, report: dict[str, Any]) -> list[str]:
                 written.append(f"{PLOT_DIR}/{name}")
         except Exception as exc:  # a plot never fails a finished run
             log.warning("plot %s skipped: %s: %s", name, type(exc).__name__, exc)
-    log.info("plots: %s", ", ".join(str(Path(directory) / w) for w in written) or "none")
+    log.info("plots (in the output directory): %s", ", ".join(written) or "none")
     return written
