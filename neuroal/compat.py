@@ -4,9 +4,10 @@ transformers 5 writes the RoPE settings only as ``rope_parameters`` (``{"rope_ty
 "factor", ...}``); transformers 4.5x (the line many vLLM releases pin) reads the top-level
 ``rope_theta`` / ``rope_scaling`` keys instead and silently falls back to the default base of
 10000 when they are missing. transformers 5 also saves fast tokenizers (those built from a GGUF
-file included) as ``tokenizer_class: TokenizersBackend``, a class 4.5x does not have. These pure functions add the
-keys older readers need to the dicts written as ``config.json`` and ``tokenizer_config.json``
-without changing what the current version reads (the test compares logits across versions).
+file included) as ``tokenizer_class: TokenizersBackend``, a class 4.5x does not have. These
+pure functions add the keys older readers need to the dicts written as ``config.json`` and
+``tokenizer_config.json`` without changing what the current version reads (the test compares
+logits across versions).
 """
 
 from __future__ import annotations
