@@ -42,7 +42,8 @@ NON_SEMANTIC = ("output.dir", "output.overwrite", "log_level", "engine.executor"
                 "engine.devices", "engine.ray_address", "engine.ray_placement", "engine.ray_cpus",
                 "engine.inflight", "engine.memory_limit", "engine.device", "engine.max_restarts",
                 "output.resume", "output.keep_state", "output.save_model", "output.shard_size",
-                "compare", "engine.onload", "engine.prefetch")
+                "compare", "engine.onload", "engine.prefetch", "log", "output.push_to_hub",
+                "output.plots")
 
 
 FORMAT = 2  # 2: SHA-256 sidecars and the weights fingerprint

@@ -37,6 +37,7 @@ FLAG_KEYS = {
     "recover": "recover.steps",
     "engine": "engine.executor",
     "eval_tasks": "eval.tasks", "include_path": "eval.include_path",
+    "log_file": "log.file", "push_to_hub": "output.push_to_hub",
 }
 
 COMMANDS = {
@@ -97,6 +98,10 @@ def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from <output>.neuroal-tmp/state (same config)")
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
+    p.add_argument("--log-file", help="also append the log to this file (every run writes "
+                   "neuroal.log into its output directory)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="upload the finished output to this "
+                   "Hugging Face repo (network and a token needed)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
 
@@ -187,7 +192,7 @@ def prune_main(argv: Sequence[str] | None = None) -> int:
         log.error("interrupted; no output was written")
         return 130
     summarize(result.report, result.output)
-    return 0
+    return 1 if (result.report.get("hub") or {}).get("error") else 0
 
 
 def summarize(report: dict[str, Any], output: Any) -> None:
@@ -211,6 +216,10 @@ def summarize(report: dict[str, Any], output: Any) -> None:
                          f"(achieved {row['achieved_sparsity']:.4f}): {ppl:.3f}")
     if output is not None:
         lines.append(f"output: {output}")
+        for plot in report.get("plots") or []:
+            lines.append(f"plot: {output}/{plot}")
+    if (report.get("hub") or {}).get("url"):
+        lines.append(f"uploaded: {report['hub']['url']}")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

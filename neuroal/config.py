@@ -86,6 +86,7 @@ class CalibConfig:
     data_dir: str | None = None
     self_temperature: float = 1.0
     self_top_k: int | None = 50
+    chat_template: bool = False  # hf: sources: render conversations with the tokenizer's template
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,19 @@ class OutputConfig:
     shard_size: int | str = "2GB"  # bytes or "2GB", "500MiB" (neuroal.inputs.parse_size)
     resume: bool = False  # continue from <dir>.neuroal-tmp/state (engine.md §8)
     keep_state: bool = True  # keep the resume state when a run fails
+    push_to_hub: str | None = None  # hub repo id to upload the finished output to (network)
+    plots: bool = True  # PNG plots beside report.json (needs matplotlib, extra [plots])
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Logging and progress (issue 15, item 2): ``interval`` seconds between progress lines
+    when no terminal shows bars, ``progress`` mode (auto | bar | log | off), an extra log
+    ``file`` (``--log-file``; every run also writes ``neuroal.log`` into its output)."""
+
+    interval: float = 30.0
+    progress: str = "auto"
+    file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -184,6 +198,7 @@ class PruneConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     recover: RecoverConfig = field(default_factory=RecoverConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     compare: tuple[str, ...] = ()  # extra allocations pruned on the same data, side by side
     seed: int = 0
     log_level: str = "INFO"
@@ -234,6 +249,7 @@ _SECTIONS: dict[str, type] = {
     "engine": EngineConfig,
     "mask": MaskConfig,
     "output": OutputConfig,
+    "log": LogConfig,
 }
 _OPEN_SECTIONS = {"criterion", "allocation"}  # unknown keys there are plug-in options
 
@@ -447,6 +463,7 @@ def validate(cfg: PruneConfig) -> None:
     errors += _check_data(cfg)
     errors += _check_engine(cfg)
     errors += _check_recover(cfg)
+    errors += _check_log(cfg)
     if cfg.model.dtype not in DTYPES:
         errors.append(f"model.dtype={cfg.model.dtype!r}: expected one of {', '.join(DTYPES)}")
     if cfg.output.dtype not in DTYPES:
@@ -469,6 +486,24 @@ def validate(cfg: PruneConfig) -> None:
         errors.append(f"log_level={cfg.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     if errors:
         raise ConfigError(errors)
+
+
+def _check_log(cfg: PruneConfig) -> list[str]:
+    from neuroal.progress import MODES
+
+    errors = []
+    interval = cfg.log.interval
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+        errors.append(f"log.interval={interval!r}: expected seconds >= 0 between progress lines")
+    if cfg.log.progress not in MODES:
+        errors.append(f"log.progress={cfg.log.progress!r}: expected one of {', '.join(MODES)}")
+    if not isinstance(cfg.calib.chat_template, bool):
+        errors.append(f"calib.chat_template={cfg.calib.chat_template!r}: expected true or false")
+    repo = cfg.output.push_to_hub
+    if repo is not None and not re.match(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$", str(repo)):
+        errors.append(f"output.push_to_hub={repo!r}: expected a Hub repo id owner/name, e.g. "
+                      "my-user/llama-2-7b-wanda-50")
+    return errors
 
 
 def _check_sparsity(cfg: PruneConfig) -> list[str]:
@@ -543,7 +578,7 @@ def _check_criterion(cfg: PruneConfig, crit: Any) -> list[str]:
 
 
 def _check_data(cfg: PruneConfig) -> list[str]:
-    from neuroal.data import parse_source
+    from neuroal.data import SOURCES, parse_source
 
     errors = []
     for label, spec in [("calib.source", cfg.calib.source)] + [
@@ -557,6 +592,13 @@ def _check_data(cfg: PruneConfig) -> list[str]:
         if label == "eval.datasets" and parsed.name == "self":
             errors.append("eval.datasets: 'self' is a calibration source only; evaluate on "
                           "wikitext2, c4 or text:<path>")
+        elif label == "eval.datasets" and SOURCES.get(parsed.name).calibration_only:
+            errors.append(f"eval.datasets: {spec!r} is a calibration source only; evaluate on "
+                          "wikitext2, c4, text:<path> or hf:<dataset>")
+        elif label == "calib.source" and cfg.calib.chat_template is True and \
+                "chat_template" not in SOURCES.get(parsed.name).options:
+            errors.append(f"calib.chat_template=true does not apply to calib.source={spec!r}; "
+                          "it renders conversations of hf:<dataset> sources")
     for label, value in [("calib.nsamples", cfg.calib.nsamples), ("calib.seqlen", cfg.calib.seqlen),
                          ("eval.seqlen", cfg.eval.seqlen), ("eval.max_windows", cfg.eval.max_windows),
                          ("eval.limit", cfg.eval.limit), ("eval.max_length", cfg.eval.max_length)]:

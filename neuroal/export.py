@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from neuroal.compat import make_loadable
 from neuroal.logging import get_logger
 from neuroal.safety import (
     OutputExistsError,  # noqa: F401 - re-exported: neuroal.export.OutputExistsError
@@ -168,6 +169,7 @@ def write_config(directory: Path, config: Any, dtype_name: str) -> None:
             delattr(config, attr)
     config.save_pretrained(directory)
     GenerationConfig.from_model_config(config).save_pretrained(directory)
+    make_loadable(directory)  # keys transformers 4.5x / vLLM need (neuroal.compat)
 
 
 def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str, Any]) -> None:
@@ -178,37 +180,10 @@ def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str,
 
 
 def model_card(report: dict[str, Any]) -> str:
-    """A model card with HF front matter (engine.md §9)."""
-    ev = report.get("eval", {})
-    front = {
-        "base_model": report.get("base_model") or report["model"],
-        "tags": ["pruned", "sparse", "neuroal", report["criterion"], report["allocation"]],
-        "datasets": [report["calibration"]["source"]],
-        "pipeline_tag": "text-generation",
-    }
-    if report.get("license"):
-        front["license"] = report["license"]
-    lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {report['model']} pruned with neuroal", "",
-        f"- criterion: {report['criterion']}, allocation: {report['allocation']}, "
-        f"pattern: {report['pattern']}",
-        f"- target sparsity {report['target_sparsity']:.4f}, achieved "
-        f"{report['achieved_sparsity']:.4f} (prunable block linears, parameter-weighted)",
-        f"- calibration: {report['calibration']['source']}, N={report['calibration']['nsamples']}, "
-        f"T={report['calibration']['seqlen']}, seed={report['calibration']['seed']}",
-    ]
-    for name, values in ev.items():
-        if name == "tasks":  # zero-shot results (neuroal.zeroshot), not a perplexity source
-            continue
-        dense, sparse = values.get("dense_ppl"), values.get("sparse_ppl")
-        lines.append(f"- {name} perplexity ({values.get('windows')} windows x "
-                     f"{values.get('seqlen')} tokens): dense "
-                     f"{'n/a' if dense is None else f'{dense:.3f}'}, pruned "
-                     f"{'n/a' if sparse is None else f'{sparse:.3f}'}")
-    lines += ["", f"Command: `{report.get('command', '')}`", "",
-              f"neuroal {report['versions']['neuroal']}", ""]
-    return "\n".join(lines)
+    """The model card ``README.md`` (engine.md §9), built by :func:`neuroal.card.prune_card`."""
+    from neuroal.card import prune_card
+
+    return prune_card(report)
 
 
 def slug(text: str) -> str:

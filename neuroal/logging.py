@@ -1,17 +1,19 @@
-"""Loggers and driver-only progress bars (style rule 9)."""
+"""Loggers, the log file and driver-only progress (style rule 9; issue 15, item 2)."""
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
-
-from tqdm.auto import tqdm
+from pathlib import Path
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+LOG_FILE = "neuroal.log"
+"""The log file written into every output directory."""
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _CONFIGURED = False
 
 
@@ -20,21 +22,120 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def configure(level: str = "INFO") -> None:
-    """Attach one stderr handler to the ``neuroal`` logger (idempotent; called by the CLI)."""
+class TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stderr handler writing through ``tqdm.write``, so log lines never cut a progress bar
+    (tqdm clears the bars, prints the line, and redraws them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # the logging module's own policy: report, never raise
+            self.handleError(record)
+
+
+def _formatter() -> logging.Formatter:
+    return logging.Formatter(FORMAT, datefmt="%H:%M:%S")
+
+
+def configure(level: str = "INFO", log_file: str | Path | None = None) -> None:
+    """Attach one stderr handler (through tqdm) to the ``neuroal`` logger, idempotent; with
+    ``log_file`` also append every record to that file (``--log-file``)."""
     global _CONFIGURED
     root = logging.getLogger("neuroal")
     root.setLevel(level.upper())
     if not _CONFIGURED:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s",
-                                               datefmt="%H:%M:%S"))
+        handler = TqdmHandler(sys.stderr)
+        handler.setFormatter(_formatter())
         root.addHandler(handler)
         root.propagate = False
         _CONFIGURED = True
+    if log_file is not None:
+        add_log_file(log_file)
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
-    """A tqdm bar on the driver only; silent when NEUROAL_PROGRESS=0 or stderr is no terminal."""
-    disable = os.environ.get("NEUROAL_PROGRESS", "1") == "0" or not sys.stderr.isatty()
-    yield from tqdm(items, desc=desc, total=total, disable=disable, leave=False)
+def add_log_file(path: str | Path, mode: str = "a") -> logging.FileHandler:
+    """Write every ``neuroal`` record also to ``path`` (parent folders created); returns the
+    handler (remove it with :func:`remove_handler`). Adding the same file twice is a no-op."""
+    path = Path(path).expanduser().resolve()
+    root = logging.getLogger("neuroal")
+    for handler in root.handlers:
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename) == path:
+            return handler
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode=mode, encoding="utf-8")
+    handler.setFormatter(_formatter())
+    root.addHandler(handler)
+    return handler
+
+
+def remove_handler(handler: logging.Handler) -> None:
+    """Detach and close a handler added to the ``neuroal`` logger."""
+    logging.getLogger("neuroal").removeHandler(handler)
+    handler.close()
+
+
+class RunLog(logging.Handler):
+    """The run's ``neuroal.log``. Attached to the ``neuroal`` logger for the whole run, it keeps
+    every record in memory from the start (before the output directory exists), writes them to
+    ``<staging>/neuroal.log`` once :meth:`attach` names the folder (the file then moves with the
+    output), and can still save a failed run's log with :meth:`keep` after the staging folder
+    was removed."""
+
+    def __init__(self, max_lines: int = 200_000) -> None:
+        super().__init__()
+        self.setFormatter(_formatter())
+        self.lines: list[str] = []
+        self.max_lines = max_lines
+        self.stream: Any = None
+        self.path: Path | None = None
+        logging.getLogger("neuroal").addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+            if len(self.lines) < self.max_lines:
+                self.lines.append(line)
+            if self.stream is not None:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def attach(self, directory: Path) -> Path:
+        """Start ``directory/neuroal.log`` with every record so far; returns its path."""
+        self.path = Path(directory) / LOG_FILE
+        self.stream = self.path.open("w", encoding="utf-8")
+        self.stream.write("".join(line + "\n" for line in self.lines))
+        self.stream.flush()
+        return self.path
+
+    def keep(self, destination: Path) -> Path:
+        """Write the log so far to ``destination`` (a failed run's log beside its state)."""
+        destination.write_text("".join(line + "\n" for line in self.lines), encoding="utf-8")
+        return destination
+
+    def close(self) -> None:
+        """Detach from the logger and close the file (idempotent)."""
+        logging.getLogger("neuroal").removeHandler(self)
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+        super().close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None,
+             unit: str = "it") -> Iterator[T]:
+    """Iterate with progress (:func:`neuroal.progress.track`): a tqdm bar on a terminal, a log
+    line every ``log.interval`` seconds otherwise; silent with ``NEUROAL_PROGRESS=0``."""
+    from neuroal.progress import track
+
+    yield from track(items, desc, total, unit=unit)

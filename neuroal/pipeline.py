@@ -7,6 +7,7 @@ directory, calibration size) runs before any weight is loaded.
 
 from __future__ import annotations
 
+import logging
 import platform
 import random
 import subprocess
@@ -22,6 +23,7 @@ import torch
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
 from neuroal.checkpoint import RunState, canonical_config
+from neuroal.compat import make_loadable
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
@@ -267,7 +269,8 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
             calib = None
             if parse_source(cfg.calib.source).name != "self":
                 calib = load_calibration(cfg.calib.source, tokenizer, cfg.calib.nsamples,
-                                         cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir)
+                                         cfg.calib.seqlen, cfg.calib.seed, cfg.calib.data_dir,
+                                         chat_template=cfg.calib.chat_template)
             evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,
                                              cfg.eval.max_windows, cfg.calib.data_dir)
                      for spec in cfg.eval.datasets}
@@ -432,8 +435,64 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
 
     Allocations listed in ``cfg.compare`` are pruned first on the same data (each with a fresh
     executor, released afterwards) and reported side by side under ``report["compare"]``; only
-    the main allocation's model is exported.
+    the main allocation's model is exported. The log goes to ``<output>/neuroal.log`` (and
+    ``log.file``); progress follows ``log.progress`` and ``log.interval``.
     """
+    from neuroal.logging import RunLog, add_log_file, remove_handler
+    from neuroal.progress import configure_progress
+
+    configure_progress(cfg.log.interval, cfg.log.progress)
+    logger = logging.getLogger("neuroal")
+    unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
+    if unset:
+        logger.setLevel(cfg.log_level.upper())
+    user_file = add_log_file(cfg.log.file) if cfg.log.file else None
+    runlog = RunLog()
+    try:
+        result = _run(cfg, keep_executor, command, runlog)
+        if cfg.output.push_to_hub and result.output is not None:
+            push(cfg.output.push_to_hub, result)
+        return result
+    except BaseException:
+        keep_failed_log(cfg, runlog)
+        raise
+    finally:
+        runlog.close()
+        if user_file is not None:
+            remove_handler(user_file)
+        if unset:
+            logger.setLevel(logging.NOTSET)
+
+
+def push(repo_id: str, result: RunResult, api: Any = None) -> None:
+    """Upload the finished output (``--push-to-hub``); a failed upload leaves the local output
+    as it is and records ``report["hub"]["error"]`` (the CLI then exits with 1)."""
+    from neuroal.hub import push_output
+
+    try:
+        url = push_output(result.output, repo_id, api=api)  # type: ignore[arg-type]
+        result.report["hub"] = {"repo": repo_id, "url": url}
+    except Exception as exc:  # network, token, permissions: the local output stays valid
+        log.error("upload to the Hub repo %r failed (%s: %s); the output is complete in %s, "
+                  "upload it later with `huggingface-cli upload %s %s`", repo_id,
+                  type(exc).__name__, exc, result.output, repo_id, result.output)
+        result.report["hub"] = {"repo": repo_id, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def keep_failed_log(cfg: PruneConfig, runlog: Any) -> None:
+    """A failed run whose resume state was kept gets its log beside the state
+    (``<output>.neuroal-tmp/neuroal.log``). Only runs that got as far as their staging folder
+    (so that the temporary folder is theirs) write it."""
+    if runlog.path is None:
+        return
+    tmp = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg)).tmp
+    if tmp.is_dir():
+        log.info("log of the failed run: %s", tmp / "neuroal.log")
+        runlog.keep(tmp / "neuroal.log")
+
+
+def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any) -> RunResult:
+    """:func:`run` without the logging setup."""
     timings = Timings()
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
@@ -441,6 +500,8 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
     with staging_ctx as staging:
+        if staging is not None:
+            runlog.attach(staging)
         state = open_state(cfg, prep)
         compared = [compare_variant(cfg, name, prep, timings) for name in cfg.compare]
         for name in cfg.recover.steps:
@@ -768,6 +829,10 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: Spa
     if weights and cfg.output.save_model:
         write_weights(cfg, prep, executor, staging, report)
     plan.save(staging)
+    if cfg.output.plots:
+        from neuroal.plots import write_plots
+
+        report["plots"] = write_plots(staging, report)
     write_run_files(staging, report, cfg.to_dict())
 
 
@@ -779,6 +844,7 @@ def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, director
     finalize_shards(directory, files)
     write_config(directory, prep.config, dtype)
     prep.tokenizer.save_pretrained(directory)
+    make_loadable(directory)  # tokenizer_class older transformers can import
     report["export_dtype"] = dtype
 
 

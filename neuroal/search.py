@@ -52,6 +52,38 @@ class PhaseResult:
         return self.outcomes[self.winner]
 
 
+SYMBOLS = {"block": "λ", "row": "μ"}
+"""How each phase's grid value is written in progress lines (neuroal.md: λ block, μ row)."""
+
+
+class CandidateProgress:
+    """Progress of a batch of candidates as they finish, each with its score (the partial
+    results of the search): a bar with the latest score on a terminal, otherwise one log line
+    per finished candidate with rate and ETA.
+
+    Args:
+        candidates: The candidates submitted together (one phase).
+        **kwargs: Passed to :class:`neuroal.progress.Progress` (tests: ``mode``, ``clock``).
+    """
+
+    def __init__(self, candidates: Sequence[Candidate], **kwargs: Any) -> None:
+        from neuroal.progress import Progress
+
+        self.candidates = list(candidates)
+        phase = self.candidates[0].phase if self.candidates else "search"
+        kwargs.setdefault("interval", 0.0)
+        self.bar = Progress(len(self.candidates), f"search, {phase} step", unit="candidate",
+                            **kwargs)
+
+    def done(self, index: int, score: float) -> None:
+        """Candidate ``index`` (in submission order) finished with ``score``."""
+        c = self.candidates[index]
+        self.bar.update(status=f"{SYMBOLS.get(c.phase, c.phase)}={c.value:.3f} score {score:.6g}")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def run_phase(phase: str, candidates: Sequence[Candidate],
               evaluate: Callable[[list[Candidate]], list[Outcome]]) -> PhaseResult:
     """Evaluate every candidate and select the first minimum (neuroal.md §A8).

@@ -62,7 +62,34 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
-def write_tiny_llama_gguf(path: str | os.PathLike, model, quant: str = "F32") -> Path:
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+"""A small chat template stored in the GGUF file by :func:`add_bpe_tokenizer`."""
+
+
+def add_bpe_tokenizer(writer, tokenizer_dir: str | os.PathLike) -> None:
+    """Store a byte-level BPE ``tokenizer.json`` (the tests' tokenizer) as GGUF ``gpt2``
+    tokenizer metadata, with special tokens ``<pad>``, ``<s>``, ``</s>`` and a chat template."""
+    import json
+
+    data = json.loads((Path(tokenizer_dir) / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = data["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in data["model"]["merges"]]
+    special = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])  # 3 = control
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(special["<s>"])
+    writer.add_eos_token_id(special["</s>"])
+    writer.add_pad_token_id(special["<pad>"])
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+
+def write_tiny_llama_gguf(path: str | os.PathLike, model, quant: str = "F32",
+                          tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Write ``model`` (a LlamaForCausalLM) as a llama.cpp-style GGUF file.
 
     q/k weights are stored permuted as llama.cpp's converter stores them; with tied embeddings
@@ -72,6 +99,8 @@ def write_tiny_llama_gguf(path: str | os.PathLike, model, quant: str = "F32") ->
         path: The ``.gguf`` file to write; its folder must exist.
         model: The model; its config supplies the metadata transformers needs.
         quant: ``"F32"`` or ``"Q8_0"`` (see ``QUANT_TYPES``).
+        tokenizer_dir: A folder with a byte-level BPE ``tokenizer.json`` to embed
+            (:func:`add_bpe_tokenizer`); none by default.
 
     Returns:
         The path written.
@@ -99,6 +128,8 @@ def write_tiny_llama_gguf(path: str | os.PathLike, model, quant: str = "F32") ->
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if quant == "F32"
                          else gguf.LlamaFileType.MOSTLY_Q8_0)
+    if tokenizer_dir is not None:
+        add_bpe_tokenizer(writer, tokenizer_dir)
 
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:

@@ -30,7 +30,7 @@ from neuroal.allocation.plan import SparsityPlan
 from neuroal.criteria.base import STAT_SQ_NORM, STAT_SQ_NORM_WINDOWED
 from neuroal.inputs import is_int, is_number
 from neuroal.logging import get_logger
-from neuroal.search import Candidate, Outcome, PhaseResult, run_phase
+from neuroal.search import Candidate, CandidateProgress, Outcome, PhaseResult, run_phase
 
 log = get_logger(__name__)
 
@@ -98,9 +98,19 @@ class NeuroALPolicy:
                            request.exact_count, stat)
 
         def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
-            kwargs = {"on_result": on_result} if on_result is not None else {}
-            results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
-                                                           opts["reference_stream"], **kwargs)
+            shown = CandidateProgress(cands)
+
+            def report(i: int, res: list[Any]) -> None:
+                shown.done(i, total_alignment([blk.na for blk in res]))
+                if on_result is not None:
+                    on_result(i, res)
+
+            try:
+                results = request.executor.evaluate_candidates(
+                    ids, [c.ratios for c in cands], job, opts["reference_stream"],
+                    on_result=report)
+            finally:
+                shown.close()
             return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
 
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
@@ -157,7 +167,8 @@ class NeuroALPolicy:
                                     **({"mask_group": group} if group else {})},
                             trail={"candidates": [e for p in phases for e in p.trail],
                                    "search_samples": min(opts["search_samples"],
-                                                         int(request.calibration.shape[0]))})
+                                                         int(request.calibration.shape[0])),
+                                   "alignment": {p.phase: _block_alignment(p) for p in phases}})
         glob = plan.planned_global(request.shape)
         if abs(glob - request.target) > 1e-6:
             plan.warnings.append(f"clipping moved the planned global sparsity to {glob:.6f} "
@@ -270,6 +281,12 @@ def _by_value(candidates: list[Candidate], outcomes: list[Outcome]
     """Candidates and their outcomes sorted by grid value (stable)."""
     order = sorted(range(len(candidates)), key=lambda k: candidates[k].value)
     return [candidates[k] for k in order], [outcomes[k] for k in order]
+
+
+def _block_alignment(phase: PhaseResult) -> list[float]:
+    """Per block, the winner's NA summed over the block's linears (for the report's plot)."""
+    detail = phase.best_outcome.detail or []
+    return [total_alignment([blk.na]) for blk in detail]
 
 
 def _plain(value: Any) -> Any:

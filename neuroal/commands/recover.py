@@ -53,6 +53,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    default="accelerate" if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" else "torch")
     p.add_argument("--shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--log-file", help="also append the log to this file (the output always gets "
+                   "neuroal.log)")
     return p.parse_args(argv)
 
 
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from neuroal.logging import configure, get_logger
 
     args = parse(argv)
-    configure("INFO")
+    configure("INFO", args.log_file)
     log = get_logger("neuroal.recover")
     try:
         validate(args)

@@ -162,12 +162,18 @@ class DataSource:
         takes_arg: Whether the spec needs an argument after ``:``.
         calibrate: ``(spec, tokenizer, nsamples, seqlen, seed, data_dir) -> CalibrationData``.
         evaluation_text: ``(spec, data_dir) -> SourceText``, the text for perplexity.
+        check: Validates a parsed spec before any loading (e.g. that a file exists).
+        options: Keyword options ``calibrate`` accepts (``chat_template``).
+        calibration_only: The source has no evaluation text.
     """
 
     usage: str
     takes_arg: bool
     calibrate: CalibrateFn
     evaluation_text: EvalTextFn
+    check: Callable[[SourceSpec], None] | None = None
+    options: tuple[str, ...] = ()
+    calibration_only: bool = False
 
 
 SOURCES: Registry[DataSource] = Registry("data source")
@@ -211,6 +217,8 @@ def parse_source(spec: str | SourceSpec) -> SourceSpec:
     parsed = SourceSpec(SOURCES.canonical(name), arg if sep else None)
     if parsed.name == "text":
         _require_text_file(str(parsed.arg))
+    if source.check is not None:
+        source.check(parsed)
     return parsed
 
 
@@ -838,8 +846,8 @@ SOURCES.add("self", DataSource("self", False, _calibrate_self, _no_self_evaluati
 
 
 def load_calibration(spec: str | SourceSpec, tokenizer: TextTokenizer, nsamples: int,
-                     seqlen: int, seed: int, data_dir: str | Path | None = None
-                     ) -> CalibrationData:
+                     seqlen: int, seed: int, data_dir: str | Path | None = None, *,
+                     chat_template: bool = False) -> CalibrationData:
     """Load a text source and draw calibration windows from it.
 
     ``wikitext2`` and ``text:<path>`` tokenise the whole text once and use the protocol draw
@@ -854,6 +862,8 @@ def load_calibration(spec: str | SourceSpec, tokenizer: TextTokenizer, nsamples:
         seqlen: Window length ``T``.
         seed: Seed of the draw.
         data_dir: Data directory, or ``None`` for :func:`resolve_data_dir`'s default.
+        chat_template: Render conversations with the tokenizer's chat template (sources that
+            take the option, ``hf:``).
 
     Returns:
         Windows of shape ``(N, T)`` (int64) and their provenance.
@@ -866,5 +876,10 @@ def load_calibration(spec: str | SourceSpec, tokenizer: TextTokenizer, nsamples:
     parsed = parse_source(spec)
     _check_sizes(nsamples, seqlen)
     source = SOURCES.get(parsed.name)
+    options = {"chat_template": chat_template} if chat_template else {}
+    unsupported = sorted(set(options) - set(source.options))
+    if unsupported:
+        raise ValueError(f"calib.{unsupported[0]}=true does not apply to source {str(parsed)!r}; "
+                         "it applies to hf:<dataset> sources")
     return source.calibrate(parsed, tokenizer, nsamples, seqlen, seed,
-                            Path(data_dir) if data_dir is not None else None)
+                            Path(data_dir) if data_dir is not None else None, **options)

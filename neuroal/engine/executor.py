@@ -167,7 +167,7 @@ class LocalExecutor:
         self.specs = worker_specs(source, split_blocks(num_blocks, workers), num_blocks, devices,
                                   dtype, micro_batch, offload_activations, trust_remote_code,
                                   onload=onload, prefetch=prefetch)
-        self.workers = [Worker(s) for s in progress(self.specs, "loading slices")]
+        self.workers = [Worker(s) for s in progress(self.specs, "loading slices", unit="slice")]
         self._num_blocks = num_blocks
         self.meter = BusyMeter(lambda: [w.busy_seconds for w in self.workers])
         for w in self.workers:
@@ -187,7 +187,8 @@ class LocalExecutor:
         with self.meter("prune"):
             stream = self._embed(ids)
             owner = [w for w in self.workers for _ in w.blocks]
-            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks):
+            for b in progress(range(self._num_blocks), "pruning blocks", total=self._num_blocks,
+                              unit="block"):
                 if not owner[b].spec.offload_activations:
                     stream = stream.to(owner[b].device)
                 stream, report = owner[b].prune_one(b, stream, plan.block(b), job)
@@ -210,7 +211,7 @@ class LocalExecutor:
         with self.meter("search"):
             embedded = self._embed(ids)
             reference = self.dense_reference(embedded, job, reference_stream)
-            for ratios in progress(candidates, "candidates", total=len(candidates)):
+            for ratios in candidates:  # progress with scores: neuroal.search.CandidateProgress
                 stream, parts = embedded, []
                 for w in self.workers:
                     stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks},
@@ -256,7 +257,7 @@ class LocalExecutor:
         parts = chunks(windows, self.specs[0].micro_batch)
         with self.meter("eval"):
             out = [self.workers[-1].window_nll(self._through(chunk), chunk)
-                   for chunk in progress(parts, "perplexity", total=len(parts))]
+                   for chunk in progress(parts, "perplexity", total=len(parts), unit="batch")]
         return torch.cat(out)
 
     def token_logprobs(self, inputs: torch.Tensor,

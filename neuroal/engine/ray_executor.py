@@ -23,6 +23,7 @@ missing shard, a bad path) is deterministic and stops the run at once, without r
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -131,14 +132,22 @@ def device_kind(devices: Sequence[str]) -> str:
 # the actor's Worker instance), so the Worker class needs no Ray-specific methods.
 
 
-def _setup(worker: Worker, deterministic: bool, threads: int | None) -> None:
-    """Deterministic kernels inside the actor, like ``seed_everything`` on the driver.
+def _setup(worker: Worker, deterministic: bool, threads: int | None,
+           log_level: str = "INFO", interval: float = 30.0) -> None:
+    """Deterministic kernels inside the actor, like ``seed_everything`` on the driver; the
+    actor's ``neuroal`` records go to its stderr, which Ray forwards to the driver in jobs and on
+    clusters (progress as log lines every ``interval`` seconds, never bars).
 
     CPU results depend on the intra-op thread count (LAPACK/BLAS split their work by threads:
     SparseGPT's Cholesky differs in the last bits between 1 and 2 threads), so CPU actors use the
     driver's count and match :class:`LocalExecutor` bit for bit.
     """
     apply_determinism(deterministic, threads)
+    from neuroal.logging import configure
+    from neuroal.progress import configure_progress
+
+    configure(log_level)
+    configure_progress(interval, "log")
 
 
 def _busy(worker: Worker) -> float:
@@ -286,7 +295,10 @@ class RayExecutor:
         self._actor_class = import_ray().remote(Worker)
         self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {
             "env_vars": actor_env(gpus > 0, deterministic, threads)}}
-        self._setup_args = (deterministic, threads)
+        from neuroal.progress import SETTINGS
+
+        level = logging.getLevelName(logging.getLogger("neuroal").getEffectiveLevel())
+        self._setup_args = (deterministic, threads, level, SETTINGS.interval)
         self.workers = [self._new_actor(s) for s in self.specs]  # shutdown() releases them
         for spec in self.specs:
             self.fault_hook("load", spec.rank)

@@ -32,7 +32,7 @@ from neuroal.checkpoint import (
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
 from neuroal.engine.onload import ONLOAD_MODES, BlockStore
-from neuroal.logging import get_logger
+from neuroal.logging import get_logger, progress
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.conversion import to_checkpoint_layout
 from neuroal.models.loading import (
@@ -650,7 +650,7 @@ class Worker:
         dense outputs of each block feed the next (allocation.md §3.1: pass 1 is dense).
         """
         values = {}
-        for index in self.blocks:
+        for index in progress(self.blocks, "dense statistics", unit="block"):
             t0 = time.perf_counter()
             linears = self.adapter.prunable_linears(self.adapter.blocks[index])
             collector = StatsCollector(linears, needs)

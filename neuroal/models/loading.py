@@ -24,6 +24,7 @@ from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
+from neuroal.progress import Progress
 
 log = get_logger(__name__)
 
@@ -376,6 +377,10 @@ def _try_single_file(fetch: Any) -> Path | None:
         return None
 
 
+LOAD_GROUP = 16
+"""Tensors read per checkpoint call while loading (progress granularity)."""
+
+
 def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
                 dtype: torch.dtype, device: torch.device) -> list[str]:
     """Fill the parameters of ``module_names`` from ``checkpoint``; move their buffers.
@@ -394,7 +399,13 @@ def materialise(adapter: Any, module_names: list[str], checkpoint: Checkpoint,
     if missing:
         raise ModelSourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. "
                                f"{missing[:3]}; is the checkpoint complete and of this model?")
-    tensors = checkpoint.load(sorted(keys - set(converted)), dtype, device)
+    tensors: dict[str, torch.Tensor] = {}
+    order = sorted(keys - set(converted))
+    with Progress(len(order), "loading weights", unit="tensor") as bar:
+        for i in range(0, len(order), LOAD_GROUP):  # in groups, so that loading shows progress
+            group = order[i:i + LOAD_GROUP]
+            tensors.update(checkpoint.load(group, dtype, device))
+            bar.update(len(group))
     for name, param in wanted:
         key = key_of[name]
         if key in converted:

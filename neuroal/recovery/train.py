@@ -28,6 +28,7 @@ from torch import nn
 
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
+from neuroal.progress import Progress
 from neuroal.recovery.perp import (
     ParamCount,
     PerpOptions,
@@ -374,7 +375,8 @@ def run_steps(runner: Runner, windows: torch.Tensor, options: TrainOptions, step
     order = sample_order(windows.shape[0], steps * per_step, options.seed)
     losses = []
     t0 = time.perf_counter()
-    with _training_mode(runner.model, options.gradient_checkpointing):
+    shown = Progress(steps, "retraining", unit="step", mode=None if runner.is_main else "off")
+    with _training_mode(runner.model, options.gradient_checkpointing), shown:
         for step in range(steps):
             total = 0.0
             for micro in range(options.grad_accum):
@@ -389,6 +391,7 @@ def run_steps(runner: Runner, windows: torch.Tensor, options: TrainOptions, step
                 total += float(loss.detach())
             losses.append(total / options.grad_accum)
             log.debug("step %d/%d  loss %.4f", step + 1, steps, losses[-1])
+            shown.update(status=f"loss {losses[-1]:.4f}")
     return TrainInfo(steps, steps * per_step * windows.shape[1], time.perf_counter() - t0, None, losses)
 
 
@@ -516,6 +519,7 @@ def save_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, tokeniz
     """Safetensors shards + index, ``config.json`` (bias / tie flags as changed) and tokenizer."""
     from huggingface_hub import save_torch_state_dict
 
+    from neuroal.compat import make_loadable
     from neuroal.export import parse_size, write_config
 
     adapter = ModelAdapter(model)
@@ -524,6 +528,7 @@ def save_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, tokeniz
     save_torch_state_dict(tensors, directory, max_shard_size=parse_size(shard_size))
     write_config(directory, model.config, str(dtype).removeprefix("torch."))
     tokenizer.save_pretrained(directory)
+    make_loadable(directory)
 
 
 def _perplexity(runner: Runner, windows: torch.Tensor | None, batch: int) -> float | None:
@@ -575,21 +580,28 @@ def _data(job: RecoverJob, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor |
 
 def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
             merged: Mapping[str, torch.Tensor], names: list[str], report: dict[str, Any],
-            output: Any = None) -> None:
+            output: Any = None, runlog: Any = None) -> None:
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
-    directory appears (atomic; ``output``: the checked, locked :class:`OutputDir`)."""
+    directory appears (atomic; ``output``: the checked, locked :class:`OutputDir`; ``runlog``:
+    the run's :class:`~neuroal.logging.RunLog`, whose ``neuroal.log`` goes into the output)."""
+    from neuroal.card import recovery_card
     from neuroal.export import OutputDir, write_json
     from neuroal.models.loading import source_dtype
 
     dtype = source_dtype(model.config, model_dtype(model))
     output = output if output is not None else OutputDir(Path(job.output), job.overwrite)
     with output.atomic(kind="recover") as staging:
+        if runlog is not None:
+            runlog.attach(staging)  # neuroal.log, every record of the run so far
         save_model(merged, model, tokenizer, staging, dtype, job.shard_size)
         layers = verify_saved_zeros(Path(source.location), staging, names)
         report["achieved_sparsity"] = (sum(v["zeros"] for v in layers.values())
                                        / max(1, sum(v["numel"] for v in layers.values())))
         report["layers"] = {k: v["zeros"] / v["numel"] for k, v in layers.items()}
         write_json(staging / "recovery.json", report)
+        source_card = Path(source.location) / "README.md"
+        (staging / "README.md").write_text(recovery_card(
+            report, source_card.read_text() if source_card.is_file() else None))
 
 
 def recover(job: RecoverJob) -> dict[str, Any]:
@@ -608,6 +620,7 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     import os
 
     from neuroal.export import OutputDir
+    from neuroal.logging import RunLog
     from neuroal.models.loading import input_paths, resolve_model
 
     output = OutputDir(Path(job.output))
@@ -615,12 +628,13 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     if os.environ.get("RANK", "0") == "0":  # the process that exports (one per job)
         output.acquire(job.overwrite)
     try:
-        return _recover(job, output)
+        with RunLog() as runlog:
+            return _recover(job, output, runlog)
     finally:
         output.release()
 
 
-def _recover(job: RecoverJob, output: Any) -> dict[str, Any]:
+def _recover(job: RecoverJob, output: Any, runlog: Any) -> dict[str, Any]:
     """:func:`recover` once the output is checked and locked."""
     t0 = time.perf_counter()
     device, accelerator = BACKENDS.get(job.backend)(job)
@@ -643,11 +657,12 @@ def _recover(job: RecoverJob, output: Any) -> dict[str, Any]:
     report: dict[str, Any] = {}
     if runner.is_main:
         report = {"model": job.model, "variant": job.variant, "backend": job.backend,
+                  "calib": job.calib,
                   "ranks": runner.world, "zero_stage": runner.zero_stage, "perp": asdict(job.perp),
                   "train_options": asdict(job.train), "train": info.to_dict(),
                   "added_biases": len(state.added_biases), "untied_head": state.untied,
                   "perplexity": ppl, "seconds": time.perf_counter() - t0}
-        _export(job, source, model, tokenizer, merged, names, report, output)
+        _export(job, source, model, tokenizer, merged, names, report, output, runlog)
     runner.barrier()
     return report
 

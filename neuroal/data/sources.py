@@ -1,0 +1,279 @@
+"""Calibration from any dataset and from pre-tokenised windows (issue 15, item 6).
+
+Two more registered sources (:data:`neuroal.data.calibration.SOURCES`, style rule 3):
+
+* ``hf:<dataset id or path>[:config][:split][:field]``: any dataset ``datasets.load_dataset``
+  reads: a hub id (network), a local dataset folder (JSON / JSON lines / parquet / CSV files,
+  or a folder written by ``save_to_disk``), or one data file. ``split`` defaults to ``train``;
+  ``field`` to ``text`` (or, with ``calib.chat_template=true``, ``messages`` or
+  ``conversations``). Empty parts keep their default: ``hf:./chats:::messages``.
+  With ``calib.chat_template=true`` each row's conversation (a list of ``{role, content}``
+  messages, or ShareGPT ``{from, value}`` turns) is rendered with the tokenizer's chat template.
+  Calibration: rows are shuffled with the calibration seed and joined with ``"\\n\\n"`` until
+  the text holds about ``CHARS_PER_TOKEN * N * T`` characters, then tokenised once and drawn
+  with the stream protocol (:func:`calibration_windows`). Evaluation joins every row in order.
+* ``tokens:<file.pt|.npy>``: token ids saved with ``torch.save`` (a tensor, or a dict with
+  ``input_ids``) or ``numpy.save``. A 2-D array ``(n, L)`` holds windows: the first ``N`` rows,
+  cut to their first ``T`` tokens, are used as they are; a 1-D array is a token stream drawn
+  from with the stream protocol. Calibration only.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from neuroal.data.calibration import (
+    SOURCES,
+    CalibrationData,
+    DataNotFoundError,
+    DataSource,
+    SourceInfo,
+    SourceSpec,
+    SourceText,
+    TextTokenizer,
+    _file_sha256,
+    _load_dataset,
+    _stream_calibration,
+    calibration_windows,
+)
+
+logger = logging.getLogger(__name__)
+
+HF_USAGE = "hf:<dataset id or path>[:config][:split][:field]"
+TOKENS_USAGE = "tokens:<file.pt|.npy>"
+TOKEN_SUFFIXES = (".pt", ".pth", ".npy")
+DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv",
+                      ".txt": "text", ".arrow": "arrow"}
+"""``datasets`` builder for a single local data file, by suffix."""
+TEXT_FIELDS = ("text",)
+CHAT_FIELDS = ("messages", "conversations")
+CHARS_PER_TOKEN = 8
+"""Characters gathered per needed token before tokenising (a generous bound: English BPE
+averages about 4)."""
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+
+# --------------------------------------------------------------------------- hf: specs
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    """The parts of ``hf:<path>[:config][:split][:field]``."""
+
+    path: str
+    config: str | None = None
+    split: str = "train"
+    field: str | None = None
+
+    @classmethod
+    def parse(cls, arg: str) -> HFSpec:
+        """Split the argument of an ``hf:`` spec; empty parts keep their defaults.
+
+        Raises:
+            ValueError: No dataset, or more than four parts.
+        """
+        parts = arg.split(":")
+        if not parts[0] or len(parts) > 4:
+            raise ValueError(f"data source 'hf:{arg}': expected {HF_USAGE}, e.g. "
+                             "hf:./my_data::train:text or hf:allenai/c4:en:validation")
+        parts += [""] * (4 - len(parts))
+        return cls(parts[0], parts[1] or None, parts[2] or "train", parts[3] or None)
+
+    def is_local(self) -> bool:
+        """Whether the dataset names a local file or folder (it exists, or looks like a path)."""
+        return Path(self.path).expanduser().exists() or self.path.startswith(("/", ".", "~"))
+
+
+def _check_hf(spec: SourceSpec) -> None:
+    """Validate an ``hf:`` spec before any loading: its syntax, and a local path's existence."""
+    hf = HFSpec.parse(str(spec.arg))
+    if hf.is_local() and not Path(hf.path).expanduser().exists():
+        raise DataNotFoundError(f"dataset path {hf.path!r} of 'hf:{spec.arg}' does not exist "
+                                f"(resolved to {Path(hf.path).expanduser().resolve()}); give a "
+                                "dataset folder, a data file or a hub id")
+
+
+def load_hf_rows(hf: HFSpec) -> tuple[Any, str]:
+    """The rows of a dataset split and the ``datasets`` call that produced them.
+
+    A single local file is read with the builder its suffix names (``json``, ``parquet``,
+    ``csv``, ``text``); a folder written by ``Dataset.save_to_disk`` with ``load_from_disk``;
+    any other folder or hub id with ``load_dataset(path, config, split=split)``.
+    """
+    path = Path(hf.path).expanduser()
+    if path.is_file():
+        builder = DATA_FILE_BUILDERS.get(path.suffix.lower())
+        if builder is None:
+            raise ValueError(f"dataset file {hf.path!r}: unknown suffix {path.suffix!r}; expected "
+                             f"one of {', '.join(sorted(DATA_FILE_BUILDERS))}")
+        call = f"datasets.load_dataset({builder!r}, data_files={str(path)!r}, split='train')"
+        return _load_dataset(builder, data_files=str(path), split="train"), call
+    if path.is_dir() and (path / "dataset_info.json").is_file():
+        import datasets
+
+        call = f"datasets.load_from_disk({str(path)!r})"
+        loaded = datasets.load_from_disk(str(path))
+        return (loaded[hf.split] if hasattr(loaded, "keys") else loaded), call
+    target = str(path) if path.is_dir() else hf.path
+    call = f"datasets.load_dataset({target!r}, {hf.config!r}, split={hf.split!r})"
+    try:
+        return _load_dataset(target, hf.config, split=hf.split), call
+    except Exception as err:  # offline, unknown id, missing split: one clear message
+        raise DataNotFoundError(
+            f"dataset 'hf:{hf.path}' could not be loaded with {call} ({type(err).__name__}: "
+            f"{err}); check the id, config and split, or give a local folder or file") from err
+
+
+def _pick_field(columns: list[str], hf: HFSpec, chat: bool) -> str:
+    """The column holding the text (or the conversation with ``chat``)."""
+    if hf.field is not None:
+        if hf.field not in columns:
+            raise ValueError(f"dataset 'hf:{hf.path}' has no field {hf.field!r}; its fields: "
+                             f"{', '.join(columns)}")
+        return hf.field
+    for name in CHAT_FIELDS if chat else TEXT_FIELDS:
+        if name in columns:
+            return name
+    wanted = "conversation field (messages, conversations)" if chat else "'text' field"
+    raise ValueError(f"dataset 'hf:{hf.path}' has no {wanted}; its fields: {', '.join(columns)}; "
+                     f"name one as {HF_USAGE}")
+
+
+def _messages(turns: Any) -> list[dict[str, str]]:
+    """``[{role, content}]`` from OpenAI-style messages or ShareGPT ``{from, value}`` turns."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        raise ValueError("calib.chat_template=true needs each row's field to be a list of "
+                         f"messages ({{role, content}} or {{from, value}}), got {turns!r:.80}")
+    out = []
+    for turn in turns:
+        if "role" in turn:
+            out.append({"role": turn["role"], "content": turn.get("content") or ""})
+        else:
+            out.append({"role": _SHAREGPT_ROLES.get(turn.get("from"), turn.get("from")),
+                        "content": turn.get("value") or ""})
+    return out
+
+
+def render_rows(rows: Any, field: str, tokenizer: TextTokenizer | None, chat: bool) -> list[str]:
+    """Each row's text: the field itself, or its conversation through the chat template."""
+    values = rows[field]
+    if not chat:
+        return [v if isinstance(v, str) else str(v) for v in values]
+    template = getattr(tokenizer, "chat_template", None)
+    if tokenizer is None or not template:
+        raise ValueError("calib.chat_template=true but the tokenizer has no chat template; set "
+                         "model.tokenizer to one that has, or use calib.chat_template=false")
+    render = tokenizer.apply_chat_template
+    return [render(_messages(v), tokenize=False) for v in values]
+
+
+def _hf_texts(spec: SourceSpec, tokenizer: TextTokenizer | None, chat: bool,
+              purpose: str) -> tuple[list[str], SourceInfo]:
+    hf = HFSpec.parse(str(spec.arg))
+    rows, call = load_hf_rows(hf)
+    field = _pick_field(list(rows.column_names), hf, chat)
+    texts = [t for t in render_rows(rows, field, tokenizer, chat) if t.strip()]
+    if not texts:
+        raise ValueError(f"dataset 'hf:{spec.arg}' field {field!r} holds no text")
+    origin = "local" if hf.is_local() else "hub"
+    note = f"field {field!r}" + (", chat template applied" if chat else "")
+    info = SourceInfo(str(spec), purpose, origin, call, None, n_documents=len(texts), note=note)
+    return texts, info
+
+
+def _calibrate_hf(spec: SourceSpec, tokenizer: TextTokenizer, nsamples: int, seqlen: int,
+                  seed: int, data_dir: Path | None, *, chat_template: bool = False
+                  ) -> CalibrationData:
+    texts, info = _hf_texts(spec, tokenizer, chat_template, "calibration")
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    budget, picked, chars = CHARS_PER_TOKEN * nsamples * seqlen, [], 0
+    for i in order:
+        picked.append(texts[i])
+        chars += len(texts[i]) + 2
+        if chars >= budget:
+            break
+    text = "\n\n".join(picked)
+    note = f"{info.note}; {len(picked)} of {len(texts)} rows shuffled (seed {seed}), joined " \
+           "with '\\n\\n'"
+    loaded = SourceText(text, replace(info, n_chars=len(text), note=note))
+    return _stream_calibration(loaded, tokenizer, nsamples, seqlen, seed)
+
+
+def _hf_evaluation_text(spec: SourceSpec, data_dir: Path | None) -> SourceText:
+    texts, info = _hf_texts(spec, None, False, "evaluation")
+    text = "\n\n".join(texts)
+    return SourceText(text, replace(info, n_chars=len(text),
+                                    note=f"{info.note}; every row in order, joined with '\\n\\n'"))
+
+
+# --------------------------------------------------------------------------- tokens:
+
+
+def _check_tokens(spec: SourceSpec) -> None:
+    path = Path(str(spec.arg)).expanduser()
+    if path.suffix.lower() not in TOKEN_SUFFIXES:
+        raise ValueError(f"token file {spec.arg!r}: expected a {' or '.join(TOKEN_SUFFIXES)} file "
+                         f"({TOKENS_USAGE})")
+    if not path.is_file():
+        raise DataNotFoundError(f"token file {spec.arg!r} does not exist (resolved to "
+                                f"{path.resolve()}); write one with torch.save or numpy.save")
+
+
+def load_token_file(path: Path) -> torch.Tensor:
+    """Token ids from a ``.pt`` (tensor or ``{"input_ids": tensor}``) or ``.npy`` file, int64.
+
+    Raises:
+        ValueError: Not 1-D or 2-D, not integers, or negative ids.
+    """
+    if path.suffix.lower() == ".npy":
+        ids = torch.from_numpy(np.load(path, allow_pickle=False))
+    else:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        ids = loaded["input_ids"] if isinstance(loaded, dict) else loaded
+        ids = torch.as_tensor(ids)
+    if ids.dim() not in (1, 2) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"token file {str(path)!r} holds a {tuple(ids.shape)} {ids.dtype} array; "
+                         "expected integer token ids, 1-D (a stream) or 2-D (windows)")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError(f"token file {str(path)!r} holds negative token ids")
+    return ids.to(torch.int64)
+
+
+def _calibrate_tokens(spec: SourceSpec, tokenizer: TextTokenizer, nsamples: int, seqlen: int,
+                      seed: int, data_dir: Path | None) -> CalibrationData:
+    path = Path(str(spec.arg)).expanduser()
+    ids = load_token_file(path)
+    info = SourceInfo(str(spec), "calibration", "file", str(path.resolve()), _file_sha256(path),
+                      n_tokens=ids.numel())
+    if ids.dim() == 1:
+        windows = calibration_windows(ids, nsamples, seqlen, seed, source=str(spec))
+        return CalibrationData(windows, replace(info, note="token stream, protocol draw"))
+    rows, length = ids.shape
+    if rows < nsamples or length < seqlen:
+        raise ValueError(f"token file {spec.arg!r} holds {rows} windows of {length} tokens; "
+                         f"calibration needs nsamples={nsamples} windows of seqlen={seqlen}; lower "
+                         "them or save more / longer windows")
+    logger.info("calibration: the first %d of %d pre-tokenised windows, %d tokens each, from %s",
+                nsamples, rows, seqlen, path)
+    return CalibrationData(ids[:nsamples, :seqlen].clone(),
+                           replace(info, note=f"first {nsamples} rows, first {seqlen} tokens"))
+
+
+def _no_tokens_evaluation(spec: SourceSpec, data_dir: Path | None) -> SourceText:
+    raise ValueError("'tokens:' is a calibration-only source (no text to evaluate); evaluate on "
+                     "wikitext2, c4, text:<path> or hf:<dataset>")
+
+
+SOURCES.add("hf", DataSource(HF_USAGE, True, _calibrate_hf, _hf_evaluation_text,
+                             check=_check_hf, options=("chat_template",)))
+SOURCES.add("tokens", DataSource(TOKENS_USAGE, True, _calibrate_tokens, _no_tokens_evaluation,
+                                 check=_check_tokens, calibration_only=True))

@@ -1,0 +1,51 @@
+"""Upload a finished output to the Hugging Face Hub (``--push-to-hub REPO``; network needed).
+
+Only what neuroal wrote is uploaded: the finished output directory, after it was moved into
+place. The API object is passed in (tests use a stand-in; the default is ``HfApi()``, which
+reads the token from ``HF_TOKEN`` or ``huggingface-cli login``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from neuroal.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def push_output(directory: str | Path, repo_id: str, api: Any = None,
+                private: bool | None = None, message: str | None = None) -> str:
+    """Create ``repo_id`` (a model repo) if needed and upload ``directory`` to it.
+
+    Args:
+        directory: The finished output (weights, card, report, plots).
+        repo_id: ``user/name`` or ``org/name``.
+        api: An object with ``create_repo`` and ``upload_folder`` (default ``HfApi()``).
+        private: Visibility of a newly created repo (None: the Hub's default).
+        message: Commit message.
+
+    Returns:
+        The URL (or commit reference) the upload returned, as text.
+
+    Raises:
+        ValueError: ``repo_id`` is not of the form ``owner/name``.
+        FileNotFoundError: ``directory`` does not exist.
+    """
+    directory = Path(directory)
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise ValueError(f"--push-to-hub {repo_id!r}: expected a repo id owner/name, e.g. "
+                         "my-user/llama-2-7b-wanda-50")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"nothing to upload: {str(directory)!r} does not exist")
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
+    log.info("uploading %s to https://huggingface.co/%s", directory, repo_id)
+    result = api.upload_folder(folder_path=str(directory), repo_id=repo_id, repo_type="model",
+                               commit_message=message or f"neuroal: upload {directory.name}")
+    log.info("uploaded: %s", result)
+    return str(result)
