@@ -51,6 +51,7 @@ RULES: dict[str, Rule] = {
     "base": (lambda v: v in ("uniform", "owl", "alpha"), "'uniform' (faithful), 'owl' or 'alpha'"),
     "base_options": (lambda v: isinstance(v, dict), "a mapping of the base policy's options"),
     "grid_refine": (lambda v: is_int(v) and 0 <= v <= 5, "an integer in [0, 5]"),
+    "early_stop": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -63,7 +64,8 @@ class NeuroALPolicy:
     defaults: Mapping[str, Any] = {"steps": "both", "search_samples": 8, "block_grid": "auto",
                                    "row_grid": "auto", "include_uniform": False,
                                    "reference_stream": "local", "base": "uniform",
-                                   "base_options": {}, "grid_refine": 0}
+                                   "base_options": {}, "grid_refine": 0,
+                                   "early_stop": False}
 
     def validate(self, cfg: Any) -> list[str]:
         errors = option_errors(self.name, cfg.allocation.options, RULES)
@@ -82,11 +84,28 @@ class NeuroALPolicy:
         group = None if request.criterion in NO_ROW_STEP else "row"
         job = CandidateJob(request.criterion, dict(request.criterion_options), group)
 
+        num_blocks = request.shape.num_blocks
+
         def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
-            kwargs = {"on_result": on_result} if on_result is not None else {}
+            kwargs: dict[str, Any] = {}
+            if any(c.bound is not None for c in cands):
+                def done(i: int, res: list[Any]) -> None:
+                    if len(res) == num_blocks and cands[i].bound is not None:
+                        cands[i].bound.report(cands[i].grid_index, total_alignment(
+                            [blk.na for blk in res]))
+                    if on_result is not None and len(res) == num_blocks:
+                        on_result(i, res)  # stopped candidates are not checkpointed
+
+                def bound(i: int) -> tuple[float, bool] | None:
+                    b = cands[i].bound
+                    return None if b is None else b.for_index(cands[i].grid_index)
+
+                kwargs.update(on_result=done, bound=bound)
+            elif on_result is not None:
+                kwargs["on_result"] = on_result
             results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
                                                            opts["reference_stream"], **kwargs)
-            return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
+            return [_outcome(res, num_blocks) for res in results]
 
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
 
@@ -113,7 +132,8 @@ class NeuroALPolicy:
         def make(lam: float) -> Candidate:
             return Candidate("block", lam, _shifted(request, base, lam))
 
-        return refine(run_phase("block", [make(lam) for lam in grid], evaluate), make,
+        return refine(run_phase("block", [make(lam) for lam in grid], evaluate,
+                                bool(opts["early_stop"])), make,
                       int(opts["grid_refine"]), evaluate)
 
     def _row_step(self, request: PlanRequest, opts: Mapping[str, Any], block: PhaseResult,
@@ -127,7 +147,8 @@ class NeuroALPolicy:
                                                  request.shape, mu, request.clip,
                                                  request.shape.uniform_rows))
 
-        return refine(run_phase("row", [make(mu) for mu in grid], evaluate), make,
+        return refine(run_phase("row", [make(mu) for mu in grid], evaluate,
+                                bool(opts["early_stop"])), make,
                       int(opts["grid_refine"]), evaluate)
 
     def _finish(self, request: PlanRequest, opts: Mapping[str, Any], ratios: list[dict[str, Any]],
@@ -197,6 +218,15 @@ class Checkpointed:
                                                      for d in payload["detail"]])
             out.append(outcome)
         return out
+
+
+def _outcome(result: list[Any], num_blocks: int) -> Outcome:
+    """The outcome of one candidate: its score, or (stopped early: fewer blocks than the model)
+    an infinite score for ranking with the partial sum as ``lower_bound``."""
+    score = total_alignment([blk.na for blk in result])
+    if len(result) == num_blocks:
+        return Outcome(score, result)
+    return Outcome(float("inf"), result, stopped_at_block=len(result) - 1, lower_bound=score)
 
 
 def _base_ratios(request: PlanRequest, opts: Mapping[str, Any]) -> list[dict[str, float]] | None:
