@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import save_tiny_model, tiny_cfg
 
+from neuroal.allocation.neuroal import candidate_evaluator
 from neuroal.allocation.neuroal_math import crosses
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import CandidateJob
@@ -81,42 +82,68 @@ def test_worker_stops_at_the_bound(tiny_models: dict[str, Path]) -> None:
     assert len(kept) == 2
 
 
-def _compare(model_dir: Path, text: Path, engine: dict) -> None:
-    plans = {}
+def _executor_compare(ex, shape) -> None:
+    """Uniform candidates through ``run_phase``: identical winner and full score with and
+    without early stopping; the badly pruned ones stop before the last block."""
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(4))
+    job = CandidateJob("wanda", {}, "row")
+    grid = (0.2, 0.3, 0.1, 0.95, 0.99)
+    evaluate = candidate_evaluator(ex, ids, job, "local", shape.num_blocks)
+    res = {}
     for early in (False, True):
-        cfg = tiny_cfg(model_dir, None, calib={"source": f"text:{text}"}, sparsity=0.7,
-                       allocation={**GRIDS, "early_stop": early}, engine=engine)
-        result = run(cfg, keep_executor=True)
-        plans[early] = (result.plan, result.executor.masks())
-        result.executor.shutdown()
-    (p0, m0), (p1, m1) = plans[False], plans[True]
-    assert p0.policy["lambda_block"] == p1.policy["lambda_block"]
-    assert p0.policy["lambda_row"] == p1.policy["lambda_row"]
-    win0 = [e["score"] for e in p0.trail["candidates"] if e["chosen"]]
-    win1 = [e["score"] for e in p1.trail["candidates"] if e["chosen"]]
-    assert win0 == win1
-    stopped = [e for e in p1.trail["candidates"] if "stopped_at_block" in e]
-    assert stopped, "no candidate was stopped early"
-    full = {(e["phase"], e["value"]): e["score"] for e in p0.trail["candidates"]}
+        cands = [Candidate("block", r, [{n: r for n in blk} for blk in shape.blocks])
+                 for r in grid]
+        res[early] = run_phase("block", cands, evaluate, early_stop=early)
+    assert res[False].winner == res[True].winner
+    assert res[False].best_outcome.score == res[True].best_outcome.score
+    stopped = [e for e in res[True].trail if "stopped_at_block" in e]
+    assert {e["value"] for e in stopped} >= {0.95, 0.99}
+    full = {e["value"]: e["score"] for e in res[False].trail}
     for e in stopped:
-        assert e["lower_bound"] <= full[(e["phase"], e["value"])]
-    for name in m0:
-        assert torch.equal(m0[name], m1[name]), name
+        assert e["stopped_at_block"] < shape.num_blocks - 1
+        assert e["lower_bound"] <= full[e["value"]]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_local_same_winner_fewer_blocks(tokenizer_dir: Path, tmp_path: Path, small_text: Path,
-                                        workers: int) -> None:
+def test_local_executor_same_winner_fewer_blocks(tokenizer_dir: Path, tmp_path: Path,
+                                                 workers: int) -> None:
     model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
-    _compare(model_dir, small_text, {"workers": workers})
+    ex = LocalExecutor(resolve_model(str(model_dir)), 4, workers, ["cpu"], "float32", 2)
+    _executor_compare(ex, ex.workers[0].adapter.shape())
 
 
 @pytest.mark.ray
-def test_ray_same_winner_fewer_blocks(tokenizer_dir: Path, tmp_path: Path,
-                                      small_text: Path) -> None:
+def test_ray_executor_same_winner_fewer_blocks(tokenizer_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    from neuroal.engine.ray_executor import init_ray
+    from neuroal.engine.ray_executor import RayExecutor, init_ray
 
-    init_ray(num_cpus=2)
+    owned = init_ray(num_cpus=2)
     model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
-    _compare(model_dir, small_text, {"executor": "ray", "workers": 2})
+    source = resolve_model(str(model_dir))
+    shape = LocalExecutor(source, 4, 1, ["cpu"], "float32", 2).workers[0].adapter.shape()
+    ex = RayExecutor(source, 4, 2, ["cpu"], "float32", 2, inflight=1)
+    try:
+        _executor_compare(ex, shape)
+    finally:
+        ex.shutdown()
+        if owned:
+            import ray
+            ray.shutdown()
+
+
+def test_pipeline_same_plan_with_early_stop(tokenizer_dir: Path, tmp_path: Path,
+                                            small_text: Path) -> None:
+    model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
+    plans = {}
+    for early in (False, True):
+        cfg = tiny_cfg(model_dir, None, calib={"source": f"text:{small_text}"}, sparsity=0.7,
+                       allocation={**GRIDS, "early_stop": early})
+        result = run(cfg, keep_executor=True)
+        plans[early] = (result.plan, result.executor.masks())
+    (p0, m0), (p1, m1) = plans[False], plans[True]
+    assert p0.policy["lambda_block"] == p1.policy["lambda_block"]
+    assert p0.policy["lambda_row"] == p1.policy["lambda_row"]
+    assert [e["score"] for e in p0.trail["candidates"] if e["chosen"]] == \
+        [e["score"] for e in p1.trail["candidates"] if e["chosen"]]
+    for name in m0:
+        assert torch.equal(m0[name], m1[name]), name

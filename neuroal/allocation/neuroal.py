@@ -84,29 +84,8 @@ class NeuroALPolicy:
         group = None if request.criterion in NO_ROW_STEP else "row"
         job = CandidateJob(request.criterion, dict(request.criterion_options), group)
 
-        num_blocks = request.shape.num_blocks
-
-        def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
-            kwargs: dict[str, Any] = {}
-            if any(c.bound is not None for c in cands):
-                def done(i: int, res: list[Any]) -> None:
-                    if len(res) == num_blocks and cands[i].bound is not None:
-                        cands[i].bound.report(cands[i].grid_index, total_alignment(
-                            [blk.na for blk in res]))
-                    if on_result is not None and len(res) == num_blocks:
-                        on_result(i, res)  # stopped candidates are not checkpointed
-
-                def bound(i: int) -> tuple[float, bool] | None:
-                    b = cands[i].bound
-                    return None if b is None else b.for_index(cands[i].grid_index)
-
-                kwargs.update(on_result=done, bound=bound)
-            elif on_result is not None:
-                kwargs["on_result"] = on_result
-            results = request.executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
-                                                           opts["reference_stream"], **kwargs)
-            return [_outcome(res, num_blocks) for res in results]
-
+        fresh = candidate_evaluator(request.executor, ids, job, opts["reference_stream"],
+                                    request.shape.num_blocks)
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
 
         block = self._block_step(request, opts, evaluate)
@@ -218,6 +197,35 @@ class Checkpointed:
                                                      for d in payload["detail"]])
             out.append(outcome)
         return out
+
+
+def candidate_evaluator(executor: Any, ids: torch.Tensor, job: Any, reference_stream: str,
+                        num_blocks: int) -> Any:
+    """``evaluate(cands, on_result=None) -> outcomes`` over the executor. Candidates carrying a
+    :class:`~neuroal.search.BestSoFar` (``early_stop``) hand the executor a bound and report
+    every complete score to it; stopped candidates are neither reported nor checkpointed."""
+    def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
+        kwargs: dict[str, Any] = {}
+        if any(c.bound is not None for c in cands):
+            def done(i: int, res: list[Any]) -> None:
+                if len(res) == num_blocks and cands[i].bound is not None:
+                    cands[i].bound.report(cands[i].grid_index, total_alignment(
+                        [blk.na for blk in res]))
+                if on_result is not None and len(res) == num_blocks:
+                    on_result(i, res)  # stopped candidates are not checkpointed
+
+            def bound(i: int) -> tuple[float, bool] | None:
+                b = cands[i].bound
+                return None if b is None else b.for_index(cands[i].grid_index)
+
+            kwargs.update(on_result=done, bound=bound)
+        elif on_result is not None:
+            kwargs["on_result"] = on_result
+        results = executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
+                                               reference_stream, **kwargs)
+        return [_outcome(res, num_blocks) for res in results]
+
+    return fresh
 
 
 def _outcome(result: list[Any], num_blocks: int) -> Outcome:
