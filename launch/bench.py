@@ -368,7 +368,7 @@ def search(opts: argparse.Namespace) -> dict:
         if label in rows:
             continue
         args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
-                f"eval.max_windows={opts.eval_windows}", "eval.dense=false"]
+                f"eval.max_windows={opts.eval_windows}", "eval.dense=false", *opts.override]
         report = run_prune(label, args, Path(opts.out))
         policy = report["plan"]["policy"]
         rows[label] = {"run": label, "search_s": report["timings"].get("allocate"),
@@ -397,6 +397,8 @@ def main() -> int:
     p.add_argument("--only", help="comma list of criteria (allocation: label substrings) to run")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
+    p.add_argument("--override", action="append", default=[],
+                   help="search suite: an extra key=value override for both rows (repeatable)")
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
