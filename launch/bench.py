@@ -8,6 +8,7 @@
     python launch/bench.py workers --nsamples 32 --eval-windows 16  # 1-3 workers, local and Ray
     python launch/bench.py recovery --nsamples 32 --eval-windows 16 # DSnoT, R2-DSnoT, PERP variants
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
+    python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -346,10 +347,69 @@ def onload(opts: argparse.Namespace) -> dict:
     return result
 
 
+SEARCH_RUNS = [("wanda-neuroal-70-grid-order", NA70, [*SCREEN_GRID, "allocation.early_stop=false"]),
+               ("wanda-neuroal-70-early-stop", NA70, [*SCREEN_GRID, "allocation.early_stop=true"])]
+"""Issue 16 item 13: today's search against exact early stopping (middle-out order), Wanda 70 %
+on the screening protocol (32 calibration windows, 4 search windows, 6 + 6 candidates)."""
+
+
+def _unimodal(scores: list[float]) -> bool:
+    """Non-increasing then non-decreasing (one valley, plateaus allowed)."""
+    i = 0
+    while i + 1 < len(scores) and scores[i + 1] <= scores[i]:
+        i += 1
+    return all(scores[j + 1] >= scores[j] for j in range(i, len(scores) - 1))
+
+
+def _search_facts(report: dict) -> dict:
+    """Candidates fully evaluated, blocks evaluated, winner and score curves from a trail."""
+    trail = (report.get("search") or report["plan"].get("trail") or {}).get("candidates", [])
+    num_blocks = max((w["blocks"][1] for w in report.get("workers", [])), default=30)
+    full = [e for e in trail if e.get("stopped_at_block") is None]
+    curves = {ph: [e["score"] for e in trail if e["phase"] == ph] for ph in ("block", "row")}
+    return {
+        "candidates": len(trail), "fully_evaluated": len(full),
+        "blocks_evaluated": sum(num_blocks if e.get("stopped_at_block") is None
+                                else e["stopped_at_block"] + 1 for e in trail),
+        "blocks_total": num_blocks * len(trail),
+        "winner": [(e["phase"], e["value"], e["score"]) for e in trail if e["chosen"]],
+        "trail": trail,
+        "unimodal": {ph: _unimodal(c) for ph, c in curves.items()
+                     if c and all(v is not None for v in c)},
+    }
+
+
+def search(opts: argparse.Namespace) -> dict:
+    """Issue 16 item 13: search seconds, candidates and blocks evaluated, winner, with and
+    without early stopping; rows already in the JSON are kept (resumable)."""
+    path = Path(opts.json or Path(opts.out) / "search.json")
+    done = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    rows = {r["run"]: r for r in done["rows"]}
+    for label, config, overrides in SEARCH_RUNS:
+        if label in rows:
+            continue
+        args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
+                f"eval.max_windows={opts.eval_windows}", "eval.dense=false", *opts.override]
+        report = run_prune(label, args, Path(opts.out))
+        policy = report["plan"]["policy"]
+        rows[label] = {"run": label, "search_s": report["timings"].get("allocate"),
+                       "lambda_block": policy.get("lambda_block"),
+                       "lambda_row": policy.get("lambda_row"),
+                       "ppl": report["eval"]["wikitext2"]["sparse_ppl"],
+                       "command": report["bench_command"], **_search_facts(report)}
+        print(f"{label}: search {rows[label]['search_s']:.0f} s, "
+              f"{rows[label]['fully_evaluated']}/{rows[label]['candidates']} candidates in full, "
+              f"{rows[label]['blocks_evaluated']}/{rows[label]['blocks_total']} blocks",
+              file=sys.stderr, flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"rows": list(rows.values())}, indent=2, default=str))
+    return {"rows": list(rows.values()), "settings": vars(opts)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
-                                          "recovery", "onload"], nargs="?",
+                                          "recovery", "onload", "search"], nargs="?",
                    default="foundation")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
@@ -360,11 +420,14 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="onload suite: cpu or cuda")
     p.add_argument("--blocks", type=int, default=4, help="onload suite: blocks of the checkpoint")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
+    p.add_argument("--override", action="append", default=[],
+                   help="search suite: an extra key=value override for both rows (repeatable)")
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
-              "recovery": recovery, "onload": onload}[opts.suite](opts)
+              "recovery": recovery, "onload": onload,
+              "search": search}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -23,6 +23,8 @@ class Candidate:
     phase: str
     value: float
     ratios: list[dict[str, Any]]
+    grid_index: int = -1
+    bound: BestSoFar | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -31,6 +33,39 @@ class Outcome:
 
     score: float
     detail: Any = None
+    stopped_at_block: int | None = None
+    """Set when the candidate was stopped early: the last block evaluated; ``score`` is then
+    ``inf`` for ranking and ``lower_bound`` the partial sum reached."""
+    lower_bound: float | None = None
+
+
+class BestSoFar:
+    """The best complete score of a phase so far, with its grid index (exact early stopping,
+    issue 16 item 13). ``for_index(i)`` is the bound a candidate at grid index ``i`` must
+    cross to be stopped: a tie loses only against an earlier grid index (first minimum, §A8)."""
+
+    def __init__(self) -> None:
+        self.score: float | None = None
+        self.index = -1
+
+    def report(self, index: int, score: float) -> None:
+        if self.score is None or score < self.score or (score == self.score and index < self.index):
+            self.score, self.index = score, index
+
+    def for_index(self, index: int) -> tuple[float, bool] | None:
+        return None if self.score is None else (self.score, self.index < index)
+
+
+def middle_out(n: int) -> list[int]:
+    """Evaluation order for a grid of ``n``: the middle first, then alternately outwards, so a
+    good bound is known early on a unimodal score curve."""
+    mid = (n - 1) // 2
+    order = [mid]
+    for step in range(1, n):
+        for j in (mid - step, mid + step):
+            if 0 <= j < n and len(order) < n:
+                order.append(j)
+    return order
 
 
 @dataclass
@@ -85,8 +120,14 @@ class CandidateProgress:
 
 
 def run_phase(phase: str, candidates: Sequence[Candidate],
-              evaluate: Callable[[list[Candidate]], list[Outcome]]) -> PhaseResult:
+              evaluate: Callable[[list[Candidate]], list[Outcome]],
+              early_stop: bool = False) -> PhaseResult:
     """Evaluate every candidate and select the first minimum (neuroal.md §A8).
+
+    With ``early_stop`` candidates are evaluated middle-out (:func:`middle_out`) and each
+    carries a shared :class:`BestSoFar` (``Candidate.bound``) that the evaluator may use to
+    stop a candidate that can no longer win; the winner and its full score are unchanged
+    (first minimum in grid order), the trail records ``stopped_at_block`` and ``lower_bound``.
 
     Raises:
         ValueError: No candidates, or ``evaluate`` returned the wrong number of outcomes.
@@ -96,14 +137,31 @@ def run_phase(phase: str, candidates: Sequence[Candidate],
     candidates = list(candidates)
     if not candidates:
         raise ValueError(f"search phase {phase!r} has no candidates")
-    outcomes = evaluate(candidates)
-    if len(outcomes) != len(candidates):
-        raise ValueError(f"phase {phase!r}: {len(outcomes)} outcomes for {len(candidates)} "
+    order = middle_out(len(candidates)) if early_stop else list(range(len(candidates)))
+    if early_stop:
+        best = BestSoFar()
+        for i, c in enumerate(candidates):
+            c.grid_index, c.bound = i, best
+    got = evaluate([candidates[i] for i in order])
+    if len(got) != len(candidates):
+        raise ValueError(f"phase {phase!r}: {len(got)} outcomes for {len(candidates)} "
                          "candidates")
+    outcomes: list[Outcome] = [Outcome(0.0)] * len(candidates)
+    for i, o in zip(order, got, strict=True):
+        outcomes[i] = o
     winner = first_minimum([o.score for o in outcomes])
-    trail = [{"phase": phase, "value": c.value, "score": o.score, "chosen": i == winner}
-             for i, (c, o) in enumerate(zip(candidates, outcomes, strict=True))]
+    trail = []
+    for i, (c, o) in enumerate(zip(candidates, outcomes, strict=True)):
+        entry = {"phase": phase, "value": c.value, "score": o.score, "chosen": i == winner}
+        if o.stopped_at_block is not None:
+            entry.update(score=None, stopped_at_block=o.stopped_at_block,
+                         lower_bound=o.lower_bound)
+        trail.append(entry)
     for entry in trail:
-        log.info("%s %.3f: score %.6g%s", phase, entry["value"], entry["score"],
-                 "  <- chosen" if entry["chosen"] else "")
+        if entry.get("stopped_at_block") is not None:
+            log.info("%s %.3f: stopped at block %d, score >= %.6g", phase, entry["value"],
+                     entry["stopped_at_block"], entry["lower_bound"])
+        else:
+            log.info("%s %.3f: score %.6g%s", phase, entry["value"], entry["score"],
+                     "  <- chosen" if entry["chosen"] else "")
     return PhaseResult(phase, winner, candidates, outcomes, trail)

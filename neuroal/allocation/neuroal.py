@@ -62,6 +62,7 @@ RULES: dict[str, Rule] = {
     "window_weights": (lambda v: v in ("reference", "uniform"),
                        "'reference' (faithful: SparseGPT's search weights window k by 1/k) or "
                        "'uniform'"),
+    "early_stop": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 
@@ -75,7 +76,8 @@ class NeuroALPolicy:
                                    "row_grid": "auto", "include_uniform": False,
                                    "reference_stream": "local", "base": "uniform",
                                    "base_options": {}, "grid_refine": 0,
-                                   "window_weights": "reference"}
+                                   "window_weights": "reference",
+                                   "early_stop": False}
 
     def validate(self, cfg: Any) -> list[str]:
         errors = option_errors(self.name, cfg.allocation.options, RULES)
@@ -97,22 +99,8 @@ class NeuroALPolicy:
         job = CandidateJob(request.criterion, dict(request.criterion_options), group,
                            request.exact_count, stat)
 
-        def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
-            shown = CandidateProgress(cands)
-
-            def report(i: int, res: list[Any]) -> None:
-                shown.done(i, total_alignment([blk.na for blk in res]))
-                if on_result is not None:
-                    on_result(i, res)
-
-            try:
-                results = request.executor.evaluate_candidates(
-                    ids, [c.ratios for c in cands], job, opts["reference_stream"],
-                    on_result=report)
-            finally:
-                shown.close()
-            return [Outcome(total_alignment([blk.na for blk in res]), res) for res in results]
-
+        fresh = candidate_evaluator(request.executor, ids, job, opts["reference_stream"],
+                                    request.shape.num_blocks)
         evaluate = fresh if request.state is None else Checkpointed(request.state, fresh)
 
         if opts["steps"] in ("row", "both") and request.criterion not in NO_ROW_STEP:
@@ -140,7 +128,8 @@ class NeuroALPolicy:
         def make(lam: float) -> Candidate:
             return Candidate("block", lam, _shifted(request, base, lam))
 
-        return refine(run_phase("block", [make(lam) for lam in grid], evaluate), make,
+        return refine(run_phase("block", [make(lam) for lam in grid], evaluate,
+                                bool(opts["early_stop"])), make,
                       int(opts["grid_refine"]), evaluate)
 
     def _row_step(self, request: PlanRequest, opts: Mapping[str, Any], block: PhaseResult,
@@ -155,7 +144,8 @@ class NeuroALPolicy:
                                                  request.shape.uniform_rows,
                                                  request.shape.row_tiles))
 
-        return refine(run_phase("row", [make(mu) for mu in grid], evaluate), make,
+        return refine(run_phase("row", [make(mu) for mu in grid], evaluate,
+                                bool(opts["early_stop"])), make,
                       int(opts["grid_refine"]), evaluate)
 
     def _finish(self, request: PlanRequest, opts: Mapping[str, Any], ratios: list[dict[str, Any]],
@@ -226,6 +216,48 @@ class Checkpointed:
                                                      for d in payload["detail"]])
             out.append(outcome)
         return out
+
+
+def candidate_evaluator(executor: Any, ids: torch.Tensor, job: Any, reference_stream: str,
+                        num_blocks: int) -> Any:
+    """``evaluate(cands, on_result=None) -> outcomes`` over the executor. Candidates carrying a
+    :class:`~neuroal.search.BestSoFar` (``early_stop``) hand the executor a bound and report
+    every complete score to it; stopped candidates are neither reported nor checkpointed."""
+    def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
+        shown = CandidateProgress(cands)
+
+        def done(i: int, res: list[Any]) -> None:
+            score = total_alignment([blk.na for blk in res])
+            shown.done(i, score)  # a stopped candidate shows its partial sum (lower bound)
+            if len(res) == num_blocks and cands[i].bound is not None:
+                cands[i].bound.report(cands[i].grid_index, score)
+            if on_result is not None and len(res) == num_blocks:
+                on_result(i, res)  # stopped candidates are not checkpointed
+
+        def bound(i: int) -> tuple[float, bool] | None:
+            b = cands[i].bound
+            return None if b is None else b.for_index(cands[i].grid_index)
+
+        kwargs: dict[str, Any] = {"on_result": done}
+        if any(c.bound is not None for c in cands):
+            kwargs["bound"] = bound
+        try:
+            results = executor.evaluate_candidates(ids, [c.ratios for c in cands], job,
+                                                   reference_stream, **kwargs)
+        finally:
+            shown.close()
+        return [_outcome(res, num_blocks) for res in results]
+
+    return fresh
+
+
+def _outcome(result: list[Any], num_blocks: int) -> Outcome:
+    """The outcome of one candidate: its score, or (stopped early: fewer blocks than the model)
+    an infinite score for ranking with the partial sum as ``lower_bound``."""
+    score = total_alignment([blk.na for blk in result])
+    if len(result) == num_blocks:
+        return Outcome(score, result)
+    return Outcome(float("inf"), result, stopped_at_block=len(result) - 1, lower_bound=score)
 
 
 def _base_ratios(request: PlanRequest, opts: Mapping[str, Any]) -> list[dict[str, float]] | None:

@@ -140,6 +140,18 @@ def total_alignment(per_block: Sequence[Mapping[str, float]]) -> float:
     return total
 
 
+def crosses(partial: float, best: float, inclusive: bool) -> bool:
+    """Whether a candidate whose partial alignment sum is ``partial`` can no longer win against
+    a complete score ``best`` (exact early stopping, issue 16 item 13).
+
+    Every NA_l is >= 0 and rounded float addition is monotone, so the full score is >= any
+    partial sum. Under the first-minimum rule (§A8) a later candidate must beat ``best``
+    strictly: it is stopped when ``partial >= best`` if the best candidate comes earlier in grid
+    order (``inclusive``), and only when ``partial > best`` if it comes later.
+    """
+    return partial >= best if inclusive else partial > best
+
+
 def first_minimum(scores: Sequence[float]) -> int:
     """Index of the winning candidate: the first minimum in grid order (spec §A8).
 

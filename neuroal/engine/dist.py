@@ -618,11 +618,13 @@ class DistExecutor:
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
                             on_result: Callable[[int, list[BlockAlignment]], None] | None = None,
+                            bound: Callable[[int], tuple[float, bool] | None] | None = None,
                             ) -> list[list[BlockAlignment]]:
         """Alignment terms per candidate, then block; candidates pipeline across the ranks.
 
         Results reach rank 0 in one gather, so ``on_result`` (resume checkpoints) runs for
-        every candidate after the whole batch."""
+        every candidate after the whole batch. ``bound`` (early stopping) is not used here:
+        the ranks relay every candidate in full; the search stays exact, only no cheaper."""
         per_rank = [[{b: ratios[b] for b in range(a, z)} for ratios in candidates]
                     for a, z in self.slices]
         with self.meter("search"):

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from neuroal.allocation.neuroal_math import total_alignment
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.engine.core import chunks, merge_blocks, reference_needs, worker_specs
 from neuroal.engine.worker import (
@@ -101,6 +102,23 @@ OnResult = Callable[[int, list[BlockAlignment]], None]
 """Called with (candidate index, its per-block result) as soon as a candidate finishes (resume
 checkpoints every finished candidate, engine.md §8)."""
 
+Bound = Callable[[int], "tuple[float, bool] | None"]
+"""Given a candidate index, the best complete score known so far and whether a tie already
+loses (the best is earlier in grid order), or None: the candidate may stop as soon as its
+partial sum crosses it (exact early stopping, issue 16 item 13). A stopped candidate's result
+holds only the blocks evaluated (fewer than ``num_blocks``)."""
+
+
+def prefix_blocks(per_block: Mapping[int, BlockAlignment], num_blocks: int) -> list[BlockAlignment]:
+    """The contiguous evaluated blocks ``0, 1, ...`` of one candidate (all of them unless it
+    was stopped early)."""
+    out = []
+    for b in range(num_blocks):
+        if b not in per_block:
+            break
+        out.append(per_block[b])
+    return out
+
 
 class Executor(Protocol):
     """What the pipeline needs from an executor."""
@@ -118,7 +136,7 @@ class Executor(Protocol):
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
-                            on_result: OnResult | None = None,
+                            on_result: OnResult | None = None, bound: Bound | None = None,
                             ) -> list[list[BlockAlignment]]: ...
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
@@ -198,7 +216,7 @@ class LocalExecutor:
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
-                            on_result: OnResult | None = None,
+                            on_result: OnResult | None = None, bound: Bound | None = None,
                             ) -> list[list[BlockAlignment]]:
         """Alignment terms of each candidate plan (``candidates[c][b][name]`` = ratio).
 
@@ -212,12 +230,18 @@ class LocalExecutor:
             embedded = self._embed(ids)
             reference = self.dense_reference(embedded, job, reference_stream)
             for ratios in candidates:  # progress with scores: neuroal.search.CandidateProgress
-                stream, parts = embedded, []
+                stream: torch.Tensor | None = embedded
+                per_block: dict[int, BlockAlignment] = {}
+                best = bound(len(results)) if bound is not None else None
                 for w in self.workers:
-                    stream, part = w.eval_candidate(stream, {b: ratios[b] for b in w.blocks},
-                                                    job, reference)
-                    parts.append(part)
-                results.append(merge_blocks(parts, self._num_blocks))
+                    if stream is None:
+                        break
+                    carried = total_alignment([per_block[b].na for b in sorted(per_block)])
+                    stream, part = w.eval_candidate(
+                        stream, {b: ratios[b] for b in w.blocks}, job, reference,
+                        None if best is None else (best[0], best[1], carried))
+                    per_block.update(part)
+                results.append(prefix_blocks(per_block, self._num_blocks))
                 if on_result is not None:
                     on_result(len(results) - 1, results[-1])
         return results

@@ -37,7 +37,7 @@ from neuroal.allocation.plan import SparsityPlan
 from neuroal.checkpoint import block_state_path
 from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs, worker_specs
 from neuroal.engine.determinism import apply_determinism, determinism_env
-from neuroal.engine.executor import BusyMeter, split_blocks
+from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.worker import (
     BlockAlignment,
     BlockReport,
@@ -557,6 +557,7 @@ class RayExecutor:
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
                             job: CandidateJob, reference_stream: str = "local",
                             on_result: Callable[[int, list[BlockAlignment]], None] | None = None,
+                            bound: Callable[[int], tuple[float, bool] | None] | None = None,
                             ) -> list[list[BlockAlignment]]:
         """Alignment terms of each candidate, candidates pipelined through the actors.
 
@@ -573,18 +574,23 @@ class RayExecutor:
 
             def submit(c: int) -> list[Any]:
                 stream, parts = embedded, []
+                # the bound known at submit time; each actor checks its own slice's partial sum
+                # (carried 0.0: a lower bound of the candidate's, so still exact)
+                best = bound(c) if bound is not None else None
                 for k, actor in enumerate(self.workers):
                     own = {b: candidates[c][b] for b in self._owned(k)}
                     stream, part = actor.eval_candidate.options(num_returns=2).remote(
-                        self.transport.handoff(stream, max(k - 1, 0), k), own, job, references[k])
+                        self.transport.handoff(stream, max(k - 1, 0), k), own, job, references[k],
+                        None if best is None else (best[0], best[1], 0.0))
                     parts.append(part)
                 self.fault_hook("candidate", c)
                 return parts
 
             def gather(c: int, parts: list[Any]) -> None:
-                results[c] = merge_blocks(
-                    self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"),
-                    self._num_blocks)
+                per_block: dict[int, BlockAlignment] = {}
+                for part in self._get(parts, f"evaluating candidate {c + 1}/{len(candidates)}"):
+                    per_block.update(part)
+                results[c] = prefix_blocks(per_block, self._num_blocks)
                 if on_result is not None:
                     on_result(c, results[c])
 

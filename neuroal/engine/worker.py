@@ -555,7 +555,8 @@ class Worker:
     @torch.no_grad()
     def eval_candidate(self, stream: torch.Tensor, ratios: Mapping[int, Mapping[str, Any]],
                        job: CandidateJob, reference: Mapping[int, Mapping[str, Any]] | None = None,
-                       ) -> tuple[torch.Tensor, dict[int, BlockAlignment]]:
+                       bound: tuple[float, bool, float] | None = None,
+                       ) -> tuple[torch.Tensor | None, dict[int, BlockAlignment]]:
         """Evaluate one NeuroAL candidate over the owned blocks (neuroal.md §A5).
 
         Per block: dense forward on ``stream`` collecting input norms ``a_d``; masks from the
@@ -565,8 +566,17 @@ class Worker:
         ``reference[b]`` supplies block b's dense statistics instead of the dense forward:
         block 0 always sees identical inputs (shared across candidates, §B5), and under the
         global variant (§B4) every block uses the dense model's statistics.
+
+        ``bound = (best, inclusive, carried)`` stops the candidate early (exact search, issue
+        16 item 13): NA is a sum of non-negative terms summed in block order, so once
+        ``carried`` (the candidate's partial sum before this slice, 0.0 when unknown) plus this
+        slice's terms exceeds ``best`` (or equals it, when ``inclusive``) the candidate cannot
+        win. The stream returned is then None, and a None stream in skips the slice.
         """
-        from neuroal.allocation.neuroal_math import alignment
+        from neuroal.allocation.neuroal_math import alignment, crosses
+
+        if stream is None:
+            return None, {}
 
         criterion = CRITERIA.get(job.criterion)
         options = {**criterion.defaults, **job.options}
@@ -591,6 +601,14 @@ class Worker:
                 a_s = {n: getattr(st, stat).sqrt() for n, st in sparse.stats().items()}
                 out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
                                             delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
+            if bound is not None:
+                partial = bound[2]
+                for blk in out.values():
+                    for value in blk.na.values():
+                        partial += float(value)
+                if crosses(partial, bound[0], bound[1]):
+                    self.busy_seconds += time.perf_counter() - t0
+                    return None, out
         self.busy_seconds += time.perf_counter() - t0
         return stream, out
 

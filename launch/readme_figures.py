@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""Rewrite README figures from benchmark output, never by hand (issue 16 item 8).
+
+    python launch/readme_figures.py quickstart outputs/smollm2-wanda-neuroal-60/report.json
+    python launch/readme_figures.py search outputs/bench/search.json
+
+Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
+(``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
+disagrees with the JSON instead of rewriting it. Bad input exits 2 with a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _ppl(value: object) -> float:
+    """A perplexity entry: a number, or ``{dataset: number}`` (WikiText-2 taken)."""
+    if isinstance(value, dict):
+        value = value.get("wikitext2", next(iter(value.values())))
+    return float(value)  # type: ignore[arg-type]
+
+
+def quickstart_text(report: dict) -> str:
+    """The quickstart sentence from ``make quickstart``'s ``report.json``."""
+    ev = report["eval"]["wikitext2"]
+    uniform = [c for c in report.get("compare", []) if c["allocation"] == "uniform"]
+    if not uniform:
+        raise KeyError("compare[allocation=uniform] (run the quickstart config, which compares)")
+    policy = report["plan"]["policy"]
+    lam = [("-" if v is None else f"{v:.2f}") for v in (policy.get("lambda_block"),
+                                                         policy.get("lambda_row"))]
+    return (f"It prints dense {_ppl(ev['dense_ppl']):.2f}, uniform Wanda "
+            f"{_ppl(uniform[0]['sparse_ppl']):.2f} and Wanda + NeuroAL {_ppl(ev['sparse_ppl']):.2f}"
+            f"\n(lambda_block {lam[0]}, lambda_row {lam[1]}).")
+
+
+def search_text(result: dict) -> str:
+    """The early-stopping table from ``launch/bench.py search``'s JSON."""
+    lines = ["| search | search s | candidates in full | blocks evaluated | lambda (block / row) |",
+             "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['run']} | {r['search_s']:.0f} | {r['fully_evaluated']} / "
+                     f"{r['candidates']} | {r['blocks_evaluated']} / {r['blocks_total']} | "
+                     f"{r['lambda_block']} / {r['lambda_row']} |")
+    return "\n".join(lines)
+
+
+KINDS = {"quickstart": quickstart_text, "search": search_text}
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """``text`` with the region between the markers of ``name`` replaced by ``body``."""
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n)(.*?)(\n<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+        raise KeyError(f"markers <!-- {name}:begin --> / <!-- {name}:end -->")
+    return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=sorted(KINDS))
+    p.add_argument("json", help="report.json (quickstart) or the bench suite's JSON")
+    p.add_argument("--readme", default=str(REPO / "README.md"))
+    p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    opts = p.parse_args()
+    try:
+        data = json.loads(Path(opts.json).read_text())
+        body = KINDS[opts.kind](data)
+        readme = Path(opts.readme)
+        old = readme.read_text()
+        new = replace_block(old, opts.kind, body)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"error: cannot write the {opts.kind} figures from {opts.json!r} into "
+              f"{opts.readme!r}: missing or bad {exc}", file=sys.stderr)
+        return 2
+    if opts.check:
+        return 0 if new == old else 1
+    if new != old:
+        readme.write_text(new)
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

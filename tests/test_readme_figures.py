@@ -1,0 +1,51 @@
+"""README figures come from benchmark JSON (issue 16 item 8)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "launch" / "readme_figures.py"
+spec = importlib.util.spec_from_file_location("readme_figures", SCRIPT)
+figures = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(figures)
+
+REPORT = {"eval": {"wikitext2": {"dense_ppl": 35.755, "sparse_ppl": 151.171}},
+          "compare": [{"allocation": "uniform", "sparse_ppl": {"wikitext2": 218.024}}],
+          "plan": {"policy": {"lambda_block": 0.1, "lambda_row": 0.15}}}
+
+
+def test_quickstart_sentence_and_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- quickstart:begin -->\nold 213.8\n<!-- quickstart:end -->\nb\n")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(REPORT))
+    cmd = [sys.executable, str(SCRIPT), "quickstart", str(report), "--readme", str(readme)]
+    assert subprocess.run([*cmd, "--check"]).returncode == 1
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    text = readme.read_text()
+    assert "uniform Wanda 218.02 and Wanda + NeuroAL 151.17" in text and "213.8" not in text
+    assert "lambda_row 0.15" in text and text.startswith("a\n") and text.endswith("b\n")
+    assert subprocess.run([*cmd, "--check"]).returncode == 0
+
+
+def test_missing_markers_exit_2(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers\n")
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(REPORT))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "quickstart", str(report), "--readme",
+                           str(readme)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "quickstart:begin" in proc.stderr
+    assert readme.read_text() == "no markers\n"
+
+
+def test_repo_readme_matches_the_issue_figures(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps(REPORT))
+    assert subprocess.run([sys.executable, str(SCRIPT), "quickstart", str(report),
+                           "--check"]).returncode == 0
