@@ -239,6 +239,19 @@ class AdaptedLinear(nn.Module):
         raise NotImplementedError
 
 
+def lora_init(rank: int, cols: int, device: torch.device,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """LoRA's ``A`` ``(rank, cols)``: Kaiming-uniform (a = sqrt(5)) drawn on the generator's
+    device, then moved to ``device``, so a CPU generator gives the same A on every device (a
+    CUDA tensor cannot draw from a CPU generator); ``meta`` stays uninitialised."""
+    if device.type == "meta":
+        return torch.empty(rank, cols, device=device)
+    draw = generator.device if generator is not None else device
+    a = torch.empty(rank, cols, device=draw)
+    nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+    return a.to(device)
+
+
 class LoRALinear(AdaptedLinear):
     """Standard LoRA ``x W^T + s x A^T B^T`` (A Kaiming-uniform a=sqrt(5), B = 0); for the head."""
 
@@ -247,9 +260,7 @@ class LoRALinear(AdaptedLinear):
         super().__init__(linear)
         self.scale = alpha / rank
         device = linear.weight.device
-        self.lora_a = nn.Parameter(torch.empty(rank, self.in_features, device=device))
-        if device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
+        self.lora_a = nn.Parameter(lora_init(rank, self.in_features, device, generator))
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, rank, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
