@@ -42,8 +42,9 @@ MARKER = "neuroal_output.json"
 LOCK_NAME = "lock"
 PREVIOUS = "previous"  # the replaced output while the swap runs (inside the temp dir)
 # What a neuroal temporary directory may hold: lock, resume state, the output being written,
-# the replaced output during a swap, whole-model PERP's scratch shards, atomic-write leftovers.
-TMP_ENTRIES = re.compile(r"^(lock|state|model|model-perp|previous)$|\.part$")
+# the replaced output during a swap, whole-model PERP's scratch shards, atomic-write leftovers,
+# the log of a failed run (neuroal.log, kept beside the resume state).
+TMP_ENTRIES = re.compile(r"^(lock|state|model|model-perp|previous|neuroal\.log)$|\.part$")
 # Files an earlier (marker-less) neuroal version wrote into an output directory.
 LEGACY_FILES = re.compile(
     r"^(config|generation_config|report|plan|recovery|tokenizer|tokenizer_config|"

@@ -402,13 +402,9 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(variant: str, tokenizer_dir
 def test_recover_entry_point_takes_the_variant_learning_rate() -> None:
     """Issue 16.4: without --lr, ``launch/recover.py --variant full`` trains at the pipeline's
     ``perp-full`` rate (2e-5), the adapters at 5e-4; an explicit --lr wins."""
+    from neuroal.commands.recover import build_job, parse
     from neuroal.recovery import RECOVERY_STEPS
 
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from recover import build_job, parse
-    finally:
-        sys.path.remove(str(REPO / "launch"))
     for variant in ("full", "masklora", "scalelora", "bias-norm"):
         job = build_job(parse(["m", "--output", "o", "--variant", variant]))
         assert job.train.lr == RECOVERY_STEPS.get(f"perp-{variant}").defaults["lr"], variant

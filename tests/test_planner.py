@@ -283,15 +283,8 @@ def test_whole_model_perp_is_planned_and_refused_before_loading() -> None:
 
 
 def test_plan_cli_recover_option() -> None:
-    import sys
+    from neuroal.commands.plan import recovery_settings
 
-    from conftest import REPO
-
-    sys.path.insert(0, str(REPO / "launch"))
-    try:
-        from plan import recovery_settings
-    finally:
-        sys.path.remove(str(REPO / "launch"))
     steps, opts = recovery_settings("perp-reconstruct, perp-masklora",
                                     ["perp-masklora.gradient_checkpointing=true",
                                      "perp-reconstruct.batch_size=2"])

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -146,6 +147,8 @@ def test_overwrite_replaces_neuroal_outputs_only(sandbox: Path, caplog: pytest.L
 
     (out / "my-eval.txt").unlink()
     (out / MARKER).unlink()  # an output of an earlier neuroal: report.json + neuroal_config.yaml
+    (out / "neuroal.log").unlink(missing_ok=True)  # (earlier versions wrote no log, no plots)
+    shutil.rmtree(out / "plots", ignore_errors=True)
     assert run_cli_logged(prune_argv(sandbox / "model", out, "--overwrite"), caplog)[0] == 0
     assert (out / MARKER).is_file()
 
