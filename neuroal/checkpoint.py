@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from neuroal.inputs import file_sha256
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
@@ -86,14 +87,6 @@ def _digest_path(path: Path) -> Path:
     return path.with_name(path.name + ".sha256")
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _atomic_write(path: Path, write: Any) -> None:
     """Write through ``<path>.part``, record its SHA-256 in ``<path>.sha256``, then rename: a
     file at ``path`` always has its digest beside it."""
@@ -101,7 +94,7 @@ def _atomic_write(path: Path, write: Any) -> None:
     write(tmp)
     side = _digest_path(path)
     side_tmp = side.with_name(side.name + ".part")
-    side_tmp.write_text(f"{_file_sha256(tmp)}  {path.name}\n")
+    side_tmp.write_text(f"{file_sha256(tmp)}  {path.name}\n")
     os.replace(side_tmp, side)
     os.replace(tmp, path)
 
@@ -132,7 +125,7 @@ def verify_file(path: str | Path, actual: str | None = None) -> None:
             f"resume state file {str(path)!r} has no recorded SHA-256 ({side.name} missing); it "
             "was not written by this neuroal run: drop --resume and pass --overwrite to start "
             "afresh") from None
-    actual = actual or _file_sha256(path)
+    actual = actual or file_sha256(path)
     if actual != expected:
         raise StateIntegrityError(
             f"resume state file {str(path)!r} was modified or corrupted after it was written "

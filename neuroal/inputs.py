@@ -8,6 +8,7 @@ naming the value; none of them prints or exits.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -165,3 +166,12 @@ def label_flags(errors: Iterable[str], flags: Mapping[str, str]) -> list[str]:
         flag = flags.get(key)
         out.append(f"{flag}: {error}" if flag else error)
     return out
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

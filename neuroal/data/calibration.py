@@ -23,7 +23,6 @@ prefix of a draw of more windows with the same seed.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import itertools
 import json
 import logging
@@ -37,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from neuroal.inputs import file_sha256
 from neuroal.registry import Registry, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -290,15 +290,6 @@ def _find_local(data_dir: Path | None, relative_paths: Sequence[str]) -> tuple[P
     tried = [data_dir / rel for rel in relative_paths]
     found = next((path for path in tried if path.is_file()), None)
     return found, [str(path) for path in tried]
-
-
-def _file_sha256(path: Path) -> str:
-    """SHA-256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _hub_load(description: str, hub_call: str, load: Callable[[], Any], *, filename: str,
@@ -667,7 +658,7 @@ def wikitext2_calibration_text(data_dir: str | Path | None = None) -> SourceText
     found, tried, origin = _wikitext_local(data_dir, WIKITEXT_VALID_FILE)
     if found is not None:
         text = _read_text(found)
-        info = SourceInfo("wikitext2", "calibration", "local", str(found), _file_sha256(found),
+        info = SourceInfo("wikitext2", "calibration", "local", str(found), file_sha256(found),
                           len(text), note="wiki.valid.tokens read as UTF-8")
         return SourceText(text, info)
     call = f"datasets.load_dataset({WIKITEXT_HUB_ID!r}, 'wikitext-2-v1', split='validation')"
@@ -697,7 +688,7 @@ def wikitext2_evaluation_text(data_dir: str | Path | None = None) -> SourceText:
     found, tried, origin = _wikitext_local(data_dir, WIKITEXT_TEST_FILE)
     if found is not None:
         text = "\n\n".join(_read_text(found).splitlines(keepends=True))
-        info = SourceInfo("wikitext2", "evaluation", "local", str(found), _file_sha256(found),
+        info = SourceInfo("wikitext2", "evaluation", "local", str(found), file_sha256(found),
                           len(text), note="universal newlines, splitlines(keepends=True), "
                                           "joined with '\\n\\n'")
         return SourceText(text, info)
@@ -736,7 +727,7 @@ def _c4_documents(data_dir: str | Path | None, hub_file: str, split: str, purpos
     if found is not None:
         texts = _iter_json_gz_texts(found)
         docs = list(itertools.islice(texts, limit))
-        info = SourceInfo("c4", purpose, "local", str(found), _file_sha256(found),
+        info = SourceInfo("c4", purpose, "local", str(found), file_sha256(found),
                           n_documents=len(docs))
         return SourceDocuments(docs, info)
     call = f"datasets.load_dataset({C4_HUB_ID!r}, data_files={{{split!r}: {hub_file!r}}}, " \
@@ -816,7 +807,7 @@ def user_text(spec: SourceSpec, purpose: str) -> SourceText:
     """The text of a ``text:<path>`` source, read as UTF-8 with universal newlines."""
     path = _require_text_file(str(spec.arg))
     text = _read_text(path)
-    info = SourceInfo(str(spec), purpose, "file", str(path.resolve()), _file_sha256(path),
+    info = SourceInfo(str(spec), purpose, "file", str(path.resolve()), file_sha256(path),
                       len(text), note="read as UTF-8 with universal newlines")
     return SourceText(text, info)
 

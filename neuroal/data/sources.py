@@ -38,11 +38,11 @@ from neuroal.data.calibration import (
     SourceSpec,
     SourceText,
     TextTokenizer,
-    _file_sha256,
     _load_dataset,
     _stream_calibration,
     calibration_windows,
 )
+from neuroal.inputs import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -252,7 +252,7 @@ def _calibrate_tokens(spec: SourceSpec, tokenizer: TextTokenizer, nsamples: int,
                       seed: int, data_dir: Path | None) -> CalibrationData:
     path = Path(str(spec.arg)).expanduser()
     ids = load_token_file(path)
-    info = SourceInfo(str(spec), "calibration", "file", str(path.resolve()), _file_sha256(path),
+    info = SourceInfo(str(spec), "calibration", "file", str(path.resolve()), file_sha256(path),
                       n_tokens=ids.numel())
     if ids.dim() == 1:
         windows = calibration_windows(ids, nsamples, seqlen, seed, source=str(spec))

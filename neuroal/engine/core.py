@@ -15,9 +15,8 @@ from typing import TypeVar
 
 import torch
 
-from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM
-from neuroal.engine.worker import BlockReport, WorkerSpec
+from neuroal.engine.worker import BlockReport, WorkerSpec, stat_needs
 from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource
 
@@ -64,4 +63,4 @@ def chunks(windows: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
 def reference_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:
     """Statistics of the dense reference of a search: input norms, the alignment statistic
     (``sq_norm``, or SparseGPT's window-weighted one) plus the criterion's."""
-    return frozenset({STAT_SQ_NORM, alignment_stat}) | CRITERIA.get(criterion).needs
+    return stat_needs(criterion, alignment_stat)

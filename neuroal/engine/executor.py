@@ -26,7 +26,6 @@ from neuroal.engine.worker import (
     PruneJob,
     Worker,
     peak_memory_bytes,
-    stats_only,
 )
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
@@ -53,7 +52,6 @@ def split_blocks(num_blocks: int, workers: int) -> list[tuple[int, int]]:
     return bounds
 
 
-_stats_only = stats_only  # old name, kept importable
 
 @dataclass
 class PhaseUse:

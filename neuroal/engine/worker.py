@@ -117,10 +117,15 @@ class CandidateJob:
     alignment_stat: str = STAT_SQ_NORM
 
 
+def stat_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:
+    """Statistics a candidate's dense pass collects: ``sq_norm``, the alignment statistic and
+    the criterion's needs (every executor builds its shared dense reference with the same)."""
+    return frozenset({STAT_SQ_NORM, alignment_stat}) | CRITERIA.get(criterion).needs
+
+
 def candidate_needs(job: CandidateJob) -> frozenset[str]:
-    """Statistics a candidate's dense pass collects: the alignment statistic, ``sq_norm`` and
-    the criterion's needs (every executor builds shared dense references with it)."""
-    return frozenset({STAT_SQ_NORM, job.alignment_stat}) | CRITERIA.get(job.criterion).needs
+    """:func:`stat_needs` of a candidate job."""
+    return stat_needs(job.criterion, job.alignment_stat)
 
 
 @dataclass
