@@ -99,6 +99,17 @@ def build_checkpoint(directory: Path, blocks: int, store_dtype: str, seed: int) 
     build_tokenizer(directory)
 
 
+def _tokenizer_text() -> str:
+    """WikiText-2 validation text; on a machine without the data folder (a lent GPU machine) the
+    standard library's help texts (``pydoc_data.topics``), which every CPython ships."""
+    path = DATA_DIR / "wikitext2" / "wiki.valid.tokens"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")[:300_000]
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))[:300_000]
+
+
 def build_tokenizer(directory: Path, vocab: int = 512) -> None:
     """A byte-level BPE tokenizer learnt from WikiText-2 validation text (ids < ``vocab``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -109,7 +120,7 @@ def build_tokenizer(directory: Path, vocab: int = 512) -> None:
     bpe.decoder = decoders.ByteLevel()
     learner = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    text = (DATA_DIR / "wikitext2" / "wiki.valid.tokens").read_text(encoding="utf-8")[:300_000]
+    text = _tokenizer_text()
     bpe.train_from_iterator(text.splitlines(), trainer=learner)
     PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>",
                             unk_token="<unk>").save_pretrained(directory)
