@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,9 +113,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
 def build(directory: Path, opts: argparse.Namespace) -> Path:
     """The checkpoint and the calibration token file."""
-    import torch
-
     import bench_scale
+    import torch
 
     if opts.tiny:
         bench_scale.WIDTH = TINY
@@ -128,6 +128,14 @@ def build(directory: Path, opts: argparse.Namespace) -> Path:
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="neuroal-recover-mem-", dir=opts.tmp))
+    try:
+        return _arms(work, opts)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _arms(work: Path, opts: argparse.Namespace) -> dict[str, Any]:
+    """Build the checkpoint under ``work`` and run every arm in its own process."""
     model = work / "model"
     t0 = time.perf_counter()
     ids = build(model, opts)

@@ -172,7 +172,7 @@ def nccl(out: Path, device: str) -> dict[str, Any]:
 def summary(out: Path) -> int:
     """Collect the parts into OUT/gpu_check.json and print one table."""
     parts = {}
-    for name in ("env", "pytest", "nccl", "onload"):
+    for name in ("env", "pytest", "nccl", "onload", "recover_memory"):
         path = out / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.is_file() else {"missing": True}
     (out / "gpu_check.json").write_text(json.dumps(parts, indent=2) + "\n")
@@ -182,8 +182,8 @@ def summary(out: Path) -> int:
     print(f"pytest -m gpu: {parts['pytest']}")
     print(f"2-rank check: {parts['nccl']}")
     onload = parts["onload"]
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if "rows" in onload:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from bench_onload import table
 
         s = onload["settings"]
@@ -194,9 +194,18 @@ def summary(out: Path) -> int:
         print(table(onload))
     else:
         print(f"onload timings: {onload}")
+    recover = parts["recover_memory"]
+    if "rows" in recover:
+        from bench_recover_memory import table as recover_table
+
+        print("recovery memory (measured device peak vs planner):")
+        print(recover_table(recover))
+    else:
+        print(f"recovery memory: {recover}")
     ok = (not e.get("imported_by_neuroal")) and parts["pytest"].get("rc", 0) in (0, 5) and \
         parts["nccl"].get("identical", "skipped" in parts["nccl"]) and all(r.get("identical") for r in
-                                                     onload.get("rows", [{"identical": False}]))
+                                                     onload.get("rows", [{"identical": False}])) \
+        and all(r.get("within") for r in recover.get("rows", [{"within": False}]))
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

@@ -13,7 +13,10 @@
 #   4. onload.json  time per block at Llama-2-70B width in bf16 (4 blocks, 8 x 2048 tokens):
 #                   on-device vs onload host with and without prefetch vs disk; overlap, peaks,
 #                   bit-identity (--cpu: tiny width, float32)
-#   5. gpu_check.json + a printed table (launch/gpu_check.py summary); exit 0 = all passed
+#   5. recover_memory.json  perp-reconstruct and whole-model PERP: device peak vs the planner at
+#                   Llama-2-70B width in bf16 (2 blocks, 8 x 2048 tokens; issue 16 item 3)
+#                   (--cpu: tiny width, float32, peak RSS: checks the script only)
+#   6. gpu_check.json + a printed table (launch/gpu_check.py summary); exit 0 = all passed
 # Needs python3 with torch + transformers + safetensors; no network, no data files.
 set -u
 cd "$(dirname "$0")/.."
@@ -28,10 +31,10 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" >&2; }
 
-step "1/5 environment"
+step "1/6 environment"
 timeout 120 "$PY" launch/gpu_check.py env "$OUT" || echo '{"failed": true}' > "$OUT/env.json"
 
-step "2/5 CUDA-marked tests"
+step "2/6 CUDA-marked tests"
 if "$PY" -c "import pytest" 2>/dev/null; then
   files="tests/test_onload.py"
   "$PY" -c "import gguf" 2>/dev/null && files="$files tests/test_gguf.py"
@@ -45,14 +48,14 @@ else
   echo '{"skipped": "pytest is not installed"}' > "$OUT/pytest.json"
 fi
 
-step "3/5 two ranks"
+step "3/6 two ranks"
 if [ "$CPU" = 1 ]; then
   timeout 300 "$PY" launch/gpu_check.py nccl "$OUT" cpu || true
 else
   timeout 300 "$PY" launch/gpu_check.py nccl "$OUT" || true
 fi
 
-step "4/5 onload timings"
+step "4/6 onload timings"
 if [ "$CPU" = 1 ]; then
   timeout 600 "$PY" launch/bench_onload.py --tiny --device cpu --blocks 4 --nsamples 4 \
     --seqlen 128 --micro-batch 2 --repeat 2 --json "$OUT/onload.json" || true
@@ -61,7 +64,16 @@ else
     --micro-batch 4 --repeat 3 --json "$OUT/onload.json" || true
 fi
 
-step "5/5 summary"
+step "5/6 recovery memory"
+if [ "$CPU" = 1 ]; then
+  timeout 600 "$PY" launch/bench_recover_memory.py --device cpu --tiny --dtype float32 \
+    --nsamples 4 --seqlen 128 --steps 2 --json "$OUT/recover_memory.json" || true
+else
+  timeout 300 "$PY" launch/bench_recover_memory.py --device cuda --timeout 120 \
+    --json "$OUT/recover_memory.json" || true
+fi
+
+step "6/6 summary"
 "$PY" launch/gpu_check.py summary "$OUT" | tee "$OUT/summary.txt"
 rc=${PIPESTATUS[0]}
 step "done"
