@@ -30,7 +30,7 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
           criterion: str | None = None, allocation: str | None = None, *,
           pattern: str | None = None, config: str | None = None, output: str | None = None,
           overwrite: bool = False, save: bool = True, overrides: Sequence[str] = (),
-          keep_executor: bool = False, **sections: Any) -> Any:
+          keep_executor: bool = False, session: Any = None, **sections: Any) -> Any:
     """Prune ``model`` and return a :class:`Result` (``output``, ``report``, ``plan``).
 
     Args:
@@ -46,6 +46,8 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
         save: Write the pruned model (False: the report only, nothing on disk).
         overrides: ``key=value`` strings, applied last (as on the command line).
         keep_executor: Keep the workers alive in ``result.executor`` (inspection, tests).
+        session: For ``engine.executor=dist`` on rank 0 of a torchrun / accelerate launch: the
+            session yielded by ``neuroal.engine.dist.coordinator(cfg)``; otherwise None.
         sections: Any other config key, as a section mapping (``calib={"nsamples": 32}``,
             ``engine={"workers": 2}``), a plain top-level value (``seed=1``) or with ``__``
             for dots (``calib__nsamples=32``).
@@ -57,7 +59,7 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
     from neuroal.pipeline import run
 
     if isinstance(model, PruneConfig):
-        return run(model, keep_executor=keep_executor)
+        return run(model, keep_executor=keep_executor, session=session)
     tree: dict[str, Any] = {}
     named = {"model.name": model, "sparsity": sparsity, "criterion.name": criterion,
              "allocation.name": allocation, "pattern": pattern, "output.dir": output}
@@ -75,7 +77,8 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
         else:
             set_dotted(tree, key.replace("__", "."), value)
     cfg = load_config(config, overrides, tree)
-    return run(cfg, keep_executor=keep_executor, command=f"neuroal.prune({model!r}, ...)")
+    return run(cfg, keep_executor=keep_executor, command=f"neuroal.prune({model!r}, ...)",
+               session=session)
 
 
 def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:

@@ -40,8 +40,7 @@ log = get_logger(__name__)
 # Keys that do not change results (engine.md §8): output location, logging, resume flags, and
 # the executor layout (results are bit-identical across executors and worker counts, §3.5).
 NON_SEMANTIC = ("output.dir", "output.overwrite", "log_level", "engine.executor", "engine.workers",
-                "engine.devices", "engine.ray_address", "engine.ray_placement", "engine.ray_cpus",
-                "engine.inflight", "engine.memory_limit", "engine.device", "engine.max_restarts",
+                "engine.devices", "engine.ray", "engine.dist", "engine.memory_limit", "engine.device",
                 "output.resume", "output.keep_state", "output.save_model", "output.shard_size",
                 "compare", "engine.onload", "engine.prefetch", "log", "output.push_to_hub",
                 "output.plots")

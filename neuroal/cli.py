@@ -182,8 +182,9 @@ def prune_main(argv: Sequence[str] | None = None) -> int:
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
         if info is not None and info.rank > 0:
             return serve(cfg)  # ranks > 0 run rank 0's commands on their own block slice
-        with coordinator(cfg):
-            result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]))
+        with coordinator(cfg) as session:
+            result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]),
+                         session=session)
     except (ConfigError, ModelSourceError, AdapterError, OutputExistsError,
             FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)

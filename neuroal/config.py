@@ -8,6 +8,7 @@ the library only plain arguments taken from it travel.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
@@ -31,6 +32,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -110,8 +113,29 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class RayConfig:
+    """``engine.ray``: options of the Ray executor only (engine.md §3.3)."""
+
+    address: str | None = None  # "auto", "ray://host:10001"; None = $RAY_ADDRESS or local
+    placement: str = "PACK"  # placement-group strategy of the worker bundles
+    cpus: float = 1.0  # CPUs reserved per Ray actor
+    max_restarts: int = 3  # restarts per Ray actor after it died (killed, OOM); then the run stops
+    inflight: int = 0  # candidates / windows in flight (pipelined actors); 0 = one per worker
+
+
+@dataclass(frozen=True)
+class DistConfig:
+    """``engine.dist``: options of the torch.distributed executor only (engine.md §3.4)."""
+
+    # Ranks > 0 wait in a broadcast while rank 0 works alone (data, search bookkeeping, export);
+    # torch's default 30 min collective timeout is too short at 70B.
+    timeout: float = 14400.0  # seconds a collective may wait before the launch fails
+
+
+@dataclass(frozen=True)
 class EngineConfig:
-    """Execution: executor, worker count, devices and micro-batching (engine.md §3)."""
+    """Execution: executor, worker count, devices and micro-batching (engine.md §3); the
+    options of one executor only live in its own section (``engine.ray``, ``engine.dist``)."""
 
     executor: str = "local"
     workers: int = 1
@@ -121,14 +145,11 @@ class EngineConfig:
     offload_activations: bool = False
     deterministic: bool = True
     threads: int | None = None  # intra-op threads of every process; None = each one's default
-    inflight: int = 0  # candidates / windows in flight (pipelining executors); 0 = workers
-    ray_address: str | None = None  # "auto", "ray://host:10001"; None = $RAY_ADDRESS or local
-    ray_placement: str = "PACK"  # placement-group strategy of the worker bundles
-    ray_cpus: float = 1.0  # CPUs reserved per Ray actor
-    max_restarts: int = 3  # restarts per Ray actor after it died (killed, OOM); then the run stops
     memory_limit: int | str | None = None  # bytes per worker ("24GB", "80GiB"); None = device's
     onload: str = "auto"  # device | host | disk: where blocks live between uses; auto = planner
     prefetch: bool = True  # onloading: fetch the next block while one is in use
+    ray: RayConfig = field(default_factory=RayConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 @dataclass(frozen=True)
@@ -252,6 +273,16 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
 }
 _OPEN_SECTIONS = {"criterion", "allocation"}  # unknown keys there are plug-in options
+_SUBSECTIONS: dict[str, dict[str, type]] = {"engine": {"ray": RayConfig, "dist": DistConfig}}
+# Flat keys of earlier releases -> their key now; still read (users have YAML files), with a
+# warning naming the new key.
+DEPRECATED_KEYS = {
+    "engine.ray_address": "engine.ray.address",
+    "engine.ray_placement": "engine.ray.placement",
+    "engine.ray_cpus": "engine.ray.cpus",
+    "engine.max_restarts": "engine.ray.max_restarts",
+    "engine.inflight": "engine.ray.inflight",
+}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -364,11 +395,18 @@ def _build_section(name: str, value: Any, errors: list[str]) -> Any:
         errors.append(f"{name}: expected a mapping{' or a name' if named else ''}, got {value!r}")
         return None
     fields = {f.name for f in dataclasses.fields(cls)}
-    value = dict(value)
+    value = _renamed_keys(name, dict(value), errors)
     for k in ("datasets", "tasks"):
         if name == "eval" and isinstance(value.get(k), str):
             value[k] = _split_list(value[k])
-    known = typed_fields(f"{name}.", cls, {k: v for k, v in value.items() if k in fields}, errors)
+    subsections = _SUBSECTIONS.get(name, {})
+    known = typed_fields(f"{name}.", cls, {k: v for k, v in value.items()
+                                           if k in fields and k not in subsections}, errors)
+    for sub, sub_cls in subsections.items():
+        if sub in value:
+            built = _build_subsection(f"{name}.{sub}", sub_cls, value[sub], errors)
+            if built is not None:
+                known[sub] = built
     extra = {k: v for k, v in value.items() if k not in fields}
     if extra and name not in _OPEN_SECTIONS:
         for k in extra:
@@ -380,6 +418,45 @@ def _build_section(name: str, value: Any, errors: list[str]) -> Any:
         if k in known and isinstance(known[k], list):
             known[k] = tuple(known[k])
     return cls(**known)
+
+
+def _build_subsection(label: str, cls: type, value: Any, errors: list[str]) -> Any:
+    """A nested section such as ``engine.ray``: a mapping of typed keys, nothing else."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        errors.append(f"{label}: expected a mapping of its keys (e.g. {label}.<key>=...), got "
+                      f"{value!r}")
+        return None
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for k in value:
+        if k not in fields:
+            errors.append(f"unknown key {label}.{k}; valid keys: {', '.join(sorted(fields))}")
+    return cls(**typed_fields(f"{label}.", cls, {k: v for k, v in value.items() if k in fields},
+                              errors))
+
+
+def _renamed_keys(section: str, value: dict[str, Any], errors: list[str]) -> dict[str, Any]:
+    """Move the deprecated flat keys of ``section`` to their new place, logging a warning that
+    names the new key; one key given under both names is an error."""
+    for old, new in DEPRECATED_KEYS.items():
+        old_section, _, old_key = old.partition(".")
+        if old_section != section or old_key not in value:
+            continue
+        sub, key = new.split(".")[1:]
+        moved = value.pop(old_key)
+        nested = value.get(sub)
+        nested = dict(nested) if isinstance(nested, Mapping) else {} if nested is None else nested
+        if not isinstance(nested, dict):
+            continue  # the malformed subsection is reported by _build_subsection
+        if key in nested:
+            errors.append(f"{old}={moved!r} and {new}={nested[key]!r} are both set; {old} is "
+                          f"the deprecated name of {new}: drop {old}")
+            continue
+        log.warning("config key %s is deprecated; write %s (it reads the same value)", old, new)
+        nested[key] = moved
+        value[sub] = nested
+    return value
 
 
 def _build_recover(value: Any, errors: list[str]) -> RecoverConfig | None:
@@ -652,22 +729,11 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if eng.devices and is_int(eng.workers) and len(eng.devices) not in (1, eng.workers):
         errors.append(f"engine.devices has {len(eng.devices)} entries for {eng.workers} "
                       "workers: give one device, or one per worker")
-    if not isinstance(eng.inflight, int) or isinstance(eng.inflight, bool) or eng.inflight < 0:
-        errors.append(f"engine.inflight={eng.inflight!r}: expected an integer >= 0 (0 = one per "
-                      "worker)")
-    if eng.ray_placement not in RAY_PLACEMENTS:
-        errors.append(f"engine.ray_placement={eng.ray_placement!r}: expected one of "
-                      f"{', '.join(RAY_PLACEMENTS)} (STRICT_SPREAD needs one node per worker)")
-    if isinstance(eng.ray_cpus, bool) or not isinstance(eng.ray_cpus, (int, float)) \
-            or eng.ray_cpus <= 0:
-        errors.append(f"engine.ray_cpus={eng.ray_cpus!r}: expected a number > 0 (CPUs per actor)")
-    if not isinstance(eng.max_restarts, int) or isinstance(eng.max_restarts, bool) \
-            or eng.max_restarts < 0:
-        errors.append(f"engine.max_restarts={eng.max_restarts!r}: expected an integer >= 0 "
-                      "(restarts per Ray actor after it died; 0 = stop at the first death)")
-    if eng.ray_address is not None and not isinstance(eng.ray_address, str):
-        errors.append(f"engine.ray_address={eng.ray_address!r}: expected 'auto', "
-                      "'ray://host:port' or 'host:port'")
+    errors += _check_ray(eng.ray)
+    timeout = eng.dist.timeout
+    if not is_number(timeout) or timeout <= 0:
+        errors.append(f"engine.dist.timeout={timeout!r}: expected seconds > 0 that a collective "
+                      "may wait (ranks > 0 wait while rank 0 works alone), e.g. 14400")
     from neuroal.engine.onload import ONLOAD_CHOICES
 
     if eng.onload not in ONLOAD_CHOICES:
@@ -681,6 +747,26 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
             parse_size(eng.memory_limit, "engine.memory_limit")
         except ValueError as exc:
             errors.append(f"{exc} (the memory each worker may use)")
+    return errors
+
+
+def _check_ray(ray: RayConfig) -> list[str]:
+    """``engine.ray.*`` (the Ray executor's options)."""
+    errors = []
+    if not is_int(ray.inflight) or ray.inflight < 0:
+        errors.append(f"engine.ray.inflight={ray.inflight!r}: expected an integer >= 0 (0 = one "
+                      "per worker)")
+    if ray.placement not in RAY_PLACEMENTS:
+        errors.append(f"engine.ray.placement={ray.placement!r}: expected one of "
+                      f"{', '.join(RAY_PLACEMENTS)} (STRICT_SPREAD needs one node per worker)")
+    if not is_number(ray.cpus) or ray.cpus <= 0:
+        errors.append(f"engine.ray.cpus={ray.cpus!r}: expected a number > 0 (CPUs per actor)")
+    if not is_int(ray.max_restarts) or ray.max_restarts < 0:
+        errors.append(f"engine.ray.max_restarts={ray.max_restarts!r}: expected an integer >= 0 "
+                      "(restarts per Ray actor after it died; 0 = stop at the first death)")
+    if ray.address is not None and not isinstance(ray.address, str):
+        errors.append(f"engine.ray.address={ray.address!r}: expected 'auto', "
+                      "'ray://host:port' or 'host:port'")
     return errors
 
 

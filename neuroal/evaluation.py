@@ -86,9 +86,10 @@ def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_evaluation(cfg: Any) -> dict[str, Any]:
+def run_evaluation(cfg: Any, session: Any = None) -> dict[str, Any]:
     """Resolve and check everything, load the model's slices on the workers, then score the
-    perplexity sources and the zero-shot tasks of ``cfg.eval``; returns the result dict."""
+    perplexity sources and the zero-shot tasks of ``cfg.eval``; returns the result dict.
+    ``session``: the open dist session (:func:`neuroal.engine.dist.coordinator`) or None."""
     from neuroal.config import ConfigError
     from neuroal.data.evaluation import load_eval_windows, perplexity
     from neuroal.inputs import position_errors
@@ -137,7 +138,7 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
                  for spec in cfg.eval.datasets}
         manager = prepare_tasks(cfg)
     prep = Prepared(source, config, shape, device, dtype, tokenizer, None, evals, None, onload,
-                    manager)
+                    manager, session)
     with timings("load"):
         executor = build_executor(cfg, prep)
     try:
@@ -237,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
         if info is not None and info.rank > 0:
             return serve(cfg)
-        with coordinator(cfg):
-            result = run_evaluation(cfg)
+        with coordinator(cfg) as session:
+            result = run_evaluation(cfg, session)
     except ConfigError as exc:  # each error names the flag that set its key, if any
         labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
         log.error("%s", ConfigError(label_flags(exc.errors, labels)))

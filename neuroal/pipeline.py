@@ -111,6 +111,7 @@ class Prepared:
     output: OutputDir | None
     onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
     tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.zeroshot), or None
+    session: Any = None  # the open dist session (neuroal.engine.dist.coordinator), or None
 
 
 # --------------------------------------------------------------------------- preparation
@@ -366,7 +367,8 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
         cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
     return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
                                               num_blocks=prep.shape.num_blocks,
-                                              devices=devices, dtype=dtype_name)
+                                              devices=devices, dtype=dtype_name,
+                                              session=prep.session)
 
 
 def evaluate(executor: Executor, evals: dict[str, Any]) -> dict[str, float]:
@@ -430,13 +432,16 @@ def cache_dir() -> str:
     return os.environ.get("NEUROAL_CACHE", str(Path.home() / ".cache" / "neuroal"))
 
 
-def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> RunResult:
+def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
+        session: Any = None) -> RunResult:
     """Run one pruning job end to end; returns the report (also written beside the model).
 
     Allocations listed in ``cfg.compare`` are pruned first on the same data (each with a fresh
     executor, released afterwards) and reported side by side under ``report["compare"]``; only
     the main allocation's model is exported. The log goes to ``<output>/neuroal.log`` (and
-    ``log.file``); progress follows ``log.progress`` and ``log.interval``.
+    ``log.file``); progress follows ``log.progress`` and ``log.interval``. ``session``: rank
+    0's stage of a torchrun / accelerate launch (yielded by
+    :func:`neuroal.engine.dist.coordinator`) for ``engine.executor=dist``, else None.
     """
     from neuroal.logging import RunLog, add_log_file, remove_handler
     from neuroal.progress import configure_progress
@@ -449,7 +454,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     user_file = add_log_file(cfg.log.file) if cfg.log.file else None
     runlog = RunLog()
     try:
-        result = _run(cfg, keep_executor, command, runlog)
+        result = _run(cfg, keep_executor, command, runlog, session)
         if cfg.output.push_to_hub and result.output is not None:
             push(cfg.output.push_to_hub, result)
         return result
@@ -491,12 +496,13 @@ def keep_failed_log(cfg: PruneConfig, runlog: Any) -> None:
         runlog.keep(tmp / "neuroal.log")
 
 
-def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any) -> RunResult:
+def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any,
+         session: Any = None) -> RunResult:
     """:func:`run` without the logging setup."""
     timings = Timings()
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
-    prep = prepare(cfg, timings)
+    prep = replace(prepare(cfg, timings), session=session)
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
     with staging_ctx as staging:

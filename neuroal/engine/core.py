@@ -11,6 +11,7 @@ helpers here, so the three cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import torch
@@ -25,16 +26,25 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
+def slice_specs(template: WorkerSpec, slices: Sequence[tuple[int, int]],
+                devices: Sequence[str] | None = None) -> list[WorkerSpec]:
+    """One :class:`WorkerSpec` per slice ``[a, b)``, rank = slice index, everything else from
+    ``template``; ``devices``: one per slice (default: the template's for all)."""
+    devs = list(devices) if devices else [template.device] * len(slices)
+    return [replace(template, start=a, stop=b, rank=r, device=devs[r])
+            for r, (a, b) in enumerate(slices)]
+
+
 def worker_specs(source: ModelSource, slices: Sequence[tuple[int, int]], num_blocks: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
                  onload: str = "device", prefetch: bool = True) -> list[WorkerSpec]:
     """One :class:`WorkerSpec` per slice; ``devices``: one for all or one per slice."""
-    devs = list(devices) * len(slices) if len(devices) == 1 else list(devices)
-    return [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
-                       offload_activations, trust_remote_code, rank=r, onload=onload,
-                       prefetch=prefetch)
-            for r, (a, b) in enumerate(slices)]
+    template = WorkerSpec(source, 0, 0, num_blocks, devices[0], dtype, micro_batch,
+                          offload_activations, trust_remote_code, onload=onload,
+                          prefetch=prefetch)
+    return slice_specs(template, slices, list(devices) * len(slices) if len(devices) == 1
+                       else devices)
 
 
 def merge_blocks(parts: Iterable[Mapping[int, T]], num_blocks: int) -> list[T]:

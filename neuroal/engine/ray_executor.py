@@ -27,7 +27,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,7 @@ import torch
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.checkpoint import block_state_path
-from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs, worker_specs
+from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs, slice_specs
 from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.worker import (
@@ -111,6 +111,40 @@ def actor_env(cuda: bool, deterministic: bool, threads: int | None) -> dict[str,
     of CPU actors), the same the driver applies to itself."""
     path = os.pathsep.join(p for p in (repo_root(), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path, **determinism_env(deterministic, threads)}
+
+
+def actor_device(kind: str) -> str:
+    """The device name a worker uses inside its actor: ``cuda:0`` for a CUDA run because Ray
+    sets ``CUDA_VISIBLE_DEVICES`` of each actor to the one GPU of its bundle, so every actor
+    sees its own GPU as index 0 (the driver's device indices mean nothing there); ``cpu``."""
+    return f"{kind}:0" if kind == "cuda" else kind
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The Ray executor's own options (the ``engine.ray`` section and ``engine.deterministic``).
+
+    ``placement``: placement-group strategy (``PACK``, ``SPREAD``, ``STRICT_PACK``,
+    ``STRICT_SPREAD``); ``cpus``: CPUs reserved per actor; ``address``: Ray address (``auto``,
+    ``ray://host:10001``; None: ``$RAY_ADDRESS`` or a local instance); ``inflight``: candidates
+    / perplexity chunks in flight (0: one per worker); ``max_restarts``: restarts allowed per
+    actor after it died, then the run stops; ``deterministic``: deterministic kernels inside the
+    actors (engine.md §3.5).
+    """
+
+    placement: str = "PACK"
+    cpus: float = 1.0
+    address: str | None = None
+    inflight: int = 0
+    max_restarts: int = 3
+    deterministic: bool = True
+
+    @classmethod
+    def from_config(cls, ray: Any, deterministic: bool = True) -> RayOptions:
+        """From the validated ``engine.ray`` section (:class:`neuroal.config.RayConfig`)."""
+        return cls(placement=ray.placement, cpus=ray.cpus, address=ray.address,
+                   inflight=ray.inflight, max_restarts=ray.max_restarts,
+                   deterministic=deterministic)
 
 
 def device_kind(devices: Sequence[str]) -> str:
@@ -196,50 +230,30 @@ class ObjectStoreTransport:
 
 
 class RayExecutor:
-    """One Ray actor per worker (same arguments as :class:`LocalExecutor`, plus Ray options).
+    """One Ray actor per worker slice, all built from one worker template.
 
     Args:
-        source: The resolved model; each actor loads its own slice from it.
-        num_blocks: Decoder blocks of the model.
+        template: What every worker shares (model source, block count, dtype, micro-batch,
+            onloading; :class:`~neuroal.engine.worker.WorkerSpec` with an empty slice); its
+            ``device`` is the one inside each actor (:func:`actor_device`).
         workers: Number of actors (slices).
-        devices: Worker devices; only their type matters (``cuda``: one GPU per actor, seen as
-            ``cuda:0`` inside it).
-        dtype: Run dtype name.
-        micro_batch: Sequences per forward call (identical on every worker).
-        offload_activations: Keep streams in host memory.
-        trust_remote_code: Passed to transformers.
-        placement: Placement-group strategy (``PACK``, ``SPREAD``, ``STRICT_PACK``,
-            ``STRICT_SPREAD``).
-        cpus_per_worker: CPUs reserved per actor.
-        address: Ray address (``auto``, ``ray://host:10001``); None: ``$RAY_ADDRESS`` or local.
-        inflight: Candidates / perplexity chunks in flight; 0 = one per worker.
-        deterministic: Deterministic kernels inside the actors (engine.md §3.5).
+        options: Ray options (:class:`RayOptions`).
         transport: How streams move between actors (default: the object store).
-        max_restarts: Restarts allowed per actor after it died; then the run stops.
         state_dir: The run's resume state, named in the error when restarts run out (also
             taken from ``PruneJob.state_dir``).
-        onload: Where each actor keeps its blocks between uses (``device``, ``host``,
-            ``disk``; :mod:`neuroal.engine.onload`).
-        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
-    def __init__(self, source: ModelSource, num_blocks: int, workers: int,
-                 devices: Sequence[str], dtype: str, micro_batch: int,
-                 offload_activations: bool = False, trust_remote_code: bool = False, *,
-                 placement: str = "PACK", cpus_per_worker: float = 1.0,
-                 address: str | None = None, inflight: int = 0, deterministic: bool = True,
-                 transport: ObjectStoreTransport | None = None, max_restarts: int = 3,
-                 state_dir: str | None = None, onload: str = "device",
-                 prefetch: bool = True) -> None:
-        kind = device_kind(devices)
-        slices = split_blocks(num_blocks, workers)
-        device = "cuda:0" if kind == "cuda" else "cpu"
-        self.specs = worker_specs(source, slices, num_blocks, [device], dtype, micro_batch,
-                                  offload_activations, trust_remote_code, onload=onload,
-                                  prefetch=prefetch)
+    def __init__(self, template: WorkerSpec, workers: int, options: RayOptions = RayOptions(),
+                 transport: ObjectStoreTransport | None = None,
+                 state_dir: str | None = None) -> None:
+        num_blocks = template.num_blocks
+        kind = device_kind([template.device])
+        template = replace(template, device=actor_device(kind))
+        self.specs = slice_specs(template, split_blocks(num_blocks, workers))
         self._num_blocks = num_blocks
         self._owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
-        self.max_restarts = max_restarts
+        self.options = options
+        self.max_restarts = options.max_restarts
         self.state_dir = state_dir
         self.restarts = [0] * workers  # per rank
         self._busy_offset = [0.0] * workers  # busy seconds of the rank's dead predecessors
@@ -247,14 +261,14 @@ class RayExecutor:
         self._pruned: tuple[SparsityPlan, PruneJob, torch.Tensor] | None = None  # final prune done
         self._failed = "running"  # the unit of work of the last failed ray.get
         self.transport = transport or ObjectStoreTransport()
-        self.inflight = inflight or workers
+        self.inflight = options.inflight or workers
         self.workers: list[Any] = []
         self._group: Any = None
-        self._owns_ray = init_ray(address, workers * cpus_per_worker)
+        self._owns_ray = init_ray(options.address, workers * options.cpus)
         gpus = 1 if kind == "cuda" else 0
         try:
-            self._group = self._reserve(workers, cpus_per_worker, gpus, placement)
-            self.workers = self._start(cpus_per_worker, gpus, deterministic)
+            self._group = self._reserve(workers, options.cpus, gpus, options.placement)
+            self.workers = self._start(options.cpus, gpus, options.deterministic)
             self._prefixes: list[str] = self._get(
                 self.workers[0].__ray_call__.remote(_prefixes, num_blocks), "reading block names")
         except BaseException:
@@ -286,7 +300,7 @@ class RayExecutor:
                 f"Ray could not place {workers} workers of {bundle} with strategy {placement} "
                 f"within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
                 f"{ray.available_resources()} available. Use fewer workers, a smaller "
-                "engine.ray_cpus, or engine.ray_placement=PACK")
+                "engine.ray.cpus, or engine.ray.placement=PACK")
         return group
 
     def _start(self, cpus: float, gpus: int, deterministic: bool) -> list[Any]:
@@ -435,7 +449,7 @@ class RayExecutor:
                      "checkpoint.")
             message = (f"Ray worker {rank} (blocks [{spec.start}, {spec.stop}) of "
                        f"{self._num_blocks}) died while {self._failed} ({cause}) after "
-                       f"{self.restarts[rank]} restart(s) (engine.max_restarts="
+                       f"{self.restarts[rank]} restart(s) (engine.ray.max_restarts="
                        f"{self.max_restarts}); giving up. {where}")
             self.shutdown()
             raise RuntimeError(message) from exc
