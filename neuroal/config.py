@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from neuroal.criteria.base import NMPattern
+from neuroal.errors import ConfigError
 from neuroal.inputs import (
     is_int,
     is_number,
@@ -27,6 +27,7 @@ from neuroal.inputs import (
     type_error,
     typed_fields,
 )
+from neuroal.jobs import NMPattern
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
@@ -34,15 +35,6 @@ RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 log = logging.getLogger(__name__)
-
-
-class ConfigError(ValueError):
-    """One or more configuration errors, reported together."""
-
-    def __init__(self, errors: Iterable[str]) -> None:
-        self.errors = list(errors)
-        lines = "\n".join(f"  - {e}" for e in self.errors)
-        super().__init__(f"invalid configuration ({len(self.errors)} error(s)):\n{lines}")
 
 
 @dataclass(frozen=True)

@@ -177,7 +177,7 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
                "  neuroal evaluate ./Llama-2-70b-pruned --tasks hellaswag,arc_easy,arc_challenge "
                "--workers 8 --engine ray\n"
                "  neuroal evaluate ./model --tasks my_task --include-path ./my_tasks eval.limit=100\n"
-               "\nkey=value overrides address any config key (e.g. engine.ray_cpus=2).")
+               "\nkey=value overrides address any config key (e.g. engine.ray.cpus=2).")
     from neuroal import __version__
 
     p.add_argument("--version", action="version", version=f"neuroal {__version__}")

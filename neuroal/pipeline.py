@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import platform
-import random
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,6 @@ from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine import EXECUTORS
 from neuroal.engine.executor import Executor, split_blocks
-from neuroal.engine.worker import BlockReport, PruneJob, peak_memory_bytes
 from neuroal.export import (
     OutputDir,
     finalize_shards,
@@ -38,13 +36,13 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
+from neuroal.jobs import BlockReport, PruneJob
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.consumers import derive_consumer_map
 from neuroal.models.loading import (
     ALIAS_ORIGIN,
     ModelSource,
-    ModelSourceError,
     SafetensorsCheckpoint,
     build_skeleton,
     input_paths,
@@ -64,23 +62,16 @@ from neuroal.recovery import (
     prune_steps,
     resolved_options,
 )
+from neuroal.runtime import (  # re-exported: tests and tools import them from here
+    Timings,
+    host_available,
+    load_tokenizer,
+    peak_memory_bytes,
+    pick_device,
+    seed_everything,
+)
 
 log = get_logger(__name__)
-
-
-@dataclass
-class Timings:
-    """Wall seconds per phase."""
-
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -123,20 +114,6 @@ def default_output(cfg: PruneConfig) -> Path:
     name = f"{Path(cfg.model.name).stem}-{cfg.criterion.name}-{cfg.allocation.name}-{amount}"
     name += "".join(f"-{step}" for step in cfg.recover.steps)
     return Path("outputs") / slug(name)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device if present, else CPU; otherwise validated as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError([f"engine.device={name!r}: {exc}; expected cpu, cuda, cuda:N or auto"]) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([f"engine.device={name!r} but no CUDA device is available; use "
-                           "--device cpu"])
-    return device
 
 
 def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
@@ -212,34 +189,6 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
              plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
     return plan.request.onload
-
-
-def host_available() -> int | None:
-    """``MemAvailable`` of this node in bytes (Linux), else None (not checked)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def load_tokenizer(source: ModelSource, trust_remote_code: bool,
-                   override: str | None = None) -> Any:
-    """The model's tokenizer (directory, hub or GGUF file), or ``model.tokenizer`` if set."""
-    from transformers import AutoTokenizer
-
-    trust_remote_code = trust_remote_code is True  # never a truthy string such as "false"
-    if override:
-        return AutoTokenizer.from_pretrained(override, trust_remote_code=trust_remote_code)
-    try:
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
-                                             **source.hf_kwargs())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(
-            f"model {source.name!r}: no usable tokenizer ({exc}); set model.tokenizer=<dir or "
-            "hub id> to use another one") from exc
 
 
 def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
@@ -340,23 +289,6 @@ def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any]
 
 
 # --------------------------------------------------------------------------- run
-
-
-def seed_everything(seed: int, deterministic: bool, threads: int | None = None) -> None:
-    """Seeds of the protocol (specs README), deterministic kernels and the thread count
-    (engine.md §3.5; the same settings every executor's processes apply, see
-    :mod:`neuroal.engine.determinism`)."""
-    from neuroal.engine.determinism import apply_determinism
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy ships with torch wheels
-        pass
-    apply_determinism(deterministic, threads)
 
 
 def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuroal.errors import OutputExistsError
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
@@ -52,10 +53,6 @@ LEGACY_FILES = re.compile(
     r"|^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$"
     r"|^(plan|masks)\.safetensors$|^neuroal_config\.yaml$|^README\.md$|^merges\.txt$"
     r"|^(tokenizer|spiece)\.model$|^vocab\.txt$|^chat_template\.jinja$")
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and ``--overwrite`` was not given."""
 
 
 class UnsafeOutputError(OutputExistsError):

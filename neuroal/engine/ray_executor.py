@@ -47,7 +47,6 @@ from neuroal.engine.worker import (
     WorkerSpec,
 )
 from neuroal.logging import get_logger, progress
-from neuroal.models.loading import ModelSource
 
 log = get_logger(__name__)
 

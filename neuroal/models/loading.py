@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from neuroal.errors import ModelSourceError
 from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
@@ -36,10 +37,6 @@ ALIAS_ORIGIN: dict[str, tuple[str, str | None]] = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelSourceError(ValueError):
-    """The model argument cannot be resolved; the message says what was tried and how to fix."""
 
 
 @dataclass(frozen=True)
