@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # annotations only: no torch (this module is imported by the light schema)
+    import torch
 
-if TYPE_CHECKING:  # annotations only: the model source is resolved by neuroal.models.loading
     from neuroal.models.loading import ModelSource
 
 # Names of the calibration statistics a criterion may need (criteria.md §1.2).
@@ -155,6 +156,7 @@ class BlockReport:
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    if torch is not None and isinstance(value, torch.Tensor):
         return value.tolist()
     return str(value)

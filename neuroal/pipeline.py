@@ -844,7 +844,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                         "origin": _origin(prep.calib)},
         "plan": {"granularity": plan.granularity, "policy": plan.policy,
                  "warnings": plan.warnings},
-        "row_map": derive_consumer_map(prep.config).checked(prep.shape.blocks).describe(
+        "row_map": derive_consumer_map(prep.config, ModelAdapter).checked(prep.shape.blocks).describe(
             prep.shape.blocks[0], prep.shape.uniform_rows),
         "search": plan.trail if "candidates" in plan.trail else None,
         "timings": {**timings.phases, **utilisation_timings(executor)},

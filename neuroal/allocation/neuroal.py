@@ -29,6 +29,7 @@ from neuroal.allocation.neuroal_math import (
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.criteria.base import STAT_SQ_NORM, STAT_SQ_NORM_WINDOWED
 from neuroal.inputs import is_int, is_number
+from neuroal.jobs import BlockAlignment, CandidateJob
 from neuroal.logging import get_logger
 from neuroal.search import Candidate, CandidateProgress, Outcome, PhaseResult, run_phase
 
@@ -89,8 +90,6 @@ class NeuroALPolicy:
         return errors
 
     def plan(self, request: PlanRequest) -> SparsityPlan:
-        from neuroal.engine.worker import CandidateJob  # lazy: the engine imports allocation
-
         opts = {**self.defaults, **request.options}
         ids = request.calibration[: opts["search_samples"]]
         group = None if request.criterion in NO_ROW_STEP else "row"
@@ -180,8 +179,6 @@ class Checkpointed:
         self.ordinal: dict[str, int] = {}
 
     def __call__(self, cands: list[Candidate]) -> list[Outcome]:
-        from neuroal.engine.worker import BlockAlignment
-
         keys = []
         for c in cands:
             keys.append((c.phase, self.ordinal.get(c.phase, 0), c.value))

@@ -37,7 +37,6 @@ import torch
 import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.config import ConfigError, DistConfig, PruneConfig
 from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, split_blocks
@@ -50,8 +49,11 @@ from neuroal.engine.worker import (
     Worker,
     WorkerSpec,
 )
+from neuroal.errors import ConfigError
 from neuroal.logging import configure, get_logger, progress
 from neuroal.models.loading import ModelSource
+from neuroal.runtime import seed_everything
+from neuroal.schema import DistConfig, PruneConfig
 
 log = get_logger(__name__)
 
@@ -498,8 +500,6 @@ def serve(cfg: PruneConfig) -> int:
         raise RuntimeError("serve() runs on ranks > 0 of a torchrun / accelerate launch")
     level = logging.getLevelName(cfg.log_level.upper())
     configure("WARNING" if not isinstance(level, int) or level < logging.WARNING else cfg.log_level)
-    from neuroal.pipeline import seed_everything  # lazy: the pipeline imports the engine
-
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
     with _process_group(info):
         return serve_loop(RankStage(info))

@@ -222,7 +222,7 @@ class ModelAdapter:
 
     def consumer_map(self) -> ConsumerMap:
         """The derived producer -> consumer map of this architecture (cached per structure)."""
-        return derive_consumer_map(self.config)
+        return derive_consumer_map(self.config, type(self))
 
     def shape(self, row_map: bool = True) -> ModelShape:
         """``(rows, cols)`` of every prunable linear of every block (works on meta), with the

@@ -46,6 +46,7 @@ from neuroal.recovery.perp import (
 )
 from neuroal.recovery.remask import MaskKeeper
 from neuroal.registry import Registry
+from neuroal.runtime import load_tokenizer, pick_device
 
 log = get_logger(__name__)
 
@@ -466,7 +467,6 @@ class RecoverJob:
 
 
 def _torch_backend(job: RecoverJob) -> tuple[torch.device, Any]:
-    from neuroal.pipeline import pick_device
 
     return pick_device(job.device), None
 
@@ -551,7 +551,6 @@ def _load(job: RecoverJob, device: torch.device) -> tuple[Any, nn.Module, Any]:
         resolve_dtype,
         resolve_model,
     )
-    from neuroal.pipeline import load_tokenizer
 
     source = resolve_model(job.model)
     if source.kind != "hf_dir":
