@@ -16,12 +16,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from neuroal.schema import PruneConfig, set_dotted
+
 __version__ = "0.1.0"
+
+# The imports inside the functions below are lazy on purpose: `import neuroal` (the CLI's
+# dispatcher, every plug-in) must not pay for torch, transformers and every registry.
 
 
 def load_config(*args: Any, **kwargs: Any) -> Any:
     """See :func:`neuroal.config.load_config`."""
-    from neuroal.config import load_config as _load
+    from neuroal.config import load_config as _load  # lazy: imports every plug-in registry
 
     return _load(*args, **kwargs)
 
@@ -55,8 +60,7 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
     Raises:
         ConfigError: A bad value, reported (all at once) before any weight is loaded.
     """
-    from neuroal.config import PruneConfig, set_dotted
-    from neuroal.pipeline import run
+    from neuroal.pipeline import run  # lazy: the pipeline imports torch and transformers
 
     if isinstance(model, PruneConfig):
         return run(model, keep_executor=keep_executor, session=session)
@@ -83,7 +87,7 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
 
 def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:
     """Perplexity and zero-shot accuracy of ``model`` (see :func:`neuroal.evaluation.evaluate`)."""
-    from neuroal.evaluation import evaluate as _evaluate
+    from neuroal.evaluation import evaluate as _evaluate  # lazy: imports the pipeline
 
     return _evaluate(model, **kwargs)
 
@@ -91,7 +95,7 @@ def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:
 def __getattr__(name: str) -> Any:
     """``neuroal.Result`` (the pipeline's RunResult) without importing torch at ``import neuroal``."""
     if name == "Result":
-        from neuroal.pipeline import RunResult
+        from neuroal.pipeline import RunResult  # lazy: the pipeline imports torch
 
         return RunResult
     raise AttributeError(f"module 'neuroal' has no attribute {name!r}")

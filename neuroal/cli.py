@@ -9,6 +9,7 @@ from typing import Any
 
 from neuroal import __version__
 from neuroal.logging import get_logger
+from neuroal.schema import set_dotted
 
 log = get_logger("neuroal.cli")
 
@@ -115,8 +116,6 @@ def split_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 def flags_to_tree(args: argparse.Namespace) -> dict[str, Any]:
     """The flags that were given, as a nested config dict."""
-    from neuroal.config import set_dotted
-
     tree: dict[str, Any] = {}
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)

@@ -24,10 +24,12 @@ from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPla
 from neuroal.checkpoint import RunState, canonical_config
 from neuroal.compat import make_loadable
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
+from neuroal.criteria import CRITERIA, criterion_label
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine import EXECUTORS
 from neuroal.engine.executor import Executor, split_blocks
+from neuroal.engine.onload import resolved_onload
 from neuroal.export import (
     OutputDir,
     finalize_shards,
@@ -36,8 +38,10 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
+from neuroal.hub import push_output
+from neuroal.inputs import position_errors
 from neuroal.jobs import BlockReport, PruneJob
-from neuroal.logging import get_logger
+from neuroal.logging import RunLog, add_log_file, get_logger, remove_handler
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.consumers import derive_consumer_map
 from neuroal.models.loading import (
@@ -53,6 +57,9 @@ from neuroal.models.loading import (
     weights_fingerprint,
 )
 from neuroal.models.moe import has_experts
+from neuroal.planner import ModelLayout, check_fits, parse_bytes
+from neuroal.plots import write_plots
+from neuroal.progress import configure_progress
 from neuroal.recovery import (
     RECONSTRUCT,
     RECOVERY_STEPS,
@@ -62,6 +69,8 @@ from neuroal.recovery import (
     prune_steps,
     resolved_options,
 )
+from neuroal.recovery.perp import numel, total_parameters
+from neuroal.recovery.train import prunable_weight_names, retrain, save_model, verify_saved_zeros, window_nll
 from neuroal.runtime import (  # re-exported: tests and tools import them from here
     Timings,
     host_available,
@@ -70,6 +79,8 @@ from neuroal.runtime import (  # re-exported: tests and tools import them from h
     pick_device,
     seed_everything,
 )
+from neuroal.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
+from neuroal.zeroshot import evaluate_tasks as run_tasks
 
 log = get_logger(__name__)
 
@@ -139,8 +150,6 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
 
 def check_positions(cfg: PruneConfig, config: Any) -> None:
     """Calibration and evaluation windows must fit the model's ``max_position_embeddings``."""
-    from neuroal.inputs import position_errors
-
     seqlens = {"calib.seqlen": cfg.calib.seqlen}
     if cfg.eval.datasets and cfg.eval.seqlen:
         seqlens["eval.seqlen"] = cfg.eval.seqlen  # unset: evaluation uses calib.seqlen
@@ -168,9 +177,6 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     free memory, shared equally by the workers the local executor places on it; under
     onloading on CUDA the node's available host memory bounds the blocks kept there.
     """
-    from neuroal.engine.onload import resolved_onload
-    from neuroal.planner import ModelLayout, check_fits, parse_bytes
-
     shared = cfg.engine.workers if cfg.engine.executor == "local" and \
         len(cfg.engine.devices) <= 1 else 1
     if cfg.engine.memory_limit is not None:
@@ -241,8 +247,6 @@ def _local(path: str | None) -> list[str]:
 def task_spec(cfg: PruneConfig) -> Any:
     """The zero-shot settings of ``cfg.eval`` as plain values (:class:`neuroal.zeroshot.TaskSpec`);
     one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
-    from neuroal.zeroshot import TaskSpec
-
     ev, eng = cfg.eval, cfg.engine
     return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
                     batch_size=4 * eng.micro_batch * eng.workers)
@@ -253,7 +257,6 @@ def prepare_tasks(cfg: PruneConfig) -> Any:
     any weight is loaded; returns the lm-eval TaskManager, or None without ``eval.tasks``."""
     if not cfg.eval.tasks:
         return None
-    from neuroal.zeroshot import load_tasks, task_manager
 
     spec = task_spec(cfg)
     manager = task_manager(spec)
@@ -265,7 +268,6 @@ def evaluate_tasks(cfg: PruneConfig, prep: Prepared, executor: Executor) -> dict
     """Zero-shot results of the executor's current model (``{}`` without ``eval.tasks``)."""
     if prep.tasks is None:
         return {}
-    from neuroal.zeroshot import evaluate_tasks as run_tasks
 
     return run_tasks(executor, prep.tokenizer, prep.config, task_spec(cfg), prep.tasks)
 
@@ -275,8 +277,6 @@ def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any]
     """``report["eval"]["tasks"]``: lm-eval's version and settings, then per task its version,
     shots, documents and metrics of the dense model (``dense``, when measured) beside the
     pruned one (``key``)."""
-    from neuroal.zeroshot import lm_eval_version
-
     results = {}
     for name, row in sparse.items():
         results[name] = {"version": row["version"], "n_shot": row["n_shot"],
@@ -322,8 +322,6 @@ def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: Executor) ->
 
 def criterion_options(cfg: PruneConfig) -> dict[str, Any]:
     """The criterion's options; a seeded criterion (stochRIA) defaults to the run seed."""
-    from neuroal.criteria import CRITERIA
-
     seeded = {"seed": cfg.seed} if "seed" in CRITERIA.get(cfg.criterion.name).defaults else {}
     return {**seeded, **cfg.criterion.options}
 
@@ -375,9 +373,6 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
     0's stage of a torchrun / accelerate launch (yielded by
     :func:`neuroal.engine.dist.coordinator`) for ``engine.executor=dist``, else None.
     """
-    from neuroal.logging import RunLog, add_log_file, remove_handler
-    from neuroal.progress import configure_progress
-
     configure_progress(cfg.log.interval, cfg.log.progress)
     logger = logging.getLogger("neuroal")
     unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
@@ -404,8 +399,6 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
 def push(repo_id: str, result: RunResult, api: Any = None) -> None:
     """Upload the finished output (``--push-to-hub``); a failed upload leaves the local output
     as it is and records ``report["hub"]["error"]`` (the CLI then exits with 1)."""
-    from neuroal.hub import push_output
-
     try:
         url = push_output(result.output, repo_id, api=api)  # type: ignore[arg-type]
         result.report["hub"] = {"repo": repo_id, "url": url}
@@ -639,8 +632,6 @@ def recovery_report(cfg: PruneConfig, prep: Prepared, blocks: list[BlockReport],
 
 def model_parameters(prep: Prepared) -> int:
     """Parameters of the model (tied tensors once), from a meta skeleton."""
-    from neuroal.recovery.perp import numel, total_parameters
-
     adapter = ModelAdapter(build_skeleton(prep.config, prep.dtype))
     total = total_parameters(adapter.model)
     if adapter.tied and adapter.head.weight is not adapter.embed.weight:
@@ -691,8 +682,6 @@ def retrain_exported(cfg: PruneConfig, prep: Prepared, step: RetrainStep, calib:
     """
     from transformers import AutoModelForCausalLM
 
-    from neuroal.recovery.train import retrain
-
     t0 = time.perf_counter()
     options = resolved_options(step.name, cfg.recover.options)
     train_options = step.train_options(options)
@@ -719,8 +708,6 @@ def retrain_exported(cfg: PruneConfig, prep: Prepared, step: RetrainStep, calib:
 
 def _hf_perplexity(model: Any, prep: Prepared, batch_size: int) -> dict[str, float]:
     """Perplexity of an in-memory HF model on every evaluation source (same protocol)."""
-    from neuroal.recovery.train import window_nll
-
     return {spec: perplexity(window_nll(model, data.windows, batch_size, prep.device))
             for spec, data in prep.evals.items()}
 
@@ -733,8 +720,6 @@ def replace_shards(model: Any, tokenizer: Any, directory: Path, dtype: torch.dty
     """
     import os
     import shutil
-
-    from neuroal.recovery.train import prunable_weight_names, save_model, verify_saved_zeros
 
     new = directory.with_name(directory.name + "-perp")
     shutil.rmtree(new, ignore_errors=True)
@@ -768,8 +753,6 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: Spa
         write_weights(cfg, prep, executor, staging, report)
     plan.save(staging)
     if cfg.output.plots:
-        from neuroal.plots import write_plots
-
         report["plots"] = write_plots(staging, report)
     write_run_files(staging, report, cfg.to_dict())
 
@@ -815,8 +798,6 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                  dense: dict[str, float], sparse: dict[str, float], timings: Timings,
                  executor: Executor, command: str) -> dict[str, Any]:
     """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
-    from neuroal.criteria import criterion_label
-
     prefix = executor.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuroal import __version__
 from neuroal.errors import OutputExistsError
 from neuroal.logging import get_logger
 
@@ -92,8 +93,6 @@ def read_marker(path: Path) -> dict[str, Any] | None:
 
 def write_marker(directory: Path, kind: str) -> None:
     """Record that neuroal wrote ``directory`` and which files it holds (written last)."""
-    from neuroal import __version__
-
     files = sorted(p.name for p in directory.iterdir() if p.name != MARKER)
     data = {"neuroal": __version__, "kind": kind,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

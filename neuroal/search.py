@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neuroal.logging import get_logger
+from neuroal.progress import Progress
 
 log = get_logger(__name__)
 
@@ -102,8 +103,6 @@ class CandidateProgress:
     """
 
     def __init__(self, candidates: Sequence[Candidate], **kwargs: Any) -> None:
-        from neuroal.progress import Progress
-
         self.candidates = list(candidates)
         phase = self.candidates[0].phase if self.candidates else "search"
         kwargs.setdefault("interval", 0.0)

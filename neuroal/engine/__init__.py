@@ -11,7 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from neuroal.engine.dist import DistExecutor
+from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.onload import resolved_onload
+from neuroal.engine.ray_executor import RayExecutor, RayOptions, device_kind
 from neuroal.engine.worker import WorkerSpec
 from neuroal.registry import Registry
 
@@ -29,8 +32,6 @@ def _template(cfg: Any, source: Any, num_blocks: int, device: str, dtype: str) -
 def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: str,
            session: Any = None) -> Any:
     """All workers in this process (tests, laptops, one GPU)."""
-    from neuroal.engine.executor import LocalExecutor
-
     eng = cfg.engine
     return LocalExecutor(source, num_blocks, eng.workers, devices, dtype, eng.micro_batch,
                          eng.offload_activations, cfg.model.trust_remote_code,
@@ -43,8 +44,6 @@ EXECUTORS.add("local", _local)
 def _ray(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: str,
          session: Any = None) -> Any:
     """One Ray actor per worker in a placement group (engine.md §3.3); imports Ray lazily."""
-    from neuroal.engine.ray_executor import RayExecutor, RayOptions, device_kind
-
     template = _template(cfg, source, num_blocks, device_kind(devices), dtype)
     return RayExecutor(template, cfg.engine.workers,
                        RayOptions.from_config(cfg.engine.ray, cfg.engine.deterministic))
@@ -58,8 +57,6 @@ def _dist(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: 
     """Rank 0 of a torchrun / accelerate launch, one rank per slice (engine.md §3.4), built
     from ``session``, the stage yielded by :func:`neuroal.engine.dist.coordinator`; every rank
     picks its own device (``cuda:<LOCAL_RANK>`` or ``cpu``), so ``devices`` is unused."""
-    from neuroal.engine.dist import DistExecutor
-
     return DistExecutor.from_config(cfg, source, num_blocks, dtype, session)
 
 

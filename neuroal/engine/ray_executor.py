@@ -46,7 +46,8 @@ from neuroal.engine.worker import (
     Worker,
     WorkerSpec,
 )
-from neuroal.logging import get_logger, progress
+from neuroal.logging import configure, get_logger, progress
+from neuroal.progress import SETTINGS, configure_progress
 
 log = get_logger(__name__)
 
@@ -176,8 +177,6 @@ def _setup(worker: Worker, deterministic: bool, threads: int | None,
     driver's count and match :class:`LocalExecutor` bit for bit.
     """
     apply_determinism(deterministic, threads)
-    from neuroal.logging import configure
-    from neuroal.progress import configure_progress
 
     configure(log_level)
     configure_progress(interval, "log")
@@ -308,7 +307,6 @@ class RayExecutor:
         self._actor_class = import_ray().remote(Worker)
         self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {
             "env_vars": actor_env(gpus > 0, deterministic, threads)}}
-        from neuroal.progress import SETTINGS
 
         level = logging.getLevelName(logging.getLogger("neuroal").getEffectiveLevel())
         self._setup_args = (deterministic, threads, level, SETTINGS.interval)

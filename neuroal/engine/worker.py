@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from neuroal.allocation.neuroal_math import alignment, crosses
 from neuroal.capture import StatsCollector
 from neuroal.checkpoint import (
     block_state_path,
@@ -458,8 +459,6 @@ class Worker:
         slice's terms exceeds ``best`` (or equals it, when ``inclusive``) the candidate cannot
         win. The stream returned is then None, and a None stream in skips the slice.
         """
-        from neuroal.allocation.neuroal_math import alignment, crosses
-
         if stream is None:
             return None, {}
 

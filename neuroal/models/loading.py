@@ -25,6 +25,7 @@ from neuroal.errors import ModelSourceError
 from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
+from neuroal.models.gguf import GGUFCheckpoint
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 from neuroal.progress import Progress
 
@@ -331,8 +332,6 @@ def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()
                     skeleton: nn.Module | None = None) -> Checkpoint:
     """The checkpoint reader for a source; hub sources download only the needed shards."""
     if source.kind == "gguf":
-        from neuroal.models.gguf import GGUFCheckpoint
-
         return GGUFCheckpoint(Path(source.location) / str(source.gguf_file), config,
                               model=skeleton)
     if source.kind == "hf_dir":
