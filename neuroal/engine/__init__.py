@@ -1,32 +1,25 @@
 """Workers and executors (engine.md §2-§3).
 
 Executors register by name in :data:`EXECUTORS`; each entry is a factory called as
-``factory(cfg, source=..., num_blocks=..., devices=..., dtype=..., session=...)`` returning an object that
-satisfies :class:`neuroal.engine.executor.Executor`. Factories import their backend (Ray,
-torch.distributed) lazily, so ``import neuroal`` never needs them. ``session`` is the open
+``factory(cfg, source=..., num_blocks=..., devices=..., dtype=..., session=...)`` returning an
+object that satisfies :class:`neuroal.engine.executor.Executor`; ``session`` is the open
 distributed session of the ``dist`` executor (:func:`neuroal.engine.dist.coordinator`), or None.
+Ray itself is imported only when a Ray executor starts (:func:`~neuroal.engine.ray_executor.
+import_ray`), so neither ``import neuroal`` nor this package needs it.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from neuroal.engine.core import worker_template
 from neuroal.engine.dist import DistExecutor
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.onload import resolved_onload
 from neuroal.engine.ray_executor import RayExecutor, RayOptions, device_kind
-from neuroal.engine.worker import WorkerSpec
 from neuroal.registry import Registry
 
 EXECUTORS: Registry[Any] = Registry("executor")
-
-
-def _template(cfg: Any, source: Any, num_blocks: int, device: str, dtype: str) -> WorkerSpec:
-    """What every worker of a run shares, from the config (its slice left empty)."""
-    eng = cfg.engine
-    return WorkerSpec(source, 0, 0, num_blocks, device, dtype, eng.micro_batch,
-                      eng.offload_activations, cfg.model.trust_remote_code,
-                      onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
 
 
 def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: str,
@@ -44,7 +37,7 @@ EXECUTORS.add("local", _local)
 def _ray(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: str,
          session: Any = None) -> Any:
     """One Ray actor per worker in a placement group (engine.md §3.3); imports Ray lazily."""
-    template = _template(cfg, source, num_blocks, device_kind(devices), dtype)
+    template = worker_template(cfg, source, num_blocks, device_kind(devices), dtype)
     return RayExecutor(template, cfg.engine.workers,
                        RayOptions.from_config(cfg.engine.ray, cfg.engine.deterministic))
 

@@ -12,18 +12,30 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from neuroal.criteria.base import STAT_SQ_NORM
-from neuroal.engine.worker import BlockReport, WorkerSpec, stat_needs
+from neuroal.engine.onload import resolved_onload
+from neuroal.engine.worker import stat_needs
+from neuroal.jobs import BlockReport, WorkerSpec
 from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+
+def worker_template(cfg: Any, source: ModelSource, num_blocks: int, device: str,
+                    dtype: str) -> WorkerSpec:
+    """What every worker of a run shares, read from the validated config (``engine.*``,
+    ``model.trust_remote_code``), its slice left empty; each executor fills in the slices."""
+    eng = cfg.engine
+    return WorkerSpec(source, 0, 0, num_blocks, device, dtype, eng.micro_batch,
+                      eng.offload_activations, cfg.model.trust_remote_code,
+                      onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
 
 
 def slice_specs(template: WorkerSpec, slices: Sequence[tuple[int, int]],
@@ -68,6 +80,19 @@ def log_block(report: BlockReport, num_blocks: int) -> None:
 def chunks(windows: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
     """Perplexity windows ``(k, T)`` in micro-batch chunks (the order of every executor)."""
     return [windows[i : i + micro_batch] for i in range(0, windows.shape[0], micro_batch)]
+
+
+def paired_chunks(inputs: torch.Tensor, targets: torch.Tensor,
+                  micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero-shot ``(inputs, targets)`` ``(B, T)`` in the same micro-batch chunks as
+    :func:`chunks`."""
+    return list(zip(chunks(inputs, micro_batch), chunks(targets, micro_batch), strict=True))
+
+
+def cat_pairs(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """Per-chunk ``(log-probabilities, argmax flags)`` joined along the batch."""
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def reference_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:

@@ -37,19 +37,20 @@ import torch
 import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs
+from neuroal.engine.core import (
+    cat_pairs,
+    chunks,
+    log_block,
+    merge_blocks,
+    paired_chunks,
+    reference_needs,
+    worker_template,
+)
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, split_blocks
-from neuroal.engine.onload import resolved_onload
-from neuroal.engine.worker import (
-    BlockAlignment,
-    BlockReport,
-    CandidateJob,
-    PruneJob,
-    Worker,
-    WorkerSpec,
-)
+from neuroal.engine.worker import Worker
 from neuroal.errors import ConfigError
+from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
 from neuroal.logging import configure, get_logger, progress
 from neuroal.models.loading import ModelSource
 from neuroal.runtime import seed_everything
@@ -386,14 +387,13 @@ class RankStage:
         micro-batch as in the local executor."""
         inputs, targets = common
         parts = []
-        for i in range(0, inputs.shape[0], self.micro_batch):
-            stream = self._forward(inputs[i : i + self.micro_batch])
+        for x, y in paired_chunks(inputs, targets, self.micro_batch):
+            stream = self._forward(x)
             if self.info.last and stream is not None:
-                parts.append(self._try(lambda s=stream, t=targets[i : i + self.micro_batch]:
-                                       self.w.token_logprobs(s, t)))
+                parts.append(self._try(lambda s=stream, t=y: self.w.token_logprobs(s, t)))
         if not self.info.last or self._error is not None:
             return None
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return cat_pairs(parts)
 
     def last_logits(self, ids: torch.Tensor, _own: Any) -> torch.Tensor | None:
         stream = self._forward(ids)
@@ -565,11 +565,7 @@ class DistExecutor:
                 "`with neuroal.engine.dist.coordinator(cfg) as session:` and pass "
                 "session=session to neuroal.prune / neuroal.pipeline.run, and call serve(cfg) "
                 "on the other ranks")
-        eng = cfg.engine
-        template = WorkerSpec(source, 0, 0, num_blocks, session.info.device, dtype,
-                              eng.micro_batch, eng.offload_activations, cfg.model.trust_remote_code,
-                              onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
-        return cls(session, template)
+        return cls(session, worker_template(cfg, source, num_blocks, session.info.device, dtype))
 
     def _call(self, name: str, common: Any = None, per_rank: Sequence[Any] | None = None) -> list[Any]:
         if self._closed:

@@ -35,17 +35,19 @@ import torch
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.checkpoint import block_state_path
-from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs, slice_specs
+from neuroal.engine.core import (
+    cat_pairs,
+    chunks,
+    log_block,
+    merge_blocks,
+    paired_chunks,
+    reference_needs,
+    slice_specs,
+)
 from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
-from neuroal.engine.worker import (
-    BlockAlignment,
-    BlockReport,
-    CandidateJob,
-    PruneJob,
-    Worker,
-    WorkerSpec,
-)
+from neuroal.engine.worker import Worker
+from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
 from neuroal.logging import configure, get_logger, progress
 from neuroal.progress import SETTINGS, configure_progress
 
@@ -377,7 +379,7 @@ class RayExecutor:
     def fault_hook(self, operation: str, unit: int) -> None:
         """Test seam, a no-op: called on the coordinator right after the work of ``unit`` of
         ``operation`` (``load`` rank, ``prune`` block, search ``candidate``, ``perplexity``
-        chunk) has been submitted. Tests replace it to kill an actor at a chosen point."""
+        or ``zero-shot`` chunk) has been submitted. Tests replace it to kill an actor at a chosen point."""
 
     def _retrying(self, attempt: Callable[[], T],
                   on_restart: Callable[[list[int]], None] | None = None) -> T:
@@ -651,41 +653,38 @@ class RayExecutor:
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
         """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
         parts = chunks(windows, self.specs[0].micro_batch)
-        done: dict[int, torch.Tensor] = {}
-
-        def submit(i: int) -> Any:
-            ref = self.workers[-1].window_nll.remote(self._through(parts[i]), parts[i])
-            self.fault_hook("perplexity", i)
-            return ref
-
-        def gather(i: int, ref: Any) -> None:
-            done[i] = self._get(ref, f"computing perplexity chunk {i}")
-
-        with self.meter("eval"):
-            self._retrying(lambda: self._pipelined(
-                [i for i in range(len(parts)) if i not in done], submit, gather, "perplexity"))
-        return torch.cat([done[i] for i in range(len(parts))])
+        return torch.cat(self._chunked(
+            len(parts), lambda i: self.workers[-1].window_nll.remote(self._through(parts[i]),
+                                                                     parts[i]),
+            "perplexity", "computing perplexity chunk"))
 
     def token_logprobs(self, inputs: torch.Tensor,
                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position log-probability of ``targets`` after ``inputs`` (both ``(B, T)``) and
         its argmax flag (``Worker.token_logprobs`` on the last actor); chunks pipeline."""
-        mb = self.specs[0].micro_batch
-        starts = list(range(0, inputs.shape[0], mb))
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        parts = paired_chunks(inputs, targets, self.specs[0].micro_batch)
+        return cat_pairs(self._chunked(
+            len(parts), lambda i: self.workers[-1].token_logprobs.remote(
+                self._through(parts[i][0]), parts[i][1]), "zero-shot", "scoring zero-shot chunk"))
+
+    def _chunked(self, count: int, submit_one: Callable[[int], Any], unit: str,
+                 what: str) -> list[Any]:
+        """Results of ``count`` micro-batch chunks, up to ``inflight`` in flight, in order;
+        after an actor death only the chunks not yet gathered are submitted again."""
+        done: dict[int, Any] = {}
 
         def submit(i: int) -> Any:
-            sl = slice(starts[i], starts[i] + mb)
-            return self.workers[-1].token_logprobs.remote(self._through(inputs[sl]), targets[sl])
+            ref = submit_one(i)
+            self.fault_hook(unit, i)
+            return ref
 
         def gather(i: int, ref: Any) -> None:
-            done[i] = self._get(ref, f"scoring zero-shot chunk {i}")
+            done[i] = self._get(ref, f"{what} {i}")
 
         with self.meter("eval"):
             self._retrying(lambda: self._pipelined(
-                [i for i in range(len(starts)) if i not in done], submit, gather, "zero-shot"))
-        return (torch.cat([done[i][0] for i in range(len(starts))]),
-                torch.cat([done[i][1] for i in range(len(starts))]))
+                [i for i in range(count) if i not in done], submit, gather, unit))
+        return [done[i] for i in range(count)]
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
