@@ -98,3 +98,54 @@ def test_prune_api_takes_sections() -> None:
     tree: dict = {}
     set_dotted(tree, "engine.ray", {"cpus": 2})
     assert build_config(tree).engine.ray.cpus == 2
+
+
+# --------------------------------------------------------------------------- executor state
+
+
+def test_engine_mutates_no_module_globals() -> None:
+    """No ``global`` statement in the engine (``dist._ACTIVE`` was one): the dist executor is
+    built from the session the coordinator yields."""
+    import ast
+    from pathlib import Path
+
+    import neuroal.engine
+
+    for path in sorted(Path(neuroal.engine.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        assert not [n for n in ast.walk(tree) if isinstance(n, ast.Global)], path.name
+
+
+def test_coordinator_yields_none_for_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    from neuroal.engine import EXECUTORS
+    from neuroal.engine.dist import coordinator
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    cfg = load_config(None, [])
+    with coordinator(cfg) as session:
+        assert session is None
+    dist_cfg = load_config(None, ["engine.executor=dist", "engine.workers=2"])
+    with pytest.raises(RuntimeError, match="session=session"):
+        EXECUTORS.get("dist")(dist_cfg, source=None, num_blocks=3, devices=["cpu"],
+                              dtype="float32", session=None)
+
+
+def test_ray_executor_takes_a_template_and_options() -> None:
+    """A handful of constructor arguments, and the actor device named in one helper."""
+    import ast
+    import inspect
+
+    from neuroal.engine import ray_executor
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions, actor_device
+
+    params = list(inspect.signature(RayExecutor.__init__).parameters)[1:]
+    assert params == ["template", "workers", "options", "transport", "state_dir"]
+    assert (actor_device("cuda"), actor_device("cpu")) == ("cuda:0", "cpu")
+    cfg = load_config(None, ["engine.ray.cpus=3", "engine.ray.inflight=2"])
+    assert RayOptions.from_config(cfg.engine.ray, False) == RayOptions(cpus=3, inflight=2,
+                                                                       deterministic=False)
+    tree = ast.parse(inspect.getsource(ray_executor))
+    literals = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant)
+                and isinstance(n.value, str) and n.value.startswith("cuda:")]
+    assert literals == [], literals
