@@ -50,6 +50,7 @@ from neuroal.engine.worker import Worker
 from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
 from neuroal.logging import configure, get_logger, progress
 from neuroal.progress import SETTINGS, configure_progress
+from neuroal.schema import RayConfig
 
 log = get_logger(__name__)
 
@@ -142,8 +143,8 @@ class RayOptions:
     deterministic: bool = True
 
     @classmethod
-    def from_config(cls, ray: Any, deterministic: bool = True) -> RayOptions:
-        """From the validated ``engine.ray`` section (:class:`neuroal.config.RayConfig`)."""
+    def from_config(cls, ray: RayConfig, deterministic: bool = True) -> RayOptions:
+        """From the validated ``engine.ray`` section."""
         return cls(placement=ray.placement, cpus=ray.cpus, address=ray.address,
                    inflight=ray.inflight, max_restarts=ray.max_restarts,
                    deterministic=deterministic)
