@@ -315,7 +315,7 @@ def test_constructor_error_is_not_retried() -> None:
 def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, small_text: Path,
                                                   tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """``engine.max_restarts=0``: the first death stops the run naming the worker, its blocks
+    """``engine.ray.max_restarts=0``: the first death stops the run naming the worker, its blocks
     and the kept resume state; the blocks finished before it stay saved."""
     from neuroal.engine.ray_executor import RayExecutor
 
