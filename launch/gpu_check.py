@@ -123,10 +123,10 @@ def _rank(rank: int, port: int, model: str, device: str, result: str) -> None:
     if rank > 0:
         dist.serve(cfg)
         return
-    with dist.coordinator(cfg):
+    with dist.coordinator(cfg) as session:
         t0 = time.perf_counter()
         ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model), num_blocks=4,
-                                   devices=[device], dtype="float32")
+                                   devices=[device], dtype="float32", session=session)
         local_device = "cuda:0" if device == "cuda" else "cpu"
         local = LocalExecutor(resolve_model(model), 4, 1, [local_device], "float32", 2)
         blocks = [dict(b) for b in local.workers[0].adapter.shape().blocks]

@@ -8,7 +8,7 @@ the pipeline, the other ranks serve their slice (neuroal.engine.dist).
 
 import sys
 
-from neuroal.cli import prune_main as main
+from neuroal.commands.prune import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,12 +16,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from neuroal.schema import PruneConfig, set_dotted
+
 __version__ = "0.1.0"
+
+# The imports inside the functions below are lazy on purpose: `import neuroal` (the CLI's
+# dispatcher, every plug-in) must not pay for torch, transformers and every registry.
 
 
 def load_config(*args: Any, **kwargs: Any) -> Any:
     """See :func:`neuroal.config.load_config`."""
-    from neuroal.config import load_config as _load
+    from neuroal.config import load_config as _load  # lazy: imports every plug-in registry
 
     return _load(*args, **kwargs)
 
@@ -30,7 +35,7 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
           criterion: str | None = None, allocation: str | None = None, *,
           pattern: str | None = None, config: str | None = None, output: str | None = None,
           overwrite: bool = False, save: bool = True, overrides: Sequence[str] = (),
-          keep_executor: bool = False, **sections: Any) -> Any:
+          keep_executor: bool = False, session: Any = None, **sections: Any) -> Any:
     """Prune ``model`` and return a :class:`Result` (``output``, ``report``, ``plan``).
 
     Args:
@@ -46,6 +51,8 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
         save: Write the pruned model (False: the report only, nothing on disk).
         overrides: ``key=value`` strings, applied last (as on the command line).
         keep_executor: Keep the workers alive in ``result.executor`` (inspection, tests).
+        session: For ``engine.executor=dist`` on rank 0 of a torchrun / accelerate launch: the
+            session yielded by ``neuroal.engine.dist.coordinator(cfg)``; otherwise None.
         sections: Any other config key, as a section mapping (``calib={"nsamples": 32}``,
             ``engine={"workers": 2}``), a plain top-level value (``seed=1``) or with ``__``
             for dots (``calib__nsamples=32``).
@@ -53,11 +60,10 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
     Raises:
         ConfigError: A bad value, reported (all at once) before any weight is loaded.
     """
-    from neuroal.config import PruneConfig, set_dotted
-    from neuroal.pipeline import run
+    from neuroal.pipeline import run  # lazy: the pipeline imports torch and transformers
 
     if isinstance(model, PruneConfig):
-        return run(model, keep_executor=keep_executor)
+        return run(model, keep_executor=keep_executor, session=session)
     tree: dict[str, Any] = {}
     named = {"model.name": model, "sparsity": sparsity, "criterion.name": criterion,
              "allocation.name": allocation, "pattern": pattern, "output.dir": output}
@@ -75,12 +81,13 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
         else:
             set_dotted(tree, key.replace("__", "."), value)
     cfg = load_config(config, overrides, tree)
-    return run(cfg, keep_executor=keep_executor, command=f"neuroal.prune({model!r}, ...)")
+    return run(cfg, keep_executor=keep_executor, command=f"neuroal.prune({model!r}, ...)",
+               session=session)
 
 
 def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:
     """Perplexity and zero-shot accuracy of ``model`` (see :func:`neuroal.evaluation.evaluate`)."""
-    from neuroal.evaluation import evaluate as _evaluate
+    from neuroal.evaluation import evaluate as _evaluate  # lazy: imports the pipeline
 
     return _evaluate(model, **kwargs)
 
@@ -88,7 +95,7 @@ def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:
 def __getattr__(name: str) -> Any:
     """``neuroal.Result`` (the pipeline's RunResult) without importing torch at ``import neuroal``."""
     if name == "Result":
-        from neuroal.pipeline import RunResult
+        from neuroal.pipeline import RunResult  # lazy: the pipeline imports torch
 
         return RunResult
     raise AttributeError(f"module 'neuroal' has no attribute {name!r}")

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuroal.capture_moe import ExpertStats
 from neuroal.criteria.base import (
     INPUT_STATS,
     STAT_HESSIAN,
@@ -165,6 +166,5 @@ def _expert_stats(collector: StatsCollector, linears: dict[str, nn.Linear]) -> A
     slices = {n: m for n, m in linears.items() if not isinstance(m, nn.Module)}
     if not slices:
         return None
-    from neuroal.capture_moe import ExpertStats
 
     return ExpertStats(collector, slices, batch_sums, output_sums)

@@ -14,12 +14,13 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from neuroal.data import parse_source
+from neuroal.data.sources import HFSpec
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
 def _hf_dataset(spec: Any, purpose: str) -> tuple[str, str | None, str | None] | None:
-    from neuroal.data.sources import HFSpec
-
     hf = HFSpec.parse(str(spec.arg))
     return None if hf.is_local() or not _HUB_ID.match(hf.path) else (hf.path, hf.config, hf.split)
 
@@ -38,8 +39,6 @@ HUB_DATASETS: dict[str, Callable[[Any, str], tuple[str, str | None, str | None] 
 def hub_dataset(spec: str, purpose: str = "calibration") -> tuple[str, str | None, str | None] | None:
     """The hub dataset behind a source spec (``wikitext2`` -> ``Salesforce/wikitext``), or None
     for local or generated data (``text:``, ``tokens:``, ``self``, local ``hf:`` folders)."""
-    from neuroal.data import parse_source
-
     try:
         parsed = parse_source(spec)
     except (ValueError, FileNotFoundError):

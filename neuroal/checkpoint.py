@@ -40,14 +40,44 @@ log = get_logger(__name__)
 # Keys that do not change results (engine.md §8): output location, logging, resume flags, and
 # the executor layout (results are bit-identical across executors and worker counts, §3.5).
 NON_SEMANTIC = ("output.dir", "output.overwrite", "log_level", "engine.executor", "engine.workers",
-                "engine.devices", "engine.ray_address", "engine.ray_placement", "engine.ray_cpus",
-                "engine.inflight", "engine.memory_limit", "engine.device", "engine.max_restarts",
+                "engine.devices", "engine.ray", "engine.dist", "engine.memory_limit", "engine.device",
                 "output.resume", "output.keep_state", "output.save_model", "output.shard_size",
                 "compare", "engine.onload", "engine.prefetch", "log", "output.push_to_hub",
                 "output.plots")
 
 
 FORMAT = 2  # 2: SHA-256 sidecars and the weights fingerprint
+
+
+def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two :func:`neuroal.models.loading.weights_fingerprint`
+    results (empty when
+    they match). Hub sources compare id, revision and commit when both commits are known."""
+    if old.get("kind") != new.get("kind"):
+        return [f"model source kind {old.get('kind')} -> {new.get('kind')}"]
+    if new.get("kind") == "hub":
+        changes = [f"{key} {old.get(key)} -> {new.get(key)}" for key in ("id", "revision")
+                   if old.get(key) != new.get(key)]
+        if old.get("commit") and new.get("commit") and old["commit"] != new["commit"]:
+            changes.append(f"commit {old['commit']} -> {new['commit']}")
+        elif not (old.get("commit") and new.get("commit")):
+            log.warning("resume: hub model %s is not fully cached; its weights cannot be "
+                        "fingerprinted, only its id and revision are compared", new.get("id"))
+        return changes
+    a, b = old.get("files", {}), new.get("files", {})
+    changes = [f"{name}: removed" for name in sorted(set(a) - set(b))]
+    changes += [f"{name}: added" for name in sorted(set(b) - set(a))]
+    for name in sorted(set(a) & set(b)):
+        was, now = a[name], b[name]
+        if was.get("size") != now.get("size"):
+            changes.append(f"{name}: size {was.get('size')} -> {now.get('size')} bytes")
+        elif was.get("sha256") != now.get("sha256"):
+            changes.append(f"{name}: content differs")
+        elif was.get("header") != now.get("header"):
+            changes.append(f"{name}: tensor directory / metadata differs")
+        elif was.get("sample") != now.get("sample"):
+            changes.append(f"{name}: weight bytes differ")
+    return changes
 
 
 class ResumeMismatchError(ValueError):
@@ -170,8 +200,6 @@ class RunState:
 
     def _check_resume(self, meta: Path, canonical: Mapping[str, Any]) -> None:
         """Same format, config and weights as the stored state, every state file intact."""
-        from neuroal.models.loading import fingerprint_changes
-
         old = json.loads(verified_bytes(meta))
         if old.get("format") != FORMAT:
             raise ResumeMismatchError(

@@ -16,7 +16,35 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from neuroal import __version__
+from neuroal.cli import _names, split_overrides
+from neuroal.config import ConfigError, load_config, set_dotted
+from neuroal.data.evaluation import load_eval_windows, perplexity
+from neuroal.engine.dist import coordinator, rank_info, serve
+from neuroal.inputs import label_flags, position_errors
 from neuroal.logging import configure, get_logger
+from neuroal.models.adapter import AdapterError, ModelAdapter
+from neuroal.models.loading import (
+    ModelSourceError,
+    SafetensorsCheckpoint,
+    build_skeleton,
+    load_model_config,
+    resolve_dtype,
+    resolve_model,
+)
+from neuroal.pipeline import (
+    Prepared,
+    Timings,
+    build_executor,
+    check_memory,
+    check_shape,
+    evaluate_tasks,
+    load_tokenizer,
+    pick_device,
+    prepare_tasks,
+    tasks_report,
+    versions,
+)
 
 log = get_logger(__name__)
 
@@ -34,8 +62,6 @@ def evaluation_config(model: str, overrides: Mapping[str, Any] | None = None,
                       config: str | Path | None = None, items: Sequence[str] = ()) -> Any:
     """The validated config of an evaluation: defaults <- YAML ``config`` <- ``overrides`` (a
     nested or dotted mapping) <- ``key=value`` ``items``; ``model`` always wins."""
-    from neuroal.config import load_config, set_dotted
-
     tree: dict[str, Any] = {}
     for key, value in (overrides or {}).items():
         set_dotted(tree, key.replace("__", "."), value)
@@ -86,34 +112,10 @@ def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_evaluation(cfg: Any) -> dict[str, Any]:
+def run_evaluation(cfg: Any, session: Any = None) -> dict[str, Any]:
     """Resolve and check everything, load the model's slices on the workers, then score the
-    perplexity sources and the zero-shot tasks of ``cfg.eval``; returns the result dict."""
-    from neuroal.config import ConfigError
-    from neuroal.data.evaluation import load_eval_windows, perplexity
-    from neuroal.inputs import position_errors
-    from neuroal.models.adapter import ModelAdapter
-    from neuroal.models.loading import (
-        SafetensorsCheckpoint,
-        build_skeleton,
-        load_model_config,
-        resolve_dtype,
-        resolve_model,
-    )
-    from neuroal.pipeline import (
-        Prepared,
-        Timings,
-        build_executor,
-        check_memory,
-        check_shape,
-        evaluate_tasks,
-        load_tokenizer,
-        pick_device,
-        prepare_tasks,
-        tasks_report,
-        versions,
-    )
-
+    perplexity sources and the zero-shot tasks of ``cfg.eval``; returns the result dict.
+    ``session``: the open dist session (:func:`neuroal.engine.dist.coordinator`) or None."""
     timings, t0 = Timings(), time.perf_counter()
     with timings("resolve"):
         source = resolve_model(cfg.model.name, cfg.model.revision)
@@ -137,7 +139,7 @@ def run_evaluation(cfg: Any) -> dict[str, Any]:
                  for spec in cfg.eval.datasets}
         manager = prepare_tasks(cfg)
     prep = Prepared(source, config, shape, device, dtype, tokenizer, None, evals, None, onload,
-                    manager)
+                    manager, session)
     with timings("load"):
         executor = build_executor(cfg, prep)
     try:
@@ -176,8 +178,7 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
                "  neuroal evaluate ./Llama-2-70b-pruned --tasks hellaswag,arc_easy,arc_challenge "
                "--workers 8 --engine ray\n"
                "  neuroal evaluate ./model --tasks my_task --include-path ./my_tasks eval.limit=100\n"
-               "\nkey=value overrides address any config key (e.g. engine.ray_cpus=2).")
-    from neuroal import __version__
+               "\nkey=value overrides address any config key (e.g. engine.ray.cpus=2).")
 
     p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("model", help="local HF dir, .gguf file, alias (smollm2-135m) or hub id")
@@ -204,26 +205,15 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
 
 
 def _sources() -> str:
-    from neuroal.cli import _names
-
     return _names("neuroal.data:SOURCES", ("self",))
 
 
 def _executors() -> str:
-    from neuroal.cli import _names
-
     return _names("neuroal.engine:EXECUTORS")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``neuroal evaluate MODEL [--eval wikitext2] [--tasks hellaswag,...] [key=value ...]``."""
-    from neuroal.cli import split_overrides
-    from neuroal.config import ConfigError
-    from neuroal.engine.dist import coordinator, rank_info, serve
-    from neuroal.inputs import label_flags
-    from neuroal.models.adapter import AdapterError
-    from neuroal.models.loading import ModelSourceError
-
     parser = build_parser()
     args = parser.parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     split_overrides(parser, args)
@@ -237,8 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
         if info is not None and info.rank > 0:
             return serve(cfg)
-        with coordinator(cfg):
-            result = run_evaluation(cfg)
+        with coordinator(cfg) as session:
+            result = run_evaluation(cfg, session)
     except ConfigError as exc:  # each error names the flag that set its key, if any
         labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
         log.error("%s", ConfigError(label_flags(exc.errors, labels)))

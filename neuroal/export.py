@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
+from neuroal.card import prune_card
 from neuroal.compat import make_loadable
+from neuroal.inputs import parse_size as parse
 from neuroal.logging import get_logger
 from neuroal.safety import (
     OutputExistsError,  # noqa: F401 - re-exported: neuroal.export.OutputExistsError
@@ -33,8 +35,6 @@ log = get_logger(__name__)
 def parse_size(text: str | int) -> int:
     """``"2GB"`` -> 2_000_000_000 bytes, ``"2GiB"`` -> 2 * 2^30 (:func:`neuroal.inputs.parse_size`,
     the one size parser of ``output.shard_size`` and ``engine.memory_limit``)."""
-    from neuroal.inputs import parse_size as parse
-
     return parse(text, "output.shard_size")
 
 
@@ -181,8 +181,6 @@ def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str,
 
 def model_card(report: dict[str, Any]) -> str:
     """The model card ``README.md`` (engine.md §9), built by :func:`neuroal.card.prune_card`."""
-    from neuroal.card import prune_card
-
     return prune_card(report)
 
 

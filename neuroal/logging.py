@@ -8,6 +8,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from neuroal.progress import track
+
 T = TypeVar("T")
 
 LOG_FILE = "neuroal.log"
@@ -136,6 +138,4 @@ def progress(items: Iterable[T], desc: str, total: int | None = None,
              unit: str = "it") -> Iterator[T]:
     """Iterate with progress (:func:`neuroal.progress.track`): a tqdm bar on a terminal, a log
     line every ``log.interval`` seconds otherwise; silent with ``NEUROAL_PROGRESS=0``."""
-    from neuroal.progress import track
-
     yield from track(items, desc, total, unit=unit)

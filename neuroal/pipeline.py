@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import logging
 import platform
-import random
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,12 @@ from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPla
 from neuroal.checkpoint import RunState, canonical_config
 from neuroal.compat import make_loadable
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
+from neuroal.criteria import CRITERIA, criterion_label
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine import EXECUTORS
 from neuroal.engine.executor import Executor, split_blocks
-from neuroal.engine.worker import BlockReport, PruneJob, peak_memory_bytes
+from neuroal.engine.onload import resolved_onload
 from neuroal.export import (
     OutputDir,
     finalize_shards,
@@ -38,13 +38,15 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
-from neuroal.logging import get_logger
+from neuroal.hub import push_output
+from neuroal.inputs import position_errors
+from neuroal.jobs import BlockReport, PruneJob
+from neuroal.logging import RunLog, add_log_file, get_logger, remove_handler
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.consumers import derive_consumer_map
 from neuroal.models.loading import (
     ALIAS_ORIGIN,
     ModelSource,
-    ModelSourceError,
     SafetensorsCheckpoint,
     build_skeleton,
     input_paths,
@@ -55,6 +57,9 @@ from neuroal.models.loading import (
     weights_fingerprint,
 )
 from neuroal.models.moe import has_experts
+from neuroal.planner import ModelLayout, check_fits, parse_bytes
+from neuroal.plots import write_plots
+from neuroal.progress import configure_progress
 from neuroal.recovery import (
     RECONSTRUCT,
     RECOVERY_STEPS,
@@ -64,23 +69,20 @@ from neuroal.recovery import (
     prune_steps,
     resolved_options,
 )
+from neuroal.recovery.perp import numel, total_parameters
+from neuroal.recovery.train import prunable_weight_names, retrain, save_model, verify_saved_zeros, window_nll
+from neuroal.runtime import (  # re-exported: tests and tools import them from here
+    Timings,
+    host_available,
+    load_tokenizer,
+    peak_memory_bytes,
+    pick_device,
+    seed_everything,
+)
+from neuroal.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
+from neuroal.zeroshot import evaluate_tasks as run_tasks
 
 log = get_logger(__name__)
-
-
-@dataclass
-class Timings:
-    """Wall seconds per phase."""
-
-    phases: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -111,6 +113,7 @@ class Prepared:
     output: OutputDir | None
     onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
     tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.zeroshot), or None
+    session: Any = None  # the open dist session (neuroal.engine.dist.coordinator), or None
 
 
 # --------------------------------------------------------------------------- preparation
@@ -122,20 +125,6 @@ def default_output(cfg: PruneConfig) -> Path:
     name = f"{Path(cfg.model.name).stem}-{cfg.criterion.name}-{cfg.allocation.name}-{amount}"
     name += "".join(f"-{step}" for step in cfg.recover.steps)
     return Path("outputs") / slug(name)
-
-
-def pick_device(name: str) -> torch.device:
-    """``auto`` -> the first CUDA device if present, else CPU; otherwise validated as given."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError([f"engine.device={name!r}: {exc}; expected cpu, cuda, cuda:N or auto"]) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError([f"engine.device={name!r} but no CUDA device is available; use "
-                           "--device cpu"])
-    return device
 
 
 def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
@@ -161,8 +150,6 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
 
 def check_positions(cfg: PruneConfig, config: Any) -> None:
     """Calibration and evaluation windows must fit the model's ``max_position_embeddings``."""
-    from neuroal.inputs import position_errors
-
     seqlens = {"calib.seqlen": cfg.calib.seqlen}
     if cfg.eval.datasets and cfg.eval.seqlen:
         seqlens["eval.seqlen"] = cfg.eval.seqlen  # unset: evaluation uses calib.seqlen
@@ -190,9 +177,6 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     free memory, shared equally by the workers the local executor places on it; under
     onloading on CUDA the node's available host memory bounds the blocks kept there.
     """
-    from neuroal.engine.onload import resolved_onload
-    from neuroal.planner import ModelLayout, check_fits, parse_bytes
-
     shared = cfg.engine.workers if cfg.engine.executor == "local" and \
         len(cfg.engine.devices) <= 1 else 1
     if cfg.engine.memory_limit is not None:
@@ -211,34 +195,6 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
              plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
     return plan.request.onload
-
-
-def host_available() -> int | None:
-    """``MemAvailable`` of this node in bytes (Linux), else None (not checked)."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def load_tokenizer(source: ModelSource, trust_remote_code: bool,
-                   override: str | None = None) -> Any:
-    """The model's tokenizer (directory, hub or GGUF file), or ``model.tokenizer`` if set."""
-    from transformers import AutoTokenizer
-
-    trust_remote_code = trust_remote_code is True  # never a truthy string such as "false"
-    if override:
-        return AutoTokenizer.from_pretrained(override, trust_remote_code=trust_remote_code)
-    try:
-        return AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code,
-                                             **source.hf_kwargs())
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(
-            f"model {source.name!r}: no usable tokenizer ({exc}); set model.tokenizer=<dir or "
-            "hub id> to use another one") from exc
 
 
 def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
@@ -291,8 +247,6 @@ def _local(path: str | None) -> list[str]:
 def task_spec(cfg: PruneConfig) -> Any:
     """The zero-shot settings of ``cfg.eval`` as plain values (:class:`neuroal.zeroshot.TaskSpec`);
     one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
-    from neuroal.zeroshot import TaskSpec
-
     ev, eng = cfg.eval, cfg.engine
     return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
                     batch_size=4 * eng.micro_batch * eng.workers)
@@ -303,7 +257,6 @@ def prepare_tasks(cfg: PruneConfig) -> Any:
     any weight is loaded; returns the lm-eval TaskManager, or None without ``eval.tasks``."""
     if not cfg.eval.tasks:
         return None
-    from neuroal.zeroshot import load_tasks, task_manager
 
     spec = task_spec(cfg)
     manager = task_manager(spec)
@@ -315,7 +268,6 @@ def evaluate_tasks(cfg: PruneConfig, prep: Prepared, executor: Executor) -> dict
     """Zero-shot results of the executor's current model (``{}`` without ``eval.tasks``)."""
     if prep.tasks is None:
         return {}
-    from neuroal.zeroshot import evaluate_tasks as run_tasks
 
     return run_tasks(executor, prep.tokenizer, prep.config, task_spec(cfg), prep.tasks)
 
@@ -325,8 +277,6 @@ def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any]
     """``report["eval"]["tasks"]``: lm-eval's version and settings, then per task its version,
     shots, documents and metrics of the dense model (``dense``, when measured) beside the
     pruned one (``key``)."""
-    from neuroal.zeroshot import lm_eval_version
-
     results = {}
     for name, row in sparse.items():
         results[name] = {"version": row["version"], "n_shot": row["n_shot"],
@@ -341,23 +291,6 @@ def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any]
 # --------------------------------------------------------------------------- run
 
 
-def seed_everything(seed: int, deterministic: bool, threads: int | None = None) -> None:
-    """Seeds of the protocol (specs README), deterministic kernels and the thread count
-    (engine.md §3.5; the same settings every executor's processes apply, see
-    :mod:`neuroal.engine.determinism`)."""
-    from neuroal.engine.determinism import apply_determinism
-
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed)
-    except ImportError:  # pragma: no cover - numpy ships with torch wheels
-        pass
-    apply_determinism(deterministic, threads)
-
-
 def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
     """The executor named by ``engine.executor`` (registry :data:`neuroal.engine.EXECUTORS`)."""
     devices = list(cfg.engine.devices) or [str(prep.device)]
@@ -366,7 +299,8 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
         cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
     return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
                                               num_blocks=prep.shape.num_blocks,
-                                              devices=devices, dtype=dtype_name)
+                                              devices=devices, dtype=dtype_name,
+                                              session=prep.session)
 
 
 def evaluate(executor: Executor, evals: dict[str, Any]) -> dict[str, float]:
@@ -388,8 +322,6 @@ def calibration_windows(cfg: PruneConfig, prep: Prepared, executor: Executor) ->
 
 def criterion_options(cfg: PruneConfig) -> dict[str, Any]:
     """The criterion's options; a seeded criterion (stochRIA) defaults to the run seed."""
-    from neuroal.criteria import CRITERIA
-
     seeded = {"seed": cfg.seed} if "seed" in CRITERIA.get(cfg.criterion.name).defaults else {}
     return {**seeded, **cfg.criterion.options}
 
@@ -430,17 +362,17 @@ def cache_dir() -> str:
     return os.environ.get("NEUROAL_CACHE", str(Path.home() / ".cache" / "neuroal"))
 
 
-def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> RunResult:
+def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
+        session: Any = None) -> RunResult:
     """Run one pruning job end to end; returns the report (also written beside the model).
 
     Allocations listed in ``cfg.compare`` are pruned first on the same data (each with a fresh
     executor, released afterwards) and reported side by side under ``report["compare"]``; only
     the main allocation's model is exported. The log goes to ``<output>/neuroal.log`` (and
-    ``log.file``); progress follows ``log.progress`` and ``log.interval``.
+    ``log.file``); progress follows ``log.progress`` and ``log.interval``. ``session``: rank
+    0's stage of a torchrun / accelerate launch (yielded by
+    :func:`neuroal.engine.dist.coordinator`) for ``engine.executor=dist``, else None.
     """
-    from neuroal.logging import RunLog, add_log_file, remove_handler
-    from neuroal.progress import configure_progress
-
     configure_progress(cfg.log.interval, cfg.log.progress)
     logger = logging.getLogger("neuroal")
     unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
@@ -449,7 +381,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
     user_file = add_log_file(cfg.log.file) if cfg.log.file else None
     runlog = RunLog()
     try:
-        result = _run(cfg, keep_executor, command, runlog)
+        result = _run(cfg, keep_executor, command, runlog, session)
         if cfg.output.push_to_hub and result.output is not None:
             push(cfg.output.push_to_hub, result)
         return result
@@ -467,8 +399,6 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "") -> Run
 def push(repo_id: str, result: RunResult, api: Any = None) -> None:
     """Upload the finished output (``--push-to-hub``); a failed upload leaves the local output
     as it is and records ``report["hub"]["error"]`` (the CLI then exits with 1)."""
-    from neuroal.hub import push_output
-
     try:
         url = push_output(result.output, repo_id, api=api)  # type: ignore[arg-type]
         result.report["hub"] = {"repo": repo_id, "url": url}
@@ -491,12 +421,13 @@ def keep_failed_log(cfg: PruneConfig, runlog: Any) -> None:
         runlog.keep(tmp / "neuroal.log")
 
 
-def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any) -> RunResult:
+def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any,
+         session: Any = None) -> RunResult:
     """:func:`run` without the logging setup."""
     timings = Timings()
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
-    prep = prepare(cfg, timings)
+    prep = replace(prepare(cfg, timings), session=session)
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
     with staging_ctx as staging:
@@ -701,8 +632,6 @@ def recovery_report(cfg: PruneConfig, prep: Prepared, blocks: list[BlockReport],
 
 def model_parameters(prep: Prepared) -> int:
     """Parameters of the model (tied tensors once), from a meta skeleton."""
-    from neuroal.recovery.perp import numel, total_parameters
-
     adapter = ModelAdapter(build_skeleton(prep.config, prep.dtype))
     total = total_parameters(adapter.model)
     if adapter.tied and adapter.head.weight is not adapter.embed.weight:
@@ -753,8 +682,6 @@ def retrain_exported(cfg: PruneConfig, prep: Prepared, step: RetrainStep, calib:
     """
     from transformers import AutoModelForCausalLM
 
-    from neuroal.recovery.train import retrain
-
     t0 = time.perf_counter()
     options = resolved_options(step.name, cfg.recover.options)
     train_options = step.train_options(options)
@@ -781,8 +708,6 @@ def retrain_exported(cfg: PruneConfig, prep: Prepared, step: RetrainStep, calib:
 
 def _hf_perplexity(model: Any, prep: Prepared, batch_size: int) -> dict[str, float]:
     """Perplexity of an in-memory HF model on every evaluation source (same protocol)."""
-    from neuroal.recovery.train import window_nll
-
     return {spec: perplexity(window_nll(model, data.windows, batch_size, prep.device))
             for spec, data in prep.evals.items()}
 
@@ -795,8 +720,6 @@ def replace_shards(model: Any, tokenizer: Any, directory: Path, dtype: torch.dty
     """
     import os
     import shutil
-
-    from neuroal.recovery.train import prunable_weight_names, save_model, verify_saved_zeros
 
     new = directory.with_name(directory.name + "-perp")
     shutil.rmtree(new, ignore_errors=True)
@@ -830,8 +753,6 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: Spa
         write_weights(cfg, prep, executor, staging, report)
     plan.save(staging)
     if cfg.output.plots:
-        from neuroal.plots import write_plots
-
         report["plots"] = write_plots(staging, report)
     write_run_files(staging, report, cfg.to_dict())
 
@@ -877,8 +798,6 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                  dense: dict[str, float], sparse: dict[str, float], timings: Timings,
                  executor: Executor, command: str) -> dict[str, Any]:
     """The ``report.json`` content (issue 2, item 9; engine.md §9)."""
-    from neuroal.criteria import criterion_label
-
     prefix = executor.block_prefix
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
@@ -906,7 +825,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
                         "origin": _origin(prep.calib)},
         "plan": {"granularity": plan.granularity, "policy": plan.policy,
                  "warnings": plan.warnings},
-        "row_map": derive_consumer_map(prep.config).checked(prep.shape.blocks).describe(
+        "row_map": derive_consumer_map(prep.config, ModelAdapter).checked(prep.shape.blocks).describe(
             prep.shape.blocks[0], prep.shape.uniform_rows),
         "search": plan.trail if "candidates" in plan.trail else None,
         "timings": {**timings.phases, **utilisation_timings(executor)},

@@ -62,7 +62,16 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cache
 from typing import Any
 
+from neuroal.allocation import ALLOCATIONS
+from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
+from neuroal.engine.executor import split_blocks
+from neuroal.inputs import parse_size
+from neuroal.models.adapter import ModelAdapter
+from neuroal.models.known import KNOWN, known_alias, known_config
+from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
+from neuroal.models.moe import ExpertLinear
+from neuroal.recovery import RECOVERY_STEPS, STAGE_MODEL, resolved_options
 
 ONLOAD_MODES = ("device", "host", "disk")  # as neuroal.engine.onload (kept import-free here)
 
@@ -104,8 +113,6 @@ def parse_bytes(value: int | float | str) -> int:
     Raises:
         ValueError: Not a positive size.
     """
-    from neuroal.inputs import parse_size
-
     return parse_size(value, "memory size")
 
 
@@ -185,9 +192,6 @@ class ModelLayout:
         """
         import torch
 
-        from neuroal.models.adapter import ModelAdapter
-        from neuroal.models.loading import build_skeleton
-
         config = copy.deepcopy(model_config)  # from_config records the dtype on the config
         label = name or getattr(config, "name_or_path", "") or str(config.model_type)
         depth = int(config.num_hidden_layers)
@@ -214,15 +218,11 @@ class ModelLayout:
 
 @cache
 def _known_layout(alias: str) -> ModelLayout:
-    from neuroal.models.known import known_config
-
     return ModelLayout.from_config(known_config(alias), alias, repeat_block=True)
 
 
 def fused_numel(linears: Mapping[str, Any]) -> int:
     """Weights of the MoE expert matrices among a block's prunable linears."""
-    from neuroal.models.moe import ExpertLinear
-
     return sum(m.weight.numel() for m in linears.values() if isinstance(m, ExpertLinear))
 
 
@@ -231,9 +231,6 @@ def layout_of(model: str | ModelLayout | Any) -> ModelLayout:
     if isinstance(model, ModelLayout):
         return model
     if isinstance(model, str):
-        from neuroal.models.known import known_alias
-        from neuroal.models.loading import load_model_config, resolve_model
-
         alias = known_alias(model)
         if alias is not None:
             return _known_layout(alias)
@@ -419,9 +416,6 @@ def _per_worker(limit: int | Sequence[int], workers: int) -> list[int]:
 
 def _needs(request: MemoryRequest) -> tuple[frozenset[str], str]:
     """The criterion's statistics and the allocation policy's kind of needs."""
-    from neuroal.allocation import ALLOCATIONS
-    from neuroal.criteria import CRITERIA
-
     return CRITERIA.get(request.criterion).needs, ALLOCATIONS.get(request.allocation).needs
 
 
@@ -548,8 +542,6 @@ HOST_MASK_BYTES = 2  # per block weight: the zero masks before and after retrain
 
 
 def _recovery_options(name: str, request: MemoryRequest) -> Mapping[str, Any]:
-    from neuroal.recovery import resolved_options
-
     return resolved_options(name, request.recover_options)
 
 
@@ -602,8 +594,6 @@ def retrain_memory(layout: ModelLayout, request: MemoryRequest) -> WorkerMemory 
     checkpointing: the block inputs plus one block); the logits with their fp32 copy and
     gradient; on CPU the zero masks checked before and after.
     """
-    from neuroal.recovery import RECOVERY_STEPS, STAGE_MODEL
-
     names = [s for s in request.recover if RECOVERY_STEPS.get(s).stage == STAGE_MODEL]
     if not names:
         return None
@@ -648,8 +638,6 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
     Raises:
         ValueError: Unknown dtype, or more workers than blocks.
     """
-    from neuroal.engine.executor import split_blocks
-
     if request.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
     if request.onload == "auto":  # no budget to choose by: the workers keep their blocks
@@ -713,8 +701,6 @@ def largest_fit(request: MemoryRequest, limit: int,
         limit: Bytes per worker.
         candidates: Aliases to consider (default: every known model).
     """
-    from neuroal.models.known import KNOWN
-
     names = list(candidates) if candidates is not None else list(
         {hub: alias for alias, (hub, _) in reversed(list(KNOWN.items()))}.values())
     best: MemoryPlan | None = None
@@ -733,9 +719,6 @@ def largest_fit(request: MemoryRequest, limit: int,
 
 def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest:
     """The :class:`MemoryRequest` of a validated ``PruneConfig`` and its resolved dtype."""
-    from neuroal.allocation import ALLOCATIONS
-    from neuroal.recovery import RECOVERY_STEPS
-
     defaults = ALLOCATIONS.get(cfg.allocation.name).defaults
     options = {**defaults, **cfg.allocation.options}
     evaluates = bool(cfg.eval.datasets)

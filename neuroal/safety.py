@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from neuroal import __version__
+from neuroal.errors import OutputExistsError
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
@@ -52,10 +54,6 @@ LEGACY_FILES = re.compile(
     r"|^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$"
     r"|^(plan|masks)\.safetensors$|^neuroal_config\.yaml$|^README\.md$|^merges\.txt$"
     r"|^(tokenizer|spiece)\.model$|^vocab\.txt$|^chat_template\.jinja$")
-
-
-class OutputExistsError(FileExistsError):
-    """The output directory exists and ``--overwrite`` was not given."""
 
 
 class UnsafeOutputError(OutputExistsError):
@@ -95,8 +93,6 @@ def read_marker(path: Path) -> dict[str, Any] | None:
 
 def write_marker(directory: Path, kind: str) -> None:
     """Record that neuroal wrote ``directory`` and which files it holds (written last)."""
-    from neuroal import __version__
-
     files = sorted(p.name for p in directory.iterdir() if p.name != MARKER)
     data = {"neuroal": __version__, "kind": kind,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from neuroal.logging import get_logger
+from neuroal.progress import Progress
 
 log = get_logger(__name__)
 
@@ -102,8 +103,6 @@ class CandidateProgress:
     """
 
     def __init__(self, candidates: Sequence[Candidate], **kwargs: Any) -> None:
-        from neuroal.progress import Progress
-
         self.candidates = list(candidates)
         phase = self.candidates[0].phase if self.candidates else "search"
         kwargs.setdefault("interval", 0.0)
@@ -132,8 +131,6 @@ def run_phase(phase: str, candidates: Sequence[Candidate],
     Raises:
         ValueError: No candidates, or ``evaluate`` returned the wrong number of outcomes.
     """
-    from neuroal.allocation.neuroal_math import first_minimum
-
     candidates = list(candidates)
     if not candidates:
         raise ValueError(f"search phase {phase!r} has no candidates")
@@ -165,3 +162,25 @@ def run_phase(phase: str, candidates: Sequence[Candidate],
             log.info("%s %.3f: score %.6g%s", phase, entry["value"], entry["score"],
                      "  <- chosen" if entry["chosen"] else "")
     return PhaseResult(phase, winner, candidates, outcomes, trail)
+
+
+def first_minimum(scores: Sequence[float]) -> int:
+    """Index of the winning candidate: the first minimum in grid order (spec §A8).
+
+    Scores are compared as float64; among equal scores the earlier candidate (smaller lambda or
+    mu) wins.
+
+    Raises:
+        ValueError: ``scores`` is empty or holds a NaN.
+    """
+    values = [float(s) for s in scores]
+    if not values:
+        raise ValueError("first_minimum needs at least one candidate score, got none")
+    bad = [i for i, v in enumerate(values) if v != v]
+    if bad:
+        raise ValueError(f"candidate scores at indices {bad} are NaN; every score must be a number")
+    best = 0
+    for i, value in enumerate(values):
+        if value < values[best]:
+            best = i
+    return best

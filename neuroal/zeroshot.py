@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from neuroal.config import ConfigError
+from neuroal.errors import ConfigError
 from neuroal.logging import get_logger, progress
 
 try:

@@ -104,7 +104,7 @@ def test_discovery_matches_the_head_table(model_type: str) -> None:
     shape = adapter.shape()
     assert dict(shape.consumers) == expected and not shape.row_tiles
     assert list(shape.consumers) == list(expected)  # producer order too
-    assert derive_consumer_map(adapter.config).source == "derived"
+    assert derive_consumer_map(adapter.config, ModelAdapter).source == "derived"
 
 
 def test_phi_dense_without_consumer_gives_the_same_row_plan() -> None:

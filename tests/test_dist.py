@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -95,25 +96,26 @@ def _chain(stage, fail_rank: int, _own) -> float | None:
     return None if out is None else float(out.float().sum())
 
 
-def _compare_executors(model_dir: str) -> None:
+def _compare_executors(model_dir: str, stage: Any) -> None:
     """Rank 0: DistExecutor (2 ranks) against LocalExecutor (1 worker), operation by operation."""
     from neuroal.allocation.plan import SparsityPlan
     from neuroal.engine import EXECUTORS
-    from neuroal.engine.dist import _ACTIVE, RankError, command
+    from neuroal.engine.dist import RankError, command
     from neuroal.engine.executor import LocalExecutor
     from neuroal.engine.worker import CandidateJob, PruneJob
     from neuroal.models.loading import resolve_model
 
     with pytest.raises(ValueError, match="boom on rank 1") as err:
-        command(_ACTIVE, "chain", 1)
+        command(stage, "chain", 1)
     assert isinstance(err.value.__cause__, RankError) and "rank 1 failed" in str(err.value.__cause__)
     with pytest.raises(ValueError, match="boom on rank 0"):
-        command(_ACTIVE, "chain", 0)
-    assert command(_ACTIVE, "chain", -1) == [24.0, 48.0]  # the protocol is still in step
+        command(stage, "chain", 0)
+    assert command(stage, "chain", -1) == [24.0, 48.0]  # the protocol is still in step
 
     cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2})
     source = resolve_model(model_dir)
-    ex = EXECUTORS.get("dist")(cfg, source=source, num_blocks=3, devices=["cpu"], dtype="float32")
+    ex = EXECUTORS.get("dist")(cfg, source=source, num_blocks=3, devices=["cpu"], dtype="float32",
+                               session=stage)
     local = LocalExecutor(source, 3, 1, ["cpu"], "float32", 2)
     ids = torch.randint(0, 320, (3, 16), generator=torch.Generator().manual_seed(0))
     blocks = local.workers[0].adapter.shape().blocks
@@ -164,8 +166,8 @@ def _rank_main(rank: int, port: int, model_dir: str) -> None:
         assert dist.serve(cfg) == 0
         return
     seed_everything(cfg.seed, cfg.engine.deterministic)
-    with dist.coordinator(cfg):
-        _compare_executors(model_dir)
+    with dist.coordinator(cfg) as stage:
+        _compare_executors(model_dir, stage)
 
 
 def test_two_gloo_ranks_match_local_executor(llama3: Path) -> None:

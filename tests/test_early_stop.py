@@ -115,13 +115,14 @@ def test_local_executor_same_winner_fewer_blocks(tokenizer_dir: Path, tmp_path: 
 @pytest.mark.ray
 def test_ray_executor_same_winner_fewer_blocks(tokenizer_dir: Path, tmp_path: Path) -> None:
     pytest.importorskip("ray")
-    from neuroal.engine.ray_executor import RayExecutor, init_ray
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions, init_ray
+    from neuroal.engine.worker import WorkerSpec
 
     owned = init_ray(num_cpus=2)
     model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
     source = resolve_model(str(model_dir))
     shape = LocalExecutor(source, 4, 1, ["cpu"], "float32", 2).workers[0].adapter.shape()
-    ex = RayExecutor(source, 4, 2, ["cpu"], "float32", 2, inflight=1)
+    ex = RayExecutor(WorkerSpec(source, 0, 0, 4, "cpu", "float32", 2), 2, RayOptions(inflight=1))
     try:
         _executor_compare(ex, shape)
     finally:

@@ -202,13 +202,15 @@ def test_ray_onload_is_bit_identical(llama4: Path, reference: dict, tmp_path: Pa
     """Two Ray actors with ``onload=host`` and ``disk``: every phase equals the local
     on-device run."""
     ray = pytest.importorskip("ray")
-    from neuroal.engine.ray_executor import RayExecutor, init_ray
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions, init_ray
+    from neuroal.engine.worker import WorkerSpec
 
     owned = init_ray(num_cpus=2)
     try:
         for onload in ("host", "disk"):
-            ex = RayExecutor(resolve_model(str(llama4)), 4, 2, ["cpu"], "float32", 2,
-                             onload=onload, deterministic=True)
+            template = WorkerSpec(resolve_model(str(llama4)), 0, 0, 4, "cpu", "float32", 2,
+                                  onload=onload)
+            ex = RayExecutor(template, 2, RayOptions(deterministic=True))
             try:
                 got = run_phases(ex, "sparsegpt", True, tmp_path / onload)
             finally:
@@ -240,9 +242,9 @@ def _rank_main(rank: int, port: int, model_dir: str, result: str) -> None:
         assert dist.serve(cfg) == 0
         return
     seed_everything(cfg.seed, cfg.engine.deterministic)
-    with dist.coordinator(cfg):
+    with dist.coordinator(cfg) as session:
         ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=4,
-                                   devices=["cpu"], dtype="float32")
+                                   devices=["cpu"], dtype="float32", session=session)
         local = _local(Path(model_dir), 1, "device")
         _SHAPE[:] = [dict(b) for b in local.workers[0].adapter.shape().blocks]
         got = run_phases(ex, "sparsegpt", True, Path(result) / "dist")

@@ -114,11 +114,13 @@ def test_executor_methods_match_local(ray_instance, tiny_models: dict[str, Path]
     AlphaPruning's Hill alpha: the functions the policies ship to the workers), logits."""
     from neuroal.allocation.alpha import layer_alpha
     from neuroal.allocation.owl import outlier_ratio
-    from neuroal.engine.ray_executor import RayExecutor
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+    from neuroal.engine.worker import WorkerSpec
 
     source = resolve_model(str(tiny_models["llama"]))
     local = LocalExecutor(source, 2, 1, ["cpu"], "float32", 2)
-    remote = RayExecutor(source, 2, 2, ["cpu"], "float32", 2, inflight=1)
+    remote = RayExecutor(WorkerSpec(source, 0, 0, 2, "cpu", "float32", 2), 2,
+                         RayOptions(inflight=1))
     try:
         ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(1))
         shape = local.workers[0].adapter.shape()
@@ -152,13 +154,15 @@ def test_executor_methods_match_local(ray_instance, tiny_models: dict[str, Path]
 def test_ray_config_keys() -> None:
     from neuroal.cli import build_parser, flags_to_tree
     from neuroal.config import build_config
+    from neuroal.engine.ray_executor import RayOptions
 
-    cfg = build_config({"engine": {"executor": "ray", "workers": 2, "ray_placement": "SPREAD",
-                                   "ray_cpus": 2, "inflight": 3}})
-    assert cfg.engine.executor == "ray" and cfg.engine.ray_placement == "SPREAD"
+    cfg = build_config({"engine": {"executor": "ray", "workers": 2,
+                                   "ray": {"placement": "SPREAD", "cpus": 2, "inflight": 3}}})
+    assert cfg.engine.executor == "ray" and cfg.engine.ray.placement == "SPREAD"
+    assert RayOptions.from_config(cfg.engine.ray) == RayOptions("SPREAD", 2, None, 3, 3, True)
     with pytest.raises(ConfigError) as err:
-        build_config({"engine": {"executor": "ray", "ray_placement": "NEAR", "ray_cpus": 0,
-                                 "inflight": -1}})
+        build_config({"engine": {"executor": "ray", "ray": {"placement": "NEAR", "cpus": 0,
+                                                            "inflight": -1}}})
     assert len(err.value.errors) == 3
     tree = flags_to_tree(build_parser().parse_args(["--engine", "ray", "--workers", "8"]))
     assert tree["engine"] == {"executor": "ray", "workers": 8}
@@ -311,7 +315,7 @@ def test_constructor_error_is_not_retried() -> None:
 def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, small_text: Path,
                                                   tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """``engine.max_restarts=0``: the first death stops the run naming the worker, its blocks
+    """``engine.ray.max_restarts=0``: the first death stops the run naming the worker, its blocks
     and the kept resume state; the blocks finished before it stay saved."""
     from neuroal.engine.ray_executor import RayExecutor
 
@@ -319,19 +323,19 @@ def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, sm
     monkeypatch.setattr(RayExecutor, "fault_hook", hook)
     out = tmp_path / "out"
     cfg = tiny_cfg(llama4, out, calib={"source": f"text:{small_text}"}, sparsity=0.7,
-                   engine={"executor": "ray", "workers": 2, "max_restarts": 0})
+                   engine={"executor": "ray", "workers": 2, "ray": {"max_restarts": 0}})
     with pytest.raises(RuntimeError) as err:
         run(cfg)
     message = str(err.value)
     state = tmp_path / "out.neuroal-tmp" / "state"
-    for part in ("Ray worker 1", "blocks [2, 4)", "after 0 restart(s)", "engine.max_restarts=0",
+    for part in ("Ray worker 1", "blocks [2, 4)", "after 0 restart(s)", "engine.ray.max_restarts=0",
                  f"resume state is kept at {state}", "--resume"):
         assert part in message, (part, message)
     assert not out.exists()
     assert sorted(p.name for p in (state / "prune").glob("*.safetensors")) == \
         [f"block_{b:04d}.safetensors" for b in range(3)]
     with pytest.raises(ConfigError, match="max_restarts"):
-        tiny_cfg(llama4, None, engine={"max_restarts": -1})
+        tiny_cfg(llama4, None, engine={"ray": {"max_restarts": -1}})
 
 
 def test_restart_after_perp_reconstruct_restores_norms(ray_instance, llama4: Path,

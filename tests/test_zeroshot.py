@@ -47,7 +47,7 @@ def pruned(tiny_models: dict[str, Path], small_text: Path,
 
 def test_report_holds_dense_and_pruned_accuracy(pruned: tuple[Path, dict],
                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from neuroal.cli import summarize
+    from neuroal.commands.prune import summarize
 
     out, report = pruned
     summarize(report, out)

@@ -6,10 +6,9 @@ from neuroal.allocation.file import FilePolicy
 from neuroal.allocation.neuroal import NeuroALPolicy
 from neuroal.allocation.owl import OWLPolicy
 from neuroal.allocation.plan import ModelShape, PlanError, SparsityPlan
+from neuroal.allocation.registry import ALLOCATIONS
 from neuroal.allocation.uniform import UniformPolicy
-from neuroal.registry import Registry
 
-ALLOCATIONS: Registry[AllocationPolicy] = Registry("allocation")
 ALLOCATIONS.add("uniform", UniformPolicy())
 ALLOCATIONS.add("owl", OWLPolicy())
 ALLOCATIONS.add("alpha", AlphaPolicy(), "alphapruning")

@@ -27,8 +27,11 @@ from neuroal.allocation.neuroal_math import (
     total_alignment,
 )
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.allocation.registry import ALLOCATIONS
+from neuroal.checkpoint import StateIntegrityError
 from neuroal.criteria.base import STAT_SQ_NORM, STAT_SQ_NORM_WINDOWED
 from neuroal.inputs import is_int, is_number
+from neuroal.jobs import BlockAlignment, CandidateJob
 from neuroal.logging import get_logger
 from neuroal.search import Candidate, CandidateProgress, Outcome, PhaseResult, run_phase
 
@@ -89,8 +92,6 @@ class NeuroALPolicy:
         return errors
 
     def plan(self, request: PlanRequest) -> SparsityPlan:
-        from neuroal.engine.worker import CandidateJob  # lazy: the engine imports allocation
-
         opts = {**self.defaults, **request.options}
         ids = request.calibration[: opts["search_samples"]]
         group = None if request.criterion in NO_ROW_STEP else "row"
@@ -180,8 +181,6 @@ class Checkpointed:
         self.ordinal: dict[str, int] = {}
 
     def __call__(self, cands: list[Candidate]) -> list[Outcome]:
-        from neuroal.engine.worker import BlockAlignment
-
         keys = []
         for c in cands:
             keys.append((c.phase, self.ordinal.get(c.phase, 0), c.value))
@@ -190,8 +189,6 @@ class Checkpointed:
         for key, payload in zip(keys, stored, strict=True):
             if payload is not None and payload["score"] != total_alignment(
                     [d["na"] for d in payload["detail"]]):
-                from neuroal.checkpoint import StateIntegrityError
-
                 raise StateIntegrityError(
                     f"resume state file {str(self.state.candidate_path(*key[:2]))!r}: stored "
                     f"score {payload['score']!r} is not the sum of its alignment terms; "
@@ -264,7 +261,6 @@ def _base_ratios(request: PlanRequest, opts: Mapping[str, Any]) -> list[dict[str
     """The base plan's ratios (``base: owl|alpha``, §4 option); None for the faithful uniform."""
     if opts["base"] == "uniform":
         return None
-    from neuroal.allocation import ALLOCATIONS
 
     sub = replace(request, options=dict(opts["base_options"]))
     plan = ALLOCATIONS.get(opts["base"]).plan(sub)

@@ -29,6 +29,7 @@ import torch
 
 from neuroal.allocation.plan import ModelShape
 from neuroal.logging import get_logger
+from neuroal.search import first_minimum  # noqa: F401  (re-exported; the search's rule)
 
 log = get_logger(__name__)
 
@@ -150,28 +151,6 @@ def crosses(partial: float, best: float, inclusive: bool) -> bool:
     order (``inclusive``), and only when ``partial > best`` if it comes later.
     """
     return partial >= best if inclusive else partial > best
-
-
-def first_minimum(scores: Sequence[float]) -> int:
-    """Index of the winning candidate: the first minimum in grid order (spec §A8).
-
-    Scores are compared as float64; among equal scores the earlier candidate (smaller lambda or
-    mu) wins.
-
-    Raises:
-        ValueError: ``scores`` is empty or holds a NaN.
-    """
-    values = [float(s) for s in scores]
-    if not values:
-        raise ValueError("first_minimum needs at least one candidate score, got none")
-    bad = [i for i, v in enumerate(values) if v != v]
-    if bad:
-        raise ValueError(f"candidate scores at indices {bad} are NaN; every score must be a number")
-    best = 0
-    for i, value in enumerate(values):
-        if value < values[best]:
-            best = i
-    return best
 
 
 def row_ratios(layer_ratio: float, delta: torch.Tensor, mu: float,

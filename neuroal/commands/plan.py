@@ -19,7 +19,12 @@ import sys
 from pathlib import Path
 
 from neuroal import __version__
+from neuroal.config import ConfigError, config_from_flags
+from neuroal.inputs import position_errors
+from neuroal.models.loading import load_model_config, resolve_model
 from neuroal.planner import MemoryRequest, format_summary, parse_bytes, summarize
+from neuroal.recovery import RECOVERY_STEPS, chain_errors
+from neuroal.safety import check_file_output
 
 # dotted config key -> flag: the flags are validated by the same config checks as prune.py
 FLAGS = {"model.name": "--model", "engine.workers": "--workers", "engine.memory_limit": "--gpu-memory",
@@ -32,10 +37,6 @@ FLAGS = {"model.name": "--model", "engine.workers": "--workers", "engine.memory_
 def validate(args: argparse.Namespace) -> None:
     """The flags as a prune config (same checks and messages as launch/prune.py), then the
     windows against the model's positions; raises ConfigError (exit code 2)."""
-    from neuroal.config import ConfigError, config_from_flags
-    from neuroal.inputs import position_errors
-    from neuroal.models.loading import load_model_config, resolve_model
-
     values = {"model.name": args.model, "engine.workers": args.workers,
               "engine.memory_limit": args.gpu_memory, "calib.nsamples": args.nsamples,
               "calib.seqlen": args.seqlen, "engine.micro_batch": args.micro_batch,
@@ -57,8 +58,6 @@ def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dic
     """``--recover`` and ``--recover-opt`` as ``MemoryRequest.recover`` / ``recover_options``,
     checked against the registered steps and their options."""
     import yaml
-
-    from neuroal.recovery import RECOVERY_STEPS, chain_errors
 
     names = tuple(s.strip() for s in steps.split(",") if s.strip())
     unknown = [s for s in names if s not in RECOVERY_STEPS]
@@ -129,7 +128,6 @@ def main(argv: list[str] | None = None) -> int:
         onload=args.onload, prefetch=not args.no_prefetch)
     try:
         if args.json and args.json != "-":  # never over the model's own files
-            from neuroal.safety import check_file_output
 
             check_file_output(args.json, [args.model] if Path(args.model).exists() else [])
         host = parse_bytes(args.host_memory) if args.host_memory else None

@@ -14,16 +14,23 @@ import os
 import sys
 from pathlib import Path
 
+from neuroal import __version__
+from neuroal.config import ConfigError, config_from_flags
+from neuroal.export import OutputDir, OutputExistsError
+from neuroal.inputs import position_errors, positive_int, positive_number
+from neuroal.logging import configure, get_logger
+from neuroal.models.loading import load_model_config, resolve_model
+from neuroal.recovery import variant_train_defaults
+from neuroal.recovery.perp import PERP_VARIANTS
+from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    from neuroal import __version__
-
     p = argparse.ArgumentParser(prog="neuroal recover", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("model", help="pruned Hugging Face model directory (e.g. from launch/prune.py)")
     p.add_argument("--output", required=True, help="directory for the retrained model")
-    from neuroal.recovery.perp import PERP_VARIANTS
 
     p.add_argument("--variant", default="masklora", help=" | ".join(PERP_VARIANTS.names()) +
                    " (full: block weights, re-masked)")
@@ -69,12 +76,6 @@ FLAGS = {"model.name": "model", "output.dir": "--output", "calib.source": "--cal
 def validate(args: argparse.Namespace) -> None:
     """Every flag checked before the model is loaded, all errors at once; raises ConfigError
     (exit code 2). Model, output and windows are checked against the model's config."""
-    from neuroal.config import ConfigError, config_from_flags
-    from neuroal.export import OutputDir
-    from neuroal.inputs import position_errors, positive_int, positive_number
-    from neuroal.models.loading import load_model_config, resolve_model
-    from neuroal.recovery.perp import PERP_VARIANTS
-
     errors = []
     if args.variant not in PERP_VARIANTS:
         errors.append(f"--variant={args.variant!r} is unknown; available: "
@@ -108,9 +109,6 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from neuroal.export import OutputExistsError
-    from neuroal.logging import configure, get_logger
-
     args = parse(argv)
     configure("INFO", args.log_file)
     log = get_logger("neuroal.recover")
@@ -133,18 +131,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> dict:
     """The validated flags as a RecoverJob, run; returns its report (empty on other ranks)."""
-    from neuroal.recovery.train import recover
-
     return recover(build_job(args))
 
 
 def build_job(args: argparse.Namespace) -> object:
     """The :class:`~neuroal.recovery.train.RecoverJob` of the parsed arguments; unset options take
     the variant's defaults, the same as the pipeline's ``perp-<variant>`` step."""
-    from neuroal.recovery import variant_train_defaults
-    from neuroal.recovery.perp import PERP_VARIANTS
-    from neuroal.recovery.train import RecoverJob, TrainOptions
-
     overrides = {k: v for k, v in (("rank", args.rank), ("alpha", args.alpha),
                                    ("lm_head_lora", args.head_lora)) if v is not None}
     perp = dataclasses.replace(PERP_VARIANTS.get(args.variant), add_biases=args.add_biases, **overrides)

@@ -13,13 +13,18 @@ from typing import Any, Protocol
 
 import torch
 
-STAT_SQ_NORM = "sq_norm"
-STAT_HESSIAN = "hessian"
-STAT_MEAN = "mean"
-STAT_VAR = "var"
-STAT_OUT_SQ_NORM = "out_sq_norm"
-STAT_SQ_NORM_WINDOWED = "sq_norm_windowed"
-INPUT_STATS = (STAT_SQ_NORM, STAT_HESSIAN, STAT_MEAN, STAT_VAR, STAT_SQ_NORM_WINDOWED)
+# The statistic names and N:M patterns live in the leaf neuroal.jobs; re-exported here, where the
+# criterion contract names them.
+from neuroal.jobs import (  # noqa: F401
+    INPUT_STATS,
+    STAT_HESSIAN,
+    STAT_MEAN,
+    STAT_OUT_SQ_NORM,
+    STAT_SQ_NORM,
+    STAT_SQ_NORM_WINDOWED,
+    STAT_VAR,
+    NMPattern,
+)
 
 
 @dataclass(frozen=True)
@@ -50,21 +55,6 @@ class LayerStats:
     var: torch.Tensor | None = None
     out_sq_norm: torch.Tensor | None = None
     sq_norm_windowed: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class NMPattern:
-    """N:M sparsity: ``n`` weights *kept* in every group of ``m`` consecutive input weights."""
-
-    n: int
-    m: int
-
-    @property
-    def sparsity(self) -> float:
-        return 1.0 - self.n / self.m
-
-    def __str__(self) -> str:
-        return f"{self.n}:{self.m}"
 
 
 @dataclass(frozen=True)

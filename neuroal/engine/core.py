@@ -11,12 +11,15 @@ helpers here, so the three cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import torch
 
 from neuroal.criteria.base import STAT_SQ_NORM
-from neuroal.engine.worker import BlockReport, WorkerSpec, stat_needs
+from neuroal.engine.onload import resolved_onload
+from neuroal.engine.worker import stat_needs
+from neuroal.jobs import BlockReport, WorkerSpec
 from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource
 
@@ -25,16 +28,35 @@ log = get_logger(__name__)
 T = TypeVar("T")
 
 
+def worker_template(cfg: Any, source: ModelSource, num_blocks: int, device: str,
+                    dtype: str) -> WorkerSpec:
+    """What every worker of a run shares, read from the validated config (``engine.*``,
+    ``model.trust_remote_code``), its slice left empty; each executor fills in the slices."""
+    eng = cfg.engine
+    return WorkerSpec(source, 0, 0, num_blocks, device, dtype, eng.micro_batch,
+                      eng.offload_activations, cfg.model.trust_remote_code,
+                      onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
+
+
+def slice_specs(template: WorkerSpec, slices: Sequence[tuple[int, int]],
+                devices: Sequence[str] | None = None) -> list[WorkerSpec]:
+    """One :class:`WorkerSpec` per slice ``[a, b)``, rank = slice index, everything else from
+    ``template``; ``devices``: one per slice (default: the template's for all)."""
+    devs = list(devices) if devices else [template.device] * len(slices)
+    return [replace(template, start=a, stop=b, rank=r, device=devs[r])
+            for r, (a, b) in enumerate(slices)]
+
+
 def worker_specs(source: ModelSource, slices: Sequence[tuple[int, int]], num_blocks: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
                  onload: str = "device", prefetch: bool = True) -> list[WorkerSpec]:
     """One :class:`WorkerSpec` per slice; ``devices``: one for all or one per slice."""
-    devs = list(devices) * len(slices) if len(devices) == 1 else list(devices)
-    return [WorkerSpec(source, a, b, num_blocks, devs[r], dtype, micro_batch,
-                       offload_activations, trust_remote_code, rank=r, onload=onload,
-                       prefetch=prefetch)
-            for r, (a, b) in enumerate(slices)]
+    template = WorkerSpec(source, 0, 0, num_blocks, devices[0], dtype, micro_batch,
+                          offload_activations, trust_remote_code, onload=onload,
+                          prefetch=prefetch)
+    return slice_specs(template, slices, list(devices) * len(slices) if len(devices) == 1
+                       else devices)
 
 
 def merge_blocks(parts: Iterable[Mapping[int, T]], num_blocks: int) -> list[T]:
@@ -58,6 +80,19 @@ def log_block(report: BlockReport, num_blocks: int) -> None:
 def chunks(windows: torch.Tensor, micro_batch: int) -> list[torch.Tensor]:
     """Perplexity windows ``(k, T)`` in micro-batch chunks (the order of every executor)."""
     return [windows[i : i + micro_batch] for i in range(0, windows.shape[0], micro_batch)]
+
+
+def paired_chunks(inputs: torch.Tensor, targets: torch.Tensor,
+                  micro_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero-shot ``(inputs, targets)`` ``(B, T)`` in the same micro-batch chunks as
+    :func:`chunks`."""
+    return list(zip(chunks(inputs, micro_batch), chunks(targets, micro_batch), strict=True))
+
+
+def cat_pairs(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+    """Per-chunk ``(log-probabilities, argmax flags)`` joined along the batch."""
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def reference_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:

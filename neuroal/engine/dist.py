@@ -37,27 +37,31 @@ import torch
 import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.config import ConfigError, PruneConfig
-from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs
+from neuroal.engine.core import (
+    cat_pairs,
+    chunks,
+    log_block,
+    merge_blocks,
+    paired_chunks,
+    reference_needs,
+    worker_template,
+)
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, split_blocks
-from neuroal.engine.onload import resolved_onload
-from neuroal.engine.worker import (
-    BlockAlignment,
-    BlockReport,
-    CandidateJob,
-    PruneJob,
-    Worker,
-    WorkerSpec,
-)
+from neuroal.engine.worker import Worker
+from neuroal.errors import ConfigError
+from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
 from neuroal.logging import configure, get_logger, progress
 from neuroal.models.loading import ModelSource
+from neuroal.runtime import seed_everything
+from neuroal.schema import DistConfig, PruneConfig
 
 log = get_logger(__name__)
 
 # Ranks > 0 wait in a broadcast while rank 0 works alone (data loading, search bookkeeping,
 # export of config and tokenizer); the default 30 min collective timeout is too short at 70B.
-TIMEOUT = datetime.timedelta(hours=4)
+# The default of ``engine.dist.timeout`` (seconds).
+TIMEOUT = datetime.timedelta(seconds=DistConfig().timeout)
 _STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _EXIT, _ABORT = "exit", "abort"
 
@@ -74,6 +78,7 @@ class RankInfo:
     world: int
     local_rank: int
     device: str
+    timeout: datetime.timedelta = TIMEOUT  # engine.dist.timeout of every collective
 
     @property
     def backend(self) -> str:
@@ -129,7 +134,8 @@ def rank_info(cfg: PruneConfig) -> RankInfo | None:
     errors += device_errors
     if errors:
         raise ConfigError(errors)
-    return RankInfo(rank, world, local_rank, device)
+    return RankInfo(rank, world, local_rank, device,
+                    datetime.timedelta(seconds=cfg.engine.dist.timeout))
 
 
 def rank_device(cfg: PruneConfig, rank: int, local_rank: int) -> tuple[str, list[str]]:
@@ -162,7 +168,8 @@ def _process_group(info: RankInfo) -> Iterator[None]:
     if torch.device(info.device).type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # deterministic cuBLAS
         torch.cuda.set_device(torch.device(info.device))
-    dist.init_process_group(info.backend, rank=info.rank, world_size=info.world, timeout=TIMEOUT)
+    dist.init_process_group(info.backend, rank=info.rank, world_size=info.world,
+                            timeout=info.timeout)
     try:
         yield
     finally:
@@ -380,14 +387,13 @@ class RankStage:
         micro-batch as in the local executor."""
         inputs, targets = common
         parts = []
-        for i in range(0, inputs.shape[0], self.micro_batch):
-            stream = self._forward(inputs[i : i + self.micro_batch])
+        for x, y in paired_chunks(inputs, targets, self.micro_batch):
+            stream = self._forward(x)
             if self.info.last and stream is not None:
-                parts.append(self._try(lambda s=stream, t=targets[i : i + self.micro_batch]:
-                                       self.w.token_logprobs(s, t)))
+                parts.append(self._try(lambda s=stream, t=y: self.w.token_logprobs(s, t)))
         if not self.info.last or self._error is not None:
             return None
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        return cat_pairs(parts)
 
     def last_logits(self, ids: torch.Tensor, _own: Any) -> torch.Tensor | None:
         stream = self._forward(ids)
@@ -450,32 +456,27 @@ def _scatter(per_rank: Sequence[Any] | None, world: int, rank: int) -> Any:
 
 # --------------------------------------------------------------------------- rank 0 and the rest
 
-_ACTIVE: RankStage | None = None  # rank 0's stage while :func:`coordinator` is open
-
-
 @contextmanager
-def coordinator(cfg: PruneConfig) -> Iterator[None]:
-    """Rank 0's side of a launch (a no-op for a single process): opens the process group,
-    lets the ``dist`` executor factory find it, and ends :func:`serve` on the other ranks
+def coordinator(cfg: PruneConfig) -> Iterator[RankStage | None]:
+    """Rank 0's side of a launch: opens the process group and yields rank 0's
+    :class:`RankStage` (the session the ``dist`` executor is built from: pass it on as
+    ``session=``), or None for a single process; on exit ends :func:`serve` on the other ranks
     with ``exit``, or ``abort`` when the body raises."""
-    global _ACTIVE
     info = rank_info(cfg)
     if info is None:
-        yield
+        yield None
         return
     if info.rank != 0:
         raise RuntimeError(f"coordinator() runs on rank 0; rank {info.rank} must call serve()")
     with _process_group(info):
-        _ACTIVE = RankStage(info)
+        stage = RankStage(info)
         try:
-            yield
+            yield stage
         except BaseException:
-            _finish(_ACTIVE, _ABORT)
+            _finish(stage, _ABORT)
             raise
         else:
-            _finish(_ACTIVE, _EXIT)
-        finally:
-            _ACTIVE = None
+            _finish(stage, _EXIT)
 
 
 def _finish(stage: RankStage, command: str) -> None:
@@ -499,8 +500,6 @@ def serve(cfg: PruneConfig) -> int:
         raise RuntimeError("serve() runs on ranks > 0 of a torchrun / accelerate launch")
     level = logging.getLevelName(cfg.log_level.upper())
     configure("WARNING" if not isinstance(level, int) or level < logging.WARNING else cfg.log_level)
-    from neuroal.pipeline import seed_everything  # lazy: the pipeline imports the engine
-
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
     with _process_group(info):
         return serve_loop(RankStage(info))
@@ -534,51 +533,39 @@ class DistExecutor:
     """Rank 0's executor: every call is a command run by all ranks (module docstring).
 
     Args:
-        stage: Rank 0's stage (from :func:`coordinator`).
-        source: The resolved model.
-        num_blocks: Decoder blocks of the model.
-        dtype: Run dtype name.
-        micro_batch: Sequences per forward call (identical on every rank).
-        offload_activations: Keep streams in host memory between blocks.
-        trust_remote_code: Passed to transformers.
-        onload: Where each rank keeps its blocks between uses (:mod:`neuroal.engine.onload`).
-        prefetch: Fetch the next block while one is in use (onloading only).
+        stage: Rank 0's stage (yielded by :func:`coordinator`).
+        template: What every rank's worker shares (model source, block count, dtype,
+            micro-batch, onloading; a :class:`~neuroal.engine.worker.WorkerSpec` with an empty
+            slice); each rank fills in its slice and its own device.
     """
 
-    def __init__(self, stage: RankStage, source: ModelSource, num_blocks: int, dtype: str,
-                 micro_batch: int, offload_activations: bool = False,
-                 trust_remote_code: bool = False, *, onload: str = "device",
-                 prefetch: bool = True) -> None:
+    def __init__(self, stage: RankStage, template: WorkerSpec) -> None:
         self.stage = stage
         self.world = stage.info.world
-        self.slices = split_blocks(num_blocks, self.world)
-        self._num_blocks = num_blocks
+        self.slices = split_blocks(template.num_blocks, self.world)
+        self._num_blocks = template.num_blocks
         self._closed = False
         self.meter = BusyMeter(lambda: [i["busy_seconds"] for i in self.worker_info()])
-        template = WorkerSpec(source, 0, 0, num_blocks, stage.info.device, dtype, micro_batch,
-                              offload_activations, trust_remote_code, onload=onload,
-                              prefetch=prefetch)
         for entry in self._call("start", template, self.slices):
             log.info("rank %d owns blocks [%d, %d) on %s", entry["rank"], *entry["blocks"],
                      entry["device"])
 
     @classmethod
-    def from_config(cls, cfg: PruneConfig, source: ModelSource, num_blocks: int,
-                    dtype: str) -> DistExecutor:
-        """The executor of the open :func:`coordinator` session.
+    def from_config(cls, cfg: PruneConfig, source: ModelSource, num_blocks: int, dtype: str,
+                    session: RankStage | None) -> DistExecutor:
+        """The executor of the open :func:`coordinator` session ``session``.
 
         Raises:
-            RuntimeError: No session is open (not rank 0 of a torchrun / accelerate launch).
+            RuntimeError: No session (not rank 0 of a torchrun / accelerate launch).
         """
-        if _ACTIVE is None:
+        if session is None:
             raise RuntimeError(
                 "engine.executor='dist' runs on rank 0 of `torchrun --nproc_per_node K "
-                "launch/prune.py ...` (or accelerate launch); from Python, wrap the run in "
-                "neuroal.engine.dist.coordinator(cfg) and call serve(cfg) on the other ranks")
-        eng = cfg.engine
-        return cls(_ACTIVE, source, num_blocks, dtype, eng.micro_batch, eng.offload_activations,
-                   cfg.model.trust_remote_code, onload=resolved_onload(eng.onload),
-                   prefetch=eng.prefetch)
+                "launch/prune.py ...` (or accelerate launch); from Python, open "
+                "`with neuroal.engine.dist.coordinator(cfg) as session:` and pass "
+                "session=session to neuroal.prune / neuroal.pipeline.run, and call serve(cfg) "
+                "on the other ranks")
+        return cls(session, worker_template(cfg, source, num_blocks, session.info.device, dtype))
 
     def _call(self, name: str, common: Any = None, per_rank: Sequence[Any] | None = None) -> list[Any]:
         if self._closed:

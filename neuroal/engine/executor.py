@@ -18,15 +18,16 @@ import torch
 
 from neuroal.allocation.neuroal_math import total_alignment
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.engine.core import chunks, merge_blocks, reference_needs, worker_specs
-from neuroal.engine.worker import (
-    BlockAlignment,
-    BlockReport,
-    CandidateJob,
-    PruneJob,
-    Worker,
-    peak_memory_bytes,
+from neuroal.engine.core import (
+    cat_pairs,
+    chunks,
+    merge_blocks,
+    paired_chunks,
+    reference_needs,
+    worker_specs,
 )
+from neuroal.engine.worker import Worker, peak_memory_bytes
+from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob
 from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
 
@@ -286,13 +287,10 @@ class LocalExecutor:
                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position log-probability of ``targets`` ``(B, T)`` after ``inputs`` ``(B, T)``
         and its argmax flag (:meth:`Worker.token_logprobs`), micro-batch by micro-batch."""
-        mb = self.specs[0].micro_batch
-        parts = []
         with self.meter("eval"):
-            for i in range(0, inputs.shape[0], mb):
-                parts.append(self.workers[-1].token_logprobs(self._through(inputs[i : i + mb]),
-                                                             targets[i : i + mb]))
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+            parts = [self.workers[-1].token_logprobs(self._through(x), y)
+                     for x, y in paired_chunks(inputs, targets, self.specs[0].micro_batch)]
+        return cat_pairs(parts)
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""

@@ -27,7 +27,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,19 +35,22 @@ import torch
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.checkpoint import block_state_path
-from neuroal.engine.core import chunks, log_block, merge_blocks, reference_needs, worker_specs
+from neuroal.engine.core import (
+    cat_pairs,
+    chunks,
+    log_block,
+    merge_blocks,
+    paired_chunks,
+    reference_needs,
+    slice_specs,
+)
 from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
-from neuroal.engine.worker import (
-    BlockAlignment,
-    BlockReport,
-    CandidateJob,
-    PruneJob,
-    Worker,
-    WorkerSpec,
-)
-from neuroal.logging import get_logger, progress
-from neuroal.models.loading import ModelSource
+from neuroal.engine.worker import Worker
+from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
+from neuroal.logging import configure, get_logger, progress
+from neuroal.progress import SETTINGS, configure_progress
+from neuroal.schema import RayConfig
 
 log = get_logger(__name__)
 
@@ -113,6 +116,40 @@ def actor_env(cuda: bool, deterministic: bool, threads: int | None) -> dict[str,
     return {"PYTHONPATH": path, **determinism_env(deterministic, threads)}
 
 
+def actor_device(kind: str) -> str:
+    """The device name a worker uses inside its actor: ``cuda:0`` for a CUDA run because Ray
+    sets ``CUDA_VISIBLE_DEVICES`` of each actor to the one GPU of its bundle, so every actor
+    sees its own GPU as index 0 (the driver's device indices mean nothing there); ``cpu``."""
+    return f"{kind}:0" if kind == "cuda" else kind
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """The Ray executor's own options (the ``engine.ray`` section and ``engine.deterministic``).
+
+    ``placement``: placement-group strategy (``PACK``, ``SPREAD``, ``STRICT_PACK``,
+    ``STRICT_SPREAD``); ``cpus``: CPUs reserved per actor; ``address``: Ray address (``auto``,
+    ``ray://host:10001``; None: ``$RAY_ADDRESS`` or a local instance); ``inflight``: candidates
+    / perplexity chunks in flight (0: one per worker); ``max_restarts``: restarts allowed per
+    actor after it died, then the run stops; ``deterministic``: deterministic kernels inside the
+    actors (engine.md §3.5).
+    """
+
+    placement: str = "PACK"
+    cpus: float = 1.0
+    address: str | None = None
+    inflight: int = 0
+    max_restarts: int = 3
+    deterministic: bool = True
+
+    @classmethod
+    def from_config(cls, ray: RayConfig, deterministic: bool = True) -> RayOptions:
+        """From the validated ``engine.ray`` section."""
+        return cls(placement=ray.placement, cpus=ray.cpus, address=ray.address,
+                   inflight=ray.inflight, max_restarts=ray.max_restarts,
+                   deterministic=deterministic)
+
+
 def device_kind(devices: Sequence[str]) -> str:
     """The one device type of all workers (``cpu`` or ``cuda``).
 
@@ -143,8 +180,6 @@ def _setup(worker: Worker, deterministic: bool, threads: int | None,
     driver's count and match :class:`LocalExecutor` bit for bit.
     """
     apply_determinism(deterministic, threads)
-    from neuroal.logging import configure
-    from neuroal.progress import configure_progress
 
     configure(log_level)
     configure_progress(interval, "log")
@@ -196,50 +231,30 @@ class ObjectStoreTransport:
 
 
 class RayExecutor:
-    """One Ray actor per worker (same arguments as :class:`LocalExecutor`, plus Ray options).
+    """One Ray actor per worker slice, all built from one worker template.
 
     Args:
-        source: The resolved model; each actor loads its own slice from it.
-        num_blocks: Decoder blocks of the model.
+        template: What every worker shares (model source, block count, dtype, micro-batch,
+            onloading; :class:`~neuroal.engine.worker.WorkerSpec` with an empty slice); its
+            ``device`` is the one inside each actor (:func:`actor_device`).
         workers: Number of actors (slices).
-        devices: Worker devices; only their type matters (``cuda``: one GPU per actor, seen as
-            ``cuda:0`` inside it).
-        dtype: Run dtype name.
-        micro_batch: Sequences per forward call (identical on every worker).
-        offload_activations: Keep streams in host memory.
-        trust_remote_code: Passed to transformers.
-        placement: Placement-group strategy (``PACK``, ``SPREAD``, ``STRICT_PACK``,
-            ``STRICT_SPREAD``).
-        cpus_per_worker: CPUs reserved per actor.
-        address: Ray address (``auto``, ``ray://host:10001``); None: ``$RAY_ADDRESS`` or local.
-        inflight: Candidates / perplexity chunks in flight; 0 = one per worker.
-        deterministic: Deterministic kernels inside the actors (engine.md §3.5).
+        options: Ray options (:class:`RayOptions`).
         transport: How streams move between actors (default: the object store).
-        max_restarts: Restarts allowed per actor after it died; then the run stops.
         state_dir: The run's resume state, named in the error when restarts run out (also
             taken from ``PruneJob.state_dir``).
-        onload: Where each actor keeps its blocks between uses (``device``, ``host``,
-            ``disk``; :mod:`neuroal.engine.onload`).
-        prefetch: Fetch the next block while one is in use (onloading only).
     """
 
-    def __init__(self, source: ModelSource, num_blocks: int, workers: int,
-                 devices: Sequence[str], dtype: str, micro_batch: int,
-                 offload_activations: bool = False, trust_remote_code: bool = False, *,
-                 placement: str = "PACK", cpus_per_worker: float = 1.0,
-                 address: str | None = None, inflight: int = 0, deterministic: bool = True,
-                 transport: ObjectStoreTransport | None = None, max_restarts: int = 3,
-                 state_dir: str | None = None, onload: str = "device",
-                 prefetch: bool = True) -> None:
-        kind = device_kind(devices)
-        slices = split_blocks(num_blocks, workers)
-        device = "cuda:0" if kind == "cuda" else "cpu"
-        self.specs = worker_specs(source, slices, num_blocks, [device], dtype, micro_batch,
-                                  offload_activations, trust_remote_code, onload=onload,
-                                  prefetch=prefetch)
+    def __init__(self, template: WorkerSpec, workers: int, options: RayOptions = RayOptions(),
+                 transport: ObjectStoreTransport | None = None,
+                 state_dir: str | None = None) -> None:
+        num_blocks = template.num_blocks
+        kind = device_kind([template.device])
+        template = replace(template, device=actor_device(kind))
+        self.specs = slice_specs(template, split_blocks(num_blocks, workers))
         self._num_blocks = num_blocks
         self._owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
-        self.max_restarts = max_restarts
+        self.options = options
+        self.max_restarts = options.max_restarts
         self.state_dir = state_dir
         self.restarts = [0] * workers  # per rank
         self._busy_offset = [0.0] * workers  # busy seconds of the rank's dead predecessors
@@ -247,14 +262,14 @@ class RayExecutor:
         self._pruned: tuple[SparsityPlan, PruneJob, torch.Tensor] | None = None  # final prune done
         self._failed = "running"  # the unit of work of the last failed ray.get
         self.transport = transport or ObjectStoreTransport()
-        self.inflight = inflight or workers
+        self.inflight = options.inflight or workers
         self.workers: list[Any] = []
         self._group: Any = None
-        self._owns_ray = init_ray(address, workers * cpus_per_worker)
+        self._owns_ray = init_ray(options.address, workers * options.cpus)
         gpus = 1 if kind == "cuda" else 0
         try:
-            self._group = self._reserve(workers, cpus_per_worker, gpus, placement)
-            self.workers = self._start(cpus_per_worker, gpus, deterministic)
+            self._group = self._reserve(workers, options.cpus, gpus, options.placement)
+            self.workers = self._start(options.cpus, gpus, options.deterministic)
             self._prefixes: list[str] = self._get(
                 self.workers[0].__ray_call__.remote(_prefixes, num_blocks), "reading block names")
         except BaseException:
@@ -286,7 +301,7 @@ class RayExecutor:
                 f"Ray could not place {workers} workers of {bundle} with strategy {placement} "
                 f"within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
                 f"{ray.available_resources()} available. Use fewer workers, a smaller "
-                "engine.ray_cpus, or engine.ray_placement=PACK")
+                "engine.ray.cpus, or engine.ray.placement=PACK")
         return group
 
     def _start(self, cpus: float, gpus: int, deterministic: bool) -> list[Any]:
@@ -295,7 +310,6 @@ class RayExecutor:
         self._actor_class = import_ray().remote(Worker)
         self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {
             "env_vars": actor_env(gpus > 0, deterministic, threads)}}
-        from neuroal.progress import SETTINGS
 
         level = logging.getLevelName(logging.getLogger("neuroal").getEffectiveLevel())
         self._setup_args = (deterministic, threads, level, SETTINGS.interval)
@@ -366,7 +380,7 @@ class RayExecutor:
     def fault_hook(self, operation: str, unit: int) -> None:
         """Test seam, a no-op: called on the coordinator right after the work of ``unit`` of
         ``operation`` (``load`` rank, ``prune`` block, search ``candidate``, ``perplexity``
-        chunk) has been submitted. Tests replace it to kill an actor at a chosen point."""
+        or ``zero-shot`` chunk) has been submitted. Tests replace it to kill an actor at a chosen point."""
 
     def _retrying(self, attempt: Callable[[], T],
                   on_restart: Callable[[list[int]], None] | None = None) -> T:
@@ -435,7 +449,7 @@ class RayExecutor:
                      "checkpoint.")
             message = (f"Ray worker {rank} (blocks [{spec.start}, {spec.stop}) of "
                        f"{self._num_blocks}) died while {self._failed} ({cause}) after "
-                       f"{self.restarts[rank]} restart(s) (engine.max_restarts="
+                       f"{self.restarts[rank]} restart(s) (engine.ray.max_restarts="
                        f"{self.max_restarts}); giving up. {where}")
             self.shutdown()
             raise RuntimeError(message) from exc
@@ -640,41 +654,38 @@ class RayExecutor:
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
         """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
         parts = chunks(windows, self.specs[0].micro_batch)
-        done: dict[int, torch.Tensor] = {}
-
-        def submit(i: int) -> Any:
-            ref = self.workers[-1].window_nll.remote(self._through(parts[i]), parts[i])
-            self.fault_hook("perplexity", i)
-            return ref
-
-        def gather(i: int, ref: Any) -> None:
-            done[i] = self._get(ref, f"computing perplexity chunk {i}")
-
-        with self.meter("eval"):
-            self._retrying(lambda: self._pipelined(
-                [i for i in range(len(parts)) if i not in done], submit, gather, "perplexity"))
-        return torch.cat([done[i] for i in range(len(parts))])
+        return torch.cat(self._chunked(
+            len(parts), lambda i: self.workers[-1].window_nll.remote(self._through(parts[i]),
+                                                                     parts[i]),
+            "perplexity", "computing perplexity chunk"))
 
     def token_logprobs(self, inputs: torch.Tensor,
                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position log-probability of ``targets`` after ``inputs`` (both ``(B, T)``) and
         its argmax flag (``Worker.token_logprobs`` on the last actor); chunks pipeline."""
-        mb = self.specs[0].micro_batch
-        starts = list(range(0, inputs.shape[0], mb))
-        done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        parts = paired_chunks(inputs, targets, self.specs[0].micro_batch)
+        return cat_pairs(self._chunked(
+            len(parts), lambda i: self.workers[-1].token_logprobs.remote(
+                self._through(parts[i][0]), parts[i][1]), "zero-shot", "scoring zero-shot chunk"))
+
+    def _chunked(self, count: int, submit_one: Callable[[int], Any], unit: str,
+                 what: str) -> list[Any]:
+        """Results of ``count`` micro-batch chunks, up to ``inflight`` in flight, in order;
+        after an actor death only the chunks not yet gathered are submitted again."""
+        done: dict[int, Any] = {}
 
         def submit(i: int) -> Any:
-            sl = slice(starts[i], starts[i] + mb)
-            return self.workers[-1].token_logprobs.remote(self._through(inputs[sl]), targets[sl])
+            ref = submit_one(i)
+            self.fault_hook(unit, i)
+            return ref
 
         def gather(i: int, ref: Any) -> None:
-            done[i] = self._get(ref, f"scoring zero-shot chunk {i}")
+            done[i] = self._get(ref, f"{what} {i}")
 
         with self.meter("eval"):
             self._retrying(lambda: self._pipelined(
-                [i for i in range(len(starts)) if i not in done], submit, gather, "zero-shot"))
-        return (torch.cat([done[i][0] for i in range(len(starts))]),
-                torch.cat([done[i][1] for i in range(len(starts))]))
+                [i for i in range(count) if i not in done], submit, gather, unit))
+        return [done[i] for i in range(count)]
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""

@@ -8,20 +8,17 @@ from the resolved config, so GEMM shapes (and float results) do not depend on th
 
 from __future__ import annotations
 
-import json
-import math
-import resource
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
+from neuroal.allocation.neuroal_math import alignment, crosses
 from neuroal.capture import StatsCollector
 from neuroal.checkpoint import (
     block_state_path,
@@ -30,14 +27,21 @@ from neuroal.checkpoint import (
     save_block_state,
 )
 from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget, NMPattern
+from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget
 from neuroal.engine.onload import ONLOAD_MODES, BlockStore
+from neuroal.jobs import (  # re-exported: executors and tests import them from here
+    BlockAlignment,
+    BlockReport,
+    CandidateJob,
+    LayerReport,
+    PruneJob,
+    WorkerSpec,
+)
 from neuroal.logging import get_logger, progress
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.conversion import to_checkpoint_layout
 from neuroal.models.loading import (
     DTYPE_NAMES,
-    ModelSource,
     build_skeleton,
     load_model_config,
     materialise,
@@ -46,75 +50,9 @@ from neuroal.models.loading import (
 from neuroal.models.moe import ExpertLinear, swapped_weights
 from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
+from neuroal.runtime import peak_memory_bytes
 
 log = get_logger(__name__)
-
-
-def peak_memory_bytes() -> int:
-    """Peak resident set size of this process (Linux reports KiB), plus CUDA peaks: a Ray actor
-    or a torch.distributed rank measures its own process, the local executor the driver's."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1024 if sys.platform != "darwin" else 1)
-    if torch.cuda.is_available():
-        rss += sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-    return int(rss)
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to build itself (picklable, for remote construction)."""
-
-    source: ModelSource
-    start: int
-    stop: int
-    num_blocks: int
-    device: str
-    dtype: str
-    micro_batch: int
-    offload_activations: bool = False
-    trust_remote_code: bool = False
-    rank: int = 0
-    onload: str = "device"  # where blocks live between uses: device, host or disk (onload.py)
-    prefetch: bool = True  # fetch the next block while one is in use (onload host / disk)
-
-
-@dataclass(frozen=True)
-class PruneJob:
-    """How to prune: criterion, its options and the mask rule (plain values from the config).
-
-    ``refine`` lists block-wise mask refiners (``neuroal.recovery.REFINERS``, e.g. DSnoT) with
-    their resolved options, applied in order to each linear they target between the criterion's
-    mask and the zeroing. ``reconstruct`` holds the resolved options of ``perp-reconstruct``
-    (:class:`~neuroal.recovery.perp.ReconstructOptions` fields) or None: each block is then
-    fitted to the dense block's outputs after pruning (recovery.md §3.6).
-    """
-
-    criterion: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    nm: NMPattern | None = None
-    group: str | None = None
-    exact_count: bool = True
-    refine: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (refiner name, resolved options)
-    reconstruct: Mapping[str, Any] | None = None  # perp-reconstruct's resolved options
-    state_dir: str | None = None  # resume state (neuroal.checkpoint): finished blocks are replayed
-
-
-@dataclass(frozen=True)
-class CandidateJob:
-    """How a search candidate is realised: criterion, options, comparison group and counting.
-
-    ``group`` is ``row`` for every score criterion inside NeuroAL (neuroal.md §A3); per-row
-    ratio vectors select NeuroAL's ``neuron`` masks automatically. ``exact_count`` is the run's
-    ``mask.exact_count``, so candidates are masked as the final prune masks. ``alignment_stat``
-    is the statistic whose square root is the alignment's input norm: ``sq_norm``, or for
-    SparseGPT in faithful mode ``sq_norm_windowed`` (the reference's wrapper weights the search
-    windows by ``1/k``; neuroal.md §A11).
-    """
-
-    criterion: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    group: str | None = "row"
-    exact_count: bool = True
-    alignment_stat: str = STAT_SQ_NORM
 
 
 def stat_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:
@@ -126,57 +64,6 @@ def stat_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[
 def candidate_needs(job: CandidateJob) -> frozenset[str]:
     """:func:`stat_needs` of a candidate job."""
     return stat_needs(job.criterion, job.alignment_stat)
-
-
-@dataclass
-class BlockAlignment:
-    """Per-linear neuron-alignment terms of one block (neuroal.md §A4-A5).
-
-    ``na[name]``: float64 NA_l; ``delta[name]``: ``a_dense - a_sparse`` of shape ``(cols,)``.
-    """
-
-    na: dict[str, float]
-    delta: dict[str, torch.Tensor]
-
-
-@dataclass
-class LayerReport:
-    """Per-linear outcome of the final prune."""
-
-    name: str
-    target: float
-    pruned: int
-    zeros: int
-    numel: int
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class BlockReport:
-    """Per-block outcome: its linears (execution order), the wall time and block-level facts
-    (``info["perp-reconstruct"]``: :class:`~neuroal.recovery.perp.ReconstructInfo` as a dict)."""
-
-    index: int
-    layers: list[LayerReport]
-    seconds: float
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def target(self) -> float:
-        return math.fsum(r.target * r.numel for r in self.layers) / sum(r.numel for r in self.layers)
-
-    @property
-    def achieved(self) -> float:
-        return sum(r.zeros for r in self.layers) / sum(r.numel for r in self.layers)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-able form (resume state)."""
-        return json.loads(json.dumps(asdict(self), default=_jsonable))
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BlockReport:
-        return cls(data["index"], [LayerReport(**r) for r in data["layers"]], data["seconds"],
-                   dict(data.get("info") or {}))
 
 
 def mean_ratio(ratio: Any) -> float:
@@ -191,12 +78,6 @@ def mean_ratio(ratio: Any) -> float:
 def stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
     """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
     return stats
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    return str(value)
 
 
 def expert_fallback(criterion: Any, stats: Any, target: LayerTarget, label: str,
@@ -578,8 +459,6 @@ class Worker:
         slice's terms exceeds ``best`` (or equals it, when ``inclusive``) the candidate cannot
         win. The stream returned is then None, and a None stream in skips the slice.
         """
-        from neuroal.allocation.neuroal_math import alignment, crosses
-
         if stream is None:
             return None, {}
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from neuroal.allocation.plan import ModelShape
+from neuroal.errors import AdapterError
 from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 from neuroal.models.moe import expert_consumers, with_experts
 
@@ -66,10 +67,6 @@ TESTED_ARCHS = ("llama", "mistral", "qwen2", "opt", "phi", "gpt_neox", "qwen3", 
                 "gemma3_text", "phi3", "gptj", "falcon")
 """Families with a tiny random-model test of discovery, pruning, export and NeuroAL."""
 _NOT_TEXT_DECODER_FIELDS = ("vision_config", "audio_config", "vision_tower", "speech_config")
-
-
-class AdapterError(ValueError):
-    """The model's architecture cannot be handled; the message says what was expected."""
 
 
 def check_text_decoder(config: Any, name: str) -> None:
@@ -225,7 +222,7 @@ class ModelAdapter:
 
     def consumer_map(self) -> ConsumerMap:
         """The derived producer -> consumer map of this architecture (cached per structure)."""
-        return derive_consumer_map(self.config)
+        return derive_consumer_map(self.config, type(self))
 
     def shape(self, row_map: bool = True) -> ModelShape:
         """``(rows, cols)`` of every prunable linear of every block (works on meta), with the

@@ -121,28 +121,29 @@ class ConsumerMap:
                 "uniform_rows": {n: why[n] for n in layers if n in why}}
 
 
-def derive_consumer_map(config: Any) -> ConsumerMap:
+def derive_consumer_map(config: Any, adapter: Callable[[nn.Module], Any]) -> ConsumerMap:
     """The producer -> consumer map of ``config``'s architecture (cached per structure).
 
-    Never raises: a twin that cannot be built or run gives a ``fallback`` map (uniform rows),
-    logged as a warning with the reason.
+    ``adapter`` builds the twin's adapter (:class:`~neuroal.models.adapter.ModelAdapter`, passed
+    in because the adapter itself asks for this map). Never raises: a twin that cannot be built
+    or run gives a ``fallback`` map (uniform rows), logged as a warning with the reason.
     """
     try:
         twin = shrink_config(config)
         key = json.dumps(twin.to_dict(), sort_keys=True, default=str)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the documented fallback
         return _fallback(getattr(config, "model_type", "?"), f"no tiny twin ({exc})")
-    return _derive_cached(key)
+    return _derive_cached(key, adapter)
 
 
 @cache
-def _derive_cached(key: str) -> ConsumerMap:
+def _derive_cached(key: str, adapter: Callable[[nn.Module], Any]) -> ConsumerMap:
     from transformers import AutoConfig
 
     fields = json.loads(key)
     model_type = fields.pop("model_type")
     try:
-        return probe(AutoConfig.for_model(model_type, **fields))
+        return probe(AutoConfig.for_model(model_type, **fields), adapter)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the documented fallback
         return _fallback(model_type, f"probe failed ({type(exc).__name__}: {exc})")
 
@@ -232,23 +233,22 @@ def _plain_rope(params: dict[str, Any]) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def probe(twin: Any) -> ConsumerMap:
-    """Derive the map on a one-block ``twin`` config (see the module docstring).
+def probe(twin: Any, adapter_cls: Callable[[nn.Module], Any]) -> ConsumerMap:
+    """Derive the map on a one-block ``twin`` config (see the module docstring); ``adapter_cls``
+    wraps the twin (its blocks and prunable linears).
 
     Three forwards: the plain batch, one batch element per producer with that producer's output
     perturbed (which linear inputs move), and one batch element per output row of every
     candidate producer (where each row lands). The twin's random weights come from a forked RNG,
     so the caller's random stream is unchanged.
     """
-    from transformers import AutoModelForCausalLM
-
-    from neuroal.models.adapter import ModelAdapter
+    from transformers import AutoModelForCausalLM  # lazy: transformers takes seconds to import
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
-        adapter = ModelAdapter(model)
+        adapter = adapter_cls(model)
         # MoE expert matrices are views into fused 3-D parameters (no module to hook): their
         # row map comes from neuroal.models.moe.expert_consumers, not from this probe
         linears = {n: m for n, m in adapter.prunable_linears(adapter.blocks[0]).items()

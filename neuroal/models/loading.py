@@ -20,9 +20,12 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from neuroal.checkpoint import fingerprint_changes  # noqa: F401  (re-exported)
+from neuroal.errors import ModelSourceError
 from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
+from neuroal.models.gguf import GGUFCheckpoint
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 from neuroal.progress import Progress
 
@@ -36,10 +39,6 @@ ALIAS_ORIGIN: dict[str, tuple[str, str | None]] = {
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ModelSourceError(ValueError):
-    """The model argument cannot be resolved; the message says what was tried and how to fix."""
 
 
 @dataclass(frozen=True)
@@ -333,8 +332,6 @@ def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()
                     skeleton: nn.Module | None = None) -> Checkpoint:
     """The checkpoint reader for a source; hub sources download only the needed shards."""
     if source.kind == "gguf":
-        from neuroal.models.gguf import GGUFCheckpoint
-
         return GGUFCheckpoint(Path(source.location) / str(source.gguf_file), config,
                               model=skeleton)
     if source.kind == "hf_dir":
@@ -569,33 +566,3 @@ def _dir_prints(root: Path) -> dict[str, Any]:
     for path in sorted(root.glob("*.safetensors")):
         prints[path.name] = _file_print(path, None)
     return prints
-
-
-def fingerprint_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two :func:`weights_fingerprint` results (empty when
-    they match). Hub sources compare id, revision and commit when both commits are known."""
-    if old.get("kind") != new.get("kind"):
-        return [f"model source kind {old.get('kind')} -> {new.get('kind')}"]
-    if new.get("kind") == "hub":
-        changes = [f"{key} {old.get(key)} -> {new.get(key)}" for key in ("id", "revision")
-                   if old.get(key) != new.get(key)]
-        if old.get("commit") and new.get("commit") and old["commit"] != new["commit"]:
-            changes.append(f"commit {old['commit']} -> {new['commit']}")
-        elif not (old.get("commit") and new.get("commit")):
-            log.warning("resume: hub model %s is not fully cached; its weights cannot be "
-                        "fingerprinted, only its id and revision are compared", new.get("id"))
-        return changes
-    a, b = old.get("files", {}), new.get("files", {})
-    changes = [f"{name}: removed" for name in sorted(set(a) - set(b))]
-    changes += [f"{name}: added" for name in sorted(set(b) - set(a))]
-    for name in sorted(set(a) & set(b)):
-        was, now = a[name], b[name]
-        if was.get("size") != now.get("size"):
-            changes.append(f"{name}: size {was.get('size')} -> {now.get('size')} bytes")
-        elif was.get("sha256") != now.get("sha256"):
-            changes.append(f"{name}: content differs")
-        elif was.get("header") != now.get("header"):
-            changes.append(f"{name}: tensor directory / metadata differs")
-        elif was.get("sample") != now.get("sample"):
-            changes.append(f"{name}: weight bytes differ")
-    return changes

@@ -36,6 +36,7 @@ from torch import nn
 
 from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
+from neuroal.models.loading import build_skeleton
 from neuroal.registry import Registry
 
 log = get_logger(__name__)
@@ -407,8 +408,6 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def _skeleton_parameters(config: Any) -> dict[str, tuple[str, int]]:
     """``name -> (owner class, numel)`` of a meta skeleton built from ``config``."""
-    from neuroal.models.loading import build_skeleton
-
     model = build_skeleton(config, torch.float32)
     return {name: (type(model.get_submodule(name.rpartition(".")[0])).__name__, p.numel())
             for name, p in model.named_parameters()}

@@ -26,8 +26,23 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
-from neuroal.logging import get_logger
+from neuroal.card import recovery_card
+from neuroal.compat import make_loadable
+from neuroal.data import load_calibration, load_eval_windows
+from neuroal.data.evaluation import perplexity
+from neuroal.export import OutputDir, parse_size, write_config, write_json
+from neuroal.logging import RunLog, get_logger
 from neuroal.models.adapter import ModelAdapter
+from neuroal.models.loading import (
+    ModelSourceError,
+    SafetensorsCheckpoint,
+    check_finite,
+    input_paths,
+    load_model_config,
+    resolve_dtype,
+    resolve_model,
+    source_dtype,
+)
 from neuroal.progress import Progress
 from neuroal.recovery.perp import (
     ParamCount,
@@ -46,6 +61,7 @@ from neuroal.recovery.perp import (
 )
 from neuroal.recovery.remask import MaskKeeper
 from neuroal.registry import Registry
+from neuroal.runtime import load_tokenizer, pick_device
 
 log = get_logger(__name__)
 
@@ -466,7 +482,6 @@ class RecoverJob:
 
 
 def _torch_backend(job: RecoverJob) -> tuple[torch.device, Any]:
-    from neuroal.pipeline import pick_device
 
     return pick_device(job.device), None
 
@@ -502,8 +517,6 @@ def verify_saved_zeros(before: Path, after: Path, names: list[str]) -> dict[str,
     Raises:
         RuntimeError: A weight lost zeros.
     """
-    from neuroal.models.loading import SafetensorsCheckpoint
-
     old, new = SafetensorsCheckpoint(before), SafetensorsCheckpoint(after)
     counts = {}
     for name in names:
@@ -519,9 +532,6 @@ def save_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, tokeniz
     """Safetensors shards + index, ``config.json`` (bias / tie flags as changed) and tokenizer."""
     from huggingface_hub import save_torch_state_dict
 
-    from neuroal.compat import make_loadable
-    from neuroal.export import parse_size, write_config
-
     adapter = ModelAdapter(model)
     tensors = {k: v.detach().to(device="cpu", dtype=dtype if v.is_floating_point() else v.dtype)
                for k, v in state_dict.items() if not adapter.export_skip(k)}
@@ -532,8 +542,6 @@ def save_model(state_dict: Mapping[str, torch.Tensor], model: nn.Module, tokeniz
 
 
 def _perplexity(runner: Runner, windows: torch.Tensor | None, batch: int) -> float | None:
-    from neuroal.data.evaluation import perplexity
-
     if windows is None:
         return None
     return perplexity(window_nll(runner.module, windows, batch, runner.device))
@@ -542,16 +550,6 @@ def _perplexity(runner: Runner, windows: torch.Tensor | None, batch: int) -> flo
 def _load(job: RecoverJob, device: torch.device) -> tuple[Any, nn.Module, Any]:
     """Source, model and tokenizer (HF directories and hub ids; not GGUF)."""
     from transformers import AutoModelForCausalLM
-
-    from neuroal.models.loading import (
-        ModelSourceError,
-        SafetensorsCheckpoint,
-        check_finite,
-        load_model_config,
-        resolve_dtype,
-        resolve_model,
-    )
-    from neuroal.pipeline import load_tokenizer
 
     source = resolve_model(job.model)
     if source.kind != "hf_dir":
@@ -569,8 +567,6 @@ def _load(job: RecoverJob, device: torch.device) -> tuple[Any, nn.Module, Any]:
 
 
 def _data(job: RecoverJob, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from neuroal.data import load_calibration, load_eval_windows
-
     calib = load_calibration(job.calib, tokenizer, job.nsamples, job.seqlen, job.seed, job.data_dir)
     evals = None
     if job.eval_windows:
@@ -584,10 +580,6 @@ def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
     directory appears (atomic; ``output``: the checked, locked :class:`OutputDir`; ``runlog``:
     the run's :class:`~neuroal.logging.RunLog`, whose ``neuroal.log`` goes into the output)."""
-    from neuroal.card import recovery_card
-    from neuroal.export import OutputDir, write_json
-    from neuroal.models.loading import source_dtype
-
     dtype = source_dtype(model.config, model_dtype(model))
     output = output if output is not None else OutputDir(Path(job.output), job.overwrite)
     with output.atomic(kind="recover") as staging:
@@ -618,10 +610,6 @@ def recover(job: RecoverJob) -> dict[str, Any]:
         The report (also written as ``recovery.json`` in the output); empty on other ranks.
     """
     import os
-
-    from neuroal.export import OutputDir
-    from neuroal.logging import RunLog
-    from neuroal.models.loading import input_paths, resolve_model
 
     output = OutputDir(Path(job.output))
     output.check(job.overwrite, inputs=input_paths(resolve_model(job.model)))
