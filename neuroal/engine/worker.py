@@ -578,7 +578,7 @@ class Worker:
         slice's terms exceeds ``best`` (or equals it, when ``inclusive``) the candidate cannot
         win. The stream returned is then None, and a None stream in skips the slice.
         """
-        from neuroal.allocation.neuroal_math import alignment, crosses
+        from neuroal.allocation.neuroal_math import alignment, crosses, total_alignment
 
         if stream is None:
             return None, {}
@@ -607,10 +607,7 @@ class Worker:
                 out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
                                             delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
             if bound is not None:
-                partial = bound[2]
-                for blk in out.values():
-                    for value in blk.na.values():
-                        partial += float(value)
+                partial = total_alignment([blk.na for blk in out.values()], bound[2])
                 if crosses(partial, bound[0], bound[1]):
                     self.busy_seconds += time.perf_counter() - t0
                     return None, out
