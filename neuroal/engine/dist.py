@@ -12,11 +12,11 @@ plus per-rank arguments (plan entries, candidate ratios) scattered to their owne
 then runs its part with the same Worker methods, on the same micro-batches, as
 :class:`~neuroal.engine.executor.LocalExecutor`; activation streams ``(N, T, h)`` go rank r ->
 r+1 with point-to-point ``send``/``recv`` as raw bytes (lossless, engine.md §3.5 rule 4), so
-results are bit-identical to the local executor. A five-integer header (status, shape, dtype)
-precedes each stream: a rank that fails forwards a failure header instead of a stream, so no
-rank is left waiting, and the error is raised on rank 0 after the closing ``gather_object``.
-The header's sixth integer carries a float64 (its bits) beside the stream: the candidate's
-alignment sum so far, for exact early stopping of search candidates (issue 16 item 13).
+results are bit-identical to the local executor. A six-integer header (status, shape, dtype,
+and the bits of a float64: a search candidate's alignment sum so far, for exact early stopping,
+issue 16 item 13) precedes each stream: a rank that fails forwards a failure header instead of
+a stream, so no rank is left waiting, and the error is raised on rank 0 after the closing
+``gather_object``; a rank that stops a candidate forwards the same header, and later ranks skip.
 
 Ranks > 0 run :func:`serve` until rank 0 sends ``exit`` (or ``abort`` when the coordinator
 fails); :func:`coordinator` is the matching context on rank 0. Both start from the same argv,
