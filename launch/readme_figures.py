@@ -51,6 +51,10 @@ def search_text(result: dict) -> str:
         lines.append(f"| {r['run']} | {r['search_s']:.0f} | {r['fully_evaluated']} / "
                      f"{r['candidates']} | {r['blocks_evaluated']} / {r['blocks_total']} | "
                      f"{r['lambda_block']} / {r['lambda_row']} | {scores} |")
+    winners = {json.dumps(r["winner"]) for r in result["rows"]}
+    lines.append("")
+    lines.append(f"Winners and their full scores identical across the rows: "
+                 f"{'yes' if len(winners) == 1 else 'NO'}.")
     return "\n".join(lines)
 
 

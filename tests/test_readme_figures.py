@@ -59,6 +59,9 @@ def test_search_and_unimodal_figures_are_generated(tmp_path: Path) -> None:
            "winner": [["block", 0.15, 0.0010026640171600042], ["row", 0.1, 0.000943008174689]]}
     table = figures.search_text({"rows": [row]})
     assert "| early | 301 | 7 / 12 | 300 / 360 | 0.15 / 0.1 | 0.001002664017 / 0.000943008174" in table
+    assert table.endswith("identical across the rows: yes.")
+    other = {**row, "winner": [["block", 0.1, 0.0011], row["winner"][1]]}
+    assert figures.search_text({"rows": [row, other]}).endswith("rows: NO.")
     summary = {ph: {"curves": 2, "judged": 1, "unimodal": u, "trivial": 1, "undetermined": 0}
                for ph, u in (("block", 1), ("row", 0))}
     text = figures.unimodal_text({"trails": 2, "summary": summary})
