@@ -9,6 +9,7 @@
     python launch/bench.py recovery --nsamples 32 --eval-windows 16 # DSnoT, R2-DSnoT, PERP variants
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
+    python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -379,6 +380,70 @@ def _search_facts(report: dict) -> dict:
     }
 
 
+def find_trails(obj: object, where: str = "") -> list[tuple[str, list[dict]]]:
+    """Every NeuroAL search trail inside a JSON value: a list of candidate entries (``phase``,
+    ``value``, ``score``), as in ``plan.json``'s ``trail.candidates``, ``report.json`` and the
+    ``search`` suite's rows; with the JSON path where each was found."""
+    found: list[tuple[str, list[dict]]] = []
+    if isinstance(obj, list):
+        if obj and all(isinstance(e, dict) and {"phase", "value", "score"} <= e.keys() for e in obj):
+            return [(where, obj)]
+        for i, v in enumerate(obj):
+            found += find_trails(v, f"{where}[{i}]")
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            found += find_trails(v, f"{where}/{k}")
+    return found
+
+
+def curve_verdicts(trail: list[dict]) -> dict[str, dict]:
+    """Per phase (``block``: λ, ``row``: μ): the score curve in grid order and whether it is
+    unimodal; ``None`` when a candidate was stopped early (its score is only bounded below)."""
+    out = {}
+    for phase in dict.fromkeys(e["phase"] for e in trail):
+        entries = sorted((e for e in trail if e["phase"] == phase), key=lambda e: e["value"])
+        scores = [e["score"] for e in entries]
+        known = all(v is not None for v in scores)
+        out[phase] = {"values": [e["value"] for e in entries], "scores": scores,
+                      "points": len(entries), "unimodal": _unimodal(scores) if known else None}
+    return out
+
+
+def unimodal(opts: argparse.Namespace) -> dict:
+    """Issue 16 item 13: from every recorded trail under ``opts.paths`` (JSON files or folders
+    searched for ``*.json``), whether the alignment score over the λ grid and the μ grid had one
+    valley. Identical trails (a run's ``report.json``, ``plan.json`` and bench row) count once;
+    curves of fewer than 3 points are unimodal by definition and counted apart."""
+    files: list[Path] = []
+    for p in map(Path, opts.paths or [REPO / "outputs", REPO / "benchmarks"]):
+        files += sorted(p.rglob("*.json")) if p.is_dir() else [p] if p.exists() else []
+    trails: dict[str, dict] = {}
+    for f in files:
+        try:
+            data = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        for where, trail in find_trails(data):
+            key = json.dumps([[e["phase"], e["value"], e["score"]] for e in trail])
+            trails.setdefault(key, {"source": f"{f}{where}", "phases": curve_verdicts(trail)})
+    rows = list(trails.values())
+    summary = {}
+    for phase in ("block", "row"):
+        curves = [r["phases"][phase] for r in rows if phase in r["phases"]]
+        judged = [c for c in curves if c["unimodal"] is not None and c["points"] >= 3]
+        summary[phase] = {"curves": len(curves), "judged": len(judged),
+                          "unimodal": sum(c["unimodal"] for c in judged),
+                          "trivial": sum(c["points"] < 3 for c in curves),
+                          "undetermined": sum(c["unimodal"] is None for c in curves)}
+    for r in rows:
+        print(r["source"], {ph: v["unimodal"] for ph, v in r["phases"].items()})
+    for phase, s in summary.items():
+        print(f"{phase}: {s['unimodal']} of {s['judged']} curves (>= 3 points, every score known) "
+              f"unimodal; {s['trivial']} with < 3 points, {s['undetermined']} with stopped "
+              "candidates", file=sys.stderr)
+    return {"trails": len(rows), "files": len(files), "summary": summary, "rows": rows}
+
+
 def search(opts: argparse.Namespace) -> dict:
     """Issue 16 item 13: search seconds, candidates and blocks evaluated, winner, with and
     without early stopping; rows already in the JSON are kept (resumable)."""
@@ -409,8 +474,10 @@ def search(opts: argparse.Namespace) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
-                                          "recovery", "onload", "search"], nargs="?",
-                   default="foundation")
+                                          "recovery", "onload", "search", "unimodal"],
+                   nargs="?", default="foundation")
+    p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
+                   "NeuroAL trails (default: outputs/ and benchmarks/)")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
@@ -427,7 +494,7 @@ def main() -> int:
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
               "recovery": recovery, "onload": onload,
-              "search": search}[opts.suite](opts)
+              "search": search, "unimodal": unimodal}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -2,7 +2,8 @@
 """Rewrite README figures from benchmark output, never by hand (issue 16 item 8).
 
     python launch/readme_figures.py quickstart outputs/smollm2-wanda-neuroal-60/report.json
-    python launch/readme_figures.py search outputs/bench/search.json
+    python launch/readme_figures.py search benchmarks/search.json      # launch/bench.py search
+    python launch/readme_figures.py unimodal benchmarks/unimodal.json  # launch/bench.py unimodal
 
 Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
 (``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
@@ -43,16 +44,33 @@ def quickstart_text(report: dict) -> str:
 
 def search_text(result: dict) -> str:
     """The early-stopping table from ``launch/bench.py search``'s JSON."""
-    lines = ["| search | search s | candidates in full | blocks evaluated | lambda (block / row) |",
-             "|---|---|---|---|---|"]
+    lines = ["| search | search s | candidates in full | blocks evaluated | lambda (block / row) "
+             "| winner's score (block / row step) |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        scores = " / ".join(f"{w[2]:.10g}" for w in r["winner"])
         lines.append(f"| {r['run']} | {r['search_s']:.0f} | {r['fully_evaluated']} / "
                      f"{r['candidates']} | {r['blocks_evaluated']} / {r['blocks_total']} | "
-                     f"{r['lambda_block']} / {r['lambda_row']} |")
+                     f"{r['lambda_block']} / {r['lambda_row']} | {scores} |")
+    winners = {json.dumps(r["winner"]) for r in result["rows"]}
+    lines.append("")
+    lines.append(f"Winners and their full scores identical across the rows: "
+                 f"{'yes' if len(winners) == 1 else 'NO'}.")
     return "\n".join(lines)
 
 
-KINDS = {"quickstart": quickstart_text, "search": search_text}
+def unimodal_text(result: dict) -> str:
+    """The unimodality sentence from ``launch/bench.py unimodal``'s JSON."""
+    s = result["summary"]
+    names = {"block": "lambda", "row": "mu"}
+    parts = [f"over {names[ph]} {s[ph]['unimodal']} of {s[ph]['judged']}"
+             for ph in ("block", "row")]
+    others = sum(s[ph]["trivial"] + s[ph]["undetermined"] for ph in ("block", "row"))
+    return (f"Of the {result['trails']} distinct search trails recorded so far, the score curve was "
+            f"unimodal {parts[0]} and {parts[1]} curves of 3 or more fully evaluated points "
+            f"({others} curves with fewer points or stopped candidates not judged).")
+
+
+KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text}
 
 
 def replace_block(text: str, name: str, body: str) -> str:

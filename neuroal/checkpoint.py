@@ -230,9 +230,14 @@ class RunState:
         return self.root / "search" / f"{phase}-{ordinal:03d}.pt"
 
     def save_candidate(self, phase: str, ordinal: int, value: float, score: float,
-                       detail: list[dict[str, Any]]) -> None:
-        """One finished candidate; ``detail[b]`` = ``{"na": {name: float}, "delta": {name: (cols,)}}``."""
-        payload = {"value": float(value), "score": float(score), "detail": detail}
+                       detail: list[dict[str, Any]], stopped_at_block: int | None = None) -> None:
+        """One finished candidate; ``detail[b]`` = ``{"na": {name: float}, "delta": {name: (cols,)}}``.
+
+        A candidate stopped early (exact early stopping) has ``detail`` up to
+        ``stopped_at_block`` and its partial sum, the lower bound, as ``score``."""
+        payload: dict[str, Any] = {"value": float(value), "score": float(score), "detail": detail}
+        if stopped_at_block is not None:
+            payload["stopped_at_block"] = int(stopped_at_block)
         _atomic_write(self.candidate_path(phase, ordinal), lambda p: torch.save(payload, p))
 
     def load_candidate(self, phase: str, ordinal: int, value: float) -> dict[str, Any] | None:

@@ -148,3 +148,58 @@ def test_pipeline_same_plan_with_early_stop(tokenizer_dir: Path, tmp_path: Path,
         [e["score"] for e in p1.trail["candidates"] if e["chosen"]]
     for name in m0:
         assert torch.equal(m0[name], m1[name]), name
+
+
+class _CountingBlocks:
+    """An executor proxy counting the candidates and blocks it evaluates."""
+
+    def __init__(self, inner: LocalExecutor) -> None:
+        self.inner, self.candidates, self.blocks = inner, 0, 0
+
+    def evaluate_candidates(self, ids, candidates, job, reference_stream="local",  # noqa: ANN001, ANN201
+                            **kwargs):  # noqa: ANN003
+        out = self.inner.evaluate_candidates(ids, candidates, job, reference_stream, **kwargs)
+        self.candidates += len(candidates)
+        self.blocks += sum(len(r) for r in out)
+        return out
+
+
+def test_resume_keeps_stopped_candidates(tokenizer_dir: Path, tmp_path: Path) -> None:
+    """Stopped candidates are stored in the resume state (lower bound, stop block): a resumed
+    search evaluates nothing again and ends with the uninterrupted trail; interrupted before
+    its last candidate, it evaluates that one only, stopped at the same block."""
+    from neuroal.allocation.neuroal import Checkpointed
+    from neuroal.checkpoint import RunState
+
+    model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
+    ex = LocalExecutor(resolve_model(str(model_dir)), 4, 2, ["cpu"], "float32", 2)
+    shape = ex.workers[0].adapter.shape()
+    ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(4))
+    job = CandidateJob("wanda", {}, "row")
+    canon = {"sparsity": 0.6, "criterion.name": "wanda"}
+
+    def phase(counting: _CountingBlocks, state: RunState | None):  # noqa: ANN202
+        cands = [Candidate("block", r, [{n: r for n in blk} for blk in shape.blocks])
+                 for r in (0.2, 0.3, 0.1, 0.95, 0.99)]
+        evaluate = candidate_evaluator(counting, ids, job, "local", shape.num_blocks)
+        if state is not None:
+            evaluate = Checkpointed(state, evaluate)
+        return run_phase("block", cands, evaluate, early_stop=True)
+
+    ref = phase(_CountingBlocks(ex), None)
+    stopped = [e for e in ref.trail if "stopped_at_block" in e]
+    assert {e["value"] for e in stopped} >= {0.95, 0.99}
+    first = _CountingBlocks(ex)
+    r1 = phase(first, RunState(tmp_path / "s", canon, resume=False))
+    assert first.candidates == 5
+    again = _CountingBlocks(ex)
+    r2 = phase(again, RunState(tmp_path / "s", canon, resume=True))
+    assert again.candidates == 0  # the stopped candidates were stored too
+    # interrupted before the last candidate submitted (middle-out: grid index 4, 0.99)
+    (tmp_path / "s" / "search" / "block-004.pt").unlink()
+    last = _CountingBlocks(ex)
+    r3 = phase(last, RunState(tmp_path / "s", canon, resume=True))
+    assert last.candidates == 1 and last.blocks == ref.trail[4]["stopped_at_block"] + 1
+    for r in (r1, r2, r3):
+        assert r.trail == ref.trail and r.winner == ref.winner
+        assert r.best_outcome.score == ref.best_outcome.score

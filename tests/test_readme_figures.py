@@ -50,3 +50,28 @@ def test_repo_readme_matches_the_measured_quickstart() -> None:
     report = REPO / "benchmarks" / "quickstart.json"
     assert subprocess.run([sys.executable, str(SCRIPT), "quickstart", str(report),
                            "--check"]).returncode == 0
+
+
+def test_search_and_unimodal_figures_are_generated(tmp_path: Path) -> None:
+    """The early-stopping table and the unimodality sentence come from the bench JSON."""
+    row = {"run": "early", "search_s": 301.4, "fully_evaluated": 7, "candidates": 12,
+           "blocks_evaluated": 300, "blocks_total": 360, "lambda_block": 0.15, "lambda_row": 0.1,
+           "winner": [["block", 0.15, 0.0010026640171600042], ["row", 0.1, 0.000943008174689]]}
+    table = figures.search_text({"rows": [row]})
+    assert "| early | 301 | 7 / 12 | 300 / 360 | 0.15 / 0.1 | 0.001002664017 / 0.000943008174" in table
+    assert table.endswith("identical across the rows: yes.")
+    other = {**row, "winner": [["block", 0.1, 0.0011], row["winner"][1]]}
+    assert figures.search_text({"rows": [row, other]}).endswith("rows: NO.")
+    summary = {ph: {"curves": 2, "judged": 1, "unimodal": u, "trivial": 1, "undetermined": 0}
+               for ph, u in (("block", 1), ("row", 0))}
+    text = figures.unimodal_text({"trails": 2, "summary": summary})
+    assert "2 distinct search trails" in text and "lambda 1 of 1 and over mu 0 of 1" in text
+
+
+def test_repo_readme_matches_the_measured_search() -> None:
+    """The README's early-stopping table and unimodality sentence are the ones generated from
+    the committed benchmark JSON (benchmarks/search.json, benchmarks/unimodal.json)."""
+    for kind in ("search", "unimodal"):
+        path = REPO / "benchmarks" / f"{kind}.json"
+        assert subprocess.run([sys.executable, str(SCRIPT), kind, str(path),
+                               "--check"]).returncode == 0, kind

@@ -174,7 +174,12 @@ class Checkpointed:
     """``evaluate`` with resume (engine.md §8): every candidate is stored under the run state as
     soon as the executor reports it finished (``on_result``); candidates already stored (same
     phase, ordinal and grid value) are loaded instead of evaluated. Ordinals count candidates per
-    phase in the order the coordinator submits them, deterministic for a given configuration."""
+    phase in the order the coordinator submits them, deterministic for a given configuration.
+
+    Early stopping (issue 16 item 13): a stopped candidate is stored with its evaluated blocks,
+    its lower bound and ``stopped_at_block``, and loaded as stopped; a loaded complete candidate
+    reports its score to the phase's bound before the rest are evaluated, so that a resumed
+    search stops the same candidates at the same blocks as an uninterrupted one."""
 
     def __init__(self, state: Any, evaluate: Any) -> None:
         self.state, self.evaluate = state, evaluate
@@ -193,15 +198,19 @@ class Checkpointed:
                     f"resume state file {str(self.state.candidate_path(*key[:2]))!r}: stored "
                     f"score {payload['score']!r} is not the sum of its alignment terms; "
                     "refusing to use it: drop --resume and pass --overwrite to start afresh")
+        for c, payload in zip(cands, stored, strict=True):
+            if payload is not None and payload.get("stopped_at_block") is None and \
+                    c.bound is not None:
+                c.bound.report(c.grid_index, payload["score"])
         todo = [c for c, s in zip(cands, stored, strict=True) if s is None]
         if len(todo) < len(cands):
             log.info("resume: %d of %d candidates loaded from %s", len(cands) - len(todo),
                      len(cands), self.state.root)
         todo_keys = [k for k, s in zip(keys, stored, strict=True) if s is None]
 
-        def save(i: int, result: list[Any]) -> None:
+        def save(i: int, result: list[Any], stopped: int | None = None) -> None:
             self.state.save_candidate(*todo_keys[i], total_alignment([b.na for b in result]),
-                                      [{"na": b.na, "delta": b.delta} for b in result])
+                                      [{"na": b.na, "delta": b.delta} for b in result], stopped)
 
         new = iter(self.evaluate(todo, save) if todo else [])
         out = []
@@ -209,17 +218,22 @@ class Checkpointed:
             if payload is None:
                 outcome = next(new)
             else:
-                outcome = Outcome(payload["score"], [BlockAlignment(d["na"], d["delta"])
-                                                     for d in payload["detail"]])
+                detail = [BlockAlignment(d["na"], d["delta"]) for d in payload["detail"]]
+                stop = payload.get("stopped_at_block")
+                outcome = Outcome(payload["score"], detail) if stop is None else \
+                    Outcome(float("inf"), detail, stopped_at_block=stop,
+                            lower_bound=payload["score"])
             out.append(outcome)
         return out
 
 
 def candidate_evaluator(executor: Any, ids: torch.Tensor, job: Any, reference_stream: str,
                         num_blocks: int) -> Any:
-    """``evaluate(cands, on_result=None) -> outcomes`` over the executor. Candidates carrying a
-    :class:`~neuroal.search.BestSoFar` (``early_stop``) hand the executor a bound and report
-    every complete score to it; stopped candidates are neither reported nor checkpointed."""
+    """``evaluate(cands, on_result=None) -> outcomes`` over the executor; ``on_result(i, result,
+    stopped_at_block)`` as each candidate finishes (``stopped_at_block`` None unless stopped).
+    Candidates carrying a :class:`~neuroal.search.BestSoFar` (``early_stop``) hand the executor
+    a bound and report every complete score to it; stopped candidates are not reported, but go
+    to ``on_result`` (the resume checkpoint) with the blocks evaluated."""
     def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:
         shown = CandidateProgress(cands)
 
@@ -228,8 +242,8 @@ def candidate_evaluator(executor: Any, ids: torch.Tensor, job: Any, reference_st
             shown.done(i, score)  # a stopped candidate shows its partial sum (lower bound)
             if len(res) == num_blocks and cands[i].bound is not None:
                 cands[i].bound.report(cands[i].grid_index, score)
-            if on_result is not None and len(res) == num_blocks:
-                on_result(i, res)  # stopped candidates are not checkpointed
+            if on_result is not None:
+                on_result(i, res, None if len(res) == num_blocks else len(res) - 1)
 
         def bound(i: int) -> tuple[float, bool] | None:
             b = cands[i].bound

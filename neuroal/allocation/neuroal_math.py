@@ -125,7 +125,7 @@ def _l1_normalised(values: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(values) if float(total) == 0.0 else values / total
 
 
-def total_alignment(per_block: Sequence[Mapping[str, float]]) -> float:
+def total_alignment(per_block: Sequence[Mapping[str, float]], start: float = 0.0) -> float:
     """Score NA of one candidate: the plain float64 sum of every NA_l (arXiv 2411.07066; §A4).
 
     Summed sequentially in block order, then in each mapping's insertion (module-registration)
@@ -133,8 +133,11 @@ def total_alignment(per_block: Sequence[Mapping[str, float]]) -> float:
 
     Args:
         per_block: ``per_block[b][name] = NA_l`` of every linear of every block.
+        start: The partial sum of the blocks before ``per_block`` (a slice of the model on
+            another worker): ``total_alignment(b, total_alignment(a))`` has the bits of
+            ``total_alignment(a + b)``.
     """
-    total = 0.0
+    total = float(start)
     for block in per_block:
         for value in block.values():
             total += float(value)

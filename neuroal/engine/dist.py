@@ -12,9 +12,11 @@ plus per-rank arguments (plan entries, candidate ratios) scattered to their owne
 then runs its part with the same Worker methods, on the same micro-batches, as
 :class:`~neuroal.engine.executor.LocalExecutor`; activation streams ``(N, T, h)`` go rank r ->
 r+1 with point-to-point ``send``/``recv`` as raw bytes (lossless, engine.md §3.5 rule 4), so
-results are bit-identical to the local executor. A five-integer header (status, shape, dtype)
-precedes each stream: a rank that fails forwards a failure header instead of a stream, so no
-rank is left waiting, and the error is raised on rank 0 after the closing ``gather_object``.
+results are bit-identical to the local executor. A six-integer header (status, shape, dtype,
+and the bits of a float64: a search candidate's alignment sum so far, for exact early stopping,
+issue 16 item 13) precedes each stream: a rank that fails forwards a failure header instead of
+a stream, so no rank is left waiting, and the error is raised on rank 0 after the closing
+``gather_object``; a rank that stops a candidate forwards the same header, and later ranks skip.
 
 Ranks > 0 run :func:`serve` until rank 0 sends ``exit`` (or ``abort`` when the coordinator
 fails); :func:`coordinator` is the matching context on rank 0. Both start from the same argv,
@@ -36,6 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from neuroal.allocation.neuroal_math import total_alignment
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.engine.core import (
     cat_pairs,
@@ -47,7 +50,7 @@ from neuroal.engine.core import (
     worker_template,
 )
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
-from neuroal.engine.executor import BusyMeter, split_blocks
+from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.worker import Worker
 from neuroal.errors import ConfigError
 from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
@@ -194,6 +197,11 @@ class RankStage:
         self.home = torch.device(info.device)
         self.comm = torch.device(info.device)
         self.busy = False
+        self.carried = 0.0
+        """The float64 relayed with the stream (a search candidate's alignment sum so far)."""
+        self._search: tuple[torch.Tensor | None, dict[int, Any]] | None = None
+        """Embedded search windows and dense reference kept between the one-candidate
+        commands of an early-stopped search (:meth:`candidates`)."""
         self._error: Exception | None = None
         self._trace = ""
 
@@ -244,8 +252,13 @@ class RankStage:
 
     def _relay(self, start: Callable[[], torch.Tensor],
                compute: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor | None:
-        """One pass of a stream: start it (rank 0) or receive it, compute, hand it on."""
-        stream = self._try(start) if self.info.rank == 0 else self._recv()
+        """One pass of a stream: start it (rank 0) or receive it, compute, hand it on, with
+        :attr:`carried` (0.0 from rank 0; ``compute`` may update it)."""
+        if self.info.rank == 0:
+            self.carried = 0.0
+            stream = self._try(start)
+        else:
+            stream = self._recv()
         if stream is not None:
             stream = self._try(compute, stream)
         if not self.info.last:
@@ -253,25 +266,27 @@ class RankStage:
         return stream
 
     def _send(self, stream: torch.Tensor | None) -> None:
-        """Header ``[ok, N, T, h, dtype]`` then the stream's raw bytes (no cast)."""
+        """Header ``[ok, N, T, h, dtype, carried]`` then the stream's raw bytes (no cast)."""
         dst = self.info.rank + 1
         if stream is None or stream.dim() != 3 or stream.dtype not in _STREAM_DTYPES:
             if stream is not None and self._error is None:
                 self._error = RuntimeError(f"rank {self.info.rank}: cannot ship a stream of "
                                            f"shape {tuple(stream.shape)} and {stream.dtype}")
-            dist.send(torch.zeros(5, dtype=torch.int64, device=self.comm), dst=dst)
+            dist.send(torch.zeros(6, dtype=torch.int64, device=self.comm), dst=dst)
             return
-        header = [1, *stream.shape, _STREAM_DTYPES.index(stream.dtype)]
+        bits = torch.tensor([self.carried], dtype=torch.float64).view(torch.int64).item()
+        header = [1, *stream.shape, _STREAM_DTYPES.index(stream.dtype), bits]
         dist.send(torch.tensor(header, dtype=torch.int64, device=self.comm), dst=dst)
         dist.send(stream.to(self.comm).contiguous().view(torch.uint8), dst=dst)
 
     def _recv(self) -> torch.Tensor | None:
         src = self.info.rank - 1
-        header = torch.empty(5, dtype=torch.int64, device=self.comm)
+        header = torch.empty(6, dtype=torch.int64, device=self.comm)
         dist.recv(header, src=src)
-        ok, n, t, h, code = header.tolist()
+        ok, n, t, h, code, bits = header.tolist()
         if not ok:
             return None
+        self.carried = torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
         dtype = _STREAM_DTYPES[code]
         raw = torch.empty((n, t, h * dtype.itemsize), dtype=torch.uint8, device=self.comm)
         dist.recv(raw, src=src)
@@ -296,7 +311,7 @@ class RankStage:
     def release(self, _common: Any, _own: Any) -> None:
         if self.worker is not None:
             self.worker.close()
-        self.worker = None
+        self.worker, self._search = None, None
 
     def info(self, _common: Any, _own: Any) -> dict[str, Any] | None:
         return self._try(lambda: self.w.info())
@@ -316,20 +331,35 @@ class RankStage:
         self._relay(lambda: self.w.embed(ids), compute)
         return reports
 
-    def candidates(self, common: tuple[torch.Tensor, CandidateJob, str],
+    def candidates(self, common: tuple[torch.Tensor, CandidateJob, str, Sequence[Any] | None,
+                                       bool, bool],
                    own: Sequence[Mapping[int, Mapping[str, Any]]]) -> list[dict[int, BlockAlignment]]:
-        """Alignment terms of each candidate over the owned blocks (neuroal.md §A5)."""
-        ids, job, reference_stream = common
-        embedded = self._try(lambda: self.w.embed(ids)) if self.info.rank == 0 else None
-        reference = self._reference(embedded, job, reference_stream)
-        results = []
-        for ratios in self._progress(own, "candidates"):
-            part: dict[int, BlockAlignment] = {}
+        """Alignment terms of each candidate over the owned blocks (neuroal.md §A5).
 
-            def step(stream: torch.Tensor, ratios: Any = ratios,
-                     part: dict[int, BlockAlignment] = part) -> torch.Tensor:
-                stream, values = self.w.eval_candidate(stream, ratios, job, reference)
+        ``common = (ids, job, reference_stream, bounds, reuse, keep)``: ``bounds[c]`` is None
+        or candidate c's ``(best, inclusive)``, checked by :meth:`Worker.eval_candidate`
+        against the alignment sum relayed with the stream (exact early stopping): a rank that
+        stops relays no stream and the later ranks skip the candidate. ``reuse`` takes the
+        embedded windows and dense reference kept by the previous command (``keep``).
+        """
+        ids, job, reference_stream, bounds, reuse, keep = common
+        if reuse and self._search is not None:
+            embedded, reference = self._search
+        else:
+            embedded = self._try(lambda: self.w.embed(ids)) if self.info.rank == 0 else None
+            reference = self._reference(embedded, job, reference_stream)
+        self._search = (embedded, reference) if keep else None
+        results = []
+        for c, ratios in enumerate(self._progress(own, "candidates") if len(own) > 1 else own):
+            part: dict[int, BlockAlignment] = {}
+            best = None if bounds is None else bounds[c]
+
+            def step(stream: torch.Tensor, ratios: Any = ratios, best: Any = best,
+                     part: dict[int, BlockAlignment] = part) -> torch.Tensor | None:
+                stream, values = self.w.eval_candidate(
+                    stream, ratios, job, reference, None if best is None else (*best, self.carried))
                 part.update(values)
+                self.carried = total_alignment([v.na for v in values.values()], self.carried)
                 return stream
 
             self._relay(lambda: embedded, step)
@@ -610,17 +640,44 @@ class DistExecutor:
         """Alignment terms per candidate, then block; candidates pipeline across the ranks.
 
         Results reach rank 0 in one gather, so ``on_result`` (resume checkpoints) runs for
-        every candidate after the whole batch. ``bound`` (early stopping) is not used here:
-        the ranks relay every candidate in full; the search stays exact, only no cheaper."""
+        every candidate after the whole batch. With ``bound`` (exact early stopping) each
+        candidate is one command instead, so that its bound includes every earlier candidate's
+        complete score, as in the local executor: the ranks stop a candidate at the same block
+        and the trail is the local executor's; the candidates no longer pipeline across ranks.
+        A stopped candidate's result holds only the blocks evaluated."""
+        if bound is not None:
+            return self._bounded_candidates(ids, candidates, job, reference_stream, on_result,
+                                            bound)
         per_rank = [[{b: ratios[b] for b in range(a, z)} for ratios in candidates]
                     for a, z in self.slices]
         with self.meter("search"):
-            parts = self._call("candidates", (ids, job, reference_stream), per_rank)
+            parts = self._call("candidates", (ids, job, reference_stream, None, False, False),
+                               per_rank)
         results = []
         for c in range(len(candidates)):
             results.append(merge_blocks((part[c] for part in parts), self._num_blocks))
             if on_result is not None:
                 on_result(c, results[-1])
+        return results
+
+    def _bounded_candidates(self, ids: torch.Tensor,
+                            candidates: Sequence[Sequence[Mapping[str, Any]]],
+                            job: CandidateJob, reference_stream: str,
+                            on_result: Callable[[int, list[BlockAlignment]], None] | None,
+                            bound: Callable[[int], tuple[float, bool] | None],
+                            ) -> list[list[BlockAlignment]]:
+        """One command per candidate, the bound taken after the previous one's ``on_result``;
+        the embedded windows and dense reference are computed once and kept on the ranks."""
+        results = []
+        with self.meter("search"):
+            for c, ratios in enumerate(candidates):
+                per_rank = [[{b: ratios[b] for b in range(a, z)}] for a, z in self.slices]
+                common = (ids, job, reference_stream, [bound(c)], c > 0, c < len(candidates) - 1)
+                parts = self._call("candidates", common, per_rank)
+                results.append(prefix_blocks({b: v for part in parts for b, v in part[0].items()},
+                                             self._num_blocks))
+                if on_result is not None:
+                    on_result(c, results[-1])
         return results
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],

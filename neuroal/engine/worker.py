@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from neuroal.allocation.neuroal_math import alignment, crosses
+from neuroal.allocation.neuroal_math import alignment, crosses, total_alignment
 from neuroal.capture import StatsCollector
 from neuroal.checkpoint import (
     block_state_path,
@@ -486,10 +486,7 @@ class Worker:
                 out[index] = BlockAlignment(na={n: alignment(a_d[n], a_s[n]) for n in linears},
                                             delta={n: (a_d[n] - a_s[n]).cpu() for n in linears})
             if bound is not None:
-                partial = bound[2]
-                for blk in out.values():
-                    for value in blk.na.values():
-                        partial += float(value)
+                partial = total_alignment([blk.na for blk in out.values()], bound[2])
                 if crosses(partial, bound[0], bound[1]):
                     self.busy_seconds += time.perf_counter() - t0
                     return None, out
