@@ -4,11 +4,11 @@ out-of-domain evaluation corpus; registered by name, deterministic, tokenised in
 from __future__ import annotations
 
 from pathlib import Path
+from pydoc_data.topics import topics
 
 import pytest
 import torch
 from conftest import tiny_cfg
-from pydoc_data.topics import topics
 from transformers import AutoTokenizer
 
 from neuroal.config import validate
