@@ -10,8 +10,8 @@ reStructuredText prose with grammar and code excerpts.
 Text: the values in **sorted key order**, each stripped of surrounding whitespace, joined with
 ``"\\n\\n"``. The order does not depend on the dict's insertion order, so one CPython version
 always gives the same text; other CPython versions ship other texts (the source's
-:class:`~neuroal.data.calibration.SourceInfo`, logged when it loads, records the version and the
-SHA-256 of the joined text, so a figure can be matched to its text).
+:class:`~neuroal.data.calibration.SourceInfo` records the version, which the evaluation log line
+names, and the SHA-256 of the joined text, so a figure can be matched to its text).
 
 Licence: the texts are part of CPython's documentation, distributed with CPython under the
 Python Software Foundation License (PSF-2.0); neuroal copies nothing, it reads the module of the
