@@ -75,17 +75,21 @@ def _base_name(label: str, base_row: dict | None) -> str:
 
 def scalelora_text(result: dict) -> str:
     """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
-    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds."""
+    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; with the
+    figure before the issue 16.2 fix when the JSON keeps it (``stale``: base -> perplexity)."""
     rows = {r["run"]: r for r in result["rows"]}
-    lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) |",
-             "|---|---|---|"]
+    stale = result.get("stale", {})
+    lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
+             "before issue 16.2 (lr 5e-4) |", "|---|---|---|---|"]
     for base in BASES:
         r = rows.get(f"{base}+perp-scalelora")
+        old = f"{stale[base]:.2f}" if base in stale else "-"
         if r is None:
-            lines.append(f"| {_base_name(base, rows.get(base))} | not rerun | not rerun |")
-            continue
-        lines.append(f"| {_base_name(base, rows.get(base))} | {r['ppl']:.2f} | "
-                     f"{r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / {r['wall_s']:.0f} s) |")
+            cells = "not rerun | not rerun"
+        else:
+            cells = (f"{r['ppl']:.2f} | {r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
+                     f"{r['wall_s']:.0f} s)")
+        lines.append(f"| {_base_name(base, rows.get(base))} | {cells} | {old} |")
     return "\n".join(lines)
 
 
