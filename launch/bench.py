@@ -331,6 +331,7 @@ def ood(opts: argparse.Namespace) -> dict:
         print(f"{spec:<12}{ev['dense_ppl']:>10.2f}{ev['sparse_ppl']:>10.2f}"
               f"{ev['recovered_ppl']:>11.2f}")
     return {"run": label, "eval": corpora, "step": step["name"], "step_s": step.get("seconds"),
+            "tokens": step.get("tokens"), "trainable": step.get("trainable"),
             "wall_s": report["bench_wall_seconds"],
             "peak_rss_gb": report["peak_memory_bytes"] / 1e9, "command": report["bench_command"],
             "settings": vars(opts)}

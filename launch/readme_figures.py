@@ -108,7 +108,8 @@ def magnitude_text(result: dict) -> str:
 def ood_text(result: dict) -> str:
     """Issue 16 item 12: one whole-model PERP row on every evaluation corpus, from
     ``launch/bench.py ood``'s JSON."""
-    lines = ["| corpus | dense | pruned | after " + result["step"] + " | change by PERP |",
+    budget = f" ({result['tokens']:,} tokens)" if result.get("tokens") else ""
+    lines = [f"| corpus | dense | pruned | after {result['step']}{budget} | change by PERP |",
              "|---|---|---|---|---|"]
     for spec, ev in result["eval"].items():
         change = ev["recovered_ppl"] / ev["sparse_ppl"] - 1
