@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,7 +91,10 @@ def run_prune(name: str, args: list[str], out_root: Path) -> dict:
     cmd = [sys.executable, str(REPO / "launch" / "prune.py"), "--no-save", "--overwrite",
            "--output", str(out), *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    # This checkout's neuroal, not whichever one is installed (launch/ is sys.path[0] there).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
