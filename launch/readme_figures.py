@@ -73,12 +73,19 @@ def _base_name(label: str, base_row: dict | None) -> str:
     return name
 
 
+STALE_SCALELORA = {"wanda-uniform-60": 112.39, "wanda-neuroal-60": 102.03,
+                   "wanda-uniform-70": 297.68, "wanda-neuroal-70": 261.81,
+                   "sparsegpt-uniform-60": 87.28, "sparsegpt-neuroal-60": 83.94,
+                   "sparsegpt-uniform-70": 171.50, "sparsegpt-neuroal-70": 166.72}
+"""The README's ``perp-scalelora`` column before the issue 16.2 learning-rate fix."""
+
+
 def scalelora_text(result: dict) -> str:
     """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
     pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; with the
-    figure before the issue 16.2 fix when the JSON keeps it (``stale``: base -> perplexity)."""
+    figure before the issue 16.2 fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`)."""
     rows = {r["run"]: r for r in result["rows"]}
-    stale = result.get("stale", {})
+    stale = result.get("stale", STALE_SCALELORA)
     lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
              "before issue 16.2 (lr 5e-4) |", "|---|---|---|---|"]
     for base in BASES:

@@ -35,6 +35,8 @@ def test_scalelora_table_rows_in_table_order() -> None:
     assert lines[5] == ("| Wanda 70 % NeuroAL, lambda 0.15 / 0.1 | 470.04 | "
                         "250.12 (160 s / 251 s) | - |")
     assert lines[-1].startswith("| SparseGPT 70 % NeuroAL | not rerun")
+    default = figures.scalelora_text(RECOVERY).splitlines()
+    assert default[4] == ("| Wanda 70 % uniform | not rerun | not rerun | 297.68 |")
 
 
 def test_magnitude_ratio_is_computed_from_both_rows() -> None:
