@@ -7,6 +7,7 @@
     python launch/bench.py screen --nsamples 32 --eval-windows 16   # NeuroAL options, cheap protocol
     python launch/bench.py workers --nsamples 32 --eval-windows 16  # 1-3 workers, local and Ray
     python launch/bench.py recovery --nsamples 32 --eval-windows 16 # DSnoT, R2-DSnoT, PERP variants
+    python launch/bench.py ood --nsamples 32 --eval-windows 16      # one PERP row, wikitext2 + pydoc
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -57,6 +59,10 @@ ALLOCATION_RUNS = [
     ("wanda-neuroal-lambda0-60", NA60, ["allocation.include_uniform=true"]),
     ("wanda-neuroal-refine-60", NA60, ["allocation.grid_refine=1"]),
     ("wanda-neuroal-70", NA70, []),
+    # Issue 16 item 8: NeuroAL's magnitude masks are chosen per row (mask_group: row), so its
+    # uniform baseline must be too (the foundation table's magnitude is per matrix).
+    ("magnitude-uniform-row-70", C + "wanda-uniform-50.yaml",
+     ["sparsity=0.7", "criterion.name=magnitude", "criterion.group=row"]),
 ]
 
 # Screening of the NeuroAL options of issue 3 (§4): every option beside faithful mode at 70 % and
@@ -86,7 +92,10 @@ def run_prune(name: str, args: list[str], out_root: Path) -> dict:
     cmd = [sys.executable, str(REPO / "launch" / "prune.py"), "--no-save", "--overwrite",
            "--output", str(out), *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    # This checkout's neuroal, not whichever one is installed (launch/ is sys.path[0] there).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
@@ -145,6 +154,15 @@ def _recovery_facts(report: dict) -> dict:
             "trainable_fraction": step.get("trainable_fraction"), "tokens": step.get("tokens")}
 
 
+def _selected(opts: argparse.Namespace, label: str) -> bool:
+    """Whether ``--only`` keeps a row: any of its comma-separated keys is a substring of the
+    label, or (``--exact``) equals it, e.g. a NeuroAL base without its recovery rows."""
+    if not opts.only:
+        return True
+    keys = opts.only.split(",")
+    return label in keys if opts.exact else any(k in label for k in keys)
+
+
 def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
     """The issue 3 table: one process per row, results saved after every row; rows already in
     the JSON file are kept and skipped, so an interrupted suite resumes where it stopped."""
@@ -154,7 +172,7 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
     rows = {r["run"]: r for r in done["rows"]}
     dense = done.get("dense_ppl")
     for i, (label, config, overrides) in enumerate(runs):
-        if label in rows or (opts.only and not any(k in label for k in opts.only.split(","))):
+        if label in rows or not _selected(opts, label):
             continue
         args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
                 f"eval.max_windows={opts.eval_windows}", f"eval.dense={'true' if dense is None else 'false'}"]
@@ -291,6 +309,37 @@ def recovery(opts: argparse.Namespace) -> dict:
             cells.append("-" if r is None else f"{r['recovered_ppl']:.2f} ({r['step_s']:.0f})")
         print(f"{label:<24}{row['ppl']:>10.2f}" + "".join(f"{c:>18}" for c in cells))
     return result
+
+
+OOD_RUN = ("wanda-uniform-60+perp-masklora+pydoc", C + "wanda-uniform-50.yaml",
+           ["sparsity=0.6", "criterion.name=wanda", "recover.steps=[perp-masklora]",
+            f"recover.perp-masklora.tokens={PERP_TOKENS}", "eval.datasets=[wikitext2,pydoc]"])
+"""Issue 16 item 12: one whole-model PERP row of the recovery table (Wanda 60 % uniform,
+MaskLoRA, retrained on WikiText-2 validation windows) evaluated in-domain (WikiText-2 test) and
+out of domain (``pydoc``: the standard library's help topics)."""
+
+
+def ood(opts: argparse.Namespace) -> dict:
+    """Dense, pruned and PERP-recovered perplexity of OOD_RUN on every evaluation corpus."""
+    label, config, overrides = OOD_RUN
+    args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
+            f"eval.max_windows={opts.eval_windows}", "eval.dense=true", *opts.override]
+    report = run_prune(label, args, Path(opts.out))
+    corpora = {spec: {k: ev.get(k) for k in ("dense_ppl", "sparse_ppl", "recovered_ppl",
+                                             "windows", "seqlen")}
+               for spec, ev in report["eval"].items() if isinstance(ev, dict) and "sparse_ppl" in ev}
+    step = report["recovery"]["steps"][0]
+    print(f"{label}: {step['name']} ({step.get('seconds', 0):.0f} s; run "
+          f"{report['bench_wall_seconds']:.0f} s)\n{'corpus':<12}{'dense':>10}{'pruned':>10}"
+          f"{'recovered':>11}")
+    for spec, ev in corpora.items():
+        print(f"{spec:<12}{ev['dense_ppl']:>10.2f}{ev['sparse_ppl']:>10.2f}"
+              f"{ev['recovered_ppl']:>11.2f}")
+    return {"run": label, "eval": corpora, "step": step["name"], "step_s": step.get("seconds"),
+            "tokens": step.get("tokens"), "trainable": step.get("trainable"),
+            "wall_s": report["bench_wall_seconds"],
+            "peak_rss_gb": report["peak_memory_bytes"] / 1e9, "command": report["bench_command"],
+            "settings": vars(opts)}
 
 
 def screen(opts: argparse.Namespace) -> dict:
@@ -474,7 +523,7 @@ def search(opts: argparse.Namespace) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
-                                          "recovery", "onload", "search", "unimodal"],
+                                          "recovery", "ood", "onload", "search", "unimodal"],
                    nargs="?", default="foundation")
     p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
                    "NeuroAL trails (default: outputs/ and benchmarks/)")
@@ -483,17 +532,19 @@ def main() -> int:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=64)
     p.add_argument("--only", help="comma list of criteria (allocation: label substrings) to run")
+    p.add_argument("--exact", action="store_true",
+                   help="allocation-like suites: --only keys name rows exactly, not substrings")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--device", default="cpu", help="onload suite: cpu or cuda")
     p.add_argument("--blocks", type=int, default=4, help="onload suite: blocks of the checkpoint")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--override", action="append", default=[],
-                   help="search suite: an extra key=value override for both rows (repeatable)")
+                   help="search and ood suites: an extra key=value override (repeatable)")
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
-              "recovery": recovery, "onload": onload,
+              "recovery": recovery, "ood": ood, "onload": onload,
               "search": search, "unimodal": unimodal}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

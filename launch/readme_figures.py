@@ -4,6 +4,9 @@
     python launch/readme_figures.py quickstart outputs/smollm2-wanda-neuroal-60/report.json
     python launch/readme_figures.py search benchmarks/search.json      # launch/bench.py search
     python launch/readme_figures.py unimodal benchmarks/unimodal.json  # launch/bench.py unimodal
+    python launch/readme_figures.py scalelora benchmarks/recovery_scalelora.json
+    python launch/readme_figures.py magnitude benchmarks/magnitude_row.json
+    python launch/readme_figures.py ood benchmarks/ood.json
 
 Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
 (``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
@@ -70,7 +73,79 @@ def unimodal_text(result: dict) -> str:
             f"({others} curves with fewer points or stopped candidates not judged).")
 
 
-KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text}
+
+BASES = [f"{c}-{a}-{p}" for c in ("wanda", "sparsegpt") for p in ("60", "70")
+         for a in ("uniform", "neuroal")]
+"""Rows of the recovery table, in its order."""
+
+
+def _base_name(label: str, base_row: dict | None) -> str:
+    """``wanda-neuroal-70`` -> ``Wanda 70 % NeuroAL, lambda 0.15 / 0.15`` (lambdas from the
+    base's own row when the JSON holds it)."""
+    criterion, alloc, pct = label.split("-")
+    name = f"{'Wanda' if criterion == 'wanda' else 'SparseGPT'} {pct} % " \
+           f"{'uniform' if alloc == 'uniform' else 'NeuroAL'}"
+    if alloc == "neuroal" and base_row is not None:
+        lam = [("-" if v is None else f"{v:g}") for v in (base_row.get("lambda_block"),
+                                                         base_row.get("lambda_row"))]
+        name += f", lambda {lam[0]} / {lam[1]}"
+    return name
+
+
+STALE_SCALELORA = {"wanda-uniform-60": 112.39, "wanda-neuroal-60": 102.03,
+                   "wanda-uniform-70": 297.68, "wanda-neuroal-70": 261.81,
+                   "sparsegpt-uniform-60": 87.28, "sparsegpt-neuroal-60": 83.94,
+                   "sparsegpt-uniform-70": 171.50, "sparsegpt-neuroal-70": 166.72}
+"""The README's ``perp-scalelora`` column before the issue 16.2 learning-rate fix."""
+
+
+def scalelora_text(result: dict) -> str:
+    """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
+    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; with the
+    figure before the issue 16.2 fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`)."""
+    rows = {r["run"]: r for r in result["rows"]}
+    stale = result.get("stale", STALE_SCALELORA)
+    lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
+             "before issue 16.2 (lr 5e-4) |", "|---|---|---|---|"]
+    for base in BASES:
+        r = rows.get(f"{base}+perp-scalelora")
+        old = f"{stale[base]:.2f}" if base in stale else "-"
+        if r is None:
+            cells = "not rerun | not rerun"
+        else:
+            cells = (f"{r['ppl']:.2f} | {r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
+                     f"{r['wall_s']:.0f} s)")
+        lines.append(f"| {_base_name(base, rows.get(base))} | {cells} | {old} |")
+    return "\n".join(lines)
+
+
+def magnitude_text(result: dict) -> str:
+    """Issue 16 item 8: per-row uniform magnitude against NeuroAL's per-row magnitude, from
+    ``launch/bench.py allocation``'s JSON (``magnitude-uniform-row-70`` and
+    ``magnitude-neuroal-70``)."""
+    rows = {r["run"]: r for r in result["rows"]}
+    uniform, neuroal = rows["magnitude-uniform-row-70"], rows["magnitude-neuroal-70"]
+    return (f"Uniform magnitude with per-row masks (`criterion.group=row`, the grouping NeuroAL's "
+            f"magnitude masks use) measures {uniform['ppl']:.1f} at 70 % on the same protocol, so "
+            f"NeuroAL ({neuroal['ppl']:.0f}) improves magnitude "
+            f"{uniform['ppl'] / neuroal['ppl']:.2f}x with the grouping held fixed.")
+
+
+def ood_text(result: dict) -> str:
+    """Issue 16 item 12: one whole-model PERP row on every evaluation corpus, from
+    ``launch/bench.py ood``'s JSON."""
+    budget = f" ({result['tokens']:,} tokens)" if result.get("tokens") else ""
+    lines = [f"| corpus | dense | pruned | after {result['step']}{budget} | change by PERP |",
+             "|---|---|---|---|---|"]
+    for spec, ev in result["eval"].items():
+        change = ev["recovered_ppl"] / ev["sparse_ppl"] - 1
+        lines.append(f"| {spec} ({ev['windows']} x {ev['seqlen']}) | {ev['dense_ppl']:.2f} | "
+                     f"{ev['sparse_ppl']:.2f} | {ev['recovered_ppl']:.2f} | {change:+.1%} |")
+    return "\n".join(lines)
+
+
+KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text,
+         "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text}
 
 
 def replace_block(text: str, name: str, body: str) -> str:

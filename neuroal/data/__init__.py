@@ -1,5 +1,6 @@
 """Data for calibration and evaluation: named sources, seeded windows, perplexity windows."""
 
+from neuroal.data import pydoc_topics as _pydoc_topics  # registers pydoc  # noqa: F401
 from neuroal.data import sources as _sources  # registers hf: and tokens:  # noqa: F401
 from neuroal.data.calibration import (
     ENV_DATA_DIR,

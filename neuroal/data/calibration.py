@@ -96,7 +96,8 @@ class SourceInfo:
         spec: The source spec string (``"wikitext2"``, ``"text:/x.txt"``, ...).
         purpose: ``"calibration"`` or ``"evaluation"``.
         origin: ``"local"`` (a file in the data directory), ``"hub"`` (``datasets.load_dataset``),
-            ``"file"`` (a user file from ``text:<path>``) or ``"model"`` (``self``).
+            ``"file"`` (a user file from ``text:<path>``), ``"model"`` (``self``) or ``"stdlib"``
+            (``pydoc``: a text shipped with the interpreter).
         location: The file path, or the hub call that produced the text.
         sha256: SHA-256 of the local file's bytes; ``None`` for hub data.
         n_chars: Characters of the text used (the joined text for evaluation).

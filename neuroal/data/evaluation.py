@@ -48,7 +48,9 @@ def eval_text(spec: str | SourceSpec, data_dir: str | Path | None = None) -> Sou
     ``wikitext2``: ``wiki.test.raw`` read with universal newlines, split with
     ``splitlines(keepends=True)`` and joined with ``"\\n\\n"`` (hub fallback: the
     ``wikitext-2-raw-v1`` test rows joined with ``"\\n\\n"``). ``c4``: the first 1,100 validation
-    documents joined with ``" "``. ``text:<path>``: the file as read.
+    documents joined with ``" "``. ``text:<path>``: the file as read. ``pydoc``: the running
+    CPython's help topics in sorted key order joined with ``"\\n\\n"``
+    (:mod:`neuroal.data.pydoc_topics`).
 
     Args:
         spec: Source spec string (``"wikitext2"``, ``"c4"``, ``"text:<path>"``).
