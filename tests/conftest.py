@@ -4,7 +4,11 @@ safetensors directories with a small byte-level BPE tokenizer trained on WikiTex
 from __future__ import annotations
 
 import os
+import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -174,3 +178,27 @@ def assert_rejected_before_loading(model_dir: Path, extra: list[str], expected: 
     for fragment in expected:
         assert fragment in text, f"{fragment!r} not in {text!r}"
     assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()
+
+
+def free_port() -> int:
+    """A free TCP port on localhost (a torch.distributed rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def spawn_two_ranks(main: Callable[..., None], *args: Any, timeout: float = 300) -> None:
+    """Run ``main(rank, port, *args)`` on two spawned processes (gloo ranks) and join them;
+    a rank's exception is raised here, and both are killed after ``timeout`` seconds."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(main, args=(free_port(), *args), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not ctx.join(timeout=5):
+            assert time.monotonic() < deadline, f"distributed ranks did not finish in {timeout} s"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

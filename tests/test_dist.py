@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import REPO, save_tiny_model, tiny_cfg
+from conftest import REPO, save_tiny_model, spawn_two_ranks, tiny_cfg
 from safetensors.torch import load_file
 
 from neuroal.config import ConfigError
@@ -30,12 +28,6 @@ def llama3(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     """Three blocks: two ranks own the uneven slices [0, 2) and [2, 3)."""
     return save_tiny_model("llama", tmp_path_factory.mktemp("dist") / "llama3", tokenizer_dir,
                            num_layers=3)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _launch_env(monkeypatch: pytest.MonkeyPatch, rank: int, world: int) -> None:
@@ -175,18 +167,7 @@ def test_two_gloo_ranks_match_local_executor(llama3: Path) -> None:
     (candidates with both reference streams, NLL, logits, SparseGPT prune with PERP block
     reconstruction, masks, the reconstructed model's logits) and that an
     error on either rank is raised on rank 0 while the ranks stay in step."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(llama3)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            assert time.monotonic() < deadline, "distributed ranks did not finish in 300 s"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_two_ranks(_rank_main, str(llama3))
 
 
 # --------------------------------------------------------------------------- end to end

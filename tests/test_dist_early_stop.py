@@ -5,12 +5,10 @@ alignment sum travels with the stream), with the winner and full score of the fu
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import torch
-from conftest import save_tiny_model, tiny_cfg
+from conftest import save_tiny_model, spawn_two_ranks, tiny_cfg
 
 GRID = (0.2, 0.3, 0.1, 0.95, 0.99)
 
@@ -28,7 +26,7 @@ class _Counting:
         return out
 
 
-def _compare(model_dir: str) -> None:
+def _compare(model_dir: str, session: object) -> None:
     """Rank 0: the same search phase through the dist executor (2 ranks) and the local one."""
     from neuroal.allocation.neuroal import candidate_evaluator
     from neuroal.engine import EXECUTORS
@@ -40,7 +38,7 @@ def _compare(model_dir: str) -> None:
     cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2})
     source = resolve_model(model_dir)
     executors = {"dist": EXECUTORS.get("dist")(cfg, source=source, num_blocks=4, devices=["cpu"],
-                                               dtype="float32"),
+                                               dtype="float32", session=session),
                  "local": LocalExecutor(source, 4, 1, ["cpu"], "float32", 2)}
     shape = executors["local"].workers[0].adapter.shape()
     ids = torch.randint(3, 320, (3, 16), generator=torch.Generator().manual_seed(4))
@@ -82,26 +80,12 @@ def _rank_main(rank: int, port: int, model_dir: str) -> None:
         assert dist.serve(cfg) == 0
         return
     seed_everything(cfg.seed, cfg.engine.deterministic)
-    with dist.coordinator(cfg):
-        _compare(model_dir)
+    with dist.coordinator(cfg) as session:
+        _compare(model_dir, session)
 
 
 def test_dist_early_stop_matches_local(tokenizer_dir: Path, tmp_path: Path) -> None:
     """Same winner and full score as the full search, fewer blocks, and the local executor's
     trail, with both reference streams (the kept dense reference is reused per candidate)."""
-    import torch.multiprocessing as mp
-
     model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    ctx = mp.start_processes(_rank_main, args=(port, str(model_dir)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            assert time.monotonic() < deadline, "distributed ranks did not finish in 300 s"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_two_ranks(_rank_main, str(model_dir))

@@ -5,13 +5,11 @@ bit-identical to the on-device run, for the local, Ray and torch.distributed exe
 from __future__ import annotations
 
 import os
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import save_tiny_model, tiny_cfg
+from conftest import save_tiny_model, spawn_two_ranks, tiny_cfg
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.engine.executor import LocalExecutor
@@ -224,12 +222,6 @@ def test_ray_onload_is_bit_identical(llama4: Path, reference: dict, tmp_path: Pa
 # --------------------------------------------------------------------------- torch.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _rank_main(rank: int, port: int, model_dir: str, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
@@ -256,18 +248,7 @@ def _rank_main(rank: int, port: int, model_dir: str, result: str) -> None:
 
 def test_dist_onload_is_bit_identical(llama4: Path, tmp_path: Path) -> None:
     """Two gloo ranks with ``onload=disk``: every phase equals one local on-device worker."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_rank_main, args=(_free_port(), str(llama4), str(tmp_path)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 300
-    try:
-        while not ctx.join(timeout=5):
-            assert time.monotonic() < deadline, "distributed ranks did not finish in 300 s"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_two_ranks(_rank_main, str(llama4), str(tmp_path))
     assert (tmp_path / "ok").exists()
 
 
