@@ -204,3 +204,17 @@ def test_import_neuroal_stays_light() -> None:
     """``import neuroal`` (the console script's dispatcher, plug-ins) loads no torch."""
     code = "import sys, neuroal; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO, timeout=120).returncode == 0
+
+
+def test_engine_and_pipeline_need_no_optional_packages() -> None:
+    """The GPU check (launch/gpu_check.sh) runs on images with only torch, transformers and
+    safetensors: importing the pipeline and every executor pulls in no Ray, GGUF or DeepSpeed
+    (each is read on first use; lm-eval, the zero-shot adapter's base class, is imported where
+    installed and replaced by ``object`` where not)."""
+    code = ("import sys, neuroal.pipeline, neuroal.engine.dist, neuroal.engine.executor, "
+            "neuroal.engine.onload, neuroal.planner, neuroal.evaluation\n"
+            "bad = [m for m in ('ray', 'gguf', 'deepspeed') if m in sys.modules]\n"
+            "assert not bad, bad")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1500:]

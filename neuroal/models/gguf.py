@@ -36,15 +36,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import gguf
 import numpy as np
 import torch
-from gguf import GGUFReader
-from gguf import quants as gguf_quants
 
 from neuroal.logging import get_logger
 
 if TYPE_CHECKING:
+    from gguf import GGUFReader
     from transformers import PretrainedConfig
 
 logger = get_logger(__name__)
@@ -108,6 +106,8 @@ def _memoised_tensor_name_map() -> Iterator[None]:
     growing with the square of the depth. The table is read-only, so sharing it changes nothing
     but the time. transformers looks the function up on the ``gguf`` module at call time.
     """
+    import gguf  # read on first use: importing neuroal (the engine, on a GPU image) needs no gguf
+
     with _NAME_MAP_LOCK:
         original = gguf.get_tensor_name_map
         cache: dict[tuple[object, int], gguf.TensorNameMap] = {}
@@ -150,6 +150,7 @@ class GGUFCheckpoint:
         *,
         model: torch.nn.Module | None = None,
     ) -> None:
+        from gguf import GGUFReader
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS,
             TensorProcessor,
@@ -225,6 +226,8 @@ class GGUFCheckpoint:
                 f"{len(unknown)} tensor(s) not in {self.path.name}: {unknown[:5]}; "
                 f"available ({len(available)}) include {available[:3] + available[-2:]}"
             )
+
+        from gguf import quants as gguf_quants
 
         # Processors may write fused tensors here themselves, as in transformers' loader.
         parsed: dict[str, dict[str, torch.Tensor]] = {"tensors": {}}
