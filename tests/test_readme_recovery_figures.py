@@ -59,11 +59,12 @@ def test_ood_table_one_line_per_corpus() -> None:
     assert lines[3] == "| pydoc (16 x 512) | 20.00 | 80.00 | 88.00 | +10.0% |"
 
 
-@pytest.mark.parametrize("kind", ["magnitude", "ood"])
+@pytest.mark.parametrize("kind", ["magnitude", "ood", "scalelora"])
 def test_repo_readme_matches_the_committed_figures(kind: str) -> None:
     """Each block between the README's markers is the one generated from the committed JSON
     (benchmarks/*.json: the measured rows, subsets of the bench suites' output)."""
-    path = REPO / "benchmarks" / {"magnitude": "magnitude_row.json", "ood": "ood.json"}[kind]
+    path = REPO / "benchmarks" / {"magnitude": "magnitude_row.json", "ood": "ood.json",
+                                   "scalelora": "recovery_scalelora.json"}[kind]
     assert json.loads(path.read_text())
     assert subprocess.run([sys.executable, str(SCRIPT), kind, str(path),
                            "--check"]).returncode == 0
