@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "launch"))
 sys.path.insert(0, str(REPO))
 
-from bench_scale import TOLERANCE, _status  # noqa: E402 - the scale check's bar and /proc reader
+from bench_scale import TOLERANCE, proc_status  # noqa: E402 - the scale check's bar and /proc reader
 
 TINY = {"hidden_size": 256, "intermediate_size": 896, "num_attention_heads": 8,
         "num_key_value_heads": 2, "vocab_size": 32000, "max_position_embeddings": 4096,
@@ -75,7 +75,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     from neuroal.planner import OVERHEAD_BYTES, plan_memory, request_from_config
 
     cuda = job["device"].startswith("cuda")
-    baseline = _status("VmRSS")  # after the imports
+    baseline = proc_status("VmRSS")  # after the imports
     if not cuda:
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current resident set
     else:
@@ -87,7 +87,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     # CUDA: allocated bytes against the terms (the context is the overhead constant); CPU: the
     # whole process against the total (the constant stands for the runtime, as bench_scale does)
-    measured = torch.cuda.max_memory_allocated() if cuda else _status("VmHWM")
+    measured = torch.cuda.max_memory_allocated() if cuda else proc_status("VmHWM")
     cfg = build_config({"model": {"name": job["model"], "dtype": job["dtype"]}, "sparsity": 0.5,
                         **{k: v for k, v in sections.items() if k != "model"}})
     plan = plan_memory(job["model"], request_from_config(cfg, job["dtype"],

@@ -51,7 +51,7 @@ WIDTH = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads":
 TOLERANCE = 0.25
 
 
-def _status(key: str) -> int:
+def proc_status(key: str) -> int:
     """A ``/proc/self/status`` memory field in bytes (VmRSS, VmHWM)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
@@ -138,7 +138,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     from neuroal.pipeline import seed_everything
 
     seed_everything(0, True)  # as the CLI does
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
     t0 = time.perf_counter()
     spec = WorkerSpec(resolve_model(job["model"]), job["start"], job["stop"], job["blocks"], "cpu",
@@ -167,7 +167,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         if store is not None else 0
     return {"rank": spec.rank, "blocks": [spec.start, spec.stop], "baseline_rss": baseline,
             "host_store_bytes": host, "onload": store.stats() if store is not None else None,
-            "peak_rss": _status("VmHWM"), "opened": sorted(worker.checkpoint.opened),
+            "peak_rss": proc_status("VmHWM"), "opened": sorted(worker.checkpoint.opened),
             "owned_shards": owned, "achieved": zeros / numel, "load_s": loaded,
             "total_s": time.perf_counter() - t0, "calib_nll": nll}
 

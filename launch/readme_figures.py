@@ -98,37 +98,56 @@ STALE_SCALELORA = {"wanda-uniform-60": 112.39, "wanda-neuroal-60": 102.03,
                    "sparsegpt-uniform-70": 171.50, "sparsegpt-neuroal-70": 166.72}
 """The README's ``perp-scalelora`` column before the issue 16.2 learning-rate fix."""
 
+TABLE_MASKLORA = {"wanda-uniform-60": 92.22, "wanda-neuroal-60": 85.95,
+                  "wanda-uniform-70": 233.78, "wanda-neuroal-70": 216.07,
+                  "sparsegpt-uniform-60": 77.31, "sparsegpt-neuroal-60": 74.65,
+                  "sparsegpt-uniform-70": 149.80, "sparsegpt-neuroal-70": 147.35}
+"""The recovery table's ``perp-masklora`` column (its own base runs, not rerun since)."""
+
 
 def scalelora_text(result: dict) -> str:
     """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
-    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; with the
-    figure before the issue 16.2 fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`)."""
+    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; the figure
+    before the issue 16.2 fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`) and the
+    recovery table's MaskLoRA figure (``masklora``, else :data:`TABLE_MASKLORA`) with
+    ScaleLoRA's change against it."""
     rows = {r["run"]: r for r in result["rows"]}
     stale = result.get("stale", STALE_SCALELORA)
+    masklora = result.get("masklora", TABLE_MASKLORA)
     lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
-             "before issue 16.2 (lr 5e-4) |", "|---|---|---|---|"]
+             "before issue 16.2 (lr 5e-4) | perp-masklora (table above) | ScaleLoRA vs MaskLoRA |",
+             "|---|---|---|---|---|---|"]
     for base in BASES:
         r = rows.get(f"{base}+perp-scalelora")
         old = f"{stale[base]:.2f}" if base in stale else "-"
+        mask = f"{masklora[base]:.2f}" if base in masklora else "-"
         if r is None:
-            cells = "not rerun | not rerun"
+            cells, change = "not rerun | not rerun", "-"
         else:
             cells = (f"{r['ppl']:.2f} | {r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
                      f"{r['wall_s']:.0f} s)")
-        lines.append(f"| {_base_name(base, rows.get(base))} | {cells} | {old} |")
+            change = f"{r['recovered_ppl'] / masklora[base] - 1:+.1%}" if base in masklora else "-"
+        lines.append(f"| {_base_name(base, rows.get(base))} | {cells} | {old} | {mask} | {change} |")
     return "\n".join(lines)
 
 
 def magnitude_text(result: dict) -> str:
     """Issue 16 item 8: per-row uniform magnitude against NeuroAL's per-row magnitude, from
     ``launch/bench.py allocation``'s JSON (``magnitude-uniform-row-70`` and
-    ``magnitude-neuroal-70``)."""
+    ``magnitude-neuroal-70``; the latter's optional ``before_row_step_fix`` is the issue 3
+    figure it replaces)."""
     rows = {r["run"]: r for r in result["rows"]}
     uniform, neuroal = rows["magnitude-uniform-row-70"], rows["magnitude-neuroal-70"]
-    return (f"Uniform magnitude with per-row masks (`criterion.group=row`, the grouping NeuroAL's "
+    text = (f"Uniform magnitude with per-row masks (`criterion.group=row`, the grouping NeuroAL's "
             f"magnitude masks use) measures {uniform['ppl']:.1f} at 70 % on the same protocol, so "
             f"NeuroAL ({neuroal['ppl']:.0f}) improves magnitude "
             f"{uniform['ppl'] / neuroal['ppl']:.2f}x with the grouping held fixed.")
+    if "before_row_step_fix" in neuroal:
+        lam = " / ".join(f"{neuroal[k]:g}" for k in ("lambda_block", "lambda_row"))
+        text += (f" The NeuroAL figure is a rerun after the issue 16.1 row-step fix ("
+                 f"{neuroal['wall_s']:.0f} s): lambda {lam} now scores {neuroal['ppl']:.0f}, "
+                 f"{neuroal['before_row_step_fix']:.0f} before the fix.")
+    return text
 
 
 def ood_text(result: dict) -> str:

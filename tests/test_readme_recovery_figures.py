@@ -27,22 +27,30 @@ RECOVERY = {"rows": [
 
 
 def test_scalelora_table_rows_in_table_order() -> None:
-    lines = figures.scalelora_text({**RECOVERY, "stale": {"wanda-uniform-60": 112.39}}
-                                   ).splitlines()
+    lines = figures.scalelora_text({**RECOVERY, "stale": {"wanda-uniform-60": 112.39},
+                                    "masklora": {"wanda-uniform-60": 80.0}}).splitlines()
     assert len(lines) == 2 + 8
-    assert lines[2] == "| Wanda 60 % uniform | 218.02 | 101.00 (150 s / 230 s) | 112.39 |"
-    assert lines[3] == "| Wanda 60 % NeuroAL | not rerun | not rerun | - |"
+    assert lines[2] == ("| Wanda 60 % uniform | 218.02 | 101.00 (150 s / 230 s) | 112.39 | "
+                        "80.00 | +26.3% |")
+    assert lines[3] == "| Wanda 60 % NeuroAL | not rerun | not rerun | - | - | - |"
     assert lines[5] == ("| Wanda 70 % NeuroAL, lambda 0.15 / 0.1 | 470.04 | "
-                        "250.12 (160 s / 251 s) | - |")
+                        "250.12 (160 s / 251 s) | - | - | - |")
     assert lines[-1].startswith("| SparseGPT 70 % NeuroAL | not rerun")
     default = figures.scalelora_text(RECOVERY).splitlines()
-    assert default[4] == ("| Wanda 70 % uniform | not rerun | not rerun | 297.68 |")
+    assert default[4] == ("| Wanda 70 % uniform | not rerun | not rerun | 297.68 | 233.78 | - |")
+    assert default[5].endswith("| 261.81 | 216.07 | +15.8% |")
 
 
 def test_magnitude_ratio_is_computed_from_both_rows() -> None:
     text = figures.magnitude_text({"rows": [{"run": "magnitude-uniform-row-70", "ppl": 30000.0},
                                             {"run": "magnitude-neuroal-70", "ppl": 12000.0}]})
     assert "30000.0" in text and "(12000)" in text and "2.50x" in text
+    assert "rerun" not in text
+    rerun = figures.magnitude_text({"rows": [
+        {"run": "magnitude-uniform-row-70", "ppl": 30000.0},
+        {"run": "magnitude-neuroal-70", "ppl": 15000.0, "lambda_block": 0.01, "lambda_row": 0.2,
+         "wall_s": 700.4, "before_row_step_fix": 12000}]})
+    assert "2.00x" in rerun and "(700 s): lambda 0.01 / 0.2 now scores 15000, 12000 before" in rerun
     with pytest.raises(KeyError):
         figures.magnitude_text({"rows": [{"run": "magnitude-neuroal-70", "ppl": 1.0}]})
 
