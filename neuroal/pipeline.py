@@ -754,7 +754,7 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: Spa
     plan.save(staging)
     if cfg.output.plots:
         report["plots"] = write_plots(staging, report)
-    write_run_files(staging, report, cfg.to_dict())
+    write_run_files(staging, report, cfg.to_dict(), card=cfg.output.save_model)
 
 
 def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, directory: Path,
