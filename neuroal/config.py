@@ -30,6 +30,7 @@ from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
     DEPRECATED_KEYS,
     DTYPES,
+    GENERATION_BACKENDS,
     LOG_LEVELS,
     PATTERN_RE,
     RAY_PLACEMENTS,
@@ -268,6 +269,9 @@ def _check_tasks(ev: EvalConfig) -> list[str]:
                       "of lm-eval task YAML files")
     if ev.num_fewshot is not None and (not is_int(ev.num_fewshot) or ev.num_fewshot < 0):
         errors.append(f"eval.num_fewshot={ev.num_fewshot!r}: expected an integer >= 0")
+    if ev.generation not in GENERATION_BACKENDS:
+        errors.append(f"eval.generation={ev.generation!r}: expected one of "
+                      f"{', '.join(GENERATION_BACKENDS)}")
     return errors
 
 

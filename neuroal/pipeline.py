@@ -249,7 +249,8 @@ def task_spec(cfg: PruneConfig) -> Any:
     one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
     ev, eng = cfg.eval, cfg.engine
     return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
-                    batch_size=4 * eng.micro_batch * eng.workers)
+                    batch_size=4 * eng.micro_batch * eng.workers,
+                    apply_chat_template=ev.apply_chat_template, log_samples=ev.log_samples)
 
 
 def prepare_tasks(cfg: PruneConfig) -> Any:

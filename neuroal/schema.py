@@ -27,6 +27,8 @@ from neuroal.jobs import NMPattern
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+GENERATION_BACKENDS = ("auto", "workers", "hf", "vllm")
+"""``eval.generation``: who answers lm-eval's generation requests."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 log = logging.getLogger("neuroal.config")  # the warnings of the config, as before the split
@@ -83,9 +85,14 @@ class CalibConfig:
 class EvalConfig:
     """Perplexity evaluation; ``datasets`` empty disables it. ``seqlen`` None = calib seqlen.
 
-    ``tasks``: lm-eval zero-shot tasks scored through the workers (``neuroal.zeroshot``; needs
-    the ``neuroal[eval]`` extra), with task YAMLs also read from ``include_path``; ``limit``
-    keeps the first documents of each task, ``max_length`` the context window (None: model's).
+    ``tasks``: lm-eval tasks scored through the workers (``neuroal.zeroshot``; needs the
+    ``neuroal[eval]`` extra), with task YAMLs also read from ``include_path``; ``limit`` keeps
+    the first documents of each task, ``max_length`` the context window (None: model's).
+    ``generation``: who answers generation (``generate_until``) requests: ``workers`` (greedy
+    decoding through the executor), ``hf`` / ``vllm`` (lm-eval's backends on the model
+    directory), or ``auto`` (``vllm`` when installed with CUDA, else ``hf``, for a model
+    directory evaluated by ``neuroal evaluate``; the workers otherwise).
+    ``apply_chat_template`` and ``log_samples`` are lm-eval's options of the same names.
     """
 
     datasets: tuple[str, ...] = ("wikitext2",)
@@ -97,6 +104,9 @@ class EvalConfig:
     num_fewshot: int | None = None
     limit: int | None = None
     max_length: int | None = None
+    generation: str = "auto"
+    apply_chat_template: bool = False
+    log_samples: bool = False
 
 
 @dataclass(frozen=True)
