@@ -38,7 +38,7 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
-from neuroal.hub import push_output
+from neuroal.hub import push_output, upload_hint
 from neuroal.inputs import position_errors
 from neuroal.jobs import BlockReport, PruneJob
 from neuroal.logging import RunLog, add_log_file, get_logger, remove_handler
@@ -405,8 +405,8 @@ def push(repo_id: str, result: RunResult, api: Any = None) -> None:
         result.report["hub"] = {"repo": repo_id, "url": url}
     except Exception as exc:  # network, token, permissions: the local output stays valid
         log.error("upload to the Hub repo %r failed (%s: %s); the output is complete in %s, "
-                  "upload it later with `huggingface-cli upload %s %s`", repo_id,
-                  type(exc).__name__, exc, result.output, repo_id, result.output)
+                  "upload it later with `%s`", repo_id, type(exc).__name__, exc, result.output,
+                  upload_hint(repo_id, result.output))
         result.report["hub"] = {"repo": repo_id, "error": f"{type(exc).__name__}: {exc}"}
 
 

@@ -165,6 +165,22 @@ def test_failed_upload_keeps_the_output_and_is_reported(neuroal_run) -> None:
     assert copy.report["hub"]["error"].startswith("ConnectionError") and out.is_dir()
 
 
+def test_upload_hint_names_the_installed_hub_cli(monkeypatch: pytest.MonkeyPatch) -> None:
+    """huggingface_hub >= 0.34 ships ``hf`` and no longer ``huggingface-cli``: the hint must
+    name a command that exists here."""
+    import shutil
+    import sys
+
+    from neuroal import hub
+
+    cli = hub.hub_cli()
+    assert shutil.which(cli) or (Path(sys.executable).parent / cli).exists()
+    assert hub.upload_hint("me/x", "out dir") == f"{cli} upload me/x 'out dir' ."
+    monkeypatch.setattr(shutil, "which", lambda name: "/bin/x" if name == "huggingface-cli" else None)
+    monkeypatch.setattr(hub.sys, "executable", "/nowhere/python")
+    assert hub.hub_cli() == "huggingface-cli"
+
+
 def test_recover_output_gets_a_card_and_a_log(neuroal_run, tmp_path: Path) -> None:
     from conftest import DATA_DIR
 
