@@ -26,6 +26,7 @@ from neuroal.engine.onload import ONLOAD_CHOICES
 from neuroal.errors import ConfigError
 from neuroal.inputs import is_int, is_number, label_flags, output_name_error, parse_size, type_error
 from neuroal.progress import MODES
+from neuroal.recipes import recipe_path
 from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
     DEPRECATED_KEYS,
@@ -76,7 +77,8 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 extra: Mapping[str, Any] | None = None) -> PruneConfig:
     """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
-    tree: dict[str, Any] = _expand_recover(read_yaml(path) if path is not None else {})
+    tree: dict[str, Any] = _expand_recover(read_yaml(recipe_path(path)) if path is not None
+                                           else {})
     if extra:
         tree = _expand_recover(merge(tree, extra))
     for item in overrides:
