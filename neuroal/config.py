@@ -26,6 +26,7 @@ from neuroal.engine.onload import ONLOAD_CHOICES
 from neuroal.errors import ConfigError
 from neuroal.inputs import is_int, is_number, label_flags, output_name_error, parse_size, type_error
 from neuroal.progress import MODES
+from neuroal.models.selection import selection_errors
 from neuroal.recipes import recipe_path
 from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
@@ -33,6 +34,7 @@ from neuroal.schema import (  # noqa: F401  (re-exported: the config's public na
     DTYPES,
     GENERATION_BACKENDS,
     LOG_LEVELS,
+    SPARSITY_SCOPES,
     PATTERN_RE,
     RAY_PLACEMENTS,
     AllocationConfig,
@@ -108,6 +110,7 @@ def validate(cfg: PruneConfig) -> None:
     """Check every rule that needs no model; raise one ConfigError listing all failures."""
     errors: list[str] = []
     errors += _check_sparsity(cfg)
+    errors += _check_selection(cfg)
     errors += _check_plugins(cfg)
     errors += _check_data(cfg)
     errors += _check_engine(cfg)
@@ -254,6 +257,20 @@ def _check_data(cfg: PruneConfig) -> list[str]:
         errors.append(f"calib.self_top_k={top_k!r}: expected an integer >= 1 (tokens kept per "
                       "step of calib=self sampling) or null for the full vocabulary")
     return errors + _check_tasks(cfg.eval)
+
+
+def _check_selection(cfg: PruneConfig) -> list[str]:
+    """``targets`` / ``ignore`` patterns and ``sparsity_scope``; whether they match the model is
+    checked by the pipeline on its skeleton."""
+    errors = selection_errors(cfg.targets, cfg.ignore)
+    if cfg.sparsity_scope not in SPARSITY_SCOPES:
+        errors.append(f"sparsity_scope={cfg.sparsity_scope!r}: expected one of "
+                      f"{', '.join(SPARSITY_SCOPES)}")
+    elif cfg.sparsity_scope == "model" and cfg.nm is not None:
+        errors.append(f"sparsity_scope=model with pattern {cfg.pattern}: an N:M pattern fixes "
+                      "each pruned linear's sparsity, so dense ignored linears cannot be made up "
+                      "for; use sparsity_scope=targeted")
+    return errors
 
 
 def _check_tasks(ev: EvalConfig) -> list[str]:

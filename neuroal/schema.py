@@ -28,6 +28,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 GENERATION_BACKENDS = ("auto", "workers", "hf", "vllm")
+SPARSITY_SCOPES = ("targeted", "model")
 """``eval.generation``: who answers lm-eval's generation requests."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -218,6 +219,12 @@ class PruneConfig:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     log: LogConfig = field(default_factory=LogConfig)
     compare: tuple[str, ...] = ()  # extra allocations pruned on the same data, side by side
+    # layer selection (llm-compressor's spelling): prune the linears matching a target (none:
+    # all) and no ignore pattern ('re:<regex>', a full module name or a class name)
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    # the target applies to the pruned linears (targeted) or to every block linear (model)
+    sparsity_scope: str = "targeted"
     seed: int = 0
     log_level: str = "INFO"
 
