@@ -1,16 +1,14 @@
 #!/usr/bin/env python
-"""Rewrite README figures from benchmark output, never by hand (issue 16 item 8).
+"""Rewrite the figures of README.md and docs/ from benchmark output, never by hand.
 
     python launch/readme_figures.py quickstart outputs/smollm2-wanda-neuroal-60/report.json
-    python launch/readme_figures.py search benchmarks/search.json      # launch/bench.py search
-    python launch/readme_figures.py unimodal benchmarks/unimodal.json  # launch/bench.py unimodal
-    python launch/readme_figures.py scalelora benchmarks/recovery_scalelora.json
-    python launch/readme_figures.py magnitude benchmarks/magnitude_row.json
-    python launch/readme_figures.py ood benchmarks/ood.json
+    python launch/readme_figures.py search            # default JSON: benchmarks/search.json
+    python launch/readme_figures.py --all --check     # every block against its committed JSON
 
-Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
-(``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
-disagrees with the JSON instead of rewriting it. Bad input exits 2 with a message.
+Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in one page
+(:data:`TARGETS`: README.md or a page under docs/; ``--readme`` for another file) and replaces
+only that; the JSON defaults to the committed one under benchmarks/. ``--check`` exits 1 when
+the page disagrees with the JSON instead of rewriting it. Bad input exits 2 with a message.
 """
 
 from __future__ import annotations
@@ -96,7 +94,7 @@ STALE_SCALELORA = {"wanda-uniform-60": 112.39, "wanda-neuroal-60": 102.03,
                    "wanda-uniform-70": 297.68, "wanda-neuroal-70": 261.81,
                    "sparsegpt-uniform-60": 87.28, "sparsegpt-neuroal-60": 83.94,
                    "sparsegpt-uniform-70": 171.50, "sparsegpt-neuroal-70": 166.72}
-"""The README's ``perp-scalelora`` column before the issue 16.2 learning-rate fix."""
+"""The ``perp-scalelora`` column measured before the learning-rate fix (lr x sqrt(r))."""
 
 TABLE_MASKLORA = {"wanda-uniform-60": 92.22, "wanda-neuroal-60": 85.95,
                   "wanda-uniform-70": 233.78, "wanda-neuroal-70": 216.07,
@@ -108,14 +106,14 @@ TABLE_MASKLORA = {"wanda-uniform-60": 92.22, "wanda-neuroal-60": 85.95,
 def scalelora_text(result: dict) -> str:
     """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
     pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; the figure
-    before the issue 16.2 fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`) and the
+    before the learning-rate fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`) and the
     recovery table's MaskLoRA figure (``masklora``, else :data:`TABLE_MASKLORA`) with
     ScaleLoRA's change against it."""
     rows = {r["run"]: r for r in result["rows"]}
     stale = result.get("stale", STALE_SCALELORA)
     masklora = result.get("masklora", TABLE_MASKLORA)
     lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
-             "before issue 16.2 (lr 5e-4) | perp-masklora (table above) | ScaleLoRA vs MaskLoRA |",
+             "before the learning-rate fix (lr 5e-4) | perp-masklora (table above) | ScaleLoRA vs MaskLoRA |",
              "|---|---|---|---|---|---|"]
     for base in BASES:
         r = rows.get(f"{base}+perp-scalelora")
@@ -134,7 +132,7 @@ def scalelora_text(result: dict) -> str:
 def magnitude_text(result: dict) -> str:
     """Issue 16 item 8: per-row uniform magnitude against NeuroAL's per-row magnitude, from
     ``launch/bench.py allocation``'s JSON (``magnitude-uniform-row-70`` and
-    ``magnitude-neuroal-70``; the latter's optional ``before_row_step_fix`` is the issue 3
+    ``magnitude-neuroal-70``; the latter's optional ``before_row_step_fix`` is the first
     figure it replaces)."""
     rows = {r["run"]: r for r in result["rows"]}
     uniform, neuroal = rows["magnitude-uniform-row-70"], rows["magnitude-neuroal-70"]
@@ -144,7 +142,7 @@ def magnitude_text(result: dict) -> str:
             f"{uniform['ppl'] / neuroal['ppl']:.2f}x with the grouping held fixed.")
     if "before_row_step_fix" in neuroal:
         lam = " / ".join(f"{neuroal[k]:g}" for k in ("lambda_block", "lambda_row"))
-        text += (f" The NeuroAL figure is a rerun after the issue 16.1 row-step fix ("
+        text += (f" The NeuroAL figure is a rerun after the row-step fix ("
                  f"{neuroal['wall_s']:.0f} s): lambda {lam} now scores {neuroal['ppl']:.0f}, "
                  f"{neuroal['before_row_step_fix']:.0f} before the fix.")
     return text
@@ -163,8 +161,43 @@ def ood_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text,
+def results_text(result: dict) -> str:
+    """The README's one results table, from ``launch/bench.py recovery``'s JSON: per criterion
+    and sparsity, uniform against NeuroAL, pruned and after whole-model PERP (ScaleLoRA), all
+    measured on one protocol."""
+    rows = {r["run"]: r for r in result["rows"]}
+    lines = ["| criterion, sparsity | uniform | NeuroAL (lambda block / row) | uniform + PERP | "
+             "NeuroAL + PERP |", "|---|---|---|---|---|"]
+    for criterion in ("wanda", "sparsegpt"):
+        for pct in ("60", "70"):
+            cells = []
+            for alloc in ("uniform", "neuroal"):
+                r = rows.get(f"{criterion}-{alloc}-{pct}+perp-scalelora")
+                cells.append(None if r is None else (r["ppl"], r["recovered_ppl"]))
+            if None in cells:
+                continue
+            base = rows.get(f"{criterion}-neuroal-{pct}")
+            lam = ""
+            if base is not None:
+                lam = " (" + " / ".join("-" if base.get(k) is None else f"{base[k]:g}"
+                                        for k in ("lambda_block", "lambda_row")) + ")"
+            name = f"{'Wanda' if criterion == 'wanda' else 'SparseGPT'} {pct} %"
+            lines.append(f"| {name} | {cells[0][0]:.2f} | {cells[1][0]:.2f}{lam} | "
+                         f"{cells[0][1]:.2f} | {cells[1][1]:.2f} |")
+    return "\n".join(lines)
+
+
+KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text, "unimodal": unimodal_text,
          "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text}
+
+TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
+           "results": ("benchmarks/recovery_scalelora.json", "README.md"),
+           "search": ("benchmarks/search.json", "docs/allocation.md"),
+           "unimodal": ("benchmarks/unimodal.json", "docs/allocation.md"),
+           "scalelora": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
+           "magnitude": ("benchmarks/magnitude_row.json", "docs/results.md"),
+           "ood": ("benchmarks/ood.json", "docs/results.md")}
+"""Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 
 def replace_block(text: str, name: str, body: str) -> str:
@@ -175,30 +208,45 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
 
 
+def render(kind: str, json_path: str | None = None, page: str | None = None,
+           check: bool = False) -> tuple[int, str]:
+    """Write (or with ``check`` compare) one kind's block; returns ``(exit code, message)``."""
+    default_json, default_page = TARGETS[kind]
+    json_path = json_path or str(REPO / default_json)
+    page = page or str(REPO / default_page)
+    try:
+        body = KINDS[kind](json.loads(Path(json_path).read_text()))
+        old = Path(page).read_text()
+        new = replace_block(old, kind, body)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return 2, (f"error: cannot write the {kind} figures from {json_path!r} into {page!r}: "
+                   f"missing or bad {exc}")
+    if check:
+        return (0, "") if new == old else (1, f"{page}: the {kind} block differs from {json_path}")
+    if new != old:
+        Path(page).write_text(new)
+    return 0, body
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=sorted(KINDS))
-    p.add_argument("json", help="report.json (quickstart) or the bench suite's JSON")
-    p.add_argument("--readme", default=str(REPO / "README.md"))
-    p.add_argument("--check", action="store_true", help="exit 1 if the README is out of date")
+    p.add_argument("kind", nargs="?", choices=sorted(KINDS))
+    p.add_argument("json", nargs="?", help="report.json (quickstart) or the bench suite's JSON "
+                   "(default: the committed one under benchmarks/)")
+    p.add_argument("--readme", help="the page to write (default: the kind's own page)")
+    p.add_argument("--all", action="store_true", help="every kind, from its committed JSON")
+    p.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
     opts = p.parse_args()
-    try:
-        data = json.loads(Path(opts.json).read_text())
-        body = KINDS[opts.kind](data)
-        readme = Path(opts.readme)
-        old = readme.read_text()
-        new = replace_block(old, opts.kind, body)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: cannot write the {opts.kind} figures from {opts.json!r} into "
-              f"{opts.readme!r}: missing or bad {exc}", file=sys.stderr)
-        return 2
-    if opts.check:
-        return 0 if new == old else 1
-    if new != old:
-        readme.write_text(new)
-    print(body)
-    return 0
+    if opts.all == bool(opts.kind):
+        p.error("give one KIND, or --all")
+    worst = 0
+    for kind in (sorted(KINDS) if opts.all else [opts.kind]):
+        code, message = render(kind, opts.json, opts.readme, opts.check)
+        if message:
+            print(message, file=sys.stderr if code else sys.stdout)
+        worst = max(worst, code)
+    return worst
 
 
 if __name__ == "__main__":

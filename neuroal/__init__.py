@@ -14,6 +14,7 @@ criteria and allocation policies by name.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from neuroal.schema import PruneConfig, set_dotted
@@ -85,11 +86,20 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
                session=session)
 
 
-def evaluate(model: str = "smollm2-135m", **kwargs: Any) -> dict[str, Any]:
-    """Perplexity and zero-shot accuracy of ``model`` (see :func:`neuroal.evaluation.evaluate`)."""
+def evaluate(model: str = "smollm2-135m", *, datasets: Sequence[str] | str = ("wikitext2",),
+             tasks: Sequence[str] | str = (), windows: int | None = None,
+             seqlen: int | None = None, limit: int | None = None, num_fewshot: int | None = None,
+             include_path: str | None = None, workers: int | None = None,
+             executor: str | None = None, device: str | None = None, dtype: str | None = None,
+             config: str | Path | None = None, **sections: Any) -> dict[str, Any]:
+    """Perplexity and lm-eval task scores of ``model`` through the workers; the arguments are
+    :func:`neuroal.evaluation.evaluate`'s (an unknown one raises ConfigError listing them)."""
     from neuroal.evaluation import evaluate as _evaluate  # lazy: imports the pipeline
 
-    return _evaluate(model, **kwargs)
+    return _evaluate(model, datasets=datasets, tasks=tasks, windows=windows, seqlen=seqlen,
+                     limit=limit, num_fewshot=num_fewshot, include_path=include_path,
+                     workers=workers, executor=executor, device=device, dtype=dtype,
+                     config=config, **sections)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,15 +1,20 @@
-"""Model cards for pruned and retrained outputs (engine.md §9; issue 15, item 7).
+"""Model cards for pruned and retrained outputs (engine.md §9).
 
 Built with ``huggingface_hub``'s :class:`ModelCard` / :class:`ModelCardData`, so the front matter
 is what the Hub parses: ``base_model`` (a hub id, never a local path), ``license`` (inherited),
 ``tags`` without duplicates, ``datasets`` with real hub dataset ids only (local text files and
 pre-tokenised windows are named in the body instead), ``pipeline_tag`` and a ``model-index``
-holding the perplexities. No ``base_model_relation``: the Hub has no value for pruning.
+holding the perplexities, but only for an evaluation over the whole split (a subset of windows
+is labelled as such in the body and never claimed as a test-set result). No
+``base_model_relation``: the Hub has no value for pruning. A card names no absolute path of the
+machine that wrote it: local models by their folder name, absolute paths in the command line as
+``.../name``.
 """
 
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,37 @@ def base_model_id(name: str | None) -> str | None:
     return name
 
 
+def display_name(name: str | None) -> str | None:
+    """A model as a card may name it: a hub id as it is, a local path by its last part."""
+    if not name or base_model_id(name) is not None:
+        return name
+    return Path(name).name or name
+
+
+def _portable_word(word: str) -> str:
+    key, sep, value = word.rpartition("=") if "=/" in word else ("", "", word)
+    if not value.startswith("/"):
+        return word
+    return f"{key}{sep}.../{Path(value).name}"
+
+
+def portable_command(command: str) -> str:
+    """``command`` as typed, with every absolute path (a word, or a ``key=`` value) shortened
+    to ``.../last-part``."""
+    try:
+        words = shlex.split(command)
+    except ValueError:  # unbalanced quotes: leave the words as they are
+        words = command.split()
+    return shlex.join(_portable_word(w) for w in words)
+
+
+def full_split(report: dict[str, Any]) -> bool:
+    """Whether the perplexities cover every window of their split (``eval.max_windows`` null
+    in the resolved config), which is what a ``model-index`` result claims."""
+    evaluation = (report.get("config") or {}).get("eval") or {}
+    return "max_windows" in evaluation and evaluation["max_windows"] is None
+
+
 def _card(data: Any, body: list[str]) -> str:
     from huggingface_hub import ModelCard
 
@@ -99,12 +135,12 @@ def prune_card(report: dict[str, Any], path: str = "<this repo or directory>") -
     for spec, ev in evals.items():
         ppl = ev.get("recovered_ppl", ev.get("sparse_ppl"))
         hub = hub_dataset(spec, "evaluation")
-        if hub is not None and ppl is not None:
+        if hub is not None and ppl is not None and full_split(report):
             results.append(EvalResult(task_type="text-generation", dataset_type=hub[0],
                                       dataset_name=spec, dataset_config=hub[1],
                                       dataset_split=hub[2], metric_type="perplexity",
                                       metric_value=round(float(ppl), 4)))
-    title = f"{Path(report['model']).name} pruned with neuroal"
+    title = f"{display_name(report['model'])} pruned with neuroal"
     policy = (report.get("plan") or {}).get("policy") or {}
     tags = _unique(["pruned", "sparse", "neuroal", report["criterion"], report["allocation"],
                     "n:m-sparsity" if ":" in report["pattern"] else "unstructured-sparsity",
@@ -119,7 +155,12 @@ def prune_card(report: dict[str, Any], path: str = "<this repo or directory>") -
             f"{report['achieved_sparsity']:.4f} (prunable block linears, parameter-weighted), "
             f"pattern `{report['pattern']}`.", ""]
     if evals:
-        body += ["| Data | Windows x tokens | Dense | Pruned | Retrained |", "|---|---|---|---|---|"]
+        full = full_split(report)
+        scope = "windows x tokens" if full else "first windows x tokens (a subset)"
+        where = "every window of the split" if full else \
+            "the first windows of the split only: not a full test-set result"
+        body += [f"Perplexity on {where}:", "",
+                 f"| Data | {scope} | Dense | Pruned | Retrained |", "|---|---|---|---|---|"]
         body += [f"| {spec} | {ev.get('windows')} x {ev.get('seqlen')} | {_fmt(ev.get('dense_ppl'))}"
                  f" | {_fmt(ev.get('sparse_ppl'))} | {_fmt(ev.get('recovered_ppl'))} |"
                  for spec, ev in evals.items()]
@@ -139,13 +180,13 @@ def recipe_lines(report: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     versions = report.get("versions") or {}
     hardware = report.get("hardware") or {}
     return ["", "## Recipe", "",
-            f"- base model: `{report.get('base_model') or report['model']}`",
+            f"- base model: `{display_name(report.get('base_model') or report['model'])}`",
             f"- criterion `{report['criterion']}`, allocation `{report['allocation']}`"
             + (f" ({', '.join(f'{k} {v:g}' for k, v in search.items())})" if search else ""),
             f"- calibration: `{calib['source']}`, N={calib['nsamples']}, T={calib['seqlen']}, "
             f"seed {calib['seed']}",
             f"- recovery: {', '.join(steps) if steps else 'none'}",
-            f"- command: `{report.get('command') or 'python API'}`",
+            f"- command: `{portable_command(report.get('command') or 'python API')}`",
             f"- neuroal {versions.get('neuroal')} (git {versions.get('git_sha')}), torch "
             f"{versions.get('torch')}, transformers {versions.get('transformers')}",
             f"- hardware: {hardware.get('gpu') or hardware.get('cpu')}, wall time "
@@ -174,12 +215,12 @@ def recovery_card(report: dict[str, Any], source_card: str | None = None,
     ppl = report.get("perplexity") or {}
     results = []
     hub = hub_dataset(ppl.get("spec") or "", "evaluation")
-    if hub is not None and ppl.get("after") is not None:
+    if hub is not None and ppl.get("after") is not None and ppl.get("windows") is None:
         results.append(EvalResult(task_type="text-generation", dataset_type=hub[0],
                                   dataset_name=ppl["spec"], dataset_config=hub[1],
                                   dataset_split=hub[2], metric_type="perplexity",
                                   metric_value=round(float(ppl["after"]), 4)))
-    title = f"{Path(report['model']).name} retrained with PERP ({report['variant']})"
+    title = f"{display_name(report['model'])} retrained with PERP ({report['variant']})"
     data = ModelCardData(base_model=inherited.get("base_model"), license=inherited.get("license"),
                          tags=_unique([*(inherited.get("tags") or ["pruned", "sparse", "neuroal"]),
                                        "perp", report["variant"]]),
@@ -192,10 +233,11 @@ def recovery_card(report: dict[str, Any], source_card: str | None = None,
     body = [f"# {title}", "", "## Results", "",
             f"Sparsity {report.get('achieved_sparsity', float('nan')):.4f} (every pruned weight "
             "still zero). Perplexity on "
-            f"{ppl.get('spec')} ({ppl.get('windows')} windows x {ppl.get('seqlen')} tokens): before "
+            f"{ppl.get('spec')} ({ppl.get('windows') or 'every'} windows x {ppl.get('seqlen')} "
+            f"tokens{'' if ppl.get('windows') is None else ', a subset of the split'}): before "
             f"{_fmt(ppl.get('before'))}, after {_fmt(ppl.get('after'))}.", "",
             "## Recipe", "",
-            f"- input (pruned): `{report['model']}`",
+            f"- input (pruned): `{display_name(report['model'])}`",
             f"- PERP variant `{report['variant']}`, backend {report.get('backend')}, "
             f"{train.get('steps')} steps, {train.get('tokens')} tokens",
             f"- calibration: `{report.get('calib')}`",

@@ -45,6 +45,7 @@ COMMANDS = {
     "plan": ("neuroal.commands.plan", "main", "memory plan per worker before a run"),
     "evaluate": ("neuroal.evaluation", "main", "perplexity and lm-eval zero-shot accuracy"),
     "recover": ("neuroal.commands.recover", "main", "retrain a pruned model with PERP"),
+    "recipes": ("neuroal.commands.recipes", "main", "list the YAML recipes shipped with neuroal"),
 }
 
 

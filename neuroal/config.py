@@ -26,11 +26,15 @@ from neuroal.engine.onload import ONLOAD_CHOICES
 from neuroal.errors import ConfigError
 from neuroal.inputs import is_int, is_number, label_flags, output_name_error, parse_size, type_error
 from neuroal.progress import MODES
+from neuroal.models.selection import selection_errors
+from neuroal.recipes import recipe_path
 from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
     DEPRECATED_KEYS,
     DTYPES,
+    GENERATION_BACKENDS,
     LOG_LEVELS,
+    SPARSITY_SCOPES,
     PATTERN_RE,
     RAY_PLACEMENTS,
     AllocationConfig,
@@ -75,7 +79,8 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 extra: Mapping[str, Any] | None = None) -> PruneConfig:
     """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
-    tree: dict[str, Any] = _expand_recover(read_yaml(path) if path is not None else {})
+    tree: dict[str, Any] = _expand_recover(read_yaml(recipe_path(path)) if path is not None
+                                           else {})
     if extra:
         tree = _expand_recover(merge(tree, extra))
     for item in overrides:
@@ -105,6 +110,7 @@ def validate(cfg: PruneConfig) -> None:
     """Check every rule that needs no model; raise one ConfigError listing all failures."""
     errors: list[str] = []
     errors += _check_sparsity(cfg)
+    errors += _check_selection(cfg)
     errors += _check_plugins(cfg)
     errors += _check_data(cfg)
     errors += _check_engine(cfg)
@@ -253,6 +259,20 @@ def _check_data(cfg: PruneConfig) -> list[str]:
     return errors + _check_tasks(cfg.eval)
 
 
+def _check_selection(cfg: PruneConfig) -> list[str]:
+    """``targets`` / ``ignore`` patterns and ``sparsity_scope``; whether they match the model is
+    checked by the pipeline on its skeleton."""
+    errors = selection_errors(cfg.targets, cfg.ignore)
+    if cfg.sparsity_scope not in SPARSITY_SCOPES:
+        errors.append(f"sparsity_scope={cfg.sparsity_scope!r}: expected one of "
+                      f"{', '.join(SPARSITY_SCOPES)}")
+    elif cfg.sparsity_scope == "model" and cfg.nm is not None:
+        errors.append(f"sparsity_scope=model with pattern {cfg.pattern}: an N:M pattern fixes "
+                      "each pruned linear's sparsity, so dense ignored linears cannot be made up "
+                      "for; use sparsity_scope=targeted")
+    return errors
+
+
 def _check_tasks(ev: EvalConfig) -> list[str]:
     """Zero-shot settings; whether the task names exist is checked by the pipeline (it needs
     lm-eval's task index)."""
@@ -268,6 +288,9 @@ def _check_tasks(ev: EvalConfig) -> list[str]:
                       "of lm-eval task YAML files")
     if ev.num_fewshot is not None and (not is_int(ev.num_fewshot) or ev.num_fewshot < 0):
         errors.append(f"eval.num_fewshot={ev.num_fewshot!r}: expected an integer >= 0")
+    if ev.generation not in GENERATION_BACKENDS:
+        errors.append(f"eval.generation={ev.generation!r}: expected one of "
+                      f"{', '.join(GENERATION_BACKENDS)}")
     return errors
 
 

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from neuroal import __version__
 from neuroal.cli import _names, split_overrides
 from neuroal.config import ConfigError, load_config, set_dotted
@@ -38,12 +40,21 @@ from neuroal.pipeline import (
     build_executor,
     check_memory,
     check_shape,
-    evaluate_tasks,
     load_tokenizer,
     pick_device,
     prepare_tasks,
+    task_spec,
     tasks_report,
     versions,
+)
+from neuroal.zeroshot import (
+    backend_results,
+    executor_results,
+    generation_backend,
+    generation_tasks,
+    merge_results,
+    summarize_results,
+    write_lm_eval_output,
 )
 
 log = get_logger(__name__)
@@ -55,7 +66,26 @@ FLAG_KEYS = {
     "num_fewshot": "eval.num_fewshot", "max_length": "eval.max_length",
     "workers": "engine.workers", "engine": "engine.executor", "device": "engine.device",
     "dtype": "model.dtype", "micro_batch": "engine.micro_batch", "data_dir": "calib.data_dir",
+    "generation": "eval.generation", "apply_chat_template": "eval.apply_chat_template",
+    "log_samples": "eval.log_samples",
 }
+
+PROTOCOL_KEYS = ("eval.seqlen", "eval.max_windows")
+"""The perplexity protocol: a neuroal output is evaluated with the one its prune used."""
+
+
+def prune_protocol(model: str) -> dict[str, Any]:
+    """``{eval.seqlen, eval.max_windows}`` of the prune that wrote ``model`` (its
+    ``report.json``), or ``{}`` for any other model."""
+    report = Path(model).expanduser() / "report.json"
+    try:
+        data = json.loads(report.read_text())
+        evaluation = data["config"]["eval"]
+        seqlen = next(iter(data["eval"].values()))["seqlen"] if data.get("eval") else None
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, AttributeError):
+        return {}
+    return {"eval.seqlen": evaluation.get("seqlen") or seqlen,
+            "eval.max_windows": evaluation.get("max_windows")}
 
 
 def evaluation_config(model: str, overrides: Mapping[str, Any] | None = None,
@@ -63,6 +93,15 @@ def evaluation_config(model: str, overrides: Mapping[str, Any] | None = None,
     """The validated config of an evaluation: defaults <- YAML ``config`` <- ``overrides`` (a
     nested or dotted mapping) <- ``key=value`` ``items``; ``model`` always wins."""
     tree: dict[str, Any] = {}
+    given = {key.replace("__", ".") for key in (overrides or {})} | \
+        {item.split("=", 1)[0] for item in items}
+    if not given & set(PROTOCOL_KEYS):  # the prune's own protocol, unless the user chose one
+        protocol = prune_protocol(model)
+        for key, value in protocol.items():
+            set_dotted(tree, key, value)
+        if protocol:
+            log.info("perplexity protocol of the prune that wrote %s: %s", model,
+                     ", ".join(f"{k}={v}" for k, v in protocol.items()))
     for key, value in (overrides or {}).items():
         set_dotted(tree, key.replace("__", "."), value)
     set_dotted(tree, "model.name", model)
@@ -72,19 +111,30 @@ def evaluation_config(model: str, overrides: Mapping[str, Any] | None = None,
     return cfg
 
 
+EVALUATE_SECTIONS = ("model", "eval", "engine", "calib", "log_level", "seed")
+"""Config sections an evaluation reads (``calib`` only for ``data_dir``)."""
+
+
 def evaluate(model: str = "smollm2-135m", *, datasets: Sequence[str] | str = ("wikitext2",),
-             tasks: Sequence[str] | str = (), config: str | Path | None = None,
-             **overrides: Any) -> dict[str, Any]:
-    """Perplexity and zero-shot accuracy of ``model`` through the executor's workers.
+             tasks: Sequence[str] | str = (), windows: int | None = None,
+             seqlen: int | None = None, limit: int | None = None, num_fewshot: int | None = None,
+             include_path: str | None = None, workers: int | None = None,
+             executor: str | None = None, device: str | None = None, dtype: str | None = None,
+             config: str | Path | None = None, **overrides: Any) -> dict[str, Any]:
+    """Perplexity and lm-eval task scores of ``model`` through the executor's workers.
 
     Args:
         model: Alias (``smollm2-135m``), local HF directory (e.g. a pruned output), ``.gguf``
             file or hub id.
         datasets: Perplexity sources (``wikitext2``, ``c4``, ``text:<path>``); ``()`` for none.
         tasks: lm-eval task names (needs ``neuroal[eval]``), e.g. ``["hellaswag", "arc_easy"]``.
+        windows: First perplexity windows (``0`` = all; default: the protocol of the prune that
+            wrote ``model``, else 64). ``seqlen``: tokens per window (likewise, else 512).
+        limit, num_fewshot, include_path: lm-eval's options.
+        workers, executor, device, dtype: how the model is spread and run.
         config: Optional YAML recipe whose ``model``, ``eval`` and ``engine`` sections apply.
-        overrides: Config keys, as sections (``engine={"workers": 2}``) or with ``__`` for dots
-            (``eval__limit=100``, ``engine__executor="ray"``).
+        overrides: Other keys of those sections, as sections (``engine={"ray": {"cpus": 2}}``)
+            or with ``__`` for dots (``eval__generation="hf"``).
 
     Returns:
         ``{"model", "perplexity": {source: ppl}, "eval": {source: {ppl, windows, seqlen}},
@@ -93,7 +143,19 @@ def evaluate(model: str = "smollm2-135m", *, datasets: Sequence[str] | str = ("w
     Raises:
         ConfigError: A bad value, before any weight is loaded.
     """
-    tree = {"eval": {"datasets": datasets, "tasks": tasks}}
+    unknown = sorted({k.split("__")[0] for k in overrides} - set(EVALUATE_SECTIONS))
+    if unknown:
+        raise ConfigError([f"neuroal.evaluate() got unknown argument(s) {', '.join(unknown)}; "
+                           "it takes datasets, tasks, windows, seqlen, limit, num_fewshot, "
+                           "include_path, workers, executor, device, dtype, config and the "
+                           f"sections {', '.join(EVALUATE_SECTIONS)}"])
+    tree: dict[str, Any] = {"eval": {"datasets": datasets, "tasks": tasks}}
+    named = {"eval": {"max_windows": windows, "seqlen": seqlen, "limit": limit,
+                      "num_fewshot": num_fewshot, "include_path": include_path},
+             "engine": {"workers": workers, "executor": executor, "device": device},
+             "model": {"dtype": dtype}}
+    for section, values in named.items():
+        tree.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
     for key, value in overrides.items():
         if isinstance(value, Mapping):
             tree.setdefault(key, {}).update(value)
@@ -112,10 +174,12 @@ def _dotted(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def run_evaluation(cfg: Any, session: Any = None) -> dict[str, Any]:
+def run_evaluation(cfg: Any, session: Any = None,
+                   lm_eval_sink: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """Resolve and check everything, load the model's slices on the workers, then score the
-    perplexity sources and the zero-shot tasks of ``cfg.eval``; returns the result dict.
-    ``session``: the open dist session (:func:`neuroal.engine.dist.coordinator`) or None."""
+    perplexity sources and the lm-eval tasks of ``cfg.eval``; returns the result dict.
+    ``session``: the open dist session (:func:`neuroal.engine.dist.coordinator`) or None;
+    ``lm_eval_sink`` receives lm-eval's own result dict (for ``--output_path``)."""
     timings, t0 = Timings(), time.perf_counter()
     with timings("resolve"):
         source = resolve_model(cfg.model.name, cfg.model.revision)
@@ -140,15 +204,28 @@ def run_evaluation(cfg: Any, session: Any = None) -> dict[str, Any]:
         manager = prepare_tasks(cfg)
     prep = Prepared(source, config, shape, device, dtype, tokenizer, None, evals, None, onload,
                     manager, session)
+    spec = task_spec(cfg)
+    generating = generation_tasks(spec, manager) if manager is not None else []
+    backend = generation_backend(cfg.eval.generation,
+                                 source.location if source.kind == "hf_dir" else None,
+                                 device.type == "cuda")
+    on_workers = [t for t in spec.tasks if backend == "workers" or t not in generating]
+    raw: dict[str, Any] = {}
     with timings("load"):
         executor = build_executor(cfg, prep)
     try:
         with timings("eval"):
             ppl = {spec: perplexity(executor.window_nll(data.windows)) for spec, data in evals.items()}
         with timings("eval_tasks"):
-            tasks = evaluate_tasks(cfg, prep, executor)
+            if on_workers:
+                raw = executor_results(executor, tokenizer, config, spec, manager, on_workers)
     finally:
         executor.shutdown()
+    if backend != "workers" and generating:  # after the workers released their devices
+        with timings("eval_generation"):
+            raw = merge_results(raw, backend_results(
+                backend, source.location, str(dtype).removeprefix("torch."), str(device), spec,
+                manager, generating, torch.cuda.device_count() if device.type == "cuda" else 0))
     timings.phases["total"] = time.perf_counter() - t0
     result: dict[str, Any] = {
         "model": cfg.model.name, "perplexity": ppl,
@@ -159,7 +236,10 @@ def run_evaluation(cfg: Any, session: Any = None) -> dict[str, Any]:
                    "device": str(device), "dtype": str(dtype).removeprefix("torch.")},
     }
     if manager is not None:
-        result["tasks"] = tasks_report(cfg, {}, tasks, key="model")
+        result["tasks"] = tasks_report(cfg, {}, summarize_results(raw), key="model")
+        result["tasks"]["generation"] = {"tasks": generating, "backend": backend}
+        if lm_eval_sink is not None:
+            lm_eval_sink.append(raw)
     return result
 
 
@@ -183,14 +263,28 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("model", help="local HF dir, .gguf file, alias (smollm2-135m) or hub id")
     p.add_argument("--eval", help=f"comma list of {_sources()}, or none (default wikitext2)")
-    p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default 512)")
-    p.add_argument("--windows", type=int, help="first k perplexity windows (default 64; 0 = all)")
+    p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default: the "
+                   "protocol of the prune that wrote the model, else 512)")
+    p.add_argument("--windows", type=int, help="first k perplexity windows (default: the "
+                   "prune's protocol, else 64; 0 = all)")
     p.add_argument("--tasks", help="comma list of lm-eval tasks, e.g. hellaswag,arc_easy,piqa "
                    "(needs pip install 'neuroal[eval]'); neuroal ships neuroal_tiny_qa")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--include-path", "--include_path", dest="include_path",
+                   help="folder of extra lm-eval task YAMLs")
     p.add_argument("--limit", type=int, help="first k documents of each task")
-    p.add_argument("--num-fewshot", type=int, help="few-shot examples (default: task's, else 0)")
-    p.add_argument("--max-length", type=int, help="context window in tokens (default: model's)")
+    p.add_argument("--num-fewshot", "--num_fewshot", dest="num_fewshot", type=int,
+                   help="few-shot examples (default: task's, else 0)")
+    p.add_argument("--max-length", "--max_length", dest="max_length", type=int,
+                   help="context window in tokens (default: model's)")
+    p.add_argument("--generation", help="who answers generation tasks: auto | workers | hf | "
+                   "vllm (auto: lm-eval's vllm or hf backend for a model directory)")
+    p.add_argument("--apply-chat-template", "--apply_chat_template", dest="apply_chat_template",
+                   action="store_true", default=None, help="lm-eval's option of the same name")
+    p.add_argument("--log-samples", "--log_samples", dest="log_samples", action="store_true",
+                   default=None, help="keep every document's prompt and answer (with "
+                   "--output-path)")
+    p.add_argument("--output-path", "--output_path", dest="output_path", metavar="DIR",
+                   help="also write lm-eval's own results files (its schema) under DIR")
     p.add_argument("--workers", type=int, help="block slices (one worker each)")
     p.add_argument("--engine", help=f"executor: {_executors()}")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
@@ -227,8 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
         if info is not None and info.rank > 0:
             return serve(cfg)
+        if cfg.eval.log_samples and not args.output_path:
+            raise ConfigError(["--log-samples keeps the samples in lm-eval's files: give "
+                               "--output-path DIR as well"])
+        raw: list[dict[str, Any]] = []
         with coordinator(cfg) as session:
-            result = run_evaluation(cfg, session)
+            result = run_evaluation(cfg, session, raw)
     except ConfigError as exc:  # each error names the flag that set its key, if any
         labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
         log.error("%s", ConfigError(label_flags(exc.errors, labels)))
@@ -240,6 +338,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("interrupted")
         return 130
     sys.stdout.write("\n".join(summary_lines(result)) + "\n")
+    if args.output_path and raw and raw[0]:
+        for path in write_lm_eval_output(raw[0], args.output_path, cfg.model.name):
+            sys.stdout.write(f"lm-eval results: {path}\n")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

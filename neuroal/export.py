@@ -135,6 +135,7 @@ def finalize_shards(directory: Path, files: list[dict[str, Any]]) -> dict[str, A
     for i, entry in enumerate(files, start=1):
         final = f"model-{i:05d}-of-{total:05d}.safetensors"
         os.replace(directory / entry["file"], directory / final)
+        os.chmod(directory / final, regular_mode())  # safetensors writes 0600: servers run as others
         for name in entry["names"]:
             if name in weight_map:
                 raise RuntimeError(f"tensor {name!r} was written by two workers")
@@ -158,12 +159,37 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def regular_mode() -> int:
+    """The mode a plain ``open()`` gives a new file under the current umask (0644 under the
+    usual 022): what every file of an output gets, shards included."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def causal_lm_architecture(config: Any) -> str | None:
+    """The transformers causal-LM class name for ``config.model_type`` (``LlamaForCausalLM``),
+    or None for a model type transformers does not map."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", None))
+
+
 def write_config(directory: Path, config: Any, dtype_name: str) -> None:
-    """``config.json`` (with the exported dtype) and ``generation_config.json``."""
+    """``config.json`` (with the exported dtype, and always with ``architectures``: configs
+    converted from GGUF have none, and vLLM's registry refuses a model without it) and
+    ``generation_config.json``."""
     from transformers import GenerationConfig
 
     config = config.__class__.from_dict(config.to_dict())
     config.dtype = dtype_name
+    if not getattr(config, "architectures", None):
+        arch = causal_lm_architecture(config)
+        if arch is None:
+            raise ValueError(f"model_type {getattr(config, 'model_type', None)!r} has no "
+                             "transformers causal-LM class to name in config.json "
+                             "'architectures'; set 'architectures' in the source config.json")
+        config.architectures = [arch]
     for attr in ("quantization_config", "sparsity_config"):
         if hasattr(config, attr):
             delattr(config, attr)
@@ -172,11 +198,14 @@ def write_config(directory: Path, config: Any, dtype_name: str) -> None:
     make_loadable(directory)  # keys transformers 4.5x / vLLM need (neuroal.compat)
 
 
-def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str, Any]) -> None:
-    """``report.json``, ``neuroal_config.yaml`` and the model card ``README.md``."""
+def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str, Any],
+                    card: bool = True) -> None:
+    """``report.json``, ``neuroal_config.yaml`` and, with ``card`` (the weights are there: a
+    card describes a model, never a report alone), the model card ``README.md``."""
     write_json(directory / "report.json", report)
     (directory / "neuroal_config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    (directory / "README.md").write_text(model_card(report))
+    if card:
+        (directory / "README.md").write_text(model_card(report))
 
 
 def model_card(report: dict[str, Any]) -> str:

@@ -2,17 +2,34 @@
 
 Only what neuroal wrote is uploaded: the finished output directory, after it was moved into
 place. The API object is passed in (tests use a stand-in; the default is ``HfApi()``, which
-reads the token from ``HF_TOKEN`` or ``huggingface-cli login``).
+reads the token from ``HF_TOKEN`` or the Hub CLI's login: ``hf auth login``).
 """
 
 from __future__ import annotations
 
+import shlex
+import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
+
+
+def hub_cli() -> str:
+    """The Hub's command-line tool as installed: ``hf`` (huggingface_hub >= 0.34), or the older
+    ``huggingface-cli`` where only that one exists."""
+    for name in ("hf", "huggingface-cli"):
+        if shutil.which(name) or (Path(sys.executable).parent / name).exists():
+            return name
+    return "hf"
+
+
+def upload_hint(repo_id: str, directory: str | Path) -> str:
+    """The command that uploads ``directory`` to ``repo_id`` later, with the installed CLI."""
+    return shlex.join([hub_cli(), "upload", repo_id, str(directory), "."])
 
 
 def push_output(directory: str | Path, repo_id: str, api: Any = None,

@@ -62,6 +62,8 @@ class WorkerSpec:
     rank: int = 0
     onload: str = "device"  # where blocks live between uses: device, host or disk (onload.py)
     prefetch: bool = True  # fetch the next block while one is in use (onload host / disk)
+    targets: tuple[str, ...] = ()  # layer selection (neuroal.models.selection): pruned linears
+    ignore: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -139,11 +141,15 @@ class BlockReport:
 
     @property
     def target(self) -> float:
-        return math.fsum(r.target * r.numel for r in self.layers) / sum(r.numel for r in self.layers)
+        """Parameter-weighted target of the pruned linears (0 for a block kept dense by the
+        layer selection)."""
+        numel = sum(r.numel for r in self.layers)
+        return math.fsum(r.target * r.numel for r in self.layers) / numel if numel else 0.0
 
     @property
     def achieved(self) -> float:
-        return sum(r.zeros for r in self.layers) / sum(r.numel for r in self.layers)
+        numel = sum(r.numel for r in self.layers)
+        return sum(r.zeros for r in self.layers) / numel if numel else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (resume state)."""

@@ -38,7 +38,7 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
-from neuroal.hub import push_output
+from neuroal.hub import push_output, upload_hint
 from neuroal.inputs import position_errors
 from neuroal.jobs import BlockReport, PruneJob
 from neuroal.logging import RunLog, add_log_file, get_logger, remove_handler
@@ -57,6 +57,7 @@ from neuroal.models.loading import (
     weights_fingerprint,
 )
 from neuroal.models.moe import has_experts
+from neuroal.models.selection import LayerSelection
 from neuroal.planner import ModelLayout, check_fits, parse_bytes
 from neuroal.plots import write_plots
 from neuroal.progress import configure_progress
@@ -114,6 +115,7 @@ class Prepared:
     onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
     tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.zeroshot), or None
     session: Any = None  # the open dist session (neuroal.engine.dist.coordinator), or None
+    selection: dict[str, Any] | None = None  # targets / ignore as report.json records them
 
 
 # --------------------------------------------------------------------------- preparation
@@ -146,6 +148,48 @@ def check_shape(cfg: PruneConfig, shape: ModelShape) -> None:
                       f"{shape.num_blocks} blocks")
     if errors:
         raise ConfigError(errors)
+
+
+def selection_of(cfg: PruneConfig) -> LayerSelection:
+    """The layer selection of ``cfg`` (``targets`` / ``ignore``)."""
+    return LayerSelection(tuple(cfg.targets), tuple(cfg.ignore))
+
+
+def check_selection(cfg: PruneConfig, adapter: ModelAdapter, shape: ModelShape) -> dict[str, Any]:
+    """The selection must leave something to prune, and ``sparsity_scope: model`` a reachable
+    target; patterns that match nothing are warned about (a typo keeps a layer pruned).
+    Returns the selection's record for ``report.json``."""
+    record = adapter.selection_report()
+    if adapter.selection.everything:
+        return record
+    for pattern in record["unused_patterns"]:
+        log.warning("layer selection: pattern %r matches no prunable linear of this model",
+                    pattern)
+    if shape.total_numel() == 0:
+        raise ConfigError([f"targets={list(cfg.targets)} / ignore={list(cfg.ignore)} leave no "
+                           "linear to prune; loosen the patterns"])
+    target = plan_target(cfg, shape, record)
+    if not 0.0 < target < max(cfg.allocation.clip):
+        raise ConfigError([f"sparsity_scope=model: a model-wide {cfg.target_sparsity:g} with "
+                           f"{record['ignored_numel']:,} weights kept dense needs "
+                           f"{target:.3f} on the pruned linears, above allocation.clip's "
+                           f"maximum {max(cfg.allocation.clip):g}; lower the sparsity, ignore "
+                           "fewer linears or use sparsity_scope=targeted"])
+    log.info("layer selection: %d linears stay dense (%s of the block weights); pruned at %.4f",
+             len(record["ignored"]), f"{record['ignored_numel'] / adapter.all_linears_numel():.1%}",
+             target)
+    return record
+
+
+def plan_target(cfg: PruneConfig, shape: ModelShape, selection: dict[str, Any] | None) -> float:
+    """The target the allocation plans for the pruned linears: the global target, or under
+    ``sparsity_scope: model`` the one that makes the mean over every block linear (the
+    ignored ones dense) equal to it."""
+    ignored = (selection or {}).get("ignored_numel", 0)
+    if cfg.sparsity_scope != "model" or not ignored:
+        return cfg.target_sparsity
+    targeted = shape.total_numel()
+    return cfg.target_sparsity * (targeted + ignored) / targeted
 
 
 def check_positions(cfg: PruneConfig, config: Any) -> None:
@@ -211,9 +255,10 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
             SafetensorsCheckpoint(Path(source.location)).verify()
         device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
-        adapter = ModelAdapter(build_skeleton(config, dtype))
+        adapter = ModelAdapter(build_skeleton(config, dtype), selection_of(cfg))
         shape = adapter.shape()
         check_shape(cfg, shape)
+        selection = check_selection(cfg, adapter, shape)
         check_positions(cfg, config)
         check_experts(cfg, adapter)
         onload = check_memory(cfg, config, adapter, device, dtype)
@@ -236,7 +281,7 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
             output.release()
         raise
     return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload,
-                    tasks)
+                    tasks, selection=selection)
 
 
 def _local(path: str | None) -> list[str]:
@@ -249,7 +294,8 @@ def task_spec(cfg: PruneConfig) -> Any:
     one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
     ev, eng = cfg.eval, cfg.engine
     return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
-                    batch_size=4 * eng.micro_batch * eng.workers)
+                    batch_size=4 * eng.micro_batch * eng.workers,
+                    apply_chat_template=ev.apply_chat_template, log_samples=ev.log_samples)
 
 
 def prepare_tasks(cfg: PruneConfig) -> Any:
@@ -330,7 +376,8 @@ def make_plan(cfg: PruneConfig, prep: Prepared, executor: Executor, calib: Any,
               state: RunState | None = None) -> SparsityPlan:
     """Ask the allocation policy for a plan and validate it against the model."""
     policy = ALLOCATIONS.get(cfg.allocation.name)
-    request = PlanRequest(shape=prep.shape, target=cfg.target_sparsity, pattern=cfg.pattern,
+    request = PlanRequest(shape=prep.shape, target=plan_target(cfg, prep.shape, prep.selection),
+                          pattern=cfg.pattern,
                           clip=tuple(cfg.allocation.clip), options=dict(cfg.allocation.options),
                           executor=executor, calibration=calib,
                           model_key=model_key(prep.source), cache_dir=cache_dir(),
@@ -404,8 +451,8 @@ def push(repo_id: str, result: RunResult, api: Any = None) -> None:
         result.report["hub"] = {"repo": repo_id, "url": url}
     except Exception as exc:  # network, token, permissions: the local output stays valid
         log.error("upload to the Hub repo %r failed (%s: %s); the output is complete in %s, "
-                  "upload it later with `huggingface-cli upload %s %s`", repo_id,
-                  type(exc).__name__, exc, result.output, repo_id, result.output)
+                  "upload it later with `%s`", repo_id, type(exc).__name__, exc, result.output,
+                  upload_hint(repo_id, result.output))
         result.report["hub"] = {"repo": repo_id, "error": f"{type(exc).__name__}: {exc}"}
 
 
@@ -754,7 +801,7 @@ def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: Spa
     plan.save(staging)
     if cfg.output.plots:
         report["plots"] = write_plots(staging, report)
-    write_run_files(staging, report, cfg.to_dict())
+    write_run_files(staging, report, cfg.to_dict(), card=cfg.output.save_model)
 
 
 def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, directory: Path,
@@ -814,6 +861,10 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "target_sparsity": cfg.target_sparsity,
         "planned_sparsity": plan.planned_global(prep.shape),
         "achieved_sparsity": zeros / numel,
+        "selection": {**(prep.selection or {}), "sparsity_scope": cfg.sparsity_scope,
+                      "planned_target": plan_target(cfg, prep.shape, prep.selection),
+                      "achieved_sparsity_model":
+                          zeros / (numel + (prep.selection or {}).get("ignored_numel", 0))},
         "layers": layer_table(blocks, prefix),
         "blocks": [{"index": b.index, "target": b.target, "achieved": b.achieved,
                     "seconds": b.seconds} for b in blocks],

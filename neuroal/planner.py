@@ -234,7 +234,7 @@ def layout_of(model: str | ModelLayout | Any) -> ModelLayout:
         alias = known_alias(model)
         if alias is not None:
             return _known_layout(alias)
-        return ModelLayout.from_config(load_model_config(resolve_model(model)), model)
+        return ModelLayout.from_config(load_model_config(resolve_model(model), network=False), model)
     return ModelLayout.from_config(model)
 
 

@@ -27,6 +27,9 @@ from neuroal.jobs import NMPattern
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+GENERATION_BACKENDS = ("auto", "workers", "hf", "vllm")
+SPARSITY_SCOPES = ("targeted", "model")
+"""``eval.generation``: who answers lm-eval's generation requests."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 log = logging.getLogger("neuroal.config")  # the warnings of the config, as before the split
@@ -83,9 +86,14 @@ class CalibConfig:
 class EvalConfig:
     """Perplexity evaluation; ``datasets`` empty disables it. ``seqlen`` None = calib seqlen.
 
-    ``tasks``: lm-eval zero-shot tasks scored through the workers (``neuroal.zeroshot``; needs
-    the ``neuroal[eval]`` extra), with task YAMLs also read from ``include_path``; ``limit``
-    keeps the first documents of each task, ``max_length`` the context window (None: model's).
+    ``tasks``: lm-eval tasks scored through the workers (``neuroal.zeroshot``; needs the
+    ``neuroal[eval]`` extra), with task YAMLs also read from ``include_path``; ``limit`` keeps
+    the first documents of each task, ``max_length`` the context window (None: model's).
+    ``generation``: who answers generation (``generate_until``) requests: ``workers`` (greedy
+    decoding through the executor), ``hf`` / ``vllm`` (lm-eval's backends on the model
+    directory), or ``auto`` (``vllm`` when installed with CUDA, else ``hf``, for a model
+    directory evaluated by ``neuroal evaluate``; the workers otherwise).
+    ``apply_chat_template`` and ``log_samples`` are lm-eval's options of the same names.
     """
 
     datasets: tuple[str, ...] = ("wikitext2",)
@@ -97,6 +105,9 @@ class EvalConfig:
     num_fewshot: int | None = None
     limit: int | None = None
     max_length: int | None = None
+    generation: str = "auto"
+    apply_chat_template: bool = False
+    log_samples: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,6 +219,12 @@ class PruneConfig:
     recover: RecoverConfig = field(default_factory=RecoverConfig)
     log: LogConfig = field(default_factory=LogConfig)
     compare: tuple[str, ...] = ()  # extra allocations pruned on the same data, side by side
+    # layer selection (llm-compressor's spelling): prune the linears matching a target (none:
+    # all) and no ignore pattern ('re:<regex>', a full module name or a class name)
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+    # the target applies to the pruned linears (targeted) or to every block linear (model)
+    sparsity_scope: str = "targeted"
     seed: int = 0
     log_level: str = "INFO"
 

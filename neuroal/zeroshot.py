@@ -1,9 +1,13 @@
-"""Zero-shot accuracy with lm-evaluation-harness, scored through the executor (issue 15).
+"""lm-evaluation-harness tasks, scored through the executor.
 
-lm-eval turns every task into ``loglikelihood`` / ``loglikelihood_rolling`` requests; the
-:class:`ExecutorLM` below answers them with the executor's workers (embedding on the first, the
-blocks of each slice on its owner, the head on the last), so a model split over several workers,
-Ray actors or torch.distributed ranks is evaluated without ever being loaded in one process.
+lm-eval turns every task into ``loglikelihood`` / ``loglikelihood_rolling`` / ``generate_until``
+requests; the :class:`ExecutorLM` below answers them with the executor's workers (embedding on
+the first, the blocks of each slice on its owner, the head on the last), so a model split over
+several workers, Ray actors or torch.distributed ranks is evaluated without ever being loaded in
+one process. Generation is greedy and recomputes the whole sequence per new token (no KV cache),
+so for a model directory ``neuroal evaluate`` hands generation tasks to lm-eval's own ``hf``
+backend (accelerate places the model on every visible GPU) or ``vllm`` instead
+(:func:`generation_backend`).
 Only per-position log-probabilities of the target tokens leave the last worker (``(B, T)``
 numbers, never ``(B, T, vocab)`` logits).
 
@@ -58,6 +62,8 @@ class TaskSpec:
         limit: First ``limit`` documents per task (None: all).
         max_length: Context window in tokens (None: from the model config).
         batch_size: Sequences per executor call (they are micro-batched inside it).
+        apply_chat_template: lm-eval's option: render prompts with the tokenizer's template.
+        log_samples: lm-eval's option: keep every document's prompt and answer.
     """
 
     tasks: tuple[str, ...]
@@ -66,6 +72,8 @@ class TaskSpec:
     limit: int | None = None
     max_length: int | None = None
     batch_size: int = 32
+    apply_chat_template: bool = False
+    log_samples: bool = False
 
 
 def require_lm_eval() -> None:
@@ -159,16 +167,118 @@ def evaluate_tasks(executor: Any, tokenizer: Any, model_config: Any, spec: TaskS
         ``{task: {"metrics": {name: value}, "version", "n_shot", "samples"}}`` for every task
         and group lm-eval reports (metric names without lm-eval's ``,none`` filter suffix).
     """
-    import lm_eval
+    return summarize_results(executor_results(executor, tokenizer, model_config, spec, manager))
 
+
+def executor_results(executor: Any, tokenizer: Any, model_config: Any, spec: TaskSpec,
+                     manager: Any | None = None, tasks: Sequence[str] | None = None
+                     ) -> dict[str, Any]:
+    """lm-eval's own result dict (its schema) for ``tasks`` (default: all of ``spec``),
+    every request answered by the executor's workers."""
     manager = manager if manager is not None else task_manager(spec)
     lm = ExecutorLM(executor, tokenizer, max_length(model_config, tokenizer, spec.max_length),
                     spec.batch_size)
+    return run_lm_eval(lm, None, spec, manager, tasks)
+
+
+def run_lm_eval(model: Any, model_args: dict[str, Any] | None, spec: TaskSpec, manager: Any,
+                tasks: Sequence[str] | None = None) -> dict[str, Any]:
+    """``lm_eval.simple_evaluate`` with ``spec``'s options; ``model`` an LM instance, or a
+    backend name (``hf``, ``vllm``) with its ``model_args``. Returns lm-eval's result dict."""
+    import lm_eval
+
     with _kept_rng():
-        out = lm_eval.simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot,
-                                      limit=spec.limit, task_manager=manager, log_samples=False,
-                                      bootstrap_iters=1000)
-    return summarize_results(out)
+        return lm_eval.simple_evaluate(
+            model=model, model_args=model_args, tasks=list(tasks or spec.tasks),
+            num_fewshot=spec.num_fewshot, limit=spec.limit, task_manager=manager,
+            log_samples=spec.log_samples, apply_chat_template=spec.apply_chat_template,
+            bootstrap_iters=1000)
+
+
+def generation_tasks(spec: TaskSpec, manager: Any) -> list[str]:
+    """The tasks of ``spec`` (or groups) with at least one ``generate_until`` subtask."""
+    from lm_eval.tasks import get_task_dict
+
+    def generates(node: Any) -> bool:
+        if isinstance(node, dict):
+            return any(generates(child) for child in node.values())
+        output_type = getattr(node, "OUTPUT_TYPE", None) or \
+            getattr(getattr(node, "config", None), "output_type", None)
+        return output_type == "generate_until"
+
+    built = get_task_dict(list(spec.tasks), manager)
+    found = []
+    for name in spec.tasks:
+        nodes = [v for k, v in built.items() if getattr(k, "group_name", k) == name]
+        if any(generates(node) for node in nodes):
+            found.append(name)
+    return found
+
+
+def generation_backend(setting: str, model_dir: str | None, cuda: bool) -> str:
+    """Who answers generation requests: ``setting`` unless ``auto``; for ``auto``, ``vllm``
+    (installed, CUDA) or ``hf`` when the model is a directory lm-eval can load, else the
+    ``workers``."""
+    if setting != "auto":
+        return setting
+    if model_dir is None:
+        return "workers"
+    return "vllm" if cuda and importlib.util.find_spec("vllm") is not None else "hf"
+
+
+def backend_results(backend: str, model_dir: str, dtype: str, device: str, spec: TaskSpec,
+                    manager: Any, tasks: Sequence[str], gpus: int = 0) -> dict[str, Any]:
+    """lm-eval's result dict for ``tasks`` from its own ``hf`` or ``vllm`` backend on the model
+    directory: ``hf`` on ``device`` (``parallelize``: accelerate's device map over every GPU
+    when there are several), ``vllm`` with one tensor-parallel rank per GPU."""
+    args: dict[str, Any] = {"pretrained": model_dir, "dtype": dtype}
+    if backend == "hf":
+        args.update({"parallelize": True} if gpus > 1 else {"device": device})
+    elif backend == "vllm":
+        args["tensor_parallel_size"] = max(gpus, 1)
+    else:
+        raise ValueError(f"generation backend {backend!r}: expected hf or vllm")
+    if spec.max_length:
+        args["max_length"] = spec.max_length
+    log.info("generation tasks %s: lm-eval's %s backend on %s", ", ".join(tasks), backend,
+             model_dir)
+    return run_lm_eval(backend, args, spec, manager, tasks)
+
+
+RESULT_SECTIONS = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot",
+                   "higher_is_better", "n-samples", "samples")
+
+
+def merge_results(first: dict[str, Any] | None, second: dict[str, Any] | None) -> dict[str, Any]:
+    """Two lm-eval result dicts of disjoint tasks as one (per-task sections merged; the rest,
+    such as ``config``, from ``first``)."""
+    if not first or not second:
+        return dict(first or second or {})
+    merged = dict(first)
+    for key in RESULT_SECTIONS:
+        if key in first or key in second:
+            merged[key] = {**(first.get(key) or {}), **(second.get(key) or {})}
+    return merged
+
+
+def write_lm_eval_output(result: dict[str, Any], output_path: str, model_name: str) -> list[Path]:
+    """Write ``result`` in lm-eval's own files under ``output_path`` (what ``lm-eval
+    --output_path`` writes: ``<model>/results_<time>.json``, and ``samples_<task>_<time>.jsonl``
+    when samples were logged); returns the new files. lm-eval names every file by the time,
+    so nothing existing is replaced."""
+    from lm_eval.loggers import EvaluationTracker
+
+    before = set(Path(output_path).rglob("*")) if Path(output_path).exists() else set()
+    tracker = EvaluationTracker(output_path=output_path)
+    tracker.general_config_tracker.log_experiment_args(
+        model_source="neuroal", model_args={"pretrained": model_name}, system_instruction=None,
+        chat_template=None, fewshot_as_multiturn=False)
+    result = dict(result)
+    samples = result.pop("samples", None)
+    tracker.save_results_aggregated(results=result, samples=samples)
+    for task, rows in (samples or {}).items():
+        tracker.save_results_samples(task_name=task, samples=rows)
+    return sorted(p for p in Path(output_path).rglob("*") if p.is_file() and p not in before)
 
 
 def summarize_results(out: dict[str, Any]) -> dict[str, Any]:
@@ -321,7 +431,46 @@ class ExecutorLM(_LMBase):  # type: ignore[misc, valid-type]
         return totals
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
-        raise NotImplementedError(
-            "neuroal scores log-likelihood tasks (multiple choice, perplexity) through its "
-            "workers; generation tasks (generate_until) are not supported: evaluate the "
-            "exported model with lm-eval's hf or vllm backend instead")
+        """Greedy continuation of each ``(context, gen_kwargs)`` request through the workers,
+        as lm-eval's ``HFLM`` decodes it: the context cut on the left to leave room for
+        ``max_gen_toks`` (256 by default) new tokens, stopped at the end-of-text token or the
+        first ``until`` string, which is cut off with what follows it. Sampling options are
+        ignored (logged once): the answer is the greedy one."""
+        items = requests if disable_tqdm else progress(requests, "generation requests",
+                                                      total=len(requests))
+        return [self._generate(*request.args) for request in items]
+
+    def _generate(self, context: str, gen_kwargs: dict[str, Any]) -> str:
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        budget = int(kwargs.pop("max_gen_toks", 256))
+        if kwargs.get("do_sample") or kwargs.get("temperature", 0.0):
+            log.warning("generation options %s ignored: neuroal decodes greedily", kwargs)
+        ids = self.tok_encode(context)[-max(self._max_length - budget, 1):]
+        new: list[int] = []
+        for _ in range(budget):
+            window = torch.tensor([(ids + new)[-self._max_length:]], dtype=torch.long)
+            token = int(self.executor.last_logits(window)[0].argmax())
+            if token == self.eot_token_id:
+                break
+            new.append(token)
+            if until and any(stop in self.tok_decode(new) for stop in until):
+                break
+        text = self.tok_decode(new)
+        for stop in until:
+            text = text.split(stop)[0]
+        return text
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        """The prompt lm-eval's ``apply_chat_template`` asks for, from the tokenizer's template."""
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    @property
+    def tokenizer_name(self) -> str:
+        return str(getattr(self.tokenizer, "name_or_path", "tokenizer")).replace("/", "__")
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None) if chat_template else None

@@ -1,4 +1,4 @@
-"""``hf:`` and ``tokens:`` calibration sources on local files, offline (issue 15, item 6)."""
+"""``hf:`` and ``tokens:`` calibration sources on local files, offline."""
 
 from __future__ import annotations
 
@@ -138,6 +138,46 @@ def test_chat_template_renders_conversations(tmp_path: Path, tokenizer_dir: Path
         assert rendered[0] == tok.apply_chat_template(CHATS[0]["messages"], tokenize=False)
         assert torch.equal(data.windows, _expected(rendered, tok, 3, 16, 2)), name
         assert "chat template applied" in data.source_info.note
+
+
+def test_conversations_get_the_chat_template_without_asking(tmp_path: Path,
+                                                            tokenizer_dir: Path) -> None:
+    """A chat-shaped field is rendered with the template even without calib.chat_template,
+    never calibrated on the Python text of the message dicts; the note says so."""
+    from gguf_fixture import CHAT_TEMPLATE
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = CHAT_TEMPLATE
+    folder = tmp_path / "chats"
+    folder.mkdir()
+    (folder / "chats.jsonl").write_text("".join(json.dumps(r) + "\n" for r in CHATS))
+    asked = load_calibration(f"hf:{folder}/chats.jsonl:::messages", tok, 3, 16, seed=2,
+                             chat_template=True)
+    auto = load_calibration(f"hf:{folder}/chats.jsonl:::messages", tok, 3, 16, seed=2)
+    assert torch.equal(auto.windows, asked.windows)
+    assert "chat template applied (automatically" in auto.source_info.note
+    unnamed = load_calibration(f"hf:{folder}/chats.jsonl", tok, 3, 16, seed=2)  # no text field
+    assert torch.equal(unnamed.windows, asked.windows)
+    decoded = tok.decode(auto.windows[0])
+    assert "'role'" not in decoded and "'content'" not in decoded
+    with pytest.raises(ValueError, match="has no chat template"):
+        load_calibration(f"hf:{folder}/chats.jsonl:::messages", CharTokenizer(), 2, 8, seed=0)
+    with pytest.raises(ValueError, match="without a tokenizer"):
+        eval_text(f"hf:{folder}/chats.jsonl:::messages")
+
+
+@pytest.mark.parametrize("value, kind", [(["a", "b"], "list"), ({"a": "b"}, "dict"), (7, "int"),
+                                         ([{"x": 1}], "list")])
+def test_non_text_fields_are_refused_naming_field_and_type(tmp_path: Path, value: object,
+                                                           kind: str) -> None:
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    rows = [{"text": f"row {i}", "meta": value} for i in range(6)]
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=rf"field 'meta' holds {kind} values"):
+        load_calibration(f"hf:{folder}/data.jsonl:::meta", CharTokenizer(), 2, 8, seed=0)
+    assert load_calibration(f"hf:{folder}/data.jsonl", CharTokenizer(), 2, 8, seed=0) is not None
 
 
 def test_chat_template_needs_a_template_and_an_hf_source(tmp_path: Path, small_text: Path) -> None:

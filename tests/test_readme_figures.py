@@ -1,4 +1,4 @@
-"""README figures come from benchmark JSON (issue 16 item 8)."""
+"""README and docs figures come from benchmark JSON."""
 
 from __future__ import annotations
 

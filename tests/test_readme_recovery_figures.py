@@ -1,4 +1,4 @@
-"""README recovery figures (issue 16 items 2, 8, 12) come from benchmark JSON, like the
+"""Recovery figures in docs/results.md come from benchmark JSON, like the
 quickstart sentence: the ScaleLoRA table, the per-row magnitude comparison, the pydoc row."""
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def validate(args: argparse.Namespace) -> None:
         values.update({"allocation.search_samples": args.search_samples,
                        "allocation.reference_stream": args.reference_stream})
     config_from_flags(values, FLAGS)
-    errors = position_errors(load_model_config(resolve_model(args.model)),
+    errors = position_errors(load_model_config(resolve_model(args.model), network=False),
                              {"--seqlen": args.seqlen, "--eval-seqlen": args.eval_seqlen},
                              args.model)
     if errors:

@@ -1,4 +1,4 @@
-"""Calibration from any dataset and from pre-tokenised windows (issue 15, item 6).
+"""Calibration from any dataset and from pre-tokenised windows.
 
 Two more registered sources (:data:`neuroal.data.calibration.SOURCES`, style rule 3):
 
@@ -7,8 +7,11 @@ Two more registered sources (:data:`neuroal.data.calibration.SOURCES`, style rul
   or a folder written by ``save_to_disk``), or one data file. ``split`` defaults to ``train``;
   ``field`` to ``text`` (or, with ``calib.chat_template=true``, ``messages`` or
   ``conversations``). Empty parts keep their default: ``hf:./chats:::messages``.
-  With ``calib.chat_template=true`` each row's conversation (a list of ``{role, content}``
-  messages, or ShareGPT ``{from, value}`` turns) is rendered with the tokenizer's chat template.
+  A field holding conversations (a list of ``{role, content}`` messages, or ShareGPT
+  ``{from, value}`` turns) is rendered with the tokenizer's chat template, whether or not
+  ``calib.chat_template=true`` asked for it, and the source's note says so; a field holding any
+  other non-text value (a number, a list, a mapping) is refused, naming the field and the type,
+  so no row is ever calibrated on its Python ``str()``.
   Calibration: rows are shuffled with the calibration seed and joined with ``"\\n\\n"`` until
   the text holds about ``CHARS_PER_TOKEN * N * T`` characters, then tokenised once and drawn
   with the stream protocol (:func:`calibration_windows`). Evaluation joins every row in order.
@@ -133,13 +136,14 @@ def load_hf_rows(hf: HFSpec) -> tuple[Any, str]:
 
 
 def _pick_field(columns: list[str], hf: HFSpec, chat: bool) -> str:
-    """The column holding the text (or the conversation with ``chat``)."""
+    """The column holding the text (or the conversation with ``chat``); without ``chat`` a
+    conversation field is taken when there is no text field."""
     if hf.field is not None:
         if hf.field not in columns:
             raise ValueError(f"dataset 'hf:{hf.path}' has no field {hf.field!r}; its fields: "
                              f"{', '.join(columns)}")
         return hf.field
-    for name in CHAT_FIELDS if chat else TEXT_FIELDS:
+    for name in CHAT_FIELDS if chat else TEXT_FIELDS + CHAT_FIELDS:
         if name in columns:
             return name
     wanted = "conversation field (messages, conversations)" if chat else "'text' field"
@@ -162,17 +166,46 @@ def _messages(turns: Any) -> list[dict[str, str]]:
     return out
 
 
-def render_rows(rows: Any, field: str, tokenizer: TextTokenizer | None, chat: bool) -> list[str]:
-    """Each row's text: the field itself, or its conversation through the chat template."""
-    values = rows[field]
-    if not chat:
-        return [v if isinstance(v, str) else str(v) for v in values]
+def _is_turn(value: Any) -> bool:
+    return isinstance(value, dict) and ({"role", "content"} <= value.keys()
+                                        or {"from", "value"} <= value.keys())
+
+
+def field_kind(values: list[Any]) -> str:
+    """``text`` (every non-null value a string), ``chat`` (every value a non-empty list of
+    conversation turns), else the offending Python type's name."""
+    present = [v for v in values if v is not None]
+    if all(isinstance(v, str) for v in present):
+        return "text"
+    if all(isinstance(v, list) and v and all(_is_turn(t) for t in v) for v in present):
+        return "chat"
+    odd = next(v for v in present if not isinstance(v, str))
+    return type(odd).__name__
+
+
+def render_rows(rows: Any, field: str, tokenizer: TextTokenizer | None,
+                chat: bool) -> tuple[list[str], bool]:
+    """Each row's text, and whether the chat template rendered it: a text field as it is, a
+    conversation field through the tokenizer's chat template (asked for or not). Any other
+    value is refused rather than stringified."""
+    values = list(rows[field])
+    kind = field_kind(values)
+    if kind == "text" and not chat:
+        return [v for v in values if v is not None], False
+    if kind not in ("text", "chat"):
+        sample = next(v for v in values if v is not None and not isinstance(v, str))
+        raise ValueError(f"dataset field {field!r} holds {kind} values (e.g. {sample!r:.60}), "
+                         "neither text nor conversations ([{role, content}] or [{from, value}] "
+                         f"turns); name a text field as {HF_USAGE}")
     template = getattr(tokenizer, "chat_template", None)
     if tokenizer is None or not template:
-        raise ValueError("calib.chat_template=true but the tokenizer has no chat template; set "
-                         "model.tokenizer to one that has, or use calib.chat_template=false")
+        why = "calib.chat_template=true" if chat else f"field {field!r} holds conversations"
+        lacking = "the tokenizer has no chat template" if tokenizer is not None else \
+            "an evaluation source is read without a tokenizer"
+        raise ValueError(f"{why}, but {lacking} to render them; set model.tokenizer to one with "
+                         f"a chat template, or name a text field as {HF_USAGE}")
     render = tokenizer.apply_chat_template
-    return [render(_messages(v), tokenize=False) for v in values]
+    return [render(_messages(v), tokenize=False) for v in values if v is not None], True
 
 
 def _hf_texts(spec: SourceSpec, tokenizer: TextTokenizer | None, chat: bool,
@@ -180,11 +213,18 @@ def _hf_texts(spec: SourceSpec, tokenizer: TextTokenizer | None, chat: bool,
     hf = HFSpec.parse(str(spec.arg))
     rows, call = load_hf_rows(hf)
     field = _pick_field(list(rows.column_names), hf, chat)
-    texts = [t for t in render_rows(rows, field, tokenizer, chat) if t.strip()]
+    rendered, templated = render_rows(rows, field, tokenizer, chat)
+    texts = [t for t in rendered if t.strip()]
     if not texts:
         raise ValueError(f"dataset 'hf:{spec.arg}' field {field!r} holds no text")
     origin = "local" if hf.is_local() else "hub"
-    note = f"field {field!r}" + (", chat template applied" if chat else "")
+    note = f"field {field!r}"
+    if templated:
+        note += ", chat template applied" + ("" if chat else " (automatically: the field holds "
+                                                            "conversations)")
+        if not chat:
+            logger.warning("calibration field %r of hf:%s holds conversations: rendering them "
+                           "with the tokenizer's chat template", field, spec.arg)
     info = SourceInfo(str(spec), purpose, origin, call, None, n_documents=len(texts), note=note)
     return texts, info
 

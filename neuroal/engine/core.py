@@ -35,7 +35,8 @@ def worker_template(cfg: Any, source: ModelSource, num_blocks: int, device: str,
     eng = cfg.engine
     return WorkerSpec(source, 0, 0, num_blocks, device, dtype, eng.micro_batch,
                       eng.offload_activations, cfg.model.trust_remote_code,
-                      onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
+                      onload=resolved_onload(eng.onload), prefetch=eng.prefetch,
+                      targets=tuple(cfg.targets), ignore=tuple(cfg.ignore))
 
 
 def slice_specs(template: WorkerSpec, slices: Sequence[tuple[int, int]],
@@ -50,11 +51,15 @@ def slice_specs(template: WorkerSpec, slices: Sequence[tuple[int, int]],
 def worker_specs(source: ModelSource, slices: Sequence[tuple[int, int]], num_blocks: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
-                 onload: str = "device", prefetch: bool = True) -> list[WorkerSpec]:
-    """One :class:`WorkerSpec` per slice; ``devices``: one for all or one per slice."""
+                 onload: str = "device", prefetch: bool = True,
+                 selection: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+                 ) -> list[WorkerSpec]:
+    """One :class:`WorkerSpec` per slice; ``devices``: one for all or one per slice;
+    ``selection``: the ``(targets, ignore)`` patterns of the linears to prune."""
     template = WorkerSpec(source, 0, 0, num_blocks, devices[0], dtype, micro_batch,
                           offload_activations, trust_remote_code, onload=onload,
-                          prefetch=prefetch)
+                          prefetch=prefetch, targets=tuple(selection[0]),
+                          ignore=tuple(selection[1]))
     return slice_specs(template, slices, list(devices) * len(slices) if len(devices) == 1
                        else devices)
 

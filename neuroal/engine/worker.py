@@ -48,6 +48,7 @@ from neuroal.models.loading import (
     open_checkpoint,
 )
 from neuroal.models.moe import ExpertLinear, swapped_weights
+from neuroal.models.selection import LayerSelection
 from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
 from neuroal.runtime import peak_memory_bytes
@@ -106,7 +107,8 @@ class Worker:
         self.first = spec.start == 0
         self.last = spec.stop == spec.num_blocks
         config = load_model_config(spec.source, spec.trust_remote_code)
-        self.adapter = ModelAdapter(build_skeleton(config, self.dtype))
+        self.adapter = ModelAdapter(build_skeleton(config, self.dtype),
+                                    LayerSelection(spec.targets, spec.ignore))
         modules = self.adapter.owned_module_names(spec.start, spec.stop, self.first, self.last)
         needed = [k for n, _ in self.adapter.named_owned_parameters(modules)
                   for k in self.adapter.checkpoint_keys(n)]

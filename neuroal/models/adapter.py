@@ -22,6 +22,7 @@ from neuroal.allocation.plan import ModelShape
 from neuroal.errors import AdapterError
 from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 from neuroal.models.moe import expert_consumers, with_experts
+from neuroal.models.selection import LayerSelection
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,12 @@ class ModelAdapter:
 
     Args:
         model: A ``*ForCausalLM`` module; parameters may live on the ``meta`` device.
+        selection: Which prunable linears are pruned (``targets`` / ``ignore``); the others
+            are not prunable for this adapter: absent from :meth:`prunable_linears` (called on
+            the instance) and from :meth:`shape`, so they stay dense everywhere.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, selection: LayerSelection | None = None) -> None:
         self.model = model
         self.config = model.config
         self.model_type: str = getattr(self.config, "model_type", "?")
@@ -128,6 +132,11 @@ class ModelAdapter:
         self.head = self._module(self.spec.head, required=True)
         self.embed = self._module(self.spec.embed, required=True)
         self.final_names = tuple(n for n in self.spec.final if self._module(n) is not None)
+        self.selection = selection or LayerSelection()
+        if not self.selection.everything:
+            # calls on this instance see only the selected linears; the class's static
+            # method (every prunable linear of a block) stays available as ModelAdapter.all_linears
+            self.prunable_linears = self._selected_linears  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ discovery
 
@@ -216,9 +225,40 @@ class ModelAdapter:
         """The block's ``nn.Linear`` modules by relative name, in registration order; in MoE
         blocks also every expert's matrices (``mlp.experts.3.gate_proj``: an
         :class:`~neuroal.models.moe.ExpertLinear` view into the fused 3-D parameter), routers
-        and shared-expert gates left out (neuroal.models.moe)."""
+        and shared-expert gates left out (neuroal.models.moe). On an adapter with a layer
+        selection, only the selected ones (see ``__init__``)."""
         return with_experts(block, {n: m for n, m in block.named_modules()
                                     if isinstance(m, nn.Linear)})
+
+    all_linears = prunable_linears
+
+    def _selected_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        """The selected prunable linears of ``block`` (one of this adapter's blocks)."""
+        index = next(i for i, b in enumerate(self.blocks) if b is block)  # the live list
+        prefix = self.block_prefix(index)
+        return {n: m for n, m in ModelAdapter.all_linears(block).items()
+                if self.selection.selects(prefix + n, type(m).__name__)}
+
+    def selection_report(self) -> dict[str, Any]:
+        """The layer selection as ``report.json`` records it: the patterns, every linear kept
+        dense (full name -> weights), their total, the patterns that matched nothing."""
+        ignored: dict[str, int] = {}
+        modules = []
+        for i, block in enumerate(self.blocks):
+            prefix = self.block_prefix(i)
+            kept = self.prunable_linears(block)
+            for name, lin in ModelAdapter.all_linears(block).items():
+                modules.append((prefix + name, type(lin).__name__))
+                if name not in kept:
+                    ignored[prefix + name] = lin.out_features * lin.in_features
+        return {"targets": list(self.selection.targets), "ignore": list(self.selection.ignore),
+                "ignored": ignored, "ignored_numel": sum(ignored.values()),
+                "unused_patterns": self.selection.unused(modules)}
+
+    def all_linears_numel(self) -> int:
+        """Weights of every prunable linear of every block, selected or not."""
+        return sum(m.out_features * m.in_features for b in self.blocks
+                   for m in ModelAdapter.all_linears(b).values())
 
     def consumer_map(self) -> ConsumerMap:
         """The derived producer -> consumer map of this architecture (cached per structure)."""
@@ -237,10 +277,12 @@ class ModelAdapter:
         blocks = tuple({n: (m.out_features, m.in_features)
                         for n, m in self.prunable_linears(b).items()} for b in self.blocks)
         cmap = self.consumer_map().checked(blocks) if row_map else ConsumerMap()
+        consumers = {**dict(cmap.consumers),
+                     **{k: v for b in self.blocks for k, v in expert_consumers(b).items()
+                        if all(k in blk and v in blk for blk in blocks if k in blk)}}
         return ModelShape(
             blocks,
-            consumers={**dict(cmap.consumers),
-                       **{k: v for b in self.blocks for k, v in expert_consumers(b).items()}},
+            consumers=consumers,
             uniform_rows=frozenset(self.spec.uniform_rows),
             heads=heads,
             kv_heads=int(getattr(cfg, "num_key_value_heads", None) or heads),

@@ -43,7 +43,7 @@ KNOWN: dict[str, tuple[str, str]] = {
     "mixtral-8x7b": ("mistralai/Mixtral-8x7B-v0.1", "mixtral-8x7b.json"),
     "gemma-2-27b": ("google/gemma-2-27b", "gemma-2-27b.json"),
     # The hub checkpoint is multimodal (refused); the shipped file is its text model's config,
-    # for planning. Prune the extracted language model (see README, "Architectures").
+    # for planning. Prune the extracted language model (see docs/architectures.md).
     "gemma-3-27b": ("google/gemma-3-27b-pt", "gemma-3-27b.json"),
     "phi-4": ("microsoft/phi-4", "phi-4.json"),
 }

@@ -118,10 +118,13 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         f"a hub id such as 'org/name', or an alias ({', '.join([*ALIASES, *KNOWN])})")
 
 
-def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> Any:
+def load_model_config(source: ModelSource, trust_remote_code: bool = False,
+                      network: bool = True) -> Any:
     """The model's ``PretrainedConfig``; errors if it is not a causal LM.
 
     Remote code runs only when ``trust_remote_code`` is the boolean True (not a truthy string).
+    ``network=False`` (planning): a known alias is read from the hub cache or the shipped
+    config, with no download attempt.
     """
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -130,7 +133,7 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> A
     alias = known_alias(source.location) if source.kind == "hub" else None
     try:
         if alias is not None:
-            config = _known_model_config(source, alias, trust_remote_code)
+            config = _known_model_config(source, alias, trust_remote_code, network)
         else:
             config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
                                                 **source.hf_kwargs())
@@ -145,7 +148,8 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False) -> A
     return config
 
 
-def _known_model_config(source: ModelSource, alias: str, trust_remote_code: bool) -> Any:
+def _known_model_config(source: ModelSource, alias: str, trust_remote_code: bool,
+                        network: bool = True) -> Any:
     """A known model's config: the hub's (cached, or downloaded when online), else the shipped one.
 
     The shipped JSON carries the public fields that shape the model, enough for memory planning
@@ -153,7 +157,7 @@ def _known_model_config(source: ModelSource, alias: str, trust_remote_code: bool
     """
     from transformers import AutoConfig
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    offline = not network or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     for local_only in (True,) if offline else (True, False):
         try:
             return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
