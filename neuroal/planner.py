@@ -68,7 +68,7 @@ from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STA
 from neuroal.engine.executor import split_blocks
 from neuroal.inputs import parse_size
 from neuroal.models.adapter import ModelAdapter
-from neuroal.models.known import KNOWN, known_alias, known_config
+from neuroal.models.known import KNOWN, MIXED_BLOCKS, known_alias, known_config
 from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
 from neuroal.models.moe import ExpertLinear
 from neuroal.recovery import RECOVERY_STEPS, STAGE_MODEL, resolved_options
@@ -218,7 +218,8 @@ class ModelLayout:
 
 @cache
 def _known_layout(alias: str) -> ModelLayout:
-    return ModelLayout.from_config(known_config(alias), alias, repeat_block=True)
+    return ModelLayout.from_config(known_config(alias), alias,
+                                   repeat_block=alias not in MIXED_BLOCKS)
 
 
 def fused_numel(linears: Mapping[str, Any]) -> int:
