@@ -264,7 +264,8 @@ class DequantizingCheckpoint:
     """A safetensors checkpoint whose FP8 weights load de-quantized (see the module docstring).
 
     ``names()`` hides the scales; ``load`` returns every asked tensor in ``dtype``: an FP8
-    weight is read in float32 (exact), multiplied by its scale on ``device`` and cast. Other
+    weight is read in float32 (exact), multiplied by its scale on ``device`` and cast, one
+    tensor at a time (the transient is one float32 copy of the largest matrix). Other
     attributes (``where``, ``verify``, ``opened``, ``directory``...) are the wrapped reader's.
     """
 
@@ -285,10 +286,9 @@ class DequantizingCheckpoint:
         scales = {n: k for n in names if (k := scale_key(n, stored)) is not None}
         self._check_fp8(names, scales)
         out = self.inner.load([n for n in names if n not in scales], dtype, device)
-        if scales:
-            raw = self.inner.load([*scales, *scales.values()], torch.float32, device)
-            for name, key in scales.items():
-                out[name] = self._dense(name, raw.pop(name), raw.pop(key)).to(dtype)
+        for name, key in scales.items():  # one at a time: a single float32 copy is alive
+            raw = self.inner.load([name, key], torch.float32, device)
+            out[name] = self._dense(name, raw[name], raw[key]).to(dtype)
         return out
 
     def _dense(self, name: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
