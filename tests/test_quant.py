@@ -215,6 +215,8 @@ def test_quantization_config_parsing() -> None:
     Config.quantization_config = {"load_in_8bit": True}  # old bitsandbytes configs
     with pytest.raises(QuantizationError, match="quantized with bitsandbytes"):
         quantization_scheme(Config(), "m")
+    Config.quantization_config = {"quant_method": "gguf"}  # de-quantized by the GGUF reader
+    assert quantization_scheme(Config(), "m") is None
     Config.quantization_config = {}
     assert quantization_scheme(Config(), "m") is None
 

@@ -104,7 +104,6 @@ def _hf_fp8(qc: Mapping[str, Any], model: str) -> Fp8Scheme:
                                                "weight_block_size"), fmt)
 
 
-_CT_STRATEGIES = {"tensor": "tensor", "channel": "channel", "block": "block"}
 
 
 def _compressed_tensors(qc: Mapping[str, Any], model: str) -> Fp8Scheme:
@@ -122,12 +121,12 @@ def _compressed_tensors(qc: Mapping[str, Any], model: str) -> Fp8Scheme:
     layouts, block = [], None
     for w in weights:
         strategy = str(w.get("strategy"))
-        if strategy not in _CT_STRATEGIES:
+        if strategy not in LAYOUTS:  # compressed-tensors' strategy names are our layouts
             raise QuantizationError(
                 f"model {model!r}: compressed-tensors FP8 weight strategy {strategy!r} is not "
-                f"supported (supported: {', '.join(_CT_STRATEGIES)}); use the unquantized "
+                f"supported (supported: {', '.join(LAYOUTS)}); use the unquantized "
                 "checkpoint of this model")
-        layouts.append(_CT_STRATEGIES[strategy])
+        layouts.append(strategy)
         if strategy == "block":
             block = _block(w.get("block_structure"), model, "block_structure")
     return Fp8Scheme("compressed-tensors", tuple(dict.fromkeys(layouts)), block, "e4m3")
@@ -138,6 +137,8 @@ SUPPORTED: dict[str, Callable[[Mapping[str, Any], str], Fp8Scheme]] = {
     "compressed-tensors": _compressed_tensors,
 }
 """``quant_method`` -> parser of its config; every other method is refused."""
+ELSEWHERE = frozenset({"gguf"})
+"""Methods de-quantized by their own reader (GGUF files: :mod:`neuroal.models.gguf`)."""
 
 _WHY = {  # what the refused formats store (for the message), by quant_method
     "gptq": "4/8-bit integers packed in qweight/qzeros with group scales",
@@ -171,6 +172,8 @@ def quantization_scheme(config: Any, model: str) -> Fp8Scheme | None:
         return None
     method = str(qc.get("quant_method") or ("bitsandbytes" if qc.get("load_in_4bit")
                                             or qc.get("load_in_8bit") else "unknown")).lower()
+    if method in ELSEWHERE:
+        return None
     parse = SUPPORTED.get(method)
     if parse is None:
         raise QuantizationError(_refusal(model, method))
