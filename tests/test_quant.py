@@ -192,6 +192,24 @@ def test_other_quantization_methods_are_refused_before_loading(
                                                    "nothing was loaded"], tmp_path, caplog)
 
 
+def test_recover_refuses_a_quantized_source(fp8_models, tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    """recover retrains a dense pruned export; an FP8 directory is named before any loading."""
+    from neuroal.commands.recover import main
+
+    model_dir, _ = fp8_models["llama-channel"]
+    out = tmp_path / "r"
+    logger = logging.getLogger("neuroal")
+    with caplog.at_level(logging.ERROR, logger="neuroal"):
+        logger.addHandler(caplog.handler)
+        try:
+            code = main([str(model_dir), "--output", str(out), "--steps", "1", "--device", "cpu"])
+        finally:
+            logger.removeHandler(caplog.handler)
+    assert code == 2 and "is quantized" in caplog.text and "launch/prune.py" in caplog.text
+    assert not out.exists()
+
+
 def test_plan_refuses_a_quantized_checkpoint(tiny_models: dict[str, Path], tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
     from neuroal.commands.plan import main
@@ -342,3 +360,21 @@ def test_ray_actors_load_fp8_like_the_local_executor(fp8_models, tmp_path: Path,
     finally:
         if owned:
             ray.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp8_dequantizes_on_cuda_like_on_cpu(fp8_models) -> None:
+    """Run by launch/gpu_check.sh (pytest -m gpu): a worker on a GPU de-quantizes on the
+    device; the tiny MoE's weights equal the CPU load in bfloat16."""
+    model_dir, _ = fp8_models["deepseek-block"]
+    source = resolve_model(str(model_dir))
+    config = load_model_config(source)
+    loaded = {}
+    for device in ("cpu", "cuda"):
+        adapter = ModelAdapter(build_skeleton(config, torch.bfloat16))
+        modules = adapter.owned_module_names(0, adapter.num_blocks, True, True)
+        materialise(adapter, modules, open_checkpoint(source, config), torch.bfloat16,
+                    torch.device(device))
+        loaded[device] = {n: p.detach().cpu() for n, p in adapter.model.named_parameters()}
+    _assert_same(loaded["cpu"], loaded["cuda"])
