@@ -181,6 +181,7 @@ def recipe_lines(report: dict[str, Any], policy: dict[str, Any]) -> list[str]:
     hardware = report.get("hardware") or {}
     return ["", "## Recipe", "",
             f"- base model: `{display_name(report.get('base_model') or report['model'])}`",
+            *quantization_lines(report),
             f"- criterion `{report['criterion']}`, allocation `{report['allocation']}`"
             + (f" ({', '.join(f'{k} {v:g}' for k, v in search.items())})" if search else ""),
             f"- calibration: `{calib['source']}`, N={calib['nsamples']}, T={calib['seqlen']}, "
@@ -192,6 +193,18 @@ def recipe_lines(report: dict[str, Any], policy: dict[str, Any]) -> list[str]:
             f"- hardware: {hardware.get('gpu') or hardware.get('cpu')}, wall time "
             f"{(report.get('timings') or {}).get('total', 0.0):.1f} s",
             "- full details: `report.json`, `neuroal_config.yaml`, `plan.json`"]
+
+
+def quantization_lines(report: dict[str, Any]) -> list[str]:
+    """The source's quantization (``report["source"]["quantization"]``), when it had one."""
+    quant = (report.get("source") or {}).get("quantization")
+    if not quant:
+        return []
+    block = quant.get("block")
+    tiles = f", {block[0]}x{block[1]} tiles" if block else ""
+    return [f"- source weights: FP8 ({quant['method']}, {'/'.join(quant['layouts'])} scales"
+            f"{tiles}), de-quantized to {quant['dequantized_to']} on load; this export is dense "
+            f"({report.get('export_dtype') or quant['dequantized_to']}, no quantization_config)"]
 
 
 def plot_lines(report: dict[str, Any]) -> list[str]:

@@ -58,6 +58,7 @@ from neuroal.models.loading import (
 )
 from neuroal.models.moe import has_experts
 from neuroal.models.selection import LayerSelection
+from neuroal.models.quant import quantization_report
 from neuroal.planner import ModelLayout, check_fits, parse_bytes
 from neuroal.plots import write_plots
 from neuroal.progress import configure_progress
@@ -854,6 +855,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "base_model": base_model,
         "license": license_,
         "model_type": getattr(prep.config, "model_type", None),
+        "source": {"quantization": quantization_report(prep.config, prep.dtype)},
         "criterion": cfg.criterion.name,
         "criterion_label": criterion_label(cfg.criterion.name),
         "allocation": cfg.allocation.name,

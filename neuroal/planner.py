@@ -68,7 +68,7 @@ from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STA
 from neuroal.engine.executor import split_blocks
 from neuroal.inputs import parse_size
 from neuroal.models.adapter import ModelAdapter
-from neuroal.models.known import KNOWN, known_alias, known_config
+from neuroal.models.known import KNOWN, MIXED_BLOCKS, known_alias, known_config
 from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
 from neuroal.models.moe import ExpertLinear
 from neuroal.recovery import RECOVERY_STEPS, STAGE_MODEL, resolved_options
@@ -218,7 +218,8 @@ class ModelLayout:
 
 @cache
 def _known_layout(alias: str) -> ModelLayout:
-    return ModelLayout.from_config(known_config(alias), alias, repeat_block=True)
+    return ModelLayout.from_config(known_config(alias), alias,
+                                   repeat_block=alias not in MIXED_BLOCKS)
 
 
 def fused_numel(linears: Mapping[str, Any]) -> int:
@@ -804,11 +805,33 @@ def _refusal(model: str, plan: MemoryPlan, worst: WorkerMemory, limit: int,
         fix = (f"the smallest worker count that fits is {fewest} (engine.workers={fewest}, one "
                f"device of {limit / GB:.1f} GB each)")
     else:
-        fix = (f"no worker count fits (even one block per worker exceeds {limit / GB:.1f} GB); "
-               f"{_other_fixes(request)}")
+        fix = statistics_refusal(plan, limit) or (
+            f"no worker count fits (even one block per worker exceeds {limit / GB:.1f} GB); "
+            f"{_other_fixes(request)}")
     return (f"model {model!r} does not fit: {request.describe()} need a predicted peak of "
             f"{worst.total / GB:.1f} GB on {worst.describe()}; the limit is {limit / GB:.1f} GB "
             f"per worker. {fix[0].upper()}{fix[1:]}. Nothing was loaded.")
+
+
+def statistics_refusal(plan: MemoryPlan, limit: int) -> str | None:
+    """What to change when one block's calibration statistics alone exceed a worker's memory
+    (SparseGPT's fp32 Hessians, one ``cols x cols`` per prunable linear and every expert's
+    matrix: about 111 GB per DeepSeek-V3 MoE block); None when they fit.
+
+    Workers, onloading, offloading and the micro-batch do not shrink this term, and neuroal does
+    not collect experts' statistics in groups over several passes, so the run is refused."""
+    worst = max(plan.workers, key=lambda w: w.statistics)
+    if worst.statistics + worst.overhead <= limit:
+        return None
+    light = [n for n in CRITERIA.names() if STAT_HESSIAN not in CRITERIA.get(n).needs]
+    return (f"the calibration statistics of one block alone (worker {worst.rank}, blocks "
+            f"{worst.start}-{worst.stop - 1}) need {worst.statistics / GB:.1f} GB with criterion "
+            f"{plan.request.criterion} (fp32, every prunable linear and expert matrix of the "
+            f"block), more than the {limit / GB:.1f} GB of a worker; no worker count, onloading, "
+            "activation offloading or micro-batch lowers them, and neuroal does not collect "
+            "experts' statistics in groups. Use a criterion with vector statistics or none "
+            f"({', '.join(light)}), or devices well above "
+            f"{(worst.statistics + worst.overhead) / GB:.0f} GB (the statistics alone)")
 
 
 def _other_fixes(request: MemoryRequest) -> str:
@@ -841,6 +864,7 @@ def summarize(model: str | ModelLayout | Any, request: MemoryRequest, limit: int
         "onload": plan.request.onload,
         "fits": fits,
         "min_workers": min_workers(layout, request, limit, host_limit),
+        "statistics_refusal": statistics_refusal(plan, limit),
         "largest_fit": None if largest is None else {"model": largest.model,
                                                       "params": largest.params,
                                                       "peak_bytes": largest.peak},
@@ -874,6 +898,8 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     lines.append(f"largest known model that fits on {req['workers']} x {limit / GB:.0f} GB: "
                  + (f"{largest['model']} ({largest['params'] / 1e9:.2f} B, peak "
                     f"{largest['peak_bytes'] / GB:.1f} GB)" if largest else "none"))
+    if summary.get("statistics_refusal"):
+        lines.append(f"why: {summary['statistics_refusal']}")
     fewest = summary["min_workers"]
     lines.append(f"fewest workers for {plan['model']} on {limit / GB:.0f} GB devices: "
                  + (str(fewest) if fewest else "none (even one block per worker is too large)"))

@@ -20,6 +20,7 @@ from neuroal.export import OutputDir, OutputExistsError
 from neuroal.inputs import position_errors, positive_int, positive_number
 from neuroal.logging import configure, get_logger
 from neuroal.models.loading import load_model_config, resolve_model
+from neuroal.models.quant import quantization_config
 from neuroal.recovery import variant_train_defaults
 from neuroal.recovery.perp import PERP_VARIANTS
 from neuroal.recovery.train import RecoverJob, TrainOptions, recover
@@ -103,7 +104,12 @@ def validate(args: argparse.Namespace) -> None:
         raise ConfigError([f"model={args.model!r}: recover reads a local Hugging Face directory "
                            "(a pruned export of launch/prune.py)"])
     OutputDir(Path(args.output)).check(args.overwrite, inputs=(source.location,))
-    errors = position_errors(load_model_config(source), {"--seqlen": args.seqlen}, args.model)
+    config = load_model_config(source)
+    if quantization_config(config) is not None:
+        raise ConfigError([f"model={args.model!r} is quantized (its config.json has a "
+                           "quantization_config); recover reads a dense pruned export: prune it "
+                           "with launch/prune.py first (FP8 is de-quantized there)"])
+    errors = position_errors(config, {"--seqlen": args.seqlen}, args.model)
     if errors:
         raise ConfigError(errors)
 

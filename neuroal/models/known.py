@@ -46,13 +46,19 @@ KNOWN: dict[str, tuple[str, str]] = {
     # for planning. Prune the extracted language model (see docs/architectures.md).
     "gemma-3-27b": ("google/gemma-3-27b-pt", "gemma-3-27b.json"),
     "phi-4": ("microsoft/phi-4", "phi-4.json"),
+    # Stored in FP8 with 128 x 128 block scales (de-quantized on load, neuroal.models.quant).
+    "deepseek-v3": ("deepseek-ai/DeepSeek-V3", "deepseek-v3.json"),
 }
+MIXED_BLOCKS: frozenset[str] = frozenset({"deepseek-v3"})
+"""Aliases whose blocks are not all alike (DeepSeek-V3: 3 dense blocks, then 58 MoE blocks):
+the planner builds every block of their skeleton instead of repeating the first."""
 # Licence of each family's weights (model cards carry it over; engine.md §9).
 KNOWN_LICENSES: dict[str, str] = {
     "meta-llama/Llama-2": "llama2", "meta-llama/Meta-Llama-3": "llama3",
     "meta-llama/Llama-3.1": "llama3.1", "mistralai/": "apache-2.0", "Qwen/Qwen2.5-72B": "other",
     "Qwen/": "apache-2.0", "facebook/opt": "other", "microsoft/Phi-3": "mit",
     "meta-llama/Llama-3.3": "llama3.3", "google/gemma": "gemma", "microsoft/phi-4": "mit",
+    "deepseek-ai/DeepSeek-V3": "other",
 }
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,8 @@ from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
 from neuroal.models.gguf import GGUFCheckpoint
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
+from neuroal.models.meta import empty_on_meta, meta_buffers
+from neuroal.models.quant import dequantizing, quantization_scheme, with_scales
 from neuroal.progress import Progress
 
 log = get_logger(__name__)
@@ -140,6 +142,7 @@ def load_model_config(source: ModelSource, trust_remote_code: bool = False,
     except OSError as exc:
         raise ModelSourceError(f"model {source.name!r}: cannot read its config ({exc})") from exc
     check_text_decoder(config, source.name)
+    quantization_scheme(config, source.name)  # refuses non-FP8 quantized checkpoints here
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelSourceError(
             f"model {source.name!r} has model_type {config.model_type!r}, which is not a causal "
@@ -192,9 +195,11 @@ def source_dtype(config: Any, fallback: torch.dtype) -> torch.dtype:
 def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     """A ``*ForCausalLM`` with every parameter on ``meta`` (buffers real, e.g. rotary).
 
-    ``init_empty_weights`` lets each ``nn.Linear`` allocate its weight with ``torch.empty``
-    before moving it to ``meta``; under deterministic algorithms torch fills that memory with
-    NaN, which costs minutes at 70B, so the fill is off while the skeleton is built.
+    ``init_empty_weights`` moves each parameter to ``meta`` after its module made it; under
+    :func:`neuroal.models.meta.empty_on_meta` the ``torch.empty`` behind it is on ``meta``
+    already, so no host memory is reserved (DeepSeek-V3's fused experts: 30 GB a tensor). A
+    model whose buffer that catches is built again the plain way, with torch's NaN fill of
+    uninitialised memory off (it costs minutes at 70B).
     """
     import torch.utils.deterministic as deterministic
     from transformers import AutoModelForCausalLM
@@ -206,9 +211,12 @@ def build_skeleton(config: Any, dtype: torch.dtype) -> nn.Module:
     fill = deterministic.fill_uninitialized_memory
     deterministic.fill_uninitialized_memory = False
     try:
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
-                                                     attn_implementation=attention_kind(config))
+        for placement in (empty_on_meta, nullcontext):
+            with init_empty_weights(include_buffers=False), placement():
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                         attn_implementation=attention_kind(config))
+            if not meta_buffers(model):
+                break
     finally:
         deterministic.fill_uninitialized_memory = fill
     return model.eval()
@@ -339,8 +347,8 @@ def open_checkpoint(source: ModelSource, config: Any, needed: Iterable[str] = ()
         return GGUFCheckpoint(Path(source.location) / str(source.gguf_file), config,
                               model=skeleton)
     if source.kind == "hf_dir":
-        return SafetensorsCheckpoint(Path(source.location))
-    return _hub_checkpoint(source, set(needed), skeleton)
+        return dequantizing(SafetensorsCheckpoint(Path(source.location)), config, source.name)
+    return dequantizing(_hub_checkpoint(source, set(needed), skeleton), config, source.name)
 
 
 def _hub_checkpoint(source: ModelSource, needed: set[str], skeleton: nn.Module | None = None,
@@ -358,6 +366,7 @@ def _hub_checkpoint(source: ModelSource, needed: set[str], skeleton: nn.Module |
         if skeleton is not None:
             sources = checkpoint_sources(skeleton, weight_map, needed - set(weight_map))
             needed = needed | {k for src in sources.values() for k in src.names()}
+        needed = with_scales(needed, weight_map)  # FP8 scales (neuroal.models.quant)
         files = sorted({weight_map[n] for n in needed if n in weight_map}) or sorted(set(weight_map.values()))
         for fname in files:
             fetch(fname)
