@@ -79,7 +79,6 @@ from neuroal.runtime import (  # re-exported: tests and tools import them from h
     host_available,
     load_tokenizer,
     peak_memory_bytes,
-    pick_device,
     seed_everything,
 )
 from neuroal.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager

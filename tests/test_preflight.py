@@ -175,6 +175,30 @@ def test_full_disk_is_refused_before_loading(tiny_models: dict[str, Path], tmp_p
     assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()
 
 
+def test_disk_needs_counts_the_model(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Export at the output dtype (bf16: 2 B) + resume state at the run dtype (fp32: 4 B per
+    block parameter); on --resume the state already written is subtracted."""
+    from neuroal.export import OutputDir
+    from neuroal.models.adapter import ModelAdapter
+    from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
+    from neuroal.pipeline import disk_needs
+
+    out = tmp_path / "out"
+    cfg = tiny_cfg(tiny_models["llama"], out, output={"dtype": "bfloat16"})
+    source = resolve_model(cfg.model.name, None)
+    config = load_model_config(source, False)
+    adapter = ModelAdapter(build_skeleton(config, torch.float32))
+    total = sum(p.numel() for p in adapter.model.parameters())
+    blocks = sum(p.numel() for b in adapter.blocks for p in b.parameters())
+    needed, detail = disk_needs(cfg, adapter, config, source, torch.float32, OutputDir(out))
+    assert needed == 2 * total + 4 * blocks and detail.startswith("resume state")
+    (out.parent / "out.neuroal-tmp" / "state").mkdir(parents=True)
+    (out.parent / "out.neuroal-tmp" / "state" / "block_0").write_bytes(b"x" * 1000)
+    resumed = tiny_cfg(tiny_models["llama"], out, output={"dtype": "bfloat16", "resume": True})
+    again, _ = disk_needs(resumed, adapter, config, source, torch.float32, OutputDir(out))
+    assert again == needed - 1000
+
+
 # --------------------------------------------------------------------------- torchrun / dist
 
 
@@ -348,6 +372,39 @@ def test_ray_auto_device_on_gpu_less_driver_and_placement_timeout(two_nodes,
             cluster.run_preflight(cfg, "cuda", None)
     with pytest.raises(RuntimeError, match="placement_timeout=1 s"):
         cluster.run_preflight(_ray_cfg(3, placement_timeout=1), "cpu", None)
+
+
+@pytest.mark.ray
+def test_ray_actor_warnings_reach_the_driver_log(two_nodes, caplog: pytest.LogCaptureFixture
+                                                 ) -> None:
+    """An actor set up like a worker (``_setup``) keeps its neuroal warnings and Python
+    warnings; the executor's relay logs them on the driver, under the driver's handlers."""
+    import warnings
+
+    import ray
+
+    from neuroal.engine.ray_executor import RayExecutor, _setup
+
+    class Noisy:
+        def warn(self, text: str) -> None:
+            logging.getLogger("neuroal.engine.worker").warning("block 3: %s", text)
+            warnings.warn(f"python {text}", UserWarning, stacklevel=1)
+
+    actor = ray.remote(Noisy).options(num_cpus=0).remote()
+    ray.get(actor.__ray_call__.remote(_setup, True, None, "INFO", 30.0))
+    ray.get(actor.warn.remote("dampening 0.02"))
+    ex = object.__new__(RayExecutor)
+    ex.workers = [actor]
+    root = logging.getLogger("neuroal")
+    with caplog.at_level(logging.WARNING, logger="neuroal"):
+        root.addHandler(caplog.handler)
+        try:
+            ex._relay_warnings()
+        finally:
+            root.removeHandler(caplog.handler)
+    ray.kill(actor)
+    assert "[ray worker 0] block 3: dampening 0.02" in caplog.text
+    assert "UserWarning: python dampening 0.02" in caplog.text
 
 
 def test_ray_reload_timeout_names_resume(monkeypatch: pytest.MonkeyPatch) -> None:

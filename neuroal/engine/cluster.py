@@ -3,8 +3,9 @@ the workers run, collect every worker's facts through its executor's channel, re
 that cannot succeed with one :class:`~neuroal.errors.PreflightError` listing every problem.
 
 * Ray, connected to a cluster (``engine.ray.address``, ``$RAY_ADDRESS``, or a Ray already
-  initialised with several nodes): the device comes from the cluster's GPUs, never from the driver's (a head node
-  often has none); probe tasks run in a placement group of the executor's shape
+  initialised with several nodes): the device comes from the cluster's GPUs, never from the
+  driver's (a head node often has none); probe tasks run in a placement group of the
+  executor's shape
   (:mod:`neuroal.engine.ray_preflight`). A local Ray instance runs on this machine, whose
   devices and disks the driver already sees: only the driver's checks run.
 * torch.distributed: rank 0 sends the ``probe`` and ``probe_read`` commands to every rank
@@ -20,7 +21,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
