@@ -199,6 +199,25 @@ def test_disk_needs_counts_the_model(tiny_models: dict[str, Path], tmp_path: Pat
     assert again == needed - 1000
 
 
+def test_memory_check_uses_the_workers_figures(tiny_models: dict[str, Path]) -> None:
+    """A driver without a GPU checks a CUDA run against the free device memory its workers
+    reported (never torch.cuda on the driver): 1 MB per worker does not fit, 1 TB does."""
+    from neuroal.models.adapter import ModelAdapter
+    from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
+    from neuroal.pipeline import check_memory
+    from neuroal.planner import MemoryBudgetError
+
+    cfg = tiny_cfg(tiny_models["llama"], None, engine={"executor": "ray", "workers": 2,
+                                                       "device": "cpu"})
+    config = load_model_config(resolve_model(cfg.model.name), False)
+    adapter = ModelAdapter(build_skeleton(config, torch.bfloat16))
+    cuda = torch.device("cuda")
+    with pytest.raises(MemoryBudgetError):
+        check_memory(cfg, config, adapter, cuda, torch.bfloat16, budgets=(10**6, 10**12))
+    assert check_memory(cfg, config, adapter, cuda, torch.bfloat16,
+                        budgets=(10**12, 10**12)) in ("device", "host", "disk")
+
+
 # --------------------------------------------------------------------------- torchrun / dist
 
 
@@ -360,8 +379,8 @@ def test_ray_two_nodes_shared_and_node_local_output(two_nodes, tmp_path: Path) -
 
 
 @pytest.mark.ray
-def test_ray_auto_device_on_gpu_less_driver_and_placement_timeout(two_nodes,
-                                                                   tmp_path: Path) -> None:
+def test_ray_auto_device_on_gpu_less_driver_and_placement_timeout(
+        two_nodes, tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The cluster has one (fake) GPU, the driver none: `auto` resolves to cuda, and the probe
     on that node finds no usable CUDA and refuses; an unplaceable group times out."""
     cfg = build_config({"engine": {"executor": "ray", "workers": 1, "device": "auto",
@@ -370,6 +389,14 @@ def test_ray_auto_device_on_gpu_less_driver_and_placement_timeout(two_nodes,
     if not torch.cuda.is_available():
         with pytest.raises(PreflightError, match="torch sees no CUDA device"):
             cluster.run_preflight(cfg, "cuda", None)
+        from neuroal.pipeline import prepare  # the same refusal through the pipeline, no output
+
+        out = tmp_path / "out"
+        run_cfg = tiny_cfg(tiny_models["llama"], out, engine={
+            "executor": "ray", "workers": 1, "device": "auto", "ray": {"placement_timeout": 60}})
+        with pytest.raises(PreflightError, match="worker 0 on host .* torch sees no CUDA"):
+            prepare(run_cfg, Timings())
+        assert os.listdir(tmp_path) == []
     with pytest.raises(RuntimeError, match="placement_timeout=1 s"):
         cluster.run_preflight(_ray_cfg(3, placement_timeout=1), "cpu", None)
 
