@@ -79,6 +79,7 @@ from neuroal.runtime import (  # re-exported: tests and tools import them from h
     host_available,
     load_tokenizer,
     peak_memory_bytes,
+    pick_device,  # noqa: F401 - re-exported (neuroal.evaluation)
     seed_everything,
 )
 from neuroal.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
