@@ -434,6 +434,36 @@ def test_ray_actor_warnings_reach_the_driver_log(two_nodes, caplog: pytest.LogCa
     assert "UserWarning: python dampening 0.02" in caplog.text
 
 
+@pytest.mark.ray
+def test_ray_lost_node_without_spare_capacity_stops(two_nodes, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """A real lost node: the placement group cannot be re-placed (no other node has the
+    bundle's resources), so restarting its actor stops after engine.ray.placement_timeout with
+    the --resume hint instead of waiting forever."""
+    import ray
+
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+    from neuroal.engine.ray_preflight import reserve
+
+    nodes, _ = two_nodes
+    extra = nodes.add_node(num_cpus=1, resources={"spare": 1})
+    nodes.wait_for_nodes()
+    group = reserve(1, {"CPU": 1, "spare": 1}, "PACK", 60)
+    nodes.remove_node(extra)
+    ex = object.__new__(RayExecutor)
+    ex.options, ex.state_dir, ex._group, ex._failed = RayOptions(placement_timeout=3), \
+        "/o.neuroal-tmp/state", group, "pruning block 7"
+    ex.specs = [type("Spec", (), {"start": 0, "stop": 8, "device": "cpu"})()]
+    ex.workers, ex.restarts, ex.max_restarts, ex._owns_ray = ["gone"], [0], 3, False
+    ex._busy_offset, ex._last_busy, ex._num_blocks = [0.0], [0.0], 8
+    monkeypatch.setattr(ray, "kill", lambda actor: None)
+    monkeypatch.setattr(ex, "_relay_warnings", lambda: None)
+    with pytest.raises(RuntimeError, match=r"could not re-place worker 0 .*placement_timeout=3 s"
+                       r".*/o.neuroal-tmp/state: rerun with --resume"):
+        ex._respawn(0, RuntimeError("node lost"))
+    assert ex._group is None  # released by shutdown()
+
+
 def test_ray_reload_timeout_names_resume(monkeypatch: pytest.MonkeyPatch) -> None:
     """A restarted actor that does not reload within engine.ray.placement_timeout stops the
     run with the --resume hint; the timeout reaches ray.get; a group that cannot be re-placed

@@ -328,12 +328,12 @@ class RankStage:
     def probe(self, common: tuple[str | None, str], _own: Any) -> NodeFacts:
         """Preflight, first round: this rank's facts; writes its probe (never raises)."""
         tmp, nonce = common
-        return gather_facts(self.info.rank, self.info.device, tmp, nonce)
+        return self._try(gather_facts, self.info.rank, self.info.device, tmp, nonce)
 
     def probe_read(self, common: tuple[str | None, str, list[str]], _own: Any) -> tuple[str, ...]:
         """Preflight, second round: the probe names this rank can read."""
         tmp, nonce, names = common
-        return () if tmp is None else read_probes(probe_root(tmp), names, nonce)
+        return () if tmp is None else self._try(read_probes, probe_root(tmp), names, nonce)
 
     def release(self, _common: Any, _own: Any) -> None:
         if self.worker is not None:

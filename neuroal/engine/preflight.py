@@ -123,7 +123,10 @@ def device_state(device: str) -> tuple[str | None, int | None]:
     if index >= torch.cuda.device_count():
         return (f"device {device!r} but only {torch.cuda.device_count()} CUDA device(s) are "
                 "visible here"), None
-    return None, int(torch.cuda.mem_get_info(index)[0])
+    try:
+        return None, int(torch.cuda.mem_get_info(index)[0])
+    except RuntimeError as exc:  # a GPU in a bad state (ECC error, lost from the bus)
+        return f"device {device!r} does not answer ({exc})", None
 
 
 def write_probe(root: Path, name: str, nonce: str) -> str | None:
