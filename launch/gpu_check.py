@@ -114,6 +114,7 @@ def _rank(rank: int, port: int, model: str, device: str, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from neuroal.engine import EXECUTORS, dist
+    from neuroal.engine.cluster import run_preflight
     from neuroal.engine.executor import LocalExecutor
     from neuroal.models.loading import resolve_model
     from neuroal.pipeline import seed_everything
@@ -125,6 +126,8 @@ def _rank(rank: int, port: int, model: str, device: str, result: str) -> None:
         return
     with dist.coordinator(cfg) as session:
         t0 = time.perf_counter()
+        # preflight through the rank commands: each rank reports its own device's free memory
+        facts = run_preflight(cfg, device, None, session=session)
         ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model), num_blocks=4,
                                    devices=[device], dtype="float32", session=session)
         local_device = "cuda:0" if device == "cuda" else "cpu"
@@ -132,8 +135,10 @@ def _rank(rank: int, port: int, model: str, device: str, result: str) -> None:
         blocks = [dict(b) for b in local.workers[0].adapter.shape().blocks]
         got, want = _phases(ex, blocks), _phases(local, blocks)
         ex.shutdown()
-        Path(result).write_text(json.dumps({"identical": _same(got, want),
-                                            "seconds": time.perf_counter() - t0}))
+        Path(result).write_text(json.dumps({
+            "identical": _same(got, want), "seconds": time.perf_counter() - t0,
+            "preflight": [{"rank": f.rank, "device": f.device, "device_free": f.device_free,
+                           "device_error": f.device_error} for f in facts]}))
 
 
 def nccl(out: Path, device: str) -> dict[str, Any]:

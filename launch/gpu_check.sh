@@ -8,7 +8,8 @@
 #   1. env.json     torch / CUDA / GPUs; checks importing neuroal's engine pulls in no ray, gguf
 #                   or deepspeed (none is needed here)
 #   2. pytest.json  the CUDA-marked tests (pytest -m gpu), only if pytest is installed
-#   3. nccl.json    2 ranks over NCCL (onload=host) vs one local worker, if 2 GPUs exist
+#   3. nccl.json    2 ranks over NCCL (onload=host) vs one local worker, if 2 GPUs exist;
+#                   first the preflight commands (each rank's device and free memory)
 #                   (--cpu: the same over gloo)
 #   4. onload.json  time per block at Llama-2-70B width in bf16 (4 blocks, 8 x 2048 tokens):
 #                   on-device vs onload host with and without prefetch vs disk; overlap, peaks,

@@ -328,3 +328,9 @@ def check_replayed(path: str | Path, weights: Mapping[str, torch.Tensor], report
             f"resume state file {str(path)!r} does not match its report or the plan "
             f"({'; '.join(problems)}); refusing to replay it: drop --resume and pass --overwrite "
             "to start afresh")
+
+
+def state_bytes(block_params: int, dtype_bytes: int) -> int:
+    """Disk bytes of a complete resume state (checked by preflight before loading): every
+    block's pruned weights at the run dtype (an upper bound: only prunable linears are kept)."""
+    return block_params * dtype_bytes

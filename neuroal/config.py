@@ -315,6 +315,11 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
     if not is_number(timeout) or timeout <= 0:
         errors.append(f"engine.dist.timeout={timeout!r}: expected seconds > 0 that a collective "
                       "may wait (ranks > 0 wait while rank 0 works alone), e.g. 14400")
+    collective = eng.dist.collective_timeout
+    if not is_number(collective) or collective <= 0:
+        errors.append(f"engine.dist.collective_timeout={collective!r}: expected seconds > 0 that "
+                      "a point-to-point stream transfer may wait (a hung GPU or a dead neighbour "
+                      "is reported after it), e.g. 1800")
     if eng.onload not in ONLOAD_CHOICES:
         errors.append(f"engine.onload={eng.onload!r}: expected one of {', '.join(ONLOAD_CHOICES)} "
                       "(device: weights stay on the device; host / disk: one block at a time is "
@@ -343,6 +348,10 @@ def _check_ray(ray: RayConfig) -> list[str]:
     if not is_int(ray.max_restarts) or ray.max_restarts < 0:
         errors.append(f"engine.ray.max_restarts={ray.max_restarts!r}: expected an integer >= 0 "
                       "(restarts per Ray actor after it died; 0 = stop at the first death)")
+    if not is_number(ray.placement_timeout) or ray.placement_timeout <= 0:
+        errors.append(f"engine.ray.placement_timeout={ray.placement_timeout!r}: expected seconds "
+                      "> 0 to wait for the placement group and for a restarted actor to reload "
+                      "its slice, e.g. 600")
     if ray.address is not None and not isinstance(ray.address, str):
         errors.append(f"engine.ray.address={ray.address!r}: expected 'auto', "
                       "'ray://host:port' or 'host:port'")

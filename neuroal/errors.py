@@ -31,6 +31,17 @@ class OutputExistsError(FileExistsError):
     """The output directory exists and ``--overwrite`` was not given."""
 
 
+class PreflightError(ValueError):
+    """The cluster cannot run the configured job (a device, a filesystem, disk space), found
+    before any weight is loaded; every problem is listed with its fix."""
+
+    def __init__(self, errors: Iterable[str]) -> None:
+        self.errors = list(errors)
+        lines = "\n".join(f"  - {e}" for e in self.errors)
+        super().__init__(f"preflight refused the run before loading ({len(self.errors)} "
+                         f"problem(s)):\n{lines}")
+
+
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelSourceError, AdapterError,
-                                                OutputExistsError)
+                                                OutputExistsError, PreflightError)
 """What the entry points report as one log line and exit code 2."""

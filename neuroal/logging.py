@@ -139,3 +139,56 @@ def progress(items: Iterable[T], desc: str, total: int | None = None,
     """Iterate with progress (:func:`neuroal.progress.track`): a tqdm bar on a terminal, a log
     line every ``log.interval`` seconds otherwise; silent with ``NEUROAL_PROGRESS=0``."""
     yield from track(items, desc, total, unit=unit)
+
+
+class WarningBuffer(logging.Handler):
+    """Keeps this process's warning and error records, ``neuroal`` ones and Python warnings,
+    until :meth:`drain` hands them over: a Ray actor's, which its driver replays into the run's
+    log with :func:`replay` (Ray's own forwarding reaches the driver's terminal at best, never
+    the log file)."""
+
+    def __init__(self, limit: int = 1000) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[tuple[int, str, str]] = []
+        self.dropped = 0
+        self.limit = limit
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            if len(self.records) < self.limit:
+                self.records.append((record.levelno, record.name, record.getMessage()))
+            else:
+                self.dropped += 1
+        except Exception:
+            self.handleError(record)
+
+    def drain(self) -> list[tuple[int, str, str]]:
+        """The records kept since the last drain (``(level, logger name, message)``)."""
+        out, self.records = self.records, []
+        if self.dropped:
+            out.append((logging.WARNING, "neuroal", f"{self.dropped} more warning(s) dropped"))
+            self.dropped = 0
+        return out
+
+
+_BUFFER: WarningBuffer | None = None
+
+
+def buffer_warnings() -> WarningBuffer:
+    """Attach one :class:`WarningBuffer` to the ``neuroal`` logger and to Python's warnings
+    (``logging.captureWarnings``) of this process, idempotent; returns it."""
+    global _BUFFER
+    if _BUFFER is None:
+        _BUFFER = WarningBuffer()
+        logging.getLogger("neuroal").addHandler(_BUFFER)
+        logging.captureWarnings(True)
+        logging.getLogger("py.warnings").addHandler(_BUFFER)
+    return _BUFFER
+
+
+def replay(records: Iterable[tuple[int, str, str]], origin: str) -> None:
+    """Log records drained from another process here, each prefixed with ``[origin]``; records
+    of foreign loggers (Python warnings) go to ``neuroal.worker``."""
+    for level, name, message in records:
+        logger = logging.getLogger(name if name.startswith("neuroal") else "neuroal.worker")
+        logger.log(level, "[%s] %s", origin, message)

@@ -21,15 +21,18 @@ import torch
 
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
-from neuroal.checkpoint import RunState, canonical_config
+from neuroal.checkpoint import RunState, canonical_config, state_bytes
 from neuroal.compat import make_loadable
 from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.criteria import CRITERIA, criterion_label
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine import EXECUTORS
+from neuroal.engine.cluster import output_errors, resolve_device, run_preflight
 from neuroal.engine.executor import Executor, split_blocks
 from neuroal.engine.onload import resolved_onload
+from neuroal.engine.preflight import disk_needed, folder_bytes, worker_budgets
+from neuroal.errors import PreflightError
 from neuroal.export import (
     OutputDir,
     finalize_shards,
@@ -78,7 +81,7 @@ from neuroal.runtime import (  # re-exported: tests and tools import them from h
     host_available,
     load_tokenizer,
     peak_memory_bytes,
-    pick_device,
+    pick_device,  # noqa: F401 - re-exported (neuroal.evaluation)
     seed_everything,
 )
 from neuroal.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
@@ -214,18 +217,24 @@ def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
 
 
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
-                 dtype: torch.dtype) -> str:
+                 dtype: torch.dtype,
+                 budgets: tuple[int | None, int | None] = (None, None)) -> str:
     """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7);
     returns the onload mode to run with (``engine.onload: auto``: the planner's choice).
 
     Checked when ``engine.memory_limit`` is set (bytes per worker) or the device is CUDA: its
     free memory, shared equally by the workers the local executor places on it; under
     onloading on CUDA the node's available host memory bounds the blocks kept there.
+    ``budgets``: the free device bytes and host bytes per worker the workers reported in
+    preflight (:func:`~neuroal.engine.preflight.worker_budgets`; a Ray driver may have no GPU).
     """
+    device_free, host_free = budgets
     shared = cfg.engine.workers if cfg.engine.executor == "local" and \
         len(cfg.engine.devices) <= 1 else 1
     if cfg.engine.memory_limit is not None:
         budget = parse_bytes(cfg.engine.memory_limit)
+    elif device_free is not None:
+        budget = device_free
     elif device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
@@ -235,26 +244,31 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
                       device_type=device.type,
                       layout=ModelLayout.from_adapter(adapter, cfg.model.name),
                       retrain_limit=budget * shared,
-                      host_limit=host_available() if device.type == "cuda" else None)
+                      host_limit=(host_free if host_free is not None else host_available())
+                      if device.type == "cuda" else None)
     log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s%s",
              plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
     return plan.request.onload
 
 
-def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
-    """Resolve and check everything that needs no weights; tokenise the data."""
+def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared:
+    """Resolve and check everything that needs no weights (preflight on the workers included,
+    :mod:`neuroal.engine.cluster`); tokenise the data. ``session``: the open dist session."""
     with timings("resolve"):
         output = None
         source = resolve_model(cfg.model.name, cfg.model.revision)
         if cfg.output.save_model or cfg.output.dir:
-            output = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg))
+            path = Path(cfg.output.dir) if cfg.output.dir else default_output(cfg)
+            if output_errors(path):  # relative under `ray job submit`: before abspath
+                raise PreflightError(output_errors(path))
+            output = OutputDir(path)
             output.check(cfg.output.overwrite, cfg.output.resume,
                          inputs=[*input_paths(source), *_local(cfg.model.tokenizer)])
         config = load_model_config(source, cfg.model.trust_remote_code)
         if source.kind == "hf_dir":  # shard headers only: truncated files fail here, not later
             SafetensorsCheckpoint(Path(source.location)).verify()
-        device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
+        device = resolve_device(cfg)  # where the workers run (a Ray cluster's GPUs)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
         adapter = ModelAdapter(build_skeleton(config, dtype), selection_of(cfg))
         shape = adapter.shape()
@@ -262,10 +276,14 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         selection = check_selection(cfg, adapter, shape)
         check_positions(cfg, config)
         check_experts(cfg, adapter)
-        onload = check_memory(cfg, config, adapter, device, dtype)
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)
     try:
+        with timings("resolve"):
+            facts = run_preflight(cfg, device.type, output.tmp if output else None,
+                                  *disk_needs(cfg, adapter, config, source, dtype, output),
+                                  session=session)
+            onload = check_memory(cfg, config, adapter, device, dtype, worker_budgets(facts))
         with timings("data"):
             tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
             calib = None
@@ -282,7 +300,22 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
             output.release()
         raise
     return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload,
-                    tasks, selection=selection)
+                    tasks, session, selection=selection)
+
+
+def disk_needs(cfg: PruneConfig, adapter: ModelAdapter, config: Any, source: ModelSource,
+               dtype: torch.dtype, output: OutputDir | None) -> tuple[int, str]:
+    """Bytes the run still writes at the output (resume state + export) and their breakdown,
+    from the meta skeleton's parameter counts (:func:`~neuroal.engine.preflight.disk_needed`)."""
+    if output is None:
+        return 0, ""
+    total = total_parameters(adapter.model)
+    blocks = sum(numel(p) for block in adapter.blocks for p in block.parameters())
+    export = total * getattr(torch, export_dtype_name(cfg, config, source, dtype)).itemsize \
+        if cfg.output.save_model else 0
+    state = state_bytes(blocks, dtype.itemsize)
+    existing = folder_bytes(output.state) if cfg.output.resume else 0
+    return disk_needed(export, state, existing)
 
 
 def _local(path: str | None) -> list[str]:
@@ -475,7 +508,7 @@ def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any,
     timings = Timings()
     t_start = time.perf_counter()
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
-    prep = replace(prepare(cfg, timings), session=session)
+    prep = prepare(cfg, timings, session)
     staging_ctx = prep.output.atomic(cfg.output.keep_state) if prep.output is not None \
         else _no_output()
     with staging_ctx as staging:
@@ -819,11 +852,16 @@ def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, director
 
 def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:
     """``auto``: the source dtype (GGUF: the run dtype), else the configured one."""
+    return export_dtype_name(cfg, prep.config, prep.source, prep.dtype)
+
+
+def export_dtype_name(cfg: PruneConfig, config: Any, source: ModelSource,
+                      dtype: torch.dtype) -> str:
+    """:func:`_export_dtype` from its parts (before :class:`Prepared` exists)."""
     if cfg.output.dtype != "auto":
         return cfg.output.dtype
-    fallback = prep.dtype
-    return str(source_dtype(prep.config, fallback) if prep.source.kind != "gguf"
-               else fallback).removeprefix("torch.")
+    return str(source_dtype(config, dtype) if source.kind != "gguf"
+               else dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------- report

@@ -113,15 +113,92 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool,
             "hub id> to use another one") from exc
 
 
-def host_available() -> int | None:
-    """``MemAvailable`` of this node in bytes (Linux), else None (not checked)."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+PROC_ROOT = Path("/proc")
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a huge page-aligned number
+
+
+def _read_int(path: Path) -> int | None:
+    """An integer file (``max``, a missing or unreadable file: None)."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """One ``key value`` line of a cgroup ``memory.stat`` file (0 when absent)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key and value.strip().isdigit():
+                return int(value)
+    except OSError:
+        pass
+    return 0
+
+
+def _cgroup_dirs(mount: Path, relative: str) -> list[Path]:
+    """The process's cgroup directory under ``mount`` and its ancestors up to ``mount`` (the
+    path of ``/proc/self/cgroup`` is missing inside a container that mounts its own cgroup as
+    the root: then only ``mount``)."""
+    leaf = mount / relative.strip("/")
+    if not leaf.is_dir():
+        return [mount]
+    return [leaf, *(p for p in leaf.parents if p == mount or mount in p.parents)]
+
+
+def cgroup_available(root: Path = CGROUP_ROOT, proc: Path = PROC_ROOT) -> int | None:
+    """Bytes this process's cgroup may still allocate, or None without a memory limit.
+
+    cgroup v2 (``0::<path>`` in ``/proc/self/cgroup``): ``memory.max`` - ``memory.current``;
+    v1 (``N:memory:<path>``): ``memory.limit_in_bytes`` - ``memory.usage_in_bytes``. Reclaimable
+    page cache (``inactive_file`` of ``memory.stat``) counts as available, as the kernel frees
+    it before killing; every ancestor's limit applies, so the smallest headroom wins.
+    """
+    try:
+        lines = (proc / "self" / "cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    found: list[int] = []
+    for line in lines:
+        _, controllers, relative = line.split(":", 2)
+        if controllers == "":  # v2 unified hierarchy
+            mount, files = root, ("memory.max", "memory.current", "inactive_file")
+            if not (root / "cgroup.controllers").exists() and (root / "unified").is_dir():
+                mount = root / "unified"  # hybrid layout: v2 mounted beside v1
+        elif "memory" in controllers.split(","):
+            mount = root / "memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        for directory in _cgroup_dirs(mount, relative):
+            limit, usage = _read_int(directory / files[0]), _read_int(directory / files[1])
+            if limit is None or limit >= _NO_LIMIT or usage is None:
+                continue
+            cache = _stat_value(directory / "memory.stat", files[2])
+            found.append(max(limit - max(usage - cache, 0), 0))
+    return min(found) if found else None
+
+
+def meminfo_available(proc: Path = PROC_ROOT) -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (the node's view), else None."""
+    try:
+        for line in (proc / "meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def host_available(root: Path = CGROUP_ROOT, proc: Path = PROC_ROOT) -> int | None:
+    """Host memory this process may still use, in bytes: the smaller of the node's
+    ``MemAvailable`` and its cgroup's headroom (a container's limit, which ``/proc/meminfo``
+    does not show; :func:`cgroup_available`); None when neither is known (not checked)."""
+    known = [v for v in (meminfo_available(proc), cgroup_available(root, proc)) if v is not None]
+    return min(known) if known else None
 
 
 def peak_memory_bytes() -> int:

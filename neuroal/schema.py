@@ -119,6 +119,9 @@ class RayConfig:
     cpus: float = 1.0  # CPUs reserved per Ray actor
     max_restarts: int = 3  # restarts per Ray actor after it died (killed, OOM); then the run stops
     inflight: int = 0  # candidates / windows in flight (pipelined actors); 0 = one per worker
+    # seconds to wait for the placement group (at start and after a lost node) and for a
+    # restarted actor to be placed and reload its slice; then the run stops (--resume continues)
+    placement_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,10 @@ class DistConfig:
 
     # Ranks > 0 wait in a broadcast while rank 0 works alone (data, search bookkeeping, export);
     # torch's default 30 min collective timeout is too short at 70B.
-    timeout: float = 14400.0  # seconds a collective may wait before the launch fails
+    timeout: float = 14400.0  # seconds a command's broadcast / gather may wait (long)
+    # seconds a point-to-point stream transfer (and the stream group's collectives) may wait: a
+    # hung GPU or a dead neighbour is reported after this, not after ``timeout``
+    collective_timeout: float = 1800.0
 
 
 @dataclass(frozen=True)

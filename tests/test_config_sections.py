@@ -59,7 +59,7 @@ def test_bad_values_are_reported_with_key_and_fix() -> None:
                  "engine.ray.address=5: expected a string or null",
                  "engine.dist.timeout=0: expected seconds > 0",
                  "unknown key engine.ray.gpus; valid keys: address, cpus",
-                 "unknown key engine.dist.backend; valid keys: timeout"):
+                 "unknown key engine.dist.backend; valid keys: collective_timeout, timeout"):
         assert part in text, (part, text)
     with pytest.raises(ConfigError, match="engine.ray: expected a mapping"):
         load_config(None, ["engine.ray=auto"])

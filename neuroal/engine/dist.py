@@ -51,6 +51,7 @@ from neuroal.engine.core import (
 )
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
+from neuroal.engine.preflight import NodeFacts, gather_facts, probe_root, read_probes
 from neuroal.engine.worker import Worker
 from neuroal.errors import ConfigError
 from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
@@ -65,6 +66,9 @@ log = get_logger(__name__)
 # export of config and tokenizer); the default 30 min collective timeout is too short at 70B.
 # The default of ``engine.dist.timeout`` (seconds).
 TIMEOUT = datetime.timedelta(seconds=DistConfig().timeout)
+# Point-to-point stream transfers get the short ``engine.dist.collective_timeout`` (their own
+# process group), so a hung GPU or a dead neighbour is reported within it.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=DistConfig().collective_timeout)
 _STREAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _EXIT, _ABORT = "exit", "abort"
 
@@ -81,7 +85,8 @@ class RankInfo:
     world: int
     local_rank: int
     device: str
-    timeout: datetime.timedelta = TIMEOUT  # engine.dist.timeout of every collective
+    timeout: datetime.timedelta = TIMEOUT  # engine.dist.timeout: commands (broadcast, gather)
+    collective_timeout: datetime.timedelta = COLLECTIVE_TIMEOUT  # streams (send / recv)
 
     @property
     def backend(self) -> str:
@@ -138,13 +143,15 @@ def rank_info(cfg: PruneConfig) -> RankInfo | None:
     if errors:
         raise ConfigError(errors)
     return RankInfo(rank, world, local_rank, device,
-                    datetime.timedelta(seconds=cfg.engine.dist.timeout))
+                    datetime.timedelta(seconds=cfg.engine.dist.timeout),
+                    datetime.timedelta(seconds=cfg.engine.dist.collective_timeout))
 
 
 def rank_device(cfg: PruneConfig, rank: int, local_rank: int) -> tuple[str, list[str]]:
-    """The device of ``rank``: ``engine.devices[rank]`` when one is given per worker, else
-    ``cuda:<LOCAL_RANK>`` for a CUDA run (an index in ``engine.device`` is ignored) and ``cpu``
-    otherwise; plus any errors."""
+    """The device of ``rank``: ``engine.devices[LOCAL_RANK]`` when one is given per worker (a
+    node's devices, indexed by the rank within the node: on 4-GPU nodes ranks 4-7 use the
+    first four entries), else ``cuda:<LOCAL_RANK>`` for a CUDA run (an index in
+    ``engine.device`` is ignored) and ``cpu`` otherwise; plus any errors."""
     eng = cfg.engine
     names = list(eng.devices) or [eng.device]
     try:
@@ -160,21 +167,26 @@ def rank_device(cfg: PruneConfig, rank: int, local_rank: int) -> tuple[str, list
         return "cpu", [f"rank {rank} (LOCAL_RANK={local_rank}) needs a CUDA device but "
                        f"{torch.cuda.device_count()} are visible; launch at most that many "
                        "processes per node, or use --device cpu"]
-    if len(names) > 1 and rank < len(names):
-        return names[rank], []
+    if len(names) > 1 and local_rank >= len(names):
+        return "cpu", [f"rank {rank} has LOCAL_RANK={local_rank} but engine.devices lists "
+                       f"{len(names)} devices; list one device per process of a node"]
+    if len(names) > 1:
+        return names[local_rank], []
     return (f"cuda:{local_rank}" if kind == "cuda" else kind), []
 
 
 @contextmanager
-def _process_group(info: RankInfo) -> Iterator[None]:
-    """Initialise the default process group from the launcher's environment (env://)."""
+def _process_group(info: RankInfo) -> Iterator[Any]:
+    """Initialise the default process group from the launcher's environment (env://), with the
+    long command timeout; yields the stream group (every rank, the short
+    ``collective_timeout``) that point-to-point transfers use."""
     if torch.device(info.device).type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)  # deterministic cuBLAS
         torch.cuda.set_device(torch.device(info.device))
     dist.init_process_group(info.backend, rank=info.rank, world_size=info.world,
                             timeout=info.timeout)
     try:
-        yield
+        yield dist.new_group(backend=info.backend, timeout=info.collective_timeout)
     finally:
         dist.destroy_process_group()
 
@@ -204,6 +216,8 @@ class RankStage:
         commands of an early-stopped search (:meth:`candidates`)."""
         self._error: Exception | None = None
         self._trace = ""
+        self.streams: Any = None
+        """Process group of the stream transfers (short timeout); None: the default group."""
 
     @property
     def w(self) -> Worker:
@@ -272,24 +286,27 @@ class RankStage:
             if stream is not None and self._error is None:
                 self._error = RuntimeError(f"rank {self.info.rank}: cannot ship a stream of "
                                            f"shape {tuple(stream.shape)} and {stream.dtype}")
-            dist.send(torch.zeros(6, dtype=torch.int64, device=self.comm), dst=dst)
+            dist.send(torch.zeros(6, dtype=torch.int64, device=self.comm), dst=dst,
+                      group=self.streams)
             return
         bits = torch.tensor([self.carried], dtype=torch.float64).view(torch.int64).item()
         header = [1, *stream.shape, _STREAM_DTYPES.index(stream.dtype), bits]
-        dist.send(torch.tensor(header, dtype=torch.int64, device=self.comm), dst=dst)
-        dist.send(stream.to(self.comm).contiguous().view(torch.uint8), dst=dst)
+        dist.send(torch.tensor(header, dtype=torch.int64, device=self.comm), dst=dst,
+                  group=self.streams)
+        dist.send(stream.to(self.comm).contiguous().view(torch.uint8), dst=dst,
+                  group=self.streams)
 
     def _recv(self) -> torch.Tensor | None:
         src = self.info.rank - 1
         header = torch.empty(6, dtype=torch.int64, device=self.comm)
-        dist.recv(header, src=src)
+        dist.recv(header, src=src, group=self.streams)
         ok, n, t, h, code, bits = header.tolist()
         if not ok:
             return None
         self.carried = torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
         dtype = _STREAM_DTYPES[code]
         raw = torch.empty((n, t, h * dtype.itemsize), dtype=torch.uint8, device=self.comm)
-        dist.recv(raw, src=src)
+        dist.recv(raw, src=src, group=self.streams)
         return raw.view(dtype).to(self.home)
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor | None:
@@ -307,6 +324,16 @@ class RankStage:
         self.home = torch.device("cpu") if spec.offload_activations else torch.device(spec.device)
         self.worker = self._try(Worker, spec)
         return {"rank": self.info.rank, "blocks": list(bounds), "device": spec.device}
+
+    def probe(self, common: tuple[str | None, str], _own: Any) -> NodeFacts:
+        """Preflight, first round: this rank's facts; writes its probe (never raises)."""
+        tmp, nonce = common
+        return self._try(gather_facts, self.info.rank, self.info.device, tmp, nonce)
+
+    def probe_read(self, common: tuple[str | None, str, list[str]], _own: Any) -> tuple[str, ...]:
+        """Preflight, second round: the probe names this rank can read."""
+        tmp, nonce, names = common
+        return () if tmp is None else self._try(read_probes, probe_root(tmp), names, nonce)
 
     def release(self, _common: Any, _own: Any) -> None:
         if self.worker is not None:
@@ -455,6 +482,7 @@ _OPS: dict[str, Callable[[RankStage, Any, Any], Any]] = {
     "window_nll": RankStage.window_nll, "last_logits": RankStage.last_logits,
     "token_logprobs": RankStage.token_logprobs,
     "logits": RankStage.logits, "masks": RankStage.masks, "write_shards": RankStage.write_shards,
+    "probe": RankStage.probe, "probe_read": RankStage.probe_read,
 }
 
 
@@ -498,8 +526,9 @@ def coordinator(cfg: PruneConfig) -> Iterator[RankStage | None]:
         return
     if info.rank != 0:
         raise RuntimeError(f"coordinator() runs on rank 0; rank {info.rank} must call serve()")
-    with _process_group(info):
+    with _process_group(info) as streams:
         stage = RankStage(info)
+        stage.streams = streams
         try:
             yield stage
         except BaseException:
@@ -531,8 +560,10 @@ def serve(cfg: PruneConfig) -> int:
     level = logging.getLevelName(cfg.log_level.upper())
     configure("WARNING" if not isinstance(level, int) or level < logging.WARNING else cfg.log_level)
     seed_everything(cfg.seed, cfg.engine.deterministic, cfg.engine.threads)
-    with _process_group(info):
-        return serve_loop(RankStage(info))
+    with _process_group(info) as streams:
+        stage = RankStage(info)
+        stage.streams = streams
+        return serve_loop(stage)
 
 
 def serve_loop(stage: RankStage) -> int:

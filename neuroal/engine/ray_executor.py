@@ -48,7 +48,7 @@ from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.worker import Worker
 from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
-from neuroal.logging import configure, get_logger, progress
+from neuroal.logging import buffer_warnings, configure, get_logger, progress, replay
 from neuroal.progress import SETTINGS, configure_progress
 from neuroal.schema import RayConfig
 
@@ -57,7 +57,7 @@ log = get_logger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-PLACEMENT_TIMEOUT_S = 300.0
+PLACEMENT_TIMEOUT_S = RayConfig().placement_timeout
 DEVICE_KINDS = ("cpu", "cuda")
 
 
@@ -132,7 +132,8 @@ class RayOptions:
     ``ray://host:10001``; None: ``$RAY_ADDRESS`` or a local instance); ``inflight``: candidates
     / perplexity chunks in flight (0: one per worker); ``max_restarts``: restarts allowed per
     actor after it died, then the run stops; ``deterministic``: deterministic kernels inside the
-    actors (engine.md §3.5).
+    actors (engine.md §3.5); ``placement_timeout``: seconds to wait for the placement group
+    (at start, and after a lost node) and for a restarted actor to reload its slice.
     """
 
     placement: str = "PACK"
@@ -141,13 +142,14 @@ class RayOptions:
     inflight: int = 0
     max_restarts: int = 3
     deterministic: bool = True
+    placement_timeout: float = PLACEMENT_TIMEOUT_S
 
     @classmethod
     def from_config(cls, ray: RayConfig, deterministic: bool = True) -> RayOptions:
         """From the validated ``engine.ray`` section."""
         return cls(placement=ray.placement, cpus=ray.cpus, address=ray.address,
                    inflight=ray.inflight, max_restarts=ray.max_restarts,
-                   deterministic=deterministic)
+                   deterministic=deterministic, placement_timeout=ray.placement_timeout)
 
 
 def device_kind(devices: Sequence[str]) -> str:
@@ -183,6 +185,12 @@ def _setup(worker: Worker, deterministic: bool, threads: int | None,
 
     configure(log_level)
     configure_progress(interval, "log")
+    buffer_warnings()  # drained by the driver (_warnings), so warnings reach the run's log
+
+
+def _warnings(worker: Worker) -> list[tuple[int, str, str]]:
+    """The actor's warning records since the last call (:func:`~neuroal.logging.buffer_warnings`)."""
+    return buffer_warnings().drain()
 
 
 def _busy(worker: Worker) -> float:
@@ -289,19 +297,22 @@ class RayExecutor:
         bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
         total = ray.cluster_resources()
         short = {k: v * workers for k, v in bundle.items() if total.get(k, 0) < v * workers}
+        timeout = self.options.placement_timeout
         if short:
             log.warning("%d Ray workers need %s but the cluster has %s in total; waiting up to "
                         "%.0f s for more nodes", workers, short,
-                        {k: total.get(k, 0) for k in short}, PLACEMENT_TIMEOUT_S)
+                        {k: total.get(k, 0) for k in short}, timeout)
         group = placement_group([dict(bundle) for _ in range(workers)], strategy=placement)
-        ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        ready, _ = ray.wait([group.ready()], timeout=timeout)
         if not ready:
             remove_placement_group(group)
             raise RuntimeError(
                 f"Ray could not place {workers} workers of {bundle} with strategy {placement} "
-                f"within {PLACEMENT_TIMEOUT_S:.0f} s; the cluster has "
+                f"within engine.ray.placement_timeout={timeout:g} s; the cluster has "
                 f"{ray.available_resources()} available. Use fewer workers, a smaller "
-                "engine.ray.cpus, or engine.ray.placement=PACK")
+                "engine.ray.cpus, or engine.ray.placement=PACK, or raise "
+                "engine.ray.placement_timeout; an earlier run's saved state continues with "
+                "--resume")
         return group
 
     def _start(self, cpus: float, gpus: int, deterministic: bool) -> list[Any]:
@@ -321,6 +332,7 @@ class RayExecutor:
         self._retrying(lambda: self._get(
             [a.__ray_call__.remote(_setup, *self._setup_args) for a in self.workers],
             "loading the worker slices"))
+        self._relay_warnings()
         return self.workers
 
     def _new_actor(self, spec: WorkerSpec) -> Any:
@@ -338,6 +350,7 @@ class RayExecutor:
             return
         from ray.util.placement_group import remove_placement_group
 
+        self._relay_warnings()
         for a in self.workers:
             ray.kill(a)
         self.workers = []
@@ -348,11 +361,19 @@ class RayExecutor:
             ray.shutdown()
             self._owns_ray = False
 
-    def _get(self, refs: Any, what: str) -> Any:
-        """``ray.get`` whose errors say which unit of work failed (engine.md §3.3)."""
+    def _get(self, refs: Any, what: str, timeout: float | None = None) -> Any:
+        """``ray.get`` whose errors say which unit of work failed (engine.md §3.3); past
+        ``timeout`` seconds the run stops with the ``--resume`` hint."""
         ray = import_ray()
         try:
-            return ray.get(refs)
+            return ray.get(refs, timeout=timeout)
+        except ray.exceptions.GetTimeoutError as exc:
+            self._failed = what
+            message = (f"the Ray executor waited engine.ray.placement_timeout={timeout:g} s "
+                       f"while {what} (a lost node without spare capacity, or a stuck worker); "
+                       f"giving up. {self._resume_hint()}")
+            self.shutdown()
+            raise RuntimeError(message) from exc
         except ray.exceptions.RayError as exc:
             self._failed = what
             if hasattr(exc, "add_note"):
@@ -441,16 +462,10 @@ class RayExecutor:
         spec = self.specs[rank]
         cause = _describe(exc)
         if self.restarts[rank] >= self.max_restarts:
-            state = self.state_dir
-            where = (f"The resume state is kept at {state}: rerun with --resume to continue from "
-                     "the last checkpoint." if state else
-                     "If this run has an output directory, its resume state is kept under "
-                     "<output>.neuroal-tmp/state: rerun with --resume to continue from the last "
-                     "checkpoint.")
             message = (f"Ray worker {rank} (blocks [{spec.start}, {spec.stop}) of "
                        f"{self._num_blocks}) died while {self._failed} ({cause}) after "
                        f"{self.restarts[rank]} restart(s) (engine.ray.max_restarts="
-                       f"{self.max_restarts}); giving up. {where}")
+                       f"{self.max_restarts}); giving up. {self._resume_hint()}")
             self.shutdown()
             raise RuntimeError(message) from exc
         self.restarts[rank] += 1
@@ -459,9 +474,44 @@ class RayExecutor:
                     spec.stop, self._failed, cause, self.restarts[rank], self.max_restarts)
         ray.kill(self.workers[rank])
         self._busy_offset[rank] = self._last_busy[rank]
+        timeout = self.options.placement_timeout
+        if self._group is not None and not self._group.wait(timeout):
+            self._failed = f"re-placing worker {rank} (its node is gone)"
+            message = (f"Ray could not re-place worker {rank} (blocks [{spec.start}, "
+                       f"{spec.stop})) within engine.ray.placement_timeout={timeout:g} s: its "
+                       "node is gone and the cluster has no spare "
+                       f"{self.options.cpus:g} CPU(s){' + 1 GPU' if 'cuda' in spec.device else ''}"
+                       f". {self._resume_hint()}")
+            self.shutdown()
+            raise RuntimeError(message) from exc
         self.workers[rank] = self._new_actor(spec)
         self._get(self.workers[rank].__ray_call__.remote(_setup, *self._setup_args),
-                  f"reloading the slice of worker {rank}")
+                  f"reloading the slice of worker {rank}", timeout)
+
+    def _resume_hint(self) -> str:
+        """Where the resume state is and how to continue from it."""
+        if self.state_dir:
+            return (f"The resume state is kept at {self.state_dir}: rerun with --resume to "
+                    "continue from the last checkpoint.")
+        return ("If this run has an output directory, its resume state is kept under "
+                "<output>.neuroal-tmp/state: rerun with --resume to continue from the last "
+                "checkpoint.")
+
+    def _relay_warnings(self) -> None:
+        """Log the actors' warning records here (driver's terminal and the run's log file);
+        called where no work is in flight (after loading, after the final prune, when reading
+        worker info, before shutdown), so the call never waits behind queued work."""
+        if not self.workers:
+            return
+        ray = import_ray()
+        refs = [a.__ray_call__.remote(_warnings) for a in self.workers]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=10)
+        for k, ref in enumerate(refs):
+            try:
+                if ref in ready:
+                    replay(ray.get(ref), f"ray worker {k}")
+            except ray.exceptions.RayError:  # dead or unreachable: its records are lost
+                continue
 
     def _restore(self, ranks: list[int]) -> None:
         """Give restarted actors their pruned blocks back when the final prune has run: from the
@@ -534,6 +584,7 @@ class RayExecutor:
             self._retrying(lambda: self._prune_pass(
                 plan, job, ids, set(range(self._num_blocks)) - set(reports), reports), forget)
         self._pruned = (plan, job, ids)
+        self._relay_warnings()
         return [reports[b] for b in range(self._num_blocks)]
 
     def _prune_pass(self, plan: SparsityPlan, job: PruneJob, ids: torch.Tensor, redo: set[int],
@@ -723,6 +774,7 @@ class RayExecutor:
         for k, info in enumerate(infos):
             info["busy_seconds"] += self._busy_offset[k]
             info["restarts"] = self.restarts[k]
+        self._relay_warnings()
         return infos
 
     def utilisation(self) -> dict[str, dict[str, Any]]:
