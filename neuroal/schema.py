@@ -359,9 +359,10 @@ def assemble(tree: Mapping[str, Any]) -> tuple[PruneConfig, list[str]]:
             section = _build_section(key, value, errors)
             if section is not None:
                 kwargs[key] = section
-        elif key == "compare":
+        elif key in ("compare", "targets", "ignore"):
             if value is not None and not isinstance(value, (str, list, tuple)):
-                errors.append(f"compare={value!r}: expected a list of allocation names")
+                what = "allocation names" if key == "compare" else "module name patterns"
+                errors.append(f"{key}={value!r}: expected a list of {what}")
                 continue
             kwargs[key] = tuple(_split_list(value) if isinstance(value, str) else value or ())
         elif key == "recover":
