@@ -265,14 +265,16 @@ class ThreadComm:
 
     def share_tensors(self, tensors: Mapping[str, torch.Tensor], src: int,
                       device: torch.device) -> dict[str, torch.Tensor]:
+        """On the owner's device the guest uses the owner's tensors themselves (no copy: during
+        a block each linear is written by its solver only, the forwards only read)."""
         shared = self._exchange(dict(tensors))[src]
         if self.rank == src:
             return dict(tensors)
-        return {n: t.to(device, copy=True) for n, t in shared.items()}
+        return {n: t.to(device) for n, t in shared.items()}
 
     def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
         source = self._exchange(tensor)[src]
-        if self.rank != src:
+        if self.rank != src and source.data_ptr() != tensor.data_ptr():
             tensor.copy_(source)
 
     def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
@@ -422,10 +424,11 @@ class DataPrune:
         """Block ``index`` on this worker's device until ``stack`` closes: the owner's own
         (resident, written back afterwards), a guest copy of its tensors elsewhere."""
         w = self.w
-        if self.comm.rank == owner:
-            tensors = block_tensors(stack.enter_context(w.resident(index, write=True)))
+        if self.comm.rank == owner:  # onloading: read from host or disk, a phase that may fail
+            tensors = self._phase(
+                lambda: block_tensors(stack.enter_context(w.resident(index, write=True))))
         else:
-            tensors = block_tensors(w.adapter.blocks[index])  # templates (meta)
+            tensors = self._phase(lambda: block_tensors(w.adapter.blocks[index]))  # templates
         shared = self.comm.share_tensors(tensors, owner, w.device)
         if self.comm.rank != owner:
             stack.enter_context(guest(w.adapter.blocks[index], shared))
@@ -446,7 +449,6 @@ class DataPrune:
         mine = [n for n in order if solver[n] == self.comm.rank]
         own = self._phase(lambda: w.prune_block(
             index, {n: folds[n].stats() for n in mine}, entries, job, mine, seqlen=seqlen))
-        del folds
         for name in order:
             self.comm.broadcast_(linears[name].weight.data, solver[name])
         by_name = {r.name: r for part in self.comm.gather_all(own) for r in part}

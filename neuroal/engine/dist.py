@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from neuroal.allocation.neuroal_math import total_alignment
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.engine.collectives import DistComm
 from neuroal.engine.core import (
     cat_pairs,
     chunks,
@@ -49,7 +50,6 @@ from neuroal.engine.core import (
     reference_needs,
     worker_template,
 )
-from neuroal.engine.collectives import DistComm
 from neuroal.engine.data_parallel import DataPrune, Layout, Stopped, prune_mode
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
