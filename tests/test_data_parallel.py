@@ -111,6 +111,14 @@ def test_solvers_are_balanced_by_cost() -> None:
     assert set(assign_solvers(costs, 9).values()) == set(range(7))  # more workers than linears
 
 
+def test_resume_hash_ignores_the_mode() -> None:
+    from neuroal.checkpoint import canonical_config
+
+    pipeline, data = ({"sparsity": 0.5, "engine": {"parallel": mode, "workers": k}}
+                      for mode, k in (("pipeline", 1), ("data", 4)))
+    assert canonical_config(pipeline, {}) == canonical_config(data, {})
+
+
 def test_parallel_is_validated(llama4: Path) -> None:
     with pytest.raises(ConfigError, match="engine.parallel='fast'"):
         tiny_cfg(llama4, None, engine={"parallel": "fast"})
