@@ -11,7 +11,7 @@
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
-    python launch/bench.py parallel --nsamples 16 --seqlen 256  # pipeline vs data mode, 1-2 workers
+    python launch/bench.py parallel --nsamples 16 --seqlen 128  # pipeline vs data mode, 1-2 workers
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
