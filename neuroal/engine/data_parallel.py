@@ -81,9 +81,12 @@ def assign_solvers(costs: Mapping[str, float], workers: int) -> dict[str, int]:
 
 
 def solve_cost(rows: int, cols: int, needs: frozenset[str]) -> float:
-    """Relative cost of one linear's solve: scores and selection grow with ``rows * cols``,
-    a SparseGPT sweep (criteria needing the Hessian) with ``rows * cols^2``."""
-    return float(rows * cols * (cols if STAT_HESSIAN in needs else 1))
+    """Relative cost of one linear's solve: scores and selection grow with ``rows * cols``;
+    with a Hessian (SparseGPT) the factorisation with ``cols^3`` and the sweep with
+    ``rows * cols^2``."""
+    if STAT_HESSIAN in needs:
+        return float(cols**3 + rows * cols * cols)
+    return float(rows * cols)
 
 
 def data_blockers(reconstruct: bool, experts: bool) -> list[str]:
