@@ -11,6 +11,7 @@
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
+    python launch/bench.py parallel --nsamples 16 --seqlen 128  # pipeline vs data mode, 1-2 workers
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -397,6 +398,20 @@ def onload(opts: argparse.Namespace) -> dict:
     return result
 
 
+def parallel(opts: argparse.Namespace) -> dict:
+    """Pipeline vs data mode (``launch/bench_parallel.py``): SmolLM2's Wanda and SparseGPT
+    final prune with 1 and 2 workers, one thread each, in one process; checks bit-identity."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import bench_parallel
+
+    args = ["--model", opts.model, "--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen)]
+    if opts.only:
+        args += ["--criteria", opts.only]
+    result = bench_parallel.run(bench_parallel.parser().parse_args(args))
+    print(bench_parallel.table(result))
+    return result
+
+
 SEARCH_RUNS = [("wanda-neuroal-70-grid-order", NA70, [*SCREEN_GRID, "allocation.early_stop=false"]),
                ("wanda-neuroal-70-early-stop", NA70, [*SCREEN_GRID, "allocation.early_stop=true"])]
 """Issue 16 item 13: today's search against exact early stopping (middle-out order), Wanda 70 %
@@ -523,7 +538,8 @@ def search(opts: argparse.Namespace) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
-                                          "recovery", "ood", "onload", "search", "unimodal"],
+                                          "recovery", "ood", "onload", "search", "unimodal",
+                                          "parallel"],
                    nargs="?", default="foundation")
     p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
                    "NeuroAL trails (default: outputs/ and benchmarks/)")
@@ -545,7 +561,7 @@ def main() -> int:
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
               "recovery": recovery, "ood": ood, "onload": onload,
-              "search": search, "unimodal": unimodal}[opts.suite](opts)
+              "search": search, "unimodal": unimodal, "parallel": parallel}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

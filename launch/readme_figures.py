@@ -187,8 +187,29 @@ def results_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text, "unimodal": unimodal_text,
-         "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text}
+def parallel_text(result: dict) -> str:
+    """The pipeline vs data mode table from ``launch/bench.py parallel``'s JSON
+    (docs/parallelism.md)."""
+    lines = ["| criterion | workers | mode | final prune (s) | speed-up | bit-identical |",
+             "|---|---:|---|---:|---:|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['criterion']} | {r['workers']} | {r['mode']} | {r['seconds']:.1f} | "
+                     f"{r['speedup']:.2f}x | {'yes' if r['identical'] else 'NO'} |")
+    st = result["settings"]
+    load = " / ".join(f"{a:.1f} -> {b:.1f}" for a, b in zip(st["loadavg_before"][:1],
+                                                             st["loadavg_after"][:1], strict=True))
+    lines += ["", f"{st['model']}, {st['dtype']}, {st['sparsity']:.0%} uniform, "
+              f"{st['nsamples']} x {st['seqlen']} calibration tokens, micro-batch "
+              f"{st['micro_batch']}, {st['threads_per_worker']} thread per worker on a "
+              f"{st['cpus']}-core CPU shared with other jobs (1-minute load average {load}). "
+              "Speed-up against one worker in pipeline mode; bit-identical: the pruned "
+              "weights equal the first row's bit for bit."]
+    return "\n".join(lines)
+
+
+KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text,
+         "unimodal": unimodal_text, "scalelora": scalelora_text,
+         "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -196,7 +217,8 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "unimodal": ("benchmarks/unimodal.json", "docs/allocation.md"),
            "scalelora": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
            "magnitude": ("benchmarks/magnitude_row.json", "docs/results.md"),
-           "ood": ("benchmarks/ood.json", "docs/results.md")}
+           "ood": ("benchmarks/ood.json", "docs/results.md"),
+           "parallel": ("benchmarks/parallel.json", "docs/parallelism.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 

@@ -64,6 +64,14 @@ class _Accumulator:
                           sq_norm_windowed=self.sq_norm_windowed)
 
 
+def new_accumulator(needs: frozenset[str]) -> _Accumulator:
+    """A linear's running statistics, folded micro-batch by micro-batch with
+    ``update(sums, sequences)`` and read with ``stats()``: a data-parallel solver folds the
+    micro-batch sums it receives with it, in stream order, exactly as a collector does
+    (neuroal.engine.data_parallel)."""
+    return _Accumulator(needs)
+
+
 def batch_sums(x: torch.Tensor, needs: frozenset[str], sequences: int | None = None,
                ) -> dict[str, torch.Tensor]:
     """Sums over the tokens of a micro-batch of linear inputs ``x`` of shape ``(B, T, cols)``

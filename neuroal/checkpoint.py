@@ -38,11 +38,13 @@ from neuroal.logging import get_logger
 log = get_logger(__name__)
 
 # Keys that do not change results (engine.md §8): output location, logging, resume flags, and
-# the executor layout (results are bit-identical across executors and worker counts, §3.5).
+# the executor layout (results are bit-identical across executors, worker counts and the
+# pipeline and data modes of the final prune, §3.5).
 NON_SEMANTIC = ("output.dir", "output.overwrite", "log_level", "engine.executor", "engine.workers",
                 "engine.devices", "engine.ray", "engine.dist", "engine.memory_limit", "engine.device",
                 "output.resume", "output.keep_state", "output.save_model", "output.shard_size",
-                "compare", "engine.onload", "engine.prefetch", "log", "output.push_to_hub",
+                "compare", "engine.onload", "engine.prefetch", "engine.parallel", "log",
+                "output.push_to_hub",
                 "output.plots")
 
 

@@ -22,6 +22,7 @@ from neuroal.allocation import ALLOCATIONS
 from neuroal.criteria import CRITERIA
 from neuroal.data import SOURCES, parse_source
 from neuroal.engine import EXECUTORS
+from neuroal.engine.data_parallel import PARALLEL_CHOICES
 from neuroal.engine.onload import ONLOAD_CHOICES
 from neuroal.errors import ConfigError
 from neuroal.inputs import is_int, is_number, label_flags, output_name_error, parse_size, type_error
@@ -324,6 +325,7 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
         errors.append(f"engine.onload={eng.onload!r}: expected one of {', '.join(ONLOAD_CHOICES)} "
                       "(device: weights stay on the device; host / disk: one block at a time is "
                       "brought to the device; auto: chosen by the memory planner)")
+    errors += _check_parallel(eng)
     if not isinstance(eng.prefetch, bool):
         errors.append(f"engine.prefetch={eng.prefetch!r}: expected true or false")
     if eng.memory_limit is not None:
@@ -332,6 +334,19 @@ def _check_engine(cfg: PruneConfig) -> list[str]:
         except ValueError as exc:
             errors.append(f"{exc} (the memory each worker may use)")
     return errors
+
+
+def _check_parallel(eng: EngineConfig) -> list[str]:
+    """``engine.parallel`` (neuroal.engine.data_parallel)."""
+    if eng.parallel not in PARALLEL_CHOICES:
+        return [f"engine.parallel={eng.parallel!r}: expected one of "
+                f"{', '.join(PARALLEL_CHOICES)} (pipeline: each worker prunes its own blocks in "
+                "turn; data: every worker calibrates every block on its share of the sequences; "
+                "auto: data when several workers can share the prune)"]
+    if eng.parallel == "data" and eng.executor == "ray":
+        return ["engine.parallel=data is not available with engine.executor=ray yet; use "
+                "engine.executor=local or dist, or engine.parallel=pipeline"]
+    return []
 
 
 def _check_ray(ray: RayConfig) -> list[str]:

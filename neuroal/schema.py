@@ -152,6 +152,7 @@ class EngineConfig:
     memory_limit: int | str | None = None  # bytes per worker ("24GB", "80GiB"); None = device's
     onload: str = "auto"  # device | host | disk: where blocks live between uses; auto = planner
     prefetch: bool = True  # onloading: fetch the next block while one is in use
+    parallel: str = "auto"  # pipeline | data: how the final prune uses the workers; auto = rule
     ray: RayConfig = field(default_factory=RayConfig)
     dist: DistConfig = field(default_factory=DistConfig)
 

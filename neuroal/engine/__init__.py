@@ -29,7 +29,8 @@ def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype:
     return LocalExecutor(source, num_blocks, eng.workers, devices, dtype, eng.micro_batch,
                          eng.offload_activations, cfg.model.trust_remote_code,
                          onload=resolved_onload(eng.onload), prefetch=eng.prefetch,
-                         selection=(tuple(cfg.targets), tuple(cfg.ignore)))
+                         selection=(tuple(cfg.targets), tuple(cfg.ignore)),
+                         parallel=eng.parallel)
 
 
 EXECUTORS.add("local", _local)

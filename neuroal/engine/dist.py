@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from neuroal.allocation.neuroal_math import total_alignment
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.engine.collectives import DistComm
 from neuroal.engine.core import (
     cat_pairs,
     chunks,
@@ -49,6 +50,7 @@ from neuroal.engine.core import (
     reference_needs,
     worker_template,
 )
+from neuroal.engine.data_parallel import DataPrune, Layout, Stopped, prune_mode
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.preflight import NodeFacts, gather_facts, probe_root, read_probes
@@ -358,6 +360,23 @@ class RankStage:
         self._relay(lambda: self.w.embed(ids), compute)
         return reports
 
+    def data_prune(self, common: tuple[PruneJob, torch.Tensor, list[Mapping[str, Any]],
+                                       list[tuple[int, int]]], _own: Any) -> list[BlockReport] | None:
+        """Data-parallel final prune (:mod:`neuroal.engine.data_parallel`): every rank works on
+        every block; the reports of the blocks this rank owns. A rank stopped by another's
+        failure returns None, so rank 0 raises the failing rank's error."""
+        job, ids, entries, slices = common
+        layout = Layout(tuple(map(tuple, slices)), int(ids.shape[0]), self.micro_batch)
+        prune = DataPrune(self.w, DistComm(self.info.rank, self.info.world, self.comm), layout)
+
+        def body() -> list[BlockReport] | None:
+            try:
+                return prune.run(ids, entries, job)
+            except Stopped:
+                return None
+
+        return self._try(body)
+
     def candidates(self, common: tuple[torch.Tensor, CandidateJob, str, Sequence[Any] | None,
                                        bool, bool],
                    own: Sequence[Mapping[int, Mapping[str, Any]]]) -> list[dict[int, BlockAlignment]]:
@@ -477,7 +496,8 @@ class RankStage:
 
 _OPS: dict[str, Callable[[RankStage, Any, Any], Any]] = {
     "start": RankStage.start, "release": RankStage.release, "info": RankStage.info,
-    "prune": RankStage.prune, "candidates": RankStage.candidates,
+    "prune": RankStage.prune, "data_prune": RankStage.data_prune,
+    "candidates": RankStage.candidates,
     "dense_metrics": RankStage.dense_metrics, "weight_metrics": RankStage.weight_metrics,
     "window_nll": RankStage.window_nll, "last_logits": RankStage.last_logits,
     "token_logprobs": RankStage.token_logprobs,
@@ -600,8 +620,10 @@ class DistExecutor:
             slice); each rank fills in its slice and its own device.
     """
 
-    def __init__(self, stage: RankStage, template: WorkerSpec) -> None:
+    def __init__(self, stage: RankStage, template: WorkerSpec, parallel: str = "auto") -> None:
         self.stage = stage
+        self._requested = parallel
+        self.parallel = parallel  # engine.parallel; after a prune, the mode that ran
         self.world = stage.info.world
         self.slices = split_blocks(template.num_blocks, self.world)
         self._num_blocks = template.num_blocks
@@ -626,7 +648,8 @@ class DistExecutor:
                 "`with neuroal.engine.dist.coordinator(cfg) as session:` and pass "
                 "session=session to neuroal.prune / neuroal.pipeline.run, and call serve(cfg) "
                 "on the other ranks")
-        return cls(session, worker_template(cfg, source, num_blocks, session.info.device, dtype))
+        return cls(session, worker_template(cfg, source, num_blocks, session.info.device, dtype),
+                   cfg.engine.parallel)
 
     def _call(self, name: str, common: Any = None, per_rank: Sequence[Any] | None = None) -> list[Any]:
         if self._closed:
@@ -655,9 +678,15 @@ class DistExecutor:
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
         """Prune every slice in order; ``ids`` ``(N, T)`` are the calibration windows."""
-        entries = self._per_rank([plan.block(b) for b in range(self._num_blocks)])
-        with self.meter("prune"):
-            parts = self._call("prune", (job, ids), entries)
+        self.parallel = prune_mode(self._requested, self.stage.w, self.world, job)
+        if self.parallel == "data":
+            every = [plan.block(b) for b in range(self._num_blocks)]
+            with self.meter("prune"):
+                parts = self._call("data_prune", (job, ids, every, self.slices))
+        else:
+            with self.meter("prune"):
+                parts = self._call("prune", (job, ids), self._per_rank(
+                    [plan.block(b) for b in range(self._num_blocks)]))
         for report in (r for part in parts[1:] for r in part):  # rank 0 logged its own
             log_block(report, self._num_blocks)
         return [r for part in parts for r in part]

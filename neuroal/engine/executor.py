@@ -26,6 +26,7 @@ from neuroal.engine.core import (
     reference_needs,
     worker_specs,
 )
+from neuroal.engine.data_parallel import prune_in_threads, prune_mode
 from neuroal.engine.worker import Worker, peak_memory_bytes
 from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob
 from neuroal.logging import get_logger, progress
@@ -176,13 +177,19 @@ class LocalExecutor:
             onloading, :mod:`neuroal.engine.onload`).
         prefetch: Fetch the next block while one is in use (onloading only).
         selection: ``(targets, ignore)`` patterns of the linears to prune (all by default).
+        parallel: ``engine.parallel`` of the final prune (``auto``, ``pipeline``, ``data``:
+            one thread per worker, :mod:`neuroal.engine.data_parallel`); after a prune,
+            :attr:`parallel` holds the mode that ran.
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
                  onload: str = "device", prefetch: bool = True,
-                 selection: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())) -> None:
+                 selection: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+                 parallel: str = "auto") -> None:
+        self._requested = parallel
+        self.parallel = parallel
         self.specs = worker_specs(source, split_blocks(num_blocks, workers), num_blocks, devices,
                                   dtype, micro_batch, offload_activations, trust_remote_code,
                                   onload=onload, prefetch=prefetch, selection=selection)
@@ -203,6 +210,11 @@ class LocalExecutor:
                         ids: torch.Tensor) -> list[BlockReport]:
         """Embed the calibration windows ``(N, T)`` and prune every slice in order."""
         reports: list[BlockReport] = []
+        self.parallel = prune_mode(self._requested, self.workers[0], len(self.workers), job)
+        if self.parallel == "data":
+            with self.meter("prune"):
+                return prune_in_threads(self.workers, [plan.block(b) for b in
+                                                       range(self._num_blocks)], job, ids)
         with self.meter("prune"):
             stream = self._embed(ids)
             owner = [w for w in self.workers for _ in w.blocks]

@@ -149,7 +149,7 @@ class Worker:
         """Block ``index`` on the worker's device for the body (re-entrant). With sequential
         onloading the block is fetched (and the next one prefetched); ``write``: the body
         modifies its weights, which go back home afterwards."""
-        if self.store is None:
+        if self.store is None or index not in self.store.blocks:  # data mode: guest blocks
             yield self.adapter.blocks[index]
         else:
             with self.store.resident(index, write) as block:

@@ -1,0 +1,532 @@
+"""Data-parallel final prune: data-parallel calibration, weight-parallel solving.
+
+In pipeline mode worker k owns blocks ``[a_k, b_k)`` and the final prune runs them one after
+the other: block b's statistics need block b's inputs, so K - 1 workers wait at every block
+(engine.md §11). In data mode every worker works on every block:
+
+1. the calibration set's micro-batches (``engine.micro_batch`` sequences each: the *shards*,
+   fixed by the config, never by the worker count) are dealt round-robin: worker r holds the
+   hidden states of micro-batches r, r + K, r + 2K, ... (:class:`Layout`);
+2. for block b, the owner of b (the worker whose slice holds it; with sequential onloading the
+   block comes from host or disk to the owner's device first) hands the block's tensors to every
+   other worker, which runs it as a temporary *guest*;
+3. in steps of K micro-batches, every worker runs the dense block on its micro-batch with
+   hooks that keep the micro-batch's sums (Wanda norms, SparseGPT Hessians, RIA and refiner
+   inputs: :func:`neuroal.capture.batch_sums`) instead of folding them;
+4. each linear has one *solver* (:func:`assign_solvers`, balanced by cost); the sums of every
+   step reach it and it folds them in micro-batch order with the collector's own running mean
+   (:func:`neuroal.capture.new_accumulator`), so its statistics are bit for bit those of
+   pipeline mode, whatever the number of workers; a worker holds one step's sums at a time;
+5. the solver selects the mask (SparseGPT: factorises and sweeps) and the pruned weight is
+   broadcast from it to every worker;
+6. every worker runs the pruned block on its micro-batches: the next block's inputs, computed
+   on the same micro-batches as in pipeline mode.
+
+Masks and weights are therefore bit-identical for any worker count and equal to pipeline
+mode's (tests compare them).
+
+The algorithm is written once, as one worker's program (:class:`DataPrune`); executors supply a
+:class:`Comm` that only moves data: threads in one process (:class:`ThreadComm`, the local
+executor) or torch.distributed ranks (:class:`neuroal.engine.collectives.DistComm`). A failure
+in a compute phase is agreed on by all workers at the next phase boundary, so no worker is left
+waiting in a collective.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from neuroal.capture import StatsCollector, new_accumulator
+from neuroal.checkpoint import block_state_path, load_block_state, save_block_state
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import STAT_HESSIAN
+from neuroal.engine.worker import Worker
+from neuroal.jobs import BlockReport, LayerReport, PruneJob
+from neuroal.logging import get_logger, progress
+from neuroal.models.moe import has_experts
+from neuroal.recovery import refiner_needs
+
+log = get_logger(__name__)
+
+PARALLEL_CHOICES = ("auto", "pipeline", "data")
+"""``engine.parallel``: ``auto`` is resolved by :func:`resolve_parallel` when the prune starts."""
+
+Sums = tuple[dict[str, torch.Tensor], int]
+"""One linear's sums over one micro-batch (:func:`neuroal.capture.batch_sums`) and its number
+of sequences."""
+
+
+# --------------------------------------------------------------------------- pure rules
+
+
+def assign_solvers(costs: Mapping[str, float], workers: int) -> dict[str, int]:
+    """Each linear's solver rank: the costliest first, each to the least loaded worker (ties:
+    the lower rank; equal costs keep their order), so the per-linear solves are spread evenly.
+    The results do not depend on it: a solve is the same computation on any worker."""
+    load = [0.0] * workers
+    out: dict[str, int] = {}
+    for name in sorted(costs, key=lambda n: -costs[n]):  # stable sort
+        rank = min(range(workers), key=lambda r: (load[r], r))
+        out[name] = rank
+        load[rank] += costs[name]
+    return out
+
+
+def solve_cost(rows: int, cols: int, needs: frozenset[str]) -> float:
+    """Relative cost of one linear's solve: scores and selection grow with ``rows * cols``;
+    with a Hessian (SparseGPT) the factorisation with ``cols^3`` and the sweep with
+    ``rows * cols^2``."""
+    if STAT_HESSIAN in needs:
+        return float(cols**3 + rows * cols * cols)
+    return float(rows * cols)
+
+
+def data_blockers(reconstruct: bool, experts: bool) -> list[str]:
+    """Why data mode cannot run this prune (empty: it can)."""
+    out = []
+    if reconstruct:
+        out.append("perp-reconstruct fits each block to its outputs on one stream; remove it "
+                   "from recover.steps")
+    if experts:
+        out.append("mixture-of-experts statistics are not split across workers yet")
+    return out
+
+
+def resolve_parallel(requested: str, workers: int, *, reconstruct: bool = False,
+                     experts: bool = False, fits: bool = True) -> str:
+    """The mode a final prune runs in: ``engine.parallel`` as given, or for ``auto`` data mode
+    when several workers can share the work (:func:`data_blockers` finds nothing) and a guest
+    block fits beside each worker's own slice (``fits``: the memory planner's say), else
+    pipeline.
+
+    Raises:
+        ValueError: ``data`` was asked for and cannot run, or an unknown mode.
+    """
+    if requested not in PARALLEL_CHOICES:
+        raise ValueError(f"engine.parallel={requested!r}: expected one of "
+                         f"{', '.join(PARALLEL_CHOICES)}")
+    blockers = data_blockers(reconstruct, experts)
+    if requested == "data" and blockers:
+        raise ValueError("engine.parallel=data cannot run: " + "; ".join(blockers)
+                         + "; or use engine.parallel=pipeline")
+    if requested == "auto":
+        return "data" if workers > 1 and fits and not blockers else "pipeline"
+    return requested
+
+
+def prune_mode(requested: str, worker: Worker, workers: int, job: PruneJob) -> str:
+    """:func:`resolve_parallel` with the facts of the model (any worker's skeleton holds every
+    block) and of the prune job."""
+    return resolve_parallel(requested, workers, reconstruct=job.reconstruct is not None,
+                            experts=any(has_experts(b) for b in worker.adapter.blocks))
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Who holds what in a data-parallel prune (identical on every worker).
+
+    Attributes:
+        slices: Each rank's owned blocks ``[a, b)``.
+        sequences: Calibration sequences ``N``.
+        micro_batch: Sequences per micro-batch; micro-batch m is rows ``[m mb, (m+1) mb)``.
+    """
+
+    slices: tuple[tuple[int, int], ...]
+    sequences: int
+    micro_batch: int
+
+    @property
+    def workers(self) -> int:
+        return len(self.slices)
+
+    @property
+    def batches(self) -> int:
+        """Micro-batches ``M = ceil(N / mb)``."""
+        return -(-self.sequences // self.micro_batch)
+
+    @property
+    def steps(self) -> int:
+        """Rounds of K micro-batches (one per worker): ``ceil(M / K)``."""
+        return -(-self.batches // self.workers)
+
+    def active(self, step: int) -> int:
+        """Workers with a micro-batch in ``step`` (ranks ``0 .. active-1``)."""
+        return min(self.workers, self.batches - step * self.workers)
+
+    def rows(self, rank: int) -> list[int]:
+        """The sequences ``rank`` holds: its micro-batches ``rank, rank + K, ...`` in order."""
+        mb, n = self.micro_batch, self.sequences
+        return [i for m in range(rank, self.batches, self.workers)
+                for i in range(m * mb, min((m + 1) * mb, n))]
+
+    def active_steps(self, rank: int) -> int:
+        """Steps in which ``rank`` has a micro-batch (its micro-batch count)."""
+        return len(range(rank, self.batches, self.workers))
+
+    def owner(self, block: int) -> int:
+        """The rank whose slice holds ``block``."""
+        return next(r for r, (a, b) in enumerate(self.slices) if a <= block < b)
+
+
+# --------------------------------------------------------------------------- moving data
+
+
+class Comm(Protocol):
+    """What :class:`DataPrune` needs to move between the workers of one prune."""
+
+    rank: int
+    world: int
+
+    def agree(self, ok: bool) -> bool:
+        """True on every worker when ``ok`` on every worker (a phase boundary)."""
+        ...
+
+    def gather_all(self, value: Any) -> list[Any]:
+        """Every worker's small picklable ``value``, in rank order."""
+        ...
+
+    def scatter_rows(self, stream: torch.Tensor | None, rows: Sequence[Sequence[int]],
+                     like: tuple[int, torch.dtype, torch.device]) -> torch.Tensor:
+        """Rank 0's ``(N, T, h)`` stream (None elsewhere) -> its rows ``rows[rank]`` on this
+        worker, ``(len(rows[rank]), T, h)``; ``like = (h, dtype, home device)``."""
+        ...
+
+    def share_tensors(self, tensors: Mapping[str, torch.Tensor], src: int,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+        """Rank ``src``'s tensors (elsewhere ``tensors`` are templates: shapes and dtypes,
+        maybe on ``meta``) as this worker's tensors on ``device``; ``src`` keeps its own."""
+        ...
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        """Overwrite ``tensor`` on every worker with rank ``src``'s (in place)."""
+        ...
+
+    def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
+              order: Sequence[str]) -> dict[str, list[Sums]]:
+        """One step's micro-batch sums to each linear's solver: ``mine`` is this worker's
+        (None when it has no micro-batch in the step; ranks ``0 .. active-1`` have one);
+        returns, for the linears this worker solves, the sums of ranks ``0 .. active-1``."""
+        ...
+
+
+class ThreadHub:
+    """All-gather of Python objects among ``world`` threads (by reference, no copy).
+
+    Args:
+        world: Number of threads.
+    """
+
+    def __init__(self, world: int) -> None:
+        self.world = world
+        self.slots: list[Any] = [None] * world
+        self.barrier = threading.Barrier(world)
+
+    def exchange(self, rank: int, value: Any) -> list[Any]:
+        """Publish ``value``, wait for every thread, return all values (rank order)."""
+        self.slots[rank] = value
+        self.barrier.wait()
+        out = list(self.slots)
+        self.barrier.wait()  # nobody overwrites a slot before everyone has read it
+        return out
+
+
+class ThreadComm:
+    """One worker thread's side of an in-process exchange (the local executor).
+
+    Args:
+        hub: The exchange shared by the threads.
+        rank: This thread's worker.
+    """
+
+    def __init__(self, hub: ThreadHub, rank: int) -> None:
+        self.hub = hub
+        self.rank = rank
+        self.world = hub.world
+
+    def _exchange(self, value: Any) -> list[Any]:
+        return self.hub.exchange(self.rank, value)
+
+    def agree(self, ok: bool) -> bool:
+        return all(self._exchange(ok))
+
+    def gather_all(self, value: Any) -> list[Any]:
+        return self._exchange(value)
+
+    def scatter_rows(self, stream: torch.Tensor | None, rows: Sequence[Sequence[int]],
+                     like: tuple[int, torch.dtype, torch.device]) -> torch.Tensor:
+        full = self._exchange(stream)[0]
+        index = torch.tensor(list(rows[self.rank]), dtype=torch.long, device=full.device)
+        return full.index_select(0, index).to(like[2])
+
+    def share_tensors(self, tensors: Mapping[str, torch.Tensor], src: int,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+        """On the owner's device the guest uses the owner's tensors themselves (no copy: during
+        a block each linear is written by its solver only, the forwards only read)."""
+        shared = self._exchange(dict(tensors))[src]
+        if self.rank == src:
+            return dict(tensors)
+        return {n: t.to(device) for n, t in shared.items()}
+
+    def broadcast_(self, tensor: torch.Tensor, src: int) -> None:
+        source = self._exchange(tensor)[src]
+        if self.rank != src and source.data_ptr() != tensor.data_ptr():
+            tensor.copy_(source)
+
+    def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
+              order: Sequence[str]) -> dict[str, list[Sums]]:
+        every = self._exchange(mine)
+        return {name: [every[r][name] for r in range(active)]
+                for name in order if solver[name] == self.rank}
+
+
+# --------------------------------------------------------------------------- guest blocks
+
+
+def _swap(block: nn.Module, tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Point ``block``'s parameters or buffers ``name`` at ``tensors[name]``; returns the
+    previous entries (to put them back)."""
+    previous = {}
+    for name, value in tensors.items():
+        owner_name, _, attr = name.rpartition(".")
+        owner = block.get_submodule(owner_name) if owner_name else block
+        table = owner._parameters if attr in owner._parameters else owner._buffers
+        previous[name] = table[attr]
+        if table is owner._parameters and not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=False)
+        table[attr] = value
+    return previous
+
+
+def block_tensors(block: nn.Module) -> dict[str, torch.Tensor]:
+    """A block's parameters and buffers by local name (what a guest copy needs)."""
+    return {**{n: p.data for n, p in block.named_parameters()}, **dict(block.named_buffers())}
+
+
+@contextmanager
+def guest(block: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """``block`` (a skeleton on ``meta`` in a worker that does not own it) filled with
+    ``tensors`` for the body, emptied again afterwards."""
+    previous = _swap(block, tensors)
+    try:
+        yield block
+    finally:
+        _swap(block, previous)
+
+
+class _Recorder:
+    """Stands in for a linear's accumulator in a collector: keeps the micro-batch's sums."""
+
+    def __init__(self) -> None:
+        self.sums: Sums | None = None
+
+    def update(self, contrib: dict[str, torch.Tensor], batch: int) -> None:
+        self.sums = (contrib, batch)
+
+
+# --------------------------------------------------------------------------- one worker's program
+
+
+class Stopped(Exception):  # noqa: N818 - a signal, not an error
+    """A worker failed: every worker stops at the same phase boundary."""
+
+
+class DataPrune:
+    """One worker's part of a data-parallel final prune (module docstring).
+
+    Args:
+        worker: This worker (its own slice; other blocks arrive as guests).
+        comm: How data moves between the workers.
+        layout: Slices and micro-batches of the prune.
+    """
+
+    def __init__(self, worker: Worker, comm: Comm, layout: Layout) -> None:
+        self.w = worker
+        self.comm = comm
+        self.layout = layout
+        self.error: Exception | None = None
+
+    def _phase(self, fn: Any) -> Any:
+        """Run a compute phase, then agree with every worker that all of them succeeded.
+
+        Raises:
+            Stopped: A worker (this one included: its error is kept) failed.
+        """
+        t0, result = time.perf_counter(), None
+        if self.error is None:
+            try:
+                result = fn()
+            except Exception as exc:  # recorded, agreed on, re-raised by run()
+                self.error = exc
+        self.w.busy_seconds += time.perf_counter() - t0
+        if not self.comm.agree(self.error is None):
+            raise Stopped
+        return result
+
+    def run(self, ids: torch.Tensor, entries: Sequence[Mapping[str, Any]],
+            job: PruneJob) -> list[BlockReport]:
+        """Prune every block of the model on the calibration ids ``(N, T)``; returns the
+        reports of the blocks this worker owns.
+
+        Raises:
+            Exception: This worker's own error; :class:`Stopped` when another one failed.
+        """
+        try:
+            with torch.no_grad():  # grad mode is per thread: off, as in every worker call
+                return self._run(ids, entries, job)
+        except Stopped:
+            if self.error is not None:
+                raise self.error from None
+            raise
+
+    def _run(self, ids: torch.Tensor, entries: Sequence[Mapping[str, Any]],
+             job: PruneJob) -> list[BlockReport]:
+        w, rank = self.w, self.comm.rank
+        embedded = self._phase(lambda: w.embed(ids) if rank == 0 else None)
+        rows = [self.layout.rows(r) for r in range(self.layout.workers)]
+        share = self.comm.scatter_rows(embedded, rows, (w.adapter.hidden_size, w.dtype, w._home()))
+        del embedded
+        reports = []
+        blocks = range(w.spec.num_blocks)
+        for b in progress(blocks, "pruning blocks", unit="block") if rank == 0 else blocks:
+            share, report = self._block(b, share, entries[b], job, ids.shape[1])
+            if report is not None:
+                reports.append(report)
+        return reports
+
+    def _block(self, index: int, share: torch.Tensor, entries: Mapping[str, Any], job: PruneJob,
+               seqlen: int) -> tuple[torch.Tensor, BlockReport | None]:
+        """One block: host it, replay (resume) or prune it, run it on this worker's rows."""
+        t0, owner = time.perf_counter(), self.layout.owner(index)
+        mine = self.comm.rank == owner
+        with ExitStack() as stack:
+            self._host(stack, index, owner)
+            saved = load_block_state(job.state_dir, index) if job.state_dir else None
+            if saved is not None:
+                path = block_state_path(job.state_dir or "", index)
+                share, report = self._phase(
+                    lambda: self.w._replay(index, share, *saved, entries=entries, path=path))
+                return share, report if mine else None
+            layers = self._prune(index, share, entries, job, seqlen)
+            share = self._phase(lambda: self.w._forward_block(index, share))
+            report = BlockReport(index, layers, time.perf_counter() - t0)
+            if mine:
+                self._phase(lambda: self._finish(index, report, job))
+            else:
+                self._phase(lambda: None)
+        return share, report if mine else None
+
+    def _host(self, stack: ExitStack, index: int, owner: int) -> None:
+        """Block ``index`` on this worker's device until ``stack`` closes: the owner's own
+        (resident, written back afterwards), a guest copy of its tensors elsewhere."""
+        w = self.w
+        if self.comm.rank == owner:  # onloading: read from host or disk, a phase that may fail
+            tensors = self._phase(
+                lambda: block_tensors(stack.enter_context(w.resident(index, write=True))))
+        else:
+            tensors = self._phase(lambda: block_tensors(w.adapter.blocks[index]))  # templates
+        shared = self.comm.share_tensors(tensors, owner, w.device)
+        if self.comm.rank != owner:
+            stack.enter_context(guest(w.adapter.blocks[index], shared))
+
+    def _prune(self, index: int, share: torch.Tensor, entries: Mapping[str, Any],
+               job: PruneJob, seqlen: int) -> list[LayerReport]:
+        """Statistics folded by the solvers, solved, weights broadcast; returns the block's
+        layer reports in execution order (on every worker)."""
+        w = self.w
+        linears = w.adapter.prunable_linears(w.adapter.blocks[index])
+        needs = CRITERIA.get(job.criterion).needs | refiner_needs(job.refine)
+        order = list(linears)
+        solver = assign_solvers({n: solve_cost(*linears[n].weight.shape, needs) for n in order},
+                                self.comm.world)
+        folds = {n: new_accumulator(needs) for n in order if solver[n] == self.comm.rank}
+        if needs:
+            order = self._fold_stats(index, share, linears, needs, solver, folds)
+        mine = [n for n in order if solver[n] == self.comm.rank]
+        own = self._phase(lambda: w.prune_block(
+            index, {n: folds[n].stats() for n in mine}, entries, job, mine, seqlen=seqlen))
+        for name in order:
+            self.comm.broadcast_(linears[name].weight.data, solver[name])
+        by_name = {r.name: r for part in self.comm.gather_all(own) for r in part}
+        return [by_name[n] for n in order]
+
+    def _fold_stats(self, index: int, share: torch.Tensor, linears: Mapping[str, Any],
+                    needs: frozenset[str], solver: Mapping[str, int],
+                    folds: Mapping[str, Any]) -> list[str]:
+        """Step by step: this worker's micro-batch through the dense block with recording
+        hooks, every worker's sums to the solvers, folded in micro-batch order. Returns the
+        linears' execution order (rank 0's, which always has micro-batch 0)."""
+        mb, order = self.layout.micro_batch, list(linears)
+
+        def step_sums(step: int) -> tuple[dict[str, Sums] | None, list[str]]:
+            if step >= self.layout.active_steps(self.comm.rank):
+                return None, []
+            collector = StatsCollector(dict(linears), needs)
+            collector.acc = {n: _Recorder() for n in linears}  # type: ignore[dict-item]
+            with collector.attached():
+                self.w._forward_block(index, share[step * mb:(step + 1) * mb], collector)
+            return {n: r.sums for n, r in collector.acc.items()}, collector.order
+
+        for step in range(self.layout.steps):
+            sums, seen = self._phase(lambda s=step: step_sums(s))
+            if step == 0:
+                order = self.comm.gather_all(seen)[0] or order
+            routed = self.comm.route(sums, self.layout.active(step), solver, order)
+            del sums
+            self._phase(lambda r=routed: self._fold(folds, r))
+        return order
+
+    def _fold(self, folds: Mapping[str, Any], routed: Mapping[str, list[Sums]]) -> None:
+        """Fold one step's routed sums, in micro-batch order, on this worker's device."""
+        for name, parts in routed.items():
+            for sums, batch in parts:
+                folds[name].update({k: v.to(self.w.device) for k, v in sums.items()}, batch)
+
+    def _finish(self, index: int, report: BlockReport, job: PruneJob) -> None:
+        """The owner's bookkeeping of a pruned block: resume state and the log line."""
+        if job.state_dir is not None:
+            save_block_state(job.state_dir, index, self.w._block_state(index, job),
+                             report.to_dict())
+        log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s  (data-parallel)", index + 1,
+                 self.w.spec.num_blocks, report.target, report.achieved, report.seconds)
+
+
+def prune_in_threads(workers: Sequence[Worker], entries: Sequence[Mapping[str, Any]],
+                     job: PruneJob, ids: torch.Tensor) -> list[BlockReport]:
+    """The local executor's data-parallel prune: one thread per in-process worker (torch
+    releases the GIL in its kernels, so the workers compute at the same time).
+
+    Raises:
+        Exception: The first worker's error (rank order).
+    """
+    layout = Layout(tuple((w.spec.start, w.spec.stop) for w in workers), int(ids.shape[0]),
+                    workers[0].spec.micro_batch)
+    hub = ThreadHub(len(workers))
+    results: list[Any] = [None] * len(workers)
+
+    def work(rank: int) -> None:
+        try:
+            results[rank] = DataPrune(workers[rank], ThreadComm(hub, rank), layout).run(
+                ids, entries, job)
+        except BaseException as exc:  # raised below; the other threads stop at the barrier
+            results[rank] = exc
+            hub.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(r,), name=f"neuroal-data-{r}")
+               for r in range(len(workers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    signals = (Stopped, threading.BrokenBarrierError)
+    errors = [r for r in results if isinstance(r, BaseException)]
+    if errors:
+        raise next((e for e in errors if not isinstance(e, signals)), errors[0])
+    return sorted((rep for part in results for rep in part), key=lambda r: r.index)

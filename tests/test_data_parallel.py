@@ -1,0 +1,232 @@
+"""Data-parallel final prune (neuroal.engine.data_parallel): every worker calibrates every block
+on its micro-batches and each linear is solved once; masks and weights are bit-identical to
+pipeline mode for any number of workers, with the local executor (threads), onloading, resume
+and two torch.distributed ranks over gloo; failures reach the caller without a hang."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import save_tiny_model, spawn_two_ranks, tiny_cfg
+
+from neuroal.allocation.plan import SparsityPlan
+from neuroal.config import ConfigError
+from neuroal.engine.data_parallel import Layout, assign_solvers, resolve_parallel, solve_cost
+from neuroal.engine.executor import LocalExecutor
+from neuroal.engine.worker import PruneJob
+from neuroal.models.loading import resolve_model
+
+NUM_BLOCKS = 4
+
+
+@pytest.fixture(scope="module")
+def llama4(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four blocks: with 3 workers the slices are uneven ([0, 2), [2, 3), [3, 4))."""
+    return save_tiny_model("llama", tmp_path_factory.mktemp("data") / "llama4", tokenizer_dir,
+                           num_layers=NUM_BLOCKS)
+
+
+def _ids() -> torch.Tensor:
+    """Seven sequences: with micro-batch 2, four micro-batches, the last one short."""
+    return torch.randint(0, 320, (7, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _prune(model: Path, workers: int, parallel: str, criterion: str, **kwargs: Any,
+           ) -> tuple[LocalExecutor, list[Any], dict[str, torch.Tensor]]:
+    """A final prune at 50 % (per-row ratios for block 1: neuron masks) on fresh workers;
+    returns the executor, the block reports and every owned tensor."""
+    job = kwargs.pop("job", None) or PruneJob(criterion)
+    ex = LocalExecutor(resolve_model(str(model)), NUM_BLOCKS, workers, ["cpu"], "float32", 2,
+                       parallel=parallel, **kwargs)
+    reports = ex.run_final_prune(_plan(ex.workers[0].adapter.shape().blocks, job.criterion),
+                                 job, _ids())
+    tensors: dict[str, torch.Tensor] = {}
+    for w in ex.workers:
+        tensors.update(w.state_items())
+    return ex, reports, tensors
+
+
+def _plan(blocks: list[dict[str, tuple[int, int]]], criterion: str) -> SparsityPlan:
+    """50 % everywhere but block 1: per-row ratios (neuron masks), or for SparseGPT (one
+    ratio per linear) a different ratio per linear."""
+    entries: list[dict[str, Any]] = [{n: 0.5 for n in blk} for blk in blocks]
+    entries[1] = {n: 0.3 + 0.05 * i for i, n in enumerate(blocks[1])} if criterion == "sparsegpt" \
+        else {n: torch.linspace(0.3, 0.7, rows, dtype=torch.float64)
+              for n, (rows, _cols) in blocks[1].items()}
+    return SparsityPlan(0.5, "unstructured", entries)
+
+
+def _assert_same(got: tuple[Any, ...], want: tuple[Any, ...]) -> None:
+    _, got_reports, got_tensors = got
+    _, want_reports, want_tensors = want
+    assert [r.index for r in got_reports] == list(range(NUM_BLOCKS))
+    for g, w in zip(got_reports, want_reports, strict=True):
+        assert [(x.name, x.pruned, x.zeros, x.numel) for x in g.layers] == \
+            [(x.name, x.pruned, x.zeros, x.numel) for x in w.layers]
+    assert got_tensors.keys() == want_tensors.keys()
+    for name, tensor in want_tensors.items():
+        assert torch.equal(got_tensors[name].view(torch.uint8), tensor.view(torch.uint8)), name
+
+
+# --------------------------------------------------------------------------- rules
+
+
+def test_resolve_parallel_rule() -> None:
+    assert resolve_parallel("auto", 1) == "pipeline"
+    assert resolve_parallel("auto", 2) == "data"
+    assert resolve_parallel("auto", 8, fits=False) == "pipeline"
+    assert resolve_parallel("auto", 8, reconstruct=True) == "pipeline"
+    assert resolve_parallel("auto", 8, experts=True) == "pipeline"
+    assert resolve_parallel("data", 1) == "data"
+    assert resolve_parallel("pipeline", 8) == "pipeline"
+    with pytest.raises(ValueError, match="perp-reconstruct.*engine.parallel=pipeline"):
+        resolve_parallel("data", 2, reconstruct=True)
+    with pytest.raises(ValueError, match="engine.parallel='sideways'"):
+        resolve_parallel("sideways", 2)
+
+
+def test_layout_deals_micro_batches_round_robin() -> None:
+    layout = Layout(((0, 2), (2, 3), (3, 4)), sequences=7, micro_batch=2)
+    assert (layout.batches, layout.steps) == (4, 2)
+    assert [layout.active(s) for s in range(layout.steps)] == [3, 1]
+    assert [layout.rows(r) for r in range(3)] == [[0, 1, 6], [2, 3], [4, 5]]
+    assert [layout.active_steps(r) for r in range(3)] == [2, 1, 1]
+    assert [layout.owner(b) for b in range(4)] == [0, 0, 1, 2]
+    assert sorted(i for r in range(3) for i in layout.rows(r)) == list(range(7))
+
+
+def test_solvers_are_balanced_by_cost() -> None:
+    shapes = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "gate": (128, 64),
+              "up": (128, 64), "down": (64, 128)}
+    for needs in (frozenset({"sq_norm"}), frozenset({"hessian"})):
+        costs = {n: solve_cost(r, c, needs) for n, (r, c) in shapes.items()}
+        solver = assign_solvers(costs, 2)
+        loads = [sum(c for n, c in costs.items() if solver[n] == r) for r in (0, 1)]
+        assert max(loads) <= 0.6 * sum(costs.values()), (needs, solver)
+        assert assign_solvers(costs, 1) == dict.fromkeys(shapes, 0)
+    assert set(assign_solvers(costs, 9).values()) == set(range(7))  # more workers than linears
+
+
+def test_resume_hash_ignores_the_mode() -> None:
+    from neuroal.checkpoint import canonical_config
+
+    pipeline, data = ({"sparsity": 0.5, "engine": {"parallel": mode, "workers": k}}
+                      for mode, k in (("pipeline", 1), ("data", 4)))
+    assert canonical_config(pipeline, {}) == canonical_config(data, {})
+
+
+def test_parallel_is_validated(llama4: Path) -> None:
+    with pytest.raises(ConfigError, match="engine.parallel='fast'"):
+        tiny_cfg(llama4, None, engine={"parallel": "fast"})
+    with pytest.raises(ConfigError, match="not available with engine.executor=ray"):
+        tiny_cfg(llama4, None, engine={"parallel": "data", "executor": "ray", "workers": 2})
+    assert tiny_cfg(llama4, None).engine.parallel == "auto"
+
+
+# --------------------------------------------------------------------------- local executor
+
+
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+def test_local_data_mode_matches_pipeline_on_any_worker_count(llama4: Path,
+                                                              criterion: str) -> None:
+    want = _prune(llama4, 1, "pipeline", criterion)
+    for workers in (1, 2, 3, 4):
+        got = _prune(llama4, workers, "auto" if workers > 1 else "data", criterion)
+        assert got[0].parallel == "data"
+        _assert_same(got, want)
+    assert _prune(llama4, 2, "pipeline", criterion)[0].parallel == "pipeline"
+
+
+def test_data_mode_with_onloading_and_refiner(llama4: Path) -> None:
+    """Guests beside blocks kept in host memory; RIA plus a DSnoT refinement per linear."""
+    job = PruneJob("ria", refine=(("dsnot", {"max_cycles": 5}),))
+    want = _prune(llama4, 1, "pipeline", "ria", job=job)
+    got = _prune(llama4, 2, "data", "ria", job=job, onload="host")
+    _assert_same(got, want)
+    assert got[0].workers[0].store is not None and got[0].workers[0].store.fetches > 0
+
+
+def test_data_mode_resumes_from_block_states(llama4: Path, tmp_path: Path) -> None:
+    (tmp_path / "prune").mkdir()  # as neuroal.checkpoint lays the state out
+    first = _prune(llama4, 2, "data", "sparsegpt", job=PruneJob("sparsegpt",
+                                                                 state_dir=str(tmp_path)))
+    assert len(list((tmp_path / "prune").glob("block_*.safetensors"))) == NUM_BLOCKS
+    (tmp_path / "prune" / "block_0003.safetensors").unlink()  # as if stopped before block 3
+    again = _prune(llama4, 4, "data", "sparsegpt", job=PruneJob("sparsegpt",
+                                                                 state_dir=str(tmp_path)))
+    _assert_same(again, first)
+
+
+def test_failure_on_one_worker_is_raised(llama4: Path) -> None:
+    ex = LocalExecutor(resolve_model(str(llama4)), NUM_BLOCKS, 2, ["cpu"], "float32", 2,
+                       parallel="data")
+    blocks = ex.workers[0].adapter.shape().blocks
+    entries = [{n: 0.5 for n in blk} for blk in blocks]
+    del entries[2]["mlp.down_proj"]  # missing for one solver only
+    with pytest.raises(KeyError, match="down_proj"):
+        ex.run_final_prune(SparsityPlan(0.5, "unstructured", entries), PruneJob("wanda"), _ids())
+
+
+def test_report_records_the_mode(llama4: Path) -> None:
+    from neuroal.pipeline import run
+
+    for workers, mode in ((1, "pipeline"), (2, "data")):
+        cfg = tiny_cfg(llama4, None, engine={"workers": workers})
+        assert run(cfg).report["engine"]["parallel"] == mode
+
+
+# --------------------------------------------------------------------------- torch.distributed
+
+
+def _dist_compare(model_dir: str, stage: Any) -> None:
+    from neuroal.engine import EXECUTORS
+
+    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
+                                                   "parallel": "data"})
+    for criterion in ("wanda", "sparsegpt"):
+        ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
+                                   devices=["cpu"], dtype="float32", session=stage)
+        plan = _plan(stage.w.adapter.shape().blocks, criterion)
+        reports = ex.run_final_prune(plan, PruneJob(criterion), _ids())
+        assert ex.parallel == "data"
+        local = _prune(Path(model_dir), 1, "pipeline", criterion)
+        masks, logits = ex.masks(), ex.logits(_ids())
+        assert masks.keys() == local[0].masks().keys()
+        assert all(torch.equal(masks[n], m) for n, m in local[0].masks().items())
+        assert torch.equal(logits, local[0].logits(_ids()))  # weights equal where kept
+        for g, w in zip(reports, local[1], strict=True):
+            assert [(x.name, x.zeros) for x in g.layers] == [(x.name, x.zeros) for x in w.layers]
+        broken = [dict(plan.block(b)) for b in range(NUM_BLOCKS)]
+        del broken[3]["self_attn.o_proj"]
+        with pytest.raises(KeyError, match="o_proj"):
+            ex.run_final_prune(SparsityPlan(0.5, "unstructured", broken), PruneJob(criterion),
+                               _ids())
+        ex.shutdown()  # the ranks are still in step after the failure
+
+
+def _rank_main(rank: int, port: int, model_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from neuroal.engine import dist
+    from neuroal.pipeline import seed_everything
+
+    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
+                                                   "parallel": "data"})
+    if rank > 0:
+        assert dist.serve(cfg) == 0
+        return
+    seed_everything(cfg.seed, cfg.engine.deterministic)
+    with dist.coordinator(cfg) as stage:
+        _dist_compare(model_dir, stage)
+
+
+def test_two_gloo_ranks_data_mode_match_pipeline(llama4: Path) -> None:
+    """Rank 0 prunes with both ranks in data mode (Wanda, SparseGPT) and checks masks, reports
+    and the pruned model's logits against one local worker in pipeline mode; a missing plan
+    entry on one rank's solve is raised on rank 0 and the ranks stay in step."""
+    spawn_two_ranks(_rank_main, str(llama4))
