@@ -149,12 +149,19 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     ids = torch.load(job["ids"])
     stream = worker.embed(ids) if spec.start == 0 else torch.load(job["stream_in"])
     zeros = numel = 0
+    state = job.get("state")
+    if state:  # the resume state of the final prune (neuroal.checkpoint), written per block
+        (Path(state) / "prune").mkdir(parents=True, exist_ok=True)
+    block_s = []
     for index in worker.blocks:
         linears = worker.adapter.prunable_linears(worker.adapter.blocks[index])
+        t_block = time.perf_counter()
         stream, report = worker.prune_one(index, stream, {n: job["sparsity"] for n in linears},
-                                          PruneJob(job["criterion"]))
+                                          PruneJob(job["criterion"], state_dir=state))
+        block_s.append(time.perf_counter() - t_block)
         zeros += sum(r.zeros for r in report.layers)
         numel += sum(r.numel for r in report.layers)
+    state_facts = state_summary(worker, state) if state else None
     nll = None
     if worker.last:
         nll = float(worker.window_nll(stream, ids).mean())
@@ -169,7 +176,21 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
             "host_store_bytes": host, "onload": store.stats() if store is not None else None,
             "peak_rss": proc_status("VmHWM"), "opened": sorted(worker.checkpoint.opened),
             "owned_shards": owned, "achieved": zeros / numel, "load_s": loaded,
-            "total_s": time.perf_counter() - t0, "calib_nll": nll}
+            "total_s": time.perf_counter() - t0, "calib_nll": nll, "block_s": block_s,
+            "state": state_facts}
+
+
+def state_summary(worker: Any, state: str) -> dict[str, Any]:
+    """Bytes of the resume state's block files (digests included) and, when the worker writes
+    them in the background, the writer's counters (seconds spent writing, seconds the prune
+    waited for it)."""
+    files = sorted((Path(state) / "prune").iterdir())
+    facts: dict[str, Any] = {"files": len(files),
+                             "bytes": sum(f.stat().st_size for f in files)}
+    writer = getattr(worker, "state_writer", None)
+    if writer is not None:
+        facts["writer"] = writer.stats()
+    return facts
 
 
 def spawn(args: list[str]) -> tuple[int, int, str]:
@@ -215,6 +236,7 @@ def measure_workers(model_dir: Path, work: Path, plan: Any, opts: argparse.Names
                "micro_batch": opts.micro_batch, "criterion": opts.criterion,
                "sparsity": opts.sparsity, "ids": str(work / "ids.pt"), "onload": opts.onload,
                "stream_in": str(work / f"stream{row.rank}.pt"),
+               "state": str(work / "state") if opts.state else None,
                "stream_out": str(work / f"stream{row.rank + 1}.pt"),
                "result": str(work / f"worker{row.rank}.json")}
         code, _, err = spawn([sys.executable, __file__, "--child", json.dumps(job)])
@@ -235,8 +257,9 @@ def measure_workers(model_dir: Path, work: Path, plan: Any, opts: argparse.Names
             shards_ok=result["opened"] == result["owned_shards"])
         rows.append(result)
         print(f"worker {row.rank}: peak {result['peak_rss'] / 1e9:.2f} GB, predicted "
-              f"{predicted / 1e9:.2f} GB ({result['error']:+.1%}), {result['total_s']:.0f} s",
-              file=sys.stderr, flush=True)
+              f"{predicted / 1e9:.2f} GB ({result['error']:+.1%}), {result['total_s']:.0f} s, "
+              f"blocks {', '.join(f'{s:.1f}' for s in result['block_s'])} s, state "
+              f"{result['state']}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -300,6 +323,9 @@ def main() -> int:
     p.add_argument("--onload", default="device", choices=["device", "host", "disk"],
                    help="sequential onloading of each worker's blocks (issue 14)")
     p.add_argument("--cli", action="store_true", help="also run launch/prune.py in one process")
+    p.add_argument("--state", action="store_true",
+                   help="write the resume state of every pruned block (bytes and per-block "
+                        "seconds in the JSON)")
     p.add_argument("--json", default=str(REPO / "outputs" / "bench" / "scale.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args()
