@@ -150,8 +150,10 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     stream = worker.embed(ids) if spec.start == 0 else torch.load(job["stream_in"])
     zeros = numel = 0
     state = job.get("state")
+    sync_writes = []
     if state:  # the resume state of the final prune (neuroal.checkpoint), written per block
         (Path(state) / "prune").mkdir(parents=True, exist_ok=True)
+        sync_writes = time_sync_state_writes()
     block_s = []
     for index in worker.blocks:
         linears = worker.adapter.prunable_linears(worker.adapter.blocks[index])
@@ -161,7 +163,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
         block_s.append(time.perf_counter() - t_block)
         zeros += sum(r.zeros for r in report.layers)
         numel += sum(r.numel for r in report.layers)
-    state_facts = state_summary(worker, state) if state else None
+    state_facts = state_summary(worker, state, sync_writes) if state else None
     nll = None
     if worker.last:
         nll = float(worker.window_nll(stream, ids).mean())
@@ -180,16 +182,42 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
             "state": state_facts}
 
 
-def state_summary(worker: Any, state: str) -> dict[str, Any]:
-    """Bytes of the resume state's block files (digests included) and, when the worker writes
-    them in the background, the writer's counters (seconds spent writing, seconds the prune
-    waited for it)."""
+def time_sync_state_writes() -> list[float]:
+    """Seconds of each synchronous block-state write, for a worker that writes its state in
+    ``prune_one`` itself (neuroal before the background writer; a background writer reports
+    its own counters, see :func:`state_summary`)."""
+    import neuroal.engine.worker as worker_module
+
+    seconds: list[float] = []
+    original = getattr(worker_module, "save_block_state", None)
+    if original is None:
+        return seconds
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    worker_module.save_block_state = timed
+    return seconds
+
+
+def state_summary(worker: Any, state: str, sync_writes: list[float]) -> dict[str, Any]:
+    """Bytes of the resume state's block files (digests included) and the seconds the prune
+    spent on the state: each synchronous write, or a background writer's counters (seconds
+    the writer thread spent, seconds the prune waited for it)."""
     files = sorted((Path(state) / "prune").iterdir())
     facts: dict[str, Any] = {"files": len(files),
                              "bytes": sum(f.stat().st_size for f in files)}
     writer = getattr(worker, "state_writer", None)
     if writer is not None:
         facts["writer"] = writer.stats()
+        facts["critical_path_s"] = writer.stats()["wait_seconds"]
+    else:
+        facts["sync_write_s"] = sync_writes
+        facts["critical_path_s"] = sum(sync_writes)
     return facts
 
 

@@ -409,8 +409,9 @@ def load_block_state(root: str | Path, index: int,
                                   "drop --resume and pass --overwrite to start afresh") from None
 
 
-class StateWriteError(RuntimeError):
-    """Writing a block's resume state failed (disk full, permissions...)."""
+class StateWriteError(ValueError):
+    """Writing a block's resume state failed (disk full, permissions...); the CLI reports it
+    as one line (exit code 2), the blocks written before stay resumable."""
 
 
 _WRITERS: weakref.WeakSet[StateWriter] = weakref.WeakSet()

@@ -62,6 +62,7 @@ class WorkerSpec:
     rank: int = 0
     onload: str = "device"  # where blocks live between uses: device, host or disk (onload.py)
     prefetch: bool = True  # fetch the next block while one is in use (onload host / disk)
+    spill_dir: str | None = None  # onload disk's spill folder (<output>.neuroal-tmp/onload)
 
 
 @dataclass(frozen=True)

@@ -299,6 +299,8 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
     dtype_name = str(prep.dtype).removeprefix("torch.")
     if prep.onload != cfg.engine.onload:  # the planner's choice for engine.onload=auto
         cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
+    if prep.output is not None:  # the resolved output (onloading spills beside it)
+        cfg = replace(cfg, output=replace(cfg.output, dir=str(prep.output.path)))
     return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
                                               num_blocks=prep.shape.num_blocks,
                                               devices=devices, dtype=dtype_name,

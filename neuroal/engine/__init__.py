@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from neuroal.engine.core import worker_template
+from neuroal.engine.core import spill_dir, worker_template
 from neuroal.engine.dist import DistExecutor
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.onload import resolved_onload
@@ -28,7 +28,8 @@ def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype:
     eng = cfg.engine
     return LocalExecutor(source, num_blocks, eng.workers, devices, dtype, eng.micro_batch,
                          eng.offload_activations, cfg.model.trust_remote_code,
-                         onload=resolved_onload(eng.onload), prefetch=eng.prefetch)
+                         onload=resolved_onload(eng.onload), prefetch=eng.prefetch,
+                         spill_dir=spill_dir(cfg))
 
 
 EXECUTORS.add("local", _local)

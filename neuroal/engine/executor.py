@@ -175,15 +175,17 @@ class LocalExecutor:
         onload: Where blocks live between uses: ``device``, ``host`` or ``disk`` (sequential
             onloading, :mod:`neuroal.engine.onload`).
         prefetch: Fetch the next block while one is in use (onloading only).
+        spill_dir: Onloading ``disk``'s spill folder (None: the system temp folder).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
-                 onload: str = "device", prefetch: bool = True) -> None:
+                 onload: str = "device", prefetch: bool = True,
+                 spill_dir: str | None = None) -> None:
         self.specs = worker_specs(source, split_blocks(num_blocks, workers), num_blocks, devices,
                                   dtype, micro_batch, offload_activations, trust_remote_code,
-                                  onload=onload, prefetch=prefetch)
+                                  onload=onload, prefetch=prefetch, spill_dir=spill_dir)
         self.workers = [Worker(s) for s in progress(self.specs, "loading slices", unit="slice")]
         self._num_blocks = num_blocks
         self.meter = BusyMeter(lambda: [w.busy_seconds for w in self.workers])

@@ -135,7 +135,8 @@ class Worker:
         loaded = materialise(self.adapter, others, self.checkpoint, self.dtype, self.device)
         loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
         self.store = BlockStore({i: self.adapter.blocks[i] for i in self.blocks}, self.device,
-                                self.spec.onload, self._read_block, self.spec.prefetch)
+                                self.spec.onload, self._read_block, self.spec.prefetch,
+                                self.spec.spill_dir)
         return loaded
 
     def _read_block(self, index: int) -> dict[str, torch.Tensor]:
