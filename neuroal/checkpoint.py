@@ -261,7 +261,7 @@ class RunState:
                             f"({'; '.join(changes)})")
         changes = input_changes(old.get("inputs") or {}, self.inputs)
         if changes:
-            problems.append(f"different inputs: they changed since the state was written "
+            problems.append(f"inputs that changed since the state was written "
                             f"({'; '.join(changes)})")
         if problems:
             raise ResumeMismatchError(
