@@ -136,7 +136,7 @@ def _prune_run(model: Path, out: Path, text: Path, criterion: str, resume: bool 
                         output={"dir": str(out), "resume": resume, "save_model": True}))
 
 
-class _Crash(Exception):
+class _CrashError(Exception):
     pass
 
 
@@ -145,7 +145,7 @@ def _crash_at_block(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
 
     def wrapped(self, index, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         if index == block:
-            raise _Crash(f"block {index}")
+            raise _CrashError(f"block {index}")
         return original(self, index, *args, **kwargs)
 
     monkeypatch.setattr(Worker, "prune_one", wrapped)
@@ -163,7 +163,7 @@ def test_kill_mid_write_is_ignored_and_resume_is_bit_identical(
     out = tmp_path / "out"
     with monkeypatch.context() as m:
         _crash_at_block(m, 1)
-        with pytest.raises(_Crash):
+        with pytest.raises(_CrashError):
             _prune_run(model, out, small_text, criterion)
     prune = tmp_path / "out.neuroal-tmp" / "state" / "prune"
     assert sorted(p.name for p in prune.iterdir()) == ["block_0000.safetensors",
@@ -189,7 +189,7 @@ def test_mask_state_is_a_32nd_of_the_fp32_weights(tiny_models: dict[str, Path], 
         out = tmp_path / criterion
         with monkeypatch.context() as m:
             _crash_at_block(m, 1)
-            with pytest.raises(_Crash):
+            with pytest.raises(_CrashError):
                 _prune_run(model, out, small_text, criterion)
         sizes[criterion] = (tmp_path / f"{criterion}.neuroal-tmp" / "state" / "prune" /
                             "block_0000.safetensors").stat().st_size
