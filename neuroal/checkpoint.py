@@ -308,13 +308,17 @@ KIND_MASKS = "masks"  # one bit per weight: True where the pruned weight is +0.0
 KIND_WEIGHTS = "weights"  # the tensors themselves (values changed, or norms and biases)
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def positive_zeros(weight: torch.Tensor) -> torch.Tensor:
     """``(rows, cols)`` bool, True where ``weight`` is exactly ``+0.0`` (on its device).
 
     Pruning writes ``+0.0`` (``masked_fill``), so ``dense.masked_fill(positive_zeros(w), 0)``
     rebuilds ``w`` bit for bit from its dense weights: a dense ``+0.0`` kept is ``+0.0`` either
-    way, and a dense ``-0.0`` kept stays ``-0.0`` (it is not in the mask)."""
-    return (weight == 0) & ~torch.signbit(weight)
+    way, and a dense ``-0.0`` kept stays ``-0.0`` (it is not in the mask). ``+0.0`` is the
+    all-zero bit pattern, so one integer comparison finds it."""
+    return weight.view(_SAME_SIZE_INT[weight.element_size()]) == 0
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
