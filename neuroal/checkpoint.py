@@ -2,7 +2,8 @@
 
 Layout under ``<output>.neuroal-tmp/state/``:
 
-* ``meta.json``: the config hash and the canonical config it was computed from;
+* ``meta.json``: the config hash and the canonical config it was computed from, and the
+  digests of every input (weights, tokenizer files, calibration source; see below);
 * ``search/<phase>-<nnn>.pt``: one file per finished NeuroAL candidate (grid value, score and
   the per-block alignment terms and delta vectors), written atomically (temp file + rename);
 * ``prune/block_<b>.safetensors``: what a finished block needs to be rebuilt from the dense
