@@ -149,12 +149,21 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     ids = torch.load(job["ids"])
     stream = worker.embed(ids) if spec.start == 0 else torch.load(job["stream_in"])
     zeros = numel = 0
+    state = job.get("state")
+    sync_writes = []
+    if state:  # the resume state of the final prune (neuroal.checkpoint), written per block
+        (Path(state) / "prune").mkdir(parents=True, exist_ok=True)
+        sync_writes = time_sync_state_writes()
+    block_s = []
     for index in worker.blocks:
         linears = worker.adapter.prunable_linears(worker.adapter.blocks[index])
+        t_block = time.perf_counter()
         stream, report = worker.prune_one(index, stream, {n: job["sparsity"] for n in linears},
-                                          PruneJob(job["criterion"]))
+                                          PruneJob(job["criterion"], state_dir=state))
+        block_s.append(time.perf_counter() - t_block)
         zeros += sum(r.zeros for r in report.layers)
         numel += sum(r.numel for r in report.layers)
+    state_facts = state_summary(worker, state, sync_writes) if state else None
     nll = None
     if worker.last:
         nll = float(worker.window_nll(stream, ids).mean())
@@ -169,7 +178,47 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
             "host_store_bytes": host, "onload": store.stats() if store is not None else None,
             "peak_rss": proc_status("VmHWM"), "opened": sorted(worker.checkpoint.opened),
             "owned_shards": owned, "achieved": zeros / numel, "load_s": loaded,
-            "total_s": time.perf_counter() - t0, "calib_nll": nll}
+            "total_s": time.perf_counter() - t0, "calib_nll": nll, "block_s": block_s,
+            "state": state_facts}
+
+
+def time_sync_state_writes() -> list[float]:
+    """Seconds of each synchronous block-state write, for a worker that writes its state in
+    ``prune_one`` itself (neuroal before the background writer; a background writer reports
+    its own counters, see :func:`state_summary`)."""
+    import neuroal.engine.worker as worker_module
+
+    seconds: list[float] = []
+    original = getattr(worker_module, "save_block_state", None)
+    if original is None:
+        return seconds
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - t0)
+
+    worker_module.save_block_state = timed
+    return seconds
+
+
+def state_summary(worker: Any, state: str, sync_writes: list[float]) -> dict[str, Any]:
+    """Bytes of the resume state's block files (digests included) and the seconds the prune
+    spent on the state: each synchronous write, or a background writer's counters (seconds
+    the writer thread spent, seconds the prune waited for it)."""
+    files = sorted((Path(state) / "prune").iterdir())
+    facts: dict[str, Any] = {"files": len(files),
+                             "bytes": sum(f.stat().st_size for f in files)}
+    writer = getattr(worker, "state_writer", None)
+    if writer is not None:
+        facts["writer"] = writer.stats()
+        facts["critical_path_s"] = writer.stats()["wait_seconds"]
+    else:
+        facts["sync_write_s"] = sync_writes
+        facts["critical_path_s"] = sum(sync_writes)
+    return facts
 
 
 def spawn(args: list[str]) -> tuple[int, int, str]:
@@ -215,6 +264,7 @@ def measure_workers(model_dir: Path, work: Path, plan: Any, opts: argparse.Names
                "micro_batch": opts.micro_batch, "criterion": opts.criterion,
                "sparsity": opts.sparsity, "ids": str(work / "ids.pt"), "onload": opts.onload,
                "stream_in": str(work / f"stream{row.rank}.pt"),
+               "state": str(work / "state") if opts.state else None,
                "stream_out": str(work / f"stream{row.rank + 1}.pt"),
                "result": str(work / f"worker{row.rank}.json")}
         code, _, err = spawn([sys.executable, __file__, "--child", json.dumps(job)])
@@ -235,8 +285,9 @@ def measure_workers(model_dir: Path, work: Path, plan: Any, opts: argparse.Names
             shards_ok=result["opened"] == result["owned_shards"])
         rows.append(result)
         print(f"worker {row.rank}: peak {result['peak_rss'] / 1e9:.2f} GB, predicted "
-              f"{predicted / 1e9:.2f} GB ({result['error']:+.1%}), {result['total_s']:.0f} s",
-              file=sys.stderr, flush=True)
+              f"{predicted / 1e9:.2f} GB ({result['error']:+.1%}), {result['total_s']:.0f} s, "
+              f"blocks {', '.join(f'{s:.1f}' for s in result['block_s'])} s, state "
+              f"{result['state']}", file=sys.stderr, flush=True)
     return rows
 
 
@@ -300,6 +351,9 @@ def main() -> int:
     p.add_argument("--onload", default="device", choices=["device", "host", "disk"],
                    help="sequential onloading of each worker's blocks (issue 14)")
     p.add_argument("--cli", action="store_true", help="also run launch/prune.py in one process")
+    p.add_argument("--state", action="store_true",
+                   help="write the resume state of every pruned block (bytes and per-block "
+                        "seconds in the JSON)")
     p.add_argument("--json", default=str(REPO / "outputs" / "bench" / "scale.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args()

@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from neuroal.card import prune_card
+from neuroal.checkpoint import drain_state_writers
 from neuroal.compat import make_loadable
 from neuroal.inputs import parse_size as parse
 from neuroal.logging import get_logger
@@ -105,6 +106,7 @@ class OutputDir:
             try:
                 yield self.staging
             except BaseException:
+                drain_state_writers()  # blocks computed before the failure stay resumable
                 if keep_state and self.state.exists():
                     shutil.rmtree(self.staging, ignore_errors=True)
                     log.warning("run failed; resume state kept in %s (rerun with --resume)",

@@ -64,6 +64,7 @@ class WorkerSpec:
     prefetch: bool = True  # fetch the next block while one is in use (onload host / disk)
     targets: tuple[str, ...] = ()  # layer selection (neuroal.models.selection): pruned linears
     ignore: tuple[str, ...] = ()
+    spill_dir: str | None = None  # onload disk's spill folder (<output>.neuroal-tmp/onload)
 
 
 @dataclass(frozen=True)

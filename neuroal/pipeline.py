@@ -27,6 +27,7 @@ from neuroal.config import AllocationConfig, ConfigError, PruneConfig
 from neuroal.criteria import CRITERIA, criterion_label
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
+from neuroal.digests import default_cache_dir
 from neuroal.engine import EXECUTORS
 from neuroal.engine.cluster import output_errors, resolve_device, run_preflight
 from neuroal.engine.executor import Executor, split_blocks
@@ -76,6 +77,7 @@ from neuroal.recovery import (
 )
 from neuroal.recovery.perp import numel, total_parameters
 from neuroal.recovery.train import prunable_weight_names, retrain, save_model, verify_saved_zeros, window_nll
+from neuroal.resume_key import resume_inputs
 from neuroal.runtime import (  # re-exported: tests and tools import them from here
     Timings,
     host_available,
@@ -377,6 +379,8 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
     dtype_name = str(prep.dtype).removeprefix("torch.")
     if prep.onload != cfg.engine.onload:  # the planner's choice for engine.onload=auto
         cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
+    if prep.output is not None:  # the resolved output (onloading spills beside it)
+        cfg = replace(cfg, output=replace(cfg.output, dir=str(prep.output.path)))
     return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
                                               num_blocks=prep.shape.num_blocks,
                                               devices=devices, dtype=dtype_name,
@@ -437,10 +441,9 @@ def model_key(source: ModelSource) -> str:
 
 
 def cache_dir() -> str:
-    """``$NEUROAL_CACHE`` or ``~/.cache/neuroal`` (created on first use by the policies)."""
-    import os
-
-    return os.environ.get("NEUROAL_CACHE", str(Path.home() / ".cache" / "neuroal"))
+    """``$NEUROAL_CACHE`` or ``~/.cache/neuroal`` (created on first use by the policies and
+    the input digests)."""
+    return str(default_cache_dir())
 
 
 def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
@@ -561,14 +564,17 @@ def _run(cfg: PruneConfig, keep_executor: bool, command: str, runlog: Any,
 
 def open_state(cfg: PruneConfig, prep: Prepared) -> RunState | None:
     """The resume state under ``<output>.neuroal-tmp/state`` (engine.md §8), keyed by the hash
-    of the semantic config plus library versions, device type and dtype, and the fingerprint of
-    the model's weights (a swapped checkpoint is refused on resume); None without output."""
+    of the semantic config plus library versions, device type and dtype, the full-file digests
+    of the model's weights, of its tokenizer files and of the calibration source (any change is
+    refused on resume, naming the file; docs/resume.md); None without output."""
     if prep.output is None:
         return None
     extra = {"neuroal": getattr(neuroal, "__version__", "0"), "torch": torch.__version__,
              "device_type": torch.device(prep.device).type, "dtype": str(prep.dtype)}
+    inputs = resume_inputs(prep.source, cfg.model.tokenizer, prep.calib, cfg.calib.source,
+                           cache_dir())
     return RunState(prep.output.state, canonical_config(cfg.to_dict(), extra), cfg.output.resume,
-                    weights=weights_fingerprint(prep.source))
+                    weights=weights_fingerprint(prep.source, cache_dir()), inputs=inputs)
 
 
 def prune_and_evaluate(cfg: PruneConfig, prep: Prepared, executor: Executor, timings: Timings,

@@ -46,7 +46,15 @@ PREVIOUS = "previous"  # the replaced output while the swap runs (inside the tem
 # What a neuroal temporary directory may hold: lock, resume state, the output being written,
 # the replaced output during a swap, whole-model PERP's scratch shards, atomic-write leftovers,
 # the log of a failed run (neuroal.log, kept beside the resume state).
-TMP_ENTRIES = re.compile(r"^(lock|state|model|model-perp|previous|neuroal\.log)$|\.part$")
+TMP_ENTRIES = re.compile(r"^(lock|state|model|model-perp|previous|neuroal\.log|onload)$|\.part$")
+SPILL = "onload"  # onloading's disk spill files (neuroal.engine.onload), inside the temp dir
+
+
+def spill_folder(output: str | Path) -> Path:
+    """Where onloading's ``disk`` mode spills modified blocks: ``<output>.neuroal-tmp/onload``
+    (the output's filesystem; cleared with the temporary folder)."""
+    path = Path(os.path.abspath(os.path.expanduser(output)))
+    return path.with_name(path.name + ".neuroal-tmp") / SPILL
 # Files an earlier (marker-less) neuroal version wrote into an output directory.
 LEGACY_FILES = re.compile(
     r"^(config|generation_config|report|plan|recovery|tokenizer|tokenizer_config|"

@@ -188,12 +188,12 @@ def test_resume_refuses_an_edited_block(edit: str, model: Path, small_text: Path
 
 
 def test_state_of_an_earlier_version_is_refused(tmp_path: Path) -> None:
-    from neuroal.checkpoint import RunState, StateIntegrityError
+    from neuroal.checkpoint import FORMAT, RunState, StateIntegrityError
 
     state = tmp_path / "state"
     RunState(state, {"a": 1}, resume=False, weights={"kind": "hf_dir", "files": {}})
     meta = json.loads((state / "meta.json").read_text())
-    assert meta["format"] == 2 and (state / "meta.json.sha256").is_file()
+    assert meta["format"] == FORMAT and (state / "meta.json.sha256").is_file()
     del meta["format"], meta["weights"]
     (state / "meta.json").write_text(json.dumps(meta))
     (state / "meta.json.sha256").unlink()

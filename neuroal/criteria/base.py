@@ -103,6 +103,9 @@ class Criterion(Protocol):
         defaults: Option names and default values (``criterion.<key>`` in configs); the config
             layer rejects keys not listed here.
         supports_row_ratios: Whether per-row ratio vectors are accepted.
+        changes_values: Whether :meth:`prune` returns updated weights (SparseGPT) rather than
+            only a mask: the resume state stores weights for such a criterion, bit-packed masks
+            otherwise (:mod:`neuroal.checkpoint`).
     """
 
     name: str
@@ -111,6 +114,7 @@ class Criterion(Protocol):
     groups: frozenset[str]
     defaults: Mapping[str, Any]
     supports_row_ratios: bool
+    changes_values: bool
 
     def prune(
         self,

@@ -90,6 +90,8 @@ class ScoreCriterion:
         supports_row_ratios: Whether per-row ratio vectors are accepted.
         label: Name in reports when it must say more than ``name`` (e.g. "(reconstructed)",
             specs README: a method not confirmed by any primary source is labelled so).
+        changes_values: Whether pruning changes the kept weights' values (never: a score
+            criterion only chooses a mask; the resume state then stores bit-packed masks).
     """
 
     name: str
@@ -100,6 +102,7 @@ class ScoreCriterion:
     defaults: Mapping[str, Any] = field(default_factory=frozen)
     supports_row_ratios: bool = True
     label: str | None = None
+    changes_values: bool = False
 
     def score(
         self, weight: torch.Tensor, stats: LayerStats, options: Mapping[str, Any] | None = None

@@ -248,6 +248,7 @@ class SparseGPTCriterion:
         )
     )
     supports_row_ratios: bool = False
+    changes_values: bool = True  # the kept weights are updated (the resume state stores them)
 
     def prune(
         self,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from neuroal.engine.core import worker_template
+from neuroal.engine.core import spill_dir, worker_template
 from neuroal.engine.dist import DistExecutor
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.onload import resolved_onload
@@ -30,7 +30,7 @@ def _local(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype:
                          eng.offload_activations, cfg.model.trust_remote_code,
                          onload=resolved_onload(eng.onload), prefetch=eng.prefetch,
                          selection=(tuple(cfg.targets), tuple(cfg.ignore)),
-                         parallel=eng.parallel)
+                         parallel=eng.parallel, spill_dir=spill_dir(cfg))
 
 
 EXECUTORS.add("local", _local)

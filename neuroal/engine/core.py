@@ -22,6 +22,7 @@ from neuroal.engine.worker import stat_needs
 from neuroal.jobs import BlockReport, WorkerSpec
 from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource
+from neuroal.safety import spill_folder
 
 log = get_logger(__name__)
 
@@ -36,7 +37,15 @@ def worker_template(cfg: Any, source: ModelSource, num_blocks: int, device: str,
     return WorkerSpec(source, 0, 0, num_blocks, device, dtype, eng.micro_batch,
                       eng.offload_activations, cfg.model.trust_remote_code,
                       onload=resolved_onload(eng.onload), prefetch=eng.prefetch,
-                      targets=tuple(cfg.targets), ignore=tuple(cfg.ignore))
+                      targets=tuple(cfg.targets), ignore=tuple(cfg.ignore),
+                      spill_dir=spill_dir(cfg))
+
+
+def spill_dir(cfg: Any) -> str | None:
+    """Onloading's spill folder: ``<output.dir>.neuroal-tmp/onload``, None without an output
+    (the system temp folder then)."""
+    out = getattr(cfg.output, "dir", None)
+    return str(spill_folder(out)) if out else None
 
 
 def slice_specs(template: WorkerSpec, slices: Sequence[tuple[int, int]],
@@ -52,14 +61,14 @@ def worker_specs(source: ModelSource, slices: Sequence[tuple[int, int]], num_blo
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
                  onload: str = "device", prefetch: bool = True,
-                 selection: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-                 ) -> list[WorkerSpec]:
+                 selection: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
+                 spill_dir: str | None = None) -> list[WorkerSpec]:
     """One :class:`WorkerSpec` per slice; ``devices``: one for all or one per slice;
     ``selection``: the ``(targets, ignore)`` patterns of the linears to prune."""
     template = WorkerSpec(source, 0, 0, num_blocks, devices[0], dtype, micro_batch,
                           offload_activations, trust_remote_code, onload=onload,
                           prefetch=prefetch, targets=tuple(selection[0]),
-                          ignore=tuple(selection[1]))
+                          ignore=tuple(selection[1]), spill_dir=spill_dir)
     return slice_specs(template, slices, list(devices) * len(slices) if len(devices) == 1
                        else devices)
 

@@ -180,6 +180,7 @@ class LocalExecutor:
         parallel: ``engine.parallel`` of the final prune (``auto``, ``pipeline``, ``data``:
             one thread per worker, :mod:`neuroal.engine.data_parallel`); after a prune,
             :attr:`parallel` holds the mode that ran.
+        spill_dir: Onloading ``disk``'s spill folder (None: the system temp folder).
     """
 
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
@@ -187,12 +188,13 @@ class LocalExecutor:
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
                  onload: str = "device", prefetch: bool = True,
                  selection: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
-                 parallel: str = "auto") -> None:
+                 parallel: str = "auto", spill_dir: str | None = None) -> None:
         self._requested = parallel
         self.parallel = parallel
         self.specs = worker_specs(source, split_blocks(num_blocks, workers), num_blocks, devices,
                                   dtype, micro_batch, offload_activations, trust_remote_code,
-                                  onload=onload, prefetch=prefetch, selection=selection)
+                                  onload=onload, prefetch=prefetch, selection=selection,
+                                  spill_dir=spill_dir)
         self.workers = [Worker(s) for s in progress(self.specs, "loading slices", unit="slice")]
         self._num_blocks = num_blocks
         self.meter = BusyMeter(lambda: [w.busy_seconds for w in self.workers])

@@ -9,7 +9,10 @@ A worker may own more blocks than fit on its device. With ``engine.onload`` set 
   is copied back into its host tensors when it leaves the device;
 * ``disk``: the blocks stay in the checkpoint (safetensors shards or GGUF, read lazily per
   block); a modified block is written to a spill file of the worker's own (deleted by
-  :meth:`BlockStore.close`) and read from there afterwards.
+  :meth:`BlockStore.close`) and read from there afterwards. Spill files go under the run's
+  temporary folder (``<output>.neuroal-tmp/onload``, on the output's filesystem, which the
+  preflight sizes; the system temp folder when the run has no output); the first spill checks
+  that the whole slice fits there and refuses with the figures otherwise.
 
 While block ``i`` is on the device the next owned block (cyclically: a pass over the slice is
 followed by the next pass's first block) is fetched ahead: on CUDA on a separate stream from
@@ -38,6 +41,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 ONLOAD_MODES = ("device", "host", "disk")
+SPILL_MARGIN = 64 << 20  # bytes kept free beyond the spill files (headers, other writers)
+
+
+class SpillSpaceError(ValueError):
+    """Too little free disk space for onloading's spill files; the message gives the figures."""
 ONLOAD_CHOICES = ("auto", *ONLOAD_MODES)  # engine.onload: auto = chosen by the planner
 
 
@@ -78,10 +86,13 @@ class BlockStore:
             dtype; ``host`` reads every block once at construction, one block at a time (host
             peak: the slice plus one block), ``disk`` reads a block whenever it is needed.
         prefetch: Fetch the next block while the current one is in use.
+        spill_root: Folder for ``disk``'s spill files (a fresh subfolder per store); None:
+            the system temp folder.
     """
 
     def __init__(self, blocks: Mapping[int, nn.Module], device: torch.device, mode: str,
-                 read: Callable[[int], dict[str, torch.Tensor]], prefetch: bool = True) -> None:
+                 read: Callable[[int], dict[str, torch.Tensor]], prefetch: bool = True,
+                 spill_root: str | Path | None = None) -> None:
         if mode not in ("host", "disk"):
             raise ValueError(f"engine.onload={mode!r}: a BlockStore serves host or disk")
         self.blocks = dict(blocks)
@@ -95,6 +106,7 @@ class BlockStore:
         self.version = dict.fromkeys(self.order, 0)
         self.depth: dict[int, int] = {}  # resident blocks -> nesting depth
         self.dirty: set[int] = set()
+        self.spill_root = Path(spill_root) if spill_root is not None else None
         self.spill_dir: Path | None = None
         self.spilled: set[int] = set()
         self.staged: dict[int, _Staged] = {}
@@ -131,8 +143,32 @@ class BlockStore:
 
     def _spill_path(self, index: int) -> Path:
         if self.spill_dir is None:
-            self.spill_dir = Path(tempfile.mkdtemp(prefix="neuroal-onload-"))
+            if self.spill_root is not None:
+                self.spill_root.mkdir(parents=True, exist_ok=True)
+            self.spill_dir = Path(tempfile.mkdtemp(prefix="neuroal-onload-",
+                                                   dir=self.spill_root))
         return self.spill_dir / f"block_{index:05d}.safetensors"
+
+    def _block_bytes(self, index: int) -> int:
+        return sum(p.numel() * p.element_size() for p in self.blocks[index].parameters())
+
+    def _check_spill_space(self, index: int) -> None:
+        """Before a spill: room for this block, and at the first spill for every block of the
+        slice not spilled yet (each is written once when the final prune modifies it).
+
+        Raises:
+            SpillSpaceError: Naming the folder, the bytes needed and the bytes free.
+        """
+        folder = self._spill_path(index).parent
+        pending = [i for i in self.order if i not in self.spilled] if not self.spilled \
+            else [index]
+        need = sum(self._block_bytes(i) for i in pending) + SPILL_MARGIN
+        free = shutil.disk_usage(folder).free
+        if free < need:
+            raise SpillSpaceError(
+                f"engine.onload=disk: spilling {len(pending)} modified block(s) to {str(folder)!r} "
+                f"needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free there; free space on "
+                "that filesystem (the output's), or use engine.onload=host")
 
     def host_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Block ``index``'s current weights on the host (resident blocks: their device
@@ -233,6 +269,7 @@ class BlockStore:
                 for name, p in block.named_parameters():
                     self.host[index][name].copy_(p.data)
             else:
+                self._check_spill_space(index)
                 values = {n: p.data.to("cpu").contiguous() for n, p in block.named_parameters()}
                 save_file(values, str(self._spill_path(index)))
                 self.spilled.add(index)

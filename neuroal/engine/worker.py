@@ -21,10 +21,13 @@ from safetensors.torch import save_file
 from neuroal.allocation.neuroal_math import alignment, crosses, total_alignment
 from neuroal.capture import StatsCollector
 from neuroal.checkpoint import (
+    KIND_MASKS,
+    KIND_WEIGHTS,
+    StateWriter,
     block_state_path,
     check_replayed,
     load_block_state,
-    save_block_state,
+    positive_zeros,
 )
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget
@@ -121,6 +124,7 @@ class Worker:
             self.loaded = self._load_onloaded(modules)
         self._calls: dict[tuple[int, int, str | None], BlockCall] = {}
         self.busy_seconds = 0.0
+        self.state_writer = StateWriter()  # resume state, written off the critical path
 
     def _load_onloaded(self, modules: list[str]) -> list[str]:
         """Sequential onloading: the non-block modules on the device, the blocks at home
@@ -133,7 +137,8 @@ class Worker:
         loaded = materialise(self.adapter, others, self.checkpoint, self.dtype, self.device)
         loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
         self.store = BlockStore({i: self.adapter.blocks[i] for i in self.blocks}, self.device,
-                                self.spec.onload, self._read_block, self.spec.prefetch)
+                                self.spec.onload, self._read_block, self.spec.prefetch,
+                                self.spec.spill_dir)
         return loaded
 
     def _read_block(self, index: int) -> dict[str, torch.Tensor]:
@@ -156,9 +161,13 @@ class Worker:
                 yield block
 
     def close(self) -> None:
-        """Release onloading resources (prefetch thread, spill files)."""
-        if self.store is not None:
-            self.store.close()
+        """Finish writing the resume state, release onloading resources (prefetch thread,
+        spill files)."""
+        try:
+            self.state_writer.flush()
+        finally:
+            if self.store is not None:
+                self.store.close()
 
     # ------------------------------------------------------------------ streams
 
@@ -260,23 +269,43 @@ class Worker:
             del targets
         stream = self._forward_block(index, stream)
         report = BlockReport(index, layers, time.perf_counter() - t0, info)
-        if job.state_dir is not None:
-            save_block_state(job.state_dir, index, self._block_state(index, job), report.to_dict())
+        if job.state_dir is not None:  # in the background; flushed after the slice's last block
+            kind = self.state_kind(job)
+            self.state_writer.submit(job.state_dir, index, self._block_state(index, job, kind),
+                                     report.to_dict(), kind)
+            if index == self.spec.stop - 1:
+                self.state_writer.flush()
         self.busy_seconds += report.seconds
         log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
                  self.spec.num_blocks, report.target, report.achieved, report.seconds)
         return stream, report
 
-    def _block_state(self, index: int, job: PruneJob) -> dict[str, torch.Tensor]:
+    @staticmethod
+    def state_kind(job: PruneJob) -> str:
+        """``masks`` when the criterion and every refiner only choose masks (their
+        ``changes_values`` is false) and no reconstruction runs, else ``weights``; a plug-in
+        that declares nothing counts as changing values."""
+        changes = getattr(CRITERIA.get(job.criterion), "changes_values", True) or any(
+            getattr(REFINERS.get(name), "changes_values", True) for name, _ in job.refine)
+        return KIND_WEIGHTS if changes or job.reconstruct is not None else KIND_MASKS
+
+    def _block_state(self, index: int, job: PruneJob,
+                     kind: str = KIND_WEIGHTS) -> dict[str, torch.Tensor]:
         """What resume must restore: each linear's weight under the linear's name; after a
-        reconstruction also every other block parameter (norms, biases) under its own name."""
+        reconstruction also every other block parameter (norms, biases) under its own name.
+        CPU tensors are handed over as they are (the writer reads them before the block is
+        touched again); device tensors are copied to the host here, ``masks`` as their
+        :func:`~neuroal.checkpoint.positive_zeros` (1 byte per weight)."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
         state = {n: m.weight.data for n, m in linears.items()}
         if job.reconstruct is not None:
             weights = {f"{n}.weight" for n in linears}
             state.update({n: p.data for n, p in block.named_parameters() if n not in weights})
-        return state
+        if kind == KIND_MASKS:
+            return {n: t if t.device.type == "cpu" else positive_zeros(t).cpu()
+                    for n, t in state.items()}
+        return {n: t if t.device.type == "cpu" else t.cpu() for n, t in state.items()}
 
     def _replay(self, index: int, stream: torch.Tensor, weights: Mapping[str, torch.Tensor],
                 report: Mapping[str, Any], entries: Mapping[str, Any] | None = None,
@@ -287,22 +316,36 @@ class Worker:
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         targets = None if entries is None else {n: mean_ratio(entries[n]) for n in linears
                                                 if n in entries}
-        check_replayed(path, weights, report,
+        restored = self.load_block_state(index, weights)
+        check_replayed(path, restored, report,
                        {n: m.weight.shape[1] for n, m in linears.items()}, targets)
-        self.load_block_state(index, weights)
         stream = self._forward_block(index, stream)
         log.info("block %d/%d  resumed from the saved state", index + 1, self.spec.num_blocks)
         return stream, BlockReport.from_dict(report)
 
-    def load_block_state(self, index: int, weights: Mapping[str, torch.Tensor]) -> None:
+    def load_block_state(self, index: int,
+                         weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Write a saved block state (:meth:`_block_state`'s names: linears by linear name,
         after ``perp-reconstruct`` also norms and biases by parameter name) into block
-        ``index``. Resume replays and restarted Ray actors both restore through here."""
+        ``index``: stored weights are copied, bool masks (a ``masks`` state) zero the block's
+        dense weights. Resume replays and restarted Ray actors both restore through here.
+
+        Returns:
+            The restored weight of every stored linear, ``name -> (rows, cols)``, for
+            :func:`~neuroal.checkpoint.check_replayed`.
+        """
+        restored = {}
         with self.resident(index, write=True) as block:
             linears = self.adapter.prunable_linears(block)
             for name, weight in weights.items():
                 target = linears[name].weight if name in linears else block.get_parameter(name)
-                target.data.copy_(weight.to(target.device))
+                if weight.dtype == torch.bool:
+                    target.data.masked_fill_(weight.to(target.device), 0.0)
+                else:
+                    target.data.copy_(weight.to(target.device))
+                if name in linears:  # stays valid after an onloaded block leaves the device
+                    restored[name] = target.data
+        return restored
 
     def restore_blocks(self, state_dir: str) -> list[int]:
         """Load the saved state of every owned block (no stream needed): a restarted worker
@@ -318,9 +361,9 @@ class Worker:
                 raise RuntimeError(f"worker {self.spec.rank}: no saved state of block {index} in "
                                    f"{state_dir}")
             linears = self.adapter.prunable_linears(self.adapter.blocks[index])
-            check_replayed(block_state_path(state_dir, index), *saved,
+            restored = self.load_block_state(index, saved[0])
+            check_replayed(block_state_path(state_dir, index), restored, saved[1],
                            {n: m.weight.shape[1] for n, m in linears.items()})
-            self.load_block_state(index, saved[0])
         return list(self.blocks)
 
     def collect_stats(self, index: int, stream: torch.Tensor, job: PruneJob,

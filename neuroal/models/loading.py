@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from neuroal.checkpoint import fingerprint_changes  # noqa: F401  (re-exported)
+from neuroal.digests import file_digests
 from neuroal.errors import ModelSourceError
 from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
@@ -481,8 +482,6 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 # --------------------------------------------------------------------------- identity of the weights
 
-_SAMPLE = 64 * 1024  # bytes hashed at each of the sampled offsets of a weight file's data
-_SAMPLES = 4
 _SMALL_FILES = ("config.json", "model.safetensors.index.json")
 
 
@@ -515,27 +514,18 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _file_print(path: Path, header_end: int | None) -> dict[str, Any]:
+def _file_print(path: Path, header_end: int | None, digest: str) -> dict[str, Any]:
     """Size, SHA-256 of the header (safetensors JSON / GGUF metadata and tensor directory) and
-    of ``_SAMPLES`` evenly spaced ``_SAMPLE``-byte slices of the data after it.
-
-    Not a full-file hash: it reads a few hundred kB per file, yet any change of shapes, dtypes,
-    names, metadata, size or of the sampled bytes shows."""
-    import hashlib
-
+    ``digest``, the SHA-256 of the whole file (:func:`neuroal.digests.file_digests`: streamed
+    once per file version, then cached), so that a change anywhere in the file shows and the
+    header's own digest tells a changed tensor directory from changed weight bytes."""
     size = path.stat().st_size
     with path.open("rb") as f:
         if header_end is None:
             header_end = min(size, 8 + int.from_bytes(f.read(8), "little"))
         f.seek(0)
         header = _sha(f.read(min(header_end, size)))
-        span = max(0, size - header_end)
-        sample = hashlib.sha256()
-        for k in range(_SAMPLES):
-            offset = (span - _SAMPLE) * k // (_SAMPLES - 1) if span > _SAMPLE else 0
-            f.seek(header_end + offset)
-            sample.update(f.read(_SAMPLE))
-    return {"size": size, "header": header, "sample": sample.hexdigest()}
+    return {"size": size, "header": header, "sha256": digest}
 
 
 def _gguf_data_offset(path: Path) -> int | None:
@@ -547,21 +537,24 @@ def _gguf_data_offset(path: Path) -> int | None:
         return None
 
 
-def weights_fingerprint(source: ModelSource) -> dict[str, Any]:
-    """What identifies a model's weights without hashing whole files (resume keys on it).
+def weights_fingerprint(source: ModelSource, cache_dir: str | Path | None = None) -> dict[str, Any]:
+    """What identifies a model's weights, every byte of them (resume keys on it).
 
-    ``{"kind", "files": {name: {size, header, sample}}}`` for local directories (config, index
-    and every ``*.safetensors``) and GGUF files (header = metadata + tensor directory); hub
-    sources: ``{"kind": "hub", "id", "revision", "commit"}`` from the cached snapshot, with the
-    cached files, or ``"commit": None`` and a ``"note"`` when nothing is cached.
+    ``{"kind", "files": {name: {size, header, sha256}}}`` for local directories (config, index:
+    ``{size, sha256}``; every ``*.safetensors``) and GGUF files (header = metadata + tensor
+    directory), ``sha256`` over the whole file, cached under ``cache_dir``
+    (:func:`neuroal.digests.file_digests`); hub sources: ``{"kind": "hub", "id", "revision",
+    "commit"}`` from the cached snapshot, or ``"commit": None`` and a ``"note"`` when nothing
+    is cached.
     """
     if source.kind == "gguf":
         path = Path(source.location) / str(source.gguf_file)
+        digest = file_digests([path], cache_dir)[str(path)]
         files = {path.name: _file_print(path, _gguf_data_offset(path) or min(path.stat().st_size,
-                                                                            1 << 20))}
+                                                                            1 << 20), digest)}
         return {"kind": "gguf", "files": files}
     if source.kind == "hf_dir":
-        return {"kind": "hf_dir", "files": _dir_prints(Path(source.location))}
+        return {"kind": "hf_dir", "files": _dir_prints(Path(source.location), cache_dir)}
     snapshot = _hub_snapshot(source)
     out: dict[str, Any] = {"kind": "hub", "id": source.location, "revision": source.revision,
                            "commit": snapshot.name if snapshot is not None else None}
@@ -570,12 +563,14 @@ def weights_fingerprint(source: ModelSource) -> dict[str, Any]:
     return out
 
 
-def _dir_prints(root: Path) -> dict[str, Any]:
+def _dir_prints(root: Path, cache_dir: str | Path | None = None) -> dict[str, Any]:
     prints: dict[str, Any] = {}
     for name in _SMALL_FILES:
         if (root / name).is_file():
             prints[name] = {"size": (root / name).stat().st_size,
                             "sha256": _sha((root / name).read_bytes())}
-    for path in sorted(root.glob("*.safetensors")):
-        prints[path.name] = _file_print(path, None)
+    shards = sorted(root.glob("*.safetensors"))
+    digests = file_digests(shards, cache_dir)
+    for path in shards:
+        prints[path.name] = _file_print(path, None, digests[str(path)])
     return prints

@@ -482,6 +482,8 @@ class MaskRefiner:
         defaults: Option names and default values (``recover.<name>.<option>``).
         needs: Statistics the engine must collect on every linear's input.
         stage: ``prune``: block-wise, inside the final prune.
+        changes_values: False: a refiner swaps which weights are pruned, never their values
+            (the resume state stores bit-packed masks unless the criterion changes values).
     """
 
     name: str
@@ -490,6 +492,7 @@ class MaskRefiner:
     defaults: Mapping[str, Any]
     needs: frozenset[str] = frozenset({STAT_SQ_NORM, STAT_MEAN, STAT_VAR})
     stage: str = STAGE_PRUNE
+    changes_values: bool = False
 
     def validate(self, options: Mapping[str, Any], cfg: Any) -> list[str]:
         """Errors in resolved ``options`` for the run ``cfg`` (a PruneConfig), named fully."""
