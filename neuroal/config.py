@@ -12,6 +12,7 @@ allocations, executors, data sources, recovery steps), so it sits above them.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -28,6 +29,8 @@ from neuroal.inputs import is_int, is_number, label_flags, output_name_error, pa
 from neuroal.progress import MODES
 from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
+    _SECTIONS,
+    _SUBSECTIONS,
     DEPRECATED_KEYS,
     DTYPES,
     LOG_LEVELS,
@@ -62,7 +65,7 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
     Every error is collected: a malformed section or a value of the wrong type is reported and
     replaced by its default, so that the remaining checks still run and report theirs.
     """
-    cfg, errors = assemble(tree)
+    cfg, errors = assemble(expand_paths(tree))
     try:
         validate(cfg)
     except ConfigError as exc:
@@ -72,10 +75,44 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
     return cfg
 
 
+PATH_KEYS = ("model.name", "model.tokenizer", "output.dir", "log.file", "calib.data_dir",
+             "eval.include_path", "allocation.path")
+"""Config keys holding a local path: a leading ``~`` is expanded (never a folder named ``~``)."""
+
+
+def expand_paths(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``~`` / ``~user`` expanded in every :data:`PATH_KEYS` value and in the path
+    of ``text:~/...`` / ``tokens:~/...`` data sources."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        node = out.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str) and \
+                node[name].startswith("~"):
+            node[name] = os.path.expanduser(node[name])
+    calib, ev = out.get("calib"), out.get("eval")
+    if isinstance(calib, dict) and isinstance(calib.get("source"), str):
+        calib["source"] = _expand_source(calib["source"])
+    if isinstance(ev, dict) and isinstance(ev.get("datasets"), (list, tuple)):
+        ev["datasets"] = [_expand_source(d) if isinstance(d, str) else d for d in ev["datasets"]]
+    elif isinstance(ev, dict) and isinstance(ev.get("datasets"), str):
+        ev["datasets"] = ",".join(_expand_source(d) for d in ev["datasets"].split(","))
+    return out
+
+
+def _expand_source(spec: str) -> str:
+    name, sep, arg = spec.strip().partition(":")
+    return f"{name}:{os.path.expanduser(arg)}" if sep and arg.startswith("~") else spec
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 extra: Mapping[str, Any] | None = None) -> PruneConfig:
     """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
     tree: dict[str, Any] = _expand_recover(read_yaml(path) if path is not None else {})
+    if path is not None:  # before flags and overrides can replace a malformed section
+        errors = section_shape_errors(tree, f"config file {str(path)!r}")
+        if errors:
+            raise ConfigError(errors)
     if extra:
         tree = _expand_recover(merge(tree, extra))
     for item in overrides:
@@ -83,6 +120,27 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
         set_dotted(tree, key, value)
         _expand_recover(tree)
     return build_config(tree)
+
+
+def section_shape_errors(tree: Mapping[str, Any], origin: str) -> list[str]:
+    """Sections of a YAML recipe that are not mappings (``calib: 5``), sub-sections included;
+    reported even when flags or overrides set keys of that section (they would otherwise
+    silently replace it)."""
+    errors = []
+    for name, value in tree.items():
+        if name not in _SECTIONS or value is None:
+            continue
+        named = name in ("model", "criterion", "allocation")
+        if not isinstance(value, Mapping) and not (named and isinstance(value, str)):
+            errors.append(f"{origin}: section {name!r} is {value!r}; expected a mapping of its "
+                          f"keys{' or a name' if named else ''}, e.g. {name}: {{key: value}}")
+            continue
+        for sub in _SUBSECTIONS.get(name, {}):
+            inner = value.get(sub) if isinstance(value, Mapping) else None
+            if inner is not None and not isinstance(inner, Mapping):
+                errors.append(f"{origin}: section {name}.{sub} is {inner!r}; expected a mapping "
+                              "of its keys")
+    return errors
 
 
 def config_from_flags(values: Mapping[str, Any], flags: Mapping[str, str]) -> PruneConfig:

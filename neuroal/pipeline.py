@@ -38,6 +38,18 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
+from neuroal.guard import (
+    check_checkpoint,
+    check_decoder_lm,
+    check_export_space,
+    check_log_file,
+    check_prunable,
+    check_source,
+    check_text_sources,
+    run_inputs,
+    source_or_none,
+    warn_code_execution,
+)
 from neuroal.hub import push_output
 from neuroal.inputs import position_errors
 from neuroal.jobs import BlockReport, PruneJob
@@ -49,7 +61,6 @@ from neuroal.models.loading import (
     ModelSource,
     SafetensorsCheckpoint,
     build_skeleton,
-    input_paths,
     load_model_config,
     resolve_dtype,
     resolve_model,
@@ -204,19 +215,27 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         source = resolve_model(cfg.model.name, cfg.model.revision)
         if cfg.output.save_model or cfg.output.dir:
             output = OutputDir(Path(cfg.output.dir) if cfg.output.dir else default_output(cfg))
-            output.check(cfg.output.overwrite, cfg.output.resume,
-                         inputs=[*input_paths(source), *_local(cfg.model.tokenizer)])
+            output.check(cfg.output.overwrite, cfg.output.resume, inputs=run_inputs(cfg, source))
+        check_source(source)  # GGUF header, index weight_map (neuroal.guard)
+        check_text_sources(cfg)
         config = load_model_config(source, cfg.model.trust_remote_code)
+        check_decoder_lm(config, cfg.model.name)
+        warn_code_execution(cfg.model.trust_remote_code, source, cfg.eval.include_path)
         if source.kind == "hf_dir":  # shard headers only: truncated files fail here, not later
             SafetensorsCheckpoint(Path(source.location)).verify()
         device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
         adapter = ModelAdapter(build_skeleton(config, dtype))
+        check_prunable(adapter, cfg.model.name)
+        check_checkpoint(source, config, adapter)
         shape = adapter.shape()
         check_shape(cfg, shape)
         check_positions(cfg, config)
         check_experts(cfg, adapter)
         onload = check_memory(cfg, config, adapter, device, dtype)
+        if output is not None and cfg.output.save_model:
+            check_export_space(output.path.parent, adapter.model,
+                               export_dtype(cfg, source, config, dtype))
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)
     try:
@@ -237,11 +256,6 @@ def prepare(cfg: PruneConfig, timings: Timings) -> Prepared:
         raise
     return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload,
                     tasks)
-
-
-def _local(path: str | None) -> list[str]:
-    """``[path]`` if it names an existing local file or directory, else ``[]``."""
-    return [path] if path and Path(path).expanduser().exists() else []
 
 
 def task_spec(cfg: PruneConfig) -> Any:
@@ -378,6 +392,8 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
     unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
     if unset:
         logger.setLevel(cfg.log_level.upper())
+    if cfg.log.file:  # the write guard of --log-file, before anything is appended to it
+        check_log_file(cfg, run_inputs(cfg, source_or_none(cfg)))
     user_file = add_log_file(cfg.log.file) if cfg.log.file else None
     runlog = RunLog()
     try:
@@ -771,11 +787,15 @@ def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, director
 
 def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:
     """``auto``: the source dtype (GGUF: the run dtype), else the configured one."""
+    return export_dtype(cfg, prep.source, prep.config, prep.dtype)
+
+
+def export_dtype(cfg: PruneConfig, source: ModelSource, config: Any, dtype: torch.dtype) -> str:
+    """:func:`_export_dtype` before :class:`Prepared` exists (the free-space check)."""
     if cfg.output.dtype != "auto":
         return cfg.output.dtype
-    fallback = prep.dtype
-    return str(source_dtype(prep.config, fallback) if prep.source.kind != "gguf"
-               else fallback).removeprefix("torch.")
+    return str(source_dtype(config, dtype) if source.kind != "gguf"
+               else dtype).removeprefix("torch.")
 
 
 # --------------------------------------------------------------------------- report

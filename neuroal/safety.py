@@ -29,7 +29,6 @@ import re
 import shlex
 import shutil
 import socket
-import stat
 import sys
 import uuid
 from collections.abc import Iterable, Iterator
@@ -39,7 +38,7 @@ from typing import Any
 
 from neuroal import __version__
 from neuroal.errors import OutputExistsError
-from neuroal.inputs import file_sha256
+from neuroal.inputs import file_kind, file_sha256
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
@@ -385,23 +384,6 @@ LOG_LINE = re.compile(rb"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) neu
 """The first line of a log file neuroal wrote (:data:`neuroal.logging.FORMAT`)."""
 
 
-def file_kind(path: Path) -> str:
-    """What ``path`` is, in words: ``'a directory'``, ``'a FIFO (named pipe)'``, ..."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
-                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                       (stat.S_ISREG, "a regular file")):
-        if test(mode):
-            return name
-    return "a special file"
-
-
 def written_by_neuroal(path: Path, kind: str) -> bool:
     """Whether the existing regular file ``path`` is one neuroal wrote (or is empty): a log
     whose first line is a neuroal log line, or a JSON object carrying ``"neuroal"`` (the
@@ -485,8 +467,9 @@ def check_file_output(path: str | Path, inputs: Iterable[str | Path] = (),
                                 " create it first or choose another path")
     if not os.access(parent, os.W_OK | os.X_OK) or \
             (found == "a regular file" and not os.access(path, os.W_OK)):
-        raise UnsafeOutputError(f"{flag} {str(path)!r}: {'the file' if found != 'missing' else 'the folder ' + repr(str(parent))} "
-                                "is not writable; choose another path")
+        which = "the file" if found != "missing" else f"the folder {str(parent)!r}"
+        raise UnsafeOutputError(f"{flag} {str(path)!r}: {which} is not writable; choose "
+                                "another path")
     return path
 
 
@@ -787,7 +770,7 @@ def swap_into_place(new: Path, path: Path, overwrite: bool) -> None:
         shutil.rmtree(aside)
 
 
-__all__ = ["MARKER", "OutputExistsError", "OutputLock", "OutputLockedError", "UnsafeOutputError",
-           "DiskFullError", "check_file_output", "check_free_space", "check_output_path", "check_tmp", "clear_tmp", "describe",
-           "file_kind", "input_closure", "read_marker", "replaceable", "swap_into_place",
-           "write_file", "write_marker", "written_by_neuroal"]
+__all__ = ["MARKER", "DiskFullError", "OutputExistsError", "OutputLock", "OutputLockedError",
+           "UnsafeOutputError", "check_file_output", "check_free_space", "check_output_path",
+           "check_tmp", "clear_tmp", "describe", "file_kind", "input_closure", "read_marker",
+           "replaceable", "swap_into_place", "write_file", "write_marker", "written_by_neuroal"]
