@@ -109,17 +109,22 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 extra: Mapping[str, Any] | None = None) -> PruneConfig:
     """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
     tree: dict[str, Any] = _expand_recover(read_yaml(path) if path is not None else {})
-    if path is not None:  # before flags and overrides can replace a malformed section
-        errors = section_shape_errors(tree, f"config file {str(path)!r}")
-        if errors:
-            raise ConfigError(errors)
+    # malformed sections of the file are errors even where flags or overrides set their keys
+    shape = section_shape_errors(tree, f"config file {str(path)!r}") if path is not None else []
     if extra:
         tree = _expand_recover(merge(tree, extra))
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
         _expand_recover(tree)
-    return build_config(tree)
+    try:
+        cfg = build_config(tree)
+    except ConfigError as exc:
+        heads = tuple(e.split(":", 1)[0] + ":" for e in shape)
+        raise ConfigError(shape + [e for e in exc.errors if not e.startswith(heads)]) from None
+    if shape:
+        raise ConfigError(shape)
+    return cfg
 
 
 def section_shape_errors(tree: Mapping[str, Any], origin: str) -> list[str]:
@@ -132,14 +137,16 @@ def section_shape_errors(tree: Mapping[str, Any], origin: str) -> list[str]:
             continue
         named = name in ("model", "criterion", "allocation")
         if not isinstance(value, Mapping) and not (named and isinstance(value, str)):
-            errors.append(f"{origin}: section {name!r} is {value!r}; expected a mapping of its "
-                          f"keys{' or a name' if named else ''}, e.g. {name}: {{key: value}}")
+            errors.append(f"{name}: expected a mapping{' or a name' if named else ''}, got "
+                          f"{value!r} in {origin} (flags and overrides do not replace a "
+                          "malformed section: fix the file)")
             continue
         for sub in _SUBSECTIONS.get(name, {}):
             inner = value.get(sub) if isinstance(value, Mapping) else None
             if inner is not None and not isinstance(inner, Mapping):
-                errors.append(f"{origin}: section {name}.{sub} is {inner!r}; expected a mapping "
-                              "of its keys")
+                errors.append(f"{name}.{sub}: expected a mapping of its keys, got {inner!r} "
+                              f"in {origin} (flags and overrides do not replace a malformed "
+                              "section: fix the file)")
     return errors
 
 

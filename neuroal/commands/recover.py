@@ -111,8 +111,6 @@ def validate(args: argparse.Namespace) -> None:
     if source.kind != "hf_dir":
         raise ConfigError([f"model={args.model!r}: recover reads a local Hugging Face directory "
                            "(a pruned export of launch/prune.py)"])
-    if not args.allow_unpruned:
-        check_pruned_input(Path(source.location), args.model)
     inputs = [*input_paths(source), *(p for p in (args.data_dir,) if p),
               *(str(parse_source(spec).arg) for spec in [args.calib, *[args.eval][:bool(args.eval_windows)]]
                 if parse_source(spec).name in ("text", "tokens"))]
@@ -123,6 +121,8 @@ def validate(args: argparse.Namespace) -> None:
     errors = position_errors(load_model_config(source), {"--seqlen": args.seqlen}, args.model)
     if errors:
         raise ConfigError(errors)
+    if not args.allow_unpruned:
+        check_pruned_input(Path(source.location), args.model)
 
 
 def check_pruned_input(directory: Path, name: str) -> None:
