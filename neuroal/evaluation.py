@@ -21,6 +21,7 @@ from neuroal.cli import _names, split_overrides
 from neuroal.config import ConfigError, load_config, set_dotted
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine.dist import coordinator, rank_info, serve
+from neuroal.errors import OutputExistsError
 from neuroal.exits import guarded
 from neuroal.guard import (
     check_checkpoint,
@@ -257,7 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
         log.error("%s", ConfigError(label_flags(exc.errors, labels)))
         return 2
-    except (ModelSourceError, AdapterError, FileNotFoundError, ValueError) as exc:
+    except (ModelSourceError, AdapterError, FileNotFoundError, ValueError,
+            OutputExistsError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from neuroal.errors import OutputExistsError
 from neuroal.logging import get_logger
 from neuroal.safety import free_bytes
 
@@ -76,6 +77,8 @@ def explain(exc: BaseException) -> str | None:
                 f"the file system of {str(place)!r}; free some space (or choose an "
                 "--output on another disk) and rerun; an interrupted prune keeps its resume "
                 "state: rerun the same command with --resume")
+    if isinstance(exc, OutputExistsError):  # the write guard's refusals name the path
+        return str(exc)
     if isinstance(exc, pickle.UnpicklingError):
         return ("refused to read a file holding pickled objects other than tensors (nothing in "
                 f"it was run): {str(exc).splitlines()[0][:200]}; if it is a resume state, delete "

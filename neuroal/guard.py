@@ -125,8 +125,8 @@ def check_gguf(path: Path) -> None:
     except Exception as exc:  # noqa: BLE001 - any parse failure of a foreign file is corrupt input
         raise ModelSourceError(
             f"GGUF file {str(path)!r} is truncated or corrupt: its metadata or tensor directory "
-            f"cannot be read ({type(exc).__name__}: {str(exc)[:160]}); {size} bytes on disk. "
-            "Download it again") from None
+            f"cannot be read ({type(exc).__name__}: {str(exc)[:160]}); {size} bytes on disk; "
+            "download it again") from None
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
