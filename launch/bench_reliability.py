@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+_WORK: list[str] = []  # the work folder, hidden from the recorded messages
 VERDICTS = ("clear error before loading", "unclear", "error after work", "traceback", "silent",
             "data loss", "ran")
 
@@ -732,6 +733,9 @@ def judge(case: Case, code: int | None, text: str, escaped: str | None, loaded: 
 
 
 def _message(text: str, escaped: str | None) -> str:
+    """The error / warning lines of a run, the work folder written as ``<work>``."""
+    text = text.replace(_WORK[0], "<work>") if _WORK else text
+    escaped = escaped.replace(_WORK[0], "<work>") if escaped and _WORK else escaped
     if escaped:
         return escaped.strip().splitlines()[-1][:300]
     errors = [line for line in text.splitlines() if "ERROR" in line or "WARNING" in line
@@ -755,6 +759,7 @@ def run(only: str | None, work: Path) -> dict[str, Any]:
     os.environ.setdefault("NEUROAL_PROGRESS", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     t0 = time.perf_counter()
+    _WORK[:] = [str(work)]
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
