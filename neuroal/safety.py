@@ -375,6 +375,9 @@ def _check_parent(path: Path) -> None:
     if not parent.is_dir():
         raise UnsafeOutputError(f"cannot create output {str(path)!r}: {str(parent)!r} is not a "
                                 "directory; choose another --output")
+    if _read_only(parent):
+        raise UnsafeOutputError(f"cannot create output {str(path)!r}: {str(parent)!r} is on a "
+                                "read-only file system; choose another --output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UnsafeOutputError(f"cannot create output {str(path)!r}: the directory "
                                 f"{str(parent)!r} is not writable; choose another --output")
@@ -465,12 +468,23 @@ def check_file_output(path: str | Path, inputs: Iterable[str | Path] = (),
         raise UnsafeOutputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} "
                                 f"{'is ' + file_kind(parent) if parent.exists() else 'does not exist'};"
                                 " create it first or choose another path")
+    if _read_only(parent):
+        raise UnsafeOutputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} is on a "
+                                "read-only file system; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK) or \
             (found == "a regular file" and not os.access(path, os.W_OK)):
         which = "the file" if found != "missing" else f"the folder {str(parent)!r}"
         raise UnsafeOutputError(f"{flag} {str(path)!r}: {which} is not writable; choose "
                                 "another path")
     return path
+
+
+def _read_only(directory: Path) -> bool:
+    """Whether ``directory`` lies on a file system mounted read-only (root included)."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _check_name_lengths(path: Path, label: str) -> None:

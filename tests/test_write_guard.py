@@ -212,3 +212,18 @@ def test_plan_json_replaces_only_its_own_file(box: Path, capsys: pytest.CaptureF
     assert main([*argv, "--json", str(out)]) in (0, 1)  # its own file: replaced
     assert main([*argv, "--json", str(box / "notes.txt"), "--allow-existing"]) in (0, 1)
     assert json.loads((box / "notes.txt").read_text())["neuroal"]
+
+
+def test_a_read_only_file_system_is_refused_even_for_root(box: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.statvfs
+
+    class ReadOnly:
+        def __init__(self, path: str) -> None:
+            self.f_flag = real(path).f_flag | os.ST_RDONLY
+
+    monkeypatch.setattr(os, "statvfs", ReadOnly)
+    with pytest.raises(UnsafeOutputError, match="read-only file system"):
+        check_file_output(box / "plan.json")
+    with pytest.raises(UnsafeOutputError, match="read-only file system"):
+        check_output_path(box / "out", overwrite=False)
