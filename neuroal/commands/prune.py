@@ -34,10 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, flags_to_tree(args))
         configure(cfg.log_level)
-        check_writes(cfg, [args.config])  # --output / --log-file vs every input, YAML included
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
         if info is not None and info.rank > 0:
             return serve(cfg)  # ranks > 0 run rank 0's commands on their own block slice
+        check_writes(cfg, [args.config])  # --output / --log-file vs every input, YAML included
         with coordinator(cfg) as session:
             result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]),
                          session=session)
