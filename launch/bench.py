@@ -12,6 +12,7 @@
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
     python launch/bench.py parallel --nsamples 16 --seqlen 128  # pipeline vs data mode, 1-2 workers
+    python launch/bench.py reliability [--only GROUP,CASE]  # hostile inputs: one verdict each
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -535,11 +536,24 @@ def search(opts: argparse.Namespace) -> dict:
     return {"rows": list(rows.values()), "settings": vars(opts)}
 
 
+def reliability(opts: argparse.Namespace) -> dict:
+    """The hostile-input catalogue (``launch/bench_reliability.py``): one verdict per case,
+    the verdict table on stdout; JSON to benchmarks/reliability.json unless --json says."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import bench_reliability
+
+    result = bench_reliability.run(opts.only, Path(opts.out) / "reliability")
+    print(bench_reliability.table(result["cases"]))
+    if not opts.json:
+        opts.json = str(REPO / "benchmarks" / "reliability.json")
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
                                           "recovery", "ood", "onload", "search", "unimodal",
-                                          "parallel"],
+                                          "parallel", "reliability"],
                    nargs="?", default="foundation")
     p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
                    "NeuroAL trails (default: outputs/ and benchmarks/)")
@@ -561,7 +575,8 @@ def main() -> int:
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
               "recovery": recovery, "ood": ood, "onload": onload,
-              "search": search, "unimodal": unimodal, "parallel": parallel}[opts.suite](opts)
+              "search": search, "unimodal": unimodal, "parallel": parallel,
+              "reliability": reliability}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

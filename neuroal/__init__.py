@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from neuroal.errors import ConfigError
 from neuroal.schema import PruneConfig, set_dotted
 
 __version__ = "0.1.0"
@@ -63,6 +64,11 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
     """
     from neuroal.pipeline import run  # lazy: the pipeline imports torch and transformers
 
+    flags = {"overwrite": overwrite, "save": save, "keep_executor": keep_executor}
+    wrong = [f"neuroal.prune({k}={v!r}): expected True or False" for k, v in flags.items()
+             if not isinstance(v, bool)]
+    if wrong:  # "no" is truthy: never let a string decide whether an output is replaced
+        raise ConfigError(wrong)
     if isinstance(model, PruneConfig):
         return run(model, keep_executor=keep_executor, session=session)
     tree: dict[str, Any] = {}

@@ -100,7 +100,10 @@ def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
                    help="continue an interrupted run from <output>.neuroal-tmp/state (same config)")
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
     p.add_argument("--log-file", help="also append the log to this file (every run writes "
-                   "neuroal.log into its output directory)")
+                   "neuroal.log into its output directory); an existing file is appended to "
+                   "only if neuroal wrote it")
+    p.add_argument("--allow-existing", action="store_true",
+                   help="let --log-file append to an existing file neuroal did not write")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the finished output to this "
                    "Hugging Face repo (network and a token needed)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -130,6 +133,8 @@ def flags_to_tree(args: argparse.Namespace) -> dict[str, Any]:
         set_dotted(tree, "output.resume", True)
     if args.log_level:
         tree["log_level"] = args.log_level
+    if getattr(args, "allow_existing", False):
+        set_dotted(tree, "log.allow_existing", True)
     return tree
 
 

@@ -12,6 +12,7 @@ allocations, executors, data sources, recovery steps), so it sits above them.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -31,6 +32,8 @@ from neuroal.models.selection import selection_errors
 from neuroal.recipes import recipe_path
 from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
 from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
+    _SECTIONS,
+    _SUBSECTIONS,
     DEPRECATED_KEYS,
     DTYPES,
     GENERATION_BACKENDS,
@@ -67,7 +70,7 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
     Every error is collected: a malformed section or a value of the wrong type is reported and
     replaced by its default, so that the remaining checks still run and report theirs.
     """
-    cfg, errors = assemble(tree)
+    cfg, errors = assemble(expand_paths(tree))
     try:
         validate(cfg)
     except ConfigError as exc:
@@ -77,18 +80,80 @@ def build_config(tree: Mapping[str, Any]) -> PruneConfig:
     return cfg
 
 
+PATH_KEYS = ("model.name", "model.tokenizer", "output.dir", "log.file", "calib.data_dir",
+             "eval.include_path", "allocation.path")
+"""Config keys holding a local path: a leading ``~`` is expanded (never a folder named ``~``)."""
+
+
+def expand_paths(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``tree`` with ``~`` / ``~user`` expanded in every :data:`PATH_KEYS` value and in the path
+    of ``text:~/...`` / ``tokens:~/...`` data sources."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    for key in PATH_KEYS:
+        section, _, name = key.partition(".")
+        node = out.get(section)
+        if isinstance(node, dict) and isinstance(node.get(name), str) and \
+                node[name].startswith("~"):
+            node[name] = os.path.expanduser(node[name])
+    calib, ev = out.get("calib"), out.get("eval")
+    if isinstance(calib, dict) and isinstance(calib.get("source"), str):
+        calib["source"] = _expand_source(calib["source"])
+    if isinstance(ev, dict) and isinstance(ev.get("datasets"), (list, tuple)):
+        ev["datasets"] = [_expand_source(d) if isinstance(d, str) else d for d in ev["datasets"]]
+    elif isinstance(ev, dict) and isinstance(ev.get("datasets"), str):
+        ev["datasets"] = ",".join(_expand_source(d) for d in ev["datasets"].split(","))
+    return out
+
+
+def _expand_source(spec: str) -> str:
+    name, sep, arg = spec.strip().partition(":")
+    return f"{name}:{os.path.expanduser(arg)}" if sep and arg.startswith("~") else spec
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = (),
                 extra: Mapping[str, Any] | None = None) -> PruneConfig:
     """Defaults <- YAML file <- ``extra`` (e.g. CLI flags) <- ``key=value`` overrides."""
     tree: dict[str, Any] = _expand_recover(read_yaml(recipe_path(path)) if path is not None
                                            else {})
+    # malformed sections of the file are errors even where flags or overrides set their keys
+    shape = section_shape_errors(tree, f"config file {str(path)!r}") if path is not None else []
     if extra:
         tree = _expand_recover(merge(tree, extra))
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(tree, key, value)
         _expand_recover(tree)
-    return build_config(tree)
+    try:
+        cfg = build_config(tree)
+    except ConfigError as exc:
+        heads = tuple(e.split(":", 1)[0] + ":" for e in shape)
+        raise ConfigError(shape + [e for e in exc.errors if not e.startswith(heads)]) from None
+    if shape:
+        raise ConfigError(shape)
+    return cfg
+
+
+def section_shape_errors(tree: Mapping[str, Any], origin: str) -> list[str]:
+    """Sections of a YAML recipe that are not mappings (``calib: 5``), sub-sections included;
+    reported even when flags or overrides set keys of that section (they would otherwise
+    silently replace it)."""
+    errors = []
+    for name, value in tree.items():
+        if name not in _SECTIONS or value is None:
+            continue
+        named = name in ("model", "criterion", "allocation")
+        if not isinstance(value, Mapping) and not (named and isinstance(value, str)):
+            errors.append(f"{name}: expected a mapping{' or a name' if named else ''}, got "
+                          f"{value!r} in {origin} (flags and overrides do not replace a "
+                          "malformed section: fix the file)")
+            continue
+        for sub in _SUBSECTIONS.get(name, {}):
+            inner = value.get(sub) if isinstance(value, Mapping) else None
+            if inner is not None and not isinstance(inner, Mapping):
+                errors.append(f"{name}.{sub}: expected a mapping of its keys, got {inner!r} "
+                              f"in {origin} (flags and overrides do not replace a malformed "
+                              "section: fix the file)")
+    return errors
 
 
 def config_from_flags(values: Mapping[str, Any], flags: Mapping[str, str]) -> PruneConfig:

@@ -23,6 +23,17 @@ from neuroal.cli import _names, split_overrides
 from neuroal.config import ConfigError, load_config, set_dotted
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine.dist import coordinator, rank_info, serve
+from neuroal.errors import OutputExistsError
+from neuroal.exits import guarded
+from neuroal.guard import (
+    check_checkpoint,
+    check_decoder_lm,
+    check_source,
+    check_text_sources,
+    run_inputs,
+    source_or_none,
+    warn_code_execution,
+)
 from neuroal.inputs import label_flags, position_errors
 from neuroal.logging import configure, get_logger
 from neuroal.models.adapter import AdapterError, ModelAdapter
@@ -47,6 +58,7 @@ from neuroal.pipeline import (
     tasks_report,
     versions,
 )
+from neuroal.safety import check_file_output, write_file
 from neuroal.zeroshot import (
     backend_results,
     executor_results,
@@ -183,10 +195,15 @@ def run_evaluation(cfg: Any, session: Any = None,
     timings, t0 = Timings(), time.perf_counter()
     with timings("resolve"):
         source = resolve_model(cfg.model.name, cfg.model.revision)
+        check_source(source)  # GGUF header, index weight_map (neuroal.guard)
+        check_text_sources(cfg)
         config = load_model_config(source, cfg.model.trust_remote_code)
+        check_decoder_lm(config, cfg.model.name)
+        warn_code_execution(cfg.model.trust_remote_code, source, cfg.eval.include_path)
         device = pick_device(cfg.engine.devices[0] if cfg.engine.devices else cfg.engine.device)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
         adapter = ModelAdapter(build_skeleton(config, dtype))
+        check_checkpoint(source, config, adapter)
         shape = adapter.shape(row_map=False)
         check_shape(cfg, shape)
         errors = position_errors(config, {"--seqlen": cfg.eval.seqlen or cfg.calib.seqlen},
@@ -292,7 +309,10 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="sequences per forward call")
     p.add_argument("--data-dir", help="folder with wikitext2/ (and c4 json.gz) files")
     p.add_argument("--config", help="YAML recipe (its model/eval/engine sections)")
-    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON (an existing "
+                   "file is replaced only if neuroal wrote it)")
+    p.add_argument("--allow-existing", action="store_true",
+                   help="let --json replace an existing file neuroal did not write")
     p.add_argument("--log-level", default=None, help="DEBUG | INFO | WARNING")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
@@ -306,6 +326,7 @@ def _executors() -> str:
     return _names("neuroal.engine:EXECUTORS")
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """``neuroal evaluate MODEL [--eval wikitext2] [--tasks hellaswag,...] [key=value ...]``."""
     parser = build_parser()
@@ -316,6 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
              if getattr(args, flag) is not None}
     try:
         cfg = evaluation_config(args.model, flags, args.config, args.overrides)
+        if args.json:  # the write guard of --json, before any work
+            args.json = str(check_file_output(args.json, run_inputs(cfg, source_or_none(cfg),
+                                                                    [args.config]),
+                                              args.allow_existing))
         if args.log_level is None:
             configure(cfg.log_level)
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
@@ -331,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
         log.error("%s", ConfigError(label_flags(exc.errors, labels)))
         return 2
-    except (ModelSourceError, AdapterError, FileNotFoundError, ValueError) as exc:
+    except (ModelSourceError, AdapterError, FileNotFoundError, ValueError,
+            OutputExistsError) as exc:
         log.error("%s", exc)
         return 2
     except KeyboardInterrupt:
@@ -342,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for path in write_lm_eval_output(raw[0], args.output_path, cfg.model.name):
             sys.stdout.write(f"lm-eval results: {path}\n")
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            write_file(args.json, json.dumps({"neuroal": __version__, **result}, indent=2) + "\n")
+        except OSError as exc:  # UnsafeOutputError: the message names the path
+            log.error("%s", exc)
+            return 2
     return 0
 
 

@@ -52,7 +52,7 @@ class OutputDir:
     lock: OutputLock = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.path = Path(os.path.abspath(self.path))
+        self.path = Path(os.path.abspath(os.path.expanduser(str(self.path))))
         self.lock = OutputLock(self.tmp)
 
     @property

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -175,3 +177,143 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_kind(path: str | Path) -> str:
+    """What ``path`` is, in words (``'missing'``, ``'a regular file'``, ``'a directory'``,
+    ``'a FIFO (named pipe)'``, ``'a character device'``, ...); symbolic links not followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISREG, "a regular file")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def not_a_file(path: str | Path) -> str | None:
+    """None when ``path`` (links followed) is a regular file, else what it is instead:
+    ``'does not exist'``, ``'is a directory, not a regular file'``, ``'is a FIFO (named
+    pipe), not a regular file'``... (never "does not exist" for something that exists)."""
+    target = Path(os.path.expanduser(str(path)))
+    try:
+        real = os.path.realpath(target)
+    except OSError:
+        real = str(target)
+    kind = file_kind(real)
+    if kind == "a regular file":
+        return None
+    if kind == "missing":
+        return "does not exist" + (" (a dangling symbolic link)" if os.path.islink(target) else "")
+    return f"is {kind}, not a regular file"
+
+
+# --------------------------------------------------------------------------- YAML
+
+YAML_MAX_BYTES = 1 << 20  # a recipe is a few kB; 1 MiB leaves room and stops a flood early
+YAML_MAX_ALIASES = 100  # aliases (*name) per document; recipes need none or a few
+YAML_MAX_DEPTH = 32  # nesting of mappings / sequences
+YAML_MAX_NODES = 100_000  # values after alias expansion, counted before building anything
+
+
+class YAMLLimitError(ValueError):
+    """A YAML text is over a size, depth, alias or expansion limit, or repeats a key."""
+
+
+def _strict_loader(label: str) -> type:
+    """A PyYAML ``SafeLoader`` subclass that refuses duplicate keys and counts aliases, depth
+    and the nodes an alias expansion would make, before any Python object is constructed."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent: Any, index: Any) -> Any:  # noqa: ANN401
+            if self.check_event(yaml.AliasEvent):
+                StrictLoader.aliases += 1
+                if StrictLoader.aliases > YAML_MAX_ALIASES:
+                    mark = self.peek_event().start_mark
+                    raise YAMLLimitError(
+                        f"{label}: more than {YAML_MAX_ALIASES} YAML aliases (*name), line "
+                        f"{mark.line + 1}; neuroal refuses it before expanding them (an alias "
+                        "bomb); write the values out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:  # noqa: ANN401
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # unhashable: SafeLoader reports it
+                if key in seen:
+                    raise YAMLLimitError(
+                        f"{label}: key {key!r} appears twice in one mapping (lines {seen[key]} "
+                        f"and {key_node.start_mark.line + 1}); YAML would silently keep the "
+                        "last one: keep one of them")
+                seen[key] = key_node.start_mark.line + 1
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
+
+
+def _expanded_size(node: Any, depth: int, label: str, memo: dict[int, int]) -> int:
+    """Values ``node`` expands to (aliases counted as often as used), refusing deep nesting."""
+    import yaml
+
+    if depth > YAML_MAX_DEPTH:
+        raise YAMLLimitError(f"{label}: YAML nested deeper than {YAML_MAX_DEPTH} levels "
+                             f"(line {node.start_mark.line + 1}); a recipe needs a few")
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 1  # a recursive alias counts once while it is being measured
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, depth + 1, label, memo) +
+                       _expanded_size(v, depth + 1, label, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, depth + 1, label, memo) for v in node.value)
+    else:
+        size = 1
+    memo[key] = size
+    if size > YAML_MAX_NODES:
+        raise YAMLLimitError(f"{label}: the YAML expands to more than {YAML_MAX_NODES} values "
+                             "(aliases repeat their anchors' values); neuroal refuses it before "
+                             "expanding it (an alias bomb)")
+    return size
+
+
+def safe_yaml_load(text: str, label: str = "YAML") -> Any:
+    """Parse one YAML document with PyYAML's safe loader, within limits: at most
+    :data:`YAML_MAX_BYTES` of text, :data:`YAML_MAX_ALIASES` aliases, :data:`YAML_MAX_DEPTH`
+    levels and :data:`YAML_MAX_NODES` values after expansion (all checked on the node graph,
+    before anything is built), and no key twice in one mapping.
+
+    Raises:
+        YAMLLimitError: a limit or a duplicate key; the message names ``label`` and the line.
+        yaml.YAMLError: the text is not YAML.
+    """
+    if len(text.encode("utf-8", "surrogatepass")) > YAML_MAX_BYTES:
+        raise YAMLLimitError(f"{label}: {len(text)} characters of YAML, more than the "
+                             f"{YAML_MAX_BYTES} bytes a recipe may have")
+    loader = _strict_loader(label)(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_size(node, 0, label, {})
+        return loader.construct_document(node)
+    except RecursionError:
+        raise YAMLLimitError(f"{label}: YAML nested too deeply to read; a recipe needs a few "
+                             "levels") from None
+    finally:
+        loader.dispose()

@@ -42,6 +42,18 @@ from neuroal.export import (
     write_config,
     write_run_files,
 )
+from neuroal.guard import (
+    check_checkpoint,
+    check_decoder_lm,
+    check_export_space,
+    check_log_file,
+    check_prunable,
+    check_source,
+    check_text_sources,
+    run_inputs,
+    source_or_none,
+    warn_code_execution,
+)
 from neuroal.hub import push_output, upload_hint
 from neuroal.inputs import position_errors
 from neuroal.jobs import BlockReport, PruneJob
@@ -53,7 +65,6 @@ from neuroal.models.loading import (
     ModelSource,
     SafetensorsCheckpoint,
     build_skeleton,
-    input_paths,
     load_model_config,
     resolve_dtype,
     resolve_model,
@@ -265,19 +276,27 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
             if output_errors(path):  # relative under `ray job submit`: before abspath
                 raise PreflightError(output_errors(path))
             output = OutputDir(path)
-            output.check(cfg.output.overwrite, cfg.output.resume,
-                         inputs=[*input_paths(source), *_local(cfg.model.tokenizer)])
+            output.check(cfg.output.overwrite, cfg.output.resume, inputs=run_inputs(cfg, source))
+        check_source(source)  # GGUF header, index weight_map (neuroal.guard)
+        check_text_sources(cfg)
         config = load_model_config(source, cfg.model.trust_remote_code)
+        check_decoder_lm(config, cfg.model.name)
+        warn_code_execution(cfg.model.trust_remote_code, source, cfg.eval.include_path)
         if source.kind == "hf_dir":  # shard headers only: truncated files fail here, not later
             SafetensorsCheckpoint(Path(source.location)).verify()
         device = resolve_device(cfg)  # where the workers run (a Ray cluster's GPUs)
         dtype = resolve_dtype(cfg.model.dtype, config, device)
         adapter = ModelAdapter(build_skeleton(config, dtype), selection_of(cfg))
+        check_prunable(adapter, cfg.model.name)
+        check_checkpoint(source, config, adapter)
         shape = adapter.shape()
         check_shape(cfg, shape)
         selection = check_selection(cfg, adapter, shape)
         check_positions(cfg, config)
         check_experts(cfg, adapter)
+        if output is not None and cfg.output.save_model:
+            check_export_space(output.path.parent, adapter.model,
+                               export_dtype(cfg, source, config, dtype))
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)
     try:
@@ -313,16 +332,11 @@ def disk_needs(cfg: PruneConfig, adapter: ModelAdapter, config: Any, source: Mod
         return 0, ""
     total = total_parameters(adapter.model)
     blocks = sum(numel(p) for block in adapter.blocks for p in block.parameters())
-    export = total * getattr(torch, export_dtype_name(cfg, config, source, dtype)).itemsize \
+    export = total * getattr(torch, export_dtype(cfg, source, config, dtype)).itemsize \
         if cfg.output.save_model else 0
     state = state_bytes(blocks, dtype.itemsize)
     existing = folder_bytes(output.state) if cfg.output.resume else 0
     return disk_needed(export, state, existing)
-
-
-def _local(path: str | None) -> list[str]:
-    """``[path]`` if it names an existing local file or directory, else ``[]``."""
-    return [path] if path and Path(path).expanduser().exists() else []
 
 
 def task_spec(cfg: PruneConfig) -> Any:
@@ -462,6 +476,8 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
     unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
     if unset:
         logger.setLevel(cfg.log_level.upper())
+    if cfg.log.file:  # the write guard of --log-file, before anything is appended to it
+        check_log_file(cfg, run_inputs(cfg, source_or_none(cfg)))
     user_file = add_log_file(cfg.log.file) if cfg.log.file else None
     runlog = RunLog()
     try:
@@ -858,12 +874,11 @@ def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, director
 
 def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:
     """``auto``: the source dtype (GGUF: the run dtype), else the configured one."""
-    return export_dtype_name(cfg, prep.config, prep.source, prep.dtype)
+    return export_dtype(cfg, prep.source, prep.config, prep.dtype)
 
 
-def export_dtype_name(cfg: PruneConfig, config: Any, source: ModelSource,
-                      dtype: torch.dtype) -> str:
-    """:func:`_export_dtype` from its parts (before :class:`Prepared` exists)."""
+def export_dtype(cfg: PruneConfig, source: ModelSource, config: Any, dtype: torch.dtype) -> str:
+    """:func:`_export_dtype` before :class:`Prepared` exists (the free-space check)."""
     if cfg.output.dtype != "auto":
         return cfg.output.dtype
     return str(source_dtype(config, dtype) if source.kind != "gguf"

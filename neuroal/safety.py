@@ -26,21 +26,26 @@ import datetime as _dt
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
-from collections.abc import Iterable
+import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from neuroal import __version__
 from neuroal.errors import OutputExistsError
+from neuroal.inputs import file_kind, file_sha256
 from neuroal.logging import get_logger
 
 log = get_logger(__name__)
 
 MARKER = "neuroal_output.json"
+NAME_MAX = 255  # bytes per file name on Linux file systems
+MARKER_FORMAT = 2  # 2: every file at every depth with size and SHA-256, and a run id
 LOCK_NAME = "lock"
 PREVIOUS = "previous"  # the replaced output while the swap runs (inside the temp dir)
 # What a neuroal temporary directory may hold: lock, resume state, the output being written,
@@ -62,10 +67,24 @@ LEGACY_FILES = re.compile(
     r"|^model(-\d{5}-of-\d{5})?\.safetensors$|^model\.safetensors\.index\.json$"
     r"|^(plan|masks)\.safetensors$|^neuroal_config\.yaml$|^README\.md$|^merges\.txt$"
     r"|^(tokenizer|spiece)\.model$|^vocab\.txt$|^chat_template\.jinja$")
+# Relative paths a marked (format 2) output may list: the legacy names, the run's log, the
+# plots, tokenizer files with the tokenizer extensions; never a hidden name, never deeper.
+OUTPUT_NAMES = re.compile(
+    LEGACY_FILES.pattern + r"|^neuroal\.log$|^recovery\.json$|^plots/[\w.-]+\.(png|svg|pdf)$"
+    r"|^[\w-][\w.-]*\.(tiktoken|jinja|model)$|^[\w-][\w.-]*\.json$")
+# What every prune report.json of neuroal holds (an earlier version's included) ...
+REPORT_KEYS = frozenset({"model", "criterion", "allocation", "pattern", "target_sparsity",
+                         "achieved_sparsity", "timings"})
+# ... and the sections of its neuroal_config.yaml.
+CONFIG_SECTIONS = frozenset({"model", "criterion", "allocation", "calib", "engine", "output"})
 
 
 class UnsafeOutputError(OutputExistsError):
     """The output path may not be written or replaced (not neuroal's, an input, a link...)."""
+
+
+class DiskFullError(UnsafeOutputError):
+    """Not enough free disk space for what a run must write."""
 
 
 class OutputLockedError(OutputExistsError):
@@ -99,57 +118,191 @@ def read_marker(path: Path) -> dict[str, Any] | None:
     return data
 
 
+def _walk(directory: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """``(relative path, entry)`` of everything under ``directory``, links not followed."""
+    stack = [("", directory)]
+    while stack:
+        prefix, folder = stack.pop()
+        with os.scandir(folder) as entries:
+            for entry in sorted(entries, key=lambda e: e.name):
+                rel = prefix + entry.name
+                yield rel, entry
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append((rel + "/", Path(entry.path)))
+
+
+def _stamp_run_id(directory: Path, run_id: str) -> None:
+    """Record ``run_id`` inside the output's ``report.json`` (or a recovery's ``recovery.json``),
+    the second copy :func:`replaceable` compares with the marker's."""
+    for name in ("report.json", "recovery.json"):
+        path = directory / name
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            data["run_id"] = run_id
+            tmp = path.with_name(name + ".part")
+            tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+            os.replace(tmp, path)
+            return
+
+
 def write_marker(directory: Path, kind: str) -> None:
-    """Record that neuroal wrote ``directory`` and which files it holds (written last)."""
+    """Record that neuroal wrote ``directory`` (written last): its top-level names (``files``)
+    and, for every file at every depth, its size and SHA-256 (``entries``), with a fresh run id
+    also stamped into ``report.json`` / ``recovery.json``. :func:`replaceable` later checks all
+    of it against the files actually there."""
+    run_id = uuid.uuid4().hex
+    _stamp_run_id(directory, run_id)
+    entries: dict[str, dict[str, Any]] = {}
+    for rel, entry in _walk(directory):
+        if rel == MARKER or not entry.is_file(follow_symlinks=False):
+            continue
+        entries[rel] = {"size": entry.stat(follow_symlinks=False).st_size,
+                        "sha256": file_sha256(Path(entry.path))}
     files = sorted(p.name for p in directory.iterdir() if p.name != MARKER)
-    data = {"neuroal": __version__, "kind": kind,
+    data = {"neuroal": __version__, "format": MARKER_FORMAT, "kind": kind, "run_id": run_id,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "files": files}
+            "files": files, "entries": entries}
     tmp = directory / (MARKER + ".part")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, directory / MARKER)
 
 
+def _run_id_in(path: Path) -> str | None:
+    for name in ("report.json", "recovery.json"):
+        try:
+            data = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            continue
+        return data.get("run_id") if isinstance(data, dict) else None
+    return None
+
+
+def _marked_refusal(path: Path, marker: dict[str, Any]) -> str | None:
+    """Why the marked output ``path`` may not be replaced (None: every entry at every depth is
+    one neuroal wrote, unchanged since). A marker alone proves nothing: its run id must be the
+    one inside ``report.json`` / ``recovery.json``, every listed name one neuroal writes, and
+    every file's size and SHA-256 those of the bytes there now."""
+    entries = marker["entries"]
+    if not isinstance(entries, dict) or not all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) for v in entries.values()):
+        return "its marker neuroal_output.json is malformed"
+    run_id = marker.get("run_id")
+    if not isinstance(run_id, str) or _run_id_in(path) != run_id:
+        return ("its marker neuroal_output.json does not carry the run id stored in its "
+                "report.json / recovery.json (edited or copied from another output)")
+    odd = sorted(rel for rel in entries if not OUTPUT_NAMES.match(rel))
+    if odd:
+        return f"its marker lists entries neuroal never writes: {', '.join(odd[:8])}"
+    listed_dirs = {rel.rsplit("/", 1)[0] for rel in entries if "/" in rel}
+    foreign, changed_files = [], []
+    for rel, entry in _walk(path):
+        if rel == MARKER:
+            continue
+        if entry.is_symlink():
+            foreign.append(rel + " (a symbolic link)")
+        elif entry.is_dir(follow_symlinks=False):
+            if rel not in listed_dirs:
+                foreign.append(rel + "/")
+        elif rel not in entries:
+            foreign.append(rel)
+        elif entry.stat(follow_symlinks=False).st_size != entries[rel].get("size") or \
+                file_sha256(Path(entry.path)) != entries[rel]["sha256"]:
+            changed_files.append(rel)
+    missing = sorted(rel for rel in entries if not (path / rel).is_file())
+    if foreign:
+        return (f"it is a neuroal output but also holds files neuroal did not write: "
+                f"{', '.join(foreign[:8])}")
+    if changed_files or missing:
+        return ("files neuroal wrote there were changed or removed since: "
+                f"{', '.join((changed_files + missing)[:8])}")
+    return None
+
+
+def _legacy_report(path: Path) -> bool:
+    """``report.json`` with the keys and types every neuroal prune report carries."""
+    try:
+        report = json.loads((path / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(report, dict) and REPORT_KEYS <= set(report)
+            and isinstance(report.get("timings"), dict)
+            and isinstance(report.get("achieved_sparsity"), (int, float))
+            and isinstance(report.get("model"), str))
+
+
+def _legacy_config(path: Path) -> bool:
+    """``neuroal_config.yaml`` that is a resolved neuroal config (model, criterion, engine...)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load((path / "neuroal_config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and CONFIG_SECTIONS <= set(data) and \
+        isinstance(data.get("model"), dict)
+
+
 def _legacy_kind(path: Path) -> str | None:
-    """``prune`` / ``recover`` for a marker-less output of an earlier neuroal, else None."""
-    if (path / "report.json").is_file() and (path / "neuroal_config.yaml").is_file():
-        return "prune"
+    """``prune`` / ``recover`` for a marker-less output of an earlier neuroal, else None: a
+    ``report.json`` with the report's schema beside a resolved ``neuroal_config.yaml``, or a
+    recovery's ``recovery.json`` (variant, perp) beside ``config.json``."""
+    if (path / "report.json").is_file() or (path / "neuroal_config.yaml").is_file():
+        return "prune" if _legacy_report(path) and _legacy_config(path) else None
     try:
         recovery = json.loads((path / "recovery.json").read_text())
     except (OSError, ValueError):
         return None
-    if isinstance(recovery, dict) and {"variant", "perp"} <= set(recovery) and \
+    if isinstance(recovery, dict) and {"variant", "perp", "train"} <= set(recovery) and \
             (path / "config.json").is_file():
         return "recover"
     return None
 
 
+def _by_hand(path: Path) -> str:
+    return (f"if it is an old neuroal output you no longer need, delete it by hand "
+            f"(rm -r {shlex.quote(str(path))}) or choose another --output")
+
+
 def replaceable(path: Path) -> tuple[bool, str]:
     """Whether ``--overwrite`` may replace the existing directory ``path``, and why (not).
 
-    Empty directories and neuroal outputs holding only what neuroal wrote are replaceable.
+    Replaceable: an empty directory; a neuroal output whose marker's run id matches its report
+    and whose every entry, at every depth, is listed with the size and SHA-256 it has now; a
+    marker-less output of an earlier neuroal whose names are exactly ones it wrote and whose
+    report and config have neuroal's schema.
     """
     try:
-        entries = {e.name: e for e in os.scandir(path)}
+        with os.scandir(path) as scan:
+            entries = {e.name: e for e in scan}
     except OSError as exc:
         return False, f"it cannot be listed ({exc.strerror})"
     if not entries:
         return True, "empty"
     marker = read_marker(path)
-    if marker is not None:
-        foreign = sorted(set(entries) - set(marker["files"]) - {MARKER})
-        if foreign:
-            return False, (f"it is a neuroal output but also holds files neuroal did not write: "
-                           f"{', '.join(foreign[:8])}")
+    if marker is not None and "entries" in marker:
+        try:
+            why = _marked_refusal(path, marker)
+        except OSError as exc:
+            return False, f"it cannot be read ({exc.strerror})"
+        if why:
+            return False, why
         return True, f"a neuroal {marker.get('kind', 'output')} output"
     kind = _legacy_kind(path)
     if kind is None:
-        return False, "it is not a neuroal output (no neuroal_output.json, report.json or recovery.json)"
+        what = ("its neuroal_output.json lists names only (an earlier format, or hand-written) "
+                "and it is not an exact output of an earlier neuroal" if marker is not None else
+                "it is not a neuroal output (no neuroal_output.json, and no report.json / "
+                "recovery.json of neuroal's schema)")
+        return False, f"{what}; {_by_hand(path)}"
     foreign = sorted(n for n, e in entries.items()
-                     if e.is_dir(follow_symlinks=False) or e.is_symlink() or not LEGACY_FILES.match(n))
+                     if e.is_dir(follow_symlinks=False) or e.is_symlink()
+                     or not (LEGACY_FILES.match(n) or n == MARKER))
     if foreign:
         return False, (f"it looks like an output of an earlier neuroal but also holds entries "
-                       f"neuroal does not write: {', '.join(foreign[:8])}")
+                       f"neuroal does not write: {', '.join(foreign[:8])}; {_by_hand(path)}")
     return True, f"a neuroal {kind} output of an earlier version"
 
 
@@ -173,7 +326,9 @@ def check_output_path(path: Path, overwrite: bool, inputs: Iterable[str | Path] 
         OutputExistsError: The output exists and ``overwrite`` is off.
         UnsafeOutputError: Any other refusal; the message names the path and what is there.
     """
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
     tmp = path.with_name(path.name + ".neuroal-tmp")
+    _check_name_lengths(tmp, f"output {str(path)[:80]!r}")
     for candidate, role in ((path, "output"), (tmp, "temporary directory")):
         if candidate.is_symlink():
             target = os.readlink(candidate)
@@ -203,7 +358,7 @@ def check_output_path(path: Path, overwrite: bool, inputs: Iterable[str | Path] 
 
 def _check_inputs(path: Path, tmp: Path, inputs: Iterable[str | Path]) -> None:
     out_real, tmp_real = Path(os.path.realpath(path)), Path(os.path.realpath(tmp))
-    for item in inputs:
+    for item in input_closure(inputs):
         src = Path(os.path.realpath(item))
         for real, role in ((out_real, "output"), (tmp_real, "temporary directory")):
             if real == src:
@@ -228,25 +383,170 @@ def _check_parent(path: Path) -> None:
     if not parent.is_dir():
         raise UnsafeOutputError(f"cannot create output {str(path)!r}: {str(parent)!r} is not a "
                                 "directory; choose another --output")
+    if _read_only(parent):
+        raise UnsafeOutputError(f"cannot create output {str(path)!r}: {str(parent)!r} is on a "
+                                "read-only file system; choose another --output")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UnsafeOutputError(f"cannot create output {str(path)!r}: the directory "
                                 f"{str(parent)!r} is not writable; choose another --output")
 
 
-def check_file_output(path: str | Path, inputs: Iterable[str | Path] = ()) -> None:
-    """Refuse a single-file output (e.g. ``plan.py --json``) that is a directory or a link, or
-    that is or lies inside an input (a model directory), symbolic links resolved."""
-    path = Path(os.path.abspath(path))
-    if path.is_symlink() or path.is_dir():
-        raise UnsafeOutputError(f"output file {str(path)!r} is "
-                                f"{'a symbolic link' if path.is_symlink() else 'a directory'}; "
-                                "pass a new file name")
-    real = Path(os.path.realpath(path))
+LOG_LINE = re.compile(rb"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) neuroal[\w.]*: ")
+"""The first line of a log file neuroal wrote (:data:`neuroal.logging.FORMAT`)."""
+
+
+def written_by_neuroal(path: Path, kind: str) -> bool:
+    """Whether the existing regular file ``path`` is one neuroal wrote (or is empty): a log
+    whose first line is a neuroal log line, or a JSON object carrying ``"neuroal"`` (the
+    version that wrote it)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    if not head.strip():
+        return True
+    if kind == "log":
+        return LOG_LINE.match(head) is not None
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("neuroal"), str)
+
+
+def input_closure(inputs: Iterable[str | Path], limit: int = 10_000) -> list[str]:
+    """The inputs and every file they link to: each path, plus, for a directory, the targets
+    of the symbolic links inside it (a hub snapshot's shards link into ``blobs/``), resolved.
+    An output may touch none of them."""
+    out: dict[str, None] = {}
     for item in inputs:
+        path = Path(os.path.expanduser(str(item)))
+        out[str(path)] = None
+        if not path.is_dir():
+            continue
+        seen = 0
+        for dirpath, dirnames, filenames in os.walk(path):
+            for name in dirnames + filenames:
+                entry = Path(dirpath) / name
+                if entry.is_symlink():
+                    out[os.path.realpath(entry)] = None
+            seen += len(dirnames) + len(filenames)
+            if seen > limit:
+                break
+    return list(out)
+
+
+def check_file_output(path: str | Path, inputs: Iterable[str | Path] = (),
+                      allow_existing: bool = False, kind: str = "json",
+                      flag: str = "--json") -> Path:
+    """The write guard of every single file neuroal writes outside an output directory
+    (``--json`` of every command, ``--log-file``); no side effects. Returns the path, ``~``
+    expanded and made absolute.
+
+    Refused: a directory, link, FIFO, device or other non-regular file; a path that is or lies
+    inside an input (``inputs`` and what they link to, :func:`input_closure`); an existing file
+    neuroal did not write (:func:`written_by_neuroal`) unless ``allow_existing``
+    (``--allow-existing``); a name over 255 bytes; a missing or unwritable parent directory.
+
+    Raises:
+        UnsafeOutputError: naming the path, what is there and what to do.
+    """
+    path = Path(os.path.abspath(os.path.expanduser(str(path))))
+    what = "log file" if kind == "log" else "output file"
+    _check_name_lengths(path, f"{flag} {what}")
+    found = file_kind(path)
+    if found not in ("missing", "a regular file"):
+        raise UnsafeOutputError(f"{flag} {str(path)!r} is {found}, not a file neuroal may "
+                                f"write; pass the path of a new {what}")
+    real = Path(os.path.realpath(path))
+    for item in input_closure(inputs):
         src = Path(os.path.realpath(item))
         if _within(real, src):
-            raise UnsafeOutputError(f"output file {str(path)!r} {'is' if real == src else 'lies inside'} "
-                                    f"the input {str(item)!r}; write it elsewhere")
+            raise UnsafeOutputError(
+                f"{flag} {str(path)!r} {'is' if real == src else 'lies inside'} the input "
+                f"{str(item)!r}; writing there could corrupt the input: write it elsewhere")
+    if found == "a regular file" and not allow_existing and not written_by_neuroal(path, kind):
+        action = "append to" if kind == "log" else "replace"
+        raise UnsafeOutputError(
+            f"{flag} {str(path)!r} is an existing file that neuroal did not write; neuroal does "
+            f"not {action} it unless you pass --allow-existing; or choose a new file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UnsafeOutputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} "
+                                f"{'is ' + file_kind(parent) if parent.exists() else 'does not exist'};"
+                                " create it first or choose another path")
+    if _read_only(parent):
+        raise UnsafeOutputError(f"{flag} {str(path)!r}: the folder {str(parent)!r} is on a "
+                                "read-only file system; choose another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or \
+            (found == "a regular file" and not os.access(path, os.W_OK)):
+        which = "the file" if found != "missing" else f"the folder {str(parent)!r}"
+        raise UnsafeOutputError(f"{flag} {str(path)!r}: {which} is not writable; choose "
+                                "another path")
+    return path
+
+
+def _read_only(directory: Path) -> bool:
+    """Whether ``directory`` lies on a file system mounted read-only (root included)."""
+    try:
+        return bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def _check_name_lengths(path: Path, label: str) -> None:
+    """Every component at most 255 bytes (NAME_MAX) and the whole path at most 4096."""
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UnsafeOutputError(
+                f"{label}: the name {part[:40]!r}... is {len(os.fsencode(part))} bytes long; "
+                f"file systems allow at most {NAME_MAX} bytes per name: choose a shorter name")
+    if len(os.fsencode(str(path))) > 4096:
+        raise UnsafeOutputError(f"{label}: the path is {len(os.fsencode(str(path)))} bytes long "
+                                "(at most 4096); choose a shorter path")
+
+
+def write_file(path: str | Path, text: str, flag: str = "--json") -> None:
+    """Write a checked single-file output through ``<path>.part`` and a rename; an OSError
+    (read-only folder, disk full) becomes an :class:`UnsafeOutputError` naming the path."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".neuroal-part")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise UnsafeOutputError(f"{flag}: cannot write {str(path)!r} ({exc.strerror}); "
+                                "choose another path") from None
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds ``path`` (its nearest existing ancestor)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_free_space(path: Path, needed: int, what: str) -> None:
+    """Refuse, before writing, when the file system of ``path`` has fewer than ``needed`` free
+    bytes for ``what``; the message names both sizes.
+
+    Raises:
+        DiskFullError: not enough room.
+    """
+    free = free_bytes(path)
+    if free < needed:
+        raise DiskFullError(
+            f"not enough disk space for {what} in {str(path)!r}: it needs about "
+            f"{_gb(needed)}, the file system has {_gb(free)} free; free some space or choose "
+            "an --output on another disk")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e7 else f"{n / 1e6:.2f} MB"
 
 
 # --------------------------------------------------------------------------- lock
@@ -492,6 +792,7 @@ def swap_into_place(new: Path, path: Path, overwrite: bool) -> None:
         shutil.rmtree(aside)
 
 
-__all__ = ["MARKER", "OutputExistsError", "OutputLock", "OutputLockedError", "UnsafeOutputError",
-           "check_file_output", "check_output_path", "check_tmp", "clear_tmp", "describe", "read_marker",
-           "replaceable", "swap_into_place", "write_marker"]
+__all__ = ["MARKER", "DiskFullError", "OutputExistsError", "OutputLock", "OutputLockedError",
+           "UnsafeOutputError", "check_file_output", "check_free_space", "check_output_path",
+           "check_tmp", "clear_tmp", "describe", "file_kind", "input_closure", "read_marker",
+           "replaceable", "swap_into_place", "write_file", "write_marker", "written_by_neuroal"]

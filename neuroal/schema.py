@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 import yaml
 
 from neuroal.errors import ConfigError
-from neuroal.inputs import typed_fields
+from neuroal.inputs import YAML_MAX_BYTES, YAMLLimitError, not_a_file, safe_yaml_load, typed_fields
 from neuroal.jobs import NMPattern
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -188,6 +189,7 @@ class LogConfig:
     interval: float = 30.0
     progress: str = "auto"
     file: str | None = None
+    allow_existing: bool = False  # --allow-existing: append to a log file neuroal did not write
 
 
 @dataclass(frozen=True)
@@ -303,7 +305,22 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if PATTERN_RE.match(raw.strip()):  # YAML 1.1 would read 2:4 as the base-60 integer 124
         return key.strip(), raw.strip()
-    return key.strip(), yaml.safe_load(raw) if raw != "" else None
+    return key.strip(), yaml_value(f"override {text!r}", raw) if raw != "" else None
+
+
+def yaml_value(label: str, text: str) -> Any:
+    """``text`` read as YAML within neuroal's limits (:func:`neuroal.inputs.safe_yaml_load`);
+    malformed YAML is a ConfigError naming ``label`` and saying what to write instead."""
+    try:
+        return safe_yaml_load(text, label)
+    except YAMLLimitError as exc:
+        raise ConfigError([str(exc)]) from None
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([f"{label} is not valid YAML{line}: {problem}; a value holding [ ] {{ }} : "
+                           "or # must be quoted inside the override, e.g. key=\"'[1'\""]) from None
 
 
 def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
@@ -320,13 +337,26 @@ def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML recipe; a missing or malformed file is a ConfigError naming it."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"config file {str(p)!r} does not exist"])
+    p = Path(os.path.expanduser(str(path)))
+    problem = not_a_file(p)
+    if problem is not None:
+        raise ConfigError([f"config file {str(path)!r} {problem}; --config takes a YAML recipe "
+                           "file, e.g. configs/smollm2/wanda-uniform-50.yaml"])
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        with p.open("rb") as handle:
+            raw = handle.read(YAML_MAX_BYTES + 1)
+        text = raw.decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"config file {str(p)!r} cannot be read ({exc.strerror})"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {str(p)!r} is not UTF-8 text (byte offset "
+                           f"{exc.start}); give a YAML recipe"]) from None
+    try:
+        data = safe_yaml_load(text, f"config file {str(p)!r}") or {}
+    except YAMLLimitError as exc:
+        raise ConfigError([str(exc)]) from None
     except yaml.YAMLError as exc:
-        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {exc}"]) from exc
+        raise ConfigError([f"config file {str(p)!r} is not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"config file {str(p)!r}: expected a mapping at top level"])
     return data

@@ -192,7 +192,8 @@ def test_recover_output_equal_to_its_input_is_refused(sandbox: Path, small_text:
 def test_recover_refuses_a_foreign_directory_and_writes_a_marked_output(
         sandbox: Path, small_text: Path, caplog: pytest.LogCaptureFixture) -> None:
     args = ["--steps", "1", "--calib", f"text:{small_text}", "--nsamples", "2", "--seqlen", "16",
-            "--eval-windows", "0", "--device", "cpu", "--variant", "bias-norm"]
+            "--eval-windows", "0", "--device", "cpu", "--variant", "bias-norm",
+            "--allow-unpruned"]  # the sandbox model is dense (recover refuses it by default)
     before = snapshot(sandbox)
     code, text = run_recover([str(sandbox / "model"), "--output", str(sandbox / "home"),
                               "--overwrite", *args], caplog)

@@ -18,13 +18,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from neuroal import __version__
 from neuroal.config import ConfigError, config_from_flags
+from neuroal.exits import guarded
+from neuroal.guard import check_decoder_lm, check_prunable, check_source
 from neuroal.inputs import position_errors
-from neuroal.models.loading import load_model_config, resolve_model
+from neuroal.models.adapter import ModelAdapter
+from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
 from neuroal.planner import MemoryRequest, format_summary, parse_bytes, summarize
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
-from neuroal.safety import check_file_output
+from neuroal.safety import UnsafeOutputError, check_file_output, write_file
 
 # dotted config key -> flag: the flags are validated by the same config checks as prune.py
 FLAGS = {"model.name": "--model", "engine.workers": "--workers", "engine.memory_limit": "--gpu-memory",
@@ -47,8 +52,13 @@ def validate(args: argparse.Namespace) -> None:
         values.update({"allocation.search_samples": args.search_samples,
                        "allocation.reference_stream": args.reference_stream})
     config_from_flags(values, FLAGS)
-    errors = position_errors(load_model_config(resolve_model(args.model), network=False),
-                             {"--seqlen": args.seqlen, "--eval-seqlen": args.eval_seqlen},
+    source = resolve_model(args.model)
+    check_source(source)
+    config = load_model_config(source, network=False)
+    check_decoder_lm(config, args.model)
+    if not args.recover:  # a model with nothing to prune is refused (PERP-only plans aside)
+        check_prunable(ModelAdapter(build_skeleton(config, torch.float32)), args.model)
+    errors = position_errors(config, {"--seqlen": args.seqlen, "--eval-seqlen": args.eval_seqlen},
                              args.model)
     if errors:
         raise ConfigError(errors)
@@ -83,6 +93,7 @@ def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dic
     return names, options
 
 
+@guarded
 def main(argv: list[str] | None = None) -> int:
     """``neuroal plan`` / ``launch/plan.py``: exit 0 when it fits, 1 when not, 2 on bad input."""
     p = argparse.ArgumentParser(prog="neuroal plan", description=__doc__.split("\n")[0])
@@ -111,9 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                         "perp-reconstruct,perp-masklora)")
     p.add_argument("--recover-opt", action="append", default=[], metavar="STEP.KEY=VALUE",
                    help="a recovery step option (YAML value), e.g. perp-reconstruct.batch_size=2")
-    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout)")
+    p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout); "
+                   "an existing file is replaced only if neuroal wrote it")
+    p.add_argument("--allow-existing", action="store_true",
+                   help="let --json replace an existing file neuroal did not write")
     args = p.parse_args(argv)
     try:
+        if args.json and args.json != "-":  # the write guard, before any work
+            local = [args.model] if Path(args.model).expanduser().exists() else []
+            args.json = str(check_file_output(args.json, local, args.allow_existing))
         validate(args)
         steps, options = recovery_settings(args.recover, args.recover_opt)
     except (ValueError, OSError) as exc:  # ConfigError, ModelSourceError
@@ -127,9 +144,6 @@ def main(argv: list[str] | None = None) -> int:
         eval_seqlen=args.eval_seqlen, recover=steps, recover_options=options,
         onload=args.onload, prefetch=not args.no_prefetch)
     try:
-        if args.json and args.json != "-":  # never over the model's own files
-
-            check_file_output(args.json, [args.model] if Path(args.model).exists() else [])
         host = parse_bytes(args.host_memory) if args.host_memory else None
         summary = summarize(args.model, request, parse_bytes(args.gpu_memory), host)
     except (ValueError, KeyError, OSError) as exc:
@@ -140,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(format_summary(summary))
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
+            try:
+                write_file(args.json, json.dumps({"neuroal": __version__, **summary}, indent=2) + "\n")
+            except UnsafeOutputError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
     return 0 if summary["fits"] else 1
 
 

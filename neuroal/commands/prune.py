@@ -15,12 +15,15 @@ from neuroal.config import load_config
 from neuroal.engine.dist import coordinator, rank_info, serve
 from neuroal.errors import AdapterError, ConfigError, ModelSourceError, OutputExistsError
 from neuroal.evaluation import format_metrics
+from neuroal.exits import guarded
+from neuroal.guard import check_writes
 from neuroal.logging import configure, get_logger
 from neuroal.pipeline import run
 
 log = get_logger("neuroal.cli")
 
 
+@guarded
 def main(argv: Sequence[str] | None = None) -> int:
     """``neuroal prune`` and ``launch/prune.py``: argv -> config -> pipeline -> exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -34,6 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         info = rank_info(cfg)  # torchrun / accelerate launch (None for one process)
         if info is not None and info.rank > 0:
             return serve(cfg)  # ranks > 0 run rank 0's commands on their own block slice
+        check_writes(cfg, [args.config])  # --output / --log-file vs every input, YAML included
         with coordinator(cfg) as session:
             result = run(cfg, command=shlex.join(["python", "launch/prune.py", *argv]),
                          session=session)

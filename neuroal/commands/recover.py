@@ -10,20 +10,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
 from neuroal import __version__
 from neuroal.config import ConfigError, config_from_flags
+from neuroal.data import parse_source
+from neuroal.exits import guarded
 from neuroal.export import OutputDir, OutputExistsError
 from neuroal.inputs import position_errors, positive_int, positive_number
-from neuroal.logging import configure, get_logger
-from neuroal.models.loading import load_model_config, resolve_model
+from neuroal.logging import add_log_file, configure, get_logger
+from neuroal.models.loading import input_paths, load_model_config, resolve_model
 from neuroal.models.quant import quantization_config
 from neuroal.recovery import variant_train_defaults
 from neuroal.recovery.perp import PERP_VARIANTS
 from neuroal.recovery.train import RecoverJob, TrainOptions, recover
+from neuroal.safety import check_file_output
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,7 +66,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", default="2GB")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--log-file", help="also append the log to this file (the output always gets "
-                   "neuroal.log)")
+                   "neuroal.log); an existing file is appended to only if neuroal wrote it")
+    p.add_argument("--allow-existing", action="store_true",
+                   help="let --log-file append to an existing file neuroal did not write")
+    p.add_argument("--allow-unpruned", action="store_true",
+                   help="retrain a model that is not a pruned output of neuroal prune (a dense "
+                        "or foreign model: its zeros are kept fixed, whatever they are)")
     return p.parse_args(argv)
 
 
@@ -103,7 +112,13 @@ def validate(args: argparse.Namespace) -> None:
     if source.kind != "hf_dir":
         raise ConfigError([f"model={args.model!r}: recover reads a local Hugging Face directory "
                            "(a pruned export of launch/prune.py)"])
-    OutputDir(Path(args.output)).check(args.overwrite, inputs=(source.location,))
+    inputs = [*input_paths(source), *(p for p in (args.data_dir,) if p),
+              *(str(parse_source(spec).arg) for spec in [args.calib, *[args.eval][:bool(args.eval_windows)]]
+                if parse_source(spec).name in ("text", "tokens"))]
+    if args.log_file:  # the write guard of --log-file, before anything is appended to it
+        check_file_output(args.log_file, inputs, args.allow_existing, kind="log",
+                          flag="--log-file")
+    OutputDir(Path(args.output)).check(args.overwrite, inputs=inputs)
     config = load_model_config(source)
     if quantization_config(config) is not None:
         raise ConfigError([f"model={args.model!r} is quantized (its config.json has a "
@@ -112,14 +127,40 @@ def validate(args: argparse.Namespace) -> None:
     errors = position_errors(config, {"--seqlen": args.seqlen}, args.model)
     if errors:
         raise ConfigError(errors)
+    if not args.allow_unpruned:
+        check_pruned_input(Path(source.location), args.model)
 
 
+def check_pruned_input(directory: Path, name: str) -> None:
+    """Refuse a ``recover`` input that is not a pruned output of neuroal (no neuroal report or
+    marker) or whose report says it is dense; ``--allow-unpruned`` skips this check."""
+    report = None
+    for fname in ("report.json", "recovery.json"):
+        try:
+            report = json.loads((directory / fname).read_text())
+            break
+        except (OSError, ValueError):
+            continue
+    hint = ("; recover retrains a model pruned by `neuroal prune` (its output folder); pass "
+            "--allow-unpruned to retrain this one anyway")
+    if not isinstance(report, dict):
+        raise ConfigError([f"model={name!r} is not an output of neuroal prune (no report.json "
+                           f"or recovery.json in {str(directory)!r}){hint}"])
+    sparsity = report.get("achieved_sparsity")
+    if not isinstance(sparsity, (int, float)) or sparsity <= 0:
+        raise ConfigError([f"model={name!r}: its report records achieved_sparsity="
+                           f"{sparsity!r}, a dense model with no zeros to keep{hint}"])
+
+
+@guarded
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    configure("INFO", args.log_file)
+    configure("INFO")
     log = get_logger("neuroal.recover")
     try:
         validate(args)
+        if args.log_file:
+            add_log_file(args.log_file)
         report = run(args)
     except (ValueError, FileNotFoundError, OutputExistsError) as exc:  # ConfigError, ModelSourceError
         log.error("%s", exc)

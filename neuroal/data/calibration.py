@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from neuroal.inputs import file_sha256
+from neuroal.inputs import file_sha256, not_a_file
 from neuroal.registry import Registry, UnknownNameError
 
 logger = logging.getLogger(__name__)
@@ -226,8 +226,8 @@ def parse_source(spec: str | SourceSpec) -> SourceSpec:
 def _require_text_file(path: str) -> Path:
     """The path of a ``text:<path>`` source, checked to be an existing file."""
     file = Path(path).expanduser()
-    if not file.is_file():
-        what = "is a directory, not a file" if file.is_dir() else "does not exist"
+    if not file.is_file() or not_a_file(file) is not None:
+        what = not_a_file(file) or "is not a regular file"
         raise DataNotFoundError(
             f"text source file {path!r} {what} (resolved to {file.resolve()}); "
             "give the path of a UTF-8 text file as text:<path>"

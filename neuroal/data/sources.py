@@ -24,6 +24,7 @@ Two more registered sources (:data:`neuroal.data.calibration.SOURCES`, style rul
 from __future__ import annotations
 
 import logging
+import pickle
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +46,7 @@ from neuroal.data.calibration import (
     _stream_calibration,
     calibration_windows,
 )
-from neuroal.inputs import file_sha256
+from neuroal.inputs import file_sha256, not_a_file
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +264,8 @@ def _check_tokens(spec: SourceSpec) -> None:
     if path.suffix.lower() not in TOKEN_SUFFIXES:
         raise ValueError(f"token file {spec.arg!r}: expected a {' or '.join(TOKEN_SUFFIXES)} file "
                          f"({TOKENS_USAGE})")
-    if not path.is_file():
-        raise DataNotFoundError(f"token file {spec.arg!r} does not exist (resolved to "
+    if not_a_file(path) is not None:
+        raise DataNotFoundError(f"token file {spec.arg!r} {not_a_file(path)} (resolved to "
                                 f"{path.resolve()}); write one with torch.save or numpy.save")
 
 
@@ -277,7 +278,13 @@ def load_token_file(path: Path) -> torch.Tensor:
     if path.suffix.lower() == ".npy":
         ids = torch.from_numpy(np.load(path, allow_pickle=False))
     else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise ValueError(f"token file {str(path)!r} cannot be read safely: it is not a plain "
+                             "tensor file (torch.load with weights_only=True refused it, nothing "
+                             f"in it was run: {str(exc).splitlines()[0][:200]}); save the ids "
+                             "with torch.save(tensor) or numpy.save") from None
         ids = loaded["input_ids"] if isinstance(loaded, dict) else loaded
         ids = torch.as_tensor(ids)
     if ids.dim() not in (1, 2) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
