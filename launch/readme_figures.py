@@ -207,9 +207,31 @@ def parallel_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+VERDICTS = ("clear error before loading", "unclear", "error after work", "traceback", "silent",
+            "data loss", "ran")
+"""The reliability catalogue's verdicts, in the table's order (launch/bench_reliability.py)."""
+
+
+def reliability_text(result: dict) -> str:
+    """docs/safety.md's verdict table from ``launch/bench.py reliability``'s JSON: counts per
+    verdict, then each group's cases with their verdicts."""
+    rows = result["cases"]
+    lines = [f"{result['total']} hostile cases, {result['expected_met']} with the verdict they "
+             f"should get (`{result['command']}`, {result['wall_s']:.0f} s).", "",
+             "| verdict | cases |", "|---|---|"]
+    lines += [f"| {v} | {result['summary'].get(v, 0)} |" for v in VERDICTS]
+    lines += ["", "| group | case | expected | verdict |", "|---|---|---|---|"]
+    lines += [f"| {r['group']} | {r['id']} | {r['expected']} | {r['verdict']} |" for r in rows]
+    notes = [f"`{r['id']}`: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Notes: " + "; ".join(notes) + "."]
+    return "\n".join(lines)
+
+
 KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text,
          "unimodal": unimodal_text, "scalelora": scalelora_text,
-         "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text}
+         "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
+         "reliability": reliability_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -218,7 +240,8 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "scalelora": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
            "magnitude": ("benchmarks/magnitude_row.json", "docs/results.md"),
            "ood": ("benchmarks/ood.json", "docs/results.md"),
-           "parallel": ("benchmarks/parallel.json", "docs/parallelism.md")}
+           "parallel": ("benchmarks/parallel.json", "docs/parallelism.md"),
+           "reliability": ("benchmarks/reliability.json", "docs/safety.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 

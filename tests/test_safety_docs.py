@@ -1,5 +1,5 @@
 """docs/safety.md's verdict table is generated from benchmarks/reliability.json
-(``launch/safety_figures.py``), and the reliability catalogue judges outcomes as documented."""
+(``launch/readme_figures.py reliability``), and the reliability catalogue judges outcomes as documented."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _load(name: str):  # noqa: ANN202
     return module
 
 
-figures = _load("safety_figures")
+figures = _load("readme_figures")
 bench = _load("bench_reliability")
 
 RESULT = {"cases": [{"id": "dup-key", "group": "yaml", "expected": "clear error before loading",
@@ -36,7 +36,8 @@ def test_the_table_is_generated_between_markers(tmp_path: Path) -> None:
     doc.write_text("intro\n<!-- reliability:begin -->\nold 99\n<!-- reliability:end -->\nend\n")
     data = tmp_path / "r.json"
     data.write_text(json.dumps(RESULT))
-    cmd = [sys.executable, str(REPO / "launch" / "safety_figures.py"), str(data), "--doc", str(doc)]
+    cmd = [sys.executable, str(REPO / "launch" / "readme_figures.py"), "reliability", str(data),
+           "--readme", str(doc)]
     assert subprocess.run([*cmd, "--check"]).returncode == 1
     assert subprocess.run(cmd).returncode == 0
     text = doc.read_text()
@@ -52,8 +53,9 @@ def test_missing_markers_exit_2(tmp_path: Path) -> None:
     doc.write_text("no markers\n")
     data = tmp_path / "r.json"
     data.write_text(json.dumps(RESULT))
-    proc = subprocess.run([sys.executable, str(REPO / "launch" / "safety_figures.py"), str(data),
-                           "--doc", str(doc)], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "readme_figures.py"),
+                           "reliability", str(data), "--readme", str(doc)],
+                          capture_output=True, text=True)
     assert proc.returncode == 2 and "reliability:begin" in proc.stderr
     assert doc.read_text() == "no markers\n"
 
@@ -61,7 +63,7 @@ def test_missing_markers_exit_2(tmp_path: Path) -> None:
 def test_docs_match_the_committed_catalogue_run() -> None:
     """The table in docs/safety.md is the one generated from benchmarks/reliability.json, and
     that run covers every case of the catalogue."""
-    assert figures.main(["--check"]) == 0
+    assert figures.render("reliability", check=True)[0] == 0
     result = json.loads((REPO / "benchmarks" / "reliability.json").read_text())
     assert [r["id"] for r in result["cases"]] == [c.id for c in bench.CASES]
     assert result["total"] == len(result["cases"]) == sum(result["summary"].values())
