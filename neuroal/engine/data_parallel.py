@@ -381,7 +381,7 @@ class DataPrune:
         try:
             with torch.no_grad():  # grad mode is per thread: off, as in every worker call
                 return self._run(ids, entries, job)
-        except Stopped:
+        except (Stopped, threading.BrokenBarrierError):  # a stop, agreed or forced by a peer
             if self.error is not None:
                 raise self.error from None
             raise
@@ -515,9 +515,10 @@ def prune_in_threads(workers: Sequence[Worker], entries: Sequence[Mapping[str, A
         try:
             results[rank] = DataPrune(workers[rank], ThreadComm(hub, rank), layout).run(
                 ids, entries, job)
-        except BaseException as exc:  # raised below; the other threads stop at the barrier
+        except BaseException as exc:  # raised below
             results[rank] = exc
-            hub.barrier.abort()
+            if not isinstance(exc, Stopped):  # an agreed stop leaves nobody waiting; anything
+                hub.barrier.abort()           # else must release the peers at the barrier
 
     threads = [threading.Thread(target=work, args=(r,), name=f"neuroal-data-{r}")
                for r in range(len(workers))]
