@@ -19,7 +19,7 @@ EPILOG = """examples:
   neuroal prune --pattern 2:4 calib.nsamples=32 --criterion wanda --workers 3
   neuroal prune --config configs/smollm2/wanda-uniform-50.yaml eval.max_windows=16
   neuroal prune --sparsity 0.6 --recover dsnot recover.baseline=true
-  neuroal prune --sparsity 0.6 --eval-tasks neuroal_tiny_qa,hellaswag eval.limit=200
+  neuroal prune --sparsity 0.6 --tasks neuroal_tiny_qa,hellaswag eval.limit=200
 (`python launch/prune.py ...` takes the same arguments.)
 
 key=value overrides address any config key (e.g. engine.micro_batch=4, criterion.percdamp=0.1)
@@ -31,12 +31,13 @@ FLAG_KEYS = {
     "model": "model.name", "sparsity": "sparsity", "criterion": "criterion.name",
     "allocation": "allocation.name", "pattern": "pattern", "calib": "calib.source",
     "nsamples": "calib.nsamples", "seqlen": "calib.seqlen", "data_dir": "calib.data_dir",
-    "eval": "eval.datasets", "eval_windows": "eval.max_windows", "workers": "engine.workers",
+    "eval": "eval.datasets", "eval_windows": "eval.max_windows", "eval_seqlen": "eval.seqlen",
+    "workers": "engine.workers", "targets": "targets", "ignore": "ignore",
     "dtype": "model.dtype", "device": "engine.device", "output": "output.dir",
     "micro_batch": "engine.micro_batch", "seed": "seed", "compare": "compare",
     "recover": "recover.steps",
     "engine": "engine.executor",
-    "eval_tasks": "eval.tasks", "include_path": "eval.include_path",
+    "tasks": "eval.tasks", "include_path": "eval.include_path",
     "log_file": "log.file", "push_to_hub": "output.push_to_hub",
 }
 
@@ -77,10 +78,18 @@ def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
     p.add_argument("--eval", help="comma list of " + _names("neuroal.data:SOURCES", ("self",))
                    .replace(" | ", ", ") + "; or none")
     p.add_argument("--eval-windows", type=int, help="first k perplexity windows")
-    p.add_argument("--eval-tasks", help="comma list of lm-eval zero-shot tasks, dense and pruned "
+    p.add_argument("--eval-seqlen", type=int, help="tokens per perplexity window (default: "
+                   "--seqlen)")
+    p.add_argument("--tasks", help="comma list of lm-eval tasks, dense and pruned "
                    "(e.g. hellaswag,arc_easy; neuroal ships neuroal_tiny_qa; needs "
                    "pip install 'neuroal[eval]'); eval.limit=<k> keeps k documents per task")
-    p.add_argument("--include-path", help="folder of extra lm-eval task YAMLs")
+    deprecated_flag(p, "--eval-tasks", "--tasks")
+    p.add_argument("--include-path", "--include_path", dest="include_path",
+                   help="folder of extra lm-eval task YAMLs")
+    p.add_argument("--targets", help="comma list of patterns of the linears to prune "
+                   "(re:<regex>, a module or class name; default: every prunable linear)")
+    p.add_argument("--ignore", help="comma list of patterns of linears kept dense, e.g. "
+                   "'re:.*down_proj$'")
     p.add_argument("--workers", type=int, help="block slices (one worker each)")
     p.add_argument("--engine", help="executor: " + _names("neuroal.engine:EXECUTORS"))
     p.add_argument("--micro-batch", type=int, help="sequences per forward call")
@@ -108,6 +117,23 @@ def build_parser(prog: str = "neuroal prune") -> argparse.ArgumentParser:
                    "Hugging Face repo (network and a token needed)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return p
+
+
+def deprecated_flag(parser: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> None:
+    """``old`` still works as ``new`` (one name per concept across the commands), with a
+    warning naming the new spelling; hidden from ``--help``."""
+    dest = new.lstrip("-").replace("-", "_")
+
+    class _Deprecated(argparse.Action):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                     values: Any, option_string: str | None = None) -> None:
+            import logging
+
+            logging.getLogger("neuroal.cli").warning("%s is deprecated and will be removed; "
+                                                     "use %s", option_string, new)
+            setattr(namespace, dest, values)
+
+    parser.add_argument(old, action=_Deprecated, help=argparse.SUPPRESS, **kwargs)
 
 
 def split_overrides(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from neuroal import __version__
-from neuroal.cli import _names, split_overrides
+from neuroal.cli import _names, deprecated_flag, split_overrides
 from neuroal.config import ConfigError, load_config, set_dotted
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine.dist import coordinator, rank_info, serve
@@ -73,7 +73,7 @@ log = get_logger(__name__)
 
 # evaluate flag -> dotted config key
 FLAG_KEYS = {
-    "eval": "eval.datasets", "seqlen": "eval.seqlen", "windows": "eval.max_windows",
+    "eval": "eval.datasets", "eval_seqlen": "eval.seqlen", "eval_windows": "eval.max_windows",
     "tasks": "eval.tasks", "include_path": "eval.include_path", "limit": "eval.limit",
     "num_fewshot": "eval.num_fewshot", "max_length": "eval.max_length",
     "workers": "engine.workers", "engine": "engine.executor", "device": "engine.device",
@@ -280,10 +280,13 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("model", help="local HF dir, .gguf file, alias (smollm2-135m) or hub id")
     p.add_argument("--eval", help=f"comma list of {_sources()}, or none (default wikitext2)")
-    p.add_argument("--seqlen", type=int, help="tokens per perplexity window (default: the "
+    p.add_argument("--eval-seqlen", type=int, help="tokens per perplexity window (default: the "
                    "protocol of the prune that wrote the model, else 512)")
-    p.add_argument("--windows", type=int, help="first k perplexity windows (default: the "
+    p.add_argument("--eval-windows", type=int, help="first k perplexity windows (default: the "
                    "prune's protocol, else 64; 0 = all)")
+    deprecated_flag(p, "--seqlen", "--eval-seqlen", type=int)
+    deprecated_flag(p, "--windows", "--eval-windows", type=int)
+    deprecated_flag(p, "--eval-tasks", "--tasks")
     p.add_argument("--tasks", help="comma list of lm-eval tasks, e.g. hellaswag,arc_easy,piqa "
                    "(needs pip install 'neuroal[eval]'); neuroal ships neuroal_tiny_qa")
     p.add_argument("--include-path", "--include_path", dest="include_path",

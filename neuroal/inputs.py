@@ -27,7 +27,10 @@ def parse_size(value: int | float | str, label: str = "size") -> int:
     """The one size parser: ``"2GB"`` -> 2e9, ``"80GiB"`` -> 80 * 2^30, ``1.5e9`` -> bytes.
 
     Used for ``output.shard_size``, ``engine.memory_limit``, ``--gpu-memory`` and
-    ``--shard-size`` alike (accelerate's ``convert_file_size_to_int`` reads the same units).
+    ``--shard-size`` alike. Where accelerate's ``convert_file_size_to_int`` (what
+    ``max_memory`` reads) knows a unit, the two agree (tests/test_naming.py); it is not used
+    here because it lacks TB / TiB, reads a lower-case ``gb`` as gigabits and refuses a plain
+    number in a string (``"1000"``).
 
     Raises:
         ValueError: Not a positive size; the message names ``label`` and the value.
@@ -263,6 +266,15 @@ def _strict_loader(label: str) -> type:
                 seen[key] = key_node.start_mark.line + 1
             return super().construct_mapping(node, deep=deep)
 
+    # YAML 1.2 booleans: only true / false. YAML 1.1 also reads yes/no/on/off as booleans, so
+    # `log.progress=off` was refused and `trust_remote_code: yes` became True; here those stay
+    # words (a boolean option then refuses them, naming true or false).
+    bool_tag = "tag:yaml.org,2002:bool"
+    StrictLoader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag != bool_tag]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    StrictLoader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                       list("tTfF"))
     return StrictLoader
 
 

@@ -93,7 +93,7 @@ def test_evaluate_hands_generation_to_lm_eval_hf_and_writes_its_schema(
 
     model = str(tiny_models["llama"])
     common = [model, "--eval", "none", "--include_path", str(TASKS), "--num_fewshot", "0",
-              "--tasks", "tiny_gen,tiny_choice", "--device", "cpu", "--seqlen", "64"]
+              "--tasks", "tiny_gen,tiny_choice", "--device", "cpu", "--eval-seqlen", "64"]
     results, answers = {}, {}
     for backend in ("hf", "workers"):
         out = tmp_path / backend
@@ -121,7 +121,7 @@ def test_log_samples_needs_an_output_path(tiny_models: dict[str, Path], caplog) 
 
     code, text = run_cli_logged(["evaluate", str(tiny_models["llama"]), "--eval", "none",
                                  "--tasks", "tiny_gen", "--include_path", str(TASKS),
-                                 "--seqlen", "64", "--log_samples"], caplog)
+                                 "--eval-seqlen", "64", "--log_samples"], caplog)
     assert code == 2 and "--output-path" in text
 
 

@@ -1,6 +1,6 @@
 """Retrain a pruned model with PERP, masks fixed (recovery.md §3): `python launch/recover.py --help`.
 
-One process:   python launch/recover.py outputs/pruned --output outputs/pruned-perp --variant masklora
+One process:   python launch/recover.py outputs/pruned --output outputs/pruned-perp --variant perp-masklora
 DeepSpeed:     accelerate launch --use_deepspeed --deepspeed_config_file configs/deepspeed/zero3.json \\
                    --zero3_init_flag true --num_processes 8 launch/recover.py outputs/pruned ...
 (under `accelerate launch --use_deepspeed` the accelerate backend is chosen automatically).
@@ -37,8 +37,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("model", help="pruned Hugging Face model directory (e.g. from launch/prune.py)")
     p.add_argument("--output", required=True, help="directory for the retrained model")
 
-    p.add_argument("--variant", default="masklora", help=" | ".join(PERP_VARIANTS.names()) +
-                   " (full: block weights, re-masked)")
+    p.add_argument("--variant", default="perp-masklora",
+                   help=" | ".join(f"perp-{n}" for n in PERP_VARIANTS.names()) +
+                   " (the step names of prune's --recover; perp-full: block weights, re-masked)")
     p.add_argument("--rank", type=int, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default 32)")
     p.add_argument("--head-lora", action=argparse.BooleanOptionalAction, default=None,
@@ -87,6 +88,10 @@ def validate(args: argparse.Namespace) -> None:
     """Every flag checked before the model is loaded, all errors at once; raises ConfigError
     (exit code 2). Model, output and windows are checked against the model's config."""
     errors = []
+    if args.variant in PERP_VARIANTS and not args.variant.startswith("perp-"):
+        get_logger("neuroal.recover").warning(
+            "--variant %s is deprecated and will be removed; use perp-%s (the step name of "
+            "prune's --recover)", args.variant, PERP_VARIANTS.canonical(args.variant))
     if args.variant not in PERP_VARIANTS:
         errors.append(f"--variant={args.variant!r} is unknown; available: "
                       f"{', '.join(PERP_VARIANTS.names())}")

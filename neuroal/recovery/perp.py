@@ -345,10 +345,12 @@ ADAPTERS.add("scale_lora", ScaleLoRALinear, "scalelora")
 PERP_VARIANTS: Registry[PerpOptions] = Registry("PERP variant")
 """Named presets (variants are data): ``bias-norm`` trains biases and norms only (the
 0.01-0.05 % setting of v3); ``masklora`` / ``scalelora`` add the adapter and the head LoRA."""
-PERP_VARIANTS.add("bias-norm", PerpOptions(adapter=None, lm_head_lora=False), "bias_norm")
-PERP_VARIANTS.add("masklora", PerpOptions(adapter="mask_lora"), "mask_lora")
-PERP_VARIANTS.add("scalelora", PerpOptions(adapter="scale_lora"), "scale_lora")
-PERP_VARIANTS.add("full", PerpOptions(adapter=None, lm_head_lora=False, weights=True))
+# aliases: the step names of prune's --recover (perp-masklora), the one spelling docs use
+PERP_VARIANTS.add("bias-norm", PerpOptions(adapter=None, lm_head_lora=False), "bias_norm",
+                  "perp-bias-norm")
+PERP_VARIANTS.add("masklora", PerpOptions(adapter="mask_lora"), "mask_lora", "perp-masklora")
+PERP_VARIANTS.add("scalelora", PerpOptions(adapter="scale_lora"), "scale_lora", "perp-scalelora")
+PERP_VARIANTS.add("full", PerpOptions(adapter=None, lm_head_lora=False, weights=True), "perp-full")
 
 
 # --------------------------------------------------------------------------- parameter selection
