@@ -830,6 +830,8 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "search": plan.trail if "candidates" in plan.trail else None,
         "timings": {**timings.phases, **utilisation_timings(executor)},
         "workers": executor.worker_info(),
+        # how streams crossed between workers (Ray: engine.ray.transport resolved); None: in-process
+        "engine": {"transport": getattr(executor, "transport_name", None)},
         "slices": split_blocks(prep.shape.num_blocks, cfg.engine.workers),
         "peak_memory_bytes": peak_memory_bytes(),
         "seeds": {"run": cfg.seed, "calibration": cfg.calib.seed},

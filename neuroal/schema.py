@@ -27,6 +27,8 @@ from neuroal.jobs import NMPattern
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
 RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+# how a stream crosses between Ray actors (docs/transport.md); auto = nccl (CUDA), gloo (CPU)
+RAY_TRANSPORTS = ("auto", "object-store", "gloo", "nccl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 log = logging.getLogger("neuroal.config")  # the warnings of the config, as before the split
@@ -108,6 +110,7 @@ class RayConfig:
     cpus: float = 1.0  # CPUs reserved per Ray actor
     max_restarts: int = 3  # restarts per Ray actor after it died (killed, OOM); then the run stops
     inflight: int = 0  # candidates / windows in flight (pipelined actors); 0 = one per worker
+    transport: str = "auto"  # auto | object-store | gloo | nccl: streams between actors
 
 
 @dataclass(frozen=True)
