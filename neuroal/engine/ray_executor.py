@@ -257,7 +257,10 @@ class ObjectStoreTransport:
         return None
 
     def disconnect(self, handle: Any) -> None:
-        """Tear down what :meth:`connect` made."""
+        """Tear down what :meth:`connect` made, so :meth:`connect` can run again."""
+
+    def release(self, handle: Any) -> None:
+        """Forget what :meth:`connect` made on the driver (the actors are being killed)."""
 
 
 class DirectTransport:
@@ -288,6 +291,20 @@ class DirectTransport:
         return create_collective_group(list(actors), backend=self.name)
 
     def disconnect(self, handle: Any) -> None:
+        """Tear the group down on the driver and in the live actors (after a restart): Ray's
+        gloo group sits on each actor's default torch.distributed group, which must go too, or
+        a new group over a restarted actor never meets."""
+        if handle is None:
+            return
+        self.release(handle)
+        ray = import_ray()
+        for actor in handle.actors:
+            try:
+                ray.get(actor.__ray_call__.remote(_drop_process_group), timeout=DROP_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # dead: it holds nothing
+                log.debug("collective group %s: %s", handle.name, _describe(exc))
+
+    def release(self, handle: Any) -> None:
         """Forget the group on the driver and in the live actors (dead ones are skipped)."""
         if handle is None:
             return
@@ -295,13 +312,24 @@ class DirectTransport:
 
         try:
             destroy_collective_group(handle)
-        except import_ray().exceptions.RayError as exc:  # an actor died: it held nothing more
+        except (import_ray().exceptions.RayError, ValueError) as exc:
+            # an actor died (it holds nothing more), or Ray already dropped the group after a
+            # failed transfer
             log.debug("collective group %s: %s", handle.name, _describe(exc))
+
+
+def _drop_process_group(_worker: Worker) -> None:
+    """Inside an actor: leave torch.distributed (Ray's gloo groups live on its default group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 TRANSPORTS: dict[str, ObjectStoreTransport | DirectTransport] = {
     "object-store": ObjectStoreTransport(), "gloo": DirectTransport("gloo", "cpu"),
     "nccl": DirectTransport("nccl", "cuda")}
+DROP_TIMEOUT_S = 60.0  # leaving a collective group inside a live actor
 AUTO_ORDER = ("nccl", "gloo", "object-store")  # engine.ray.transport=auto: first that fits
 FIXES = {"nccl": "pip install cupy-cuda12x (Ray's NCCL backend) on every node",
          "gloo": "use a torch build with gloo (torch.distributed.is_gloo_available())"}
@@ -564,7 +592,7 @@ class RayExecutor:
             return
         from ray.util.placement_group import remove_placement_group
 
-        self.transport.disconnect(self._channel)
+        self.transport.release(self._channel)
         self._channel = None
         for a in self.workers:
             ray.kill(a)
@@ -623,8 +651,13 @@ class RayExecutor:
                 return attempt()
             except errors as exc:
                 dead = self._recover(exc)
-                if on_restart is not None:
-                    on_restart(dead)
+            except import_ray().exceptions.RayTaskError as exc:
+                # a direct transfer with an actor that died fails inside the live one
+                if self._channel is None or not self._dead_ranks():
+                    raise
+                dead = self._recover(exc)
+            if on_restart is not None:
+                on_restart(dead)
 
     def _recover(self, exc: BaseException) -> list[int]:
         """Restart every dead actor and restore its state; the restarted ranks.
@@ -779,7 +812,9 @@ class RayExecutor:
         with self.meter("prune"):
             self._retrying(lambda: self._prune_pass(
                 plan, job, ids, set(range(self._num_blocks)) - set(reports), reports), forget)
-        self._pruned = (plan, job, ids)
+            # from here a restarted actor gets its pruned blocks back (also one found dead
+            # while the meter reads the busy times, after its last stage returned)
+            self._pruned = (plan, job, ids)
         return [reports[b] for b in range(self._num_blocks)]
 
     def _prune_pass(self, plan: SparsityPlan, job: PruneJob, ids: torch.Tensor, redo: set[int],
