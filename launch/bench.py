@@ -11,6 +11,7 @@
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
+    python launch/bench.py transport [--quick]  # Ray actor-to-actor hops + 2-actor prunes per transport
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -397,6 +398,17 @@ def onload(opts: argparse.Namespace) -> dict:
     return result
 
 
+def transport(opts: argparse.Namespace) -> dict:
+    """Streams between Ray actors per transport (``launch/bench_transport.py``): hops of 256 MiB
+    and 1 GiB (``--quick``: 64 and 256 MiB) and a 2-actor SmolLM2 prune each, in one run."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import bench_transport
+
+    result = bench_transport.run(opts)
+    print(bench_transport.table(result))
+    return result
+
+
 SEARCH_RUNS = [("wanda-neuroal-70-grid-order", NA70, [*SCREEN_GRID, "allocation.early_stop=false"]),
                ("wanda-neuroal-70-early-stop", NA70, [*SCREEN_GRID, "allocation.early_stop=true"])]
 """Issue 16 item 13: today's search against exact early stopping (middle-out order), Wanda 70 %
@@ -523,7 +535,8 @@ def search(opts: argparse.Namespace) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
-                                          "recovery", "ood", "onload", "search", "unimodal"],
+                                          "recovery", "ood", "onload", "search", "unimodal",
+                                          "transport"],
                    nargs="?", default="foundation")
     p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
                    "NeuroAL trails (default: outputs/ and benchmarks/)")
@@ -540,12 +553,14 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--override", action="append", default=[],
                    help="search and ood suites: an extra key=value override (repeatable)")
+    p.add_argument("--quick", action="store_true",
+                   help="transport suite: 64 and 256 MiB hops instead of 256 MiB and 1 GiB")
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
               "recovery": recovery, "ood": ood, "onload": onload,
-              "search": search, "unimodal": unimodal}[opts.suite](opts)
+              "search": search, "unimodal": unimodal, "transport": transport}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -7,6 +7,7 @@
     python launch/readme_figures.py scalelora benchmarks/recovery_scalelora.json
     python launch/readme_figures.py magnitude benchmarks/magnitude_row.json
     python launch/readme_figures.py ood benchmarks/ood.json
+    python launch/readme_figures.py transport benchmarks/transport.json --readme docs/transport.md
 
 Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
 (``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
@@ -163,8 +164,28 @@ def ood_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def transport_text(result: dict) -> str:
+    """The transport tables of docs/transport.md from ``launch/bench.py transport``'s JSON."""
+    settings = result["settings"]
+    lines = ["| transport | stream | one hop | GB/s | in-process copy |", "|---|---|---|---|---|"]
+    for r in result["hops"]:
+        lines.append(f"| {r['transport']} | {r['mib']} MiB | {r['seconds']:.3f} s | "
+                     f"{r['gb_per_s']:.2f} | {r['copy_seconds']:.3f} s |")
+    lines += ["", f"2-actor Wanda prune of SmolLM2-135M (fp32, uniform 50 %, "
+              f"{settings['nsamples']} x {settings['seqlen']} calibration tokens):", "",
+              "| transport | final prune | whole run | pruned perplexity |", "|---|---|---|---|"]
+    for r in result["prunes"]:
+        lines.append(f"| {r['transport']} | {r['prune_s']:.1f} s | {r['total_s']:.1f} s | "
+                     f"{r['ppl']:.4f} |")
+    lines += ["", f"Same perplexity for every transport: {'yes' if result['identical'] else 'NO'}."
+              f" Measured with `{settings['command']}` (Ray {settings['ray']}, torch "
+              f"{settings['torch']}, {settings['threads']} threads)."]
+    return "\n".join(lines)
+
+
 KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text,
-         "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text}
+         "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text,
+         "transport": transport_text}
 
 
 def replace_block(text: str, name: str, body: str) -> str:
