@@ -6,6 +6,8 @@ choice is validated before any actor loads."""
 from __future__ import annotations
 
 import json
+import os
+import types
 from pathlib import Path
 
 import pytest
@@ -33,7 +35,8 @@ def _weights(executor, directory: Path) -> dict[str, torch.Tensor]:
 def test_transport_matches_local(transport: str, tokenizer_dir: Path, tmp_path: Path) -> None:
     """SparseGPT final prune (masks and updated weights), NeuroAL candidates on a global dense
     reference, dense statistics and window NLL: 2 actors over ``transport`` == 1 local worker,
-    bit for bit; the final prune is one stage per actor (the stream crosses once)."""
+    bit for bit; the final prune is one stage per actor (the stream crosses once); after an
+    actor is killed the run goes on over a rebuilt channel with the same result."""
     import ray
 
     from neuroal.engine.ray_executor import RayExecutor, RayOptions, init_ray
@@ -79,7 +82,22 @@ def test_transport_matches_local(transport: str, tokenizer_dir: Path, tmp_path: 
         got, want = _weights(remote, tmp_path / "ray"), _weights(local, tmp_path / "local")
         assert got.keys() == want.keys()
         assert all(torch.equal(got[n], want[n]) for n in want)
-        assert torch.equal(remote.window_nll(ids), local.window_nll(ids))
+        want_nll = local.window_nll(ids)
+        assert torch.equal(remote.window_nll(ids), want_nll)
+
+        killed: list[int] = []
+
+        def kill(self, operation: str, unit: int) -> None:  # noqa: ANN001
+            if operation == "perplexity" and not killed:
+                killed.append(unit)
+                self.workers[0].__ray_call__.remote(lambda _worker: os._exit(1))
+
+        # actor 0 dies behind its first chunk: restarted (with its peer where Ray drops both
+        # ends of the failed transfer), its pruned blocks pruned again, the same NLL
+        remote.fault_hook = types.MethodType(kill, remote)
+        assert torch.equal(remote.window_nll(ids), want_nll)
+        assert killed and remote.restarts[0] == 1
+        assert torch.equal(remote.window_nll(ids), want_nll)  # the channel works again
     finally:
         remote.shutdown()
         local.shutdown()

@@ -672,12 +672,16 @@ class RayExecutor:
             if getattr(exc, "actor_init_failed", False):
                 raise exc  # the worker's constructor raised: the same error on every restart
             dead = self._dead_ranks()
-            if not dead:
+            if not dead and not restarted:
                 raise exc
             try:
                 for k in dead:
                     restarted.add(k)
                     self._respawn(k, exc)
+                if dead:
+                    # checked again: Ray kills both ends of a failed direct transfer, the
+                    # live one possibly while the dead one was reloading
+                    continue
                 self._connect()  # the channel spans the new actors
                 self._restore(sorted(restarted))
                 return sorted(restarted)
