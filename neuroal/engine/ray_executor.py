@@ -3,12 +3,16 @@
 The actors are the plain :class:`~neuroal.engine.worker.Worker`, wrapped here with ``ray.remote``
 (never decorated), so tests run the very same class in-process. Each actor builds itself from its
 :class:`~neuroal.engine.worker.WorkerSpec` and reads only its own slice of the checkpoint: no
-weight ever travels through the object store. Activation streams go from actor k to actor k+1 as
-ObjectRefs (:class:`ObjectStoreTransport`); calls on one actor run in submission order, so
-chaining refs pipelines independent work (engine.md §4): actor 0 evaluates candidate c while
-actor 1 evaluates candidate c-1. Results are gathered per candidate, in the original order, from
-the same worker calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are
-bit-identical to it (engine.md §3.5). ``import ray`` happens only in this module, lazily.
+weight ever travels through the object store. A pass over the model (final prune, search
+candidate, dense reference, dense statistics, evaluation chunk) is one call per actor over its
+whole slice (a *stage*), so a stream crosses between actors K-1 times per pass; it crosses by
+Ray Direct Transport (one gloo or NCCL transfer, :class:`DirectTransport`) or through the
+object store (:class:`ObjectStoreTransport`), as ``engine.ray.transport`` says
+(docs/transport.md). Calls on one actor run in submission order, so chaining refs pipelines
+independent work (engine.md §4): actor 0 evaluates candidate c while actor 1 evaluates
+candidate c-1. Results are gathered per candidate, in the original order, from the same worker
+calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are bit-identical to it
+(engine.md §3.5). ``import ray`` happens only in this module, lazily.
 
 Fault tolerance: when an actor dies (killed process, OOM, lost node), also while it loads its
 slice, the failing call raises a Ray actor error; the executor finds the dead actors by pinging
@@ -18,7 +22,9 @@ blocks if the final prune has run (from the resume state, or by pruning them aga
 deterministic), and retries only the unfinished work. Each actor is restarted at most
 ``max_restarts`` times; then the run stops with an error naming the actor and its blocks, and
 the resume state is kept (engine.md §8). An exception raised by the worker's own constructor (a
-missing shard, a bad path) is deterministic and stops the run at once, without restarts.
+missing shard, a bad path) is deterministic and stops the run at once, without restarts. Under
+a direct transport Ray kills both ends of a failed transfer, so the live peer of a dead actor
+may be restarted with it; the collective group is rebuilt over the new actors.
 """
 
 from __future__ import annotations
