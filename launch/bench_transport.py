@@ -133,7 +133,7 @@ def prunes(names: list[str], opts: argparse.Namespace) -> list[dict[str, Any]]:
                      "total_s": report["timings"]["total"],
                      "ppl": report["eval"]["wikitext2"]["sparse_ppl"],
                      "achieved": report["achieved_sparsity"],
-                     "command": report["bench_command"]})
+                     "command": report["bench_command"].replace(str(opts.out), "<out>")})
         print(f"prune {name}: {rows[-1]['prune_s']:.1f} s, ppl {rows[-1]['ppl']:.4f}",
               file=sys.stderr, flush=True)
     return rows
