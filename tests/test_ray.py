@@ -342,8 +342,9 @@ def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, sm
                  f"resume state is kept at {state}", "--resume"):
         assert part in message, (part, message)
     assert not out.exists()
+    # the actor dies behind its whole slice (one call per actor): every block was saved
     assert sorted(p.name for p in (state / "prune").glob("*.safetensors")) == \
-        [f"block_{b:04d}.safetensors" for b in range(3)]
+        [f"block_{b:04d}.safetensors" for b in range(4)]
     with pytest.raises(ConfigError, match="max_restarts"):
         tiny_cfg(llama4, None, engine={"ray": {"max_restarts": -1}})
 
