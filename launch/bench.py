@@ -13,6 +13,7 @@
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
     python launch/bench.py parallel --nsamples 16 --seqlen 128  # pipeline vs data mode, 1-2 workers
     python launch/bench.py reliability [--only GROUP,CASE]  # hostile inputs: one verdict each
+    python launch/bench.py transport [--quick]  # Ray actor-to-actor hops + 2-actor prunes per transport
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -410,6 +411,16 @@ def parallel(opts: argparse.Namespace) -> dict:
         args += ["--criteria", opts.only]
     result = bench_parallel.run(bench_parallel.parser().parse_args(args))
     print(bench_parallel.table(result))
+
+
+def transport(opts: argparse.Namespace) -> dict:
+    """Streams between Ray actors per transport (``launch/bench_transport.py``): hops of 256 MiB
+    and 1 GiB (``--quick``: 64 and 256 MiB) and a 2-actor SmolLM2 prune each, in one run."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import bench_transport
+
+    result = bench_transport.run(opts)
+    print(bench_transport.table(result))
     return result
 
 
@@ -553,7 +564,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
                                           "recovery", "ood", "onload", "search", "unimodal",
-                                          "parallel", "reliability"],
+                                          "parallel", "reliability", "transport"],
                    nargs="?", default="foundation")
     p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
                    "NeuroAL trails (default: outputs/ and benchmarks/)")
@@ -570,13 +581,15 @@ def main() -> int:
     p.add_argument("--out", default=str(REPO / "outputs" / "bench"))
     p.add_argument("--override", action="append", default=[],
                    help="search and ood suites: an extra key=value override (repeatable)")
+    p.add_argument("--quick", action="store_true",
+                   help="transport suite: 64 and 256 MiB hops instead of 256 MiB and 1 GiB")
     p.add_argument("--json", help="where to write the results (default <out>/<suite>.json)")
     opts = p.parse_args()
     result = {"foundation": foundation, "masks": masks, "allocation": allocation,
               "screen": screen, "workers": workers,
               "recovery": recovery, "ood": ood, "onload": onload,
               "search": search, "unimodal": unimodal, "parallel": parallel,
-              "reliability": reliability}[opts.suite](opts)
+              "reliability": reliability, "transport": transport}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -207,6 +207,25 @@ def parallel_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def transport_text(result: dict) -> str:
+    """The transport tables of docs/transport.md from ``launch/bench.py transport``'s JSON."""
+    settings = result["settings"]
+    lines = ["| transport | stream | one hop | GB/s | in-process copy |", "|---|---|---|---|---|"]
+    for r in result["hops"]:
+        lines.append(f"| {r['transport']} | {r['mib']} MiB | {r['seconds']:.3f} s | "
+                     f"{r['gb_per_s']:.2f} | {r['copy_seconds']:.3f} s |")
+    lines += ["", f"2-actor Wanda prune of SmolLM2-135M (fp32, uniform 50 %, "
+              f"{settings['nsamples']} x {settings['seqlen']} calibration tokens):", "",
+              "| transport | final prune | whole run | pruned perplexity |", "|---|---|---|---|"]
+    for r in result["prunes"]:
+        lines.append(f"| {r['transport']} | {r['prune_s']:.1f} s | {r['total_s']:.1f} s | "
+                     f"{r['ppl']:.4f} |")
+    lines += ["", f"Same perplexity for every transport: {'yes' if result['identical'] else 'NO'}."
+              f" Measured with `{settings['command']}` (Ray {settings['ray']}, torch "
+              f"{settings['torch']}, {settings['threads']} threads)."]
+    return "\n".join(lines)
+
+
 VERDICTS = ("clear error before loading", "unclear", "error after work", "traceback", "silent",
             "data loss", "ran")
 """The reliability catalogue's verdicts, in the table's order (launch/bench_reliability.py)."""
@@ -231,7 +250,8 @@ def reliability_text(result: dict) -> str:
 KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text,
          "unimodal": unimodal_text, "scalelora": scalelora_text,
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
-         "reliability": reliability_text}
+         "reliability": reliability_text,
+         "transport": transport_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -241,7 +261,8 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "magnitude": ("benchmarks/magnitude_row.json", "docs/results.md"),
            "ood": ("benchmarks/ood.json", "docs/results.md"),
            "parallel": ("benchmarks/parallel.json", "docs/parallelism.md"),
-           "reliability": ("benchmarks/reliability.json", "docs/safety.md")}
+           "reliability": ("benchmarks/reliability.json", "docs/safety.md"),
+           "transport": ("benchmarks/transport.json", "docs/transport.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 

@@ -41,6 +41,7 @@ from neuroal.schema import (  # noqa: F401  (re-exported: the config's public na
     SPARSITY_SCOPES,
     PATTERN_RE,
     RAY_PLACEMENTS,
+    RAY_TRANSPORTS,
     AllocationConfig,
     CalibConfig,
     CriterionConfig,
@@ -423,6 +424,10 @@ def _check_ray(ray: RayConfig) -> list[str]:
     if ray.placement not in RAY_PLACEMENTS:
         errors.append(f"engine.ray.placement={ray.placement!r}: expected one of "
                       f"{', '.join(RAY_PLACEMENTS)} (STRICT_SPREAD needs one node per worker)")
+    if ray.transport not in RAY_TRANSPORTS:
+        errors.append(f"engine.ray.transport={ray.transport!r}: expected one of "
+                      f"{', '.join(RAY_TRANSPORTS)} (auto: nccl between CUDA actors, gloo between "
+                      "CPU actors, else the object store)")
     if not is_number(ray.cpus) or ray.cpus <= 0:
         errors.append(f"engine.ray.cpus={ray.cpus!r}: expected a number > 0 (CPUs per actor)")
     if not is_int(ray.max_restarts) or ray.max_restarts < 0:

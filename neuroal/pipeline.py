@@ -943,7 +943,10 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "timings": {**timings.phases, **utilisation_timings(executor)},
         "workers": executor.worker_info(),
         "slices": split_blocks(prep.shape.num_blocks, cfg.engine.workers),
-        "engine": {"parallel": getattr(executor, "parallel", "pipeline")},  # the mode that ran
+        # the final prune's mode that ran, and how streams crossed between workers (Ray:
+        # engine.ray.transport resolved; None: in-process)
+        "engine": {"parallel": getattr(executor, "parallel", "pipeline"),
+                   "transport": getattr(executor, "transport_name", None)},
         "peak_memory_bytes": peak_memory_bytes(),
         "seeds": {"run": cfg.seed, "calibration": cfg.calib.seed},
         "versions": versions(),

@@ -31,6 +31,8 @@ RAY_PLACEMENTS = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 GENERATION_BACKENDS = ("auto", "workers", "hf", "vllm")
 SPARSITY_SCOPES = ("targeted", "model")
 """``eval.generation``: who answers lm-eval's generation requests."""
+# how a stream crosses between Ray actors (docs/transport.md); auto = nccl (CUDA), gloo (CPU)
+RAY_TRANSPORTS = ("auto", "object-store", "gloo", "nccl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 log = logging.getLogger("neuroal.config")  # the warnings of the config, as before the split
@@ -123,6 +125,7 @@ class RayConfig:
     # seconds to wait for the placement group (at start and after a lost node) and for a
     # restarted actor to be placed and reload its slice; then the run stops (--resume continues)
     placement_timeout: float = 600.0
+    transport: str = "auto"  # auto | object-store | gloo | nccl: streams between actors
 
 
 @dataclass(frozen=True)

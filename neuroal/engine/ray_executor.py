@@ -3,12 +3,16 @@
 The actors are the plain :class:`~neuroal.engine.worker.Worker`, wrapped here with ``ray.remote``
 (never decorated), so tests run the very same class in-process. Each actor builds itself from its
 :class:`~neuroal.engine.worker.WorkerSpec` and reads only its own slice of the checkpoint: no
-weight ever travels through the object store. Activation streams go from actor k to actor k+1 as
-ObjectRefs (:class:`ObjectStoreTransport`); calls on one actor run in submission order, so
-chaining refs pipelines independent work (engine.md §4): actor 0 evaluates candidate c while
-actor 1 evaluates candidate c-1. Results are gathered per candidate, in the original order, from
-the same worker calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are
-bit-identical to it (engine.md §3.5). ``import ray`` happens only in this module, lazily.
+weight ever travels through the object store. A pass over the model (final prune, search
+candidate, dense reference, dense statistics, evaluation chunk) is one call per actor over its
+whole slice (a *stage*), so a stream crosses between actors K-1 times per pass; it crosses by
+Ray Direct Transport (one gloo or NCCL transfer, :class:`DirectTransport`) or through the
+object store (:class:`ObjectStoreTransport`), as ``engine.ray.transport`` says
+(docs/transport.md). Calls on one actor run in submission order, so chaining refs pipelines
+independent work (engine.md §4): actor 0 evaluates candidate c while actor 1 evaluates
+candidate c-1. Results are gathered per candidate, in the original order, from the same worker
+calls as :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are bit-identical to it
+(engine.md §3.5). ``import ray`` happens only in this module, lazily.
 
 Fault tolerance: when an actor dies (killed process, OOM, lost node), also while it loads its
 slice, the failing call raises a Ray actor error; the executor finds the dead actors by pinging
@@ -18,11 +22,14 @@ blocks if the final prune has run (from the resume state, or by pruning them aga
 deterministic), and retries only the unfinished work. Each actor is restarted at most
 ``max_restarts`` times; then the run stops with an error naming the actor and its blocks, and
 the resume state is kept (engine.md §8). An exception raised by the worker's own constructor (a
-missing shard, a bad path) is deterministic and stops the run at once, without restarts.
+missing shard, a bad path) is deterministic and stops the run at once, without restarts. Under
+a direct transport Ray kills both ends of a failed transfer, so the live peer of a dead actor
+may be restarted with it; the collective group is rebuilt over the new actors.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections import deque
@@ -133,7 +140,9 @@ class RayOptions:
     / perplexity chunks in flight (0: one per worker); ``max_restarts``: restarts allowed per
     actor after it died, then the run stops; ``deterministic``: deterministic kernels inside the
     actors (engine.md §3.5); ``placement_timeout``: seconds to wait for the placement group
-    (at start, and after a lost node) and for a restarted actor to reload its slice.
+    (at start, and after a lost node) and for a restarted actor to reload its slice;
+    ``transport``: how streams cross between actors (``auto``, ``object-store``, ``gloo``,
+    ``nccl``; :func:`resolve_transport`).
     """
 
     placement: str = "PACK"
@@ -143,13 +152,15 @@ class RayOptions:
     max_restarts: int = 3
     deterministic: bool = True
     placement_timeout: float = PLACEMENT_TIMEOUT_S
+    transport: str = "auto"
 
     @classmethod
     def from_config(cls, ray: RayConfig, deterministic: bool = True) -> RayOptions:
         """From the validated ``engine.ray`` section."""
         return cls(placement=ray.placement, cpus=ray.cpus, address=ray.address,
                    inflight=ray.inflight, max_restarts=ray.max_restarts,
-                   deterministic=deterministic, placement_timeout=ray.placement_timeout)
+                   deterministic=deterministic, placement_timeout=ray.placement_timeout,
+                   transport=ray.transport)
 
 
 def device_kind(devices: Sequence[str]) -> str:
@@ -218,21 +229,255 @@ def _prefixes(worker: Worker, num_blocks: int) -> list[str]:
 # --------------------------------------------------------------------------- transport
 
 
+@dataclass(frozen=True)
+class Embed:
+    """Stage input: token ids ``(N, T)`` the first actor embeds (the pass starts there)."""
+
+    ids: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Kept:
+    """Stage input: a stream kept inside the actor by an earlier call (the search windows)."""
+
+    key: str
+
+
+@dataclass
+class ActorState:
+    """What an actor keeps between the executor's calls, beside its Worker: ``kept`` streams and
+    statistics (the embedded search windows, the dense reference) and the ``outbox`` of stage
+    results waiting for :func:`_take`, keyed by the driver's token."""
+
+    kept: dict[str, Any]
+    outbox: dict[int, Any]
+
+
 class ObjectStoreTransport:
-    """Transport v1 (engine.md §3.3): a stream stays in the object store where its producer put
-    it, and the consumer receives its ObjectRef as a top-level argument, which Ray resolves on
-    the consumer's node (through host memory; lossless, byte-exact). A faster path (NCCL between
-    neighbouring actors) replaces this class only."""
+    """The fallback (engine.md §3.3, transport v1): the stream a stage returns is stored in the
+    object store where its producer runs, and Ray resolves the ObjectRef on the consumer's node
+    (device -> host -> store -> host -> device; lossless, byte-exact)."""
 
-    name = "object_store"
+    name = "object-store"
+    device: str | None = None  # streams on any device
 
-    def put(self, tensor: torch.Tensor) -> Any:
-        """Driver data (token ids) into the store once, shared by every call that reads it."""
-        return import_ray().put(tensor)
+    def available(self) -> bool:
+        return True
 
-    def handoff(self, stream: Any, src: int, dst: int) -> Any:
-        """What actor ``dst`` receives for the stream produced by actor ``src``."""
-        return stream
+    def options(self) -> dict[str, Any]:
+        """Options of a call whose return value is a stream for the next actor."""
+        return {}
+
+    def connect(self, actors: Sequence[Any]) -> Any:
+        """Set up the actors' channel (none needed); a handle for :meth:`disconnect`."""
+        return None
+
+    def disconnect(self, handle: Any) -> None:
+        """Tear down what :meth:`connect` made, so :meth:`connect` can run again."""
+
+    def release(self, handle: Any) -> None:
+        """Forget what :meth:`connect` made on the driver (the actors are being killed)."""
+
+
+class DirectTransport:
+    """Ray Direct Transport: a stage's returned stream stays on its actor's device and crosses
+    to the next actor as one point-to-point transfer in a Ray collective group (``gloo``
+    between CPU actors, ``nccl`` between CUDA actors), never through the object store or the
+    driver. The call is marked with Ray's ``tensor_transport`` option at submission (the
+    call-time form of ``@ray.method(tensor_transport=...)``), so the Worker stays plain."""
+
+    def __init__(self, name: str, device: str) -> None:
+        self.name = name
+        self.device = device  # the one device type of the streams this backend moves
+
+    def available(self) -> bool:
+        """Whether Ray's collective backend can start (nccl needs cupy, gloo torch's gloo)."""
+        import_ray()
+        from ray.util import collective
+
+        return bool(collective.is_backend_available(self.name))
+
+    def options(self) -> dict[str, Any]:
+        return {"tensor_transport": self.name}
+
+    def connect(self, actors: Sequence[Any]) -> Any:
+        """A fresh collective group over ``actors`` (rank = slice index)."""
+        from ray.experimental.collective import create_collective_group
+
+        return create_collective_group(list(actors), backend=self.name)
+
+    def disconnect(self, handle: Any) -> None:
+        """Tear the group down on the driver and in the live actors (after a restart): Ray's
+        gloo group sits on each actor's default torch.distributed group, which must go too, or
+        a new group over a restarted actor never meets."""
+        if handle is None:
+            return
+        self.release(handle)
+        ray = import_ray()
+        for actor in handle.actors:
+            try:
+                ray.get(actor.__ray_call__.remote(_drop_process_group), timeout=DROP_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError) as exc:  # dead: it holds nothing
+                log.debug("collective group %s: %s", handle.name, _describe(exc))
+
+    def release(self, handle: Any) -> None:
+        """Forget the group on the driver and in the live actors (dead ones are skipped)."""
+        if handle is None:
+            return
+        from ray.experimental.collective import destroy_collective_group
+
+        try:
+            destroy_collective_group(handle)
+        except (import_ray().exceptions.RayError, ValueError) as exc:
+            # an actor died (it holds nothing more), or Ray already dropped the group after a
+            # failed transfer
+            log.debug("collective group %s: %s", handle.name, _describe(exc))
+
+
+def _drop_process_group(_worker: Worker) -> None:
+    """Inside an actor: leave torch.distributed (Ray's gloo groups live on its default group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+TRANSPORTS: dict[str, ObjectStoreTransport | DirectTransport] = {
+    "object-store": ObjectStoreTransport(), "gloo": DirectTransport("gloo", "cpu"),
+    "nccl": DirectTransport("nccl", "cuda")}
+DROP_TIMEOUT_S = 60.0  # leaving a collective group inside a live actor
+AUTO_ORDER = ("nccl", "gloo", "object-store")  # engine.ray.transport=auto: first that fits
+FIXES = {"nccl": "pip install cupy-cuda12x (Ray's NCCL backend) on every node",
+         "gloo": "use a torch build with gloo (torch.distributed.is_gloo_available())"}
+
+
+def resolve_transport(name: str, stream_device: str) -> ObjectStoreTransport | DirectTransport:
+    """The transport ``engine.ray.transport=name`` runs for streams on ``stream_device``
+    (``cpu``, also CUDA runs with ``engine.offload_activations``; or ``cuda``); ``auto``: nccl
+    for CUDA streams, gloo for CPU streams, each only where available, else the object store.
+
+    Raises:
+        ValueError: An unknown name, or a transport that cannot move these streams here
+            (checked before any actor loads its slice).
+    """
+    if name == "auto":
+        return next(t for t in (TRANSPORTS[n] for n in AUTO_ORDER)
+                    if t.device in (None, stream_device) and t.available())
+    if name not in TRANSPORTS:
+        raise ValueError(f"engine.ray.transport={name!r}: expected auto or one of "
+                         f"{', '.join(TRANSPORTS)}")
+    transport = TRANSPORTS[name]
+    if transport.device not in (None, stream_device):
+        raise ValueError(f"engine.ray.transport={name}: moves {transport.device} tensors, but the "
+                         f"activation streams live on {stream_device}; use "
+                         f"engine.ray.transport=auto (or "
+                         f"{'nccl' if stream_device == 'cuda' else 'gloo'}, or object-store)")
+    if not transport.available():
+        raise ValueError(f"engine.ray.transport={name}: Ray's {name} collective backend is not "
+                         f"available in this environment; {FIXES.get(name, '')}, or use "
+                         "engine.ray.transport=auto or object-store")
+    return transport
+
+
+# --------------------------------------------------------------------------- stages
+# A stage is one actor's part of a pass: its whole slice in one call. Its input is the previous
+# actor's returned stream (resolved by Ray), an :class:`Embed` (first actor) or a :class:`Kept`
+# stream; it returns the outgoing stream when it hands on (``hand_on``: the transport's call),
+# else its result. Results of handing-on stages wait in the actor's outbox for :func:`_take`.
+
+
+def _actor_state(worker: Worker) -> ActorState:
+    state = worker.__dict__.get("_ray_actor_state")
+    if state is None:
+        state = worker.__dict__["_ray_actor_state"] = ActorState({}, {})
+    return state
+
+
+def _incoming(worker: Worker, source: Any) -> Any:
+    """The stage's input stream ``(N, T, h)`` (None: a candidate stopped upstream)."""
+    if isinstance(source, Embed):
+        return worker.embed(source.ids)
+    if isinstance(source, Kept):
+        return _actor_state(worker).kept[source.key]
+    return source
+
+
+def _op_prune(worker: Worker, stream: Any, entries: Mapping[int, Any], job: PruneJob,
+              indices: list[int]) -> tuple[Any, Any]:
+    return worker.prune_slice(stream, entries, job, indices)
+
+
+def _op_candidate(worker: Worker, stream: Any, ratios: Mapping[int, Any], job: CandidateJob,
+                  bound: tuple[float, bool, float] | None) -> tuple[Any, Any]:
+    return worker.eval_candidate(stream, ratios, job, _actor_state(worker).kept.get("reference"),
+                                 bound)
+
+
+def _op_reference(worker: Worker, stream: Any, needs: frozenset[str],
+                  reference_stream: str) -> tuple[Any, Any]:
+    """The dense reference stays in the actor for its candidate stages."""
+    stream, _actor_state(worker).kept["reference"] = worker.dense_reference(
+        stream, needs, reference_stream)
+    return stream, None
+
+
+def _op_metrics(worker: Worker, stream: Any, fn: Callable[..., Any],
+                needs: frozenset[str]) -> tuple[Any, Any]:
+    return worker.dense_block_metrics(stream, fn, needs)
+
+
+def _op_forward(worker: Worker, stream: Any, head: str | None, *args: Any) -> tuple[Any, Any]:
+    """Forward through the slice; the last actor then runs ``Worker.<head>(stream, *args)``
+    (``window_nll``, ``token_logprobs``, ``last_logits``, ``logits``)."""
+    stream = worker.forward(stream)
+    return stream, (getattr(worker, head)(stream, *args) if head is not None else None)
+
+
+STAGE_OPS: dict[str, Callable[..., tuple[Any, Any]]] = {
+    "prune": _op_prune, "candidate": _op_candidate, "reference": _op_reference,
+    "metrics": _op_metrics, "forward": _op_forward}
+
+
+def _run_stage(worker: Worker, source: Any, hand_on: bool, token: int | None, op: str,
+           *args: Any) -> Any:
+    """Run stage ``op`` on the actor's slice (see the section comment)."""
+    try:
+        stream, result = STAGE_OPS[op](worker, _incoming(worker, source), *args)
+    except Exception as exc:
+        if token is not None:
+            _actor_state(worker).outbox[token] = exc  # re-raised by _take
+        raise
+    if not hand_on:
+        return result
+    if token is not None:
+        _actor_state(worker).outbox[token] = result
+    return stream
+
+
+def _take(worker: Worker, token: int) -> Any:
+    """The result of the actor's stage ``token`` (its error, if it failed).
+
+    Raises:
+        RuntimeError: The stage never ran (its input failed upstream; that error comes first).
+    """
+    outbox = _actor_state(worker).outbox
+    if token not in outbox:
+        raise RuntimeError(f"worker {worker.spec.rank}: stage {token} did not run (its input "
+                           "failed upstream)")
+    result = outbox.pop(token)
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _keep_embedded(worker: Worker, key: str, ids: torch.Tensor) -> None:
+    """Embed ``ids`` once and keep the stream for every stage that starts from it."""
+    _actor_state(worker).kept[key] = worker.embed(ids)
+
+
+def _forget(worker: Worker) -> None:
+    """Drop the kept streams, statistics and untaken results."""
+    worker.__dict__.pop("_ray_actor_state", None)
 
 
 # --------------------------------------------------------------------------- executor
@@ -247,17 +492,20 @@ class RayExecutor:
             ``device`` is the one inside each actor (:func:`actor_device`).
         workers: Number of actors (slices).
         options: Ray options (:class:`RayOptions`).
-        transport: How streams move between actors (default: the object store).
+        transport: How streams cross between actors (default: ``options.transport``
+            resolved by :func:`resolve_transport`, before any actor starts).
         state_dir: The run's resume state, named in the error when restarts run out (also
             taken from ``PruneJob.state_dir``).
     """
 
     def __init__(self, template: WorkerSpec, workers: int, options: RayOptions = RayOptions(),
-                 transport: ObjectStoreTransport | None = None,
+                 transport: ObjectStoreTransport | DirectTransport | None = None,
                  state_dir: str | None = None) -> None:
         num_blocks = template.num_blocks
         kind = device_kind([template.device])
         template = replace(template, device=actor_device(kind))
+        self.transport = transport or resolve_transport(
+            options.transport, "cpu" if template.offload_activations else kind)
         self.specs = slice_specs(template, split_blocks(num_blocks, workers))
         self._num_blocks = num_blocks
         self._owner = [k for k, s in enumerate(self.specs) for _ in range(s.start, s.stop)]
@@ -269,7 +517,8 @@ class RayExecutor:
         self._last_busy = [0.0] * workers
         self._pruned: tuple[SparsityPlan, PruneJob, torch.Tensor] | None = None  # final prune done
         self._failed = "running"  # the unit of work of the last failed ray.get
-        self.transport = transport or ObjectStoreTransport()
+        self._channel: Any = None  # the transport's handle (a collective group)
+        self._tokens = itertools.count()  # keys of stage results in the actors' outboxes
         self.inflight = options.inflight or workers
         self.workers: list[Any] = []
         self._group: Any = None
@@ -278,6 +527,7 @@ class RayExecutor:
         try:
             self._group = self._reserve(workers, options.cpus, gpus, options.placement)
             self.workers = self._start(options.cpus, gpus, options.deterministic)
+            self._connect()
             self._prefixes: list[str] = self._get(
                 self.workers[0].__ray_call__.remote(_prefixes, num_blocks), "reading block names")
         except BaseException:
@@ -286,6 +536,18 @@ class RayExecutor:
         self.meter = BusyMeter(self._read_busy)
         for s in self.specs:
             log.info("ray worker %d owns blocks [%d, %d) on %s", s.rank, s.start, s.stop, s.device)
+        log.info("streams cross between Ray workers by %s", self.transport.name)
+
+    @property
+    def transport_name(self) -> str:
+        """The transport that runs (``engine.transport`` in the report)."""
+        return self.transport.name
+
+    def _connect(self) -> None:
+        """(Re)build the transport's channel over the current actors."""
+        self.transport.disconnect(self._channel)
+        self._channel = None
+        self._channel = self.transport.connect(self.workers)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -318,7 +580,7 @@ class RayExecutor:
     def _start(self, cpus: float, gpus: int, deterministic: bool) -> list[Any]:
         """One actor per spec, pinned to its bundle; returns once every slice is loaded."""
         threads = None if gpus else torch.get_num_threads()
-        self._actor_class = import_ray().remote(Worker)
+        self._actor_class = import_ray().remote(enable_tensor_transport=True)(Worker)
         self._actor_options = {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {
             "env_vars": actor_env(gpus > 0, deterministic, threads)}}
 
@@ -351,6 +613,8 @@ class RayExecutor:
         from ray.util.placement_group import remove_placement_group
 
         self._relay_warnings()
+        self.transport.release(self._channel)
+        self._channel = None
         for a in self.workers:
             ray.kill(a)
         self.workers = []
@@ -416,8 +680,13 @@ class RayExecutor:
                 return attempt()
             except errors as exc:
                 dead = self._recover(exc)
-                if on_restart is not None:
-                    on_restart(dead)
+            except import_ray().exceptions.RayTaskError as exc:
+                # a direct transfer with an actor that died fails inside the live one
+                if self._channel is None or not self._dead_ranks():
+                    raise
+                dead = self._recover(exc)
+            if on_restart is not None:
+                on_restart(dead)
 
     def _recover(self, exc: BaseException) -> list[int]:
         """Restart every dead actor and restore its state; the restarted ranks.
@@ -432,12 +701,17 @@ class RayExecutor:
             if getattr(exc, "actor_init_failed", False):
                 raise exc  # the worker's constructor raised: the same error on every restart
             dead = self._dead_ranks()
-            if not dead:
+            if not dead and not restarted:
                 raise exc
             try:
                 for k in dead:
                     restarted.add(k)
                     self._respawn(k, exc)
+                if dead:
+                    # checked again: Ray kills both ends of a failed direct transfer, the
+                    # live one possibly while the dead one was reloading
+                    continue
+                self._connect()  # the channel spans the new actors
                 self._restore(sorted(restarted))
                 return sorted(restarted)
             except errors as again:  # died again while reloading or restoring
@@ -548,19 +822,36 @@ class RayExecutor:
     def _owned(self, rank: int) -> range:
         return range(self.specs[rank].start, self.specs[rank].stop)
 
-    def _embed(self, ids: torch.Tensor) -> Any:
-        return self.workers[0].embed.remote(self.transport.put(ids))
+    def _stage(self, rank: int, source: Any, hand_on: bool, op: str, *args: Any,
+               with_result: bool = True) -> tuple[Any, Any]:
+        """Submit stage ``op`` of actor ``rank``: ``(ref of what it returns, ref of its
+        result)``. Handing on, the call returns the stream through the transport and its result
+        (``with_result``) comes from one small :func:`_take` call queued behind it; at the end
+        of a pass the call returns the result itself."""
+        actor = self.workers[rank]
+        if not hand_on:
+            ref = actor.__ray_call__.remote(_run_stage, source, False, None, op, *args)
+            return ref, ref
+        token = next(self._tokens) if with_result else None
+        ref = actor.__ray_call__.options(**self.transport.options()).remote(
+            _run_stage, source, True, token, op, *args)
+        return ref, (actor.__ray_call__.remote(_take, token) if with_result else None)
 
-    def _through(self, ids: torch.Tensor) -> Any:
-        """Ref of the final hidden states of ``ids`` after every slice (dense or pruned)."""
-        stream = self._embed(ids)
-        for k, actor in enumerate(self.workers):
-            stream = actor.forward.remote(self.transport.handoff(stream, max(k - 1, 0), k))
-        return stream
+    def _forward_pass(self, ids: torch.Tensor, head: str, *args: Any) -> Any:
+        """Ref of ``Worker.<head>(final stream, *args)`` on the last actor after one pass of
+        ``ids`` ``(B, T)`` through every slice (dense or pruned): one call per actor."""
+        source: Any = Embed(ids)
+        last = len(self.workers) - 1
+        for k in range(last + 1):
+            source, _ = self._stage(k, source, k < last, "forward", head if k == last else None,
+                                    *(args if k == last else ()), with_result=False)
+        return source
 
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
-        """One stream through every block in order (a barrier per block, engine.md §11).
+        """One stream through every block in order (a barrier per block, engine.md §11), one
+        call per actor over its whole slice (:meth:`Worker.prune_slice`, which writes each
+        block's resume state inside the actor): the stream crosses K-1 times.
 
         After an actor death the pass restarts from block 0: blocks finished on surviving
         actors only run forward, the restarted actor's blocks are replayed from the resume
@@ -583,40 +874,38 @@ class RayExecutor:
         with self.meter("prune"):
             self._retrying(lambda: self._prune_pass(
                 plan, job, ids, set(range(self._num_blocks)) - set(reports), reports), forget)
-        self._pruned = (plan, job, ids)
+            # from here a restarted actor gets its pruned blocks back (also one found dead
+            # while the meter reads the busy times, after its last stage returned)
+            self._pruned = (plan, job, ids)
         self._relay_warnings()
         return [reports[b] for b in range(self._num_blocks)]
 
     def _prune_pass(self, plan: SparsityPlan, job: PruneJob, ids: torch.Tensor, redo: set[int],
                     reports: dict[int, BlockReport]) -> None:
-        """Stream ``ids`` through blocks ``0..max(redo)``: blocks in ``redo`` are pruned
-        (``prune_one``: replayed when saved), the others (already pruned on a live actor) run
-        forward only; each gathered report goes into ``reports`` as soon as it arrives."""
+        """Stream ``ids`` through blocks ``0..max(redo)``, one stage per actor: blocks in
+        ``redo`` are pruned (replayed when saved), the others (already pruned on a live actor)
+        run forward only; each actor's reports go into ``reports`` as soon as they arrive."""
         if not redo:
             return
         stop = max(redo) + 1
-        refs: dict[int, Any] = {}
-        stream, src, b = self._embed(ids), 0, 0  # actor 0 embeds
-        while b < stop:
-            k = self._owner[b]
-            arg = self.transport.handoff(stream, src, k)
-            if b in redo:
-                stream, refs[b] = self.workers[k].prune_one.options(num_returns=2).remote(
-                    b, arg, plan.block(b), job)
+        ranks = sorted({self._owner[b] for b in range(stop)})
+        source: Any = Embed(ids)  # actor 0 embeds
+        results = []
+        for k in ranks:
+            indices = [b for b in self._owned(k) if b < stop]
+            entries = {b: plan.block(b) for b in indices if b in redo}
+            source, result = self._stage(k, source, k != ranks[-1], "prune", entries, job,
+                                         indices)
+            results.append(result)
+            for b in sorted(entries):
                 self.fault_hook("prune", b)
-                b += 1
-            else:
-                run = [b]
-                while run[-1] + 1 < stop and run[-1] + 1 not in redo and \
-                        self._owner[run[-1] + 1] == k:
-                    run.append(run[-1] + 1)
-                stream = self.workers[k].forward_blocks.remote(arg, run)
-                b = run[-1] + 1
-            src = k
-        del stream
-        for b in progress(sorted(refs), "pruning blocks", total=len(refs)):
-            reports[b] = self._get(refs[b], f"pruning block {b}")
-            log_block(reports[b], self._num_blocks)
+        del source
+        ticks = progress(range(len(redo)), "pruning blocks", total=len(redo))
+        for k, result in zip(ranks, results, strict=True):
+            for report in self._get(result, f"pruning blocks {list(self._owned(k))}"):
+                reports[report.index] = report
+                log_block(report, self._num_blocks)
+                next(ticks, None)
 
     def evaluate_candidates(self, ids: torch.Tensor,
                             candidates: Sequence[Sequence[Mapping[str, Any]]],
@@ -626,27 +915,33 @@ class RayExecutor:
                             ) -> list[list[BlockAlignment]]:
         """Alignment terms of each candidate, candidates pipelined through the actors.
 
-        Every candidate starts from the same embedded search windows ``ids`` ``(n_s, T)``; up
-        to ``inflight`` candidates are in flight. Per candidate the parts are gathered in the
-        original order and keyed by block, as in the local executor. After an actor death only
-        the candidates not yet gathered (and reported through ``on_result``) are submitted again.
+        Actor 0 embeds the search windows ``ids`` ``(n_s, T)`` once and keeps them; each
+        candidate is one call per actor over its slice, its stream handed on by the transport;
+        up to ``inflight`` candidates are in flight. Per candidate the parts are gathered in
+        the original order and keyed by block, as in the local executor. After an actor death
+        only the candidates not yet gathered (and reported through ``on_result``) are
+        submitted again.
         """
         results: dict[int, list[BlockAlignment]] = {}
+        last = len(self.workers) - 1
 
         def attempt() -> None:
-            embedded = self._embed(ids)
-            references = self._dense_reference(embedded, job, reference_stream)
+            for actor in self.workers:
+                actor.__ray_call__.remote(_forget)
+            self._get(self.workers[0].__ray_call__.remote(_keep_embedded, "search", ids),
+                      "embedding the search windows")
+            self._dense_reference(job, reference_stream)
 
             def submit(c: int) -> list[Any]:
-                stream, parts = embedded, []
+                source: Any = Kept("search")
+                parts = []
                 # the bound known at submit time; each actor checks its own slice's partial sum
                 # (carried 0.0: a lower bound of the candidate's, so still exact)
                 best = bound(c) if bound is not None else None
-                for k, actor in enumerate(self.workers):
+                for k in range(last + 1):
                     own = {b: candidates[c][b] for b in self._owned(k)}
-                    stream, part = actor.eval_candidate.options(num_returns=2).remote(
-                        self.transport.handoff(stream, max(k - 1, 0), k), own, job, references[k],
-                        None if best is None else (best[0], best[1], 0.0))
+                    source, part = self._stage(k, source, k < last, "candidate", own, job,
+                                               None if best is None else (best[0], best[1], 0.0))
                     parts.append(part)
                 self.fault_hook("candidate", c)
                 return parts
@@ -661,6 +956,8 @@ class RayExecutor:
 
             todo = [c for c in range(len(candidates)) if c not in results]
             self._pipelined(todo, submit, gather, "candidates")
+            self._get([a.__ray_call__.remote(_forget) for a in self.workers],
+                      "releasing the search windows")
 
         def resubmit(_dead: list[int]) -> None:
             log.warning("search resumes after the restart: %d of %d candidate(s) already "
@@ -671,26 +968,26 @@ class RayExecutor:
             self._retrying(attempt, resubmit)
         return [results[c] for c in range(len(candidates))]
 
-    def _dense_reference(self, embedded: Any, job: CandidateJob,
-                         reference_stream: str) -> list[Any]:
-        """Per actor, a ref to its candidate-independent dense statistics (or None)."""
+    def _dense_reference(self, job: CandidateJob, reference_stream: str) -> None:
+        """Each actor's candidate-independent dense statistics, kept inside it: block 0's on
+        actor 0 (``local``), or every block's from one dense pass (``global``)."""
         needs = reference_needs(job.criterion, job.alignment_stat)
-        workers = self.workers[:1] if reference_stream == "local" else self.workers
-        stream, parts = embedded, []
-        for k, actor in enumerate(workers):
-            stream, part = actor.dense_reference.options(num_returns=2).remote(
-                self.transport.handoff(stream, max(k - 1, 0), k), needs, reference_stream)
-            parts.append(part)
-        return parts + [None] * (len(self.workers) - len(parts))
+        count = 1 if reference_stream == "local" else len(self.workers)
+        source: Any = Kept("search")
+        for k in range(count):
+            source, _ = self._stage(k, source, k < count - 1, "reference", needs,
+                                    reference_stream, with_result=False)
 
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
-        """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``."""
+        """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``, one call
+        per actor."""
         def attempt() -> list[Any]:
-            stream, parts = self._embed(ids), []
-            for k, actor in enumerate(self.workers):
-                stream, part = actor.dense_block_metrics.options(num_returns=2).remote(
-                    self.transport.handoff(stream, max(k - 1, 0), k), fn, needs)
+            source: Any = Embed(ids)
+            parts = []
+            last = len(self.workers) - 1
+            for k in range(last + 1):
+                source, part = self._stage(k, source, k < last, "metrics", fn, needs)
                 parts.append(part)
             return self._get(parts, "the dense statistics pass")
 
@@ -706,8 +1003,7 @@ class RayExecutor:
         """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
         parts = chunks(windows, self.specs[0].micro_batch)
         return torch.cat(self._chunked(
-            len(parts), lambda i: self.workers[-1].window_nll.remote(self._through(parts[i]),
-                                                                     parts[i]),
+            len(parts), lambda i: self._forward_pass(parts[i], "window_nll", parts[i]),
             "perplexity", "computing perplexity chunk"))
 
     def token_logprobs(self, inputs: torch.Tensor,
@@ -716,8 +1012,8 @@ class RayExecutor:
         its argmax flag (``Worker.token_logprobs`` on the last actor); chunks pipeline."""
         parts = paired_chunks(inputs, targets, self.specs[0].micro_batch)
         return cat_pairs(self._chunked(
-            len(parts), lambda i: self.workers[-1].token_logprobs.remote(
-                self._through(parts[i][0]), parts[i][1]), "zero-shot", "scoring zero-shot chunk"))
+            len(parts), lambda i: self._forward_pass(parts[i][0], "token_logprobs", parts[i][1]),
+            "zero-shot", "scoring zero-shot chunk"))
 
     def _chunked(self, count: int, submit_one: Callable[[int], Any], unit: str,
                  what: str) -> list[Any]:
@@ -740,13 +1036,13 @@ class RayExecutor:
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``(B, vocab)`` for ids ``(B, t)`` (data-free calibration)."""
-        return self._retrying(lambda: self._get(
-            self.workers[-1].last_logits.remote(self._through(ids)), "sampling"))
+        return self._retrying(lambda: self._get(self._forward_pass(ids, "last_logits"),
+                                                "sampling"))
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, T, vocab)`` of the current (dense or pruned) model."""
-        return self._retrying(lambda: self._get(
-            self.workers[-1].logits.remote(self._through(ids)), "computing logits"))
+        return self._retrying(lambda: self._get(self._forward_pass(ids, "logits"),
+                                                "computing logits"))
 
     def masks(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}

@@ -9,7 +9,7 @@ from the resolved config, so GEMM shapes (and float results) do not depend on th
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -253,6 +253,24 @@ class Worker:
         sequential onloading the block stays on the device for all of it, then goes home."""
         with self.resident(index, write=True):
             return self._prune_resident(index, stream, entries, job)
+
+    @torch.no_grad()
+    def prune_slice(self, stream: torch.Tensor, entries: Mapping[int, Mapping[str, Any]],
+                    job: PruneJob, indices: Sequence[int] | None = None,
+                    ) -> tuple[torch.Tensor, list[BlockReport]]:
+        """The final prune's pass over owned blocks ``indices`` (default: all), in order, as one
+        call: a block with plan ``entries`` is pruned (:meth:`prune_one`, replayed when its
+        state is saved), a block without runs forward as it is (already pruned: a pass
+        restarted after a lost worker). Returns the outgoing ``(N, T, h)`` stream and the
+        reports of the pruned blocks."""
+        reports = []
+        for index in self.blocks if indices is None else indices:
+            if index in entries:
+                stream, report = self.prune_one(index, stream, entries[index], job)
+                reports.append(report)
+            else:
+                stream = self.forward_blocks(stream, [index])
+        return stream, reports
 
     def _prune_resident(self, index: int, stream: torch.Tensor, entries: Mapping[str, Any],
                         job: PruneJob) -> tuple[torch.Tensor, BlockReport]:
