@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -302,15 +303,18 @@ def run_config(label: str, config: str, overrides: list[str], out_root: Path,
         report.setdefault("bench_command", command)
         return report
     load0 = loadavg()
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=_env())
     wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"run {label} failed ({proc.returncode}): {command}")
     report = json.loads((out / "report.json").read_text())
     report.update(bench_wall_seconds=wall, bench_command=command,
-                  bench_loadavg=[load0, loadavg()])
+                  bench_loadavg=[load0, loadavg()], bench_cpu_seconds=cpu_s)
     (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return report
 
@@ -340,7 +344,8 @@ def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict
     unmodelled = {k: v for k, v in report["timings"].items()
                   if k.startswith("eval_tasks") and isinstance(v, (int, float))}
     return {"run": label, "command": report.get("bench_command"),
-            "loadavg": report.get("bench_loadavg"), "request": vars(req),
+            "loadavg": report.get("bench_loadavg"), "cpu_seconds": report.get("bench_cpu_seconds"),
+            "wall_seconds": report.get("bench_wall_seconds"), "request": vars(req),
             "predicted": predicted, "measured": measured, "relative_error": errors,
             "within": all(abs(e) <= TOLERANCE for e in errors.values()),
             "outside_model_s": unmodelled, "run_total_s": report["timings"].get("total")}
@@ -364,6 +369,7 @@ def table(result: dict[str, Any]) -> str:
 
 def check(opts: argparse.Namespace) -> dict[str, Any]:
     """Every run of :data:`CHECK_RUNS`, against the prediction."""
+    calibrated = calibrate(opts) if opts.calibrate else None
     rows = []
     for label, config, overrides in CHECK_RUNS:
         if opts.only and label not in opts.only.split(","):
@@ -371,7 +377,7 @@ def check(opts: argparse.Namespace) -> dict[str, Any]:
         report = run_config(label, config, overrides, Path(opts.out), opts.reuse)
         rows.append(compare_row(label, report))
         print(f"{label}: {json.dumps(rows[-1]['relative_error'])}", file=sys.stderr, flush=True)
-    result = {"rows": rows, "tolerance": TOLERANCE,
+    result = {"rows": rows, "tolerance": TOLERANCE, "calibrated_in_this_run": calibrated is not None,
               "within": all(r["within"] for r in rows),
               "throughput": json.loads(THROUGHPUT.read_text())["cpu"]}
     print(table(result))
@@ -411,7 +417,8 @@ def predict_70b() -> dict[str, Any]:
                        "benchmarks/plan_time_70b.json"}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
+    """The command line (also used by ``launch/bench.py plan-time``)."""
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["calibrate", "gpu", "check", "predict"])
@@ -421,9 +428,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", type=int, default=3, help="calibrate: blocks timed")
     p.add_argument("--only", help="check: comma list of run labels")
     p.add_argument("--reuse", action="store_true", help="check: reuse existing report.json")
+    p.add_argument("--calibrate", action="store_true",
+                   help="check: measure the CPU figures first (same load as the runs)")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "plan_time"))
     p.add_argument("--json", help="where to write the result (check, predict)")
-    opts = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parser().parse_args(argv)
     if opts.what == "calibrate":
         calibrate(opts)
         return 0
