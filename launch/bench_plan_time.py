@@ -128,9 +128,9 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     load_s, ex = _timed(LocalExecutor, prep.source, w.num_blocks, 1, ["cpu"], "float32",
                         cfg.engine.micro_batch)
     worker = ex.workers[0]
-    n, T = opts.nsamples, opts.seqlen
-    tokens = n * T
-    stream = worker.embed(torch.randint(0, w.vocab, (n, T), generator=torch.Generator()
+    n, seqlen = opts.nsamples, opts.seqlen
+    tokens = n * seqlen
+    stream = worker.embed(torch.randint(0, w.vocab, (n, seqlen), generator=torch.Generator()
                                         .manual_seed(0)))
     blocks = list(range(opts.blocks))
     fwd = stats_w = stats_h = select = solve = 0.0
@@ -151,7 +151,7 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     ex.shutdown()
 
     linears = [w.blocks[i] for i in blocks]
-    flops = sum(tokens * (2 * sum(r * c for r, c in b) + 2 * T * w.hidden) for b in linears)
+    flops = sum(tokens * (2 * sum(r * c for r, c in b) + 2 * seqlen * w.hidden) for b in linears)
     elems = sum(tokens * sum(c for _, c in b) for b in linears)
     hflops = sum(2 * tokens * sum(c * c for _, c in b) for b in linears)
     weights = sum(r * c for b in linears for r, c in b)
@@ -176,8 +176,8 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     stamp = datetime.date.today().isoformat()
     entry["provenance"] = {
         "measured": f"PYTHONPATH=. nice -n 10 python launch/bench_plan_time.py calibrate "
-                    f"--nsamples {n} --seqlen {T} --blocks {opts.blocks} ({stamp}; SmolLM2-135M "
-                    f"fp32, blocks {blocks}, {n} x {T} tokens; 1-min load average "
+                    f"--nsamples {n} --seqlen {seqlen} --blocks {opts.blocks} ({stamp}; SmolLM2-135M "
+                    f"fp32, blocks {blocks}, {n} x {seqlen} tokens; 1-min load average "
                     f"{load0:.1f} before, {loadavg():.1f} after: the machine is shared)",
         "forward_flops": f"block forward {fwd / len(blocks) * 1e3:.0f} ms per block",
         "stats_elems": "Wanda statistics forward minus the plain forward",
@@ -228,10 +228,10 @@ def gpu_entries() -> dict[str, dict[str, Any]]:
     from neuroal.planner import layout_of
 
     w = Workload.from_layout(layout_of("llama-2-70b"))
-    linears, n, T = w.blocks[0], README_H200["tokens"], README_H200["seqlen"]
+    linears, n, seqlen = w.blocks[0], README_H200["tokens"], README_H200["seqlen"]
     weights = sum(r * c for r, c in linears)
     forward_s = README_H200["forward_ms"] / 1e3
-    forward_flops = n * (2 * weights + 2 * T * w.hidden) / forward_s
+    forward_flops = n * (2 * weights + 2 * seqlen * w.hidden) / forward_s
     efficiency = forward_flops / SPEC["bf16_flops"]
     elems = n * sum(c for _, c in linears)
     out = {}

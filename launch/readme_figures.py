@@ -7,6 +7,7 @@
     python launch/readme_figures.py scalelora benchmarks/recovery_scalelora.json
     python launch/readme_figures.py magnitude benchmarks/magnitude_row.json
     python launch/readme_figures.py ood benchmarks/ood.json
+    python launch/readme_figures.py planning benchmarks/plan_time_70b.json --readme docs/planning.md
 
 Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
 (``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
@@ -163,8 +164,40 @@ def ood_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``12.5 min``, ``3.2 h`` (as ``neuroal plan`` prints them)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+PLAN_PHASES = ("load", "search", "prune", "evaluation", "export", "total")
+
+
+def planning_text(result: dict) -> str:
+    """The 70B wall-time table of docs/planning.md from ``launch/bench_plan_time.py
+    predict``'s JSON: one row per (run, GPUs, engine.parallel), seconds per phase."""
+    lines = ["| run | GPUs | `engine.parallel` | " + " | ".join(PLAN_PHASES) + " |",
+             "|---|---|---|" + "---|" * len(PLAN_PHASES)]
+    for r in result["rows"]:
+        cells = " | ".join(_duration(r["seconds"][p]) for p in PLAN_PHASES)
+        lines.append(f"| {r['run']} | {r['workers']} x {result['device'].upper()} | "
+                     f"{r['mode']} | {cells} |")
+    by = {(r["run"], r["workers"], r["mode"]): r["seconds"]["total"] for r in result["rows"]}
+    runs = list(dict.fromkeys(r["run"] for r in result["rows"]))
+    lines.append("")
+    lines.append("On 8 GPUs, data mode against pipeline mode: " + "; ".join(
+        f"{run} {by[(run, 8, 'pipeline')] / by[(run, 8, 'data')]:.1f}x faster in total, "
+        f"{by[(run, 1, 'pipeline')] / by[(run, 8, 'data')]:.1f}x against 1 GPU" for run in runs)
+        + f" (WikiText-2 evaluation: {result['eval_windows']} windows of 2048 tokens).")
+    return "\n".join(lines)
+
+
 KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text,
-         "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text}
+         "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text,
+         "planning": planning_text}
 
 
 def replace_block(text: str, name: str, body: str) -> str:

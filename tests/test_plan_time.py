@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -168,10 +170,49 @@ def test_committed_figures_have_provenance_and_gpu_ones_are_derived() -> None:
         assert all(getattr(tp, k) > 0 for k in numeric), tp.name
         assert set(numeric) <= set(tp.provenance), tp.name
     data = json.loads(THROUGHPUT_FILE.read_text())
-    derived = _bench_module().gpu_entries()
+    derived = json.loads(json.dumps(_bench_module().gpu_entries()))
     for name in ("h100", "h200"):
-        assert data[name] == pytest.approx(derived[name]) or json.loads(
-            json.dumps(derived[name])) == data[name]
+        assert data[name] == derived[name], f"rerun: python launch/bench_plan_time.py gpu ({name})"
+
+
+def test_70b_json_is_the_current_prediction_and_the_doc_shows_it() -> None:
+    """benchmarks/plan_time_70b.json is what the time model predicts now (rerun `python
+    launch/bench_plan_time.py predict --json benchmarks/plan_time_70b.json` after changing
+    it), and docs/planning.md's table is generated from that JSON."""
+    committed = json.loads((REPO / "benchmarks" / "plan_time_70b.json").read_text())
+    fresh = json.loads(json.dumps(_bench_module().predict_70b(), default=str))
+    assert [(r["run"], r["workers"], r["mode"]) for r in committed["rows"]] == \
+        [(r["run"], r["workers"], r["mode"]) for r in fresh["rows"]]
+    for old, new in zip(committed["rows"], fresh["rows"], strict=True):
+        assert old["seconds"] == pytest.approx(new["seconds"], rel=1e-9)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "readme_figures.py"), "planning",
+                           str(REPO / "benchmarks" / "plan_time_70b.json"), "--readme",
+                           str(REPO / "docs" / "planning.md"), "--check"])
+    assert proc.returncode == 0, "rerun launch/readme_figures.py planning ... --readme docs/planning.md"
+
+
+def test_planning_table_is_generated(tmp_path: Path) -> None:
+    """The generator writes every row between the markers and a stale table fails --check."""
+    figures_spec = importlib.util.spec_from_file_location(
+        "readme_figures", REPO / "launch" / "readme_figures.py")
+    figures = importlib.util.module_from_spec(figures_spec)
+    figures_spec.loader.exec_module(figures)
+    secs = {p: 60.0 for p in (*PHASES, "total")}
+    rows = [{"run": "R", "workers": k, "mode": m, "seconds": {**secs, "total": t}}
+            for k, m, t in ((1, "pipeline", 800.0), (1, "data", 800.0), (8, "pipeline", 400.0),
+                            (8, "data", 100.0))]
+    text = figures.planning_text({"device": "h100", "eval_windows": 166, "rows": rows})
+    assert "| R | 8 x H100 | data | 60 s | 60 s | 60 s | 60 s | 60 s | 100 s |" in text
+    assert "R 4.0x faster in total, 8.0x against 1 GPU" in text
+    doc = tmp_path / "planning.md"
+    doc.write_text("a\n<!-- planning:begin -->\nold\n<!-- planning:end -->\n")
+    data = tmp_path / "p.json"
+    data.write_text(json.dumps({"device": "h100", "eval_windows": 166, "rows": rows}))
+    cmd = [sys.executable, str(REPO / "launch" / "readme_figures.py"), "planning", str(data),
+           "--readme", str(doc)]
+    assert subprocess.run([*cmd, "--check"], capture_output=True).returncode == 1
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert subprocess.run([*cmd, "--check"], capture_output=True).returncode == 0
 
 
 def test_plan_prints_every_phase(capsys: pytest.CaptureFixture[str]) -> None:

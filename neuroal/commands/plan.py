@@ -25,8 +25,16 @@ from neuroal import __version__
 from neuroal.config import ConfigError, config_from_flags
 from neuroal.inputs import position_errors
 from neuroal.models.loading import load_model_config, resolve_model
-from neuroal.plan_time import MODES, TimeRequest, Workload, format_prediction, predict, throughput
-from neuroal.plan_time import needs_hessian, search_candidates
+from neuroal.plan_time import (
+    MODES,
+    TimeRequest,
+    Workload,
+    format_prediction,
+    needs_hessian,
+    predict,
+    search_candidates,
+    throughput,
+)
 from neuroal.planner import MemoryRequest, format_summary, layout_of, parse_bytes, summarize
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
 from neuroal.safety import check_file_output
