@@ -1,4 +1,5 @@
-"""Plan memory before a run (engine.md §7): per-worker table, verdict, alternatives.
+"""Plan memory and time before a run (engine.md §7): per-worker table, verdict, alternatives,
+then the predicted wall time per phase (neuroal.plan_time, docs/planning.md).
 
     neuroal plan --model llama-2-70b --workers 8 --gpu-memory 80GB
     neuroal plan --model qwen2.5-72b --workers 4 --gpu-memory 80GB --criterion sparsegpt
