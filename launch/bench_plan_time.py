@@ -46,9 +46,9 @@ CHECK_RUNS = [
     # (label, config, overrides); the quickstart as `make quickstart` runs it
     ("quickstart", "configs/smollm2/quickstart.yaml", []),
     ("wanda-uniform-60", "configs/smollm2/wanda-uniform-50.yaml",
-     ["sparsity=0.6", "calib.nsamples=32", "eval.max_windows=16", "output.save_model=false"]),
+     ["sparsity=0.6", "calib.nsamples=8", "eval.max_windows=4", "output.save_model=false"]),
     ("sparsegpt-uniform-60", "configs/smollm2/sparsegpt-uniform-70.yaml",
-     ["sparsity=0.6", "calib.nsamples=32", "eval.max_windows=16", "output.save_model=false"]),
+     ["sparsity=0.6", "calib.nsamples=8", "eval.max_windows=4", "output.save_model=false"]),
 ]
 H100_70B = [
     # (label, config, overrides): the paper protocol's configs at 70 %

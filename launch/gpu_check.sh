@@ -56,12 +56,13 @@ step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" >&2; }
 want() { [ -z "$ONLY" ] || [[ "$ONLY" == *",$1,"* ]]; }
 # part NAME SECONDS: one step of gpu_check_parallel.py; a kill by timeout is recorded too
 part() {
-  local arg=""
-  [ "$CPU" = 1 ] && arg=cpu
-  timeout "$2" "$PY" launch/gpu_check_parallel.py "$1" "$OUT" $arg
+  local arg="" limit="$2"
+  # the CPU dry run runs on shared machines: 4x the GPU limit (Ray alone may need minutes there)
+  [ "$CPU" = 1 ] && arg=cpu && limit=$(( $2 * 4 ))
+  timeout "$limit" "$PY" launch/gpu_check_parallel.py "$1" "$OUT" $arg
   local rc=$?
   if [ "$rc" = 124 ] || [ ! -f "$OUT/${1//-/_}.json" ]; then
-    printf '{"error": "step %s stopped (exit %d) after its %d s limit or a crash"}\n' "$1" "$rc" "$2" \
+    printf '{"error": "step %s stopped (exit %d) after its %d s limit or a crash"}\n' "$1" "$rc" "$limit" \
       > "$OUT/${1//-/_}.json"
   fi
 }
