@@ -160,8 +160,15 @@ def start_ray(cuda: bool) -> Any:
 
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=4 if cuda else 2, num_gpus=2 if cuda else 0, include_dashboard=False,
-             log_to_driver=False)
+    for attempt in range(3):  # Ray gives its node 30 s to start: too little on a loaded CPU
+        try:
+            ray.init(num_cpus=4 if cuda else 2, num_gpus=2 if cuda else 0,
+                     include_dashboard=False, log_to_driver=False)
+            return ray
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     return ray
 
 
