@@ -42,6 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 THROUGHPUT = REPO / "neuroal" / "throughput.json"
 TOLERANCE = 0.30
+MIN_SECONDS = 5.0
+"""Phases shorter than this, predicted and measured, are not compared (a relative error of a
+0.1 s phase means nothing)."""
 CHECK_RUNS = [
     # (label, config, overrides); the quickstart as `make quickstart` runs it
     ("quickstart", "configs/smollm2/quickstart.yaml", []),
@@ -340,7 +343,7 @@ def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict
     predicted = predict(Workload.from_layout(layout_of(cfg.model.name)), req, throughput(device))
     measured = measured_phases(report["timings"])
     errors = {p: relative_error(predicted[p], measured[p]) for p in (*PHASES, "total")
-              if measured[p] > 0 or predicted[p] > 0}
+              if max(measured[p], predicted[p]) >= MIN_SECONDS}
     unmodelled = {k: v for k, v in report["timings"].items()
                   if k.startswith("eval_tasks") and isinstance(v, (int, float))}
     return {"run": label, "command": report.get("bench_command"),
@@ -391,7 +394,8 @@ def check(opts: argparse.Namespace) -> dict[str, Any]:
         report = run_config(label, config, overrides, Path(opts.out), opts.reuse)
         rows.append(compare_row(label, report))
         print(f"{label}: {json.dumps(rows[-1]['relative_error'])}", file=sys.stderr, flush=True)
-    result = {"rows": rows, "not_run": skipped, "tolerance": TOLERANCE,
+    result = {"note": getattr(opts, "note", ""), "rows": rows, "not_run": skipped,
+              "tolerance": TOLERANCE,
               "calibrated_in_this_run": calibrated is not None,
               "within": all(r["within"] for r in rows),
               "throughput": json.loads(THROUGHPUT.read_text())["cpu"]}
@@ -447,6 +451,7 @@ def parser() -> argparse.ArgumentParser:
                    help="check: measure the CPU figures first (same load as the runs)")
     p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "plan_time"))
     p.add_argument("--json", help="where to write the result (check, predict)")
+    p.add_argument("--note", default="", help="check: a sentence kept in the JSON (conditions)")
     return p
 
 
