@@ -8,6 +8,7 @@
     python launch/readme_figures.py magnitude benchmarks/magnitude_row.json
     python launch/readme_figures.py ood benchmarks/ood.json
     python launch/readme_figures.py planning benchmarks/plan_time_70b.json --readme docs/planning.md
+    python launch/readme_figures.py plancheck benchmarks/plan_time.json --readme docs/planning.md
 
 Each kind owns the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in README.md
 (``--readme`` for another file) and replaces only that; ``--check`` exits 1 when the README
@@ -195,9 +196,23 @@ def planning_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def plancheck_text(result: dict) -> str:
+    """The CPU check of the time planner from ``launch/bench.py plan-time``'s JSON: per run
+    and phase, predicted and measured seconds (phases under 5 s both ways left out)."""
+    lines = ["| run | phase | predicted s | measured s | error |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for phase, error in r["relative_error"].items():
+            lines.append(f"| {r['run']} | {phase} | {r['predicted'][phase]:.0f} | "
+                         f"{r['measured'][phase]:.0f} | {error:+.0%} |")
+    verdict = "within" if result["within"] else "NOT within"
+    lines.append("")
+    lines.append(f"Every compared phase {verdict} {result['tolerance']:.0%}.")
+    return "\n".join(lines)
+
+
 KINDS = {"quickstart": quickstart_text, "search": search_text, "unimodal": unimodal_text,
          "scalelora": scalelora_text, "magnitude": magnitude_text, "ood": ood_text,
-         "planning": planning_text}
+         "planning": planning_text, "plancheck": plancheck_text}
 
 
 def replace_block(text: str, name: str, body: str) -> str:

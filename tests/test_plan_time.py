@@ -189,6 +189,10 @@ def test_70b_json_is_the_current_prediction_and_the_doc_shows_it() -> None:
                            str(REPO / "benchmarks" / "plan_time_70b.json"), "--readme",
                            str(REPO / "docs" / "planning.md"), "--check"])
     assert proc.returncode == 0, "rerun launch/readme_figures.py planning ... --readme docs/planning.md"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "readme_figures.py"), "plancheck",
+                           str(REPO / "benchmarks" / "plan_time.json"), "--readme",
+                           str(REPO / "docs" / "planning.md"), "--check"])
+    assert proc.returncode == 0, "rerun launch/readme_figures.py plancheck ... --readme docs/planning.md"
 
 
 def test_planning_table_is_generated(tmp_path: Path) -> None:
