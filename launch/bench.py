@@ -14,6 +14,7 @@
     python launch/bench.py parallel --nsamples 16 --seqlen 128  # pipeline vs data mode, 1-2 workers
     python launch/bench.py reliability [--only GROUP,CASE]  # hostile inputs: one verdict each
     python launch/bench.py transport [--quick]  # Ray actor-to-actor hops + 2-actor prunes per transport
+    python launch/bench.py plan-time --json benchmarks/plan_time.json  # time planner vs SmolLM2 runs
 
 Each pruning run is a separate ``launch/prune.py`` process, so its peak RSS is its own.
 Defaults follow the CPU protocol of shared/specs/README.md (128 x 512 calibration, 64 test
@@ -560,11 +561,23 @@ def reliability(opts: argparse.Namespace) -> dict:
     return result
 
 
+def plan_time(opts: argparse.Namespace) -> dict:
+    """The time planner's CPU figures measured, then its predictions against the quickstart and
+    a Wanda and a SparseGPT prune (``launch/bench_plan_time.py check --calibrate``)."""
+    sys.path.insert(0, str(REPO / "launch"))
+    import bench_plan_time
+
+    args = ["check", "--calibrate", "--out", str(Path(opts.out) / "plan_time")]
+    return bench_plan_time.check(bench_plan_time.parser().parse_args(
+        args + (["--only", opts.only] if opts.only else [])))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("suite", choices=["foundation", "masks", "allocation", "screen", "workers",
                                           "recovery", "ood", "onload", "search", "unimodal",
-                                          "parallel", "reliability", "transport"],
+                                          "parallel", "reliability", "transport",
+                                          "plan-time"],
                    nargs="?", default="foundation")
     p.add_argument("paths", nargs="*", help="unimodal suite: JSON files or folders holding "
                    "NeuroAL trails (default: outputs/ and benchmarks/)")
@@ -589,7 +602,8 @@ def main() -> int:
               "screen": screen, "workers": workers,
               "recovery": recovery, "ood": ood, "onload": onload,
               "search": search, "unimodal": unimodal, "parallel": parallel,
-              "reliability": reliability, "transport": transport}[opts.suite](opts)
+              "reliability": reliability, "transport": transport,
+              "plan-time": plan_time}[opts.suite](opts)
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))

@@ -5,6 +5,9 @@
     python launch/gpu_check.py nccl OUT [cpu]  # 2 ranks (NCCL; gloo with cpu) vs one local worker
     python launch/gpu_check.py summary OUT     # one table + OUT/gpu_check.json from the parts
 
+The multi-worker checks on one GPU (Ray actors sharing it, hops per transport, engine.parallel,
+GPU vs CPU bf16 masks) live in ``launch/gpu_check_parallel.py``; the summary reads their parts.
+
 Needs only torch, transformers, safetensors and neuroal (no Ray, GGUF or DeepSpeed, no data
 files, no network): models are random and tiny, written to a temporary directory.
 """
@@ -173,11 +176,37 @@ def nccl(out: Path, device: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- summary
 
+PARALLEL_PARTS = ("ray_share", "hop", "parallel", "dtypes")
+"""Parts written by launch/gpu_check_parallel.py."""
+
+
+def parallel_ok(part: dict[str, Any]) -> bool:
+    """A part of gpu_check_parallel.py passes unless it failed or found a difference where
+    bit-identity is claimed (ray_share, parallel); skipped steps pass, measurements pass."""
+    return "error" not in part and part.get("identical", True) is not False
+
+
+def parallel_line(part: dict[str, Any]) -> str:
+    """One line per part: skipped, error, or its rows in short."""
+    if "skipped" in part or "error" in part or "missing" in part:
+        return str({k: part[k] for k in ("skipped", "error", "missing") if k in part})
+    if "runs" in part:
+        rows = [f"{r.get('transport') or r.get('mode')}/{r['criterion']}"
+                + (f" {r['seconds']:.2f} s identical={r.get('identical')}" if "seconds" in r
+                   else f" {r.get('error', '')[:120]}") for r in part["runs"]]
+        return f"identical={part.get('identical')}; " + "; ".join(rows)
+    if "transports" in part:
+        return "; ".join(f"{t}: " + (", ".join(f"{size} {v['seconds']:.3f} s" for size, v in
+                                               r.items()) if "seconds" in
+                                     next(iter(r.values()), {}) else str(r)[:160])
+                         for t, r in part["transports"].items())
+    return json.dumps(part.get("rows", part), default=str)[:600]
+
 
 def summary(out: Path) -> int:
     """Collect the parts into OUT/gpu_check.json and print one table."""
     parts = {}
-    for name in ("env", "pytest", "nccl", "onload", "recover_memory"):
+    for name in ("env", "pytest", "nccl", "onload", "recover_memory", *PARALLEL_PARTS):
         path = out / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.is_file() else {"missing": True}
     (out / "gpu_check.json").write_text(json.dumps(parts, indent=2) + "\n")
@@ -207,10 +236,19 @@ def summary(out: Path) -> int:
         print(recover_table(recover))
     else:
         print(f"recovery memory: {recover}")
-    ok = (not e.get("imported_by_neuroal")) and parts["pytest"].get("rc", 0) in (0, 5) and \
-        parts["nccl"].get("identical", "skipped" in parts["nccl"]) and all(r.get("identical") for r in
-                                                     onload.get("rows", [{"identical": False}])) \
-        and all(r.get("within") for r in recover.get("rows", [{"within": False}]))
+    for name in PARALLEL_PARTS:
+        print(f"{name}: {parallel_line(parts[name])}")
+    ran = {k for k, v in parts.items() if not v.get("missing")}  # --only runs a subset
+    ok = all([
+        not e.get("imported_by_neuroal"),
+        parts["pytest"].get("rc", 0) in (0, 5),
+        "nccl" not in ran or parts["nccl"].get("identical", "skipped" in parts["nccl"]),
+        "onload" not in ran or all(r.get("identical") for r in
+                                   onload.get("rows", [{"identical": False}])),
+        "recover_memory" not in ran or all(r.get("within") for r in
+                                           recover.get("rows", [{"within": False}])),
+        *(parallel_ok(parts[name]) for name in PARALLEL_PARTS if name in ran),
+    ])
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 

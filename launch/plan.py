@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Plan memory before a run (engine.md §7): `python launch/plan.py --help` (= `neuroal plan`).
+"""Plan memory and wall time before a run (engine.md §7; time: docs/planning.md):
+`python launch/plan.py --help` (= `neuroal plan`).
 
 The command lives in neuroal.commands.plan; nothing is loaded but the model config.
 """

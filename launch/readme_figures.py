@@ -226,6 +226,51 @@ def transport_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _duration(seconds: float) -> str:
+    """``42 s``, ``12.5 min``, ``3.2 h`` (as ``neuroal plan`` prints them)."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+PLAN_PHASES = ("load", "search", "prune", "evaluation", "export", "total")
+
+
+def planning_text(result: dict) -> str:
+    """The 70B wall-time table of docs/planning.md from ``launch/bench_plan_time.py
+    predict``'s JSON: one row per (run, GPUs, engine.parallel), seconds per phase."""
+    lines = ["| run | GPUs | `engine.parallel` | " + " | ".join(PLAN_PHASES) + " |",
+             "|---|---|---|" + "---|" * len(PLAN_PHASES)]
+    for r in result["rows"]:
+        cells = " | ".join(_duration(r["seconds"][p]) for p in PLAN_PHASES)
+        lines.append(f"| {r['run']} | {r['workers']} x {result['device'].upper()} | "
+                     f"{r['mode']} | {cells} |")
+    by = {(r["run"], r["workers"], r["mode"]): r["seconds"]["total"] for r in result["rows"]}
+    runs = list(dict.fromkeys(r["run"] for r in result["rows"]))
+    lines.append("")
+    lines.append("On 8 GPUs, data mode against pipeline mode: " + "; ".join(
+        f"{run} {by[(run, 8, 'pipeline')] / by[(run, 8, 'data')]:.1f}x faster in total, "
+        f"{by[(run, 1, 'pipeline')] / by[(run, 8, 'data')]:.1f}x against 1 GPU" for run in runs)
+        + f" (WikiText-2 evaluation: {result['eval_windows']} windows of 2048 tokens).")
+    return "\n".join(lines)
+
+
+def plancheck_text(result: dict) -> str:
+    """The CPU check of the time planner from ``launch/bench.py plan-time``'s JSON: per run
+    and phase, predicted and measured seconds (phases under 5 s both ways left out)."""
+    lines = ["| run | phase | predicted s | measured s | error |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        for phase, error in r["relative_error"].items():
+            lines.append(f"| {r['run']} | {phase} | {r['predicted'][phase]:.0f} | "
+                         f"{r['measured'][phase]:.0f} | {error:+.0%} |")
+    verdict = "within" if result["within"] else "NOT within"
+    lines.append("")
+    lines.append(f"Every compared phase {verdict} {result['tolerance']:.0%}.")
+    return "\n".join(lines)
+
+
 VERDICTS = ("clear error before loading", "unclear", "error after work", "traceback", "silent",
             "data loss", "ran")
 """The reliability catalogue's verdicts, in the table's order (launch/bench_reliability.py)."""
@@ -251,7 +296,8 @@ KINDS = {"quickstart": quickstart_text, "results": results_text, "search": searc
          "unimodal": unimodal_text, "scalelora": scalelora_text,
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
          "reliability": reliability_text,
-         "transport": transport_text}
+         "transport": transport_text,
+         "planning": planning_text, "plancheck": plancheck_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -262,7 +308,9 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "ood": ("benchmarks/ood.json", "docs/results.md"),
            "parallel": ("benchmarks/parallel.json", "docs/parallelism.md"),
            "reliability": ("benchmarks/reliability.json", "docs/safety.md"),
-           "transport": ("benchmarks/transport.json", "docs/transport.md")}
+           "transport": ("benchmarks/transport.json", "docs/transport.md"),
+           "planning": ("benchmarks/plan_time_70b.json", "docs/planning.md"),
+           "plancheck": ("benchmarks/plan_time.json", "docs/planning.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 

@@ -91,6 +91,23 @@ class NeuroALPolicy:
                           "steps=block or both")
         return errors
 
+    def candidate_count(self, options: Mapping[str, Any], criterion: str, target: float) -> int:
+        """Candidates the search evaluates (an upper bound: early stopping may cut some short),
+        for the time planner: the block grid, then the row grid unless the criterion has no
+        row step, each refined ``grid_refine`` times by up to 2 more points."""
+        opts = {**self.defaults, **options}
+        uniform = bool(opts["include_uniform"])
+        if opts["steps"] == "row":
+            blocks = 1
+        elif opts["block_grid"] == "auto":
+            blocks = len(block_grid(target, uniform))
+        else:
+            blocks = len(opts["block_grid"]) + int(uniform and 0.0 not in opts["block_grid"])
+        rows = 0
+        if opts["steps"] != "block" and criterion not in NO_ROW_STEP:
+            rows = len(ROW_GRID) if opts["row_grid"] == "auto" else len(opts["row_grid"])
+        return blocks + rows + 2 * int(opts["grid_refine"]) * (1 + int(rows > 0))
+
     def plan(self, request: PlanRequest) -> SparsityPlan:
         opts = {**self.defaults, **request.options}
         ids = request.calibration[: opts["search_samples"]]

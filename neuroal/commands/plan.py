@@ -1,4 +1,5 @@
-"""Plan memory before a run (engine.md §7): per-worker table, verdict, alternatives.
+"""Plan memory and time before a run (engine.md §7): per-worker table, verdict, alternatives,
+then the predicted wall time per phase (neuroal.plan_time, docs/planning.md).
 
     neuroal plan --model llama-2-70b --workers 8 --gpu-memory 80GB
     neuroal plan --model qwen2.5-72b --workers 4 --gpu-memory 80GB --criterion sparsegpt
@@ -6,6 +7,8 @@
     neuroal plan --model llama-2-70b --recover perp-reconstruct,perp-masklora \
         --recover-opt perp-masklora.gradient_checkpointing=true
     neuroal plan --model llama-2-70b --workers 1 --gpu-memory 80GB   # onloading: fits
+    neuroal plan --model llama-2-70b --workers 8 --criterion sparsegpt --parallel data \
+        --device-class h100 --eval-windows 166     # + predicted wall time per phase
 
 ``--model`` takes a known alias (config shipped with neuroal, works offline), a local HF
 directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planner.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -27,9 +31,22 @@ from neuroal.guard import check_decoder_lm, check_prunable, check_source
 from neuroal.inputs import position_errors
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
-from neuroal.planner import MemoryRequest, format_summary, parse_bytes, summarize
+from neuroal.plan_time import (
+    MODES,
+    TimeRequest,
+    Workload,
+    format_prediction,
+    needs_hessian,
+    predict,
+    search_candidates,
+    throughput,
+)
+from neuroal.planner import MemoryRequest, format_summary, layout_of, parse_bytes, summarize
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
 from neuroal.safety import UnsafeOutputError, check_file_output, write_file
+
+TRANSPORTS = {"auto": "direct", "nccl": "direct", "gloo": "direct", "object-store": "object-store"}
+"""``engine.ray.transport`` -> the time model's transfer class (direct tensor transport or not)."""
 
 # dotted config key -> flag: the flags are validated by the same config checks as prune.py
 FLAGS = {"model.name": "--model", "engine.workers": "--workers", "engine.memory_limit": "--gpu-memory",
@@ -93,6 +110,33 @@ def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dic
     return names, options
 
 
+def time_prediction(args: argparse.Namespace) -> dict:
+    """Predicted seconds per phase (neuroal.plan_time) for the flags; ``--parallel auto``
+    predicts both modes and picks the faster."""
+    device = args.device_class or {"cpu": "cpu", "cuda": "h100"}[args.device_type]
+    tp = throughput(device)
+    workload = Workload.from_layout(layout_of(args.model))
+    base = TimeRequest(
+        workers=args.workers, device=device, executor=args.executor,
+        transport=TRANSPORTS[args.transport], dtype=args.dtype, nsamples=args.nsamples,
+        seqlen=args.seqlen, hessian=needs_hessian(args.criterion),
+        candidates=search_candidates(args.allocation, {"search_samples": args.search_samples,
+                                                       "reference_stream": args.reference_stream},
+                                     args.criterion, args.sparsity),
+        search_samples=min(args.search_samples, args.nsamples),
+        eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen or args.seqlen)
+    modes = MODES if args.parallel == "auto" else (args.parallel,)
+    seconds = {m: predict(workload, replace(base, mode=m), tp) for m in modes}
+    chosen = min(modes, key=lambda m: (seconds[m]["total"], MODES.index(m)))
+    text = format_prediction(seconds[chosen], replace(base, mode=chosen), tp)
+    if len(modes) > 1:
+        other = next(m for m in modes if m != chosen)
+        text += (f"\n  (engine.parallel=auto chose {chosen}; {other}: "
+                 f"{seconds[other]['total'] / 60:.1f} min in total)")
+    return {"device_class": device, "mode": chosen, "seconds": seconds, "text": text,
+            "provenance": dict(tp.provenance)}
+
+
 @guarded
 def main(argv: list[str] | None = None) -> int:
     """``neuroal plan`` / ``launch/plan.py``: exit 0 when it fits, 1 when not, 2 on bad input."""
@@ -122,6 +166,17 @@ def main(argv: list[str] | None = None) -> int:
                         "perp-reconstruct,perp-masklora)")
     p.add_argument("--recover-opt", action="append", default=[], metavar="STEP.KEY=VALUE",
                    help="a recovery step option (YAML value), e.g. perp-reconstruct.batch_size=2")
+    p.add_argument("--device-class", default=None,
+                   help="throughput figures for the time prediction (cpu, h100, h200; default: "
+                        "cpu for --device-type cpu, h100 for cuda)")
+    p.add_argument("--parallel", default="auto", choices=["auto", *MODES],
+                   help="engine.parallel of the final prune (auto: the faster prediction)")
+    p.add_argument("--executor", default="ray", choices=["local", "ray", "dist"])
+    p.add_argument("--transport", default="auto", choices=sorted(TRANSPORTS),
+                   help="engine.ray.transport (nccl/gloo/auto: direct, or the object store)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target (sizes the search grid)")
+    p.add_argument("--eval-windows", type=int, default=0,
+                   help="perplexity windows per pass (time only; 0: no evaluation)")
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write JSON (- = stdout); "
                    "an existing file is replaced only if neuroal wrote it")
     p.add_argument("--allow-existing", action="store_true",
@@ -146,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host = parse_bytes(args.host_memory) if args.host_memory else None
         summary = summarize(args.model, request, parse_bytes(args.gpu_memory), host)
+        summary["time"] = time_prediction(args)
     except (ValueError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -153,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(format_summary(summary))
+        print("\n" + summary["time"]["text"])
         if args.json:
             try:
                 write_file(args.json, json.dumps({"neuroal": __version__, **summary}, indent=2) + "\n")

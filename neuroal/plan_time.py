@@ -1,0 +1,424 @@
+"""Time planner: predicted wall seconds per phase of a run, from throughput figures.
+
+The memory planner (:mod:`neuroal.planner`) says whether a run fits; this module says how long it
+takes. Every figure is a count of work divided by a throughput of the device class, so the model
+is a few lines of arithmetic a user can check by hand:
+
+* **forward** of ``n`` tokens through a block of linears ``(rows, cols)``:
+  ``n (2 sum(rows cols) + 2 T h) / forward_flops`` (the second term: causal attention on windows
+  of ``T`` tokens, hidden ``h``);
+* **statistics** (the hooks of a statistics forward): ``n sum(cols) / stats_elems``, plus the
+  Hessians ``2 n sum(cols^2) / hessian_flops`` for criteria that need them (SparseGPT);
+* **masks** of one linear: ``rows cols / select_weights`` (Wanda, magnitude, RIA), or
+  SparseGPT's factorisation and sweep ``(rows cols^2 + cols^3) / solve_flops + cols
+  solve_column_s`` (the second term: the per-column loop's fixed cost);
+* **load**: the bytes a worker materialises / ``load_bytes``, plus ``startup_s`` once;
+  **export**: the model's bytes / ``export_bytes``;
+* **transfers**: bytes / ``link_bytes[transport]`` plus ``link_latency_s`` per transfer.
+
+Phases (:data:`PHASES`):
+
+* **search** (NeuroAL): per candidate and block, a statistics forward of the dense block and one
+  of the masked block on the search windows, and the masks (block 0's dense statistics are
+  shared). With a concurrent executor (Ray, dist) candidates pipeline through the K slices:
+  ``(C + K - 1)`` slice times, each slice ``ceil(L / K)`` blocks plus one stream hop.
+* **prune**: per block a statistics forward, the masks, and the forward of the pruned block on
+  all ``N x T`` calibration tokens. ``pipeline`` mode: the slices run one after the other (block
+  b needs block b-1's outputs), so K workers take as long as one, plus ``K - 1`` stream hops.
+  ``data`` mode: every worker runs the forwards on its ``ceil(N / K)`` sequences, the linears'
+  masks are spread over the workers (longest first, the slowest worker counts), and per block
+  the weights go out to the workers, the statistics are all-reduced and the pruned weights come
+  back.
+* **evaluation**: dense and pruned perplexity passes (blocks plus the head's logits and
+  log-softmax); divided by K in ``data`` mode only.
+* **load** and **export** as above; ``compare`` runs (another allocation on the same data, as
+  the quickstart does) add a load, a prune and a pruned evaluation each.
+
+The constants live in ``neuroal/throughput.json``, each with its provenance (measured on which
+machine by which command, or derived from which published figure).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from neuroal.allocation import ALLOCATIONS
+from neuroal.criteria import CRITERIA
+from neuroal.criteria.base import STAT_HESSIAN
+
+PHASES = ("load", "search", "prune", "evaluation", "export")
+MODES = ("pipeline", "data")
+EXECUTORS = ("local", "ray", "dist")
+CONCURRENT = frozenset({"ray", "dist"})  # executors whose workers run at the same time
+THROUGHPUT_FILE = Path(__file__).with_name("throughput.json")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STAT_BYTES = 4  # fp32 statistics
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Throughput figures of one device class (units in the field names; see the module doc)."""
+
+    name: str
+    description: str
+    forward_flops: float
+    stats_elems: float
+    hessian_flops: float
+    select_weights: float
+    solve_flops: float
+    solve_column_s: float
+    load_bytes: float
+    export_bytes: float
+    link_bytes: Mapping[str, float]
+    link_latency_s: float
+    startup_s: float
+    provenance: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, name: str, data: Mapping[str, Any]) -> Throughput:
+        """One entry of the throughput file (``name`` is its key)."""
+        return cls(name=name, **{k: v for k, v in data.items() if k != "name"})
+
+    def link(self, transport: str) -> float:
+        """Bytes per second of one transfer over ``transport``."""
+        if transport not in self.link_bytes:
+            raise ValueError(f"transport {transport!r} has no figure for device class "
+                             f"{self.name!r}; known: {', '.join(sorted(self.link_bytes))}")
+        return float(self.link_bytes[transport])
+
+
+def load_throughputs(path: str | Path = THROUGHPUT_FILE) -> dict[str, Throughput]:
+    """Every device class of the throughput file (keys starting with ``_`` are comments)."""
+    data = json.loads(Path(path).read_text())
+    return {k: Throughput.from_dict(k, v) for k, v in data.items() if not k.startswith("_")}
+
+
+def throughput(name: str, path: str | Path = THROUGHPUT_FILE) -> Throughput:
+    """The figures of device class ``name``; unknown names list the known ones."""
+    known = load_throughputs(path)
+    if name not in known:
+        raise ValueError(f"device class {name!r} has no throughput figures; known: "
+                         f"{', '.join(sorted(known))} (add one to {Path(path).name})")
+    return known[name]
+
+
+# --------------------------------------------------------------------------- workload
+
+
+class LayoutLike(Protocol):
+    """What the time model reads of :class:`neuroal.planner.ModelLayout`."""
+
+    hidden: int
+    vocab: int
+    linears: tuple[Mapping[str, tuple[int, int]], ...]
+
+    @property
+    def params(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model as the time model sees it: per block the ``(rows, cols)`` of its linears."""
+
+    hidden: int
+    vocab: int
+    blocks: tuple[tuple[tuple[int, int], ...], ...]
+    params: int
+
+    @classmethod
+    def from_layout(cls, layout: LayoutLike) -> Workload:
+        """From a memory-planner layout (the same meta skeleton, nothing loaded)."""
+        return cls(hidden=layout.hidden, vocab=layout.vocab,
+                   blocks=tuple(tuple(b.values()) for b in layout.linears), params=layout.params)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+
+@dataclass(frozen=True)
+class TimeRequest:
+    """The run settings that decide time (names as in the config where one exists).
+
+    ``candidates``: search candidates (0: no search); ``hessian``: the criterion accumulates
+    Hessians and solves (SparseGPT); ``eval_windows`` x ``eval_seqlen`` tokens per perplexity
+    pass, ``eval_passes`` passes (dense and pruned: 2); ``compare``: extra runs with another
+    allocation on the same data.
+    """
+
+    workers: int = 1
+    mode: str = "pipeline"
+    device: str = "cpu"
+    executor: str = "ray"
+    transport: str = "direct"
+    dtype: str = "bfloat16"
+    nsamples: int = 128
+    seqlen: int = 2048
+    hessian: bool = False
+    candidates: int = 0
+    search_samples: int = 8
+    eval_windows: int = 0
+    eval_seqlen: int = 2048
+    eval_passes: int = 2
+    compare: int = 0
+    save_model: bool = True
+
+    def errors(self) -> list[str]:
+        """Every bad setting, with what is expected."""
+        out = []
+        if self.mode not in MODES:
+            out.append(f"mode {self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.executor not in EXECUTORS:
+            out.append(f"executor {self.executor!r}: expected one of {', '.join(EXECUTORS)}")
+        if self.dtype not in DTYPE_BYTES:
+            out.append(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
+        for name in ("workers", "nsamples", "seqlen", "eval_seqlen", "search_samples"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}={getattr(self, name)}: expected an integer >= 1")
+        for name in ("candidates", "eval_windows", "eval_passes", "compare"):
+            if getattr(self, name) < 0:
+                out.append(f"{name}={getattr(self, name)}: expected an integer >= 0")
+        return out
+
+
+def needs_hessian(criterion: str) -> bool:
+    """Whether the criterion accumulates Hessians and solves per linear (SparseGPT)."""
+    return STAT_HESSIAN in CRITERIA.get(criterion).needs
+
+
+def search_candidates(allocation: str, options: Mapping[str, Any], criterion: str,
+                      target: float) -> int:
+    """Candidates a search policy evaluates (0 for policies without a search)."""
+    policy = ALLOCATIONS.get(allocation)
+    count = getattr(policy, "candidate_count", None)
+    return 0 if count is None else int(count(options, criterion, target))
+
+
+def request_from_config(cfg: Any, device: str, eval_windows: int, mode: str = "pipeline",
+                        transport: str = "direct") -> TimeRequest:
+    """A :class:`TimeRequest` from a validated ``PruneConfig`` (``eval_windows``: perplexity
+    windows per pass and dataset, which depend on the dataset's length)."""
+    dtype = cfg.model.dtype if cfg.model.dtype in DTYPE_BYTES else "bfloat16"
+    search = {**getattr(ALLOCATIONS.get(cfg.allocation.name), "defaults", {}),
+              **cfg.allocation.options}
+    return TimeRequest(
+        workers=cfg.engine.workers, mode=mode, device=device, executor=cfg.engine.executor,
+        transport=transport, dtype=dtype, nsamples=cfg.calib.nsamples, seqlen=cfg.calib.seqlen,
+        hessian=needs_hessian(cfg.criterion.name),
+        candidates=search_candidates(cfg.allocation.name, cfg.allocation.options,
+                                     cfg.criterion.name, cfg.sparsity),
+        search_samples=min(int(search.get("search_samples", 1)), cfg.calib.nsamples),
+        eval_windows=eval_windows * len(cfg.eval.datasets),
+        eval_seqlen=cfg.eval.seqlen or cfg.calib.seqlen,
+        eval_passes=1 + int(cfg.eval.dense) if cfg.eval.datasets else 0,
+        compare=len(cfg.compare), save_model=cfg.output.save_model)
+
+
+# --------------------------------------------------------------------------- per-block work
+
+
+def forward_seconds(linears: Sequence[tuple[int, int]], hidden: int, tokens: int, seqlen: int,
+                    tp: Throughput) -> float:
+    """Forward of ``tokens`` tokens (windows of ``seqlen``) through one block."""
+    flops = 2 * sum(r * c for r, c in linears) + 2 * seqlen * hidden
+    return tokens * flops / tp.forward_flops
+
+
+def stats_seconds(linears: Sequence[tuple[int, int]], tokens: int, hessian: bool,
+                  tp: Throughput) -> float:
+    """The hooks' statistics of one block on ``tokens`` tokens (beside its forward)."""
+    seconds = tokens * sum(c for _, c in linears) / tp.stats_elems
+    if hessian:
+        seconds += 2 * tokens * sum(c * c for _, c in linears) / tp.hessian_flops
+    return seconds
+
+
+def mask_seconds(rows: int, cols: int, hessian: bool, tp: Throughput) -> float:
+    """Masks of one ``(rows, cols)`` linear: selection, or SparseGPT's solve."""
+    if hessian:
+        return (rows * cols * cols + cols ** 3) / tp.solve_flops + cols * tp.solve_column_s
+    return rows * cols / tp.select_weights
+
+
+def makespan(jobs: Sequence[float], workers: int) -> float:
+    """Longest-first assignment of ``jobs`` (seconds) to ``workers``: the busiest one's total."""
+    loads = [0.0] * workers
+    for job in sorted(jobs, reverse=True):
+        loads[loads.index(min(loads))] += job
+    return max(loads)
+
+
+def transfer_seconds(nbytes: float, tp: Throughput, transport: str) -> float:
+    """One transfer of ``nbytes`` (a hop, a broadcast or one all-reduce's share)."""
+    return nbytes / tp.link(transport) + tp.link_latency_s
+
+
+def slices(num_blocks: int, workers: int) -> int:
+    """Blocks of the largest slice (``split_blocks``: ``ceil(L / K)``)."""
+    return -(-num_blocks // workers)
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def prune_block_seconds(linears: Sequence[tuple[int, int]], w: Workload, req: TimeRequest,
+                        tp: Throughput) -> float:
+    """One block of the final prune, ``req.mode`` with ``req.workers`` workers."""
+    k = req.workers if req.mode == "data" else 1
+    tokens = -(-req.nsamples // k) * req.seqlen  # the busiest worker's share
+    compute = (2 * forward_seconds(linears, w.hidden, tokens, req.seqlen, tp)
+               + stats_seconds(linears, tokens, req.hessian, tp))
+    masks = makespan([mask_seconds(r, c, req.hessian, tp) for r, c in linears], k)
+    if k == 1:
+        return compute + masks
+    weight_bytes = sum(r * c for r, c in linears) * DTYPE_BYTES[req.dtype]
+    stat_bytes = STAT_BYTES * sum(c + (c * c if req.hessian else 0) for _, c in linears)
+    comm = (2 * transfer_seconds(weight_bytes, tp, req.transport)  # weights out, pruned back
+            + transfer_seconds(2 * (k - 1) / k * stat_bytes, tp, req.transport))  # all-reduce
+    return compute + masks + comm
+
+
+def stream_bytes(req: TimeRequest, w: Workload, sequences: int, seqlen: int) -> float:
+    """An activation stream of ``sequences x seqlen`` tokens in the run dtype."""
+    return sequences * seqlen * w.hidden * DTYPE_BYTES[req.dtype]
+
+
+def prune_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
+    """The final prune: every block, plus the stream's hops between slices in pipeline mode."""
+    total = sum(prune_block_seconds(b, w, req, tp) for b in w.blocks)
+    if req.mode == "pipeline" and req.workers > 1:
+        hop = stream_bytes(req, w, req.nsamples, req.seqlen)
+        total += (req.workers - 1) * transfer_seconds(hop, tp, req.transport)
+    return total
+
+
+def candidate_block_seconds(linears: Sequence[tuple[int, int]], w: Workload, req: TimeRequest,
+                            tp: Throughput, dense_stats: bool) -> float:
+    """One NeuroAL candidate on one block: dense statistics forward (unless shared), masks,
+    masked statistics forward."""
+    tokens = req.search_samples * req.seqlen
+    fwd = forward_seconds(linears, w.hidden, tokens, req.seqlen, tp)
+    sparse = fwd + stats_seconds(linears, tokens, False, tp)
+    dense = fwd + stats_seconds(linears, tokens, req.hessian, tp) if dense_stats else 0.0
+    return dense + sparse + sum(mask_seconds(r, c, req.hessian, tp) for r, c in linears)
+
+
+def search_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
+    """The NeuroAL search (0 without candidates): pipelined over the slices with a concurrent
+    executor, one worker at a time with the local one."""
+    if req.candidates == 0:
+        return 0.0
+    per_block = [candidate_block_seconds(b, w, req, tp, i > 0) for i, b in enumerate(w.blocks)]
+    tokens = req.search_samples * req.seqlen
+    reference = (forward_seconds(w.blocks[0], w.hidden, tokens, req.seqlen, tp)
+                 + stats_seconds(w.blocks[0], tokens, req.hessian, tp))
+    k = req.workers
+    if k == 1 or req.executor not in CONCURRENT:
+        hops = 0.0 if k == 1 else (k - 1) * transfer_seconds(
+            stream_bytes(req, w, req.search_samples, req.seqlen), tp, req.transport)
+        return reference + req.candidates * (sum(per_block) + hops)
+    slice_s = sum(per_block) * slices(w.num_blocks, k) / w.num_blocks + transfer_seconds(
+        stream_bytes(req, w, req.search_samples, req.seqlen), tp, req.transport)
+    return reference + (req.candidates + k - 1) * slice_s
+
+
+def eval_pass_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
+    """One perplexity pass: every block and the head; data mode divides the windows."""
+    if req.eval_windows == 0:
+        return 0.0
+    k = req.workers if req.mode == "data" else 1
+    tokens = -(-req.eval_windows // k) * req.eval_seqlen
+    blocks = sum(forward_seconds(b, w.hidden, tokens, req.eval_seqlen, tp) for b in w.blocks)
+    head = tokens * (2 * w.vocab * w.hidden / tp.forward_flops + w.vocab / tp.stats_elems)
+    if req.workers == 1:
+        return blocks + head
+    if req.mode == "data":  # every block's weights go out to every worker
+        weights = sum(r * c for b in w.blocks for r, c in b) * DTYPE_BYTES[req.dtype]
+        return blocks + head + transfer_seconds(weights, tp, req.transport)
+    hop = stream_bytes(req, w, req.eval_windows, req.eval_seqlen)
+    return blocks + head + (req.workers - 1) * transfer_seconds(hop, tp, req.transport)
+
+
+def load_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
+    """One load of the model: the busiest worker's slice (every slice, one after the other,
+    with the local executor)."""
+    total = w.params * DTYPE_BYTES[req.dtype]
+    if req.executor in CONCURRENT:
+        total *= slices(w.num_blocks, req.workers) / w.num_blocks
+    return total / tp.load_bytes
+
+
+def predict(w: Workload, req: TimeRequest, tp: Throughput) -> dict[str, float]:
+    """Predicted seconds per phase (:data:`PHASES`) and ``total``.
+
+    Raises:
+        ValueError: A bad setting (every one named).
+    """
+    errors = req.errors()
+    if errors:
+        raise ValueError("time request: " + "; ".join(errors))
+    runs = 1 + req.compare
+    prune = prune_seconds(w, req, tp)
+    eval_pass = eval_pass_seconds(w, req, tp)
+    out = {
+        "load": tp.startup_s + runs * load_seconds(w, req, tp),
+        "search": search_seconds(w, req, tp),
+        "prune": runs * prune,
+        "evaluation": (req.eval_passes + req.compare) * eval_pass,
+        "export": (w.params * DTYPE_BYTES[req.dtype] / tp.export_bytes) if req.save_model else 0.0,
+    }
+    out["total"] = sum(out[p] for p in PHASES)
+    return out
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def format_seconds(seconds: float) -> str:
+    """``42 s``, ``12.5 min``, ``3.2 h``."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def format_prediction(prediction: Mapping[str, float], req: TimeRequest, tp: Throughput) -> str:
+    """Lines for ``neuroal plan``: one per phase, then the total."""
+    head = (f"predicted wall time on {req.workers} x {tp.name} ({tp.description}), "
+            f"engine.parallel={req.mode}, executor {req.executor}, transport {req.transport}:")
+    lines = [head] + [f"  {p:<11}{format_seconds(prediction[p]):>10}" for p in PHASES]
+    lines.append(f"  {'total':<11}{format_seconds(prediction['total']):>10}")
+    return "\n".join(lines)
+
+
+def phase_of(timing: str) -> str | None:
+    """The time-model phase a ``report.json`` timing key belongs to (None: not modelled, e.g.
+    zero-shot tasks, or the total)."""
+    base = timing.split("[", 1)[0]
+    return {"resolve": "load", "data": "load", "load": "load", "calibrate": "load",
+            "allocate": "search", "prune": "prune", "eval_dense": "evaluation",
+            "eval_sparse": "evaluation", "export": "export"}.get(base)
+
+
+def measured_phases(timings: Mapping[str, Any]) -> dict[str, float]:
+    """A run's ``report["timings"]`` summed into :data:`PHASES` (and ``total`` of those)."""
+    out = dict.fromkeys(PHASES, 0.0)
+    for key, value in timings.items():
+        phase = phase_of(key)
+        if phase is not None and isinstance(value, (int, float)):
+            out[phase] += float(value)
+    out["total"] = sum(out[p] for p in PHASES)
+    return out
+
+
+def relative_error(predicted: float, measured: float) -> float:
+    """``predicted / measured - 1`` (0 when both are 0)."""
+    if measured == 0:
+        return 0.0 if predicted == 0 else math.inf
+    return predicted / measured - 1

@@ -1,0 +1,235 @@
+"""The time planner (neuroal.plan_time): its arithmetic on hand-made numbers, the committed
+throughput figures, and `neuroal plan` printing the phases."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from neuroal.allocation import ALLOCATIONS
+from neuroal.commands.plan import main as plan_main
+from neuroal.plan_time import (
+    PHASES,
+    THROUGHPUT_FILE,
+    Throughput,
+    TimeRequest,
+    Workload,
+    eval_pass_seconds,
+    forward_seconds,
+    load_throughputs,
+    makespan,
+    mask_seconds,
+    measured_phases,
+    predict,
+    prune_seconds,
+    search_seconds,
+    stats_seconds,
+    throughput,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Round figures so that every expected value below can be checked by hand.
+TP = Throughput(name="unit", description="unit figures", forward_flops=1000.0, stats_elems=100.0,
+                hessian_flops=200.0, select_weights=10.0, solve_flops=1000.0,
+                solve_column_s=0.5, load_bytes=100.0, export_bytes=50.0,
+                link_bytes={"direct": 10.0, "object-store": 1.0}, link_latency_s=1.0,
+                startup_s=7.0)
+# 2 blocks, each one (rows 2, cols 4) and one (rows 4, cols 2) linear: 16 weights per block
+W = Workload(hidden=4, vocab=10, blocks=(((2, 4), (4, 2)), ((2, 4), (4, 2))), params=50)
+BASE = TimeRequest(workers=1, device="unit", executor="ray", dtype="float32", nsamples=4,
+                   seqlen=2, save_model=True)
+
+
+def test_block_terms_by_hand() -> None:
+    linears = W.blocks[0]
+    # tokens (2 * 16 weights + 2 * T 2 * h 4) / 1000 = 10 * (32 + 16) / 1000
+    assert forward_seconds(linears, 4, 10, 2, TP) == pytest.approx(0.48)
+    # 10 tokens * (4 + 2) cols / 100; with Hessians + 2 * 10 * (16 + 4) / 200
+    assert stats_seconds(linears, 10, False, TP) == pytest.approx(0.6)
+    assert stats_seconds(linears, 10, True, TP) == pytest.approx(0.6 + 2.0)
+    assert mask_seconds(2, 4, False, TP) == pytest.approx(0.8)  # 8 weights / 10
+    # (2 * 16 + 64) / 1000 + 4 columns * 0.5
+    assert mask_seconds(2, 4, True, TP) == pytest.approx(0.096 + 2.0)
+
+
+def test_makespan_longest_first() -> None:
+    assert makespan([3.0, 1.0, 2.0], 1) == 6.0
+    assert makespan([3.0, 1.0, 2.0], 2) == 3.0  # {3}, {2, 1}
+    assert makespan([5.0, 1.0], 4) == 5.0  # one linear cannot be split
+
+
+def test_prune_pipeline_by_hand_and_hops() -> None:
+    # per block: 2 forwards (8 tokens: 0.384 each) + stats 8 * 6 / 100 + masks 0.8 + 0.8
+    block = 2 * 0.384 + 0.48 + 1.6
+    assert prune_seconds(W, BASE, TP) == pytest.approx(2 * block)
+    # pipeline with 2 workers: the same compute plus one hop of the 4 x 2 x 4 fp32 stream
+    two = replace(BASE, workers=2)
+    assert prune_seconds(W, two, TP) == pytest.approx(2 * block + 128 / 10.0 + 1.0)
+
+
+def test_data_mode_divides_forward_and_masks_and_pays_transfers() -> None:
+    data = replace(BASE, workers=2, mode="data")
+    # forwards and stats on 2 of 4 sequences (4 tokens); the 2 linears' masks on 2 workers;
+    # weights out and back (16 weights x 4 B each way), all-reduce of 6 fp32 norms
+    compute = 2 * 0.192 + 0.24 + 0.8
+    comm = 2 * (64 / 10.0 + 1.0) + (2 * 0.5 * 24 / 10.0 + 1.0)
+    assert prune_seconds(W, data, TP) == pytest.approx(2 * (compute + comm))
+    # with free transfers data mode on K workers is faster than pipeline mode on K
+    fast = replace(TP, link_bytes={"direct": 1e12}, link_latency_s=0.0)
+    assert prune_seconds(W, data, fast) < prune_seconds(W, replace(data, mode="pipeline"), fast)
+
+
+def test_search_pipelines_candidates_with_concurrent_executors() -> None:
+    req = replace(BASE, candidates=3, search_samples=1)
+    tokens = 2
+    fwd = forward_seconds(W.blocks[0], 4, tokens, 2, TP)
+    stat = stats_seconds(W.blocks[0], tokens, False, TP)
+    masks = 1.6
+    block0, block1 = fwd + stat + masks, 2 * (fwd + stat) + masks  # block 0: shared reference
+    one = search_seconds(W, req, TP)
+    assert one == pytest.approx((fwd + stat) + 3 * (block0 + block1))
+    # 2 ray workers: (C + K - 1) slice times of half the blocks plus a hop of 1 x 2 x 4 fp32
+    two = search_seconds(W, replace(req, workers=2), TP)
+    assert two == pytest.approx((fwd + stat) + 4 * ((block0 + block1) / 2 + 32 / 10.0 + 1.0))
+    # the local executor runs the slices one after the other
+    local = search_seconds(W, replace(req, workers=2, executor="local"), TP)
+    assert local == pytest.approx((fwd + stat) + 3 * (block0 + block1 + 32 / 10.0 + 1.0))
+    assert search_seconds(W, BASE, TP) == 0.0
+
+
+def test_eval_load_export_and_total() -> None:
+    req = replace(BASE, eval_windows=3, eval_seqlen=2, eval_passes=2, compare=1)
+    # 6 tokens: blocks 2 x 6 x 48 / 1000, head 6 x (2 x 10 x 4 / 1000 + 10 / 100)
+    one_pass = 2 * 6 * 48 / 1000 + 6 * (0.08 + 0.1)
+    assert eval_pass_seconds(W, req, TP) == pytest.approx(one_pass)
+    got = predict(W, req, TP)
+    assert got["load"] == pytest.approx(7.0 + 2 * 50 * 4 / 100.0)  # startup + 2 loads
+    assert got["prune"] == pytest.approx(2 * prune_seconds(W, req, TP))  # run + compare
+    assert got["evaluation"] == pytest.approx(3 * one_pass)  # dense, pruned, compare
+    assert got["export"] == pytest.approx(50 * 4 / 50.0)
+    assert got["total"] == pytest.approx(sum(got[p] for p in PHASES))
+    assert predict(W, replace(req, save_model=False), TP)["export"] == 0.0
+    # data mode: the busiest of 2 workers evaluates 2 of 3 windows, after the weights arrive
+    data = replace(req, workers=2, mode="data")
+    assert eval_pass_seconds(W, data, TP) == pytest.approx(
+        2 * 4 * 48 / 1000 + 4 * 0.18 + 128 / 10.0 + 1.0)
+
+
+def test_bad_settings_are_named() -> None:
+    with pytest.raises(ValueError, match="mode 'tensor'.*pipeline, data"):
+        predict(W, replace(BASE, mode="tensor"), TP)
+    with pytest.raises(ValueError, match="workers=0"):
+        predict(W, replace(BASE, workers=0), TP)
+    with pytest.raises(ValueError, match="device class 'tpu'.*h100"):
+        throughput("tpu")
+    with pytest.raises(ValueError, match="transport 'rdma'"):
+        TP.link("rdma")
+
+
+def test_neuroal_candidate_counts() -> None:
+    policy = ALLOCATIONS.get("neuroal")
+    quick = {"block_grid": [0.05, 0.1, 0.15, 0.2], "row_grid": [0.0, 0.05, 0.1, 0.15]}
+    assert policy.candidate_count(quick, "wanda", 0.6) == 8
+    assert policy.candidate_count(quick, "sparsegpt", 0.6) == 4  # no row step
+    assert policy.candidate_count({}, "wanda", 0.7) == 14 + 15  # faithful grids
+    assert policy.candidate_count({"steps": "block", "grid_refine": 1}, "wanda", 0.7) == 16
+    assert getattr(ALLOCATIONS.get("uniform"), "candidate_count", None) is None
+
+
+def test_measured_phases_from_report_timings() -> None:
+    timings = {"resolve": 1.0, "data": 2.0, "load": 3.0, "calibrate": 0.5, "allocate": 10.0,
+               "prune": 4.0, "eval_dense": 5.0, "eval_sparse": 5.0, "load[uniform]": 3.0,
+               "prune[uniform]": 4.0, "eval_sparse[uniform]": 5.0, "eval_tasks_dense": 9.0,
+               "export": 2.0, "total": 99.0, "search_utilisation": 0.9}
+    got = measured_phases(timings)
+    assert got == {"load": 9.5, "search": 10.0, "prune": 8.0, "evaluation": 15.0,
+                   "export": 2.0, "total": 44.5}
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_plan_time",
+                                                  REPO / "launch" / "bench_plan_time.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_figures_have_provenance_and_gpu_ones_are_derived() -> None:
+    known = load_throughputs()
+    assert {"cpu", "h100", "h200"} <= set(known)
+    numeric = ("forward_flops", "stats_elems", "hessian_flops", "select_weights", "solve_flops",
+               "load_bytes", "export_bytes")
+    for tp in known.values():
+        assert all(getattr(tp, k) > 0 for k in numeric), tp.name
+        assert set(numeric) <= set(tp.provenance), tp.name
+    data = json.loads(THROUGHPUT_FILE.read_text())
+    derived = json.loads(json.dumps(_bench_module().gpu_entries()))
+    for name in ("h100", "h200"):
+        assert data[name] == derived[name], f"rerun: python launch/bench_plan_time.py gpu ({name})"
+
+
+def test_70b_json_is_the_current_prediction_and_the_doc_shows_it() -> None:
+    """benchmarks/plan_time_70b.json is what the time model predicts now (rerun `python
+    launch/bench_plan_time.py predict --json benchmarks/plan_time_70b.json` after changing
+    it), and docs/planning.md's table is generated from that JSON."""
+    committed = json.loads((REPO / "benchmarks" / "plan_time_70b.json").read_text())
+    fresh = json.loads(json.dumps(_bench_module().predict_70b(), default=str))
+    assert [(r["run"], r["workers"], r["mode"]) for r in committed["rows"]] == \
+        [(r["run"], r["workers"], r["mode"]) for r in fresh["rows"]]
+    for old, new in zip(committed["rows"], fresh["rows"], strict=True):
+        assert old["seconds"] == pytest.approx(new["seconds"], rel=1e-9)
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "readme_figures.py"), "planning",
+                           str(REPO / "benchmarks" / "plan_time_70b.json"), "--readme",
+                           str(REPO / "docs" / "planning.md"), "--check"])
+    assert proc.returncode == 0, "rerun launch/readme_figures.py planning ... --readme docs/planning.md"
+    proc = subprocess.run([sys.executable, str(REPO / "launch" / "readme_figures.py"), "plancheck",
+                           str(REPO / "benchmarks" / "plan_time.json"), "--readme",
+                           str(REPO / "docs" / "planning.md"), "--check"])
+    assert proc.returncode == 0, "rerun launch/readme_figures.py plancheck ... --readme docs/planning.md"
+
+
+def test_planning_table_is_generated(tmp_path: Path) -> None:
+    """The generator writes every row between the markers and a stale table fails --check."""
+    figures_spec = importlib.util.spec_from_file_location(
+        "readme_figures", REPO / "launch" / "readme_figures.py")
+    figures = importlib.util.module_from_spec(figures_spec)
+    figures_spec.loader.exec_module(figures)
+    secs = {p: 60.0 for p in (*PHASES, "total")}
+    rows = [{"run": "R", "workers": k, "mode": m, "seconds": {**secs, "total": t}}
+            for k, m, t in ((1, "pipeline", 800.0), (1, "data", 800.0), (8, "pipeline", 400.0),
+                            (8, "data", 100.0))]
+    text = figures.planning_text({"device": "h100", "eval_windows": 166, "rows": rows})
+    assert "| R | 8 x H100 | data | 60 s | 60 s | 60 s | 60 s | 60 s | 100 s |" in text
+    assert "R 4.0x faster in total, 8.0x against 1 GPU" in text
+    doc = tmp_path / "planning.md"
+    doc.write_text("a\n<!-- planning:begin -->\nold\n<!-- planning:end -->\n")
+    data = tmp_path / "p.json"
+    data.write_text(json.dumps({"device": "h100", "eval_windows": 166, "rows": rows}))
+    cmd = [sys.executable, str(REPO / "launch" / "readme_figures.py"), "planning", str(data),
+           "--readme", str(doc)]
+    assert subprocess.run([*cmd, "--check"], capture_output=True).returncode == 1
+    assert subprocess.run(cmd, capture_output=True).returncode == 0
+    assert subprocess.run([*cmd, "--check"], capture_output=True).returncode == 0
+
+
+def test_plan_prints_every_phase(capsys: pytest.CaptureFixture[str]) -> None:
+    code = plan_main(["--model", "llama-2-7b", "--workers", "2", "--device-class", "h100",
+                      "--criterion", "sparsegpt", "--eval-windows", "8", "--parallel", "auto"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "predicted wall time on 2 x h100" in out
+    for phase in (*PHASES, "total"):
+        assert f"  {phase}" in out
+    assert "engine.parallel=auto chose" in out
+    code = plan_main(["--model", "llama-2-7b", "--workers", "2", "--device-type", "cpu",
+                      "--gpu-memory", "64GB", "--parallel", "pipeline", "--json", "-"])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["time"]["mode"] == "pipeline" and summary["time"]["device_class"] == "cpu"
+    assert set(PHASES) <= set(summary["time"]["seconds"]["pipeline"])
