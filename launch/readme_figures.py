@@ -257,6 +257,20 @@ def planning_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def prediction_text(result: dict) -> str:
+    """The README's 70B wall-time summary from the same JSON as :func:`planning_text`: per run,
+    the predicted total on 1 GPU and on 8 in each ``engine.parallel`` mode."""
+    by = {(r["run"], r["workers"], r["mode"]): r["seconds"]["total"] for r in result["rows"]}
+    gpu = result["device"].upper()
+    lines = [f"| {result['model']}, predicted wall time | 1 x {gpu} | 8 x {gpu}, pipeline | "
+             f"8 x {gpu}, data |", "|---|---|---|---|"]
+    for run in dict.fromkeys(r["run"] for r in result["rows"]):
+        one = by.get((run, 1, "pipeline"), by.get((run, 1, "data")))
+        lines.append(f"| {run} | {_duration(one)} | {_duration(by[(run, 8, 'pipeline')])} | "
+                     f"{_duration(by[(run, 8, 'data')])} |")
+    return "\n".join(lines)
+
+
 def plancheck_text(result: dict) -> str:
     """The CPU check of the time planner from ``launch/bench.py plan-time``'s JSON: per run
     and phase, predicted and measured seconds (phases under 5 s both ways left out)."""
@@ -297,7 +311,7 @@ KINDS = {"quickstart": quickstart_text, "results": results_text, "search": searc
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
          "reliability": reliability_text,
          "transport": transport_text,
-         "planning": planning_text, "plancheck": plancheck_text}
+         "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -310,7 +324,8 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "reliability": ("benchmarks/reliability.json", "docs/safety.md"),
            "transport": ("benchmarks/transport.json", "docs/transport.md"),
            "planning": ("benchmarks/plan_time_70b.json", "docs/planning.md"),
-           "plancheck": ("benchmarks/plan_time.json", "docs/planning.md")}
+           "plancheck": ("benchmarks/plan_time.json", "docs/planning.md"),
+           "prediction": ("benchmarks/plan_time_70b.json", "README.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 

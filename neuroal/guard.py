@@ -21,7 +21,7 @@ from neuroal.data import parse_source
 from neuroal.errors import AdapterError, ConfigError, ModelSourceError
 from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource, input_paths, resolve_model
-from neuroal.safety import check_file_output, check_free_space, check_output_path
+from neuroal.safety import check_file_output, check_output_path
 
 log = get_logger(__name__)
 
@@ -318,21 +318,6 @@ def warn_code_execution(trust_remote_code: Any, source: ModelSource | None,
 
 
 # --------------------------------------------------------------------------- disk space
-
-
-def export_bytes(model: Any, dtype_name: str) -> int:
-    """Bytes the model's weights take in ``dtype_name`` (shards only; config and tokenizer add
-    little), from the parameter shapes of a meta skeleton."""
-    import torch
-
-    itemsize = torch.empty((), dtype=getattr(torch, dtype_name)).element_size()
-    return sum(p.numel() for p in model.parameters()) * itemsize
-
-
-def check_export_space(directory: Path, model: Any, dtype_name: str) -> None:
-    """Refuse when ``directory``'s file system lacks room for the exported weights."""
-    check_free_space(directory, export_bytes(model, dtype_name),
-                     f"the pruned model's weights ({dtype_name})")
 
 
 def check_writes(cfg: Any, extra_inputs: Iterable[str | Path] = ()) -> None:

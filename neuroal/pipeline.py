@@ -45,7 +45,6 @@ from neuroal.export import (
 from neuroal.guard import (
     check_checkpoint,
     check_decoder_lm,
-    check_export_space,
     check_log_file,
     check_prunable,
     check_source,
@@ -72,8 +71,8 @@ from neuroal.models.loading import (
     weights_fingerprint,
 )
 from neuroal.models.moe import has_experts
-from neuroal.models.selection import LayerSelection
 from neuroal.models.quant import quantization_report
+from neuroal.models.selection import LayerSelection
 from neuroal.planner import ModelLayout, check_fits, parse_bytes
 from neuroal.plots import write_plots
 from neuroal.progress import configure_progress
@@ -294,9 +293,6 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
         selection = check_selection(cfg, adapter, shape)
         check_positions(cfg, config)
         check_experts(cfg, adapter)
-        if output is not None and cfg.output.save_model:
-            check_export_space(output.path.parent, adapter.model,
-                               export_dtype(cfg, source, config, dtype))
         if output is not None:  # one run per output; released by OutputDir.atomic
             output.acquire(cfg.output.overwrite, cfg.output.resume)
     try:

@@ -171,7 +171,8 @@ def test_full_disk_is_refused_before_loading(tiny_models: dict[str, Path], tmp_p
     with pytest.raises(PreflightError) as err:
         prepare(cfg, Timings())
     text = str(err.value)
-    assert "only 0.0 GB free" in text and "resume state" in text and "export" in text
+    assert "only 0.0 GB free" in text and "needs about" in text
+    assert "resume state" in text and "export" in text
     assert not out.exists() and not (tmp_path / "out.neuroal-tmp").exists()
 
 
@@ -442,7 +443,7 @@ def test_ray_lost_node_without_spare_capacity_stops(two_nodes, monkeypatch: pyte
     the --resume hint instead of waiting forever."""
     import ray
 
-    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+    from neuroal.engine.ray_executor import ObjectStoreTransport, RayExecutor, RayOptions
     from neuroal.engine.ray_preflight import reserve
 
     nodes, _ = two_nodes
@@ -456,6 +457,7 @@ def test_ray_lost_node_without_spare_capacity_stops(two_nodes, monkeypatch: pyte
     ex.specs = [type("Spec", (), {"start": 0, "stop": 8, "device": "cpu"})()]
     ex.workers, ex.restarts, ex.max_restarts, ex._owns_ray = ["gone"], [0], 3, False
     ex._busy_offset, ex._last_busy, ex._num_blocks = [0.0], [0.0], 8
+    ex.transport, ex._channel = ObjectStoreTransport(), None
     monkeypatch.setattr(ray, "kill", lambda actor: None)
     monkeypatch.setattr(ex, "_relay_warnings", lambda: None)
     with pytest.raises(RuntimeError, match=r"could not re-place worker 0 .*placement_timeout=3 s"

@@ -248,9 +248,10 @@ def disk_errors(facts: Sequence[NodeFacts], needed: int, detail: str,
     if not short:
         return []
     worst = min(short, key=lambda f: f.disk_free or 0)
-    return [f"only {gb(worst.disk_free or 0)} free at {str(tmp)!r} ({worst.who}), but this run "
-            f"writes about {gb(needed)} there ({detail}); free space, choose an --output on a "
-            "larger filesystem, or pass --no-save if you need no model files"]
+    return [f"not enough disk space at {str(tmp)!r} ({worst.who}): this run needs about "
+            f"{gb(needed)} there ({detail}), only {gb(worst.disk_free or 0)} free; free space, "
+            "choose an --output on a larger filesystem, or pass --no-save if you need no model "
+            "files"]
 
 
 def gb(value: int | float) -> str:
