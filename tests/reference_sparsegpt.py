@@ -254,3 +254,49 @@ def reference_prune(
         return _prune_fp32(weight, hessian, target, float(target.ratio), opts)
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+# --------------------------------------------------------------------------- capture, frozen
+
+
+class ReferenceHessians:
+    """The pre-change Hessian capture: one accumulator per linear, the batch sum ``2.0 * X^T X``
+    shared by linears fed the same tensor, folded out of place as
+    ``old * (n / total) + value / total`` (``neuroal.capture`` before the memory work)."""
+
+    def __init__(self, linears: Mapping[str, torch.nn.Module]) -> None:
+        self.linears = dict(linears)
+        self.n = dict.fromkeys(self.linears, 0)
+        self.hessian: dict[str, torch.Tensor | None] = dict.fromkeys(self.linears)
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.sequences = 0
+
+    def _hook(self, name: str):  # noqa: ANN202 - hook factory
+        def hook(_module: torch.nn.Module, args: tuple, _output: torch.Tensor) -> None:
+            x = args[0]
+            if self._last is not None and self._last[0] is x:
+                value = self._last[1]
+            else:
+                flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
+                value = 2.0 * (flat.t() @ flat)
+                self._last = (x, value)
+            total = self.n[name] + self.sequences
+            old = self.hessian[name]
+            self.hessian[name] = value / total if old is None else (
+                old * (self.n[name] / total) + value / total)
+            self.n[name] = total
+
+        return hook
+
+    def run(self, forward: Any, batches: list[torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """``forward(batch)`` for every micro-batch with the hooks attached."""
+        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.linears.items()]
+        try:
+            for batch in batches:
+                self.sequences = batch.shape[0]
+                forward(batch)
+                self._last = None
+        finally:
+            for handle in handles:
+                handle.remove()
+        return self.hessian

@@ -92,8 +92,8 @@ def load_damped(
         NonFiniteScoresError: If ``check`` and ``H`` holds NaN or Inf.
     """
     work.copy_(hessian)
-    if check:
-        check_finite(work, what="Hessian entries")
+    if check:  # on the row-major view of the same entries: no copy
+        check_finite(work.t(), what="Hessian entries")
     diag = work.diagonal()  # (cols,) view
     dead = diag == 0
     diag[dead] = 1.0
@@ -119,7 +119,14 @@ def inverse_factor_(work: torch.Tensor) -> bool:
         return False
     torch.cholesky_inverse(work, out=work)
     torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
-    return int(info) == 0 and bool(torch.isfinite(work).all())
+    return int(info) == 0 and _all_finite(work)
+
+
+def _all_finite(work: torch.Tensor) -> bool:
+    """No NaN/Inf in the column-major square ``work``, without a square temporary (``isfinite``
+    allocates ``|work|``): NaN propagates through ``aminmax``, an Inf is its min or max."""
+    low, high = torch.aminmax(work.t().reshape(-1))  # (cols * cols,) view
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 def column_major_square(cols: int, device: torch.device) -> torch.Tensor:
