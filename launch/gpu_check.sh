@@ -16,7 +16,10 @@
 #   5. recover_memory.json  perp-reconstruct and whole-model PERP: device peak vs the planner at
 #                   Llama-2-70B width in bf16 (2 blocks, 8 x 2048 tokens; issue 16 item 3)
 #                   (--cpu: tiny width, float32, peak RSS: checks the script only)
-#   6. gpu_check.json + a printed table (launch/gpu_check.py summary); exit 0 = all passed
+#   6. memory.json  one pinned onload arena (in place, no power-of-two rounding, exact copies) and
+#                   SparseGPT on the device: bit-identical to the frozen pre-change code, device
+#                   peak within 3 (cols x cols) squares + the sweep (--cpu: tiny, no peak)
+#   7. gpu_check.json + a printed table (launch/gpu_check.py summary); exit 0 = all passed
 # Needs python3 with torch + transformers + safetensors; no network, no data files.
 set -u
 cd "$(dirname "$0")/.."
@@ -31,10 +34,10 @@ mkdir -p "$OUT"
 t0=$(date +%s)
 step() { echo "== $1 ($(( $(date +%s) - t0 )) s)" >&2; }
 
-step "1/6 environment"
+step "1/7 environment"
 timeout 120 "$PY" launch/gpu_check.py env "$OUT" || echo '{"failed": true}' > "$OUT/env.json"
 
-step "2/6 CUDA-marked tests"
+step "2/7 CUDA-marked tests"
 if "$PY" -c "import pytest" 2>/dev/null; then
   files="tests/test_onload.py"
   "$PY" -c "import gguf" 2>/dev/null && files="$files tests/test_gguf.py"
@@ -48,14 +51,14 @@ else
   echo '{"skipped": "pytest is not installed"}' > "$OUT/pytest.json"
 fi
 
-step "3/6 two ranks"
+step "3/7 two ranks"
 if [ "$CPU" = 1 ]; then
   timeout 300 "$PY" launch/gpu_check.py nccl "$OUT" cpu || true
 else
   timeout 300 "$PY" launch/gpu_check.py nccl "$OUT" || true
 fi
 
-step "4/6 onload timings"
+step "4/7 onload timings"
 if [ "$CPU" = 1 ]; then
   timeout 600 "$PY" launch/bench_onload.py --tiny --device cpu --blocks 4 --nsamples 4 \
     --seqlen 128 --micro-batch 2 --repeat 2 --json "$OUT/onload.json" || true
@@ -64,7 +67,7 @@ else
     --micro-batch 4 --repeat 3 --json "$OUT/onload.json" || true
 fi
 
-step "5/6 recovery memory"
+step "5/7 recovery memory"
 if [ "$CPU" = 1 ]; then
   timeout 600 "$PY" launch/bench_recover_memory.py --device cpu --tiny --dtype float32 \
     --nsamples 4 --seqlen 128 --steps 2 --json "$OUT/recover_memory.json" || true
@@ -73,7 +76,14 @@ else
     --json "$OUT/recover_memory.json" || true
 fi
 
-step "6/6 summary"
+step "6/7 memory"
+if [ "$CPU" = 1 ]; then
+  timeout 120 "$PY" launch/gpu_check.py memory "$OUT" cpu || true
+else
+  timeout 120 "$PY" launch/gpu_check.py memory "$OUT" || true
+fi
+
+step "7/7 summary"
 "$PY" launch/gpu_check.py summary "$OUT" | tee "$OUT/summary.txt"
 rc=${PIPESTATUS[0]}
 step "done"
