@@ -67,7 +67,7 @@ import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from neuroal.allocation import ALLOCATIONS
 from neuroal.criteria import CRITERIA
@@ -502,14 +502,24 @@ def _transients(layout: ModelLayout, request: MemoryRequest, blocks: range, last
     return worst
 
 
-def _prune_steps(layout: ModelLayout, request: MemoryRequest, blocks: range, last: bool,
-                 needs: frozenset[str], policy_needs: str) -> list[tuple[int, int, int, int]]:
-    """``(device streams, statistics, host streams, transients)`` of each step of the final
-    prune (``Worker.prune_one``): the statistics pass (1 stream: each micro-batch's output is
-    dropped; the hooks), masking (1 stream, the statistics, the criterion's transient) and the
-    pruned forward (2 streams, statistics freed); for ``stats``/``search`` policies the dense
-    pass (2 streams, input norms); the last worker's evaluation and AlphaPruning's spectrum
-    beside 2 streams."""
+class PruneStep(NamedTuple):
+    """Device bytes of one step of the final prune (the worker's other components apart)."""
+
+    activations: int
+    statistics: int
+    host_activations: int
+    transients: int
+
+
+def prune_steps(layout: ModelLayout, request: MemoryRequest, blocks: range,
+                last: bool) -> dict[str, PruneStep]:
+    """Each step of the final prune (``Worker.prune_one``) over ``blocks``: ``capture``, the
+    statistics pass (1 stream: each micro-batch's output is dropped; the hooks); ``mask`` (1
+    stream, the statistics, the criterion's transient); ``forward``, the pruned block's forward
+    (2 streams, statistics freed; beside it the last worker's evaluation and AlphaPruning's
+    spectrum); for ``stats``/``search`` policies ``dense``, the dense pass (2 streams, input
+    norms). The worker's prune phase is the step with the most device bytes."""
+    needs, policy_needs = _needs(request)
     extra = {STAT_SQ_NORM} if policy_needs in ("stats", "search") else set()
     prune_needs = needs | extra
     groups = layout.input_groups
@@ -520,13 +530,13 @@ def _prune_steps(layout: ModelLayout, request: MemoryRequest, blocks: range, las
     mask = max(_mask_transient(layout.linears[i], STAT_HESSIAN in needs, request.device_type)
                for i in blocks)
     after = _transients(layout, request, blocks, last, frozenset(), policy_needs)
-    steps = [(one, statistics, host_one, capture), (one, statistics, host_one, mask),
-             (two, 0, host_two, after)]
+    steps = {"capture": PruneStep(one, statistics, host_one, capture),
+             "mask": PruneStep(one, statistics, host_one, mask),
+             "forward": PruneStep(two, 0, host_two, after)}
     if extra:
         dense = max(stat_bytes(layout.linears[i], extra, groups) for i in blocks)
-        steps.append((two, dense, host_two, max(_forward_transient(layout.linears[i], request,
-                                                                   frozenset(extra))
-                                                for i in blocks)))
+        steps["dense"] = PruneStep(two, dense, host_two, max(
+            _forward_transient(layout.linears[i], request, frozenset(extra)) for i in blocks))
     return steps
 
 
@@ -571,11 +581,12 @@ def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start:
     weights, host_weights = _weights(layout, request, start, stop)
     overhead = OVERHEAD_BYTES.get(request.device_type, OVERHEAD_BYTES["cuda"])
     transients = _transients(layout, request, blocks, last, needs, policy_needs)
-    prune = max(_prune_steps(layout, request, blocks, last, needs, policy_needs),
-                key=lambda step: step[0] + step[1] + step[3])
-    device, statistics, host, transient = prune
-    prune = WorkerMemory(rank, start, stop, "prune", weights, device, statistics, transient, 0,
-                         overhead, host, host_weights)
+    steps = prune_steps(layout, request, blocks, last)
+    peak = max(steps.values(), key=lambda step: step.activations + step.statistics
+               + step.transients)
+    prune = WorkerMemory(rank, start, stop, "prune", weights, peak.activations, peak.statistics,
+                         peak.transients, 0, overhead,
+                         max(step.host_activations for step in steps.values()), host_weights)
     if policy_needs != "search":
         return {"prune": prune}
     dense = needs | {STAT_SQ_NORM}
