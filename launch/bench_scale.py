@@ -163,8 +163,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     weight_map = worker.checkpoint.weight_map
     owned = sorted({weight_map[worker.adapter.checkpoint_key(n)] for n in worker.loaded})
     store = worker.store
-    host = sum(t.numel() * t.element_size() for blk in store.host.values() for t in blk.values()) \
-        if store is not None else 0
+    host = store.host_bytes() if store is not None else 0  # host arenas as allocated
     return {"rank": spec.rank, "blocks": [spec.start, spec.stop], "baseline_rss": baseline,
             "host_store_bytes": host, "onload": store.stats() if store is not None else None,
             "peak_rss": proc_status("VmHWM"), "opened": sorted(worker.checkpoint.opened),
