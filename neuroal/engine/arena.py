@@ -99,9 +99,10 @@ class HostArena:
                 self.pinned = True
         self.buffer = buffer
         self.views = carve(buffer, tensors)
-        registered = pin and self.nbytes == size
-        self._finalizer = weakref.finalize(self, _unregister, buffer.data_ptr()) \
-            if registered else None
+        self._finalizer = None
+        if pin and self.nbytes == size:  # registered in place: unregister when the arena goes
+            self._finalizer = weakref.finalize(self, _unregister, buffer.data_ptr())
+            self._finalizer.atexit = False  # the process exit releases it with the context
 
     @staticmethod
     def _aligned(size: int) -> Any:
