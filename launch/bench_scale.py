@@ -48,6 +48,8 @@ DATA_DIR = REPO.parent / "shared" / "data"
 WIDTH = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
          "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096,
          "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+HALF_WIDTH = {**WIDTH, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}
+"""Llama-3-8B's block geometry (a quarter of the 70B block's weights, an eighth of its flops)."""
 TOLERANCE = 0.25
 
 
@@ -299,9 +301,13 @@ def main() -> int:
     p.add_argument("--onload", default="device", choices=["device", "host", "disk"],
                    help="sequential onloading of each worker's blocks (issue 14)")
     p.add_argument("--cli", action="store_true", help="also run launch/prune.py in one process")
+    p.add_argument("--half-width", action="store_true",
+                   help="Llama-3-8B block width (4096 / 14336) instead of Llama-2-70B's")
     p.add_argument("--json", default=str(REPO / "outputs" / "bench" / "scale.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args()
+    global WIDTH
+    WIDTH = HALF_WIDTH if opts.half_width else WIDTH
     if opts.child:
         job = json.loads(opts.child)
         Path(job["result"]).write_text(json.dumps(run_worker(job)))

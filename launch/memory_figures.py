@@ -55,7 +55,9 @@ def record(bench: dict[str, Any], command: str) -> dict[str, Any]:
 def memory_text(result: dict[str, Any]) -> str:
     """The doc block: the measured table, then the planner's 2 x 24 GB answer."""
     s = result["settings"]
-    lines = [f"Measured with `{result['command']}` ({s['blocks']} block(s) of Llama-2-70B width, "
+    width = ("Llama-3-8B width, 4096 / 14336" if s.get("half_width")
+             else "Llama-2-70B width, 8192 / 28672")
+    lines = [f"Measured with `{result['command']}` ({s['blocks']} block(s) of {width}, "
              f"{s['workers']} worker(s), SparseGPT, {s['dtype']}, {s['nsamples']} x "
              f"{s['seqlen']} calibration tokens, micro-batch {s['micro_batch']}, CPU: the "
              "process's peak resident set against the planner):", "",

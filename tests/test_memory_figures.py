@@ -32,6 +32,7 @@ RESULT = {"command": "bench_scale.py --blocks 1", "tolerance": 0.25, "pass": Tru
 
 def test_table_and_plan_sentence() -> None:
     text = figures.memory_text(RESULT)
+    assert "Llama-2-70B width" in text
     assert "| 0 | 0-0 | 2.75 | 0.027 | 4.09 | 6.10 | 0.45 | 13.42 | 12.10 | -9.8% |" in text
     assert "within 25% of the planner: yes." in text
     assert "answers **fits** with `engine.onload=host`: 21.40 GB per worker" in text
