@@ -48,6 +48,8 @@ DATA_DIR = REPO.parent / "shared" / "data"
 WIDTH = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64,
          "num_key_value_heads": 8, "vocab_size": 32000, "max_position_embeddings": 4096,
          "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+HALF_WIDTH = {**WIDTH, "hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32}
+"""Llama-3-8B's block geometry (a quarter of the 70B block's weights, an eighth of its flops)."""
 TOLERANCE = 0.25
 
 
@@ -172,8 +174,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     weight_map = worker.checkpoint.weight_map
     owned = sorted({weight_map[worker.adapter.checkpoint_key(n)] for n in worker.loaded})
     store = worker.store
-    host = sum(t.numel() * t.element_size() for blk in store.host.values() for t in blk.values()) \
-        if store is not None else 0
+    host = store.host_bytes() if store is not None else 0  # host arenas as allocated
     return {"rank": spec.rank, "blocks": [spec.start, spec.stop], "baseline_rss": baseline,
             "host_store_bytes": host, "onload": store.stats() if store is not None else None,
             "peak_rss": proc_status("VmHWM"), "opened": sorted(worker.checkpoint.opened),
@@ -354,9 +355,13 @@ def main() -> int:
     p.add_argument("--state", action="store_true",
                    help="write the resume state of every pruned block (bytes and per-block "
                         "seconds in the JSON)")
+    p.add_argument("--half-width", action="store_true",
+                   help="Llama-3-8B block width (4096 / 14336) instead of Llama-2-70B's")
     p.add_argument("--json", default=str(REPO / "outputs" / "bench" / "scale.json"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     opts = p.parse_args()
+    global WIDTH
+    WIDTH = HALF_WIDTH if opts.half_width else WIDTH
     if opts.child:
         job = json.loads(opts.child)
         Path(job["result"]).write_text(json.dumps(run_worker(job)))

@@ -3,6 +3,7 @@
 
     python launch/gpu_check.py env OUT         # versions, GPUs, optional deps neuroal imported
     python launch/gpu_check.py nccl OUT [cpu]  # 2 ranks (NCCL; gloo with cpu) vs one local worker
+    python launch/gpu_check.py memory OUT [cpu]  # pinned onload arena; SparseGPT's squares
     python launch/gpu_check.py summary OUT     # one table + OUT/gpu_check.json from the parts
 
 The multi-worker checks on one GPU (Ray actors sharing it, hops per transport, engine.parallel,
@@ -174,6 +175,87 @@ def nccl(out: Path, device: str) -> dict[str, Any]:
     return info
 
 
+# --------------------------------------------------------------------------- memory
+
+
+def _arena_check(device: str) -> dict[str, Any]:
+    """One onload arena of a Llama-2-70B-like block slice (a 448 MiB MLP matrix and small
+    tensors): pinned in place (no power-of-two rounding), copies to the device and back exact."""
+    import torch
+
+    from neuroal.engine.arena import HostArena, arena_bytes
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = {"mlp": torch.randn(8192, 28672 if device == "cuda" else 512, generator=gen)
+               .to(torch.bfloat16), "norm": torch.randn(8192, generator=gen).to(torch.bfloat16),
+               "bias": torch.randn(1000, generator=gen)}
+    size = arena_bytes(t.numel() * t.element_size() for t in tensors.values())
+    arena = HostArena(tensors, pin=device == "cuda")
+    views = arena.views
+    back = {n: v.to(device, non_blocking=True).to("cpu") for n, v in views.items()}
+    if device == "cuda":
+        torch.cuda.synchronize()
+    per_tensor = sum(1 << (t.numel() * t.element_size() - 1).bit_length() for t in tensors.values())
+    info = {"arena_bytes": arena.nbytes, "planned_bytes": size,
+            "tensor_by_tensor_pinned_bytes": per_tensor,
+            "pinned": all(v.is_pinned() for v in views.values()) if device == "cuda" else None,
+            "exact": all(torch.equal(back[n], t) for n, t in tensors.items())}
+    arena.release()
+    info["ok"] = info["exact"] and arena.nbytes == size and info["pinned"] is not False
+    return info
+
+
+def _sparsegpt_check(device: str) -> dict[str, Any]:
+    """SparseGPT on the device: bit-identical to the frozen pre-change implementation, and the
+    device peak beyond the inputs within 3 squares + the sweep's per-weight bytes."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+    from reference_sparsegpt import reference_prune
+
+    from neuroal.criteria import CRITERIA
+    from neuroal.criteria.base import LayerStats, LayerTarget, NMPattern
+    from neuroal.planner import SPARSEGPT_BYTES
+
+    rows, cols = (1024, 4096) if device == "cuda" else (64, 512)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(4 * cols, cols, generator=gen) @ torch.randn(cols, cols, generator=gen) / 50
+    hessian = (2 * x.T @ x / x.shape[0]).to(device)
+    weight = torch.randn(rows, cols, generator=gen).to(device, torch.bfloat16)
+    del x
+    opts = {"percdamp": 0.01, "blocksize": 128, "on_cholesky_failure": "raise"}
+    out: dict[str, Any] = {"rows": rows, "cols": cols}
+    for label, target in (("unstructured", LayerTarget(0.5)),
+                          ("2:4", LayerTarget(0.5, nm=NMPattern(2, 4)))):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        new = CRITERIA.get("sparsegpt").prune(weight, LayerStats(hessian=hessian), target, opts)
+        peak = torch.cuda.max_memory_allocated() - base if device == "cuda" else None
+        old = reference_prune(weight, hessian, target, opts)
+        out[label] = {"identical": torch.equal(new.mask, old.mask)
+                      and torch.equal(new.weight, old.weight),
+                      "peak_squares": None if peak is None else peak / (4 * cols * cols),
+                      "bound_squares": 3 + SPARSEGPT_BYTES * rows * cols / (4 * cols * cols)}
+    out["ok"] = all(out[k]["identical"] and (out[k]["peak_squares"] is None or
+                                             out[k]["peak_squares"] <= out[k]["bound_squares"])
+                    for k in ("unstructured", "2:4"))
+    return out
+
+
+def memory(out: Path, device: str) -> dict[str, Any]:
+    """The memory checks (pinned arena, SparseGPT) as OUT/memory.json."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    info = {"device": device, "arena": _arena_check(device), "sparsegpt": _sparsegpt_check(device)}
+    info["ok"] = info["arena"]["ok"] and info["sparsegpt"]["ok"]
+    (out / "memory.json").write_text(json.dumps(info, indent=2) + "\n")
+    print(json.dumps(info))
+    return info
+
+
 # --------------------------------------------------------------------------- summary
 
 PARALLEL_PARTS = ("ray_share", "hop", "parallel", "dtypes")
@@ -206,7 +288,7 @@ def parallel_line(part: dict[str, Any]) -> str:
 def summary(out: Path) -> int:
     """Collect the parts into OUT/gpu_check.json and print one table."""
     parts = {}
-    for name in ("env", "pytest", "nccl", "onload", "recover_memory", *PARALLEL_PARTS):
+    for name in ("env", "pytest", "nccl", "onload", "recover_memory", "memory", *PARALLEL_PARTS):
         path = out / f"{name}.json"
         parts[name] = json.loads(path.read_text()) if path.is_file() else {"missing": True}
     (out / "gpu_check.json").write_text(json.dumps(parts, indent=2) + "\n")
@@ -238,6 +320,7 @@ def summary(out: Path) -> int:
         print(f"recovery memory: {recover}")
     for name in PARALLEL_PARTS:
         print(f"{name}: {parallel_line(parts[name])}")
+    print(f"memory (pinned arena, SparseGPT squares): {parts['memory']}")
     ran = {k for k, v in parts.items() if not v.get("missing")}  # --only runs a subset
     ok = all([
         not e.get("imported_by_neuroal"),
@@ -247,6 +330,7 @@ def summary(out: Path) -> int:
                                    onload.get("rows", [{"identical": False}])),
         "recover_memory" not in ran or all(r.get("within") for r in
                                            recover.get("rows", [{"within": False}])),
+        "memory" not in ran or bool(parts["memory"].get("ok")),
         *(parallel_ok(parts[name]) for name in PARALLEL_PARTS if name in ran),
     ])
     print("PASS" if ok else "FAIL")
@@ -262,9 +346,12 @@ def main() -> int:
     if what == "nccl":
         info = nccl(out, "cpu" if len(sys.argv) > 3 and sys.argv[3] == "cpu" else "cuda")
         return 0 if info.get("identical", True) else 1
+    if what == "memory":
+        return 0 if memory(out, "cpu" if len(sys.argv) > 3 and sys.argv[3] == "cpu"
+                           else "cuda")["ok"] else 1
     if what == "summary":
         return summary(out)
-    raise SystemExit(f"unknown part {what!r}: expected env, nccl or summary")
+    raise SystemExit(f"unknown part {what!r}: expected env, nccl, memory or summary")
 
 
 if __name__ == "__main__":

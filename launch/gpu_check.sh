@@ -28,7 +28,10 @@
 #                   and bit-identity, at 70B width in bf16
 #   9. dtypes.json  masks of a tiny model pruned in bf16 on the GPU vs bf16 on the CPU (and CPU
 #                   fp32 vs bf16 beside it), Wanda and SparseGPT
-#  10. gpu_check.json + a printed table (launch/gpu_check.py summary); exit 0 = all passed
+#  10. memory.json  one pinned onload arena (in place, no power-of-two rounding, exact copies) and
+#                   SparseGPT on the device: bit-identical to the frozen pre-change code, device
+#                   peak within 3 (cols x cols) squares + the sweep (--cpu: tiny, no peak)
+#  11. gpu_check.json + a printed table (launch/gpu_check.py summary); exit 0 = all passed
 # Steps 6-9 skip cleanly (recorded as "skipped") where the tree lacks engine.ray.transport or
 # engine.parallel, or where Ray is not installed. The lent machines have no Ray: its wheel (79 MB)
 # exceeds what one call may carry (64 MiB), so carry the trimmed one `bash launch/gpu_ray_wheels.sh`
@@ -69,12 +72,12 @@ part() {
 }
 
 if want 1; then
-step "1/10 environment"
+step "1/11 environment"
 timeout 120 "$PY" launch/gpu_check.py env "$OUT" || echo '{"failed": true}' > "$OUT/env.json"
 fi
 
 if want 2; then
-step "2/10 CUDA-marked tests"
+step "2/11 CUDA-marked tests"
 if "$PY" -c "import pytest" 2>/dev/null; then
   files="tests/test_onload.py"
   "$PY" -c "import gguf" 2>/dev/null && files="$files tests/test_gguf.py"
@@ -90,7 +93,7 @@ fi
 fi
 
 if want 3; then
-step "3/10 two ranks"
+step "3/11 two ranks"
 if [ "$CPU" = 1 ]; then
   timeout 300 "$PY" launch/gpu_check.py nccl "$OUT" cpu || true
 else
@@ -99,7 +102,7 @@ fi
 fi
 
 if want 4; then
-step "4/10 onload timings"
+step "4/11 onload timings"
 if [ "$CPU" = 1 ]; then
   timeout 600 "$PY" launch/bench_onload.py --tiny --device cpu --blocks 4 --nsamples 4 \
     --seqlen 128 --micro-batch 2 --repeat 2 --json "$OUT/onload.json" || true
@@ -110,7 +113,7 @@ fi
 fi
 
 if want 5; then
-step "5/10 recovery memory"
+step "5/11 recovery memory"
 if [ "$CPU" = 1 ]; then
   timeout 600 "$PY" launch/bench_recover_memory.py --device cpu --tiny --dtype float32 \
     --nsamples 4 --seqlen 128 --steps 2 --json "$OUT/recover_memory.json" || true
@@ -120,12 +123,21 @@ else
 fi
 fi
 
-want 6 && { step "6/10 two Ray actors on one GPU"; part ray-share 240; }
-want 7 && { step "7/10 hop per transport"; part hop 150; }
-want 8 && { step "8/10 engine.parallel data vs pipeline"; part parallel 200; }
-want 9 && { step "9/10 GPU vs CPU bf16 masks"; part dtypes 90; }
+want 6 && { step "6/11 two Ray actors on one GPU"; part ray-share 240; }
+want 7 && { step "7/11 hop per transport"; part hop 150; }
+want 8 && { step "8/11 engine.parallel data vs pipeline"; part parallel 200; }
+want 9 && { step "9/11 GPU vs CPU bf16 masks"; part dtypes 90; }
 
-step "10/10 summary"
+if want 10; then
+step "10/11 memory"
+if [ "$CPU" = 1 ]; then
+  timeout 120 "$PY" launch/gpu_check.py memory "$OUT" cpu || true
+else
+  timeout 120 "$PY" launch/gpu_check.py memory "$OUT" || true
+fi
+fi
+
+step "11/11 summary"
 "$PY" launch/gpu_check.py summary "$OUT" | tee "$OUT/summary.txt"
 rc=${PIPESTATUS[0]}
 step "done"

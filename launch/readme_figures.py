@@ -14,6 +14,7 @@ the page disagrees with the JSON instead of rewriting it. Bad input exits 2 with
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import sys
@@ -285,6 +286,16 @@ def plancheck_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def memory_text(result: dict) -> str:
+    """docs/memory.md's measured block: ``launch/memory_figures.py`` renders it (beside its
+    ``record`` step, which turns a bench_scale run into the committed JSON)."""
+    spec = importlib.util.spec_from_file_location("memory_figures",
+                                                  Path(__file__).with_name("memory_figures.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.memory_text(result)
+
+
 VERDICTS = ("clear error before loading", "unclear", "error after work", "traceback", "silent",
             "data loss", "ran")
 """The reliability catalogue's verdicts, in the table's order (launch/bench_reliability.py)."""
@@ -311,7 +322,8 @@ KINDS = {"quickstart": quickstart_text, "results": results_text, "search": searc
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
          "reliability": reliability_text,
          "transport": transport_text,
-         "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text}
+         "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text,
+         "memory": memory_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -325,7 +337,8 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "transport": ("benchmarks/transport.json", "docs/transport.md"),
            "planning": ("benchmarks/plan_time_70b.json", "docs/planning.md"),
            "plancheck": ("benchmarks/plan_time.json", "docs/planning.md"),
-           "prediction": ("benchmarks/plan_time_70b.json", "README.md")}
+           "prediction": ("benchmarks/plan_time_70b.json", "README.md"),
+           "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 

@@ -10,24 +10,30 @@ allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
   worker, the final modules and ``lm_head`` on the last one (a tied head is a separate copy of
   the embedding unless the same worker owns both).
 * **activations**: a stream is ``N x T x h`` in the run dtype (``Worker.embed`` returns the
-  embedding's dtype); a block forward keeps its input and writes a new output
-  (``torch.empty_like``), so 2 streams are live. The NeuroAL search uses ``n_s`` windows and the
+  embedding's dtype); the pruned block's forward keeps its input and writes a new output
+  (``torch.empty_like``), so 2 streams are live then; the statistics pass drops each
+  micro-batch's output, so capture and masking see 1 stream. The NeuroAL search uses ``n_s`` windows and the
   first worker also keeps the shared embeddings (3 streams). With
   ``engine.offload_activations`` on a GPU the streams live in host memory (``host_activations``)
   and the device holds one micro-batch in and out.
-* **statistics**: fp32 per linear of the block in flight (``capture._Accumulator`` keeps one
-  tensor per linear, even where q/k/v share their input): ``sq_norm``, ``mean``, ``var``:
-  ``4 cols``; ``out_sq_norm``: ``4 rows``; ``hessian``: ``4 cols^2``. The search adds the sparse
-  pass's ``sq_norm``, the first worker block 0's shared reference, and under
-  ``reference_stream: global`` the dense statistics of every owned block.
-* **transients** (the largest of): mask selection on the largest linear, ``16 B`` per weight
-  (fp32 scores + ``kthvalue``'s fp32 copy and int64 indices); SparseGPT's
-  ``7 x 4 cols^2 + 12 rows cols + 28 x 128 rows`` (the damped Hessian, its Cholesky factor,
-  inverse and inverse factor alive together, the fp32 working weight, strided update
-  temporaries); the running Hessian update ``4 x 4 cols^2``; a micro-batch forward
-  ``mb T I (4 b + 8)`` (the 8: the hooks' fp32 copy and square of a half-precision input, none
-  in fp32), ``I`` the widest linear dimension; AlphaPruning's spectrum,
-  ``5 B`` per weight; the last worker's evaluation logits ``T_eval V (b + 8)``.
+* **statistics**: fp32 per distinct input of the block in flight (``capture.StatsCollector``
+  shares one accumulator between linears fed the same tensor, q/k/v and gate/up:
+  :attr:`ModelLayout.input_groups`): ``sq_norm``, ``mean``, ``var``: ``4 cols``; ``hessian``:
+  ``4 cols^2``; per linear ``out_sq_norm``: ``4 rows``. They are freed before the pruned
+  forward. The search adds the sparse pass's ``sq_norm``, the first worker block 0's shared
+  reference, and under ``reference_stream: global`` the dense statistics of every owned block.
+* **transients** (the largest of, each in its sub-phase): mask selection on the largest linear,
+  ``16 B`` per weight (fp32 scores + ``kthvalue``'s fp32 copy and int64 indices); SparseGPT
+  beyond its Hessian (counted in statistics), the larger of its factorisation, ``w x 4 cols^2``
+  (one working square written over in place by the Cholesky factor, inverse and upper factor;
+  ``w`` = 2 on CUDA, whose Cholesky inverse copies its input, 1 on the CPU) and its sweep,
+  ``4 cols^2 + 12 rows cols + 28 x 128 rows`` (the factor, the fp32 working weight, strided
+  update temporaries); a micro-batch forward, the larger of ``mb T I 4 b`` (the block's own
+  intermediates) and, at the widest linear's hook, ``mb T I (b + 8)`` (its input, the hook's
+  fp32 copy and square of a half-precision input, none in fp32) plus the batch Hessian
+  ``4 cols^2`` (doubled and folded in place), ``I`` the widest linear dimension;
+  AlphaPruning's spectrum, ``5 B`` per weight; the last worker's evaluation logits
+  ``T_eval V (b + 8)``.
 * **masked block** (search only): the temporary masked copy of one block's linears, ``b`` per
   weight.
 * **overhead**: a fixed runtime constant per worker (:data:`OVERHEAD_BYTES`).
@@ -42,7 +48,8 @@ allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
 Sequential onloading (``onload``: ``host`` or ``disk``, :mod:`neuroal.engine.onload`) changes
 only the weights: the device holds the non-block modules plus the block in use and the one
 fetched ahead (``2 x`` the largest owned block; 1 without prefetch), and the host holds the
-blocks (``host``: every owned block, pinned on CUDA; ``disk``: the block being read ahead and
+blocks (``host``: every owned block in one arena per block, pinned on CUDA, counted as
+allocated: :func:`neuroal.engine.arena.arena_bound`; ``disk``: the block being read ahead and
 the block being spilled, ``2 x`` the largest; none on a CPU, where the block read is the
 compute copy) in ``host_weights``, reported beside the device total. ``onload: auto`` picks
 the first mode of ``device``, ``host``, ``disk`` whose every worker fits the device (and, when
@@ -60,11 +67,12 @@ import copy
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from neuroal.allocation import ALLOCATIONS
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
+from neuroal.engine.arena import arena_bound
 from neuroal.engine.executor import split_blocks
 from neuroal.inputs import parse_size
 from neuroal.models.adapter import ModelAdapter
@@ -85,10 +93,12 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OVERHEAD_BYTES: dict[str, int] = {"cpu": 450 * 10**6, "cuda": 2**30}
 
 SELECT_BYTES = 16  # per weight: fp32 scores + kthvalue's fp32 copy + int64 indices
-SPARSEGPT_SQUARES = 7  # fp32 cols x cols matrices alive at once while factorising
+# fp32 cols x cols matrices beyond the Hessian while factorising: the in-place working square,
+# plus on CUDA the copy cusolver's Cholesky inverse makes (criteria/sparsegpt.py)
+SPARSEGPT_WORK_SQUARES: dict[str, int] = {"cpu": 1, "cuda": 2}
 SPARSEGPT_BYTES = 12  # per weight: fp32 working copy, mask, strided update temporaries
 SPARSEGPT_ROW_BYTES = 28 * 128  # per row: selection inside one 128-column block
-HESSIAN_UPDATE_SQUARES = 4  # batch sum, old * a, new / b and their sum (running mean update)
+HESSIAN_UPDATE_SQUARES = 1  # the batch sum 2 X^T X; doubled, divided and folded in place
 SPECTRUM_BYTES = 5  # per weight: fp32 copy for svdvals (AlphaPruning)
 FORWARD_MLP_COPIES = 4  # (mb, T, I) run-dtype tensors alive in a block forward (gate, up, ...)
 HOOK_FP32_BYTES = 8  # per (token, I): the hooks' fp32 copy of a half-precision input + its square
@@ -137,6 +147,9 @@ class ModelLayout:
         fused_params: Per block, the weights of MoE experts held in fused 3-D parameters (part
             of ``linears``): a search candidate swaps in a masked copy of those tensors besides
             the per-matrix masked copies (``neuroal.models.moe.swapped_weights``).
+        input_groups: Linears fed the very same input tensor (q/k/v, gate/up): one input
+            statistic each group (``neuroal.models.sharing``); empty: every linear alone.
+        block_tensors: Parameter tensors of each block (the host arena's alignment padding).
     """
 
     name: str
@@ -150,6 +163,8 @@ class ModelLayout:
     final_params: int
     head_params: int
     fused_params: tuple[int, ...] = ()
+    input_groups: tuple[tuple[str, ...], ...] = ()
+    block_tensors: tuple[int, ...] = ()
 
     @property
     def num_blocks(self) -> int:
@@ -168,6 +183,9 @@ class ModelLayout:
         def count(modules: Iterable[str]) -> int:
             return sum(p.numel() for _, p in adapter.named_owned_parameters(list(modules)))
 
+        def tensors(modules: Iterable[str]) -> int:
+            return sum(1 for _ in adapter.named_owned_parameters(list(modules)))
+
         shape = adapter.shape(row_map=False)
         return cls(
             name=name, hidden=adapter.hidden_size, vocab=int(adapter.config.vocab_size),
@@ -180,6 +198,9 @@ class ModelLayout:
             final_params=count(adapter.final_names),
             head_params=count([adapter.spec.head]),
             fused_params=tuple(fused_numel(adapter.prunable_linears(b)) for b in adapter.blocks),
+            input_groups=adapter.input_groups(),
+            block_tensors=tuple(tensors([adapter.block_prefix(i)[:-1]])
+                                for i in range(adapter.num_blocks)),
         )
 
     @classmethod
@@ -203,7 +224,8 @@ class ModelLayout:
         if not repeat_block:
             return layout
         return replace(layout, block_params=layout.block_params * depth,
-                       linears=layout.linears * depth, fused_params=layout.fused_params * depth)
+                       linears=layout.linears * depth, fused_params=layout.fused_params * depth,
+                       block_tensors=layout.block_tensors * depth)
 
     def weight_params(self, start: int, stop: int, first: bool, last: bool) -> int:
         """Parameters a worker owning blocks ``[start, stop)`` loads (as ``materialise`` does)."""
@@ -420,10 +442,15 @@ def _needs(request: MemoryRequest) -> tuple[frozenset[str], str]:
     return CRITERIA.get(request.criterion).needs, ALLOCATIONS.get(request.allocation).needs
 
 
-def stat_bytes(linears: Mapping[str, tuple[int, int]], needs: Iterable[str]) -> int:
-    """fp32 statistics of one block: every need of every linear (one tensor per linear)."""
+def stat_bytes(linears: Mapping[str, tuple[int, int]], needs: Iterable[str],
+               groups: Iterable[Sequence[str]] = ()) -> int:
+    """fp32 statistics of one block: input statistics once per distinct input (``groups``:
+    linears fed the same tensor share theirs), output statistics per linear."""
     wanted = list(needs)
-    return sum(_STAT_BYTES[n](rows, cols) for rows, cols in linears.values() for n in wanted)
+    followers = {name for group in groups for name in list(group)[1:]
+                 if group[0] in linears and name in linears}
+    return sum(_STAT_BYTES[n](rows, cols) for name, (rows, cols) in linears.items()
+               for n in wanted if n == STAT_OUT_SQ_NORM or name not in followers)
 
 
 def stream_bytes(sequences: int, tokens: int, hidden: int, dtype_bytes: int) -> int:
@@ -431,10 +458,15 @@ def stream_bytes(sequences: int, tokens: int, hidden: int, dtype_bytes: int) -> 
     return sequences * tokens * hidden * dtype_bytes
 
 
-def _mask_transient(linears: Mapping[str, tuple[int, int]], hessian: bool) -> int:
-    """Mask selection (score criteria) or SparseGPT's prune of the costliest linear."""
+def _mask_transient(linears: Mapping[str, tuple[int, int]], hessian: bool,
+                    device_type: str = "cuda") -> int:
+    """Mask selection (score criteria) or SparseGPT's prune of the costliest linear beyond its
+    Hessian: the larger of the factorisation's working squares and the sweep (the factor, the
+    fp32 working weight and its temporaries)."""
     if hessian:
-        return max(SPARSEGPT_SQUARES * 4 * c * c + SPARSEGPT_BYTES * r * c + SPARSEGPT_ROW_BYTES * r
+        work = SPARSEGPT_WORK_SQUARES.get(device_type, SPARSEGPT_WORK_SQUARES["cuda"])
+        return max(max(work * 4 * c * c,
+                       4 * c * c + SPARSEGPT_BYTES * r * c + SPARSEGPT_ROW_BYTES * r)
                    for r, c in linears.values())
     return max(SELECT_BYTES * r * c for r, c in linears.values())
 
@@ -445,11 +477,14 @@ def _forward_transient(linears: Mapping[str, tuple[int, int]], request: MemoryRe
     b = DTYPE_BYTES[request.dtype]
     tokens = min(request.micro_batch, request.nsamples) * request.seqlen
     widest = max(max(r, c) for r, c in linears.values())
-    forward = tokens * widest * (FORWARD_MLP_COPIES * b + (HOOK_FP32_BYTES if needs and b < 4 else 0))
+    forward = tokens * widest * FORWARD_MLP_COPIES * b
+    if not needs:
+        return forward
+    hook = tokens * widest * (b + (HOOK_FP32_BYTES if b < 4 else 0))
     if STAT_HESSIAN in needs:
         cols = max(c for _, c in linears.values())
-        forward += HESSIAN_UPDATE_SQUARES * 4 * cols * cols
-    return forward
+        hook += HESSIAN_UPDATE_SQUARES * 4 * cols * cols
+    return max(forward, hook)
 
 
 def _transients(layout: ModelLayout, request: MemoryRequest, blocks: range, last: bool,
@@ -459,13 +494,51 @@ def _transients(layout: ModelLayout, request: MemoryRequest, blocks: range, last
     worst = 0
     for i in blocks:
         linears = layout.linears[i]
-        worst = max(worst, _mask_transient(linears, hessian),
+        worst = max(worst, _mask_transient(linears, hessian, request.device_type),
                     _forward_transient(linears, request, needs))
         if policy_needs == "weights":
             worst = max(worst, max(SPECTRUM_BYTES * r * c for r, c in linears.values()))
     if last and request.eval_seqlen:
         worst = max(worst, request.eval_seqlen * layout.vocab * (b + HEAD_EXTRA_BYTES))
     return worst
+
+
+class PruneStep(NamedTuple):
+    """Device bytes of one step of the final prune (the worker's other components apart)."""
+
+    activations: int
+    statistics: int
+    host_activations: int
+    transients: int
+
+
+def prune_steps(layout: ModelLayout, request: MemoryRequest, blocks: range,
+                last: bool) -> dict[str, PruneStep]:
+    """Each step of the final prune (``Worker.prune_one``) over ``blocks``: ``capture``, the
+    statistics pass (1 stream: each micro-batch's output is dropped; the hooks); ``mask`` (1
+    stream, the statistics, the criterion's transient); ``forward``, the pruned block's forward
+    (2 streams, statistics freed; beside it the last worker's evaluation and AlphaPruning's
+    spectrum); for ``stats``/``search`` policies ``dense``, the dense pass (2 streams, input
+    norms). The worker's prune phase is the step with the most device bytes."""
+    needs, policy_needs = _needs(request)
+    extra = {STAT_SQ_NORM} if policy_needs in ("stats", "search") else set()
+    prune_needs = needs | extra
+    groups = layout.input_groups
+    statistics = max(stat_bytes(layout.linears[i], prune_needs, groups) for i in blocks)
+    one, host_one = _streams(request, layout, request.nsamples, 1)
+    two, host_two = _streams(request, layout, request.nsamples, 2)
+    capture = max(_forward_transient(layout.linears[i], request, prune_needs) for i in blocks)
+    mask = max(_mask_transient(layout.linears[i], STAT_HESSIAN in needs, request.device_type)
+               for i in blocks)
+    after = _transients(layout, request, blocks, last, frozenset(), policy_needs)
+    steps = {"capture": PruneStep(one, statistics, host_one, capture),
+             "mask": PruneStep(one, statistics, host_one, mask),
+             "forward": PruneStep(two, 0, host_two, after)}
+    if extra:
+        dense = max(stat_bytes(layout.linears[i], extra, groups) for i in blocks)
+        steps["dense"] = PruneStep(two, dense, host_two, max(
+            _forward_transient(layout.linears[i], request, frozenset(extra)) for i in blocks))
+    return steps
 
 
 def _streams(request: MemoryRequest, layout: ModelLayout, sequences: int,
@@ -490,8 +563,9 @@ def _weights(layout: ModelLayout, request: MemoryRequest, start: int,
     owned = layout.block_params[start:stop]
     resident = min(2 if request.prefetch else 1, len(owned)) * max(owned) * b
     device = full - sum(owned) * b + resident
-    if request.onload == "host":
-        return device, sum(owned) * b
+    if request.onload == "host":  # one arena per block, counted as allocated
+        tensors = layout.block_tensors[start:stop] or (0,) * len(owned)
+        return device, sum(arena_bound(n * b, t) for n, t in zip(owned, tensors, strict=True))
     if request.device_type == "cpu":  # a block read from disk is the "device" copy itself
         return device, 0
     return device, min(2, len(owned)) * max(owned) * b  # disk: read ahead + spill
@@ -508,18 +582,20 @@ def worker_phases(layout: ModelLayout, request: MemoryRequest, rank: int, start:
     weights, host_weights = _weights(layout, request, start, stop)
     overhead = OVERHEAD_BYTES.get(request.device_type, OVERHEAD_BYTES["cuda"])
     transients = _transients(layout, request, blocks, last, needs, policy_needs)
-    prune_needs = needs | ({STAT_SQ_NORM} if policy_needs in ("stats", "search") else frozenset())
-    device, host = _streams(request, layout, request.nsamples, 2)
-    prune = WorkerMemory(rank, start, stop, "prune", weights, device,
-                         max(stat_bytes(layout.linears[i], prune_needs) for i in blocks),
-                         transients, 0, overhead, host, host_weights)
+    steps = prune_steps(layout, request, blocks, last)
+    peak = max(steps.values(), key=lambda step: step.activations + step.statistics
+               + step.transients)
+    prune = WorkerMemory(rank, start, stop, "prune", weights, peak.activations, peak.statistics,
+                         peak.transients, 0, overhead,
+                         max(step.host_activations for step in steps.values()), host_weights)
     if policy_needs != "search":
         return {"prune": prune}
     dense = needs | {STAT_SQ_NORM}
     samples = min(request.search_samples, request.nsamples)
     device, host = _streams(request, layout, samples, 3 if first else 2)
-    per_block = [stat_bytes(layout.linears[i], dense) for i in blocks]
-    sparse = max(stat_bytes(layout.linears[i], {STAT_SQ_NORM}) for i in blocks)
+    per_block = [stat_bytes(layout.linears[i], dense, layout.input_groups) for i in blocks]
+    sparse = max(stat_bytes(layout.linears[i], {STAT_SQ_NORM}, layout.input_groups)
+                 for i in blocks)
     if request.reference_stream == "global":
         statistics = sum(per_block) + sparse
     else:

@@ -261,23 +261,27 @@ def test_planner_onload_terms_and_choice() -> None:
     Llama-2-70B now fits 1 x 80 GB and 2 x 24 GB (wanda), with the host memory reported."""
     from dataclasses import replace
 
+    from neuroal.engine.arena import arena_bound
     from neuroal.planner import GB, MemoryRequest, choose_onload, layout_of, plan_memory
 
     layout = layout_of("llama-2-70b")
     block = layout.block_params[0] * 2
+    arena = arena_bound(block, layout.block_tensors[0])  # one pinned arena per block
+    assert block < arena <= block + 2 * 4096
     req = MemoryRequest(workers=2)
     dev, host, disk = (plan_memory(layout, replace(req, onload=m)) for m in
                        ("device", "host", "disk"))
     for d, h, k in zip(dev.workers, host.workers, disk.workers, strict=True):
         owned = (d.stop - d.start) * block
-        assert h.weights == d.weights - owned + 2 * block and h.host_weights == owned
+        assert h.weights == d.weights - owned + 2 * block
+        assert h.host_weights == (d.stop - d.start) * arena
         assert k.weights == h.weights and k.host_weights == 2 * block
         assert h.total - h.weights == d.total - d.weights  # the rest is unchanged
     no_prefetch = plan_memory(layout, replace(req, onload="host", prefetch=False))
     assert no_prefetch.workers[0].weights == host.workers[0].weights - block
     one = choose_onload(layout, replace(req, workers=1, onload="auto"), 80 * GB)
     assert one.request.onload == "host" and one.fits(80 * GB)
-    assert one.host_total == 80 * block
+    assert one.host_total == 80 * arena
     two = choose_onload(layout, replace(req, onload="auto"), 24 * GB)
     assert two.request.onload == "host" and two.fits(24 * GB)
     # with too little host memory for every block, disk is chosen
@@ -300,7 +304,7 @@ def test_plan_cli_answers_fits_with_host_memory() -> None:
                               env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert "verdict: fits" in proc.stdout and "engine.onload=host" in proc.stdout
-        assert "136.90 GB for all" in proc.stdout
+        assert "136.91 GB for all" in proc.stdout  # 80 arenas: the blocks + 2 pages each
 
 
 def test_pipeline_auto_onload_follows_the_planner(llama4: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from neuroal.config import ConfigError, load_config
 from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
+from neuroal.engine.arena import PAGE, arena_bound
 from neuroal.engine.executor import split_blocks
 from neuroal.engine.worker import CandidateJob, PruneJob, Worker, WorkerSpec
 from neuroal.models.known import KNOWN, KNOWN_DIR, known_config
@@ -26,7 +27,9 @@ from neuroal.planner import (
     min_workers,
     parse_bytes,
     plan_memory,
+    prune_steps,
     request_from_config,
+    summarize,
     worker_phases,
 )
 
@@ -60,10 +63,40 @@ def test_llama2_70b_fits_on_8_by_80gb() -> None:
                                                   allocation=allocation)).fits(80 * GB)
 
 
-def test_sparsegpt_holds_one_hessian_per_linear() -> None:
+def test_sparsegpt_holds_one_hessian_per_distinct_input() -> None:
     plan = plan_memory("llama-2-70b", MemoryRequest(workers=8, criterion="sparsegpt"))
-    per_linear = 4 * (6 * 8192**2 + 28672**2)  # q, k, v, o, gate, up: h^2; down: I^2
-    assert plan.workers[0].statistics == per_linear
+    per_input = 4 * (3 * 8192**2 + 28672**2)  # q/k/v, o, gate/up: h^2; down: I^2
+    assert plan.workers[0].statistics == per_input  # 4.1 GB, not 4.9 (one per linear)
+    assert layout_of("llama-2-70b").input_groups == (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("mlp.gate_proj", "mlp.up_proj"))
+
+
+def test_llama2_70b_sparsegpt_fits_on_2_by_24gb() -> None:
+    """``plan.py --model llama-2-70b --workers 2 --gpu-memory 24GB --criterion sparsegpt
+    --seqlen 2048`` fits (onload auto -> host): one Hessian per distinct input, the in-place
+    factorisation (2 working squares on CUDA), one stream while capturing and masking."""
+    from neuroal.commands.plan import main
+
+    request = MemoryRequest(workers=2, criterion="sparsegpt", seqlen=2048, onload="auto")
+    summary = summarize("llama-2-70b", request, 24 * GB)
+    assert summary["fits"] and summary["onload"] == "host"
+    square = 4 * 28672**2
+    worker = summary["plan"]["workers"][0]
+    assert worker["statistics"] == 4 * (3 * 8192**2 + 28672**2)
+    steps = prune_steps(layout_of("llama-2-70b"), replace(request, onload="host"), range(40),
+                        False)
+    # down_proj: the larger of the working square + cusolver's copy and the sweep
+    assert steps["mask"].transients == max(2 * square, square + 12 * 8192 * 28672 + 28 * 128 * 8192)
+    # pinned host copies counted as allocated: one arena per block (9 tensors), no rounding
+    assert worker["host_weights"] == 40 * arena_bound(LLAMA2_70B_BLOCK * 2, 9)
+    assert worker["host_weights"] <= 40 * (LLAMA2_70B_BLOCK * 2 + 2 * PAGE)  # 1632 MiB, not 1824
+    assert steps["mask"].activations == steps["capture"].activations == 128 * 2048 * 8192 * 2
+    assert steps["forward"].activations == 2 * steps["mask"].activations
+    assert steps["forward"].statistics == 0
+    assert worker["total"] < 24 * GB < worker["total"] + 5 * square  # the old 7 squares: no fit
+    assert main(["--model", "llama-2-70b", "--workers", "2", "--gpu-memory", "24GB",
+                 "--criterion", "sparsegpt", "--seqlen", "2048"]) == 0
 
 
 def test_min_workers_and_largest_fit_are_consistent() -> None:
@@ -82,7 +115,7 @@ def test_min_workers_and_largest_fit_are_consistent() -> None:
 def test_offloaded_streams_move_to_host() -> None:
     request = MemoryRequest(workers=8, offload_activations=True, micro_batch=4)
     row = plan_memory("llama-2-70b", request).workers[1]
-    assert row.host_activations == 2 * 128 * 2048 * 8192 * 2
+    assert row.host_activations == 2 * 128 * 2048 * 8192 * 2  # the pruned forward's 2 streams
     assert row.activations == 2 * 4 * 2048 * 8192 * 2
 
 
@@ -196,8 +229,13 @@ def test_tiny_statistics_and_masked_block_match(tiny_models: dict[str, Path], cr
     stream = worker.embed(torch.randint(0, layout.vocab, (TINY.nsamples, TINY.seqlen)))
     stats, _ = worker.collect_stats(0, stream, PruneJob(criterion))
     held = _tensor_bytes(getattr(s, stat) for s in stats.values())
-    assert held == phases["prune"].statistics - (
-        0 if stat == STAT_SQ_NORM else sum(4 * c for _, c in layout.linears[0].values()))
+    captured = prune_steps(layout, request, range(layout.num_blocks), True)["capture"]
+    groups = layout.input_groups
+    assert groups  # the tiny Llama shares q/k/v and gate/up inputs
+    sq_norms = sum(4 * c for n, (_, c) in layout.linears[0].items()
+                   if not any(n in g[1:] for g in groups))
+    assert held == captured.statistics - (0 if stat == STAT_SQ_NORM else sq_norms)
+    assert phases["prune"].statistics in (0, captured.statistics)
     linears = worker.adapter.prunable_linears(worker.adapter.blocks[0])
     from neuroal.criteria import CRITERIA
 

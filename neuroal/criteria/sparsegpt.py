@@ -57,65 +57,107 @@ def damp_ladder(percdamp: float) -> tuple[float, ...]:
     return (percdamp, *(value for value in DAMP_LADDER[1:] if value > percdamp))
 
 
-def prepare_hessian(
-    hessian: torch.Tensor, weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """fp32 copies of ``H`` (cols, cols) and ``W`` (rows, cols) with dead inputs handled.
+def prepare_weight(weight: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """fp32 private copy of ``W`` (rows, cols) with the dead inputs' columns zeroed.
 
-    A dead input (``H_jj = 0``) gets ``H_jj = 1`` and its weight column is zeroed.
-
-    Returns:
-        ``(H, W, number of dead inputs)``; both tensors are private copies.
-
-    Raises:
-        NonFiniteScoresError: If ``H`` holds NaN or Inf.
-        ValueError: If the shapes do not match.
+    Args:
+        weight: ``(rows, cols)`` weight (any float dtype; not modified).
+        dead: ``(cols,)`` bool, ``H_jj == 0``.
     """
+    w = weight.detach().to(dtype=torch.float32, copy=True)
+    w[:, dead] = 0.0
+    return w
+
+
+def _check_shapes(hessian: torch.Tensor, weight: torch.Tensor) -> None:
     cols = weight.shape[1]
     if tuple(hessian.shape) != (cols, cols):
         raise ValueError(f"hessian has shape {tuple(hessian.shape)}; expected ({cols}, {cols})")
-    h = hessian.detach().to(device=weight.device, dtype=torch.float32, copy=True)
-    check_finite(h, what="Hessian entries")
-    w = weight.detach().to(dtype=torch.float32, copy=True)
-    dead = h.diagonal() == 0
-    h.diagonal()[dead] = 1.0
-    w[:, dead] = 0.0
-    return h, w, int(dead.sum())
 
 
-def inverse_factor(hessian: torch.Tensor, percdamp: float) -> torch.Tensor | None:
-    """Upper Cholesky factor ``U`` of ``(H + percdamp * mean(diag H) * I)^-1``, or ``None``.
+def load_damped(
+    work: torch.Tensor, hessian: torch.Tensor, percdamp: float, check: bool = False
+) -> torch.Tensor:
+    """Fill ``work`` with ``H`` dead-fixed and damped: ``H_jj = 0 -> 1``, then
+    ``+ percdamp * mean(diag H) * I``; returns the dead inputs ``(cols,)`` bool.
 
     Args:
-        hessian: ``(cols, cols)`` symmetric fp32 matrix (not modified).
-        percdamp: Dampening relative to the mean diagonal.
+        work: ``(cols, cols)`` fp32 buffer, column-major (the layout the Cholesky kernels use,
+            so every factor below is computed in place on it).
+        hessian: ``(cols, cols)`` statistic (not modified).
+        percdamp: Dampening relative to the mean (dead-fixed) diagonal.
+        check: Raise on NaN/Inf entries (the first load).
+
+    Raises:
+        NonFiniteScoresError: If ``check`` and ``H`` holds NaN or Inf.
+    """
+    work.copy_(hessian)
+    if check:  # on the row-major view of the same entries: no copy
+        check_finite(work.t(), what="Hessian entries")
+    diag = work.diagonal()  # (cols,) view
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    return dead
+
+
+def inverse_factor_(work: torch.Tensor) -> bool:
+    """In place: the damped ``H`` in ``work`` becomes the upper Cholesky factor ``U`` of its
+    inverse (``U^T U = H^-1``): Cholesky, Cholesky inverse, upper Cholesky, each written over
+    ``work`` (on CUDA the Cholesky inverse keeps one working copy: 3 squares with the statistic).
+
+    Args:
+        work: ``(cols, cols)`` column-major fp32 damped Hessian; overwritten.
 
     Returns:
-        ``(cols, cols)`` upper-triangular ``U`` with ``U^T U = H_damped^-1``, or ``None`` when a
-        factorisation fails (not positive-definite) or produces NaN/Inf.
+        False when a factorisation fails (not positive-definite) or produces NaN/Inf; ``work``
+        is then garbage.
     """
-    damped = hessian.clone()
-    damped.diagonal().add_(percdamp * hessian.diagonal().mean())
-    lower, info = torch.linalg.cholesky_ex(damped)
+    info = torch.empty((), dtype=torch.int32, device=work.device)
+    torch.linalg.cholesky_ex(work, out=(work, info))
     if int(info) != 0:
-        return None
-    inverse = torch.cholesky_inverse(lower)
-    upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    if int(info) != 0 or not bool(torch.isfinite(upper).all()):
-        return None
-    return upper
+        return False
+    torch.cholesky_inverse(work, out=work)
+    torch.linalg.cholesky_ex(work, upper=True, out=(work, info))
+    return int(info) == 0 and _all_finite(work)
+
+
+def _all_finite(work: torch.Tensor) -> bool:
+    """No NaN/Inf in the column-major square ``work``, without a square temporary (``isfinite``
+    allocates ``|work|``): NaN propagates through ``aminmax``, an Inf is its min or max."""
+    low, high = torch.aminmax(work.t().reshape(-1))  # (cols * cols,) view
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
+
+
+def column_major_square(cols: int, device: torch.device) -> torch.Tensor:
+    """An uninitialised ``(cols, cols)`` fp32 matrix in column-major (Fortran) layout."""
+    return torch.empty_strided((cols, cols), (1, cols), dtype=torch.float32, device=device)
 
 
 def factor_with_retries(
-    hessian: torch.Tensor, percdamp: float
-) -> tuple[torch.Tensor | None, float, list[float]]:
-    """Try the dampening ladder until the inverse factor exists.
+    hessian: torch.Tensor, percdamp: float, device: torch.device | None = None
+) -> tuple[torch.Tensor | None, float, list[float], torch.Tensor]:
+    """Try the dampening ladder until the inverse factor exists, in one working square.
+
+    Memory: the statistic ``H`` and one ``(cols, cols)`` fp32 working matrix (plus the CUDA
+    Cholesky inverse's copy): at most 3 squares alive, against 6 for out-of-place factors.
+
+    Args:
+        hessian: ``(cols, cols)`` statistic (any float dtype and device; not modified).
+        percdamp: First dampening of the ladder.
+        device: Where to factorise (default: the statistic's device).
 
     Returns:
-        ``(U or None, dampening used or the last tried, retried dampening values)``.
+        ``(U or None, dampening used or the last tried, retried dampening values, dead inputs
+        (cols,) bool)``.
+
+    Raises:
+        NonFiniteScoresError: If ``H`` holds NaN or Inf.
     """
+    work = column_major_square(hessian.shape[0], device or hessian.device)
     retries: list[float] = []
     ladder = damp_ladder(percdamp)
+    dead = torch.zeros(0, dtype=torch.bool)
     for index, value in enumerate(ladder):
         if index:
             retries.append(value)
@@ -124,10 +166,10 @@ def factor_with_retries(
                 ladder[index - 1],
                 value,
             )
-        upper = inverse_factor(hessian, value)
-        if upper is not None:
-            return upper, value, retries
-    return None, ladder[-1], retries
+        dead = load_damped(work, hessian, value, check=index == 0)
+        if inverse_factor_(work):
+            return work, value, retries, dead
+    return None, ladder[-1], retries, dead
 
 
 def _sweep_block(
@@ -287,8 +329,11 @@ class SparseGPTCriterion:
         ratio: float,
         opts: Mapping[str, Any],
     ) -> LayerPruneResult:
-        h, w, dead = prepare_hessian(hessian, weight)
-        upper, damp, retries = factor_with_retries(h, float(opts["percdamp"]))
+        _check_shapes(hessian, weight)
+        upper, damp, retries, dead_cols = factor_with_retries(
+            hessian, float(opts["percdamp"]), weight.device
+        )
+        dead = int(dead_cols.sum())
         info: dict[str, Any] = {"percdamp": damp, "damp_retries": retries, "dead_inputs": dead}
         if upper is None and opts["on_cholesky_failure"] == "no_update":
             logger.warning("SparseGPT: Cholesky failed at every dampening; pruning by Wanda")
@@ -298,8 +343,9 @@ class SparseGPTCriterion:
                 f"damped Hessian is not positive-definite even with percdamp={damp:g}; use "
                 "more calibration samples or sparsegpt.on_cholesky_failure=no_update"
             )
-        del h
+        w = prepare_weight(weight, dead_cols)  # after the factors: not alive while factorising
         mask, error = sweep(w, upper, ratio, target.nm, int(opts["blocksize"]), target.exact_count)
+        del upper
         info["error"] = error
         return LayerPruneResult(mask=mask, weight=w.to(weight.dtype), info=info)
 

@@ -3,7 +3,8 @@
 A worker may own more blocks than fit on its device. With ``engine.onload`` set to
 
 * ``device``: every owned block stays on the device (the classic layout; no copies);
-* ``host``: the blocks' weights stay in host memory (pinned when the device is CUDA) and one
+* ``host``: the blocks' weights stay in host memory, each block's tensors carved from one
+  arena (:mod:`neuroal.engine.arena`; pinned in place when the device is CUDA), and one
   block at a time is copied to the device for statistics, masking, the NeuroAL candidate
   forwards and the pruned forward; a block that was modified (pruned, reconstructed, restored)
   is copied back into its host tensors when it leaves the device;
@@ -39,6 +40,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from neuroal.engine.arena import HostArena
 
 ONLOAD_MODES = ("device", "host", "disk")
 SPILL_MARGIN = 64 << 20  # bytes kept free beyond the spill files (headers, other writers)
@@ -103,6 +106,7 @@ class BlockStore:
         self.prefetch = prefetch and len(self.order) > 1
         self.cuda = device.type == "cuda"
         self.host: dict[int, dict[str, torch.Tensor]] = {}
+        self.arenas: dict[int, HostArena] = {}  # host mode: each block's one buffer
         self.version = dict.fromkeys(self.order, 0)
         self.depth: dict[int, int] = {}  # resident blocks -> nesting depth
         self.dirty: set[int] = set()
@@ -123,7 +127,8 @@ class BlockStore:
                     block.get_buffer(buffer_name).data = buf.to(device)
             if mode == "host":
                 assert read is not None
-                self.host[index] = {n: self._home(t) for n, t in read(index).items()}
+                self.arenas[index] = HostArena(read(index), pin=self.cuda)
+                self.host[index] = self.arenas[index].views
                 for name, tensor in self.host[index].items():
                     _put(block, name, tensor)
             else:
@@ -131,10 +136,9 @@ class BlockStore:
 
     # ------------------------------------------------------------------ home copies
 
-    def _home(self, tensor: torch.Tensor) -> torch.Tensor:
-        """A host copy (pinned for asynchronous copies to a CUDA device)."""
-        t = tensor.detach().to("cpu")
-        return t.pin_memory() if self.cuda else t
+    def host_bytes(self) -> int:
+        """Host bytes of the blocks kept at home (``host``: the arenas as allocated)."""
+        return sum(arena.nbytes for arena in self.arenas.values())
 
     def _evict_to_meta(self, index: int) -> None:
         block = self.blocks[index]
@@ -290,6 +294,8 @@ class BlockStore:
         for staged in self.staged.values():
             staged.future.cancel()
         self.staged.clear()
+        for arena in self.arenas.values():
+            arena.release()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

@@ -281,6 +281,7 @@ class Worker:
         targets = torch.empty_like(stream) if job.reconstruct is not None else None
         stats, order = self.collect_stats(index, stream, job, outputs=targets)
         layers = self.prune_block(index, stats, entries, job, order, seqlen=stream.shape[1])
+        del stats  # the Hessians go before the pruned forward allocates the next stream
         info: dict[str, Any] = {}
         if targets is not None:
             info["perp-reconstruct"] = self.reconstruct(index, stream, targets, job, layers)
@@ -395,7 +396,9 @@ class Worker:
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         needs = CRITERIA.get(job.criterion).needs | refiner_needs(job.refine)
         collector = StatsCollector(linears, needs)
-        if needs:
+        if needs and outputs is None:  # outputs dropped per micro-batch: no second stream
+            self._stats_pass(index, stream, collector)
+        elif needs:
             with collector.attached():
                 self._forward_block(index, stream, collector, out=outputs)
         elif outputs is not None:
@@ -572,13 +575,18 @@ class Worker:
         """Dense statistics of block ``index``'s linears on ``stream`` (outputs discarded)."""
         linears = self.adapter.prunable_linears(self.adapter.blocks[index])
         collector = StatsCollector(linears, needs)
+        self._stats_pass(index, stream, collector)
+        return collector.stats()
+
+    def _stats_pass(self, index: int, stream: torch.Tensor, collector: StatsCollector) -> None:
+        """Every micro-batch of ``stream`` through block ``index`` with ``collector``'s hooks;
+        each micro-batch's output is dropped at once (no ``(N, T, h)`` output stream)."""
         with self.resident(index) as block, collector.attached():
             for sl in self._batches(stream.shape[0]):
                 x = stream[sl].to(self.device)
                 collector.begin_batch(x.shape[0])
                 self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
                 collector.end_batch()
-        return collector.stats()
 
     def _masked_weights(self, linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Any],
                         entries: Mapping[str, Any], job: CandidateJob, criterion: Any,

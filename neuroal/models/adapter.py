@@ -23,6 +23,7 @@ from neuroal.errors import AdapterError
 from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 from neuroal.models.moe import expert_consumers, with_experts
 from neuroal.models.selection import LayerSelection
+from neuroal.models.sharing import Groups, derive_input_groups
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,11 @@ class ModelAdapter:
     def consumer_map(self) -> ConsumerMap:
         """The derived producer -> consumer map of this architecture (cached per structure)."""
         return derive_consumer_map(self.config, type(self))
+
+    def input_groups(self) -> Groups:
+        """Linears of a block fed the very same input tensor (q/k/v, gate/up), derived on a
+        tiny twin (cached per structure): the statistics they share (memory planning)."""
+        return derive_input_groups(self.config, type(self))
 
     def shape(self, row_map: bool = True) -> ModelShape:
         """``(rows, cols)`` of every prunable linear of every block (works on meta), with the
