@@ -197,6 +197,23 @@ class StatsCollector:
         self._last = None
         self._sequences = None
 
+    def record_only(self) -> None:
+        """Keep each micro-batch's sums as they come instead of folding them (a data-parallel
+        worker sends them to each linear's solver, :mod:`neuroal.engine.data_parallel`); read
+        them with :meth:`recorded`. For a collector that sees one micro-batch."""
+        self.acc = {name: _Recorder() for name in self.linears}  # type: ignore[misc]
+        self._out = {name: _Recorder() for name in self.linears}  # type: ignore[misc]
+
+    def recorded(self) -> dict[str, tuple[dict[str, torch.Tensor], int] | None]:
+        """Per linear, the micro-batch's input and output sums and its sequences (None: the
+        linear saw no input), after :meth:`record_only`."""
+        out: dict[str, tuple[dict[str, torch.Tensor], int] | None] = {}
+        for name in self.linears:
+            parts = [r.sums for r in (self.acc[name], self._out[name]) if r.sums is not None]
+            out[name] = None if not parts else \
+                ({k: v for sums, _ in parts for k, v in sums.items()}, parts[0][1])
+        return out
+
     def stats(self) -> dict[str, LayerStats]:
         """Final statistics per linear name (linears sharing an input share its tensors)."""
         stats = {}
@@ -205,6 +222,20 @@ class StatsCollector:
             if self._out[name].out_sq_norm is not None:
                 stats[name] = replace(stats[name], out_sq_norm=self._out[name].out_sq_norm)
         return self._experts.finish(stats) if self._experts is not None else stats
+
+
+class _Recorder:
+    """Stands in for an accumulator under :meth:`StatsCollector.record_only`: keeps the one
+    micro-batch's sums unfolded (``n`` counts sequences, as an accumulator's does, so input
+    sharing is detected the same way)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sums: tuple[dict[str, torch.Tensor], int] | None = None
+
+    def update(self, contrib: dict[str, torch.Tensor], batch: int, owned: bool = False) -> None:
+        self.sums = (dict(contrib), batch)
+        self.n += batch
 
 
 def _sharing_changed(name: str, leader: str) -> RuntimeError:

@@ -35,7 +35,7 @@ from neuroal.guard import (
     warn_code_execution,
 )
 from neuroal.inputs import label_flags, position_errors
-from neuroal.logging import configure, get_logger
+from neuroal.logging import configure, ensure_visible, get_logger
 from neuroal.models.adapter import AdapterError, ModelAdapter
 from neuroal.models.loading import (
     ModelSourceError,
@@ -81,6 +81,10 @@ FLAG_KEYS = {
     "generation": "eval.generation", "apply_chat_template": "eval.apply_chat_template",
     "log_samples": "eval.log_samples",
 }
+
+DEPRECATED_FLAGS = {"--seqlen": "--eval-seqlen", "--windows": "--eval-windows",
+                    "--eval-tasks": "--tasks"}
+"""Earlier spellings, still read (with a warning): one name per concept with ``prune``."""
 
 PROTOCOL_KEYS = ("eval.seqlen", "eval.max_windows")
 """The perplexity protocol: a neuroal output is evaluated with the one its prune used."""
@@ -192,6 +196,7 @@ def run_evaluation(cfg: Any, session: Any = None,
     perplexity sources and the lm-eval tasks of ``cfg.eval``; returns the result dict.
     ``session``: the open dist session (:func:`neuroal.engine.dist.coordinator`) or None;
     ``lm_eval_sink`` receives lm-eval's own result dict (for ``--output_path``)."""
+    ensure_visible(cfg.log_level)
     timings, t0 = Timings(), time.perf_counter()
     with timings("resolve"):
         source = resolve_model(cfg.model.name, cfg.model.revision)
@@ -284,9 +289,8 @@ def build_parser(prog: str = "neuroal evaluate") -> argparse.ArgumentParser:
                    "protocol of the prune that wrote the model, else 512)")
     p.add_argument("--eval-windows", type=int, help="first k perplexity windows (default: the "
                    "prune's protocol, else 64; 0 = all)")
-    deprecated_flag(p, "--seqlen", "--eval-seqlen", type=int)
-    deprecated_flag(p, "--windows", "--eval-windows", type=int)
-    deprecated_flag(p, "--eval-tasks", "--tasks")
+    for old, new in DEPRECATED_FLAGS.items():
+        deprecated_flag(p, old, new, **({"type": int} if new != "--tasks" else {}))
     p.add_argument("--tasks", help="comma list of lm-eval tasks, e.g. hellaswag,arc_easy,piqa "
                    "(needs pip install 'neuroal[eval]'); neuroal ships neuroal_tiny_qa")
     p.add_argument("--include-path", "--include_path", dest="include_path",
@@ -357,6 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_evaluation(cfg, session, raw)
     except ConfigError as exc:  # each error names the flag that set its key, if any
         labels = {key: "--" + flag.replace("_", "-") for flag, key in FLAG_KEYS.items()}
+        typed = {a.split("=", 1)[0] for a in (sys.argv[1:] if argv is None else argv)}
+        for old, new in DEPRECATED_FLAGS.items():  # name the flag as the user typed it
+            if old in typed:
+                labels = {k: old if v == new else v for k, v in labels.items()}
         log.error("%s", ConfigError(label_flags(exc.errors, labels)))
         return 2
     except (ModelSourceError, AdapterError, FileNotFoundError, ValueError,

@@ -32,6 +32,9 @@ class TqdmHandler(logging.StreamHandler):  # type: ignore[type-arg]
         try:
             from tqdm.auto import tqdm
 
+            # the process's stderr now: it may have been replaced since configure() ran (a
+            # notebook's or a test harness's capture), and the old one closed
+            self.stream = sys.stderr
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
         except Exception:  # the logging module's own policy: report, never raise
@@ -56,6 +59,14 @@ def configure(level: str = "INFO", log_file: str | Path | None = None) -> None:
         _CONFIGURED = True
     if log_file is not None:
         add_log_file(log_file)
+
+
+def ensure_visible(level: str = "INFO") -> None:
+    """Library use (``neuroal.prune(...)`` in a script or notebook) shows progress and log lines
+    by default: :func:`configure` when neither the ``neuroal`` logger nor the root logger has a
+    handler (an application's own logging setup, or the CLI's, is left alone)."""
+    if not logging.getLogger("neuroal").handlers and not logging.getLogger().handlers:
+        configure(level)
 
 
 def add_log_file(path: str | Path, mode: str = "a") -> logging.FileHandler:

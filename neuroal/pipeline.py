@@ -56,7 +56,7 @@ from neuroal.guard import (
 from neuroal.hub import push_output, upload_hint
 from neuroal.inputs import position_errors
 from neuroal.jobs import BlockReport, PruneJob
-from neuroal.logging import RunLog, add_log_file, get_logger, remove_handler
+from neuroal.logging import RunLog, add_log_file, ensure_visible, get_logger, remove_handler
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.consumers import derive_consumer_map
 from neuroal.models.loading import (
@@ -468,6 +468,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
     :func:`neuroal.engine.dist.coordinator`) for ``engine.executor=dist``, else None.
     """
     configure_progress(cfg.log.interval, cfg.log.progress)
+    ensure_visible(cfg.log_level)
     logger = logging.getLogger("neuroal")
     unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
     if unset:

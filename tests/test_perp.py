@@ -349,7 +349,8 @@ def test_recover_entry_point_in_process(tokenizer_dir: Path, small_text: Path, t
         sys.path.remove(str(REPO / "launch"))
     pruned = _pruned_dir(tmp_path, tokenizer_dir, "opt")
     out = tmp_path / "perp"
-    assert main([str(pruned), "--output", str(out), "--variant", "bias-norm", "--steps", "4",
+    assert main([str(pruned), "--output", str(out), "--allow-unpruned", "--variant", "bias-norm",
+                 "--steps", "4",
                  "--calib", f"text:{small_text}", "--eval", f"text:{small_text}", "--nsamples", "4",
                  "--seqlen", "32", "--eval-windows", "2", "--lr", "1e-2", "--device", "cpu"]) == 0
     report = _check_recovered(pruned, out)
@@ -387,7 +388,7 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(variant: str, tokenizer_dir
            "NEUROAL_PROGRESS": "0", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     lr = "1e-2" if variant == "masklora" else "1e-3"
     cmd = [sys.executable, "-c", _LAUNCH, str(REPO / "launch/recover.py"), str(pruned), "--output",
-           str(out), "--variant", variant, "--steps", "4", "--lr", lr,
+           str(out), "--allow-unpruned", "--variant", variant, "--steps", "4", "--lr", lr,
            "--calib", f"text:{small_text}", "--eval", f"text:{small_text}", "--nsamples", "4",
            "--seqlen", "32", "--eval-windows", "2"]
     done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

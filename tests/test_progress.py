@@ -114,7 +114,9 @@ def test_run_writes_neuroal_log_and_log_file(tiny_models: dict[str, Path], tmp_p
     out, extra = tmp_path / "out", tmp_path / "logs" / "run.log"
     extra.parent.mkdir()
     extra.write_text("earlier line\n")  # a user file is appended to, never replaced
-    run(tiny_cfg(tiny_models["llama"], out, log={"file": str(extra), "interval": 0}))
+    # an existing file neuroal did not write is appended to only when the user says so
+    run(tiny_cfg(tiny_models["llama"], out, log={"file": str(extra), "interval": 0,
+                                                 "allow_existing": True}))
     text = (out / LOG_FILE).read_text()
     assert "calibration: 4 windows of 32 tokens" in text  # logged before the output existed
     assert "block 2/2  target 0.500" in text

@@ -321,16 +321,6 @@ def guest(block: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[nn.
         _swap(block, previous)
 
 
-class _Recorder:
-    """Stands in for a linear's accumulator in a collector: keeps the micro-batch's sums."""
-
-    def __init__(self) -> None:
-        self.sums: Sums | None = None
-
-    def update(self, contrib: dict[str, torch.Tensor], batch: int) -> None:
-        self.sums = (contrib, batch)
-
-
 # --------------------------------------------------------------------------- one worker's program
 
 
@@ -469,10 +459,10 @@ class DataPrune:
             if step >= self.layout.active_steps(self.comm.rank):
                 return None, []
             collector = StatsCollector(dict(linears), needs)
-            collector.acc = {n: _Recorder() for n in linears}  # type: ignore[dict-item]
+            collector.record_only()
             with collector.attached():
                 self.w._forward_block(index, share[step * mb:(step + 1) * mb], collector)
-            return {n: r.sums for n, r in collector.acc.items()}, collector.order
+            return collector.recorded(), collector.order
 
         for step in range(self.layout.steps):
             sums, seen = self._phase(lambda s=step: step_sums(s))
