@@ -296,3 +296,15 @@ def test_recover_refuses_a_dense_or_foreign_input(tmp_path: Path) -> None:
         check_pruned_input(tmp_path, "m")
     (tmp_path / "report.json").write_text(json.dumps({"achieved_sparsity": 0.5}))
     check_pruned_input(tmp_path, "m")
+
+
+def test_a_fifo_as_model_is_named_not_called_missing(tmp_path: Path) -> None:
+    import os
+
+    from neuroal.errors import ModelSourceError
+    from neuroal.models.loading import resolve_model
+
+    fifo = tmp_path / "model"
+    os.mkfifo(fifo)
+    with pytest.raises(ModelSourceError, match=r"is a FIFO \(named pipe\), not a model"):
+        resolve_model(str(fifo))

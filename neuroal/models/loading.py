@@ -23,6 +23,7 @@ from torch import nn
 from neuroal.checkpoint import fingerprint_changes  # noqa: F401  (re-exported)
 from neuroal.digests import file_digests
 from neuroal.errors import ModelSourceError
+from neuroal.inputs import file_kind
 from neuroal.logging import get_logger
 from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
@@ -99,6 +100,10 @@ def resolve_model(name: str, revision: str | None = None) -> ModelSource:
         path = embedded_gguf(target.split(":", 1)[1])
         return ModelSource("gguf", str(path.parent), name, gguf_file=path.name)
     path = Path(target).expanduser()
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise ModelSourceError(
+            f"model {name!r} is {file_kind(path)}, not a model: expected a Hugging Face model "
+            "directory (config.json + *.safetensors), a .gguf file, a hub id or an alias")
     if path.is_file() and not target.endswith(".gguf"):
         raise ModelSourceError(
             f"model {name!r} is a file, not a model directory: expected a Hugging Face model "
