@@ -129,21 +129,32 @@ def derive_consumer_map(config: Any, adapter: Callable[[nn.Module], Any]) -> Con
     or run gives a ``fallback`` map (uniform rows), logged as a warning with the reason.
     """
     try:
-        twin = shrink_config(config)
-        key = json.dumps(twin.to_dict(), sort_keys=True, default=str)
+        key = twin_key(config)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the documented fallback
         return _fallback(getattr(config, "model_type", "?"), f"no tiny twin ({exc})")
     return _derive_cached(key, adapter)
 
 
-@cache
-def _derive_cached(key: str, adapter: Callable[[nn.Module], Any]) -> ConsumerMap:
+def twin_key(config: Any) -> str:
+    """The tiny twin's config (:func:`shrink_config`) as a JSON cache key; raises when no
+    twin can be built. Probes on the twin are cached per key (one per architecture)."""
+    return json.dumps(shrink_config(config).to_dict(), sort_keys=True, default=str)
+
+
+def twin_config(key: str) -> tuple[str, Any]:
+    """``(model_type, config)`` of the twin a :func:`twin_key` describes."""
     from transformers import AutoConfig
 
     fields = json.loads(key)
     model_type = fields.pop("model_type")
+    return model_type, AutoConfig.for_model(model_type, **fields)
+
+
+@cache
+def _derive_cached(key: str, adapter: Callable[[nn.Module], Any]) -> ConsumerMap:
+    model_type = json.loads(key).get("model_type", "?")
     try:
-        return probe(AutoConfig.for_model(model_type, **fields), adapter)
+        return probe(twin_config(key)[1], adapter)
     except Exception as exc:  # noqa: BLE001 - any failure becomes the documented fallback
         return _fallback(model_type, f"probe failed ({type(exc).__name__}: {exc})")
 

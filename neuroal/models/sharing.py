@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
-from neuroal.models.consumers import TWIN_TOKENS, TWIN_VOCAB, shrink_config
+from neuroal.models.consumers import TWIN_TOKENS, TWIN_VOCAB, twin_config, twin_key
 
 log = get_logger(__name__)
 
@@ -33,8 +33,7 @@ def derive_input_groups(config: Any, adapter_cls: Callable[[nn.Module], Any]) ->
     """Groups (2 or more relative linear names, execution order) of one block's linears that
     receive the same input tensor; ``()`` when the twin cannot be built or run."""
     try:
-        twin = shrink_config(config)
-        key = json.dumps(twin.to_dict(), sort_keys=True, default=str)
+        key = twin_key(config)
     except Exception as exc:  # noqa: BLE001 - any failure: no sharing assumed
         log.warning("model_type %r: no tiny twin to find shared linear inputs (%s); every "
                     "linear's statistics counted alone", getattr(config, "model_type", "?"), exc)
@@ -44,12 +43,9 @@ def derive_input_groups(config: Any, adapter_cls: Callable[[nn.Module], Any]) ->
 
 @cache
 def _groups_cached(key: str, adapter_cls: Callable[[nn.Module], Any]) -> Groups:
-    from transformers import AutoConfig
-
-    fields = json.loads(key)
-    model_type = fields.pop("model_type")
+    model_type = json.loads(key).get("model_type", "?")
     try:
-        return probe_input_groups(AutoConfig.for_model(model_type, **fields), adapter_cls)
+        return probe_input_groups(twin_config(key)[1], adapter_cls)
     except Exception as exc:  # noqa: BLE001 - any failure: no sharing assumed
         log.warning("model_type %r: shared-input probe failed (%s: %s); every linear's "
                     "statistics counted alone", model_type, type(exc).__name__, exc)
