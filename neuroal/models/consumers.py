@@ -135,6 +135,22 @@ def derive_consumer_map(config: Any, adapter: Callable[[nn.Module], Any]) -> Con
     return _derive_cached(key, adapter)
 
 
+def twin_model(twin: Any, adapter_cls: Callable[[nn.Module], Any]
+               ) -> tuple[nn.Module, dict[str, nn.Linear]]:
+    """The one-block ``twin`` built with seed 0 (call inside ``torch.random.fork_rng``, so the
+    caller's random stream is unchanged) and its block's prunable linear modules. MoE expert
+    matrices are views into fused 3-D parameters (no module to hook): probes leave them to
+    neuroal.models.moe."""
+    from transformers import AutoModelForCausalLM  # lazy: transformers takes seconds to import
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
+                                             attn_implementation="eager").eval()
+    adapter = adapter_cls(model)
+    return model, {n: m for n, m in adapter.prunable_linears(adapter.blocks[0]).items()
+                   if isinstance(m, nn.Module)}
+
+
 def twin_key(config: Any) -> str:
     """The tiny twin's config (:func:`shrink_config`) as a JSON cache key; raises when no
     twin can be built. Probes on the twin are cached per key (one per architecture)."""
@@ -253,17 +269,8 @@ def probe(twin: Any, adapter_cls: Callable[[nn.Module], Any]) -> ConsumerMap:
     candidate producer (where each row lands). The twin's random weights come from a forked RNG,
     so the caller's random stream is unchanged.
     """
-    from transformers import AutoModelForCausalLM  # lazy: transformers takes seconds to import
-
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-        adapter = adapter_cls(model)
-        # MoE expert matrices are views into fused 3-D parameters (no module to hook): their
-        # row map comes from neuroal.models.moe.expert_consumers, not from this probe
-        linears = {n: m for n, m in adapter.prunable_linears(adapter.blocks[0]).items()
-                   if isinstance(m, nn.Module)}
+        model, linears = twin_model(twin, adapter_cls)
         ids = torch.randint(3, TWIN_VOCAB, (1, TWIN_TOKENS))
         found = _consumers(model, linears, ids)
         aligned = _aligned(model, linears, ids, [(p, c) for p, c in found.items()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from neuroal.logging import get_logger
-from neuroal.models.consumers import TWIN_TOKENS, TWIN_VOCAB, twin_config, twin_key
+from neuroal.models.consumers import TWIN_TOKENS, TWIN_VOCAB, twin_config, twin_key, twin_model
 
 log = get_logger(__name__)
 
@@ -56,15 +56,8 @@ def _groups_cached(key: str, adapter_cls: Callable[[nn.Module], Any]) -> Groups:
 def probe_input_groups(twin: Any, adapter_cls: Callable[[nn.Module], Any]) -> Groups:
     """One forward of the one-block ``twin`` with a pre-hook on every prunable linear (MoE
     expert slices have no module: their gate/up sharing is handled by ``capture_moe``)."""
-    from transformers import AutoModelForCausalLM  # lazy: transformers takes seconds to import
-
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(twin, dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
-        adapter = adapter_cls(model)
-        linears = {n: m for n, m in adapter.prunable_linears(adapter.blocks[0]).items()
-                   if isinstance(m, nn.Module)}
+        model, linears = twin_model(twin, adapter_cls)
         groups: list[list[str]] = []
         last: list[Any] = [None]
 
