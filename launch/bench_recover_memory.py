@@ -71,7 +71,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import neuroal
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.planner import OVERHEAD_BYTES, plan_memory, request_from_config
 
     cuda = job["device"].startswith("cuda")

@@ -70,11 +70,11 @@ from functools import cache
 from typing import Any, NamedTuple
 
 from neuroal.allocation import ALLOCATIONS
+from neuroal.config.inputs import parse_size
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
 from neuroal.engine.arena import arena_bound
 from neuroal.engine.executor import split_blocks
-from neuroal.inputs import parse_size
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.known import KNOWN, MIXED_BLOCKS, known_alias, known_config
 from neuroal.models.loading import build_skeleton, load_model_config, resolve_model

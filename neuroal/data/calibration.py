@@ -36,8 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from neuroal.inputs import file_sha256, not_a_file
-from neuroal.registry import Registry, UnknownNameError
+from neuroal.config.inputs import file_sha256, not_a_file
+from neuroal.runtime.registry import Registry, UnknownNameError
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroal.config.inputs import file_sha256, not_a_file
 from neuroal.data.calibration import (
     SOURCES,
     CalibrationData,
@@ -46,7 +47,6 @@ from neuroal.data.calibration import (
     _stream_calibration,
     calibration_windows,
 )
-from neuroal.inputs import file_sha256, not_a_file
 
 logger = logging.getLogger(__name__)
 

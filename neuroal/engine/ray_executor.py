@@ -41,7 +41,7 @@ from typing import Any, TypeVar
 import torch
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.checkpoint import block_state_path
+from neuroal.config.schema import RayConfig
 from neuroal.engine.core import (
     cat_pairs,
     chunks,
@@ -54,10 +54,10 @@ from neuroal.engine.core import (
 from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.worker import Worker
-from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
-from neuroal.logging import buffer_warnings, configure, get_logger, progress, replay
-from neuroal.progress import SETTINGS, configure_progress
-from neuroal.schema import RayConfig
+from neuroal.outputs.checkpoint import block_state_path
+from neuroal.runtime.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
+from neuroal.runtime.logging import buffer_warnings, configure, get_logger, progress, replay
+from neuroal.runtime.progress import SETTINGS, configure_progress
 
 log = get_logger(__name__)
 
@@ -200,7 +200,7 @@ def _setup(worker: Worker, deterministic: bool, threads: int | None,
 
 
 def _warnings(worker: Worker) -> list[tuple[int, str, str]]:
-    """The actor's warning records since the last call (:func:`~neuroal.logging.buffer_warnings`)."""
+    """The actor's warning records since the last call (:func:`~neuroal.runtime.logging.buffer_warnings`)."""
     return buffer_warnings().drain()
 
 

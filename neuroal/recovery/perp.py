@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
-from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import build_skeleton
-from neuroal.registry import Registry
+from neuroal.runtime.logging import get_logger
+from neuroal.runtime.registry import Registry
 
 log = get_logger(__name__)
 

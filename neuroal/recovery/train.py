@@ -26,12 +26,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the usual name
 from torch import nn
 
-from neuroal.card import recovery_card
-from neuroal.compat import make_loadable
 from neuroal.data import load_calibration, load_eval_windows
 from neuroal.data.evaluation import perplexity
-from neuroal.export import OutputDir, parse_size, write_config, write_json
-from neuroal.logging import RunLog, get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import (
     ModelSourceError,
@@ -43,7 +39,9 @@ from neuroal.models.loading import (
     resolve_model,
     source_dtype,
 )
-from neuroal.progress import Progress
+from neuroal.outputs.card import recovery_card
+from neuroal.outputs.compat import make_loadable
+from neuroal.outputs.export import OutputDir, parse_size, write_config, write_json
 from neuroal.recovery.perp import (
     ParamCount,
     PerpOptions,
@@ -60,8 +58,10 @@ from neuroal.recovery.perp import (
     zero_masks,
 )
 from neuroal.recovery.remask import MaskKeeper
-from neuroal.registry import Registry
-from neuroal.runtime import load_tokenizer, pick_device
+from neuroal.runtime.logging import RunLog, get_logger
+from neuroal.runtime.process import load_tokenizer, pick_device
+from neuroal.runtime.progress import Progress
+from neuroal.runtime.registry import Registry
 
 log = get_logger(__name__)
 
@@ -579,7 +579,7 @@ def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
             output: Any = None, runlog: Any = None) -> None:
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
     directory appears (atomic; ``output``: the checked, locked :class:`OutputDir`; ``runlog``:
-    the run's :class:`~neuroal.logging.RunLog`, whose ``neuroal.log`` goes into the output)."""
+    the run's :class:`~neuroal.runtime.logging.RunLog`, whose ``neuroal.log`` goes into the output)."""
     dtype = source_dtype(model.config, model_dtype(model))
     output = output if output is not None else OutputDir(Path(job.output), job.overwrite)
     with output.atomic(kind="recover") as staging:
@@ -603,7 +603,7 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     up to float rounding). The saved zeros are checked against the input checkpoint before the
     output directory appears.
 
-    The output path is checked first (neuroal.safety: not the input, not a directory neuroal
+    The output path is checked first (neuroal.outputs.safety: not the input, not a directory neuroal
     did not write, ...) and locked by rank 0 for the whole job.
 
     Returns:
