@@ -21,7 +21,6 @@ class MemoryBudgetError(ValueError):
     """The predicted peak of some worker exceeds its memory; raised before loading weights."""
 
 
-
 def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest:
     """The :class:`MemoryRequest` of a validated ``PruneConfig`` and its resolved dtype."""
     defaults = ALLOCATIONS.get(cfg.allocation.name).defaults

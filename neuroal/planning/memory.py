@@ -194,7 +194,6 @@ class WorkerMemory:
         return f"worker {self.rank} (blocks {self.start}-{self.stop - 1}, {self.phase}): {parts}"
 
 
-
 # --------------------------------------------------------------------------- terms
 
 
