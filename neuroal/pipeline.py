@@ -73,7 +73,7 @@ from neuroal.models.loading import (
 from neuroal.models.moe import has_experts
 from neuroal.models.quant import quantization_report
 from neuroal.models.selection import LayerSelection
-from neuroal.planner import ModelLayout, check_fits, parse_bytes
+from neuroal.planning import ModelLayout, check_fits, parse_bytes
 from neuroal.plots import write_plots
 from neuroal.progress import configure_progress
 from neuroal.recovery import (
