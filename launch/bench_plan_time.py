@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The time planner against real runs: measure the CPU throughput figures, then check.
 
-    PYTHONPATH=. python launch/bench_plan_time.py calibrate   # CPU figures -> neuroal/throughput.json
+    PYTHONPATH=. python launch/bench_plan_time.py calibrate   # CPU figures -> planning/throughput.json
     PYTHONPATH=. python launch/bench_plan_time.py check       # 3 SmolLM2 runs vs the prediction
     PYTHONPATH=. python launch/bench_plan_time.py gpu         # H100/H200 figures -> throughput.json
     PYTHONPATH=. python launch/bench_plan_time.py predict     # Llama-2-70B table -> JSON
@@ -11,7 +11,7 @@
 load of the model, block forwards, statistics forwards (Wanda norms, SparseGPT Hessians), the
 masks of a block (Wanda selection, SparseGPT solve), the per-column cost of SparseGPT's loop on a
 thin matrix, a shard write, and the resolve + data preparation; then turns them into the
-throughput figures of :mod:`neuroal.plan_time` and writes the ``cpu`` entry with its provenance.
+throughput figures of :mod:`neuroal.planning.walltime` and writes the ``cpu`` entry with its provenance.
 
 ``check`` runs, each as its own ``launch/prune.py`` process on the same CPU: the quickstart
 (``configs/smollm2/quickstart.yaml``: Wanda + NeuroAL search, a uniform comparison, zero-shot
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-THROUGHPUT = REPO / "neuroal" / "throughput.json"
+THROUGHPUT = REPO / "neuroal" / "planning" / "throughput.json"
 TOLERANCE = 0.30
 MIN_SECONDS = 5.0
 """Phases shorter than this, predicted and measured, are not compared (a relative error of a
@@ -115,8 +115,8 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     from neuroal.engine.executor import LocalExecutor
     from neuroal.engine.worker import PruneJob
     from neuroal.pipeline import prepare
-    from neuroal.plan_time import DTYPE_BYTES, Workload, stream_bytes  # noqa: F401
-    from neuroal.planner import layout_of
+    from neuroal.planning import layout_of
+    from neuroal.planning.walltime import DTYPE_BYTES, Workload, stream_bytes  # noqa: F401
     from neuroal.runtime.process import Timings
 
     load0 = loadavg()
@@ -227,8 +227,8 @@ NVLink at 150 GB/s; the object store at issue 21's optimistic projection (80 hop
 def gpu_entries() -> dict[str, dict[str, Any]]:
     """The ``h200`` and ``h100`` entries, derived from :data:`README_H200`, :data:`SPEC` and
     :data:`ASSUMED` (a unit test checks the committed file against this)."""
-    from neuroal.plan_time import Workload
-    from neuroal.planner import layout_of
+    from neuroal.planning import layout_of
+    from neuroal.planning.walltime import Workload
 
     w = Workload.from_layout(layout_of("llama-2-70b"))
     linears, n, seqlen = w.blocks[0], README_H200["tokens"], README_H200["seqlen"]
@@ -325,7 +325,8 @@ def run_config(label: str, config: str, overrides: list[str], out_root: Path,
 def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """Measured phases of one run against the prediction from its resolved config."""
     from neuroal.config.build import build_config
-    from neuroal.plan_time import (
+    from neuroal.planning import layout_of
+    from neuroal.planning.walltime import (
         PHASES,
         Workload,
         measured_phases,
@@ -334,7 +335,6 @@ def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict
         request_from_config,
         throughput,
     )
-    from neuroal.planner import layout_of
 
     cfg = build_config(report["config"])
     windows = max((e.get("windows", 0) for e in report.get("eval", {}).values()
@@ -357,8 +357,8 @@ def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict
 def predicted_only(label: str, config: str, overrides: list[str]) -> dict[str, Any]:
     """The prediction of a check run left out (``--only``), from its config alone."""
     from neuroal.config.build import load_config
-    from neuroal.plan_time import Workload, predict, request_from_config, throughput
-    from neuroal.planner import layout_of
+    from neuroal.planning import layout_of
+    from neuroal.planning.walltime import Workload, predict, request_from_config, throughput
 
     cfg = load_config(REPO / config, overrides)
     req = request_from_config(cfg, "cpu", cfg.eval.max_windows or 0)
@@ -369,7 +369,7 @@ def predicted_only(label: str, config: str, overrides: list[str]) -> dict[str, A
 
 def table(result: dict[str, Any]) -> str:
     """Predicted / measured seconds per phase and the relative error, one line per run."""
-    from neuroal.plan_time import PHASES
+    from neuroal.planning.walltime import PHASES
 
     cols = (*PHASES, "total")
     lines = [f"{'run':<22}" + "".join(f"{c:>22}" for c in cols)]
@@ -410,13 +410,13 @@ def check(opts: argparse.Namespace) -> dict[str, Any]:
 def predict_70b() -> dict[str, Any]:
     """Llama-2-70B on 1 and 8 H100 (ray executor), Wanda + NeuroAL and SparseGPT, both modes."""
     from neuroal.config.build import load_config
-    from neuroal.plan_time import (
+    from neuroal.planning import layout_of
+    from neuroal.planning.walltime import (
         Workload,
         predict,
         request_from_config,
         throughput,
     )
-    from neuroal.planner import layout_of
 
     tp = throughput("h100")
     w = Workload.from_layout(layout_of("llama-2-70b"))

@@ -72,7 +72,8 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
 
     import neuroal
     from neuroal.config.build import build_config
-    from neuroal.planner import OVERHEAD_BYTES, plan_memory, request_from_config
+    from neuroal.planning import OVERHEAD_BYTES, plan_memory
+    from neuroal.planning.checks import request_from_config
 
     cuda = job["device"].startswith("cuda")
     baseline = proc_status("VmRSS")  # after the imports

@@ -237,7 +237,7 @@ def spawn(args: list[str]) -> tuple[int, int, str]:
 
 def predict(model_dir: Path, opts: argparse.Namespace) -> Any:
     from neuroal.models.loading import load_model_config, resolve_model
-    from neuroal.planner import MemoryRequest, plan_memory
+    from neuroal.planning import MemoryRequest, plan_memory
 
     request = MemoryRequest(workers=opts.workers, dtype=opts.dtype, nsamples=opts.nsamples,
                             seqlen=opts.seqlen, micro_batch=opts.micro_batch,

@@ -215,7 +215,7 @@ def _sparsegpt_check(device: str) -> dict[str, Any]:
 
     from neuroal.criteria import CRITERIA
     from neuroal.criteria.base import LayerStats, LayerTarget, NMPattern
-    from neuroal.planner import SPARSEGPT_BYTES
+    from neuroal.planning.memory import SPARSEGPT_BYTES
 
     rows, cols = (1024, 4096) if device == "cuda" else (64, 512)
     gen = torch.Generator().manual_seed(0)

@@ -107,7 +107,7 @@ def prune(ex: Any, criterion: str, ids: Any, model: Path) -> dict[str, Any]:
     """Uniform 50 % final prune; masks, logits of 2 windows after it, and the seconds."""
     from neuroal.allocation.plan import SparsityPlan
     from neuroal.engine.worker import PruneJob
-    from neuroal.planner import layout_of
+    from neuroal.planning import layout_of
 
     blocks = layout_of(str(model)).linears  # linear names per block, from the meta skeleton
     plan = SparsityPlan(0.5, "unstructured", [{n: 0.5 for n in b} for b in blocks])

@@ -36,7 +36,7 @@ PARTS = ("weights", "activations", "statistics", "transients", "overhead")
 def record(bench: dict[str, Any], command: str) -> dict[str, Any]:
     """The committed figures: each measured worker against its prediction, and the planner's
     answer for ``plan.py`` :data:`PLAN_ARGS`."""
-    from neuroal.planner import GB, MemoryRequest, summarize
+    from neuroal.planning import GB, MemoryRequest, summarize
 
     request = MemoryRequest(workers=2, criterion="sparsegpt", seqlen=2048, onload="auto")
     plan = summarize("llama-2-70b", request, 24 * GB)

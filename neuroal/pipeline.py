@@ -73,7 +73,7 @@ from neuroal.outputs.guard import (
 from neuroal.outputs.hub import push_output, upload_hint
 from neuroal.outputs.plots import write_plots
 from neuroal.outputs.resume_key import resume_inputs
-from neuroal.planner import ModelLayout, check_fits, parse_bytes
+from neuroal.planning import ModelLayout, check_fits, parse_bytes
 from neuroal.recovery import (
     RECONSTRUCT,
     RECOVERY_STEPS,

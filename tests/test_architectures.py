@@ -27,7 +27,7 @@ from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 from neuroal.models.known import known_config
 from neuroal.models.loading import attention_kind
 from neuroal.pipeline import run
-from neuroal.planner import ModelLayout
+from neuroal.planning import ModelLayout
 
 _LLAMA_LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

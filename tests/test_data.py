@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import neuroal.data.calibration as calibration
+import neuroal.data.files as calibration  # the data-directory lookup the tests patch
 from neuroal.data import (
     ENV_DATA_DIR,
     DataNotFoundError,

@@ -290,7 +290,7 @@ def test_engine_and_pipeline_need_no_optional_packages() -> None:
     (each is read on first use; lm-eval, the zero-shot adapter's base class, is imported where
     installed and replaced by ``object`` where not)."""
     code = ("import sys, neuroal.pipeline, neuroal.engine.dist, neuroal.engine.executor, "
-            "neuroal.engine.onload, neuroal.planner, neuroal.commands.evaluate\n"
+            "neuroal.engine.onload, neuroal.planning, neuroal.commands.evaluate\n"
             "bad = [m for m in ('ray', 'gguf', 'deepspeed') if m in sys.modules]\n"
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

@@ -263,7 +263,8 @@ def test_neuroal_allocates_over_experts(moe_models: dict[str, Path], small_text:
 
 
 def test_shape_and_planner_count_every_expert() -> None:
-    from neuroal.planner import MemoryRequest, ModelLayout, plan_memory, stat_bytes
+    from neuroal.planning import MemoryRequest, ModelLayout, plan_memory
+    from neuroal.planning.memory import stat_bytes
 
     config = moe_config("qwen2_moe")
     layout = ModelLayout.from_config(config)

@@ -262,7 +262,7 @@ def test_planner_onload_terms_and_choice() -> None:
     from dataclasses import replace
 
     from neuroal.engine.arena import arena_bound
-    from neuroal.planner import GB, MemoryRequest, choose_onload, layout_of, plan_memory
+    from neuroal.planning import GB, MemoryRequest, choose_onload, layout_of, plan_memory
 
     layout = layout_of("llama-2-70b")
     block = layout.block_params[0] * 2
@@ -315,7 +315,8 @@ def test_pipeline_auto_onload_follows_the_planner(llama4: Path) -> None:
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton
     from neuroal.pipeline import check_memory
-    from neuroal.planner import ModelLayout, plan_memory, request_from_config
+    from neuroal.planning import ModelLayout, plan_memory
+    from neuroal.planning.checks import request_from_config
 
     config = tiny_config("llama", 8)  # 8 blocks on one worker: onloading keeps 2 on device
     adapter = ModelAdapter(build_skeleton(config, torch.float32))

@@ -430,7 +430,7 @@ class _DropoutBlock(torch.nn.Module):
 def test_reconstruction_trains_the_block_in_train_mode_with_floor_warmup(monkeypatch) -> None:
     """Issue 16.7: the reference's reconstruction calls ``layer.train()`` for the fit (dropout
     active) and warms up for ``int(0.1 * steps)`` steps (1 of 15; the Trainer's ceil gives 2)."""
-    import neuroal.recovery.perp as perp_module
+    import neuroal.recovery.perp.reconstruct as perp_module
 
     gen = torch.Generator().manual_seed(0)
     block = _DropoutBlock().eval().requires_grad_(False)

@@ -1,5 +1,5 @@
-"""The time planner (neuroal.plan_time): its arithmetic on hand-made numbers, the committed
-throughput figures, and `neuroal plan` printing the phases."""
+"""The time planner (neuroal.planning.walltime): its arithmetic on hand-made numbers, the
+committed throughput figures, and `neuroal plan` printing the phases."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 
 from neuroal.allocation import ALLOCATIONS
 from neuroal.commands.plan import main as plan_main
-from neuroal.plan_time import (
+from neuroal.planning.walltime import (
     PHASES,
     THROUGHPUT_FILE,
     Throughput,

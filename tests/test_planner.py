@@ -16,7 +16,7 @@ from neuroal.engine.executor import split_blocks
 from neuroal.engine.worker import CandidateJob, PruneJob, Worker, WorkerSpec
 from neuroal.models.known import KNOWN, KNOWN_DIR, known_config
 from neuroal.models.loading import load_model_config, resolve_model
-from neuroal.planner import (
+from neuroal.planning import (
     GB,
     MemoryBudgetError,
     MemoryRequest,
@@ -27,11 +27,10 @@ from neuroal.planner import (
     min_workers,
     parse_bytes,
     plan_memory,
-    prune_steps,
-    request_from_config,
     summarize,
-    worker_phases,
 )
+from neuroal.planning.checks import request_from_config
+from neuroal.planning.memory import prune_steps, worker_phases
 
 LLAMA2_70B_BLOCK = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672 + 2 * 8192
 

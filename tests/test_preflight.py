@@ -206,7 +206,7 @@ def test_memory_check_uses_the_workers_figures(tiny_models: dict[str, Path]) -> 
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
     from neuroal.pipeline import check_memory
-    from neuroal.planner import MemoryBudgetError
+    from neuroal.planning import MemoryBudgetError
 
     cfg = tiny_cfg(tiny_models["llama"], None, engine={"executor": "ray", "workers": 2,
                                                        "device": "cpu"})

@@ -34,7 +34,7 @@ from neuroal.models.quant import (
     quantization_scheme,
 )
 from neuroal.pipeline import run
-from neuroal.planner import GB, MemoryRequest, choose_onload, plan_memory, statistics_refusal
+from neuroal.planning import GB, MemoryRequest, choose_onload, plan_memory, statistics_refusal
 
 LAYOUTS = ("block", "channel")
 
@@ -307,7 +307,7 @@ def test_dequantization_is_logged(fp8_models, caplog: pytest.LogCaptureFixture) 
 def test_pipeline_refuses_deepseek_v3_sparsegpt_before_loading() -> None:
     """The pre-load memory check (engine.memory_limit given) raises the statistics figure."""
     from neuroal.config.build import load_config
-    from neuroal.planner import MemoryBudgetError, check_fits
+    from neuroal.planning import MemoryBudgetError, check_fits
 
     cfg = load_config(None, ["model.name=deepseek-v3", "criterion.name=sparsegpt",
                              "engine.workers=8", "engine.onload=auto"])

@@ -272,7 +272,7 @@ def test_valid_sizes_use_one_parser() -> None:
     """``2GiB`` works for both sizes; every size setting reads the same units."""
     from neuroal.config.inputs import parse_size as parse
     from neuroal.outputs.export import parse_size
-    from neuroal.planner import parse_bytes
+    from neuroal.planning import parse_bytes
 
     cfg = load_config(None, ["output.shard_size=2GiB", "engine.memory_limit=2GiB"])
     assert parse_size(cfg.output.shard_size) == parse_bytes(cfg.engine.memory_limit) == 2 * 2**30

@@ -1,5 +1,5 @@
 """Plan memory and time before a run (engine.md §7): per-worker table, verdict, alternatives,
-then the predicted wall time per phase (neuroal.plan_time, docs/planning.md).
+then the predicted wall time per phase (neuroal.planning, docs/planning.md).
 
     neuroal plan --model llama-2-70b --workers 8 --gpu-memory 80GB
     neuroal plan --model qwen2.5-72b --workers 4 --gpu-memory 80GB --criterion sparsegpt
@@ -11,7 +11,7 @@ then the predicted wall time per phase (neuroal.plan_time, docs/planning.md).
         --device-class h100 --eval-windows 166     # + predicted wall time per phase
 
 ``--model`` takes a known alias (config shipped with neuroal, works offline), a local HF
-directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planner.
+directory or a hub id. Nothing is loaded but the config; the logic lives in neuroal.planning.
 """
 
 from __future__ import annotations
@@ -32,17 +32,20 @@ from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
 from neuroal.outputs.guard import check_decoder_lm, check_prunable, check_source
 from neuroal.outputs.safety import UnsafeOutputError, check_file_output, write_file
-from neuroal.plan_time import (
+from neuroal.planning import (
     MODES,
+    MemoryRequest,
     TimeRequest,
     Workload,
     format_prediction,
-    needs_hessian,
+    format_summary,
+    layout_of,
+    parse_bytes,
     predict,
-    search_candidates,
+    summarize,
     throughput,
 )
-from neuroal.planner import MemoryRequest, format_summary, layout_of, parse_bytes, summarize
+from neuroal.planning.walltime import needs_hessian, search_candidates
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
 
 TRANSPORTS = {"auto": "direct", "nccl": "direct", "gloo": "direct", "object-store": "object-store"}
@@ -111,7 +114,7 @@ def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dic
 
 
 def time_prediction(args: argparse.Namespace) -> dict:
-    """Predicted seconds per phase (neuroal.plan_time) for the flags; ``--parallel auto``
+    """Predicted seconds per phase (neuroal.planning.walltime) for the flags; ``--parallel auto``
     predicts both modes and picks the faster."""
     device = args.device_class or {"cpu": "cpu", "cuda": "h100"}[args.device_type]
     tp = throughput(device)

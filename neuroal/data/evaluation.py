@@ -16,15 +16,15 @@ from pathlib import Path
 
 import torch
 
-from neuroal.data.calibration import (
+from neuroal.data.spec import (
     SOURCES,
     SourceInfo,
     SourceSpec,
     SourceText,
     TextTokenizer,
     parse_source,
-    tokenize_text,
 )
+from neuroal.data.windows import tokenize_text
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def eval_text(spec: str | SourceSpec, data_dir: str | Path | None = None) -> Sou
     Args:
         spec: Source spec string (``"wikitext2"``, ``"c4"``, ``"text:<path>"``).
         data_dir: Data directory, or ``None`` for the default lookup
-            (:func:`neuroal.data.calibration.resolve_data_dir`).
+            (:func:`neuroal.data.files.resolve_data_dir`).
 
     Returns:
         The text and where it came from.

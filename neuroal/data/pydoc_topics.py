@@ -10,14 +10,14 @@ reStructuredText prose with grammar and code excerpts.
 Text: the values in **sorted key order**, each stripped of surrounding whitespace, joined with
 ``"\\n\\n"``. The order does not depend on the dict's insertion order, so one CPython version
 always gives the same text; other CPython versions ship other texts (the source's
-:class:`~neuroal.data.calibration.SourceInfo` records the version, which the evaluation log line
+:class:`~neuroal.data.spec.SourceInfo` records the version, which the evaluation log line
 names, and the SHA-256 of the joined text, so a figure can be matched to its text).
 
 Licence: the texts are part of CPython's documentation, distributed with CPython under the
 Python Software Foundation License (PSF-2.0); neuroal copies nothing, it reads the module of the
 running interpreter.
 
-Registered in :data:`neuroal.data.calibration.SOURCES` for evaluation and, with the stream
+Registered in :data:`neuroal.data.spec.SOURCES` for evaluation and, with the stream
 protocol of ``text:<path>``, calibration.
 """
 
@@ -27,7 +27,7 @@ import hashlib
 import platform
 from pathlib import Path
 
-from neuroal.data.calibration import (
+from neuroal.data.spec import (
     SOURCES,
     CalibrationData,
     DataSource,
@@ -35,8 +35,8 @@ from neuroal.data.calibration import (
     SourceSpec,
     SourceText,
     TextTokenizer,
-    _stream_calibration,
 )
+from neuroal.data.windows import stream_calibration
 
 PYDOC_SEPARATOR = "\n\n"
 """Joins consecutive topics."""
@@ -73,7 +73,7 @@ def pydoc_text(purpose: str) -> SourceText:
 
 def _calibrate_pydoc(spec: SourceSpec, tokenizer: TextTokenizer, nsamples: int, seqlen: int,
                      seed: int, data_dir: Path | None) -> CalibrationData:
-    return _stream_calibration(pydoc_text("calibration"), tokenizer, nsamples, seqlen, seed)
+    return stream_calibration(pydoc_text("calibration"), tokenizer, nsamples, seqlen, seed)
 
 
 SOURCES.add("pydoc", DataSource("pydoc", False, _calibrate_pydoc,

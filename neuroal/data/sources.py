@@ -1,6 +1,6 @@
 """Calibration from any dataset and from pre-tokenised windows.
 
-Two more registered sources (:data:`neuroal.data.calibration.SOURCES`, style rule 3):
+Two more registered sources (:data:`neuroal.data.spec.SOURCES`, style rule 3):
 
 * ``hf:<dataset id or path>[:config][:split][:field]``: any dataset ``datasets.load_dataset``
   reads: a hub id (network), a local dataset folder (JSON / JSON lines / parquet / CSV files,
@@ -34,19 +34,17 @@ import numpy as np
 import torch
 
 from neuroal.config.inputs import file_sha256, not_a_file
-from neuroal.data.calibration import (
+from neuroal.data.files import DataNotFoundError, load_dataset
+from neuroal.data.spec import (
     SOURCES,
     CalibrationData,
-    DataNotFoundError,
     DataSource,
     SourceInfo,
     SourceSpec,
     SourceText,
     TextTokenizer,
-    _load_dataset,
-    _stream_calibration,
-    calibration_windows,
 )
+from neuroal.data.windows import calibration_windows, stream_calibration
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +117,7 @@ def load_hf_rows(hf: HFSpec) -> tuple[Any, str]:
             raise ValueError(f"dataset file {hf.path!r}: unknown suffix {path.suffix!r}; expected "
                              f"one of {', '.join(sorted(DATA_FILE_BUILDERS))}")
         call = f"datasets.load_dataset({builder!r}, data_files={str(path)!r}, split='train')"
-        return _load_dataset(builder, data_files=str(path), split="train"), call
+        return load_dataset(builder, data_files=str(path), split="train"), call
     if path.is_dir() and (path / "dataset_info.json").is_file():
         import datasets
 
@@ -129,7 +127,7 @@ def load_hf_rows(hf: HFSpec) -> tuple[Any, str]:
     target = str(path) if path.is_dir() else hf.path
     call = f"datasets.load_dataset({target!r}, {hf.config!r}, split={hf.split!r})"
     try:
-        return _load_dataset(target, hf.config, split=hf.split), call
+        return load_dataset(target, hf.config, split=hf.split), call
     except Exception as err:  # offline, unknown id, missing split: one clear message
         raise DataNotFoundError(
             f"dataset 'hf:{hf.path}' could not be loaded with {call} ({type(err).__name__}: "
@@ -246,7 +244,7 @@ def _calibrate_hf(spec: SourceSpec, tokenizer: TextTokenizer, nsamples: int, seq
     note = f"{info.note}; {len(picked)} of {len(texts)} rows shuffled (seed {seed}), joined " \
            "with '\\n\\n'"
     loaded = SourceText(text, replace(info, n_chars=len(text), note=note))
-    return _stream_calibration(loaded, tokenizer, nsamples, seqlen, seed)
+    return stream_calibration(loaded, tokenizer, nsamples, seqlen, seed)
 
 
 def _hf_evaluation_text(spec: SourceSpec, data_dir: Path | None) -> SourceText:

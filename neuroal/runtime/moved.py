@@ -46,6 +46,8 @@ MOVED: dict[str, str] = {
     "neuroal.zeroshot": "neuroal.evaluation.zeroshot",
     "neuroal.tasks": "neuroal.evaluation.tasks",
     "neuroal.tasks.local_json": "neuroal.evaluation.tasks.local_json",
+    "neuroal.planner": "neuroal.planning",
+    "neuroal.plan_time": "neuroal.planning.walltime",
 }
 """Old dotted module path -> new one (removed in the release after next)."""
 

@@ -1,6 +1,6 @@
-"""Time planner: predicted wall seconds per phase of a run, from throughput figures.
+"""The time model: predicted wall seconds per phase of a run, from throughput figures.
 
-The memory planner (:mod:`neuroal.planner`) says whether a run fits; this module says how long it
+The memory model (:mod:`neuroal.planning.memory`) says whether a run fits; this module says how long it
 takes. Every figure is a count of work divided by a throughput of the device class, so the model
 is a few lines of arithmetic a user can check by hand:
 
@@ -34,8 +34,8 @@ Phases (:data:`PHASES`):
 * **load** and **export** as above; ``compare`` runs (another allocation on the same data, as
   the quickstart does) add a load, a prune and a pruned evaluation each.
 
-The constants live in ``neuroal/throughput.json``, each with its provenance (measured on which
-machine by which command, or derived from which published figure).
+The constants live in ``neuroal/planning/throughput.json``, each with its provenance (measured
+on which machine by which command, or derived from which published figure).
 """
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def throughput(name: str, path: str | Path = THROUGHPUT_FILE) -> Throughput:
 
 
 class LayoutLike(Protocol):
-    """What the time model reads of :class:`neuroal.planner.ModelLayout`."""
+    """What the time model reads of :class:`neuroal.planning.layout.ModelLayout`."""
 
     hidden: int
     vocab: int
@@ -376,25 +376,7 @@ def predict(w: Workload, req: TimeRequest, tp: Throughput) -> dict[str, float]:
     return out
 
 
-# --------------------------------------------------------------------------- formatting
-
-
-def format_seconds(seconds: float) -> str:
-    """``42 s``, ``12.5 min``, ``3.2 h``."""
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def format_prediction(prediction: Mapping[str, float], req: TimeRequest, tp: Throughput) -> str:
-    """Lines for ``neuroal plan``: one per phase, then the total."""
-    head = (f"predicted wall time on {req.workers} x {tp.name} ({tp.description}), "
-            f"engine.parallel={req.mode}, executor {req.executor}, transport {req.transport}:")
-    lines = [head] + [f"  {p:<11}{format_seconds(prediction[p]):>10}" for p in PHASES]
-    lines.append(f"  {'total':<11}{format_seconds(prediction['total']):>10}")
-    return "\n".join(lines)
+# --------------------------------------------------------------------------- measured runs
 
 
 def phase_of(timing: str) -> str | None:
