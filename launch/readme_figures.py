@@ -317,6 +317,76 @@ def reliability_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+PLAN_JSON = "benchmarks/plan_examples.json"
+"""Where :func:`record_plans` writes by default."""
+
+PLAN_EXAMPLES = {
+    "70b-8x80": "--model llama-2-70b --workers 8 --gpu-memory 80GB",
+    "70b-2x24-sparsegpt-neuroal": "--model llama-2-70b --workers 2 --gpu-memory 24GB --seqlen 512 "
+                                  "--criterion sparsegpt --allocation neuroal",
+    "70b-recover": "--model llama-2-70b --workers 8 --gpu-memory 80GB "
+                   "--recover perp-reconstruct,perp-masklora",
+    "70b-recover-checkpointing": "--model llama-2-70b --workers 8 --gpu-memory 80GB "
+                                 "--recover perp-reconstruct,perp-masklora "
+                                 "--recover-opt perp-masklora.gradient_checkpointing=true",
+    "70b-1x80": "--model llama-2-70b --workers 1 --gpu-memory 80GB",
+    "70b-2x24": "--model llama-2-70b --workers 2 --gpu-memory 24GB",
+    "70b-2x24-host64": "--model llama-2-70b --workers 2 --gpu-memory 24GB --host-memory 64GB",
+    "70b-sparsegpt-2x24": "--model llama-2-70b --workers 2 --gpu-memory 24GB --criterion sparsegpt",
+    "70b-sparsegpt-1x80": "--model llama-2-70b --workers 1 --gpu-memory 80GB --criterion sparsegpt",
+    "qwen3-30b-a3b-1x80": "--model qwen3-30b-a3b --workers 1 --gpu-memory 80GB",
+    "llama-3.3-70b-4x80": "--model llama-3.3-70b --workers 4 --gpu-memory 80GB",
+    "deepseek-v3-wanda": "--model deepseek-v3 --workers 8 --gpu-memory 80GB",
+    "deepseek-v3-sparsegpt": "--model deepseek-v3 --workers 8 --gpu-memory 80GB "
+                             "--criterion sparsegpt",
+    "70b-sparsegpt-8-time": "--model llama-2-70b --workers 8 --criterion sparsegpt --sparsity 0.7 "
+                            "--device-class h100 --eval-windows 166",
+}
+"""The ``neuroal plan`` examples the docs quote, by name (arguments as typed)."""
+
+PRUNE_REFUSAL = ("--model llama-2-70b --workers 2 --dtype bfloat16 --device cpu --no-save "
+                 "engine.memory_limit=24GB engine.onload=device")
+"""A prune the pre-load memory check refuses (docs/scale-out.md quotes its message)."""
+
+
+def record_plans(path: Path) -> None:
+    """Run every :data:`PLAN_EXAMPLES` plan (config only, offline) and :data:`PRUNE_REFUSAL`,
+    and write ``{"plans": {name: {"args", "exit", "output", "summary"}}, "refusal": {...}}``
+    to ``path``: ``python launch/readme_figures.py --record-plans`` (benchmarks/plan_examples.json,
+    about 5 minutes on 2 CPU cores; rerun it whenever the planner changes)."""
+    import contextlib
+    import io
+    import os
+    import shlex
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    from neuroal import __version__
+    from neuroal.commands.plan import main as plan_main
+    from neuroal.planner import format_summary
+
+    plans = {}
+    for name, args in PLAN_EXAMPLES.items():
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = plan_main([*shlex.split(args), "--json", "-"])
+        summary = json.loads(out.getvalue())
+        summary["time"].pop("provenance", None)
+        plans[name] = {"args": args, "exit": code, "summary": summary,
+                       "output": format_summary(summary) + "\n\n" + summary["time"]["text"]}
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "prune.py"),
+                               *shlex.split(PRUNE_REFUSAL)], capture_output=True, text=True,
+                              cwd=scratch, env=env)
+    message = [line.split(": ", 1)[1] for line in proc.stderr.splitlines() if " ERROR " in line]
+    refusal = {"args": PRUNE_REFUSAL, "exit": proc.returncode, "message": message[-1]}
+    path.write_text(json.dumps({"neuroal": __version__, "command": "python launch/"
+                                "readme_figures.py --record-plans", "plans": plans,
+                                "refusal": refusal}, indent=2) + "\n")
+
+
 KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text,
          "unimodal": unimodal_text, "scalelora": scalelora_text,
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
@@ -379,7 +449,13 @@ def main() -> int:
     p.add_argument("--readme", help="the page to write (default: the kind's own page)")
     p.add_argument("--all", action="store_true", help="every kind, from its committed JSON")
     p.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    p.add_argument("--record-plans", nargs="?", const=PLAN_JSON, metavar="JSON",
+                   help="rerun the planner examples the docs quote into JSON "
+                   f"(default {PLAN_JSON}), then stop")
     opts = p.parse_args()
+    if opts.record_plans:
+        record_plans(REPO / opts.record_plans)
+        return 0
     if opts.all == bool(opts.kind):
         p.error("give one KIND, or --all")
     worst = 0
