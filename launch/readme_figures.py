@@ -368,9 +368,13 @@ def record_plans(path: Path) -> None:
 
     plans = {}
     for name, args in PLAN_EXAMPLES.items():
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = plan_main([*shlex.split(args), "--json", "-"])
+        print(f"{name}: exit {code} {err.getvalue().strip()}", file=sys.stderr)
+        if code == 2:
+            plans[name] = {"args": args, "exit": code, "error": err.getvalue().strip()}
+            continue
         summary = json.loads(out.getvalue())
         summary["time"].pop("provenance", None)
         plans[name] = {"args": args, "exit": code, "summary": summary,
@@ -387,13 +391,226 @@ def record_plans(path: Path) -> None:
                                 "refusal": refusal}, indent=2) + "\n")
 
 
+GB = 1e9
+
+
+def _plan(result: dict, name: str) -> dict:
+    """One recorded plan example (``plans.<name>``), with its command as typed."""
+    plan = dict(result["plans"][name])
+    plan["command"] = f"python launch/plan.py {plan['args']}"
+    return plan
+
+
+def _output_lines(plan: dict, prefixes: tuple[str, ...]) -> list[str]:
+    """The lines of a plan's printed output that start with one of ``prefixes``."""
+    return [line for line in plan["output"].splitlines() if line.startswith(prefixes)]
+
+
+def _commands_block(result: dict, names: tuple[str, ...],
+                    prefixes: tuple[str, ...] = ("verdict:",)) -> str:
+    """A bash block: per example its command, then the chosen output lines as comments."""
+    lines = ["```bash"]
+    for name in names:
+        plan = _plan(result, name)
+        lines.append(plan["command"])
+        lines += [f"# {line}" for line in _output_lines(plan, prefixes)]
+    return "\n".join([*lines, "```"])
+
+
+def plan_memory_text(result: dict) -> str:
+    """docs/scale-out.md's first planner examples, from ``benchmarks/plan_examples.json``
+    (written by ``python launch/readme_figures.py --record-plans``)."""
+    return _commands_block(result, ("70b-8x80", "70b-2x24-sparsegpt-neuroal"))
+
+
+def plan_recover_text(result: dict) -> str:
+    """The whole-model PERP memory of Llama-2-70B, without and with gradient checkpointing."""
+    need = [_plan(result, n)["summary"]["plan"]["retrain"]["total"] / GB
+            for n in ("70b-recover", "70b-recover-checkpointing")]
+    limit = _plan(result, "70b-recover")["summary"]["limit_bytes"] / GB
+    verdict = "refuses" if need[0] > limit else "accepts"
+    return (f"Llama-2-70B with `perp-masklora` needs about {need[0]:.0f} GB there ({need[1]:.0f} GB "
+            f"with checkpointing), so the check {verdict} it on one {limit:.0f} GB device before "
+            "anything loads:\n\n" + _commands_block(result, ("70b-recover-checkpointing",),
+                                                     ("whole-model PERP",)))
+
+
+def plan_refusal_text(result: dict) -> str:
+    """A prune that the pre-load memory check refuses, with its message."""
+    import textwrap
+
+    refusal = result["refusal"]
+    wrapped = textwrap.wrap(f"ERROR {refusal['message']}", 95)
+    return "\n".join(["```bash", f"python launch/prune.py {refusal['args']}",
+                      *(f"# {line}" for line in wrapped), f"# (exit code {refusal['exit']})",
+                      "```"])
+
+
+def plan_onload_text(result: dict) -> str:
+    """The onloading examples: 70B on one 80 GB GPU, on two 24 GB GPUs, and with less host
+    memory."""
+    return _commands_block(result, ("70b-1x80", "70b-2x24", "70b-2x24-host64"),
+                           ("verdict:", "host memory needed:"))
+
+
+def _verdict(plan: dict) -> str:
+    """``fits`` / ``does not fit`` with the peak and the onload mode of one plan example."""
+    summary = plan["summary"]
+    req = summary["plan"]["request"]
+    return (f"{'fits' if summary['fits'] else 'does not fit'} on {req['workers']} x "
+            f"{summary['limit_bytes'] / GB:.0f} GB (peak {summary['plan']['peak_bytes'] / GB:.1f} "
+            f"GB per worker, `engine.onload={req['onload']}`)")
+
+
+def plan_sparsegpt_text(result: dict) -> str:
+    """SparseGPT at 70B on two 24 GB devices and on one 80 GB device."""
+    small, large = (_plan(result, n) for n in ("70b-sparsegpt-2x24", "70b-sparsegpt-1x80"))
+    worker = max(small["summary"]["plan"]["workers"], key=lambda w: w["total"])
+    return (f"With SparseGPT (`--criterion sparsegpt`) Llama-2-70B {_verdict(small)}: of that, "
+            f"its statistics take {worker['statistics'] / GB:.1f} GB and its transients (the "
+            f"factorisation of the `28672 x 28672` Hessian of `down_proj`) "
+            f"{worker['transients'] / GB:.1f} GB; it {_verdict(large)}.")
+
+
+PLAN_COLUMNS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead",
+                "total")
+
+
+def plan_table_text(result: dict) -> str:
+    """The per-worker table of a mixture of experts and a 70B dense model (GB)."""
+    lines = ["| model | params | worker | blocks | " + " | ".join(
+        c.replace("_", " ") for c in PLAN_COLUMNS) + " | verdict |",
+        "|---|---|---|---|" + "---|" * len(PLAN_COLUMNS) + "---|"]
+    for name in ("qwen3-30b-a3b-1x80", "llama-3.3-70b-4x80"):
+        summary = _plan(result, name)["summary"]
+        plan = summary["plan"]
+        groups: list[tuple[list[dict], tuple[float, ...]]] = []
+        for w in plan["workers"]:
+            cells = tuple(round(w[c] / GB, 2) for c in PLAN_COLUMNS)
+            if groups and groups[-1][1] == cells:
+                groups[-1][0].append(w)
+            else:
+                groups.append(([w], cells))
+        verdict = (f"{'fits' if summary['fits'] else 'does not fit'} on "
+                   f"{plan['request']['workers']} x {summary['limit_bytes'] / GB:.0f} GB "
+                   f"(fewest: {summary['min_workers']})")
+        for i, (workers, cells) in enumerate(groups):
+            head = (f"{plan['model']} | {plan['params'] / 1e9:.2f} B" if i == 0 else " | ")
+            ranks = ", ".join(str(w["rank"]) for w in workers)
+            blocks = ", ".join(f"{w['start']}-{w['stop'] - 1}" for w in workers)
+            lines.append(f"| {head} | {ranks} | {blocks} | "
+                         + " | ".join(f"{c:.2f}" for c in cells)
+                         + f" | {verdict if i == 0 else ''} |")
+    return "\n".join(lines)
+
+
+def plan_time_text(result: dict) -> str:
+    """docs/planning.md's opening example: the command and its predicted wall time."""
+    plan = _plan(result, "70b-sparsegpt-8-time")
+    return "\n".join(["```bash", plan["command"].replace("python launch/plan.py", "neuroal plan"),
+                      "```", "", "After the memory table it prints one line per phase and the "
+                      "total:", "", "```", plan["summary"]["time"]["text"], "```"])
+
+
+def deepseek_plan_text(result: dict) -> str:
+    """docs/quantized.md's DeepSeek-V3 figures (Wanda on 8 x 80 GB)."""
+    summary = _plan(result, "deepseek-v3-wanda")["summary"]
+    plan = summary["plan"]
+    return (f"- The model has {plan['params'] / 1e9:.2f} B parameters in {plan['num_blocks']} "
+            "blocks.\n"
+            f"- Wanda {_verdict(_plan(result, 'deepseek-v3-wanda'))}. The node needs about "
+            f"{plan['host_total_bytes'] / GB:.0f} GB of host memory for the onloaded "
+            f"{plan['request']['dtype']} blocks.")
+
+
+def deepseek_refusal_text(result: dict) -> str:
+    """docs/quantized.md's SparseGPT refusal for DeepSeek-V3, with the planner's reason."""
+    summary = _plan(result, "deepseek-v3-sparsegpt")["summary"]
+    worker = max(summary["plan"]["workers"], key=lambda w: w["statistics"])
+    import textwrap
+
+    why = textwrap.wrap(f"why: {summary['statistics_refusal']}", 95)
+    return "\n".join([f"For a DeepSeek-V3 MoE block that is {worker['statistics'] / GB:.1f} GB "
+                      f"(`statistics` in the SparseGPT plan), more than one "
+                      f"{summary['limit_bytes'] / GB:.0f} GB device holds "
+                      f"({'fits' if summary['fits'] else 'does not fit'}: exit code "
+                      f"{_plan(result, 'deepseek-v3-sparsegpt')['exit']}). The planner's "
+                      "reason:", "", "```", *why, "```"])
+
+
+RECOVER_ARMS = {"prune": "Wanda 50 %, no recovery", "reconstruct": "+ `perp-reconstruct`",
+                "retrain": "+ `perp-masklora` (whole model)"}
+"""``launch/bench_recover_memory.py``'s arms, as the table names them."""
+
+
+def recover_memory_text(result: dict) -> str:
+    """docs/scale-out.md's recovery memory table from ``launch/bench_recover_memory.py``'s
+    JSON (``benchmarks/recover_memory_cpu.json``)."""
+    lines = ["| arm | phase | measured GB | predicted GB | ratio |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {RECOVER_ARMS.get(r['arm'], r['arm'])} | {r['predicted_phase']} | "
+                     f"{r['measured_bytes'] / GB:.2f} | {r['predicted_bytes'] / GB:.2f} | "
+                     f"{r['ratio']:.2f} |")
+    within = all(r["within"] for r in result["rows"])
+    above = [r for r in result["rows"] if r["arm"] != "prune"]
+    lines += ["", f"Every arm within the 25 % bar: {'yes' if within else 'NO'}. Recovery "
+              f"predictions above the measurement (the safe side): "
+              f"{sum(r['predicted_bytes'] >= r['measured_bytes'] for r in above)} of {len(above)}."]
+    return "\n".join(lines)
+
+
+def resume_state_text(result: dict) -> str:
+    """docs/resume.md's state-size table and write times from ``launch/bench_scale.py
+    --state``'s JSON (``benchmarks/resume_state.json``)."""
+    before, after = result["before"], result["after"]
+
+    def size(n: float) -> str:
+        return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.0f} MB"
+
+    return "\n".join([
+        "| | per block | 80 blocks (Llama-2-70B) |", "|---|---|---|",
+        f"| weights (before: every criterion) | {size(before['state_bytes_per_block'])} | "
+        f"{before['state_bytes_80_blocks'] / GB:.0f} GB |",
+        f"| bit-packed masks (now: mask-only criteria) | {size(after['state_bytes_per_block'])} | "
+        f"{after['state_bytes_80_blocks'] / GB:.1f} GB |", "",
+        f"Time on the prune's critical path, {before['blocks']} blocks: "
+        f"{before['state_seconds_on_critical_path']:.1f} s before (a synchronous write and SHA-256 "
+        f"of each block's weights), {after['state_seconds_on_critical_path']:.1f} s now, all of it "
+        f"waiting for the last block's write (the writer thread itself took "
+        f"{after['writer']['write_seconds']:.1f} s for all {after['writer']['blocks']} blocks)."])
+
+
+def onload_scale_text(result: dict) -> str:
+    """docs/results.md's sequential-onloading memory check from ``launch/bench_scale.py
+    --onload host|disk``'s JSON (``benchmarks/scale_onload_host.json`` and ``_disk.json``)."""
+    lines = ["| `--onload` | device-equivalent peak, measured / predicted | host copies, measured "
+             "/ predicted | process peak, measured / predicted |", "|---|---|---|---|"]
+    for stem in sorted(result):
+        w = result[stem]["workers"][0]
+        lines.append(
+            f"| `{w['onload']['mode']}` | {w['measured_device_equiv'] / GB:.2f} / "
+            f"{w['predicted_device'] / GB:.2f} GB ({w['device_error']:+.1%}) | "
+            f"{w['measured_host'] / GB:.2f} / {w['predicted_host'] / GB:.2f} GB | "
+            f"{w['peak_rss'] / GB:.2f} / {w['predicted'] / GB:.2f} GB ({w['error']:+.1%}) |")
+    own = all(set(r["workers"][0]["opened"]) <= set(r["workers"][0]["owned_shards"])
+              for r in result.values())
+    lines += ["", f"Each worker opened only its own shards: {'yes' if own else 'NO'}."]
+    return "\n".join(lines)
+
+
 KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text,
          "unimodal": unimodal_text, "scalelora": scalelora_text,
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
          "reliability": reliability_text,
          "transport": transport_text,
          "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text,
-         "memory": memory_text}
+         "memory": memory_text,
+         "plan-memory": plan_memory_text, "plan-recover": plan_recover_text,
+         "plan-refusal": plan_refusal_text, "plan-onload": plan_onload_text,
+         "plan-sparsegpt": plan_sparsegpt_text, "plan-table": plan_table_text,
+         "plan-time": plan_time_text, "deepseek-plan": deepseek_plan_text,
+         "deepseek-refusal": deepseek_refusal_text, "recover-memory": recover_memory_text,
+         "resume-state": resume_state_text, "onload-scale": onload_scale_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -408,7 +625,20 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "planning": ("benchmarks/plan_time_70b.json", "docs/planning.md"),
            "plancheck": ("benchmarks/plan_time.json", "docs/planning.md"),
            "prediction": ("benchmarks/plan_time_70b.json", "README.md"),
-           "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md")}
+           "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md"),
+           "plan-memory": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-recover": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-refusal": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-onload": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-sparsegpt": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-table": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-time": (PLAN_JSON, "docs/planning.md"),
+           "deepseek-plan": (PLAN_JSON, "docs/quantized.md"),
+           "deepseek-refusal": (PLAN_JSON, "docs/quantized.md"),
+           "recover-memory": ("benchmarks/recover_memory_cpu.json", "docs/scale-out.md"),
+           "resume-state": ("benchmarks/resume_state.json", "docs/resume.md"),
+           "onload-scale": ("benchmarks/scale_onload_host.json,benchmarks/scale_onload_disk.json",
+                            "docs/results.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 
@@ -420,14 +650,22 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
 
 
+def _load(json_path: str) -> dict:
+    """One JSON file, or for comma-separated paths ``{file stem: data}`` of each."""
+    paths = [Path(p) if Path(p).exists() else REPO / p for p in json_path.split(",")]
+    if len(paths) == 1:
+        return json.loads(paths[0].read_text())
+    return {p.stem: json.loads(p.read_text()) for p in paths}
+
+
 def render(kind: str, json_path: str | None = None, page: str | None = None,
            check: bool = False) -> tuple[int, str]:
     """Write (or with ``check`` compare) one kind's block; returns ``(exit code, message)``."""
     default_json, default_page = TARGETS[kind]
-    json_path = json_path or str(REPO / default_json)
+    json_path = json_path or default_json
     page = page or str(REPO / default_page)
     try:
-        body = KINDS[kind](json.loads(Path(json_path).read_text()))
+        body = KINDS[kind](_load(json_path))
         old = Path(page).read_text()
         new = replace_block(old, kind, body)
     except (OSError, ValueError, KeyError, TypeError) as exc:
