@@ -91,43 +91,48 @@ def _base_name(label: str, base_row: dict | None) -> str:
     return name
 
 
-STALE_SCALELORA = {"wanda-uniform-60": 112.39, "wanda-neuroal-60": 102.03,
-                   "wanda-uniform-70": 297.68, "wanda-neuroal-70": 261.81,
-                   "sparsegpt-uniform-60": 87.28, "sparsegpt-neuroal-60": 83.94,
-                   "sparsegpt-uniform-70": 171.50, "sparsegpt-neuroal-70": 166.72}
-"""The ``perp-scalelora`` column measured before the learning-rate fix (lr x sqrt(r))."""
-
-TABLE_MASKLORA = {"wanda-uniform-60": 92.22, "wanda-neuroal-60": 85.95,
-                  "wanda-uniform-70": 233.78, "wanda-neuroal-70": 216.07,
-                  "sparsegpt-uniform-60": 77.31, "sparsegpt-neuroal-60": 74.65,
-                  "sparsegpt-uniform-70": 149.80, "sparsegpt-neuroal-70": 147.35}
-"""The recovery table's ``perp-masklora`` column (its own base runs, not rerun since)."""
-
-
 def scalelora_text(result: dict) -> str:
     """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
-    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; the figure
-    before the learning-rate fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`) and the
-    recovery table's MaskLoRA figure (``masklora``, else :data:`TABLE_MASKLORA`) with
-    ScaleLoRA's change against it."""
+    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds. A JSON that
+    carries ``stale`` (the figure before the learning-rate fix) or ``masklora`` (MaskLoRA's
+    figure on the same protocol) per base gets a column for each, the latter with ScaleLoRA's
+    change against it."""
     rows = {r["run"]: r for r in result["rows"]}
-    stale = result.get("stale", STALE_SCALELORA)
-    masklora = result.get("masklora", TABLE_MASKLORA)
-    lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
-             "before the learning-rate fix (lr 5e-4) | perp-masklora (table above) | ScaleLoRA vs MaskLoRA |",
-             "|---|---|---|---|---|---|"]
+    stale, masklora = result.get("stale"), result.get("masklora")
+    head = ["base", "before (same run)", "perp-scalelora (step s / run wall s)"]
+    if stale:
+        head.append("before the learning-rate fix (lr 5e-4)")
+    if masklora:
+        head += ["perp-masklora", "ScaleLoRA vs MaskLoRA"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for base in BASES:
         r = rows.get(f"{base}+perp-scalelora")
-        old = f"{stale[base]:.2f}" if base in stale else "-"
-        mask = f"{masklora[base]:.2f}" if base in masklora else "-"
-        if r is None:
-            cells, change = "not rerun | not rerun", "-"
-        else:
-            cells = (f"{r['ppl']:.2f} | {r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
-                     f"{r['wall_s']:.0f} s)")
-            change = f"{r['recovered_ppl'] / masklora[base] - 1:+.1%}" if base in masklora else "-"
-        lines.append(f"| {_base_name(base, rows.get(base))} | {cells} | {old} | {mask} | {change} |")
+        cells = [_base_name(base, rows.get(base))]
+        cells += (["not rerun", "not rerun"] if r is None else
+                  [f"{r['ppl']:.2f}", f"{r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
+                   f"{r['wall_s']:.0f} s)"])
+        if stale:
+            cells.append(f"{stale[base]:.2f}" if base in stale else "-")
+        if masklora:
+            mask = masklora.get(base)
+            cells.append("-" if mask is None else f"{mask:.2f}")
+            cells.append("-" if mask is None or r is None
+                         else f"{r['recovered_ppl'] / mask - 1:+.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def trainable_text(result: dict) -> str:
+    """The trainable parameters of whole-model PERP from ``benchmarks/recovery_scalelora.json``
+    (ScaleLoRA) and ``benchmarks/ood.json`` (MaskLoRA), as a share of the model."""
+    scale = next(r for r in result["recovery_scalelora"]["rows"] if "trainable" in r)
+    total = scale["trainable"] / scale["trainable_fraction"]
+    mask = result["ood"]
+    return (f"Trainable parameters of SmolLM2-135M ({total / 1e6:.1f} M parameters): "
+            f"`{mask['step']}` {mask['trainable']:,} ({mask['trainable'] / total:.2%}: rank-16 "
+            f"MaskLoRA on every block linear plus a LoRA on the untied head), `{scale['recover']}` "
+            f"{scale['trainable']:,} ({scale['trainable_fraction']:.2%}: a row and a column scale "
+            f"per block linear, plus the head LoRA).")
 
 
 def magnitude_text(result: dict) -> str:
@@ -324,9 +329,9 @@ PLAN_EXAMPLES = {
     "70b-8x80": "--model llama-2-70b --workers 8 --gpu-memory 80GB",
     "70b-2x24-sparsegpt-neuroal": "--model llama-2-70b --workers 2 --gpu-memory 24GB --seqlen 512 "
                                   "--criterion sparsegpt --allocation neuroal",
-    "70b-recover": "--model llama-2-70b --workers 8 --gpu-memory 80GB "
+    "70b-recover": "--model llama-2-70b --workers 8 --gpu-memory 80GB --onload device "
                    "--recover perp-reconstruct,perp-masklora",
-    "70b-recover-checkpointing": "--model llama-2-70b --workers 8 --gpu-memory 80GB "
+    "70b-recover-checkpointing": "--model llama-2-70b --workers 8 --gpu-memory 80GB --onload device "
                                  "--recover perp-reconstruct,perp-masklora "
                                  "--recover-opt perp-masklora.gradient_checkpointing=true",
     "70b-1x80": "--model llama-2-70b --workers 1 --gpu-memory 80GB",
@@ -467,9 +472,9 @@ def plan_sparsegpt_text(result: dict) -> str:
     small, large = (_plan(result, n) for n in ("70b-sparsegpt-2x24", "70b-sparsegpt-1x80"))
     worker = max(small["summary"]["plan"]["workers"], key=lambda w: w["total"])
     return (f"With SparseGPT (`--criterion sparsegpt`) Llama-2-70B {_verdict(small)}: of that, "
-            f"its statistics take {worker['statistics'] / GB:.1f} GB and its transients (the "
-            f"factorisation of the `28672 x 28672` Hessian of `down_proj`) "
-            f"{worker['transients'] / GB:.1f} GB; it {_verdict(large)}.")
+            f"its statistics (the Hessians) take {worker['statistics'] / GB:.1f} GB and its transients "
+            f"(the factorisation and sweep of the widest linear) {worker['transients'] / GB:.1f} "
+            f"GB. It {_verdict(large)}.")
 
 
 PLAN_COLUMNS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead",
@@ -530,12 +535,12 @@ def deepseek_refusal_text(result: dict) -> str:
     import textwrap
 
     why = textwrap.wrap(f"why: {summary['statistics_refusal']}", 95)
-    return "\n".join([f"For a DeepSeek-V3 MoE block that is {worker['statistics'] / GB:.1f} GB "
-                      f"(`statistics` in the SparseGPT plan), more than one "
-                      f"{summary['limit_bytes'] / GB:.0f} GB device holds "
-                      f"({'fits' if summary['fits'] else 'does not fit'}: exit code "
-                      f"{_plan(result, 'deepseek-v3-sparsegpt')['exit']}). The planner's "
-                      "reason:", "", "```", *why, "```"])
+    verdict = "fits" if summary["fits"] else "does not fit"
+    return "\n".join([f"The statistics of one DeepSeek-V3 MoE block need "
+                      f"{worker['statistics'] / GB:.1f} GB (`statistics` in the SparseGPT plan) "
+                      f"against {summary['limit_bytes'] / GB:.0f} GB per device: the plan says "
+                      f"{verdict} (exit code {_plan(result, 'deepseek-v3-sparsegpt')['exit']}), "
+                      "with this reason:", "", "```", *why, "```"])
 
 
 RECOVER_ARMS = {"prune": "Wanda 50 %, no recovery", "reconstruct": "+ `perp-reconstruct`",
@@ -604,7 +609,7 @@ KINDS = {"quickstart": quickstart_text, "results": results_text, "search": searc
          "reliability": reliability_text,
          "transport": transport_text,
          "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text,
-         "memory": memory_text,
+         "memory": memory_text, "results-docs": results_text, "trainable": trainable_text,
          "plan-memory": plan_memory_text, "plan-recover": plan_recover_text,
          "plan-refusal": plan_refusal_text, "plan-onload": plan_onload_text,
          "plan-sparsegpt": plan_sparsegpt_text, "plan-table": plan_table_text,
@@ -626,6 +631,9 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "plancheck": ("benchmarks/plan_time.json", "docs/planning.md"),
            "prediction": ("benchmarks/plan_time_70b.json", "README.md"),
            "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md"),
+           "results-docs": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
+           "trainable": ("benchmarks/recovery_scalelora.json,benchmarks/ood.json",
+                         "docs/results.md"),
            "plan-memory": (PLAN_JSON, "docs/scale-out.md"),
            "plan-recover": (PLAN_JSON, "docs/scale-out.md"),
            "plan-refusal": (PLAN_JSON, "docs/scale-out.md"),
