@@ -60,6 +60,34 @@ def search_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _trail(row: dict) -> list[dict]:
+    """A search row's trail (the suite writes it as a Python literal or a list)."""
+    import ast
+
+    trail = row["trail"]
+    return ast.literal_eval(trail) if isinstance(trail, str) else trail
+
+
+def early_stop_text(result: dict) -> str:
+    """What early stopping saved, and how far the candidates' full scores lie from the best
+    one, from ``launch/bench.py search``'s JSON (docs/allocation.md)."""
+    grid, stop = (next(r for r in result["rows"] if r["run"].endswith(end))
+                  for end in ("grid-order", "early-stop"))
+    stopped = [c for c in _trail(stop) if c.get("stopped_at_block") is not None]
+    at = sorted({c["stopped_at_block"] for c in stopped})
+    blocks = stop["blocks_total"] // stop["candidates"]
+    saved = stop["blocks_total"] - stop["blocks_evaluated"]
+    gaps = []
+    for phase in ("block", "row"):
+        scores = [c["score"] for c in _trail(grid) if c["phase"] == phase]
+        gaps += [x / min(scores) - 1 for x in scores if x != min(scores)]
+    return (f"Early stopping is exact but barely cheaper on this protocol: the {len(stopped)} "
+            f"stopped candidates stopped at block {', '.join(map(str, at))} of {blocks} "
+            f"({saved} of {stop['blocks_total']} block evaluations saved, "
+            f"{saved / stop['blocks_total']:.1%}). In the grid-order run the other candidates' "
+            f"full scores lie {min(gaps):.1%} to {max(gaps):.0%} above the best of their step.")
+
+
 def unimodal_text(result: dict) -> str:
     """The unimodality sentence from ``launch/bench.py unimodal``'s JSON."""
     s = result["summary"]
@@ -136,7 +164,7 @@ def trainable_text(result: dict) -> str:
 
 
 def magnitude_text(result: dict) -> str:
-    """Issue 16 item 8: per-row uniform magnitude against NeuroAL's per-row magnitude, from
+    """Per-row uniform magnitude against NeuroAL's per-row magnitude, from
     ``launch/bench.py allocation``'s JSON (``magnitude-uniform-row-70`` and
     ``magnitude-neuroal-70``; the latter's optional ``before_row_step_fix`` is the first
     figure it replaces)."""
@@ -155,7 +183,7 @@ def magnitude_text(result: dict) -> str:
 
 
 def ood_text(result: dict) -> str:
-    """Issue 16 item 12: one whole-model PERP row on every evaluation corpus, from
+    """One whole-model PERP row on every evaluation corpus, from
     ``launch/bench.py ood``'s JSON."""
     budget = f" ({result['tokens']:,} tokens)" if result.get("tokens") else ""
     lines = [f"| corpus | dense | pruned | after {result['step']}{budget} | change by PERP |",
@@ -609,7 +637,8 @@ KINDS = {"quickstart": quickstart_text, "results": results_text, "search": searc
          "reliability": reliability_text,
          "transport": transport_text,
          "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text,
-         "memory": memory_text, "results-docs": results_text, "trainable": trainable_text,
+         "memory": memory_text, "early-stop": early_stop_text, "results-docs": results_text,
+         "trainable": trainable_text,
          "plan-memory": plan_memory_text, "plan-recover": plan_recover_text,
          "plan-refusal": plan_refusal_text, "plan-onload": plan_onload_text,
          "plan-sparsegpt": plan_sparsegpt_text, "plan-table": plan_table_text,
@@ -631,6 +660,7 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "plancheck": ("benchmarks/plan_time.json", "docs/planning.md"),
            "prediction": ("benchmarks/plan_time_70b.json", "README.md"),
            "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md"),
+           "early-stop": ("benchmarks/search.json", "docs/allocation.md"),
            "results-docs": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
            "trainable": ("benchmarks/recovery_scalelora.json,benchmarks/ood.json",
                          "docs/results.md"),
