@@ -424,6 +424,37 @@ def record_plans(path: Path) -> None:
                                 "refusal": refusal}, indent=2) + "\n")
 
 
+EVALUATE_EXAMPLE = "smollm2-135m --eval-windows 4 --tasks neuroal_tiny_qa"
+"""The ``neuroal evaluate`` run docs/evaluation.md quotes (the embedded model, dense)."""
+
+
+def record_evaluate(path: Path) -> None:
+    """Run :data:`EVALUATE_EXAMPLE` and write its printed result lines to ``path``:
+    ``python launch/readme_figures.py --record-evaluate`` (benchmarks/evaluate_example.json,
+    a few minutes on 2 CPU cores)."""
+    import os
+    import shlex
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"),
+                               *shlex.split(EVALUATE_EXAMPLE)], capture_output=True, text=True,
+                              cwd=scratch, env=env)
+    if proc.returncode:
+        raise SystemExit(f"error: neuroal evaluate {EVALUATE_EXAMPLE} exited {proc.returncode}:"
+                         f"\n{proc.stderr[-2000:]}")
+    path.write_text(json.dumps({"command": "python launch/readme_figures.py --record-evaluate",
+                                "args": EVALUATE_EXAMPLE, "exit": proc.returncode,
+                                "stdout": proc.stdout.splitlines()}, indent=2) + "\n")
+
+
+def evaluate_text(result: dict) -> str:
+    """docs/evaluation.md's example: the command and the lines it printed."""
+    return "\n".join(["```", f"$ neuroal evaluate {result['args']}", *result["stdout"], "```"])
+
+
 GB = 1e9
 
 
@@ -453,7 +484,8 @@ def _commands_block(result: dict, names: tuple[str, ...],
 def plan_memory_text(result: dict) -> str:
     """docs/scale-out.md's first planner examples, from ``benchmarks/plan_examples.json``
     (written by ``python launch/readme_figures.py --record-plans``)."""
-    return _commands_block(result, ("70b-8x80", "70b-2x24-sparsegpt-neuroal"))
+    return _commands_block(result, ("70b-8x80", "70b-2x24-sparsegpt-neuroal"),
+                           ("verdict:", "largest known model", "fewest workers"))
 
 
 def plan_recover_text(result: dict) -> str:
@@ -566,9 +598,9 @@ def deepseek_refusal_text(result: dict) -> str:
     verdict = "fits" if summary["fits"] else "does not fit"
     return "\n".join([f"The statistics of one DeepSeek-V3 MoE block need "
                       f"{worker['statistics'] / GB:.1f} GB (`statistics` in the SparseGPT plan) "
-                      f"against {summary['limit_bytes'] / GB:.0f} GB per device: the plan says "
-                      f"{verdict} (exit code {_plan(result, 'deepseek-v3-sparsegpt')['exit']}), "
-                      "with this reason:", "", "```", *why, "```"])
+                      f"against {summary['limit_bytes'] / GB:.0f} GB per device. The plan's verdict is "
+                      f"\"{verdict}\" (exit code {_plan(result, 'deepseek-v3-sparsegpt')['exit']}"
+                      "), with this reason:", "", "```", *why, "```"])
 
 
 RECOVER_ARMS = {"prune": "Wanda 50 %, no recovery", "reconstruct": "+ `perp-reconstruct`",
@@ -638,7 +670,7 @@ KINDS = {"quickstart": quickstart_text, "results": results_text, "search": searc
          "transport": transport_text,
          "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text,
          "memory": memory_text, "early-stop": early_stop_text, "results-docs": results_text,
-         "trainable": trainable_text,
+         "trainable": trainable_text, "evaluate": evaluate_text,
          "plan-memory": plan_memory_text, "plan-recover": plan_recover_text,
          "plan-refusal": plan_refusal_text, "plan-onload": plan_onload_text,
          "plan-sparsegpt": plan_sparsegpt_text, "plan-table": plan_table_text,
@@ -661,6 +693,7 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "prediction": ("benchmarks/plan_time_70b.json", "README.md"),
            "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md"),
            "early-stop": ("benchmarks/search.json", "docs/allocation.md"),
+           "evaluate": ("benchmarks/evaluate_example.json", "docs/evaluation.md"),
            "results-docs": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
            "trainable": ("benchmarks/recovery_scalelora.json,benchmarks/ood.json",
                          "docs/results.md"),
@@ -728,7 +761,13 @@ def main() -> int:
     p.add_argument("--record-plans", nargs="?", const=PLAN_JSON, metavar="JSON",
                    help="rerun the planner examples the docs quote into JSON "
                    f"(default {PLAN_JSON}), then stop")
+    p.add_argument("--record-evaluate", nargs="?", const="benchmarks/evaluate_example.json",
+                   metavar="JSON", help="rerun the evaluate example docs/evaluation.md quotes "
+                   "into JSON (default benchmarks/evaluate_example.json), then stop")
     opts = p.parse_args()
+    if opts.record_evaluate:
+        record_evaluate(REPO / opts.record_evaluate)
+        return 0
     if opts.record_plans:
         record_plans(REPO / opts.record_plans)
         return 0
