@@ -7,6 +7,7 @@ hint instead of hanging."""
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
     """Two actors, ``engine.parallel=auto`` (data), the gloo transport taken down for the
     prune's own group and rebuilt after: masks, weights and reports equal the local executor's
     pipeline mode bit for bit; each block's resume state is written; the pruned model's NLL
-    (streams crossing over the rebuilt channel) equals the local one."""
+    (streams crossing over the rebuilt channel) equals the local one. Then a lost actor."""
     from neuroal.engine.ray_executor import RayExecutor, RayOptions
 
     source = resolve_model(str(llama4))
@@ -126,6 +127,21 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
         assert sorted(p.name for p in (state / "prune").glob("*.safetensors")) == \
             [f"block_{b:04d}.safetensors" for b in range(NUM_BLOCKS)]
         assert torch.equal(remote.window_nll(_ids()), local.window_nll(_ids()))
+
+        # an actor killed while the data-parallel prune runs: the driver names it and the
+        # --resume hint at once (no wait for the survivor's collective timeout), and releases
+        # every actor
+        def kill(self: Any, operation: str, unit: int) -> None:
+            if operation == "prune" and unit == 0:
+                ray.kill(self.workers[1])
+
+        remote.fault_hook = types.MethodType(kill, remote)
+        with pytest.raises(RuntimeError) as err:
+            remote.run_final_prune(plan, PruneJob("wanda", state_dir=str(state)), _ids())
+        for part in ("Ray worker 1", "blocks [2, 4)", "engine.parallel=data",
+                     f"resume state is kept at {state}", "--resume"):
+            assert part in str(err.value), (part, str(err.value))
+        assert remote.workers == []
     finally:
         remote.shutdown()
         local.shutdown()
@@ -149,36 +165,3 @@ def test_sparsegpt_run_matches_local_and_reports_data(ray_instance, llama4: Path
     assert want.report["engine"]["parallel"] == "pipeline"
     assert got.report["layers"] == want.report["layers"]
     _assert_bits(_exported(tmp_path / "ray"), _exported(tmp_path / "local"))
-
-
-def test_lost_actor_stops_with_resume_hint(ray_instance, llama4: Path, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    """An actor killed while the data-parallel prune runs: the driver names it and the
-    ``--resume`` hint at once (no wait for the survivor's collective timeout), and releases
-    every actor."""
-    from neuroal.engine.ray_executor import RayExecutor, RayOptions
-
-    def kill(self: Any, operation: str, unit: int) -> None:
-        if operation == "prune" and unit == 0:
-            ray.kill(self.workers[1])
-
-    monkeypatch.setattr(RayExecutor, "fault_hook", kill)
-    source = resolve_model(str(llama4))
-    remote = RayExecutor(WorkerSpec(source, 0, 0, NUM_BLOCKS, "cpu", "float32", 2), 2,
-                         RayOptions(transport="object-store"))
-    state = tmp_path / "state"
-    try:
-        with pytest.raises(RuntimeError) as err:
-            remote.run_final_prune(_plan(_shape_blocks(remote)), PruneJob(
-                "wanda", state_dir=str(state)), _ids())
-    finally:
-        remote.shutdown()
-    message = str(err.value)
-    for part in ("Ray worker 1", "blocks [2, 4)", "engine.parallel=data",
-                 f"resume state is kept at {state}", "--resume"):
-        assert part in message, (part, message)
-    assert remote.workers == []
-
-
-def _shape_blocks(remote: Any) -> list[dict[str, tuple[int, int]]]:
-    return ray.get(remote.workers[0].__ray_call__.remote(lambda w: w.adapter.shape().blocks))
