@@ -85,6 +85,16 @@ def test_data_and_ray_is_accepted(llama4: Path) -> None:
     assert (cfg.engine.parallel, cfg.engine.executor) == ("data", "ray")
 
 
+def test_group_backend_follows_the_devices() -> None:
+    """gloo between CPU actors; NCCL for tensors between distinct GPUs; through host memory
+    over gloo when two actors share a GPU (NCCL refuses two ranks on one device)."""
+    from neuroal.engine.ray_executor import data_channel
+
+    assert data_channel([None, None]) == ("gloo", None)
+    assert data_channel(["n/gpu-a", "n/gpu-b"]) == ("cpu:gloo,cuda:nccl", None)
+    assert data_channel(["n/gpu-a", "n/gpu-a"]) == ("gloo", "cpu")
+
+
 def test_reconstruct_is_refused_as_in_dist(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Ray executor decides the mode with the same rule and message as local / dist."""
     from neuroal.engine.ray_executor import RayExecutor

@@ -503,6 +503,33 @@ def _has_experts(worker: Worker) -> bool:
     return any(has_experts(b) for b in worker.adapter.blocks)
 
 
+def _device_key(worker: Worker) -> str | None:
+    """Which physical GPU the actor computes on (node and device UUID), None on the CPU: two
+    actors may share one GPU (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``), where NCCL
+    cannot form a group."""
+    import ray
+
+    if worker.device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(worker.device)
+    uuid = getattr(props, "uuid", None)
+    if uuid is None:  # pragma: no cover - older torch: the visible devices name the GPU
+        uuid = f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}:{worker.device.index or 0}"
+    return f"{ray.get_runtime_context().get_node_id()}/{uuid}"
+
+
+def data_channel(keys: Sequence[str | None]) -> tuple[str, str | None]:
+    """``(process-group backend, device the collectives move tensors from)`` for actors on the
+    devices ``keys`` (:func:`_device_key`): gloo on CPUs; gloo for small messages and NCCL for
+    tensors on distinct GPUs (None: each actor's own device); gloo through host memory when
+    two actors share a GPU (NCCL refuses two ranks on one device)."""
+    if all(k is None for k in keys):
+        return "gloo", None
+    if len(set(keys)) < len(keys):
+        return "gloo", "cpu"
+    return group_backend("cuda"), None
+
+
 def _open_store(worker: Worker, timeout: float) -> tuple[str, int]:
     """Inside actor 0: the rendezvous of the data-parallel group, a TCP store listening on a
     free port; returns ``(node IP, port)`` for every actor."""
@@ -516,9 +543,9 @@ def _open_store(worker: Worker, timeout: float) -> tuple[str, int]:
 
 
 def _join_group(worker: Worker, address: tuple[str, int], rank: int, world: int,
-                rendezvous_timeout: float, timeout: float) -> None:
-    """Inside an actor: ``rank`` of a fresh default process group of ``world`` actors (gloo on
-    CPU, ``cpu:gloo,cuda:nccl`` on GPUs), its collectives waiting at most ``timeout`` s.
+                backend: str, rendezvous_timeout: float, timeout: float) -> None:
+    """Inside an actor: ``rank`` of a fresh default process group of ``world`` actors on
+    ``backend`` (:func:`data_channel`), its collectives waiting at most ``timeout`` s.
 
     Raises:
         RuntimeError: The actor already has a group, or cannot reach the rendezvous.
@@ -532,7 +559,7 @@ def _join_group(worker: Worker, address: tuple[str, int], rank: int, world: int,
         if store is None:
             store = dist.TCPStore(host, port, is_master=False,
                                   timeout=datetime.timedelta(seconds=rendezvous_timeout))
-        dist.init_process_group(group_backend(worker.device), store=store, rank=rank,
+        dist.init_process_group(backend, store=store, rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=timeout))
     except Exception as exc:
         raise RuntimeError(
@@ -543,18 +570,19 @@ def _join_group(worker: Worker, address: tuple[str, int], rank: int, world: int,
 
 
 def _data_prune(worker: Worker, address: tuple[str, int], rank: int, world: int,
-                timeouts: tuple[float, float], common: tuple[Any, ...],
-                ) -> list[BlockReport] | None:
+                channel: tuple[str, str | None], timeouts: tuple[float, float],
+                common: tuple[Any, ...]) -> list[BlockReport] | None:
     """Inside an actor: join the group, run this worker's :class:`DataPrune` program, leave the
     group (also after a failure). Returns the reports of the blocks this actor owns, None when
     another actor's failure stopped it (that actor raises its own error)."""
     ids, entries, job, slices = common
+    backend, via = channel
     try:
-        _join_group(worker, address, rank, world, *timeouts)
+        _join_group(worker, address, rank, world, backend, *timeouts)
         layout = Layout(tuple(map(tuple, slices)), int(ids.shape[0]), worker.spec.micro_batch)
+        comm = DistComm(rank, world, torch.device(via) if via else worker.device)
         try:
-            return DataPrune(worker, DistComm(rank, world, worker.device), layout).run(
-                ids, entries, job)
+            return DataPrune(worker, comm, layout).run(ids, entries, job)
         except Stopped:
             return None
     finally:
@@ -995,11 +1023,18 @@ class RayExecutor:
                           [(s.start, s.stop) for s in self.specs]))
         timeouts = (self.options.placement_timeout, self.options.group_timeout)
         with self.meter("prune"):
+            channel = data_channel(self._retrying(lambda: self._get(
+                [a.__ray_call__.remote(_device_key) for a in self.workers],
+                "reading the workers' devices")))
+            if channel[1] == "cpu":
+                log.warning("Ray workers share a GPU: the data-parallel prune moves its tensors "
+                            "through host memory over gloo (NCCL needs one GPU per worker)")
             self.transport.disconnect(self._channel)
             self._channel = None
             address = self.workers[0].__ray_call__.remote(_open_store,
                                                           self.options.placement_timeout)
-            refs = [a.__ray_call__.remote(_data_prune, address, k, world, timeouts, common)
+            refs = [a.__ray_call__.remote(_data_prune, address, k, world, channel, timeouts,
+                                          common)
                     for k, a in enumerate(self.workers)]
             for b in range(self._num_blocks):
                 self.fault_hook("prune", b)
