@@ -74,6 +74,14 @@ def _exported(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _inject_failure(worker: Any) -> None:
+    """Inside an actor: its next block solve raises."""
+    def boom(*_args: Any, **_kwargs: Any) -> None:
+        raise RuntimeError(f"injected failure on worker {worker.spec.rank}")
+
+    worker.prune_block = boom
+
+
 def _assert_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for name, tensor in want.items():
@@ -116,7 +124,8 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
     """Two actors, ``engine.parallel=auto`` (data), the gloo transport taken down for the
     prune's own group and rebuilt after: masks, weights and reports equal the local executor's
     pipeline mode bit for bit; each block's resume state is written; the pruned model's NLL
-    (streams crossing over the rebuilt channel) equals the local one. Then a lost actor."""
+    (streams crossing over the rebuilt channel) equals the local one. Then a failing worker and
+    a lost actor."""
     from neuroal.engine.ray_executor import RayExecutor, RayOptions
 
     source = resolve_model(str(llama4))
@@ -136,7 +145,16 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
         _assert_bits(_remote_state(remote), local.workers[0].state_items())
         assert sorted(p.name for p in (state / "prune").glob("*.safetensors")) == \
             [f"block_{b:04d}.safetensors" for b in range(NUM_BLOCKS)]
-        assert torch.equal(remote.window_nll(_ids()), local.window_nll(_ids()))
+        nll = remote.window_nll(_ids())
+        assert torch.equal(nll, local.window_nll(_ids()))
+
+        # a worker's own error mid-prune: agreed by both actors, raised on the driver with its
+        # message; both leave the group and the executor stays usable
+        ray.get(remote.workers[1].__ray_call__.remote(_inject_failure))
+        with pytest.raises(RuntimeError, match="injected failure on worker 1"):
+            remote.run_final_prune(plan, PruneJob("wanda"), _ids())
+        ray.get(remote.workers[1].__ray_call__.remote(lambda w: w.__dict__.pop("prune_block")))
+        assert torch.isfinite(remote.window_nll(_ids())).all()
 
         # an actor killed while the data-parallel prune runs: the driver names it and the
         # --resume hint at once (no wait for the survivor's collective timeout), and releases

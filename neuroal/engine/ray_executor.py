@@ -1038,7 +1038,11 @@ class RayExecutor:
                     for k, a in enumerate(self.workers)]
             for b in range(self._num_blocks):
                 self.fault_hook("prune", b)
-            parts = self._settle(refs, "pruning blocks data-parallel")
+            try:
+                parts = self._settle(refs, "pruning blocks data-parallel")
+            except Exception:
+                self._reopen()
+                raise
             self._pruned = (plan, job, ids)  # a later restart restores the pruned blocks
             self._retrying(self._connect)
         reports = sorted((r for part in parts for r in part or ()), key=lambda r: r.index)
@@ -1046,6 +1050,18 @@ class RayExecutor:
             log_block(report, self._num_blocks)
         self._relay_warnings()
         return reports
+
+    def _reopen(self) -> None:
+        """After a failed data-parallel call whose actors are kept: the transport's channel
+        back, so the executor stays usable (a failure here is logged, not raised over the
+        call's own error)."""
+        if not self.workers:
+            return
+        try:
+            self._connect()
+        except Exception as exc:  # the call's error is the one to report
+            log.warning("could not reopen the %s channel after the failed prune: %s",
+                        self.transport.name, _describe(exc))
 
     def _settle(self, refs: list[Any], what: str) -> list[Any]:
         """Every actor's result of one collective call (``refs[k]`` on actor k), watched as
@@ -1093,8 +1109,7 @@ class RayExecutor:
                    f"{self._num_blocks}) died while {what} ({_describe(exc)}). With "
                    "engine.parallel=data every worker takes part in every block, so the prune "
                    "cannot go on without it and no worker is restarted mid-prune "
-                   "(engine.parallel=pipeline restarts them); the blocks finished so far are "
-                   f"saved. {self._resume_hint()}")
+                   f"(engine.parallel=pipeline restarts them). {self._resume_hint()}")
         self.shutdown()
         raise RuntimeError(message) from exc
 
