@@ -74,14 +74,6 @@ def _exported(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _inject_failure(worker: Any) -> None:
-    """Inside an actor: its next block solve raises."""
-    def boom(*_args: Any, **_kwargs: Any) -> None:
-        raise RuntimeError(f"injected failure on worker {worker.spec.rank}")
-
-    worker.prune_block = boom
-
-
 def _assert_bits(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for name, tensor in want.items():
@@ -150,7 +142,13 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
 
         # a worker's own error mid-prune: agreed by both actors, raised on the driver with its
         # message; both leave the group and the executor stays usable
-        ray.get(remote.workers[1].__ray_call__.remote(_inject_failure))
+        def inject(worker: Any) -> None:  # inside actor 1 (pickled by value): solves raise
+            def boom(*_args: Any, **_kwargs: Any) -> None:
+                raise RuntimeError(f"injected failure on worker {worker.spec.rank}")
+
+            worker.prune_block = boom
+
+        ray.get(remote.workers[1].__ray_call__.remote(inject))
         with pytest.raises(RuntimeError, match="injected failure on worker 1"):
             remote.run_final_prune(plan, PruneJob("wanda"), _ids())
         ray.get(remote.workers[1].__ray_call__.remote(lambda w: w.__dict__.pop("prune_block")))
