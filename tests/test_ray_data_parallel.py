@@ -151,7 +151,7 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
         ray.get(remote.workers[1].__ray_call__.remote(inject))
         with pytest.raises(RuntimeError, match="injected failure on worker 1"):
             remote.run_final_prune(plan, PruneJob("wanda"), _ids())
-        ray.get(remote.workers[1].__ray_call__.remote(lambda w: w.__dict__.pop("prune_block")))
+        ray.get(remote.workers[1].__ray_call__.remote(lambda w: delattr(w, "prune_block")))
         assert torch.isfinite(remote.window_nll(_ids())).all()
 
         # an actor killed while the data-parallel prune runs: the driver names it and the
