@@ -175,19 +175,21 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
 
 def test_sparsegpt_run_matches_local_and_reports_data(ray_instance, llama4: Path,
                                                       small_text: Path, tmp_path: Path) -> None:
-    """A whole SparseGPT run with 2 Ray actors (``auto``, object store) against one local
-    worker in pipeline mode: the same exported weights and layer report; ``engine.parallel``
-    is ``data`` in report.json."""
-    def cfg(executor: str, workers: int, parallel: str, out: Path) -> Any:
+    """A whole SparseGPT run with 2 Ray actors (``auto``, object store, sequential onloading
+    from host memory) against one local worker in pipeline mode with its blocks on the device:
+    the same exported weights and layer report; ``engine.parallel`` is ``data`` in
+    report.json."""
+    def cfg(executor: str, workers: int, parallel: str, onload: str, out: Path) -> Any:
         return tiny_cfg(llama4, out, calib={"source": f"text:{small_text}"}, sparsity=0.6,
                         criterion={"name": "sparsegpt"},
                         engine={"executor": executor, "workers": workers, "parallel": parallel,
-                                "ray": {"transport": "object-store"}})
+                                "onload": onload, "ray": {"transport": "object-store"}})
 
-    want = run(cfg("local", 1, "pipeline", tmp_path / "local"))
-    got = run(cfg("ray", 2, "auto", tmp_path / "ray"))
+    want = run(cfg("local", 1, "pipeline", "device", tmp_path / "local"))
+    got = run(cfg("ray", 2, "auto", "host", tmp_path / "ray"))
     report = json.loads((tmp_path / "ray" / "report.json").read_text())
     assert report["engine"]["parallel"] == "data"
+    assert report["config"]["engine"]["onload"] == "host"
     assert want.report["engine"]["parallel"] == "pipeline"
     assert got.report["layers"] == want.report["layers"]
     _assert_bits(_exported(tmp_path / "ray"), _exported(tmp_path / "local"))

@@ -25,6 +25,12 @@ the resume state is kept (engine.md §8). An exception raised by the worker's ow
 missing shard, a bad path) is deterministic and stops the run at once, without restarts. Under
 a direct transport Ray kills both ends of a failed transfer, so the live peer of a dead actor
 may be restarted with it; the collective group is rebuilt over the new actors.
+
+Data mode (``engine.parallel=data``, :mod:`neuroal.engine.data_parallel`): every actor runs its
+:class:`~neuroal.engine.data_parallel.DataPrune` program in one call, all at once, over a
+torch.distributed group formed inside the actors for that call (the dist executor's
+:class:`~neuroal.engine.collectives.DistComm`); an actor lost in that call stops the run with
+the ``--resume`` hint instead of a restart, since every actor takes part in every block.
 """
 
 from __future__ import annotations
