@@ -412,6 +412,7 @@ def parallel(opts: argparse.Namespace) -> dict:
         args += ["--criteria", opts.only]
     result = bench_parallel.run(bench_parallel.parser().parse_args(args))
     print(bench_parallel.table(result))
+    return result
 
 
 def transport(opts: argparse.Namespace) -> dict:

@@ -60,6 +60,34 @@ def search_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _trail(row: dict) -> list[dict]:
+    """A search row's trail (the suite writes it as a Python literal or a list)."""
+    import ast
+
+    trail = row["trail"]
+    return ast.literal_eval(trail) if isinstance(trail, str) else trail
+
+
+def early_stop_text(result: dict) -> str:
+    """What early stopping saved, and how far the candidates' full scores lie from the best
+    one, from ``launch/bench.py search``'s JSON (docs/allocation.md)."""
+    grid, stop = (next(r for r in result["rows"] if r["run"].endswith(end))
+                  for end in ("grid-order", "early-stop"))
+    stopped = [c for c in _trail(stop) if c.get("stopped_at_block") is not None]
+    at = sorted({c["stopped_at_block"] for c in stopped})
+    blocks = stop["blocks_total"] // stop["candidates"]
+    saved = stop["blocks_total"] - stop["blocks_evaluated"]
+    gaps = []
+    for phase in ("block", "row"):
+        scores = [c["score"] for c in _trail(grid) if c["phase"] == phase]
+        gaps += [x / min(scores) - 1 for x in scores if x != min(scores)]
+    return (f"Early stopping is exact but barely cheaper on this protocol: the {len(stopped)} "
+            f"stopped candidates stopped at block {', '.join(map(str, at))} of {blocks} "
+            f"({saved} of {stop['blocks_total']} block evaluations saved, "
+            f"{saved / stop['blocks_total']:.1%}). In the grid-order run the other candidates' "
+            f"full scores lie {min(gaps):.1%} to {max(gaps):.0%} above the best of their step.")
+
+
 def unimodal_text(result: dict) -> str:
     """The unimodality sentence from ``launch/bench.py unimodal``'s JSON."""
     s = result["summary"]
@@ -91,47 +119,52 @@ def _base_name(label: str, base_row: dict | None) -> str:
     return name
 
 
-STALE_SCALELORA = {"wanda-uniform-60": 112.39, "wanda-neuroal-60": 102.03,
-                   "wanda-uniform-70": 297.68, "wanda-neuroal-70": 261.81,
-                   "sparsegpt-uniform-60": 87.28, "sparsegpt-neuroal-60": 83.94,
-                   "sparsegpt-uniform-70": 171.50, "sparsegpt-neuroal-70": 166.72}
-"""The ``perp-scalelora`` column measured before the learning-rate fix (lr x sqrt(r))."""
-
-TABLE_MASKLORA = {"wanda-uniform-60": 92.22, "wanda-neuroal-60": 85.95,
-                  "wanda-uniform-70": 233.78, "wanda-neuroal-70": 216.07,
-                  "sparsegpt-uniform-60": 77.31, "sparsegpt-neuroal-60": 74.65,
-                  "sparsegpt-uniform-70": 149.80, "sparsegpt-neuroal-70": 147.35}
-"""The recovery table's ``perp-masklora`` column (its own base runs, not rerun since)."""
-
-
 def scalelora_text(result: dict) -> str:
     """The ``perp-scalelora`` table from ``launch/bench.py recovery``'s JSON: per base, the
-    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds; the figure
-    before the learning-rate fix (``stale`` in the JSON, else :data:`STALE_SCALELORA`) and the
-    recovery table's MaskLoRA figure (``masklora``, else :data:`TABLE_MASKLORA`) with
-    ScaleLoRA's change against it."""
+    pruned perplexity measured in the same run, after ScaleLoRA, and the seconds. A JSON that
+    carries ``stale`` (the figure before the learning-rate fix) or ``masklora`` (MaskLoRA's
+    figure on the same protocol) per base gets a column for each, the latter with ScaleLoRA's
+    change against it."""
     rows = {r["run"]: r for r in result["rows"]}
-    stale = result.get("stale", STALE_SCALELORA)
-    masklora = result.get("masklora", TABLE_MASKLORA)
-    lines = ["| base | before (same run) | perp-scalelora (step s / run wall s) | "
-             "before the learning-rate fix (lr 5e-4) | perp-masklora (table above) | ScaleLoRA vs MaskLoRA |",
-             "|---|---|---|---|---|---|"]
+    stale, masklora = result.get("stale"), result.get("masklora")
+    head = ["base", "before (same run)", "perp-scalelora (step s / run wall s)"]
+    if stale:
+        head.append("before the learning-rate fix (lr 5e-4)")
+    if masklora:
+        head += ["perp-masklora", "ScaleLoRA vs MaskLoRA"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for base in BASES:
         r = rows.get(f"{base}+perp-scalelora")
-        old = f"{stale[base]:.2f}" if base in stale else "-"
-        mask = f"{masklora[base]:.2f}" if base in masklora else "-"
-        if r is None:
-            cells, change = "not rerun | not rerun", "-"
-        else:
-            cells = (f"{r['ppl']:.2f} | {r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
-                     f"{r['wall_s']:.0f} s)")
-            change = f"{r['recovered_ppl'] / masklora[base] - 1:+.1%}" if base in masklora else "-"
-        lines.append(f"| {_base_name(base, rows.get(base))} | {cells} | {old} | {mask} | {change} |")
+        cells = [_base_name(base, rows.get(base))]
+        cells += (["not rerun", "not rerun"] if r is None else
+                  [f"{r['ppl']:.2f}", f"{r['recovered_ppl']:.2f} ({r['step_s']:.0f} s / "
+                   f"{r['wall_s']:.0f} s)"])
+        if stale:
+            cells.append(f"{stale[base]:.2f}" if base in stale else "-")
+        if masklora:
+            mask = masklora.get(base)
+            cells.append("-" if mask is None else f"{mask:.2f}")
+            cells.append("-" if mask is None or r is None
+                         else f"{r['recovered_ppl'] / mask - 1:+.1%}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
+def trainable_text(result: dict) -> str:
+    """The trainable parameters of whole-model PERP from ``benchmarks/recovery_scalelora.json``
+    (ScaleLoRA) and ``benchmarks/ood.json`` (MaskLoRA), as a share of the model."""
+    scale = next(r for r in result["recovery_scalelora"]["rows"] if "trainable" in r)
+    total = scale["trainable"] / scale["trainable_fraction"]
+    mask = result["ood"]
+    return (f"Trainable parameters of SmolLM2-135M ({total / 1e6:.1f} M parameters): "
+            f"`{mask['step']}` {mask['trainable']:,} ({mask['trainable'] / total:.2%}: rank-16 "
+            f"MaskLoRA on every block linear plus a LoRA on the untied head), `{scale['recover']}` "
+            f"{scale['trainable']:,} ({scale['trainable_fraction']:.2%}: a row and a column scale "
+            f"per block linear, plus the head LoRA).")
+
+
 def magnitude_text(result: dict) -> str:
-    """Issue 16 item 8: per-row uniform magnitude against NeuroAL's per-row magnitude, from
+    """Per-row uniform magnitude against NeuroAL's per-row magnitude, from
     ``launch/bench.py allocation``'s JSON (``magnitude-uniform-row-70`` and
     ``magnitude-neuroal-70``; the latter's optional ``before_row_step_fix`` is the first
     figure it replaces)."""
@@ -150,7 +183,7 @@ def magnitude_text(result: dict) -> str:
 
 
 def ood_text(result: dict) -> str:
-    """Issue 16 item 12: one whole-model PERP row on every evaluation corpus, from
+    """One whole-model PERP row on every evaluation corpus, from
     ``launch/bench.py ood``'s JSON."""
     budget = f" ({result['tokens']:,} tokens)" if result.get("tokens") else ""
     lines = [f"| corpus | dense | pruned | after {result['step']}{budget} | change by PERP |",
@@ -317,13 +350,334 @@ def reliability_text(result: dict) -> str:
     return "\n".join(lines)
 
 
+PLAN_JSON = "benchmarks/plan_examples.json"
+"""Where :func:`record_plans` writes by default."""
+
+PLAN_EXAMPLES = {
+    "70b-8x80": "--model llama-2-70b --workers 8 --gpu-memory 80GB",
+    "70b-2x24-sparsegpt-neuroal": "--model llama-2-70b --workers 2 --gpu-memory 24GB --seqlen 512 "
+                                  "--criterion sparsegpt --allocation neuroal",
+    "70b-recover": "--model llama-2-70b --workers 8 --gpu-memory 80GB --onload device "
+                   "--recover perp-reconstruct,perp-masklora",
+    "70b-recover-checkpointing": "--model llama-2-70b --workers 8 --gpu-memory 80GB --onload device "
+                                 "--recover perp-reconstruct,perp-masklora "
+                                 "--recover-opt perp-masklora.gradient_checkpointing=true",
+    "70b-1x80": "--model llama-2-70b --workers 1 --gpu-memory 80GB",
+    "70b-2x24": "--model llama-2-70b --workers 2 --gpu-memory 24GB",
+    "70b-2x24-host64": "--model llama-2-70b --workers 2 --gpu-memory 24GB --host-memory 64GB",
+    "70b-sparsegpt-2x24": "--model llama-2-70b --workers 2 --gpu-memory 24GB --criterion sparsegpt",
+    "70b-sparsegpt-1x80": "--model llama-2-70b --workers 1 --gpu-memory 80GB --criterion sparsegpt",
+    "qwen3-30b-a3b-1x80": "--model qwen3-30b-a3b --workers 1 --gpu-memory 80GB",
+    "llama-3.3-70b-4x80": "--model llama-3.3-70b --workers 4 --gpu-memory 80GB",
+    "deepseek-v3-wanda": "--model deepseek-v3 --workers 8 --gpu-memory 80GB",
+    "deepseek-v3-sparsegpt": "--model deepseek-v3 --workers 8 --gpu-memory 80GB "
+                             "--criterion sparsegpt",
+    "70b-sparsegpt-8-time": "--model llama-2-70b --workers 8 --criterion sparsegpt --sparsity 0.7 "
+                            "--device-class h100 --eval-windows 166",
+}
+"""The ``neuroal plan`` examples the docs quote, by name (arguments as typed)."""
+
+PRUNE_REFUSAL = ("--model llama-2-70b --workers 2 --dtype bfloat16 --device cpu --no-save "
+                 "engine.memory_limit=24GB engine.onload=device")
+"""A prune the pre-load memory check refuses (docs/scale-out.md quotes its message)."""
+
+
+def record_plans(path: Path) -> None:
+    """Run every :data:`PLAN_EXAMPLES` plan (config only, offline) and :data:`PRUNE_REFUSAL`,
+    and write ``{"plans": {name: {"args", "exit", "output", "summary"}}, "refusal": {...}}``
+    to ``path``: ``python launch/readme_figures.py --record-plans`` (benchmarks/plan_examples.json,
+    about 5 minutes on 2 CPU cores; rerun it whenever the planner changes)."""
+    import contextlib
+    import io
+    import os
+    import shlex
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(REPO))
+    from neuroal.planner import format_summary
+
+    from neuroal import __version__
+    from neuroal.commands.plan import main as plan_main
+
+    plans = {}
+    for name, args in PLAN_EXAMPLES.items():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = plan_main([*shlex.split(args), "--json", "-"])
+        print(f"{name}: exit {code} {err.getvalue().strip()}", file=sys.stderr)
+        if code == 2:
+            plans[name] = {"args": args, "exit": code, "error": err.getvalue().strip()}
+            continue
+        summary = json.loads(out.getvalue())
+        summary["time"].pop("provenance", None)
+        plans[name] = {"args": args, "exit": code, "summary": summary,
+                       "output": format_summary(summary) + "\n\n" + summary["time"]["text"]}
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "prune.py"),
+                               *shlex.split(PRUNE_REFUSAL)], capture_output=True, text=True,
+                              cwd=scratch, env=env)
+    message = [line.split(": ", 1)[1] for line in proc.stderr.splitlines() if " ERROR " in line]
+    refusal = {"args": PRUNE_REFUSAL, "exit": proc.returncode, "message": message[-1]}
+    path.write_text(json.dumps({"neuroal": __version__, "command": "python launch/"
+                                "readme_figures.py --record-plans", "plans": plans,
+                                "refusal": refusal}, indent=2) + "\n")
+
+
+EVALUATE_EXAMPLE = "smollm2-135m --eval-windows 4 --tasks neuroal_tiny_qa"
+"""The ``neuroal evaluate`` run docs/evaluation.md quotes (the embedded model, dense)."""
+
+
+def record_evaluate(path: Path) -> None:
+    """Run :data:`EVALUATE_EXAMPLE` and write its printed result lines to ``path``:
+    ``python launch/readme_figures.py --record-evaluate`` (benchmarks/evaluate_example.json,
+    a few minutes on 2 CPU cores)."""
+    import os
+    import shlex
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run([sys.executable, str(REPO / "launch" / "evaluate.py"),
+                               *shlex.split(EVALUATE_EXAMPLE)], capture_output=True, text=True,
+                              cwd=scratch, env=env)
+    if proc.returncode:
+        raise SystemExit(f"error: neuroal evaluate {EVALUATE_EXAMPLE} exited {proc.returncode}:"
+                         f"\n{proc.stderr[-2000:]}")
+    path.write_text(json.dumps({"command": "python launch/readme_figures.py --record-evaluate",
+                                "args": EVALUATE_EXAMPLE, "exit": proc.returncode,
+                                "stdout": proc.stdout.splitlines()}, indent=2) + "\n")
+
+
+def evaluate_text(result: dict) -> str:
+    """docs/evaluation.md's example: the command and the lines it printed."""
+    return "\n".join(["```", f"$ neuroal evaluate {result['args']}", *result["stdout"], "```"])
+
+
+GB = 1e9
+
+
+def _plan(result: dict, name: str) -> dict:
+    """One recorded plan example (``plans.<name>``), with its command as typed."""
+    plan = dict(result["plans"][name])
+    plan["command"] = f"python launch/plan.py {plan['args']}"
+    return plan
+
+
+def _output_lines(plan: dict, prefixes: tuple[str, ...]) -> list[str]:
+    """The lines of a plan's printed output that start with one of ``prefixes``."""
+    return [line for line in plan["output"].splitlines() if line.startswith(prefixes)]
+
+
+def _commands_block(result: dict, names: tuple[str, ...],
+                    prefixes: tuple[str, ...] = ("verdict:",)) -> str:
+    """A bash block: per example its command, then the chosen output lines as comments."""
+    lines = ["```bash"]
+    for name in names:
+        plan = _plan(result, name)
+        lines.append(plan["command"])
+        lines += [f"# {line}" for line in _output_lines(plan, prefixes)]
+    return "\n".join([*lines, "```"])
+
+
+def plan_memory_text(result: dict) -> str:
+    """docs/scale-out.md's first planner examples, from ``benchmarks/plan_examples.json``
+    (written by ``python launch/readme_figures.py --record-plans``)."""
+    return _commands_block(result, ("70b-8x80", "70b-2x24-sparsegpt-neuroal"),
+                           ("verdict:", "largest known model", "fewest workers"))
+
+
+def plan_recover_text(result: dict) -> str:
+    """The whole-model PERP memory of Llama-2-70B, without and with gradient checkpointing."""
+    need = [_plan(result, n)["summary"]["plan"]["retrain"]["total"] / GB
+            for n in ("70b-recover", "70b-recover-checkpointing")]
+    limit = _plan(result, "70b-recover")["summary"]["limit_bytes"] / GB
+    verdict = "refuses" if need[0] > limit else "accepts"
+    return (f"Llama-2-70B with `perp-masklora` needs about {need[0]:.0f} GB there ({need[1]:.0f} GB "
+            f"with checkpointing), so the check {verdict} it on one {limit:.0f} GB device before "
+            "anything loads:\n\n" + _commands_block(result, ("70b-recover-checkpointing",),
+                                                     ("whole-model PERP",)))
+
+
+def plan_refusal_text(result: dict) -> str:
+    """A prune that the pre-load memory check refuses, with its message."""
+    import textwrap
+
+    refusal = result["refusal"]
+    wrapped = textwrap.wrap(f"ERROR {refusal['message']}", 95)
+    return "\n".join(["```bash", f"python launch/prune.py {refusal['args']}",
+                      *(f"# {line}" for line in wrapped), f"# (exit code {refusal['exit']})",
+                      "```"])
+
+
+def plan_onload_text(result: dict) -> str:
+    """The onloading examples: 70B on one 80 GB GPU, on two 24 GB GPUs, and with less host
+    memory."""
+    return _commands_block(result, ("70b-1x80", "70b-2x24", "70b-2x24-host64"),
+                           ("verdict:", "host memory needed:"))
+
+
+def _verdict(plan: dict) -> str:
+    """``fits`` / ``does not fit`` with the peak and the onload mode of one plan example."""
+    summary = plan["summary"]
+    req = summary["plan"]["request"]
+    return (f"{'fits' if summary['fits'] else 'does not fit'} on {req['workers']} x "
+            f"{summary['limit_bytes'] / GB:.0f} GB (peak {summary['plan']['peak_bytes'] / GB:.1f} "
+            f"GB per worker, `engine.onload={req['onload']}`)")
+
+
+def plan_sparsegpt_text(result: dict) -> str:
+    """SparseGPT at 70B on two 24 GB devices and on one 80 GB device."""
+    small, large = (_plan(result, n) for n in ("70b-sparsegpt-2x24", "70b-sparsegpt-1x80"))
+    worker = max(small["summary"]["plan"]["workers"], key=lambda w: w["total"])
+    return (f"With SparseGPT (`--criterion sparsegpt`) Llama-2-70B {_verdict(small)}: of that, "
+            f"its statistics (the Hessians) take {worker['statistics'] / GB:.1f} GB and its transients "
+            f"(the factorisation and sweep of the widest linear) {worker['transients'] / GB:.1f} "
+            f"GB. It {_verdict(large)}.")
+
+
+PLAN_COLUMNS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead",
+                "total")
+
+
+def plan_table_text(result: dict) -> str:
+    """The per-worker table of a mixture of experts and a 70B dense model (GB)."""
+    lines = ["| model | params | worker | blocks | " + " | ".join(
+        c.replace("_", " ") for c in PLAN_COLUMNS) + " | verdict |",
+        "|---|---|---|---|" + "---|" * len(PLAN_COLUMNS) + "---|"]
+    for name in ("qwen3-30b-a3b-1x80", "llama-3.3-70b-4x80"):
+        summary = _plan(result, name)["summary"]
+        plan = summary["plan"]
+        groups: list[tuple[list[dict], tuple[float, ...]]] = []
+        for w in plan["workers"]:
+            cells = tuple(round(w[c] / GB, 2) for c in PLAN_COLUMNS)
+            if groups and groups[-1][1] == cells:
+                groups[-1][0].append(w)
+            else:
+                groups.append(([w], cells))
+        verdict = (f"{'fits' if summary['fits'] else 'does not fit'} on "
+                   f"{plan['request']['workers']} x {summary['limit_bytes'] / GB:.0f} GB "
+                   f"(fewest: {summary['min_workers']})")
+        for i, (workers, cells) in enumerate(groups):
+            head = (f"{plan['model']} | {plan['params'] / 1e9:.2f} B" if i == 0 else " | ")
+            ranks = ", ".join(str(w["rank"]) for w in workers)
+            blocks = ", ".join(f"{w['start']}-{w['stop'] - 1}" for w in workers)
+            lines.append(f"| {head} | {ranks} | {blocks} | "
+                         + " | ".join(f"{c:.2f}" for c in cells)
+                         + f" | {verdict if i == 0 else ''} |")
+    return "\n".join(lines)
+
+
+def plan_time_text(result: dict) -> str:
+    """docs/planning.md's opening example: the command and its predicted wall time."""
+    plan = _plan(result, "70b-sparsegpt-8-time")
+    return "\n".join(["```bash", plan["command"].replace("python launch/plan.py", "neuroal plan"),
+                      "```", "", "After the memory table it prints one line per phase and the "
+                      "total:", "", "```", plan["summary"]["time"]["text"], "```"])
+
+
+def deepseek_plan_text(result: dict) -> str:
+    """docs/quantized.md's DeepSeek-V3 figures (Wanda on 8 x 80 GB)."""
+    summary = _plan(result, "deepseek-v3-wanda")["summary"]
+    plan = summary["plan"]
+    return (f"- The model has {plan['params'] / 1e9:.2f} B parameters in {plan['num_blocks']} "
+            "blocks.\n"
+            f"- Wanda {_verdict(_plan(result, 'deepseek-v3-wanda'))}. The node needs about "
+            f"{plan['host_total_bytes'] / GB:.0f} GB of host memory for the onloaded "
+            f"{plan['request']['dtype']} blocks.")
+
+
+def deepseek_refusal_text(result: dict) -> str:
+    """docs/quantized.md's SparseGPT refusal for DeepSeek-V3, with the planner's reason."""
+    summary = _plan(result, "deepseek-v3-sparsegpt")["summary"]
+    worker = max(summary["plan"]["workers"], key=lambda w: w["statistics"])
+    import textwrap
+
+    why = textwrap.wrap(f"why: {summary['statistics_refusal']}", 95)
+    verdict = "fits" if summary["fits"] else "does not fit"
+    return "\n".join([f"The statistics of one DeepSeek-V3 MoE block need "
+                      f"{worker['statistics'] / GB:.1f} GB (`statistics` in the SparseGPT plan) "
+                      f"against {summary['limit_bytes'] / GB:.0f} GB per device. The plan's verdict is "
+                      f"\"{verdict}\" (exit code {_plan(result, 'deepseek-v3-sparsegpt')['exit']}"
+                      "), with this reason:", "", "```", *why, "```"])
+
+
+RECOVER_ARMS = {"prune": "Wanda 50 %, no recovery", "reconstruct": "+ `perp-reconstruct`",
+                "retrain": "+ `perp-masklora` (whole model)"}
+"""``launch/bench_recover_memory.py``'s arms, as the table names them."""
+
+
+def recover_memory_text(result: dict) -> str:
+    """docs/scale-out.md's recovery memory table from ``launch/bench_recover_memory.py``'s
+    JSON (``benchmarks/recover_memory_cpu.json``)."""
+    lines = ["| arm | phase | measured GB | predicted GB | ratio |", "|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {RECOVER_ARMS.get(r['arm'], r['arm'])} | {r['predicted_phase']} | "
+                     f"{r['measured_bytes'] / GB:.2f} | {r['predicted_bytes'] / GB:.2f} | "
+                     f"{r['ratio']:.2f} |")
+    within = all(r["within"] for r in result["rows"])
+    above = [r for r in result["rows"] if r["arm"] != "prune"]
+    lines += ["", f"Every arm within the 25 % bar: {'yes' if within else 'NO'}. Recovery "
+              f"predictions above the measurement (the safe side): "
+              f"{sum(r['predicted_bytes'] >= r['measured_bytes'] for r in above)} of {len(above)}."]
+    return "\n".join(lines)
+
+
+def resume_state_text(result: dict) -> str:
+    """docs/resume.md's state-size table and write times from ``launch/bench_scale.py
+    --state``'s JSON (``benchmarks/resume_state.json``)."""
+    before, after = result["before"], result["after"]
+
+    def size(n: float) -> str:
+        return f"{n / GB:.2f} GB" if n >= GB else f"{n / 1e6:.0f} MB"
+
+    return "\n".join([
+        "| | per block | 80 blocks (Llama-2-70B) |", "|---|---|---|",
+        f"| weights (before: every criterion) | {size(before['state_bytes_per_block'])} | "
+        f"{before['state_bytes_80_blocks'] / GB:.0f} GB |",
+        f"| bit-packed masks (now: mask-only criteria) | {size(after['state_bytes_per_block'])} | "
+        f"{after['state_bytes_80_blocks'] / GB:.1f} GB |", "",
+        f"Time on the prune's critical path, {before['blocks']} blocks: "
+        f"{before['state_seconds_on_critical_path']:.1f} s before (a synchronous write and SHA-256 "
+        f"of each block's weights), {after['state_seconds_on_critical_path']:.1f} s now, all of it "
+        f"waiting for the last block's write (the writer thread itself took "
+        f"{after['writer']['write_seconds']:.1f} s for all {after['writer']['blocks']} blocks)."])
+
+
+def onload_scale_text(result: dict) -> str:
+    """docs/results.md's sequential-onloading memory check from ``launch/bench_scale.py
+    --onload host|disk``'s JSON (``benchmarks/scale_onload_host.json`` and ``_disk.json``)."""
+    lines = ["| `--onload` | device-equivalent peak, measured / predicted | host copies, measured "
+             "/ predicted | process peak, measured / predicted |", "|---|---|---|---|"]
+    for stem in sorted(result):
+        w = result[stem]["workers"][0]
+        lines.append(
+            f"| `{w['onload']['mode']}` | {w['measured_device_equiv'] / GB:.2f} / "
+            f"{w['predicted_device'] / GB:.2f} GB ({w['device_error']:+.1%}) | "
+            f"{w['measured_host'] / GB:.2f} / {w['predicted_host'] / GB:.2f} GB | "
+            f"{w['peak_rss'] / GB:.2f} / {w['predicted'] / GB:.2f} GB ({w['error']:+.1%}) |")
+    own = all(set(r["workers"][0]["opened"]) <= set(r["workers"][0]["owned_shards"])
+              for r in result.values())
+    lines += ["", f"Each worker opened only its own shards: {'yes' if own else 'NO'}."]
+    return "\n".join(lines)
+
+
 KINDS = {"quickstart": quickstart_text, "results": results_text, "search": search_text,
          "unimodal": unimodal_text, "scalelora": scalelora_text,
          "magnitude": magnitude_text, "ood": ood_text, "parallel": parallel_text,
          "reliability": reliability_text,
          "transport": transport_text,
          "planning": planning_text, "plancheck": plancheck_text, "prediction": prediction_text,
-         "memory": memory_text}
+         "memory": memory_text, "early-stop": early_stop_text, "results-docs": results_text,
+         "trainable": trainable_text, "evaluate": evaluate_text,
+         "plan-memory": plan_memory_text, "plan-recover": plan_recover_text,
+         "plan-refusal": plan_refusal_text, "plan-onload": plan_onload_text,
+         "plan-sparsegpt": plan_sparsegpt_text, "plan-table": plan_table_text,
+         "plan-time": plan_time_text, "deepseek-plan": deepseek_plan_text,
+         "deepseek-refusal": deepseek_refusal_text, "recover-memory": recover_memory_text,
+         "resume-state": resume_state_text, "onload-scale": onload_scale_text}
 
 TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "results": ("benchmarks/recovery_scalelora.json", "README.md"),
@@ -338,7 +692,25 @@ TARGETS = {"quickstart": ("benchmarks/quickstart.json", "README.md"),
            "planning": ("benchmarks/plan_time_70b.json", "docs/planning.md"),
            "plancheck": ("benchmarks/plan_time.json", "docs/planning.md"),
            "prediction": ("benchmarks/plan_time_70b.json", "README.md"),
-           "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md")}
+           "memory": ("benchmarks/memory_sparsegpt.json", "docs/memory.md"),
+           "early-stop": ("benchmarks/search.json", "docs/allocation.md"),
+           "evaluate": ("benchmarks/evaluate_example.json", "docs/evaluation.md"),
+           "results-docs": ("benchmarks/recovery_scalelora.json", "docs/results.md"),
+           "trainable": ("benchmarks/recovery_scalelora.json,benchmarks/ood.json",
+                         "docs/results.md"),
+           "plan-memory": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-recover": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-refusal": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-onload": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-sparsegpt": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-table": (PLAN_JSON, "docs/scale-out.md"),
+           "plan-time": (PLAN_JSON, "docs/planning.md"),
+           "deepseek-plan": (PLAN_JSON, "docs/quantized.md"),
+           "deepseek-refusal": (PLAN_JSON, "docs/quantized.md"),
+           "recover-memory": ("benchmarks/recover_memory_cpu.json", "docs/scale-out.md"),
+           "resume-state": ("benchmarks/resume_state.json", "docs/resume.md"),
+           "onload-scale": ("benchmarks/scale_onload_host.json,benchmarks/scale_onload_disk.json",
+                            "docs/results.md")}
 """Per kind: its committed JSON and the page (relative to the repository) holding its block."""
 
 
@@ -350,14 +722,22 @@ def replace_block(text: str, name: str, body: str) -> str:
     return pattern.sub(lambda m: m.group(1) + body + m.group(3), text, count=1)
 
 
+def _load(json_path: str) -> dict:
+    """One JSON file, or for comma-separated paths ``{file stem: data}`` of each."""
+    paths = [Path(p) if Path(p).exists() else REPO / p for p in json_path.split(",")]
+    if len(paths) == 1:
+        return json.loads(paths[0].read_text())
+    return {p.stem: json.loads(p.read_text()) for p in paths}
+
+
 def render(kind: str, json_path: str | None = None, page: str | None = None,
            check: bool = False) -> tuple[int, str]:
     """Write (or with ``check`` compare) one kind's block; returns ``(exit code, message)``."""
     default_json, default_page = TARGETS[kind]
-    json_path = json_path or str(REPO / default_json)
+    json_path = json_path or default_json
     page = page or str(REPO / default_page)
     try:
-        body = KINDS[kind](json.loads(Path(json_path).read_text()))
+        body = KINDS[kind](_load(json_path))
         old = Path(page).read_text()
         new = replace_block(old, kind, body)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -379,7 +759,19 @@ def main() -> int:
     p.add_argument("--readme", help="the page to write (default: the kind's own page)")
     p.add_argument("--all", action="store_true", help="every kind, from its committed JSON")
     p.add_argument("--check", action="store_true", help="exit 1 if the page is out of date")
+    p.add_argument("--record-plans", nargs="?", const=PLAN_JSON, metavar="JSON",
+                   help="rerun the planner examples the docs quote into JSON "
+                   f"(default {PLAN_JSON}), then stop")
+    p.add_argument("--record-evaluate", nargs="?", const="benchmarks/evaluate_example.json",
+                   metavar="JSON", help="rerun the evaluate example docs/evaluation.md quotes "
+                   "into JSON (default benchmarks/evaluate_example.json), then stop")
     opts = p.parse_args()
+    if opts.record_evaluate:
+        record_evaluate(REPO / opts.record_evaluate)
+        return 0
+    if opts.record_plans:
+        record_plans(REPO / opts.record_plans)
+        return 0
     if opts.all == bool(opts.kind):
         p.error("give one KIND, or --all")
     worst = 0

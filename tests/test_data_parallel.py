@@ -122,8 +122,6 @@ def test_resume_hash_ignores_the_mode() -> None:
 def test_parallel_is_validated(llama4: Path) -> None:
     with pytest.raises(ConfigError, match="engine.parallel='fast'"):
         tiny_cfg(llama4, None, engine={"parallel": "fast"})
-    with pytest.raises(ConfigError, match="not available with engine.executor=ray"):
-        tiny_cfg(llama4, None, engine={"parallel": "data", "executor": "ray", "workers": 2})
     assert tiny_cfg(llama4, None).engine.parallel == "auto"
 
 

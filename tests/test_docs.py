@@ -86,3 +86,57 @@ def test_check_detects_a_stale_block(tmp_path: Path) -> None:
     assert figures.render("results", page=str(page))[0] == 0
     assert figures.render("results", page=str(page), check=True)[0] == 0
     assert "| Wanda 60 % |" in page.read_text()
+
+
+PLAN_JSON = REPO / figures.PLAN_JSON
+
+
+def test_plan_examples_are_recorded_as_listed() -> None:
+    """The committed planner examples are the ones the script lists, each recorded without an
+    error, so every quoted plan comes from a run of the planner."""
+    import json
+
+    recorded = json.loads(PLAN_JSON.read_text())
+    assert {n: p["args"] for n, p in recorded["plans"].items()} == figures.PLAN_EXAMPLES, (
+        "rerun: python launch/readme_figures.py --record-plans")
+    assert recorded["refusal"]["args"] == figures.PRUNE_REFUSAL
+    for name, plan in recorded["plans"].items():
+        assert plan["exit"] in (0, 1) and "summary" in plan, (name, plan.get("error"))
+    assert recorded["refusal"]["exit"] == 2 and "does not fit" in recorded["refusal"]["message"]
+
+
+def test_plan_blocks_quote_the_recorded_output() -> None:
+    """A rendered example quotes its plan's own verdict lines, and a changed figure changes it."""
+    import copy
+    import json
+
+    recorded = json.loads(PLAN_JSON.read_text())
+    text = figures.plan_onload_text(recorded)
+    for name in ("70b-1x80", "70b-2x24", "70b-2x24-host64"):
+        verdict = next(line for line in recorded["plans"][name]["output"].splitlines()
+                       if line.startswith("verdict:"))
+        assert f"# {verdict}" in text
+    changed = copy.deepcopy(recorded)
+    worker = changed["plans"]["llama-3.3-70b-4x80"]["summary"]["plan"]["workers"][0]
+    worker["weights"] += 10**9
+    assert figures.plan_table_text(changed) != figures.plan_table_text(recorded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(figures.PLAN_EXAMPLES))
+def test_plan_examples_match_the_current_planner(name: str, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The committed example equals what the planner answers now (config only, offline), so a
+    planner change that moves a quoted figure fails here until the examples are recorded again."""
+    import json
+    import shlex
+
+    from neuroal.commands.plan import main as plan_main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recorded = json.loads(PLAN_JSON.read_text())["plans"][name]
+    code = plan_main([*shlex.split(figures.PLAN_EXAMPLES[name]), "--json", "-"])
+    summary = json.loads(capsys.readouterr().out)
+    summary["time"].pop("provenance", None)
+    assert (code, summary) == (recorded["exit"], recorded["summary"]), (
+        "the planner changed: rerun python launch/readme_figures.py --record-plans, then --all")

@@ -44,3 +44,16 @@ def test_plan_command_on_an_alias_is_offline(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse_network)
     assert main(["--model", "llama-2-7b", "--workers", "1", "--gpu-memory", "80GB"]) == 0
     assert "fits" in capsys.readouterr().out
+
+
+def test_plan_table_with_host_weights_and_a_retrain_row(capsys: pytest.CaptureFixture[str]) -> None:
+    """Host onloading and whole-model retraining together: the table has a row per worker plus
+    the retrain row, and each of them gets its host-weights cell (this used to crash)."""
+    from neuroal.commands.plan import main
+
+    assert main(["--model", "llama-2-7b", "--workers", "2", "--gpu-memory", "80GB",
+                 "--onload", "host", "--recover", "perp-reconstruct,perp-masklora"]) == 0
+    out = capsys.readouterr().out
+    assert "host weights" in out
+    table = [line for line in out.splitlines() if line.strip().startswith(("0 ", "1 ", "all "))]
+    assert len(table) == 3 and all(len(r.split()) == len(table[0].split()) for r in table), out

@@ -46,7 +46,7 @@ def test_transport_matches_local(transport: str, tokenizer_dir: Path, tmp_path: 
                                                num_layers=3)))
     local = LocalExecutor(source, 3, 1, ["cpu"], "float32", 2)
     remote = RayExecutor(WorkerSpec(source, 0, 0, 3, "cpu", "float32", 2), 2,
-                         RayOptions(transport=transport, inflight=2))
+                         RayOptions(transport=transport, inflight=2), parallel="pipeline")
     try:
         assert remote.transport_name == transport
         ids = torch.randint(3, 320, (4, 16), generator=torch.Generator().manual_seed(2))

@@ -409,9 +409,6 @@ def _check_parallel(eng: EngineConfig) -> list[str]:
                 f"{', '.join(PARALLEL_CHOICES)} (pipeline: each worker prunes its own blocks in "
                 "turn; data: every worker calibrates every block on its share of the sequences; "
                 "auto: data when several workers can share the prune)"]
-    if eng.parallel == "data" and eng.executor == "ray":
-        return ["engine.parallel=data is not available with engine.executor=ray yet; use "
-                "engine.executor=local or dist, or engine.parallel=pipeline"]
     return []
 
 

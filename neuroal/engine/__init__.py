@@ -41,7 +41,9 @@ def _ray(cfg: Any, *, source: Any, num_blocks: int, devices: list[str], dtype: s
     """One Ray actor per worker in a placement group (engine.md §3.3); imports Ray lazily."""
     template = worker_template(cfg, source, num_blocks, device_kind(devices), dtype)
     return RayExecutor(template, cfg.engine.workers,
-                       RayOptions.from_config(cfg.engine.ray, cfg.engine.deterministic))
+                       RayOptions.from_config(cfg.engine.ray, cfg.engine.deterministic,
+                                              cfg.engine.dist.timeout),
+                       parallel=cfg.engine.parallel)
 
 
 EXECUTORS.add("ray", _ray)

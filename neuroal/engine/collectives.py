@@ -24,6 +24,12 @@ _DIMS = 2
 """Most dimensions of one sum: ``(cols,)``, ``(cols, cols)`` or per sequence ``(B, cols)``."""
 
 
+def group_backend(device: torch.device | str) -> str:
+    """The process-group backend of workers on ``device``'s type: gloo on CPU; on GPUs NCCL
+    for the tensors and gloo for agreements and pickled objects."""
+    return "cpu:gloo,cuda:nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
 def _bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous tensor's storage as a flat uint8 view (no copy, no cast)."""
     return tensor.reshape(-1).view(torch.uint8)

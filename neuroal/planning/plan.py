@@ -101,9 +101,9 @@ class MemoryPlan:
             head.append("host act.")
             for row, w in zip(rows, shown, strict=True):
                 row.append(f"{w.host_activations / GB:.2f}")
-        if any(w.host_weights for w in self.workers):
+        if any(w.host_weights for w in shown):
             head.append("host weights")
-            for row, w in zip(rows, self.workers, strict=True):
+            for row, w in zip(rows, shown, strict=True):
                 row.append(f"{w.host_weights / GB:.2f}")
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(r, widths, strict=True))
