@@ -355,7 +355,7 @@ def masks(opts: argparse.Namespace) -> dict:
     """Per-row mask selection: threshold (kthvalue + tie fix) vs stable argsort."""
     import torch
 
-    from neuroal.masking import row_mask
+    from neuroal.criteria.masking import row_mask
 
     def argsort_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         """The first int(s * cols) indices of each row's stable ascending argsort."""

@@ -44,9 +44,9 @@ def parser() -> argparse.ArgumentParser:
 
 def calibration(opts: argparse.Namespace) -> tuple[Any, Any, int]:
     """(model source, calibration windows ``(N, T)``, block count) as a run resolves them."""
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.pipeline import prepare
-    from neuroal.runtime import Timings
+    from neuroal.runtime.process import Timings
 
     cfg = build_config({"model": {"name": opts.model, "dtype": "float32"},
                         "calib": {"source": "wikitext2", "nsamples": opts.nsamples,

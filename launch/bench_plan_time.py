@@ -89,7 +89,7 @@ def _column_seconds(cols: int = 4096, rows: int = 8) -> float:
     of its loop (seconds per column)."""
     import torch
 
-    from neuroal.capture import StatsCollector
+    from neuroal.capture.collector import StatsCollector
     from neuroal.criteria import CRITERIA
     from neuroal.criteria.base import LayerTarget
 
@@ -111,13 +111,13 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     """Measure the CPU figures on SmolLM2 (fp32) and write the ``cpu`` entry."""
     import torch
 
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.engine.executor import LocalExecutor
     from neuroal.engine.worker import PruneJob
     from neuroal.pipeline import prepare
     from neuroal.planning import layout_of
     from neuroal.planning.walltime import DTYPE_BYTES, Workload, stream_bytes  # noqa: F401
-    from neuroal.runtime import Timings
+    from neuroal.runtime.process import Timings
 
     load0 = loadavg()
     cfg = build_config({"model": {"name": opts.model, "dtype": "float32"}, "sparsity": 0.6,
@@ -324,7 +324,7 @@ def run_config(label: str, config: str, overrides: list[str], out_root: Path,
 
 def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict[str, Any]:
     """Measured phases of one run against the prediction from its resolved config."""
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.planning import layout_of
     from neuroal.planning.walltime import (
         PHASES,
@@ -356,7 +356,7 @@ def compare_row(label: str, report: dict[str, Any], device: str = "cpu") -> dict
 
 def predicted_only(label: str, config: str, overrides: list[str]) -> dict[str, Any]:
     """The prediction of a check run left out (``--only``), from its config alone."""
-    from neuroal.config import load_config
+    from neuroal.config.build import load_config
     from neuroal.planning import layout_of
     from neuroal.planning.walltime import Workload, predict, request_from_config, throughput
 
@@ -409,7 +409,7 @@ def check(opts: argparse.Namespace) -> dict[str, Any]:
 
 def predict_70b() -> dict[str, Any]:
     """Llama-2-70B on 1 and 8 H100 (ray executor), Wanda + NeuroAL and SparseGPT, both modes."""
-    from neuroal.config import load_config
+    from neuroal.config.build import load_config
     from neuroal.planning import layout_of
     from neuroal.planning.walltime import (
         Workload,

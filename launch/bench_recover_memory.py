@@ -71,7 +71,7 @@ def child(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import neuroal
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.planning import OVERHEAD_BYTES, plan_memory
     from neuroal.planning.checks import request_from_config
 

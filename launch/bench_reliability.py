@@ -150,7 +150,7 @@ def _entry(name: str) -> Callable[[list[str]], int]:
     elif name == "plan":
         from neuroal.commands.plan import main
     elif name == "evaluate":
-        from neuroal.evaluation import main
+        from neuroal.commands.evaluate import main
     else:
         from neuroal.commands.recover import main
     return main
@@ -170,7 +170,7 @@ def _forged_digests(folder: Path, w: World) -> list[str]:
     """A marker with true sizes and digests of the user's files and a report.json holding the
     same run id: the names are still ones neuroal never writes."""
     home = _home(folder)
-    from neuroal.inputs import file_sha256
+    from neuroal.config.inputs import file_sha256
 
     entries = {rel: {"size": (home / rel).stat().st_size, "sha256": file_sha256(home / rel)}
                for rel in (".ssh/id_ed25519", "Documents/thesis.md", "notes.txt")}

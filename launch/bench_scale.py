@@ -153,7 +153,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
     zeros = numel = 0
     state = job.get("state")
     sync_writes = []
-    if state:  # the resume state of the final prune (neuroal.checkpoint), written per block
+    if state:  # the resume state of the final prune (neuroal.outputs.checkpoint), written per block
         (Path(state) / "prune").mkdir(parents=True, exist_ok=True)
         sync_writes = time_sync_state_writes()
     block_s = []

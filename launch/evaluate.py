@@ -4,7 +4,7 @@ the workers: `python launch/evaluate.py --help` (= `neuroal evaluate`)."""
 
 import sys
 
-from neuroal.evaluation import main
+from neuroal.commands.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -75,7 +75,7 @@ def _tiny_model(directory: Path) -> None:
 
 
 def _cfg(model: str, device: str) -> Any:
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
 
     return build_config({"model": {"name": model}, "sparsity": 0.5,
                          "calib": {"nsamples": 4, "seqlen": 16},

@@ -58,7 +58,7 @@ def settings(cpu: bool) -> dict[str, Any]:
 def probe(engine: dict[str, Any]) -> str | None:
     """None when ``engine`` (a partial ``engine`` section) validates, else the message: how a
     step finds out whether a config key exists in this tree."""
-    from neuroal.config import ConfigError, build_config
+    from neuroal.config.build import ConfigError, build_config
 
     try:
         build_config({"engine": engine, "eval": {"datasets": []},
@@ -71,7 +71,7 @@ def probe(engine: dict[str, Any]) -> str | None:
 def build(model: Path, s: dict[str, Any], executor: str, workers: int,
           engine: dict[str, Any] | None = None) -> Any:
     """An executor of the registry for the random checkpoint ``model``."""
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.engine import EXECUTORS
     from neuroal.models.loading import resolve_model
 

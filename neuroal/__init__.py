@@ -17,8 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from neuroal.errors import ConfigError
-from neuroal.schema import PruneConfig, set_dotted
+from neuroal.config.schema import PruneConfig, set_dotted
+from neuroal.runtime.errors import ConfigError
+from neuroal.runtime.moved import install as _install_moved_paths
+
+_install_moved_paths()  # old module paths (neuroal.outputs.safety, ...) import with a deprecation warning
 
 __version__ = "0.1.0"
 
@@ -27,8 +30,8 @@ __version__ = "0.1.0"
 
 
 def load_config(*args: Any, **kwargs: Any) -> Any:
-    """See :func:`neuroal.config.load_config`."""
-    from neuroal.config import load_config as _load  # lazy: imports every plug-in registry
+    """See :func:`neuroal.config.build.load_config`."""
+    from neuroal.config.build import load_config as _load  # lazy: imports every plug-in registry
 
     return _load(*args, **kwargs)
 
@@ -42,7 +45,7 @@ def prune(model: Any = "smollm2-135m", sparsity: float | None = None,
 
     Args:
         model: Alias (``smollm2-135m``), local HF directory, ``.gguf`` file or hub id; or a
-            ready :class:`~neuroal.config.PruneConfig` (then every other argument is ignored).
+            ready :class:`~neuroal.config.build.PruneConfig` (then every other argument is ignored).
         sparsity: Target fraction of zeros (default 0.5).
         criterion: ``wanda``, ``sparsegpt``, ``ria``, ... (default ``wanda``).
         allocation: ``uniform``, ``owl``, ``alpha``, ``neuroal``, ``file`` (default ``uniform``).
@@ -99,8 +102,8 @@ def evaluate(model: str = "smollm2-135m", *, datasets: Sequence[str] | str = ("w
              executor: str | None = None, device: str | None = None, dtype: str | None = None,
              config: str | Path | None = None, **sections: Any) -> dict[str, Any]:
     """Perplexity and lm-eval task scores of ``model`` through the workers; the arguments are
-    :func:`neuroal.evaluation.evaluate`'s (an unknown one raises ConfigError listing them)."""
-    from neuroal.evaluation import evaluate as _evaluate  # lazy: imports the pipeline
+    :func:`neuroal.commands.evaluate.evaluate`'s (an unknown one raises ConfigError listing them)."""
+    from neuroal.commands.evaluate import evaluate as _evaluate  # lazy: imports the pipeline
 
     return _evaluate(model, datasets=datasets, tasks=tasks, windows=windows, seqlen=seqlen,
                      limit=limit, num_fewshot=num_fewshot, include_path=include_path,

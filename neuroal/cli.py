@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from neuroal import __version__
-from neuroal.logging import get_logger
-from neuroal.schema import set_dotted
+from neuroal.config.schema import set_dotted
+from neuroal.runtime.logging import get_logger
 
 log = get_logger("neuroal.cli")
 
@@ -44,7 +44,7 @@ FLAG_KEYS = {
 COMMANDS = {
     "prune": ("neuroal.commands.prune", "main", "prune a model block by block (the default command)"),
     "plan": ("neuroal.commands.plan", "main", "memory plan per worker before a run"),
-    "evaluate": ("neuroal.evaluation", "main", "perplexity and lm-eval zero-shot accuracy"),
+    "evaluate": ("neuroal.commands.evaluate", "main", "perplexity and lm-eval zero-shot accuracy"),
     "recover": ("neuroal.commands.recover", "main", "retrain a pruned model with PERP"),
     "recipes": ("neuroal.commands.recipes", "main", "list the YAML recipes shipped with neuroal"),
 }

@@ -21,42 +21,18 @@ import torch
 
 import neuroal
 from neuroal.allocation import ALLOCATIONS, ModelShape, PlanRequest, SparsityPlan
-from neuroal.checkpoint import RunState, canonical_config, state_bytes
-from neuroal.compat import make_loadable
-from neuroal.config import AllocationConfig, ConfigError, PruneConfig
+from neuroal.config.build import AllocationConfig, ConfigError, PruneConfig
+from neuroal.config.inputs import position_errors
 from neuroal.criteria import CRITERIA, criterion_label
 from neuroal.data import load_calibration, parse_source, sample_self_windows
 from neuroal.data.evaluation import load_eval_windows, perplexity
-from neuroal.digests import default_cache_dir
 from neuroal.engine import EXECUTORS
 from neuroal.engine.cluster import output_errors, resolve_device, run_preflight
 from neuroal.engine.executor import Executor, split_blocks
 from neuroal.engine.onload import resolved_onload
 from neuroal.engine.preflight import disk_needed, folder_bytes, worker_budgets
-from neuroal.errors import PreflightError
-from neuroal.export import (
-    OutputDir,
-    finalize_shards,
-    parse_size,
-    slug,
-    write_config,
-    write_run_files,
-)
-from neuroal.guard import (
-    check_checkpoint,
-    check_decoder_lm,
-    check_log_file,
-    check_prunable,
-    check_source,
-    check_text_sources,
-    run_inputs,
-    source_or_none,
-    warn_code_execution,
-)
-from neuroal.hub import push_output, upload_hint
-from neuroal.inputs import position_errors
-from neuroal.jobs import BlockReport, PruneJob
-from neuroal.logging import RunLog, add_log_file, ensure_visible, get_logger, remove_handler
+from neuroal.evaluation.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
+from neuroal.evaluation.zeroshot import evaluate_tasks as run_tasks
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.consumers import derive_consumer_map
 from neuroal.models.loading import (
@@ -73,9 +49,31 @@ from neuroal.models.loading import (
 from neuroal.models.moe import has_experts
 from neuroal.models.quant import quantization_report
 from neuroal.models.selection import LayerSelection
+from neuroal.outputs.checkpoint import RunState, canonical_config, state_bytes
+from neuroal.outputs.compat import make_loadable
+from neuroal.outputs.export import (
+    OutputDir,
+    finalize_shards,
+    parse_size,
+    slug,
+    write_config,
+    write_run_files,
+)
+from neuroal.outputs.guard import (
+    check_checkpoint,
+    check_decoder_lm,
+    check_log_file,
+    check_prunable,
+    check_source,
+    check_text_sources,
+    run_inputs,
+    source_or_none,
+    warn_code_execution,
+)
+from neuroal.outputs.hub import push_output, upload_hint
+from neuroal.outputs.plots import write_plots
+from neuroal.outputs.resume_key import resume_inputs
 from neuroal.planning import ModelLayout, check_fits, parse_bytes
-from neuroal.plots import write_plots
-from neuroal.progress import configure_progress
 from neuroal.recovery import (
     RECONSTRUCT,
     RECOVERY_STEPS,
@@ -87,17 +85,19 @@ from neuroal.recovery import (
 )
 from neuroal.recovery.perp import numel, total_parameters
 from neuroal.recovery.train import prunable_weight_names, retrain, save_model, verify_saved_zeros, window_nll
-from neuroal.resume_key import resume_inputs
-from neuroal.runtime import (  # re-exported: tests and tools import them from here
+from neuroal.runtime.digests import default_cache_dir
+from neuroal.runtime.errors import PreflightError
+from neuroal.runtime.jobs import BlockReport, PruneJob
+from neuroal.runtime.logging import RunLog, add_log_file, ensure_visible, get_logger, remove_handler
+from neuroal.runtime.process import (  # re-exported: tests and tools import them from here
     Timings,
     host_available,
     load_tokenizer,
     peak_memory_bytes,
-    pick_device,  # noqa: F401 - re-exported (neuroal.evaluation)
+    pick_device,  # noqa: F401 - re-exported (neuroal.commands.evaluate)
     seed_everything,
 )
-from neuroal.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
-from neuroal.zeroshot import evaluate_tasks as run_tasks
+from neuroal.runtime.progress import configure_progress
 
 log = get_logger(__name__)
 
@@ -129,7 +129,7 @@ class Prepared:
     evals: dict[str, Any]
     output: OutputDir | None
     onload: str = "device"  # engine.onload as resolved by the memory planner (auto -> a mode)
-    tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.zeroshot), or None
+    tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.evaluation.zeroshot), or None
     session: Any = None  # the open dist session (neuroal.engine.dist.coordinator), or None
     selection: dict[str, Any] | None = None  # targets / ignore as report.json records them
 
@@ -276,7 +276,7 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
                 raise PreflightError(output_errors(path))
             output = OutputDir(path)
             output.check(cfg.output.overwrite, cfg.output.resume, inputs=run_inputs(cfg, source))
-        check_source(source)  # GGUF header, index weight_map (neuroal.guard)
+        check_source(source)  # GGUF header, index weight_map (neuroal.outputs.guard)
         check_text_sources(cfg)
         config = load_model_config(source, cfg.model.trust_remote_code)
         check_decoder_lm(config, cfg.model.name)
@@ -336,7 +336,7 @@ def disk_needs(cfg: PruneConfig, adapter: ModelAdapter, config: Any, source: Mod
 
 
 def task_spec(cfg: PruneConfig) -> Any:
-    """The zero-shot settings of ``cfg.eval`` as plain values (:class:`neuroal.zeroshot.TaskSpec`);
+    """The zero-shot settings of ``cfg.eval`` as plain values (:class:`neuroal.evaluation.zeroshot.TaskSpec`);
     one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
     ev, eng = cfg.eval, cfg.engine
     return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
@@ -470,7 +470,7 @@ def run(cfg: PruneConfig, keep_executor: bool = False, command: str = "",
     configure_progress(cfg.log.interval, cfg.log.progress)
     ensure_visible(cfg.log_level)
     logger = logging.getLogger("neuroal")
-    unset = logger.level == logging.NOTSET  # library use without neuroal.logging.configure
+    unset = logger.level == logging.NOTSET  # library use without neuroal.runtime.logging.configure
     if unset:
         logger.setLevel(cfg.log_level.upper())
     if cfg.log.file:  # the write guard of --log-file, before anything is appended to it

@@ -126,7 +126,7 @@ def _no_stray_files():
 
 def tiny_cfg(model_dir: Path, out: Path | None, **overrides):
     """A fast config for a tiny model: few short windows, no evaluation unless asked."""
-    from neuroal.config import build_config, merge
+    from neuroal.config.build import build_config, merge
 
     tree = {
         "model": {"name": str(model_dir)},

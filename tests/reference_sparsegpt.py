@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from neuroal.criteria.base import LayerPruneResult, LayerTarget, NMPattern
+from neuroal.criteria.masking import build_mask, check_finite, matrix_mask, nm_mask
 from neuroal.criteria.sparsegpt import CholeskyFailureError
 from neuroal.criteria.wanda import wanda_score
-from neuroal.masking import build_mask, check_finite, matrix_mask, nm_mask
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def reference_prune(
 class ReferenceHessians:
     """The pre-change Hessian capture: one accumulator per linear, the batch sum ``2.0 * X^T X``
     shared by linears fed the same tensor, folded out of place as
-    ``old * (n / total) + value / total`` (``neuroal.capture`` before the memory work)."""
+    ``old * (n / total) + value / total`` (``neuroal.capture.collector`` before the memory work)."""
 
     def __init__(self, linears: Mapping[str, torch.nn.Module]) -> None:
         self.linears = dict(linears)

@@ -20,7 +20,7 @@ from neuroal.allocation import ALLOCATIONS, ModelShape, PlanError, PlanRequest
 from neuroal.allocation.alpha import alpha_ratios, cache_path, eigenvalues, hill_alpha, layer_alpha
 from neuroal.allocation.owl import outlier_ratio, owl_ratios
 from neuroal.allocation.renorm import additive_correction, multiplicative_correction, weighted_mean
-from neuroal.config import ConfigError
+from neuroal.config.build import ConfigError
 from neuroal.criteria.base import LayerStats
 
 CLIP = (0.01, 0.99)

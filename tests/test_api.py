@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 
 import neuroal
-from neuroal.config import ConfigError
+from neuroal.config.build import ConfigError
 
 TASKS = REPO / "tests" / "tasks"
 

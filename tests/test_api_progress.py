@@ -26,7 +26,7 @@ def test_api_run_prints_progress_without_any_logging_setup(tiny_models: dict[str
 
 
 def test_an_application_logging_setup_is_left_alone() -> None:
-    from neuroal.logging import ensure_visible
+    from neuroal.runtime.logging import ensure_visible
 
     logger = logging.getLogger("neuroal")
     before = list(logger.handlers)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from neuroal.capture import StatsCollector
+from neuroal.capture.collector import StatsCollector
 from neuroal.criteria.base import STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_cfg
 
-from neuroal.card import base_model_id, hub_dataset, prune_card, recovery_card
+from neuroal.outputs.card import base_model_id, hub_dataset, prune_card, recovery_card
 
 
 def _front(text: str) -> dict:
@@ -99,7 +99,7 @@ def test_recovery_card_inherits_from_the_pruned_card(neuroal_run) -> None:
 
 
 def test_card_names_no_absolute_path_and_the_command_as_typed() -> None:
-    from neuroal.card import display_name, portable_command
+    from neuroal.outputs.card import display_name, portable_command
 
     cmd = "neuroal prune --model /home/u/models/llama --output '/data/out dir/x' calib.data_dir=/d/w"
     assert portable_command(cmd) == \
@@ -141,7 +141,7 @@ class FakeApi:
 
 
 def test_push_to_hub_calls_the_api(neuroal_run) -> None:
-    from neuroal.hub import push_output
+    from neuroal.outputs.hub import push_output
 
     _, out = neuroal_run
     api = FakeApi()

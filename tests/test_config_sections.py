@@ -9,7 +9,7 @@ import logging
 
 import pytest
 
-from neuroal.config import DEPRECATED_KEYS, ConfigError, build_config, load_config
+from neuroal.config.build import DEPRECATED_KEYS, ConfigError, build_config, load_config
 
 
 def test_ray_and_dist_sections_from_overrides() -> None:
@@ -30,7 +30,7 @@ def test_ray_and_dist_sections_from_overrides() -> None:
 def test_flat_keys_still_work_with_a_warning(old: str, value: object,
                                              caplog: pytest.LogCaptureFixture) -> None:
     new = DEPRECATED_KEYS[f"engine.{old}"]
-    with caplog.at_level(logging.WARNING, logger="neuroal.config"):
+    with caplog.at_level(logging.WARNING, logger="neuroal.config.build"):
         cfg = load_config(None, [f"engine.{old}={value}"])
     assert getattr(cfg.engine.ray, new.rsplit(".", 1)[1]) == value
     assert f"engine.{old} is deprecated" in caplog.text and new in caplog.text
@@ -39,7 +39,7 @@ def test_flat_keys_still_work_with_a_warning(old: str, value: object,
 def test_flat_key_from_yaml(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("engine:\n  executor: ray\n  ray_cpus: 3\n  ray:\n    placement: SPREAD\n")
-    with caplog.at_level(logging.WARNING, logger="neuroal.config"):
+    with caplog.at_level(logging.WARNING, logger="neuroal.config.build"):
         cfg = load_config(recipe)
     assert (cfg.engine.ray.cpus, cfg.engine.ray.placement) == (3, "SPREAD")
     assert "write engine.ray.cpus" in caplog.text
@@ -84,7 +84,7 @@ def test_dist_timeout_reaches_the_rank(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_resume_ignores_executor_sections() -> None:
-    from neuroal.checkpoint import canonical_config
+    from neuroal.outputs.checkpoint import canonical_config
 
     a = load_config(None, ["engine.ray.cpus=2", "engine.dist.timeout=5"]).to_dict()
     b = load_config(None, []).to_dict()
@@ -93,7 +93,7 @@ def test_resume_ignores_executor_sections() -> None:
 
 def test_prune_api_takes_sections() -> None:
     """``neuroal.prune(engine={"ray": {...}})`` builds the same tree as the overrides."""
-    from neuroal.config import set_dotted
+    from neuroal.config.build import set_dotted
 
     tree: dict = {}
     set_dotted(tree, "engine.ray", {"cpus": 2})

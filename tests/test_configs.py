@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from neuroal.config import ConfigError, load_config
+from neuroal.config.build import ConfigError, load_config
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 

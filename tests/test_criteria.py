@@ -17,8 +17,8 @@ from neuroal.criteria import (
     LayerTarget,
     NMPattern,
 )
-from neuroal.masking import NonFiniteScoresError
-from neuroal.registry import UnknownNameError
+from neuroal.criteria.masking import NonFiniteScoresError
+from neuroal.runtime.registry import UnknownNameError
 
 
 def small_layer(rows: int = 4, cols: int = 8, seed: int = 0) -> tuple[torch.Tensor, LayerStats]:

@@ -35,7 +35,7 @@ from neuroal.data import (
     resolve_data_dir,
     sample_self_windows,
 )
-from neuroal.registry import UnknownNameError
+from neuroal.runtime.registry import UnknownNameError
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -14,7 +14,7 @@ import torch
 from conftest import save_tiny_model, spawn_two_ranks, tiny_cfg
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.config import ConfigError
+from neuroal.config.build import ConfigError
 from neuroal.engine.data_parallel import Layout, assign_solvers, resolve_parallel, solve_cost
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import PruneJob
@@ -112,7 +112,7 @@ def test_solvers_are_balanced_by_cost() -> None:
 
 
 def test_resume_hash_ignores_the_mode() -> None:
-    from neuroal.checkpoint import canonical_config
+    from neuroal.outputs.checkpoint import canonical_config
 
     pipeline, data = ({"sparsity": 0.5, "engine": {"parallel": mode, "workers": k}}
                       for mode, k in (("pipeline", 1), ("data", 4)))
@@ -149,7 +149,7 @@ def test_data_mode_with_onloading_and_refiner(llama4: Path) -> None:
 
 
 def test_data_mode_resumes_from_block_states(llama4: Path, tmp_path: Path) -> None:
-    (tmp_path / "prune").mkdir()  # as neuroal.checkpoint lays the state out
+    (tmp_path / "prune").mkdir()  # as neuroal.outputs.checkpoint lays the state out
     first = _prune(llama4, 2, "data", "sparsegpt", job=PruneJob("sparsegpt",
                                                                  state_dir=str(tmp_path)))
     assert len(list((tmp_path / "prune").glob("block_*.safetensors"))) == NUM_BLOCKS

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_cfg
 from transformers import AutoTokenizer
 
-from neuroal.config import validate
+from neuroal.config.build import validate
 from neuroal.data import SOURCES, eval_text, load_calibration, load_eval_windows, parse_source
 from neuroal.pipeline import run
 

@@ -218,7 +218,7 @@ def test_tokens_bad_input_is_refused(tmp_path: Path) -> None:
 
 
 def test_config_rejects_misused_sources(tmp_path: Path, small_text: Path) -> None:
-    from neuroal.config import ConfigError, build_config
+    from neuroal.config.build import ConfigError, build_config
 
     torch.save(torch.zeros(2, 8, dtype=torch.long), tmp_path / "w.pt")
     with pytest.raises(ConfigError) as err:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_cfg
 
-from neuroal.config import ConfigError
+from neuroal.config.build import ConfigError
 from neuroal.engine.determinism import CUBLAS_WORKSPACE, apply_determinism, determinism_env
 from neuroal.engine.ray_executor import actor_env
 from neuroal.pipeline import seed_everything

@@ -16,7 +16,7 @@ import torch
 from conftest import REPO, save_tiny_model, spawn_two_ranks, tiny_cfg
 from safetensors.torch import load_file
 
-from neuroal.config import ConfigError
+from neuroal.config.build import ConfigError
 
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 NEUROAL = {"allocation.name": "neuroal", "allocation.block_grid": "[0.05,0.1]",
@@ -121,7 +121,7 @@ def _compare_executors(model_dir: str, stage: Any) -> None:
                 assert all(torch.equal(g.delta[n], w.delta[n]) for n in w.delta)
     assert torch.equal(ex.window_nll(ids), local.window_nll(ids))
     assert torch.equal(ex.last_logits(ids), local.last_logits(ids))
-    targets = ids.roll(-1, dims=1)  # zero-shot scoring (neuroal.zeroshot)
+    targets = ids.roll(-1, dims=1)  # zero-shot scoring (neuroal.evaluation.zeroshot)
     for g, w in zip(ex.token_logprobs(ids, targets), local.token_logprobs(ids, targets), strict=True):
         assert torch.equal(g, w)
     plan = SparsityPlan(0.5, "unstructured", [{n: 0.5 for n in blk} for blk in blocks])

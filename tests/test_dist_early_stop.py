@@ -29,11 +29,11 @@ class _Counting:
 def _compare(model_dir: str, session: object) -> None:
     """Rank 0: the same search phase through the dist executor (2 ranks) and the local one."""
     from neuroal.allocation.neuroal import candidate_evaluator
+    from neuroal.allocation.search import Candidate, run_phase
     from neuroal.engine import EXECUTORS
     from neuroal.engine.executor import LocalExecutor
     from neuroal.engine.worker import CandidateJob
     from neuroal.models.loading import resolve_model
-    from neuroal.search import Candidate, run_phase
 
     cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2})
     source = resolve_model(model_dir)

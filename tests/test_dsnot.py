@@ -11,7 +11,7 @@ import torch
 from conftest import ARCHS, assert_rejected_before_loading, save_tiny_model, tiny_cfg, tiny_config
 
 from neuroal.criteria.base import LayerStats, NMPattern
-from neuroal.masking import nm_mask, row_mask, row_ratio_mask
+from neuroal.criteria.masking import nm_mask, row_mask, row_ratio_mask
 from neuroal.pipeline import run
 from neuroal.recovery import DSNOT, R2DSNOT, RECOVERY_STEPS, REFINERS
 from neuroal.recovery.dsnot import effective_threshold

@@ -11,11 +11,11 @@ from conftest import save_tiny_model, tiny_cfg
 
 from neuroal.allocation.neuroal import candidate_evaluator
 from neuroal.allocation.neuroal_math import crosses
+from neuroal.allocation.search import Candidate, Outcome, middle_out, run_phase
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import CandidateJob
 from neuroal.models.loading import resolve_model
 from neuroal.pipeline import run
-from neuroal.search import Candidate, Outcome, middle_out, run_phase
 
 GRIDS = {"name": "neuroal", "block_grid": [0.0, 0.05, 0.1, 0.2, 0.3],
          "row_grid": [0.0, 0.05, 0.1, 0.2]}
@@ -169,7 +169,7 @@ def test_resume_keeps_stopped_candidates(tokenizer_dir: Path, tmp_path: Path) ->
     search evaluates nothing again and ends with the uninterrupted trail; interrupted before
     its last candidate, it evaluates that one only, stopped at the same block."""
     from neuroal.allocation.neuroal import Checkpointed
-    from neuroal.checkpoint import RunState
+    from neuroal.outputs.checkpoint import RunState
 
     model_dir = save_tiny_model("llama", tmp_path / "l4", tokenizer_dir, num_layers=4)
     ex = LocalExecutor(resolve_model(str(model_dir)), 4, 2, ["cpu"], "float32", 2)

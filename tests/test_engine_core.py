@@ -36,7 +36,7 @@ def test_restore_blocks_after_perp_reconstruct(tokenizer_dir: Path, tmp_path: Pa
     blocks = [{n: 0.5 for n in b} for b in ex.workers[0].adapter.shape().blocks]
     ids = torch.randint(0, 320, (2, 16), generator=torch.Generator().manual_seed(0))
     state = tmp_path / "state"
-    (state / "prune").mkdir(parents=True)  # the pipeline's resume layout (neuroal.checkpoint)
+    (state / "prune").mkdir(parents=True)  # the pipeline's resume layout (neuroal.outputs.checkpoint)
     job = PruneJob("wanda", reconstruct={"steps": 3, "batch_size": 2, "lr": 1e-2, "rank": 4},
                    state_dir=str(state))
     ex.run_final_prune(SparsityPlan(0.5, "unstructured", blocks), job, ids)

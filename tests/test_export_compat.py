@@ -24,7 +24,7 @@ import torch
 from conftest import DATA_DIR, VOCAB, tiny_cfg
 from gguf_fixture import tiny_llama, write_tiny_llama_gguf
 
-from neuroal.compat import legacy_config, legacy_rope_keys, legacy_tokenizer_config
+from neuroal.outputs.compat import legacy_config, legacy_rope_keys, legacy_tokenizer_config
 from neuroal.pipeline import run
 
 OLDEST = "4.56"  # the README's and pyproject's claim: transformers>=4.56

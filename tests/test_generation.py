@@ -13,10 +13,15 @@ import torch
 from conftest import REPO, tiny_cfg
 
 from neuroal.engine.executor import LocalExecutor
+from neuroal.evaluation.zeroshot import (
+    ExecutorLM,
+    TaskSpec,
+    generation_backend,
+    generation_tasks,
+    task_manager,
+)
 from neuroal.models.loading import resolve_model
 from neuroal.pipeline import load_tokenizer, run
-from neuroal.zeroshot import ExecutorLM, TaskSpec, generation_backend, generation_tasks, \
-    task_manager
 
 TASKS = REPO / "tests" / "tasks"
 PROMPTS = ["Question: What colour is the sky? Answer:", "The river flows down to the"]
@@ -89,7 +94,7 @@ def test_evaluate_hands_generation_to_lm_eval_hf_and_writes_its_schema(
     """lm-eval's spellings are accepted; the hf backend answers the generation task on the
     model directory with the same greedy answers the workers give; --output_path writes
     lm-eval's own results file."""
-    from neuroal.evaluation import main
+    from neuroal.commands.evaluate import main
 
     model = str(tiny_models["llama"])
     common = [model, "--eval", "none", "--include_path", str(TASKS), "--num_fewshot", "0",
@@ -127,7 +132,7 @@ def test_log_samples_needs_an_output_path(tiny_models: dict[str, Path], caplog) 
 
 def test_evaluate_api_is_typed_and_lists_its_own_keys(tiny_models: dict[str, Path]) -> None:
     import neuroal
-    from neuroal.errors import ConfigError
+    from neuroal.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown argument.*criterion.*it takes datasets"):
         neuroal.evaluate(str(tiny_models["llama"]), criterion={"name": "wanda"})

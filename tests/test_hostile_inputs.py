@@ -16,19 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from neuroal.config import ConfigError, expand_paths, load_config
-from neuroal.errors import AdapterError, ModelSourceError
-from neuroal.exits import explain, guarded
-from neuroal.guard import (
-    check_checkpoint,
-    check_decoder_lm,
-    check_gguf,
-    check_prunable,
-    check_source,
-    check_text_sources,
-    warn_code_execution,
-)
-from neuroal.inputs import YAMLLimitError, not_a_file, safe_yaml_load
+from neuroal.commands.exits import explain, guarded
+from neuroal.config.build import ConfigError, expand_paths, load_config
+from neuroal.config.inputs import YAMLLimitError, not_a_file, safe_yaml_load
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import (
     ModelSource,
@@ -37,6 +27,16 @@ from neuroal.models.loading import (
     load_model_config,
     resolve_model,
 )
+from neuroal.outputs.guard import (
+    check_checkpoint,
+    check_decoder_lm,
+    check_gguf,
+    check_prunable,
+    check_source,
+    check_text_sources,
+    warn_code_execution,
+)
+from neuroal.runtime.errors import AdapterError, ModelSourceError
 
 # --------------------------------------------------------------------------- YAML
 
@@ -301,8 +301,8 @@ def test_recover_refuses_a_dense_or_foreign_input(tmp_path: Path) -> None:
 def test_a_fifo_as_model_is_named_not_called_missing(tmp_path: Path) -> None:
     import os
 
-    from neuroal.errors import ModelSourceError
     from neuroal.models.loading import resolve_model
+    from neuroal.runtime.errors import ModelSourceError
 
     fifo = tmp_path / "model"
     os.mkfifo(fifo)

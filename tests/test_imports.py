@@ -17,16 +17,36 @@ PACKAGE = REPO / "neuroal"
 LAZY_ALLOWED = {
     # `import neuroal` (the console script's dispatcher, every plug-in) must not import torch,
     # transformers and every registry: the root package's functions import them when called.
-    ("neuroal", "neuroal.config"),
+    ("neuroal", "neuroal.config.build"),
     ("neuroal", "neuroal.pipeline"),
-    ("neuroal", "neuroal.evaluation"),
+    ("neuroal", "neuroal.commands.evaluate"),
+    # ... and the light package __init__s above them (only the deprecation table's forwarder)
+    ("neuroal", "neuroal.config"),
+    ("neuroal", "neuroal.commands"),
 }
 
 # Leaf modules: they import no neuroal module outside this set (TYPE_CHECKING imports apart).
 # ``neuroal`` is the root package, imported first by every submodule anyway; its module level
 # imports only the schema.
-LEAVES = {"neuroal", "neuroal.errors", "neuroal.inputs", "neuroal.jobs", "neuroal.registry",
-          "neuroal.runtime", "neuroal.schema"}
+LEAVES = {"neuroal", "neuroal.runtime", "neuroal.runtime.moved", "neuroal.runtime.errors",
+          "neuroal.runtime.jobs", "neuroal.runtime.registry", "neuroal.runtime.process",
+          "neuroal.config", "neuroal.config.inputs", "neuroal.config.schema"}
+
+# The groups (first level under neuroal/), lowest floor first: a module imports modules of its
+# own group or of groups below it, never above (the README's "How it works" reads this order
+# bottom-up). The root package, the CLI and the pipeline sit on top of every group.
+FLOORS = ["runtime", "config", "data", "criteria", "allocation", "models", "capture", "outputs",
+          "recovery", "engine", "evaluation", "planning"]
+TOP = {"neuroal", "neuroal.cli", "neuroal.pipeline"}
+TOP_GROUPS = {"commands"}  # the subcommands: entry points beside the CLI
+# Module-level imports across floors that stay, each with its reason: (module, group imported).
+UPWARD_ALLOWED = {
+    # The validated build of a config checks every name against its plug-in registry and the
+    # engine's choices before any weight is loaded: the edge of the run, above the plug-ins.
+    ("neuroal.config.build", "data"), ("neuroal.config.build", "criteria"),
+    ("neuroal.config.build", "allocation"), ("neuroal.config.build", "models"),
+    ("neuroal.config.build", "recovery"), ("neuroal.config.build", "engine"),
+}
 
 
 def module_names() -> dict[str, Path]:
@@ -175,6 +195,64 @@ def test_leaf_modules_import_nothing_higher() -> None:
     assert graph["neuroal"] <= LEAVES, graph["neuroal"]
 
 
+def floor_of(module: str) -> int | None:
+    """The floor of a module (its index in FLOORS), len(FLOORS) for the top, None if unknown."""
+    if module in TOP or module.split(".")[1:2] and module.split(".")[1] in TOP_GROUPS:
+        return len(FLOORS)
+    group = module.split(".")[1] if module.count(".") >= 1 else ""
+    return FLOORS.index(group) if group in FLOORS else None
+
+
+def test_every_module_belongs_to_a_group() -> None:
+    """The root holds only the public API, the CLI and the pipeline; everything else lives in
+    one of the groups."""
+    loose = sorted(m for m in MODULES if floor_of(m) is None)
+    assert not loose, f"modules outside every group (add them to one): {loose}"
+
+
+def test_no_module_reaches_up_across_groups() -> None:
+    graph, _ = import_graph()
+    upward = sorted(f"{m} -> {t}" for m, targets in graph.items() for t in targets
+                    if t != "neuroal" and floor_of(t) > floor_of(m)
+                    and (m, t.split(".")[1]) not in UPWARD_ALLOWED)
+    assert not upward, ("imports must point down the floors " + " < ".join(FLOORS)
+                        + "; move the shared code down instead: " + "; ".join(upward))
+    used = {(m, t.split(".")[1]) for m, targets in graph.items() for t in targets
+            if t != "neuroal" and floor_of(t) > floor_of(m)}
+    assert UPWARD_ALLOWED <= used, f"stale exceptions: {sorted(UPWARD_ALLOWED - used)}"
+
+
+def test_the_floor_rule_can_fail() -> None:
+    assert floor_of("neuroal.runtime.errors") < floor_of("neuroal.engine.worker")
+    assert floor_of("neuroal.outputs.safety") < floor_of("neuroal.pipeline")
+    assert floor_of("neuroal.somewhere_new") is None
+
+
+def test_old_module_paths_import_with_a_deprecation_warning() -> None:
+    """Every moved path still imports for one release, as the very module of its new path,
+    and says where it went."""
+    from neuroal.runtime.moved import MOVED
+
+    code = ("import importlib, sys, warnings\n"
+            "warnings.simplefilter('error', DeprecationWarning)\n"
+            "import neuroal\n"
+            "for old, new in dict(a.split('=') for a in sys.argv[1:]).items():\n"
+            "    try:\n"
+            "        importlib.import_module(old)\n"
+            "    except DeprecationWarning as w:\n"
+            "        assert new in str(w), (old, str(w))\n"
+            "    else:\n"
+            "        raise SystemExit(f'{old}: no warning')\n"
+            "    warnings.simplefilter('ignore', DeprecationWarning)\n"
+            "    assert importlib.import_module(old) is importlib.import_module(new), old\n"
+            "    warnings.simplefilter('error', DeprecationWarning)\n")
+    assert all(new in MODULES for new in MOVED.values())
+    assert not set(MOVED) & set(MODULES), "an old path is still a module of its own"
+    proc = subprocess.run([sys.executable, "-c", code, *(f"{o}={n}" for o, n in MOVED.items())],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+
+
 IMPORT_EACH = """
 import importlib, sys, traceback
 failed = []
@@ -212,7 +290,7 @@ def test_engine_and_pipeline_need_no_optional_packages() -> None:
     (each is read on first use; lm-eval, the zero-shot adapter's base class, is imported where
     installed and replaced by ``object`` where not)."""
     code = ("import sys, neuroal.pipeline, neuroal.engine.dist, neuroal.engine.executor, "
-            "neuroal.engine.onload, neuroal.planning, neuroal.evaluation\n"
+            "neuroal.engine.onload, neuroal.planning, neuroal.commands.evaluate\n"
             "bad = [m for m in ('ray', 'gguf', 'deepspeed') if m in sys.modules]\n"
             "assert not bad, bad")
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,

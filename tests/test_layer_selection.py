@@ -11,9 +11,9 @@ import torch
 from conftest import tiny_cfg
 from safetensors.torch import load_file
 
-from neuroal.errors import ConfigError
 from neuroal.models.selection import LayerSelection, matches
 from neuroal.pipeline import run
+from neuroal.runtime.errors import ConfigError
 
 IGNORE = ["re:.*down_proj$", "model.layers.0.self_attn.q_proj"]
 

@@ -10,7 +10,7 @@ import reference_masks as ref
 import torch
 
 from neuroal.criteria.base import LayerTarget, NMPattern
-from neuroal.masking import (
+from neuroal.criteria.masking import (
     NonFiniteScoresError,
     block_mask,
     build_mask,

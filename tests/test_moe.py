@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import VOCAB
 
-from neuroal.capture import StatsCollector
+from neuroal.capture.collector import StatsCollector
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import LayerTarget
 from neuroal.models.adapter import ModelAdapter
@@ -311,7 +311,7 @@ def test_worker_loads_only_its_experts(moe_models: dict[str, Path]) -> None:
 
 def test_perp_refused_before_loading(moe_models: dict[str, Path], small_text: Path,
                                      no_loading: None) -> None:
-    from neuroal.config import ConfigError
+    from neuroal.config.build import ConfigError
 
     cfg = _cfg(moe_models["qwen2_moe"], None, small_text,
                recover={"steps": ["perp-reconstruct"]})

@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from neuroal.cli import build_parser, flags_to_tree, split_overrides
-from neuroal.config import ConfigError, load_config
-from neuroal.inputs import parse_size
+from neuroal.config.build import ConfigError, load_config
+from neuroal.config.inputs import parse_size
 
 
 def _tree(argv: list[str]) -> dict:
@@ -32,7 +32,8 @@ def test_prune_flags_share_evaluates_names(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_evaluate_flags_share_prunes_names(caplog: pytest.LogCaptureFixture) -> None:
-    from neuroal.evaluation import FLAG_KEYS, build_parser as eval_parser
+    from neuroal.commands.evaluate import FLAG_KEYS
+    from neuroal.commands.evaluate import build_parser as eval_parser
 
     args = eval_parser().parse_intermixed_args(["m", "--eval-windows", "2", "--eval-seqlen", "8"])
     assert (args.eval_windows, args.eval_seqlen) == (2, 8)

@@ -12,11 +12,11 @@ from conftest import save_tiny_model, tiny_cfg
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from neuroal.allocation.search import Candidate, Outcome, run_phase
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import CandidateJob
 from neuroal.models.loading import resolve_model
 from neuroal.pipeline import run
-from neuroal.search import Candidate, Outcome, run_phase
 
 SMALL_GRIDS = {"name": "neuroal", "block_grid": [0.05, 0.1, 0.2], "row_grid": [0.0, 0.05, 0.1]}
 

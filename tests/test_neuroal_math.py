@@ -301,7 +301,7 @@ def test_fallback_rows_use_the_neuron_rule():
     prunes the higher index first among ties (neuroal.md §A3, §A9): 922 of 1536 at 60 %, where
     the ``row`` rule would prune 921 and the lower indices."""
     from neuroal.criteria.base import LayerTarget
-    from neuroal.masking import build_mask
+    from neuroal.criteria.masking import build_mask
 
     shape = ModelShape(blocks=({"down_proj": (4, 1536)},))
     plan = row_plan([{"down_proj": 0.6}], [{}], {"down_proj": None}, shape, mu=0.1)

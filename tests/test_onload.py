@@ -149,7 +149,7 @@ def test_disk_onload_keeps_blocks_in_the_checkpoint(llama4: Path) -> None:
 
 
 def test_onload_config_is_validated(llama4: Path) -> None:
-    from neuroal.config import ConfigError
+    from neuroal.config.build import ConfigError
 
     with pytest.raises(ConfigError, match=r"engine.onload='gpu': expected one of auto, device"):
         tiny_cfg(llama4, None, engine={"onload": "gpu"})

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from neuroal.export import OutputDir
-from neuroal.inputs import file_sha256
-from neuroal.safety import MARKER, UnsafeOutputError, check_output_path, replaceable
+from neuroal.config.inputs import file_sha256
+from neuroal.outputs.export import OutputDir
+from neuroal.outputs.safety import MARKER, UnsafeOutputError, check_output_path, replaceable
 
 REPORT = {"model": "m", "criterion": "wanda", "allocation": "uniform", "pattern": "unstructured",
           "target_sparsity": 0.5, "achieved_sparsity": 0.5, "timings": {"total": 1.0}}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from neuroal.config import ConfigError, load_config
+from neuroal.config.build import ConfigError, load_config
 from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
 from neuroal.engine.arena import PAGE, arena_bound
 from neuroal.engine.executor import split_blocks

@@ -18,12 +18,12 @@ import pytest
 import torch
 from conftest import free_port, tiny_cfg
 
-from neuroal.config import ConfigError, build_config
+from neuroal.config.build import ConfigError, build_config
 from neuroal.engine import cluster, dist
 from neuroal.engine import preflight as pf
-from neuroal.errors import PreflightError
-from neuroal.logging import WarningBuffer, replay
-from neuroal.runtime import Timings, cgroup_available, host_available
+from neuroal.runtime.errors import PreflightError
+from neuroal.runtime.logging import WarningBuffer, replay
+from neuroal.runtime.process import Timings, cgroup_available, host_available
 
 GB = 10**9
 
@@ -179,9 +179,9 @@ def test_full_disk_is_refused_before_loading(tiny_models: dict[str, Path], tmp_p
 def test_disk_needs_counts_the_model(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Export at the output dtype (bf16: 2 B) + resume state at the run dtype (fp32: 4 B per
     block parameter); on --resume the state already written is subtracted."""
-    from neuroal.export import OutputDir
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
+    from neuroal.outputs.export import OutputDir
     from neuroal.pipeline import disk_needs
 
     out = tmp_path / "out"

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import tiny_cfg
 
-from neuroal.logging import LOG_FILE, TqdmHandler
-from neuroal.progress import Progress, configure_progress, resolve_mode, track
-from neuroal.search import Candidate, CandidateProgress
+from neuroal.allocation.search import Candidate, CandidateProgress
+from neuroal.runtime.logging import LOG_FILE, TqdmHandler
+from neuroal.runtime.progress import Progress, configure_progress, resolve_mode, track
 
 
 class FakeClock:
@@ -33,7 +33,7 @@ def records(caplog: pytest.LogCaptureFixture):
 
 def _progress_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Progress messages, each record once (the handler may see it through propagation too)."""
-    unique = {id(r): r for r in caplog.records if r.name == "neuroal.progress"}
+    unique = {id(r): r for r in caplog.records if r.name == "neuroal.runtime.progress"}
     return [r.getMessage() for r in unique.values()]
 
 
@@ -143,7 +143,7 @@ def test_failed_run_keeps_its_log_beside_the_state(tiny_models: dict[str, Path],
 
 
 def test_log_config_is_validated() -> None:
-    from neuroal.config import ConfigError, build_config
+    from neuroal.config.build import ConfigError, build_config
 
     with pytest.raises(ConfigError) as err:
         build_config({"log": {"interval": -5, "progress": "loud"},

@@ -306,7 +306,7 @@ def test_dequantization_is_logged(fp8_models, caplog: pytest.LogCaptureFixture) 
 
 def test_pipeline_refuses_deepseek_v3_sparsegpt_before_loading() -> None:
     """The pre-load memory check (engine.memory_limit given) raises the statistics figure."""
-    from neuroal.config import load_config
+    from neuroal.config.build import load_config
     from neuroal.planning import MemoryBudgetError, check_fits
 
     cfg = load_config(None, ["model.name=deepseek-v3", "criterion.name=sparsegpt",

@@ -19,7 +19,7 @@ from conftest import save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from neuroal.config import ConfigError
+from neuroal.config.build import ConfigError
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import CandidateJob
 from neuroal.models.loading import resolve_model
@@ -148,7 +148,7 @@ def test_executor_methods_match_local(ray_instance, tiny_models: dict[str, Path]
             local.dense_block_metrics(ids, lod, needs)
         assert torch.equal(remote.last_logits(ids), local.last_logits(ids))
         assert torch.equal(remote.window_nll(ids), local.window_nll(ids))
-        targets = ids.roll(-1, dims=1)  # zero-shot scoring (neuroal.zeroshot)
+        targets = ids.roll(-1, dims=1)  # zero-shot scoring (neuroal.evaluation.zeroshot)
         for g, w in zip(remote.token_logprobs(ids, targets), local.token_logprobs(ids, targets),
                         strict=True):
             assert torch.equal(g, w)
@@ -162,7 +162,7 @@ def test_executor_methods_match_local(ray_instance, tiny_models: dict[str, Path]
 
 def test_ray_config_keys() -> None:
     from neuroal.cli import build_parser, flags_to_tree
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
     from neuroal.engine.ray_executor import RayOptions
 
     cfg = build_config({"engine": {"executor": "ray", "workers": 2,

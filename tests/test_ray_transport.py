@@ -16,7 +16,7 @@ from conftest import save_tiny_model
 from safetensors.torch import load_file
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.config import ConfigError, build_config
+from neuroal.config.build import ConfigError, build_config
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import CandidateJob, PruneJob, WorkerSpec
 from neuroal.models.loading import resolve_model

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from neuroal.config import load_config
-from neuroal.errors import ConfigError
-from neuroal.recipes import RECIPES_DIR, recipe_path, recipes
+from neuroal.config.build import load_config
+from neuroal.config.recipes import RECIPES_DIR, recipe_path, recipes
+from neuroal.runtime.errors import ConfigError
 
 
 def test_recipe_names_resolve_to_the_shipped_files(tmp_path: Path,

@@ -11,16 +11,16 @@ from safetensors.torch import load_file
 
 from neuroal.allocation.base import PlanRequest
 from neuroal.allocation.neuroal import NeuroALPolicy
-from neuroal.checkpoint import (
+from neuroal.engine.executor import LocalExecutor
+from neuroal.engine.worker import Worker
+from neuroal.models.loading import resolve_model
+from neuroal.outputs.checkpoint import (
     ResumeMismatchError,
     RunState,
     canonical_config,
     load_block_state,
     save_block_state,
 )
-from neuroal.engine.executor import LocalExecutor
-from neuroal.engine.worker import Worker
-from neuroal.models.loading import resolve_model
 from neuroal.pipeline import run
 
 CANON = {"sparsity": 0.6, "criterion.name": "wanda"}

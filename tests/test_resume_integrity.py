@@ -84,7 +84,8 @@ def test_resume_refuses_a_model_swapped_at_the_same_path(model: Path, small_text
 
 
 def test_fingerprint_sees_size_header_and_weight_changes(model: Path, tmp_path: Path) -> None:
-    from neuroal.models.loading import fingerprint_changes, weights_fingerprint
+    from neuroal.models.loading import weights_fingerprint
+    from neuroal.outputs.checkpoint import fingerprint_changes
 
     source = resolve_model(str(model))
     before = weights_fingerprint(source)
@@ -106,7 +107,8 @@ def test_fingerprint_sees_size_header_and_weight_changes(model: Path, tmp_path: 
 def test_gguf_and_hub_fingerprints(tmp_path: Path) -> None:
     from gguf_fixture import tiny_llama, write_tiny_llama_gguf
 
-    from neuroal.models.loading import fingerprint_changes, weights_fingerprint
+    from neuroal.models.loading import weights_fingerprint
+    from neuroal.outputs.checkpoint import fingerprint_changes
 
     path = write_tiny_llama_gguf(tmp_path / "m.gguf", tiny_llama(seed=0))
     source = resolve_model(str(path))
@@ -188,7 +190,7 @@ def test_resume_refuses_an_edited_block(edit: str, model: Path, small_text: Path
 
 
 def test_state_of_an_earlier_version_is_refused(tmp_path: Path) -> None:
-    from neuroal.checkpoint import FORMAT, RunState, StateIntegrityError
+    from neuroal.outputs.checkpoint import FORMAT, RunState, StateIntegrityError
 
     state = tmp_path / "state"
     RunState(state, {"a": 1}, resume=False, weights={"kind": "hf_dir", "files": {}})

@@ -14,10 +14,10 @@ import torch
 from conftest import run_cli_logged, save_tiny_model
 from safetensors.torch import load_file, save_file
 
-import neuroal.digests as digests
-from neuroal.checkpoint import fingerprint_changes, input_changes
+import neuroal.runtime.digests as digests
 from neuroal.engine.worker import Worker
 from neuroal.models.loading import ModelSource, weights_fingerprint
+from neuroal.outputs.checkpoint import fingerprint_changes, input_changes
 
 OLD_SAMPLE, OLD_SAMPLES = 64 * 1024, 4  # the sampled fingerprint this key replaces
 

@@ -16,8 +16,11 @@ from conftest import run_cli_logged, save_tiny_model, tiny_cfg
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import neuroal.checkpoint as checkpoint
-from neuroal.checkpoint import (
+import neuroal.outputs.checkpoint as checkpoint
+from neuroal.engine.onload import BlockStore, SpillSpaceError
+from neuroal.engine.worker import PruneJob, Worker, WorkerSpec
+from neuroal.models.loading import resolve_model
+from neuroal.outputs.checkpoint import (
     KIND_MASKS,
     KIND_WEIGHTS,
     StateWriteError,
@@ -28,9 +31,6 @@ from neuroal.checkpoint import (
     save_block_state,
     unpack_mask,
 )
-from neuroal.engine.onload import BlockStore, SpillSpaceError
-from neuroal.engine.worker import PruneJob, Worker, WorkerSpec
-from neuroal.models.loading import resolve_model
 from neuroal.pipeline import run
 
 # --------------------------------------------------------------------------- format

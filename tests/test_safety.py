@@ -23,8 +23,8 @@ import pytest
 from conftest import DATA_DIR, REPO
 
 from neuroal import cli
-from neuroal import evaluation as evaluate_mod
-from neuroal.config import ConfigError, load_config
+from neuroal.commands import evaluate as evaluate_mod
+from neuroal.config.build import ConfigError, load_config
 from neuroal.engine import executor as executor_mod
 
 BLOCK1 = "model.layers.1.mlp.down_proj.weight"
@@ -270,8 +270,8 @@ def test_nan_weight_in_evaluate_and_recover(sandbox: Path, caplog: pytest.LogCap
 
 def test_valid_sizes_use_one_parser() -> None:
     """``2GiB`` works for both sizes; every size setting reads the same units."""
-    from neuroal.export import parse_size
-    from neuroal.inputs import parse_size as parse
+    from neuroal.config.inputs import parse_size as parse
+    from neuroal.outputs.export import parse_size
     from neuroal.planning import parse_bytes
 
     cfg = load_config(None, ["output.shard_size=2GiB", "engine.memory_limit=2GiB"])
@@ -308,7 +308,7 @@ def test_pattern_sets_sparsity_and_errors_are_collected() -> None:
     one is an error; a malformed section no longer hides the other errors."""
     cfg = load_config(None, ["pattern=1:4"])
     assert cfg.sparsity == 0.75 and cfg.target_sparsity == 0.75
-    from neuroal.config import build_config
+    from neuroal.config.build import build_config
 
     assert build_config(cfg.to_dict()).sparsity == 0.75
     with pytest.raises(ConfigError) as info:

@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from conftest import DATA_DIR, REPO, run_cli_logged
 
-from neuroal.export import OutputDir, OutputExistsError
+from neuroal.outputs.export import OutputDir, OutputExistsError
 
-MARKER = "neuroal_output.json"  # neuroal.safety.MARKER (spelled out: the tests also run on old code)
+MARKER = "neuroal_output.json"  # neuroal.outputs.safety.MARKER (spelled out: the tests also run on old code)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -302,7 +302,7 @@ def test_output_path_edge_cases_are_refused_before_loading(case: str, sandbox: P
 
 # --------------------------------------------------------------------------- item 10: lock
 
-_HOLD = ("import sys, time; from pathlib import Path; from neuroal.safety import OutputLock; "
+_HOLD = ("import sys, time; from pathlib import Path; from neuroal.outputs.safety import OutputLock; "
          "lock = OutputLock(Path(sys.argv[1])); lock.acquire(); print('locked', flush=True); "
          "time.sleep(120)")
 
@@ -397,7 +397,7 @@ def test_a_second_run_while_one_is_writing_is_refused(sandbox: Path,
 
 
 def test_lock_release_removes_only_what_it_created(tmp_path: Path) -> None:
-    from neuroal.safety import OutputLock
+    from neuroal.outputs.safety import OutputLock
 
     lock = OutputLock(tmp_path / "a" / "b" / "out.neuroal-tmp")
     lock.acquire()

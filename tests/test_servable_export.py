@@ -15,7 +15,7 @@ from conftest import VOCAB, tiny_cfg
 from gguf_fixture import tiny_llama, write_tiny_llama_gguf
 from test_pipeline import _cfg
 
-from neuroal.export import causal_lm_architecture, regular_mode, write_config
+from neuroal.outputs.export import causal_lm_architecture, regular_mode, write_config
 from neuroal.pipeline import run
 
 

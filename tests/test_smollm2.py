@@ -7,7 +7,7 @@ import math
 import pytest
 from conftest import DATA_DIR
 
-from neuroal.config import build_config
+from neuroal.config.build import build_config
 from neuroal.pipeline import run
 
 

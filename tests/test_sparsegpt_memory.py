@@ -23,7 +23,7 @@ from reference_sparsegpt import ReferenceHessians, reference_prune
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from neuroal.capture import StatsCollector
+from neuroal.capture.collector import StatsCollector
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN, LayerStats, LayerTarget, NMPattern
 from neuroal.criteria.sparsegpt import CholeskyFailureError

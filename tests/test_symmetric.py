@@ -12,7 +12,7 @@ import torch
 from conftest import save_tiny_model, tiny_cfg
 from torch import nn
 
-from neuroal.capture import StatsCollector
+from neuroal.capture.collector import StatsCollector
 from neuroal.criteria import (
     CRITERIA,
     STAT_OUT_SQ_NORM,

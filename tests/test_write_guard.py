@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import DATA_DIR, run_cli_logged
 
-from neuroal.safety import (
+from neuroal.outputs.safety import (
     DiskFullError,
     UnsafeOutputError,
     check_file_output,
@@ -180,7 +180,7 @@ def test_the_yaml_recipe_is_an_input_too(box: Path, no_loading: None,
 
 def test_evaluate_json_is_guarded(box: Path, no_loading: None,
                                   caplog: pytest.LogCaptureFixture) -> None:
-    from neuroal.evaluation import main
+    from neuroal.commands.evaluate import main
 
     config = box / "model" / "config.json"
     before = digest(config)

@@ -11,9 +11,9 @@ import torch
 from conftest import REPO, tiny_cfg
 
 from neuroal.engine.executor import LocalExecutor
+from neuroal.evaluation.zeroshot import ExecutorLM, TaskSpec, evaluate_tasks, task_manager
 from neuroal.models.loading import load_model_config, resolve_model
 from neuroal.pipeline import load_tokenizer, run
-from neuroal.zeroshot import ExecutorLM, TaskSpec, evaluate_tasks, task_manager
 
 TASKS = REPO / "tests" / "tasks"
 REQUESTS = [("The river flows down to the", " sea"), ("In winter the lake", " turns to ice"),
@@ -107,7 +107,7 @@ def test_one_and_two_workers_agree_exactly(tiny_models: dict[str, Path]) -> None
 
 
 def test_unknown_task_is_rejected_with_suggestions() -> None:
-    from neuroal.config import ConfigError
+    from neuroal.config.build import ConfigError
 
     with pytest.raises(ConfigError, match=r"'tiny_choise'.*tiny_choice"):
         task_manager(TaskSpec(("tiny_choise",), str(TASKS)))

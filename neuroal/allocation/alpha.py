@@ -43,7 +43,7 @@ from neuroal.allocation.renorm import (
     multiplicative_correction,
     weighted_mean,
 )
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -34,7 +34,7 @@ class PlanRequest:
     cache_dir: str | None = None
     criterion: str = "wanda"
     criterion_options: Mapping[str, Any] = field(default_factory=dict)
-    state: Any = None  # neuroal.checkpoint.RunState: finished search candidates (resume)
+    state: Any = None  # neuroal.outputs.checkpoint.RunState: finished search candidates (resume)
     exact_count: bool = True  # mask.exact_count, for masks a policy builds itself (search)
 
 

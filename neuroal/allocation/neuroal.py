@@ -4,7 +4,7 @@ Cunegatti et al., "Zeroth-order adaptive neuron alignment based pruning without 
 arXiv 2411.07066 (TMLR 2025). Faithful mode follows shared/specs/neuroal.md Part A: a block step
 over a linear depth ramp of half-width lambda, then (except for SparseGPT) a row step shifting
 row ratios by the consumer layer's alignment delta; the first minimum of the summed alignment
-distance wins. The search loop runs on the coordinator (``neuroal.search``); candidates are
+distance wins. The search loop runs on the coordinator (``neuroal.allocation.search``); candidates are
 evaluated by the executor (``evaluate_candidates``).
 """
 
@@ -28,12 +28,12 @@ from neuroal.allocation.neuroal_math import (
 )
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.allocation.registry import ALLOCATIONS
-from neuroal.checkpoint import StateIntegrityError
+from neuroal.allocation.search import Candidate, CandidateProgress, Outcome, PhaseResult, run_phase
+from neuroal.config.inputs import is_int, is_number
 from neuroal.criteria.base import STAT_SQ_NORM, STAT_SQ_NORM_WINDOWED
-from neuroal.inputs import is_int, is_number
-from neuroal.jobs import BlockAlignment, CandidateJob
-from neuroal.logging import get_logger
-from neuroal.search import Candidate, CandidateProgress, Outcome, PhaseResult, run_phase
+from neuroal.runtime.errors import StateIntegrityError
+from neuroal.runtime.jobs import BlockAlignment, CandidateJob
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -248,7 +248,7 @@ def candidate_evaluator(executor: Any, ids: torch.Tensor, job: Any, reference_st
                         num_blocks: int) -> Any:
     """``evaluate(cands, on_result=None) -> outcomes`` over the executor; ``on_result(i, result,
     stopped_at_block)`` as each candidate finishes (``stopped_at_block`` None unless stopped).
-    Candidates carrying a :class:`~neuroal.search.BestSoFar` (``early_stop``) hand the executor
+    Candidates carrying a :class:`~neuroal.allocation.search.BestSoFar` (``early_stop``) hand the executor
     a bound and report every complete score to it; stopped candidates are not reported, but go
     to ``on_result`` (the resume checkpoint) with the blocks evaluated."""
     def fresh(cands: list[Candidate], on_result: Any = None) -> list[Outcome]:

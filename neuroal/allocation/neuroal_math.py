@@ -28,8 +28,8 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from neuroal.allocation.plan import ModelShape
-from neuroal.logging import get_logger
-from neuroal.search import first_minimum  # noqa: F401  (re-exported; the search's rule)
+from neuroal.allocation.search import first_minimum  # noqa: F401  (re-exported; the search's rule)
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

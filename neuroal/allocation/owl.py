@@ -27,7 +27,7 @@ from neuroal.allocation.base import PlanRequest, Rule, choice, option_errors
 from neuroal.allocation.plan import ModelShape, SparsityPlan
 from neuroal.allocation.renorm import additive_correction, check_feasible, clip_ratios, weighted_mean
 from neuroal.criteria.base import STAT_SQ_NORM, LayerStats
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

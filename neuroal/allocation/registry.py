@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from neuroal.registry import Registry
+from neuroal.runtime.registry import Registry
 
 if TYPE_CHECKING:  # annotations only
     from neuroal.allocation.base import AllocationPolicy

@@ -1,2 +1,2 @@
 """Subcommands of the ``neuroal`` console script beside ``prune`` (``neuroal.cli``) and
-``evaluate`` (``neuroal.evaluation``); ``launch/*.py`` are thin wrappers around them."""
+``evaluate`` (``neuroal.commands.evaluate``); ``launch/*.py`` are thin wrappers around them."""

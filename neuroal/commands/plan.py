@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 
 from neuroal import __version__
-from neuroal.config import ConfigError, config_from_flags
-from neuroal.exits import guarded
-from neuroal.guard import check_decoder_lm, check_prunable, check_source
-from neuroal.inputs import position_errors
+from neuroal.commands.exits import guarded
+from neuroal.config.build import ConfigError, config_from_flags
+from neuroal.config.inputs import position_errors
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
+from neuroal.outputs.guard import check_decoder_lm, check_prunable, check_source
+from neuroal.outputs.safety import UnsafeOutputError, check_file_output, write_file
 from neuroal.planning import (
     MODES,
     MemoryRequest,
@@ -46,7 +47,6 @@ from neuroal.planning import (
 )
 from neuroal.planning.walltime import needs_hessian, search_candidates
 from neuroal.recovery import RECOVERY_STEPS, chain_errors
-from neuroal.safety import UnsafeOutputError, check_file_output, write_file
 
 TRANSPORTS = {"auto": "direct", "nccl": "direct", "gloo": "direct", "object-store": "object-store"}
 """``engine.ray.transport`` -> the time model's transfer class (direct tensor transport or not)."""

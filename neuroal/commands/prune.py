@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from neuroal.cli import build_parser, flags_to_tree, split_overrides
-from neuroal.config import load_config
+from neuroal.commands.evaluate import format_metrics
+from neuroal.commands.exits import guarded
+from neuroal.config.build import load_config
 from neuroal.engine.dist import coordinator, rank_info, serve
-from neuroal.errors import AdapterError, ConfigError, ModelSourceError, OutputExistsError
-from neuroal.evaluation import format_metrics
-from neuroal.exits import guarded
-from neuroal.guard import check_writes
-from neuroal.logging import configure, get_logger
+from neuroal.outputs.guard import check_writes
 from neuroal.pipeline import run
+from neuroal.runtime.errors import AdapterError, ConfigError, ModelSourceError, OutputExistsError
+from neuroal.runtime.logging import configure, get_logger
 
 log = get_logger("neuroal.cli")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from neuroal.recipes import recipes
+from neuroal.config.recipes import recipes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

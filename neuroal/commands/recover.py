@@ -16,18 +16,18 @@ import sys
 from pathlib import Path
 
 from neuroal import __version__
-from neuroal.config import ConfigError, config_from_flags
+from neuroal.commands.exits import guarded
+from neuroal.config.build import ConfigError, config_from_flags
+from neuroal.config.inputs import position_errors, positive_int, positive_number
 from neuroal.data import parse_source
-from neuroal.exits import guarded
-from neuroal.export import OutputDir, OutputExistsError
-from neuroal.inputs import position_errors, positive_int, positive_number
-from neuroal.logging import add_log_file, configure, get_logger
 from neuroal.models.loading import input_paths, load_model_config, resolve_model
 from neuroal.models.quant import quantization_config
+from neuroal.outputs.export import OutputDir, OutputExistsError
+from neuroal.outputs.safety import check_file_output
 from neuroal.recovery import variant_train_defaults
 from neuroal.recovery.perp import PERP_VARIANTS
 from neuroal.recovery.train import RecoverJob, TrainOptions, recover
-from neuroal.safety import check_file_output
+from neuroal.runtime.logging import add_log_file, configure, get_logger
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

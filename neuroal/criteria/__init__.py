@@ -32,7 +32,7 @@ from neuroal.criteria.symmetric import (
     symwanda_score,
 )
 from neuroal.criteria.wanda import WANDA, wanda_score
-from neuroal.registry import Registry
+from neuroal.runtime.registry import Registry
 
 CRITERIA: Registry[Criterion] = Registry("criterion")
 for _criterion in (MAGNITUDE, WANDA, RIA, MULTIFLOW, SPARSEGPT, SYMWANDA, OWANDA, RIA_LP, STOCH_RIA):

@@ -13,9 +13,9 @@ from typing import Any, Protocol
 
 import torch
 
-# The statistic names and N:M patterns live in the leaf neuroal.jobs; re-exported here, where the
+# The statistic names and N:M patterns live in the leaf neuroal.runtime.jobs; re-exported here, where the
 # criterion contract names them.
-from neuroal.jobs import (  # noqa: F401
+from neuroal.runtime.jobs import (  # noqa: F401
     INPUT_STATS,
     STAT_HESSIAN,
     STAT_MEAN,
@@ -105,7 +105,7 @@ class Criterion(Protocol):
         supports_row_ratios: Whether per-row ratio vectors are accepted.
         changes_values: Whether :meth:`prune` returns updated weights (SparseGPT) rather than
             only a mask: the resume state stores weights for such a criterion, bit-packed masks
-            otherwise (:mod:`neuroal.checkpoint`).
+            otherwise (:mod:`neuroal.outputs.checkpoint`).
     """
 
     name: str

@@ -1,7 +1,7 @@
 """Shared machinery for criteria that rank weights by a static score (no weight update).
 
 A score criterion is a score function plus metadata; :class:`ScoreCriterion` turns the score
-into a mask with :func:`neuroal.masking.build_mask`. Scores are computed in fp32 on the
+into a mask with :func:`neuroal.criteria.masking.build_mask`. Scores are computed in fp32 on the
 weight's device; inputs are never modified in place.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from neuroal.criteria.base import STAT_SQ_NORM, LayerPruneResult, LayerStats, LayerTarget
-from neuroal.masking import GROUPS, build_mask, check_finite, rule_name
+from neuroal.criteria.masking import GROUPS, build_mask, check_finite, rule_name
 
 ScoreFn = Callable[[torch.Tensor, LayerStats, Mapping[str, Any]], torch.Tensor]
 """``score(weight_fp32 (rows, cols), stats, options) -> scores (rows, cols)``, lowest pruned."""

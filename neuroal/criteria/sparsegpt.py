@@ -27,9 +27,9 @@ from neuroal.criteria.base import (
     LayerTarget,
     NMPattern,
 )
+from neuroal.criteria.masking import build_mask, check_finite, matrix_mask, nm_mask
 from neuroal.criteria.scored import frozen, merged_options
 from neuroal.criteria.wanda import wanda_score
-from neuroal.masking import build_mask, check_finite, matrix_mask, nm_mask
 
 logger = logging.getLogger(__name__)
 

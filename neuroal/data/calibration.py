@@ -32,6 +32,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from neuroal.config.inputs import file_sha256
 from neuroal.data.corpora import (
     C4_EVAL_DOCUMENTS,
     C4_HUB_ID,
@@ -75,7 +76,6 @@ from neuroal.data.windows import (
     stream_calibration,
     tokenize_text,
 )
-from neuroal.inputs import file_sha256
 
 __all__ = [
     "C4_EVAL_DOCUMENTS",

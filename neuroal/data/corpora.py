@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from neuroal.config.inputs import file_sha256
 from neuroal.data.files import (
     data_dir_with_origin,
     find_local,
@@ -23,7 +24,6 @@ from neuroal.data.files import (
     read_text,
 )
 from neuroal.data.spec import SourceDocuments, SourceInfo, SourceText
-from neuroal.inputs import file_sha256
 
 WIKITEXT_HUB_ID = "wikitext"
 WIKITEXT_TEST_FILE = "wiki.test.raw"

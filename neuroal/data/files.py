@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from neuroal.inputs import not_a_file
+from neuroal.config.inputs import not_a_file
 
 logger = logging.getLogger(__name__)
 

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from neuroal.config.inputs import file_sha256, not_a_file
 from neuroal.data.files import DataNotFoundError, load_dataset
 from neuroal.data.spec import (
     SOURCES,
@@ -44,7 +45,6 @@ from neuroal.data.spec import (
     TextTokenizer,
 )
 from neuroal.data.windows import calibration_windows, stream_calibration
-from neuroal.inputs import file_sha256, not_a_file
 
 logger = logging.getLogger(__name__)
 

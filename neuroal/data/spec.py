@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from neuroal.data.files import require_text_file
-from neuroal.registry import Registry, UnknownNameError
+from neuroal.runtime.registry import Registry, UnknownNameError
 
 
 class TextTokenizer(Protocol):

@@ -17,7 +17,7 @@ from neuroal.engine.dist import DistExecutor
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.onload import resolved_onload
 from neuroal.engine.ray_executor import RayExecutor, RayOptions, device_kind
-from neuroal.registry import Registry
+from neuroal.runtime.registry import Registry
 
 EXECUTORS: Registry[Any] = Registry("executor")
 

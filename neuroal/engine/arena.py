@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -1,6 +1,6 @@
 """The driver's side of preflight (:mod:`neuroal.engine.preflight`): resolve the device where
 the workers run, collect every worker's facts through its executor's channel, refuse a run
-that cannot succeed with one :class:`~neuroal.errors.PreflightError` listing every problem.
+that cannot succeed with one :class:`~neuroal.runtime.errors.PreflightError` listing every problem.
 
 * Ray, connected to a cluster (``engine.ray.address``, ``$RAY_ADDRESS``, or a Ray already
   initialised with several nodes): the device comes from the cluster's GPUs, never from the
@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from neuroal.config.schema import PruneConfig
 from neuroal.engine.dist import RankStage, command
 from neuroal.engine.preflight import (
     NodeFacts,
@@ -38,10 +39,9 @@ from neuroal.engine.preflight import (
 )
 from neuroal.engine.ray_executor import import_ray, init_ray
 from neuroal.engine.ray_preflight import ProbeRequest, Remap, probe_cluster
-from neuroal.errors import PreflightError
-from neuroal.logging import get_logger
-from neuroal.runtime import pick_device
-from neuroal.schema import PruneConfig
+from neuroal.runtime.errors import PreflightError
+from neuroal.runtime.logging import get_logger
+from neuroal.runtime.process import pick_device
 
 log = get_logger(__name__)
 
@@ -58,7 +58,7 @@ def on_ray_cluster(cfg: PruneConfig) -> bool:
 
 def resolve_device(cfg: PruneConfig) -> torch.device:
     """The device the workers run on, resolved where they run: on a Ray cluster from its GPU
-    count (connecting to it), else in this process (:func:`~neuroal.runtime.pick_device`).
+    count (connecting to it), else in this process (:func:`~neuroal.runtime.process.pick_device`).
 
     Raises:
         PreflightError: ``cuda`` requested on a cluster without GPUs.

@@ -19,10 +19,10 @@ import torch
 from neuroal.criteria.base import STAT_SQ_NORM
 from neuroal.engine.onload import resolved_onload
 from neuroal.engine.worker import stat_needs
-from neuroal.jobs import BlockReport, WorkerSpec
-from neuroal.logging import get_logger
 from neuroal.models.loading import ModelSource
-from neuroal.safety import spill_folder
+from neuroal.outputs.safety import spill_folder
+from neuroal.runtime.jobs import BlockReport, WorkerSpec
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

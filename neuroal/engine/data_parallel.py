@@ -12,10 +12,10 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
    other worker, which runs it as a temporary *guest*;
 3. in steps of K micro-batches, every worker runs the dense block on its micro-batch with
    hooks that keep the micro-batch's sums (Wanda norms, SparseGPT Hessians, RIA and refiner
-   inputs: :func:`neuroal.capture.batch_sums`) instead of folding them;
+   inputs: :func:`neuroal.capture.collector.batch_sums`) instead of folding them;
 4. each linear has one *solver* (:func:`assign_solvers`, balanced by cost); the sums of every
    step reach it and it folds them in micro-batch order with the collector's own running mean
-   (:func:`neuroal.capture.new_accumulator`), so its statistics are bit for bit those of
+   (:func:`neuroal.capture.collector.new_accumulator`), so its statistics are bit for bit those of
    pipeline mode, whatever the number of workers; a worker holds one step's sums at a time;
 5. the solver selects the mask (SparseGPT: factorises and sweeps) and the pruned weight is
    broadcast from it to every worker;
@@ -44,15 +44,15 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from neuroal.capture import StatsCollector, new_accumulator
-from neuroal.checkpoint import block_state_path, load_block_state, save_block_state
+from neuroal.capture.collector import StatsCollector, new_accumulator
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
 from neuroal.engine.worker import Worker
-from neuroal.jobs import BlockReport, LayerReport, PruneJob
-from neuroal.logging import get_logger, progress
 from neuroal.models.moe import has_experts
+from neuroal.outputs.checkpoint import block_state_path, load_block_state, save_block_state
 from neuroal.recovery import refiner_needs
+from neuroal.runtime.jobs import BlockReport, LayerReport, PruneJob
+from neuroal.runtime.logging import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -60,7 +60,7 @@ PARALLEL_CHOICES = ("auto", "pipeline", "data")
 """``engine.parallel``: ``auto`` is resolved by :func:`resolve_parallel` when the prune starts."""
 
 Sums = tuple[dict[str, torch.Tensor], int]
-"""One linear's sums over one micro-batch (:func:`neuroal.capture.batch_sums`) and its number
+"""One linear's sums over one micro-batch (:func:`neuroal.capture.collector.batch_sums`) and its number
 of sequences."""
 
 

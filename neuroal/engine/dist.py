@@ -40,6 +40,7 @@ import torch.distributed as dist
 
 from neuroal.allocation.neuroal_math import total_alignment
 from neuroal.allocation.plan import SparsityPlan
+from neuroal.config.schema import DistConfig, PruneConfig
 from neuroal.engine.collectives import DistComm
 from neuroal.engine.core import (
     cat_pairs,
@@ -55,12 +56,11 @@ from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.preflight import NodeFacts, gather_facts, probe_root, read_probes
 from neuroal.engine.worker import Worker
-from neuroal.errors import ConfigError
-from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
-from neuroal.logging import configure, get_logger, progress
 from neuroal.models.loading import ModelSource
-from neuroal.runtime import seed_everything
-from neuroal.schema import DistConfig, PruneConfig
+from neuroal.runtime.errors import ConfigError
+from neuroal.runtime.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
+from neuroal.runtime.logging import configure, get_logger, progress
+from neuroal.runtime.process import seed_everything
 
 log = get_logger(__name__)
 

@@ -28,9 +28,9 @@ from neuroal.engine.core import (
 )
 from neuroal.engine.data_parallel import prune_in_threads, prune_mode
 from neuroal.engine.worker import Worker, peak_memory_bytes
-from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob
-from neuroal.logging import get_logger, progress
 from neuroal.models.loading import ModelSource
+from neuroal.runtime.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob
+from neuroal.runtime.logging import get_logger, progress
 
 log = get_logger(__name__)
 
@@ -244,7 +244,7 @@ class LocalExecutor:
         with self.meter("search"):
             embedded = self._embed(ids)
             reference = self.dense_reference(embedded, job, reference_stream)
-            for ratios in candidates:  # progress with scores: neuroal.search.CandidateProgress
+            for ratios in candidates:  # progress with scores: neuroal.allocation.search.CandidateProgress
                 stream: torch.Tensor | None = embedded
                 per_block: dict[int, BlockAlignment] = {}
                 best = bound(len(results)) if bound is not None else None

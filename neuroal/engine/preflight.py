@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from neuroal.runtime import host_available
+from neuroal.runtime.process import host_available
 
 PROBE_DIR = "preflight"
 """Subfolder of the output's temporary folder holding the probe files (removed afterwards)."""

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.checkpoint import block_state_path
+from neuroal.config.schema import DistConfig, RayConfig
 from neuroal.engine.collectives import DistComm, group_backend
 from neuroal.engine.core import (
     cat_pairs,
@@ -64,11 +64,11 @@ from neuroal.engine.data_parallel import DataPrune, Layout, Stopped, resolve_par
 from neuroal.engine.determinism import apply_determinism, determinism_env
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.worker import Worker
-from neuroal.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
-from neuroal.logging import buffer_warnings, configure, get_logger, progress, replay
 from neuroal.models.moe import has_experts
-from neuroal.progress import SETTINGS, configure_progress
-from neuroal.schema import DistConfig, RayConfig
+from neuroal.outputs.checkpoint import block_state_path
+from neuroal.runtime.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob, WorkerSpec
+from neuroal.runtime.logging import buffer_warnings, configure, get_logger, progress, replay
+from neuroal.runtime.progress import SETTINGS, configure_progress
 
 log = get_logger(__name__)
 
@@ -215,7 +215,7 @@ def _setup(worker: Worker, deterministic: bool, threads: int | None,
 
 
 def _warnings(worker: Worker) -> list[tuple[int, str, str]]:
-    """The actor's warning records since the last call (:func:`~neuroal.logging.buffer_warnings`)."""
+    """The actor's warning records since the last call (:func:`~neuroal.runtime.logging.buffer_warnings`)."""
     return buffer_warnings().drain()
 
 

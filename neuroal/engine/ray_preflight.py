@@ -17,7 +17,7 @@ from typing import Any
 
 from neuroal.engine.preflight import NodeFacts, gather_facts, probe_name, see_probes
 from neuroal.engine.ray_executor import actor_device, actor_env, import_ray
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

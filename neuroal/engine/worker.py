@@ -19,28 +19,10 @@ import torch
 from safetensors.torch import save_file
 
 from neuroal.allocation.neuroal_math import alignment, crosses, total_alignment
-from neuroal.capture import StatsCollector
-from neuroal.checkpoint import (
-    KIND_MASKS,
-    KIND_WEIGHTS,
-    StateWriter,
-    block_state_path,
-    check_replayed,
-    load_block_state,
-    positive_zeros,
-)
+from neuroal.capture.collector import StatsCollector
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget
 from neuroal.engine.onload import ONLOAD_MODES, BlockStore
-from neuroal.jobs import (  # re-exported: executors and tests import them from here
-    BlockAlignment,
-    BlockReport,
-    CandidateJob,
-    LayerReport,
-    PruneJob,
-    WorkerSpec,
-)
-from neuroal.logging import get_logger, progress
 from neuroal.models.adapter import BlockCall, ModelAdapter
 from neuroal.models.conversion import to_checkpoint_layout
 from neuroal.models.loading import (
@@ -52,9 +34,27 @@ from neuroal.models.loading import (
 )
 from neuroal.models.moe import ExpertLinear, swapped_weights
 from neuroal.models.selection import LayerSelection
+from neuroal.outputs.checkpoint import (
+    KIND_MASKS,
+    KIND_WEIGHTS,
+    StateWriter,
+    block_state_path,
+    check_replayed,
+    load_block_state,
+    positive_zeros,
+)
 from neuroal.recovery import REFINERS, refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
-from neuroal.runtime import peak_memory_bytes
+from neuroal.runtime.jobs import (  # re-exported: executors and tests import them from here
+    BlockAlignment,
+    BlockReport,
+    CandidateJob,
+    LayerReport,
+    PruneJob,
+    WorkerSpec,
+)
+from neuroal.runtime.logging import get_logger, progress
+from neuroal.runtime.process import peak_memory_bytes
 
 log = get_logger(__name__)
 
@@ -87,7 +87,7 @@ def stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> d
 def expert_fallback(criterion: Any, stats: Any, target: LayerTarget, label: str,
                     quiet: bool = False) -> tuple[Any, LayerTarget, dict[str, Any]] | None:
     """Magnitude in place of a data-driven criterion for a matrix that saw no calibration token
-    (an MoE expert the router never chose; neuroal.capture_moe), in the comparison group the
+    (an MoE expert the router never chose; neuroal.capture.moe), in the comparison group the
     criterion would use; None when the criterion applies. Logged unless ``quiet``."""
     if not criterion.needs or getattr(stats, "tokens", None) != 0:
         return None
@@ -314,7 +314,7 @@ class Worker:
         reconstruction also every other block parameter (norms, biases) under its own name.
         CPU tensors are handed over as they are (the writer reads them before the block is
         touched again); device tensors are copied to the host here, ``masks`` as their
-        :func:`~neuroal.checkpoint.positive_zeros` (1 byte per weight)."""
+        :func:`~neuroal.outputs.checkpoint.positive_zeros` (1 byte per weight)."""
         block = self.adapter.blocks[index]
         linears = self.adapter.prunable_linears(block)
         state = {n: m.weight.data for n, m in linears.items()}
@@ -351,7 +351,7 @@ class Worker:
 
         Returns:
             The restored weight of every stored linear, ``name -> (rows, cols)``, for
-            :func:`~neuroal.checkpoint.check_replayed`.
+            :func:`~neuroal.outputs.checkpoint.check_replayed`.
         """
         restored = {}
         with self.resident(index, write=True) as block:
@@ -661,7 +661,7 @@ class Worker:
     def token_logprobs(self, stream: torch.Tensor,
                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of ``targets[b, t]`` after position ``t``, and whether it is the
-        argmax (zero-shot scoring, ``neuroal.zeroshot``): ``(B, T, h), (B, T) -> (B, T)``
+        argmax (zero-shot scoring, ``neuroal.evaluation.zeroshot``): ``(B, T, h), (B, T) -> (B, T)``
         float64 and ``(B, T)`` bool, fp32 log-softmax, one sequence at a time (as
         :meth:`window_nll`), so only ``(T, vocab)`` logits exist at once."""
         if not self.last:

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from neuroal.allocation.plan import ModelShape
-from neuroal.errors import AdapterError
 from neuroal.models.consumers import ConsumerMap, derive_consumer_map
 from neuroal.models.moe import expert_consumers, with_experts
 from neuroal.models.selection import LayerSelection
 from neuroal.models.sharing import Groups, derive_input_groups
+from neuroal.runtime.errors import AdapterError
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

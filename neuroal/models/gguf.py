@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 if TYPE_CHECKING:
     from gguf import GGUFReader

@@ -20,18 +20,17 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from neuroal.checkpoint import fingerprint_changes  # noqa: F401  (re-exported)
-from neuroal.digests import file_digests
-from neuroal.errors import ModelSourceError
-from neuroal.inputs import file_kind
-from neuroal.logging import get_logger
+from neuroal.config.inputs import file_kind
 from neuroal.models.adapter import check_text_decoder
 from neuroal.models.conversion import build_parameter, checkpoint_sources
 from neuroal.models.gguf import GGUFCheckpoint
 from neuroal.models.known import KNOWN, known_alias, known_config, known_license
 from neuroal.models.meta import empty_on_meta, meta_buffers
 from neuroal.models.quant import dequantizing, quantization_scheme, with_scales
-from neuroal.progress import Progress
+from neuroal.runtime.digests import file_digests
+from neuroal.runtime.errors import ModelSourceError
+from neuroal.runtime.logging import get_logger
+from neuroal.runtime.progress import Progress
 
 log = get_logger(__name__)
 
@@ -521,7 +520,7 @@ def _sha(data: bytes) -> str:
 
 def _file_print(path: Path, header_end: int | None, digest: str) -> dict[str, Any]:
     """Size, SHA-256 of the header (safetensors JSON / GGUF metadata and tensor directory) and
-    ``digest``, the SHA-256 of the whole file (:func:`neuroal.digests.file_digests`: streamed
+    ``digest``, the SHA-256 of the whole file (:func:`neuroal.runtime.digests.file_digests`: streamed
     once per file version, then cached), so that a change anywhere in the file shows and the
     header's own digest tells a changed tensor directory from changed weight bytes."""
     size = path.stat().st_size
@@ -548,7 +547,7 @@ def weights_fingerprint(source: ModelSource, cache_dir: str | Path | None = None
     ``{"kind", "files": {name: {size, header, sha256}}}`` for local directories (config, index:
     ``{size, sha256}``; every ``*.safetensors``) and GGUF files (header = metadata + tensor
     directory), ``sha256`` over the whole file, cached under ``cache_dir``
-    (:func:`neuroal.digests.file_digests`); hub sources: ``{"kind": "hub", "id", "revision",
+    (:func:`neuroal.runtime.digests.file_digests`); hub sources: ``{"kind": "hub", "id", "revision",
     "commit"}`` from the cached snapshot, or ``"commit": None`` and a ``"note"`` when nothing
     is cached.
     """

@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from neuroal.errors import ModelSourceError
-from neuroal.logging import get_logger
+from neuroal.runtime.errors import ModelSourceError
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

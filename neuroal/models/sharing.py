@@ -1,6 +1,6 @@
 """Which prunable linears of a block read the very same input tensor, derived on a tiny twin.
 
-The statistics capture (``neuroal.capture``) keeps one accumulator per distinct input: q/k/v
+The statistics capture (``neuroal.capture.collector``) keeps one accumulator per distinct input: q/k/v
 read the normalised hidden states, gate/up read them again after attention, so a Llama block
 holds 4 input statistics for 7 linears (SparseGPT's Hessians: 4.1 GB at Llama-2-70B width, not
 4.9). The memory planner needs the same grouping before any weight is loaded: it is derived,
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroal.logging import get_logger
 from neuroal.models.consumers import TWIN_TOKENS, TWIN_VOCAB, twin_config, twin_key, twin_model
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -69,10 +69,10 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from neuroal.allocation import ALLOCATIONS
+from neuroal.config.inputs import parse_size
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
 from neuroal.engine.arena import arena_bound
-from neuroal.inputs import parse_size
 from neuroal.planning.layout import ModelLayout
 
 ONLOAD_MODES = ("device", "host", "disk")  # as neuroal.engine.onload (kept import-free here)

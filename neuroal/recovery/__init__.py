@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from neuroal.recovery.dsnot import DSNOT, R2DSNOT, STAGE_PRUNE, MaskRefiner
 from neuroal.recovery.perp import PERP_VARIANTS, PerpOptions, ReconstructOptions
 from neuroal.recovery.train import TrainOptions
-from neuroal.registry import Registry
+from neuroal.runtime.registry import Registry
 
 STAGE_MODEL = "model"
 PHASES = ("refine", "reconstruct", "retrain")

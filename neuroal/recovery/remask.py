@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from neuroal.logging import get_logger
 from neuroal.recovery.perp import block_weights
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

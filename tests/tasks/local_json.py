@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from neuroal.tasks.local_json import load as _load
+from neuroal.evaluation.tasks.local_json import load as _load
 
 
 def load(data_file: str, **kwargs):

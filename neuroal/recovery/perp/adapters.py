@@ -25,7 +25,7 @@ from torch import nn
 
 from neuroal.recovery.perp.formulas import lora_merged, mask_lora_delta, mask_lora_merged, scale_merged
 from neuroal.recovery.perp.optim import LR_SCALE
-from neuroal.registry import Registry
+from neuroal.runtime.registry import Registry
 
 
 class AdaptedLinear(nn.Module):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from neuroal.recovery.perp.adapters import ADAPTERS
-from neuroal.registry import Registry
+from neuroal.runtime.registry import Registry
 
 
 @dataclass(frozen=True)

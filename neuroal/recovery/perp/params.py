@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import build_skeleton
 from neuroal.recovery.perp.adapters import ADAPTERS, LoRALinear
 from neuroal.recovery.perp.options import PerpOptions
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

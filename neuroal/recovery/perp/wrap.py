@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from neuroal.logging import get_logger
 from neuroal.models.adapter import ModelAdapter
 from neuroal.recovery.perp.adapters import (
     ADAPTERS,
@@ -40,6 +39,7 @@ from neuroal.recovery.perp.params import (
     unique_numel,
     untie_head,
 )
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -18,11 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroal.card import recovery_card
 from neuroal.data import load_calibration, load_eval_windows
 from neuroal.data.evaluation import perplexity
-from neuroal.export import OutputDir, write_json
-from neuroal.logging import RunLog
 from neuroal.models.loading import (
     ModelSourceError,
     SafetensorsCheckpoint,
@@ -33,14 +30,17 @@ from neuroal.models.loading import (
     resolve_model,
     source_dtype,
 )
+from neuroal.outputs.card import recovery_card
+from neuroal.outputs.export import OutputDir, write_json
 from neuroal.recovery.perp import PerpOptions, apply_perp
 from neuroal.recovery.train.loop import run_steps
 from neuroal.recovery.train.objective import window_nll
 from neuroal.recovery.train.options import TrainOptions
 from neuroal.recovery.train.runners import AcceleratorRunner, Runner, TorchRunner, model_dtype
 from neuroal.recovery.train.save import prunable_weight_names, save_model, verify_saved_zeros
-from neuroal.registry import Registry
-from neuroal.runtime import load_tokenizer, pick_device
+from neuroal.runtime.logging import RunLog
+from neuroal.runtime.process import load_tokenizer, pick_device
+from neuroal.runtime.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def _export(job: RecoverJob, source: Any, model: nn.Module, tokenizer: Any,
             output: Any = None, runlog: Any = None) -> None:
     """Write shards, config, tokenizer and ``recovery.json``; check the zeros before the output
     directory appears (atomic; ``output``: the checked, locked :class:`OutputDir`; ``runlog``:
-    the run's :class:`~neuroal.logging.RunLog`, whose ``neuroal.log`` goes into the output)."""
+    the run's :class:`~neuroal.runtime.logging.RunLog`, whose ``neuroal.log`` goes into the output)."""
     dtype = source_dtype(model.config, model_dtype(model))
     output = output if output is not None else OutputDir(Path(job.output), job.overwrite)
     with output.atomic(kind="recover") as staging:
@@ -157,7 +157,7 @@ def recover(job: RecoverJob) -> dict[str, Any]:
     up to float rounding). The saved zeros are checked against the input checkpoint before the
     output directory appears.
 
-    The output path is checked first (neuroal.safety: not the input, not a directory neuroal
+    The output path is checked first (neuroal.outputs.safety: not the input, not a directory neuroal
     did not write, ...) and locked by rank 0 for the whole job.
 
     Returns:

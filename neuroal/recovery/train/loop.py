@@ -16,8 +16,6 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from neuroal.logging import get_logger
-from neuroal.progress import Progress
 from neuroal.recovery.perp import (
     PerpOptions,
     PerpState,
@@ -29,6 +27,8 @@ from neuroal.recovery.perp import (
 from neuroal.recovery.train.objective import lm_loss, sample_order
 from neuroal.recovery.train.options import TrainInfo, TrainOptions
 from neuroal.recovery.train.runners import Runner, TorchRunner
+from neuroal.runtime.logging import get_logger
+from neuroal.runtime.progress import Progress
 
 log = get_logger(__name__)
 

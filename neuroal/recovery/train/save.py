@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroal.compat import make_loadable
-from neuroal.export import parse_size, write_config
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import SafetensorsCheckpoint
+from neuroal.outputs.compat import make_loadable
+from neuroal.outputs.export import parse_size, write_config
 from neuroal.recovery.perp import check_zeros_kept
 
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import yaml
 
-from neuroal.card import prune_card
-from neuroal.checkpoint import drain_state_writers
-from neuroal.compat import make_loadable
-from neuroal.inputs import parse_size as parse
-from neuroal.logging import get_logger
-from neuroal.safety import (
-    OutputExistsError,  # noqa: F401 - re-exported: neuroal.export.OutputExistsError
+from neuroal.outputs.card import prune_card
+from neuroal.outputs.checkpoint import drain_state_writers
+from neuroal.outputs.compat import make_loadable
+from neuroal.config.inputs import parse_size as parse
+from neuroal.runtime.logging import get_logger
+from neuroal.outputs.safety import (
+    OutputExistsError,  # noqa: F401 - re-exported: neuroal.outputs.export.OutputExistsError
     OutputLock,
     check_output_path,
     check_tmp,
@@ -34,7 +34,7 @@ log = get_logger(__name__)
 
 
 def parse_size(text: str | int) -> int:
-    """``"2GB"`` -> 2_000_000_000 bytes, ``"2GiB"`` -> 2 * 2^30 (:func:`neuroal.inputs.parse_size`,
+    """``"2GB"`` -> 2_000_000_000 bytes, ``"2GiB"`` -> 2 * 2^30 (:func:`neuroal.config.inputs.parse_size`,
     the one size parser of ``output.shard_size`` and ``engine.memory_limit``)."""
     return parse(text, "output.shard_size")
 
@@ -44,7 +44,7 @@ class OutputDir:
     """The final output path and its sibling temporary directory ``<output>.neuroal-tmp``.
 
     The path is made absolute (``--output .`` and ``..`` name real directories). The safety
-    rules (what may be written or replaced, the lock, the swap) live in :mod:`neuroal.safety`.
+    rules (what may be written or replaced, the lock, the swap) live in :mod:`neuroal.outputs.safety`.
     """
 
     path: Path
@@ -197,7 +197,7 @@ def write_config(directory: Path, config: Any, dtype_name: str) -> None:
             delattr(config, attr)
     config.save_pretrained(directory)
     GenerationConfig.from_model_config(config).save_pretrained(directory)
-    make_loadable(directory)  # keys transformers 4.5x / vLLM need (neuroal.compat)
+    make_loadable(directory)  # keys transformers 4.5x / vLLM need (neuroal.outputs.compat)
 
 
 def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str, Any],
@@ -211,7 +211,7 @@ def write_run_files(directory: Path, report: dict[str, Any], resolved: dict[str,
 
 
 def model_card(report: dict[str, Any]) -> str:
-    """The model card ``README.md`` (engine.md §9), built by :func:`neuroal.card.prune_card`."""
+    """The model card ``README.md`` (engine.md §9), built by :func:`neuroal.outputs.card.prune_card`."""
     return prune_card(report)
 
 

@@ -4,7 +4,7 @@ A config is built once at the edge (``cli.py`` or :func:`load_config`) from defa
 YAML file and ``key=value`` overrides, validated with every error collected, then frozen. Inside
 the library only plain arguments taken from it travel.
 
-The schema (dataclasses, overrides, YAML, per-field types) is the leaf :mod:`neuroal.schema`,
+The schema (dataclasses, overrides, YAML, per-field types) is the leaf :mod:`neuroal.config.schema`,
 re-exported here; this module adds the rules that need the plug-in registries (criteria,
 allocations, executors, data sources, recovery steps), so it sits above them.
 """
@@ -20,28 +20,19 @@ from pathlib import Path
 from typing import Any
 
 from neuroal.allocation import ALLOCATIONS
-from neuroal.criteria import CRITERIA
-from neuroal.data import SOURCES, parse_source
-from neuroal.engine import EXECUTORS
-from neuroal.engine.data_parallel import PARALLEL_CHOICES
-from neuroal.engine.onload import ONLOAD_CHOICES
-from neuroal.errors import ConfigError
-from neuroal.inputs import is_int, is_number, label_flags, output_name_error, parse_size, type_error
-from neuroal.progress import MODES
-from neuroal.models.selection import selection_errors
-from neuroal.recipes import recipe_path
-from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
-from neuroal.schema import (  # noqa: F401  (re-exported: the config's public names)
+from neuroal.config.inputs import is_int, is_number, label_flags, output_name_error, parse_size, type_error
+from neuroal.config.recipes import recipe_path
+from neuroal.config.schema import (  # noqa: F401  (re-exported: the config's public names)
     _SECTIONS,
     _SUBSECTIONS,
     DEPRECATED_KEYS,
     DTYPES,
     GENERATION_BACKENDS,
     LOG_LEVELS,
-    SPARSITY_SCOPES,
     PATTERN_RE,
     RAY_PLACEMENTS,
     RAY_TRANSPORTS,
+    SPARSITY_SCOPES,
     AllocationConfig,
     CalibConfig,
     CriterionConfig,
@@ -63,6 +54,15 @@ from neuroal.schema import (  # noqa: F401  (re-exported: the config's public na
     read_yaml,
     set_dotted,
 )
+from neuroal.criteria import CRITERIA
+from neuroal.data import SOURCES, parse_source
+from neuroal.engine import EXECUTORS
+from neuroal.engine.data_parallel import PARALLEL_CHOICES
+from neuroal.engine.onload import ONLOAD_CHOICES
+from neuroal.models.selection import selection_errors
+from neuroal.recovery import RECOVERY_STEPS, chain_errors, resolved_options
+from neuroal.runtime.errors import ConfigError
+from neuroal.runtime.progress import MODES
 
 
 def build_config(tree: Mapping[str, Any]) -> PruneConfig:

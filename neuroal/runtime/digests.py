@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from neuroal.logging import get_logger
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

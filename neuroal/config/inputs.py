@@ -1,6 +1,6 @@
 """Strict checks of user input at the edge (style rule 5): option types, sizes, sequence lengths.
 
-Low module (standard library only): :mod:`neuroal.config`, the planner, the export and every
+Low module (standard library only): :mod:`neuroal.config.build`, the planner, the export and every
 ``launch/`` entry point share these checks, so one value is read the same way everywhere.
 Every function returns error strings (``"key=value: expected ..."``) or raises ``ValueError``
 naming the value; none of them prints or exits.

@@ -48,8 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from neuroal.inputs import file_sha256
-from neuroal.logging import get_logger
+from neuroal.config.inputs import file_sha256
+from neuroal.runtime.errors import ResumeMismatchError, StateIntegrityError  # noqa: F401
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -105,7 +106,7 @@ def file_changes(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
 
 
 def input_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """What changed in the non-weight inputs of the resume key (:func:`neuroal.resume_key.
+    """What changed in the non-weight inputs of the resume key (:func:`neuroal.outputs.resume_key.
     resume_inputs`): tokenizer files and the calibration source, each named."""
     changes = []
     tok_a, tok_b = old.get("tokenizer") or {}, new.get("tokenizer") or {}
@@ -121,14 +122,6 @@ def input_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     elif cal_a.get("sha256") != cal_b.get("sha256"):
         changes.append(f"calibration file {cal_b.get('location')}: content differs")
     return changes
-
-
-class ResumeMismatchError(ValueError):
-    """``--resume`` found state written by a different configuration or model."""
-
-
-class StateIntegrityError(ValueError):
-    """A resume state file is corrupted, edited or inconsistent with its plan."""
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -215,7 +208,7 @@ class RunState:
         resume: Reuse existing state (must match); otherwise any old state is discarded.
         weights: The model's :func:`~neuroal.models.loading.weights_fingerprint`; with
             ``resume`` it must match the stored one.
-        inputs: The other inputs' digests (:func:`neuroal.resume_key.resume_inputs`: tokenizer
+        inputs: The other inputs' digests (:func:`neuroal.outputs.resume_key.resume_inputs`: tokenizer
             files, calibration source); with ``resume`` they must match the stored ones.
 
     Raises:

@@ -1,7 +1,7 @@
 """The inputs of the resume key besides the config and the weights: tokenizer and calibration.
 
-:class:`neuroal.checkpoint.RunState` stores what this module returns in ``meta.json`` and
-refuses ``--resume`` when any of it changed (:func:`neuroal.checkpoint.input_changes` names the
+:class:`neuroal.outputs.checkpoint.RunState` stores what this module returns in ``meta.json`` and
+refuses ``--resume`` when any of it changed (:func:`neuroal.outputs.checkpoint.input_changes` names the
 file). The weights' part is :func:`neuroal.models.loading.weights_fingerprint`.
 
 * Tokenizer: every tokenizer file (:data:`TOKENIZER_PATTERNS`) at the top of the folder the
@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neuroal.digests import file_digests
+from neuroal.runtime.digests import file_digests
 from neuroal.models.loading import ModelSource
 
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
@@ -68,14 +68,14 @@ def calibration_fingerprint(calib: Any, spec: str) -> dict[str, Any]:
 
 def resume_inputs(source: ModelSource, tokenizer: str | None, calib: Any, calib_spec: str,
                   cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """What :class:`~neuroal.checkpoint.RunState` keys on besides the config and the weights.
+    """What :class:`~neuroal.outputs.checkpoint.RunState` keys on besides the config and the weights.
 
     Args:
         source: The resolved model.
         tokenizer: ``model.tokenizer`` (None: the model's own).
         calib: The loaded calibration data (None for ``self``).
         calib_spec: ``calib.source``.
-        cache_dir: Where file digests are cached (:func:`neuroal.digests.file_digests`).
+        cache_dir: Where file digests are cached (:func:`neuroal.runtime.digests.file_digests`).
     """
     return {"tokenizer": tokenizer_fingerprint(source, tokenizer, cache_dir),
             "calibration": calibration_fingerprint(calib, calib_spec)}

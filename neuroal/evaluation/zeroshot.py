@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from neuroal.errors import ConfigError
-from neuroal.logging import get_logger, progress
+from neuroal.runtime.errors import ConfigError
+from neuroal.runtime.logging import get_logger, progress
 
 try:
     from lm_eval.api.model import TemplateLM as _LMBase

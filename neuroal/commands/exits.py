@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from neuroal.errors import OutputExistsError
-from neuroal.logging import get_logger
-from neuroal.safety import free_bytes
+from neuroal.outputs.safety import free_bytes
+from neuroal.runtime.errors import OutputExistsError
+from neuroal.runtime.logging import get_logger
 
 log = get_logger("neuroal.cli")
 

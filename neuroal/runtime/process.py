@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from neuroal.errors import ConfigError, ModelSourceError
+from neuroal.runtime.errors import ConfigError, ModelSourceError
 
 if TYPE_CHECKING:  # annotations only
     from neuroal.models.loading import ModelSource

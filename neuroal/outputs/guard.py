@@ -3,8 +3,8 @@ writes touches it), what the checkpoint holds against what its config declares, 
 run would execute code from its inputs.
 
 Every function reads headers and names only (never a weight) and raises the user errors of
-:mod:`neuroal.errors` (exit code 2 from every entry point) or logs a warning where running is
-right. The write rules themselves live in :mod:`neuroal.safety`.
+:mod:`neuroal.runtime.errors` (exit code 2 from every entry point) or logs a warning where running is
+right. The write rules themselves live in :mod:`neuroal.outputs.safety`.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from neuroal.data import parse_source
-from neuroal.errors import AdapterError, ConfigError, ModelSourceError
-from neuroal.logging import get_logger
+from neuroal.runtime.errors import AdapterError, ConfigError, ModelSourceError
+from neuroal.runtime.logging import get_logger
 from neuroal.models.loading import ModelSource, input_paths, resolve_model
-from neuroal.safety import check_file_output, check_output_path
+from neuroal.outputs.safety import check_file_output, check_output_path
 
 log = get_logger(__name__)
 
@@ -40,7 +40,7 @@ def run_inputs(cfg: Any, source: ModelSource | None, extra: Iterable[str | Path]
     """Every local path ``cfg`` reads: the model (folder or ``.gguf``), its tokenizer, the
     calibration and evaluation text or token files, the data folder, lm-eval's include path,
     an allocation file, plus ``extra`` (the YAML recipe). Links inside folders are followed by
-    :func:`neuroal.safety.input_closure` where the output checks use them."""
+    :func:`neuroal.outputs.safety.input_closure` where the output checks use them."""
     paths: list[str] = list(input_paths(source)) if source is not None else []
     for spec in [cfg.calib.source, *cfg.eval.datasets]:
         try:

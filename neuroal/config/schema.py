@@ -3,7 +3,7 @@
 Leaf module (no higher neuroal import): the dataclasses, ``key=value`` overrides, YAML reading,
 deprecated-key renames and per-field type checks. The rules that need the plug-in registries
 (criterion, allocation, executor, data source and recovery step names) are
-:func:`neuroal.config.validate`; :mod:`neuroal.config` is the front door that builds and
+:func:`neuroal.config.build.validate`; :mod:`neuroal.config.build` is the front door that builds and
 validates a config, and re-exports everything here.
 """
 
@@ -21,9 +21,9 @@ from typing import Any
 
 import yaml
 
-from neuroal.errors import ConfigError
-from neuroal.inputs import YAML_MAX_BYTES, YAMLLimitError, not_a_file, safe_yaml_load, typed_fields
-from neuroal.jobs import NMPattern
+from neuroal.config.inputs import YAML_MAX_BYTES, YAMLLimitError, not_a_file, safe_yaml_load, typed_fields
+from neuroal.runtime.errors import ConfigError
+from neuroal.runtime.jobs import NMPattern
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PATTERN_RE = re.compile(r"^(\d+):(\d+)$")
@@ -35,7 +35,7 @@ SPARSITY_SCOPES = ("targeted", "model")
 RAY_TRANSPORTS = ("auto", "object-store", "gloo", "nccl")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
-log = logging.getLogger("neuroal.config")  # the warnings of the config, as before the split
+log = logging.getLogger("neuroal.config.build")  # the warnings of the config, as before the split
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class CalibConfig:
 class EvalConfig:
     """Perplexity evaluation; ``datasets`` empty disables it. ``seqlen`` None = calib seqlen.
 
-    ``tasks``: lm-eval tasks scored through the workers (``neuroal.zeroshot``; needs the
+    ``tasks``: lm-eval tasks scored through the workers (``neuroal.evaluation.zeroshot``; needs the
     ``neuroal[eval]`` extra), with task YAMLs also read from ``include_path``; ``limit`` keeps
     the first documents of each task, ``max_length`` the context window (None: model's).
     ``generation``: who answers generation (``generate_until``) requests: ``workers`` (greedy
@@ -176,7 +176,7 @@ class OutputConfig:
     overwrite: bool = False
     save_model: bool = True
     dtype: str = "auto"
-    shard_size: int | str = "2GB"  # bytes or "2GB", "500MiB" (neuroal.inputs.parse_size)
+    shard_size: int | str = "2GB"  # bytes or "2GB", "500MiB" (neuroal.config.inputs.parse_size)
     resume: bool = False  # continue from <dir>.neuroal-tmp/state (engine.md §8)
     keep_state: bool = True  # keep the resume state when a run fails
     push_to_hub: str | None = None  # hub repo id to upload the finished output to (network)
@@ -312,7 +312,7 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def yaml_value(label: str, text: str) -> Any:
-    """``text`` read as YAML within neuroal's limits (:func:`neuroal.inputs.safe_yaml_load`);
+    """``text`` read as YAML within neuroal's limits (:func:`neuroal.config.inputs.safe_yaml_load`);
     malformed YAML is a ConfigError naming ``label`` and saying what to write instead."""
     try:
         return safe_yaml_load(text, label)
@@ -380,7 +380,7 @@ def assemble(tree: Mapping[str, Any]) -> tuple[PruneConfig, list[str]]:
     """A :class:`PruneConfig` from a nested dict and the structural errors found on the way.
 
     Every error is collected: a malformed section or a value of the wrong type is reported and
-    replaced by its default, so that the remaining checks (:func:`neuroal.config.validate`)
+    replaced by its default, so that the remaining checks (:func:`neuroal.config.build.validate`)
     still run and report theirs.
     """
     errors: list[str] = []

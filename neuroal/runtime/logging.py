@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from neuroal.progress import track
+from neuroal.runtime.progress import track
 
 T = TypeVar("T")
 
@@ -147,7 +147,7 @@ class RunLog(logging.Handler):
 
 def progress(items: Iterable[T], desc: str, total: int | None = None,
              unit: str = "it") -> Iterator[T]:
-    """Iterate with progress (:func:`neuroal.progress.track`): a tqdm bar on a terminal, a log
+    """Iterate with progress (:func:`neuroal.runtime.progress.track`): a tqdm bar on a terminal, a log
     line every ``log.interval`` seconds otherwise; silent with ``NEUROAL_PROGRESS=0``."""
     yield from track(items, desc, total, unit=unit)
 

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from neuroal import __version__
-from neuroal.errors import OutputExistsError
-from neuroal.inputs import file_kind, file_sha256
-from neuroal.logging import get_logger
+from neuroal.runtime.errors import OutputExistsError
+from neuroal.config.inputs import file_kind, file_sha256
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
@@ -392,7 +392,7 @@ def _check_parent(path: Path) -> None:
 
 
 LOG_LINE = re.compile(rb"^\d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) neuroal[\w.]*: ")
-"""The first line of a log file neuroal wrote (:data:`neuroal.logging.FORMAT`)."""
+"""The first line of a log file neuroal wrote (:data:`neuroal.runtime.logging.FORMAT`)."""
 
 
 def written_by_neuroal(path: Path, kind: str) -> bool:

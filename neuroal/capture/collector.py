@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuroal.capture_moe import ExpertStats
+from neuroal.capture.moe import ExpertStats
 from neuroal.criteria.base import (
     INPUT_STATS,
     STAT_HESSIAN,
@@ -247,7 +247,7 @@ def _sharing_changed(name: str, leader: str) -> RuntimeError:
 
 def _expert_stats(collector: StatsCollector, linears: dict[str, nn.Linear]) -> Any:
     """Routed-token statistics for the linears that are MoE expert slices (not modules), or
-    None for a dense block (neuroal.capture_moe)."""
+    None for a dense block (neuroal.capture.moe)."""
     slices = {n: m for n, m in linears.items() if not isinstance(m, nn.Module)}
     if not slices:
         return None

@@ -4,7 +4,7 @@ One helper for every phase (loading, dense statistics, NeuroAL candidates, the f
 evaluation windows, retraining steps). How progress is shown depends on where the run lives:
 
 * ``bar``: a tqdm bar on stderr (a terminal); log records are written through ``tqdm.write``
-  (see :class:`neuroal.logging.TqdmHandler`) so that they never cut a bar;
+  (see :class:`neuroal.runtime.logging.TqdmHandler`) so that they never cut a bar;
 * ``log``: no bar; one log line every ``interval`` seconds with count, rate, elapsed time and
   ETA (Ray jobs, ``nohup``, Slurm, notebooks, CI), and a closing line for phases that logged;
 * ``off``: nothing.
@@ -29,7 +29,7 @@ T = TypeVar("T")
 MODES = ("auto", "bar", "log", "off")
 ENV_PROGRESS = "NEUROAL_PROGRESS"
 
-log = logging.getLogger("neuroal.progress")
+log = logging.getLogger("neuroal.runtime.progress")
 
 
 @dataclass

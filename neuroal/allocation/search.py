@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from neuroal.logging import get_logger
-from neuroal.progress import Progress
+from neuroal.runtime.logging import get_logger
+from neuroal.runtime.progress import Progress
 
 log = get_logger(__name__)
 
@@ -99,7 +99,7 @@ class CandidateProgress:
 
     Args:
         candidates: The candidates submitted together (one phase).
-        **kwargs: Passed to :class:`neuroal.progress.Progress` (tests: ``mode``, ``clock``).
+        **kwargs: Passed to :class:`neuroal.runtime.progress.Progress` (tests: ``mode``, ``clock``).
     """
 
     def __init__(self, candidates: Sequence[Candidate], **kwargs: Any) -> None:

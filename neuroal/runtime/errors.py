@@ -2,7 +2,7 @@
 
 Leaf module (standard library only): every layer raises these and every entry point catches
 them, so they live below all of them; the modules that define the rules re-export them
-(``neuroal.config.ConfigError``, ``neuroal.models.loading.ModelSourceError``, ...).
+(``neuroal.config.build.ConfigError``, ``neuroal.models.loading.ModelSourceError``, ...).
 """
 
 from __future__ import annotations
@@ -45,3 +45,11 @@ class PreflightError(ValueError):
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, ModelSourceError, AdapterError,
                                                 OutputExistsError, PreflightError)
 """What the entry points report as one log line and exit code 2."""
+
+
+class ResumeMismatchError(ValueError):
+    """``--resume`` found state written by a different configuration or model."""
+
+
+class StateIntegrityError(ValueError):
+    """A resume state file is corrupted, edited or inconsistent with its plan."""

@@ -85,7 +85,7 @@ class PruneJob:
     exact_count: bool = True
     refine: tuple[tuple[str, Mapping[str, Any]], ...] = ()  # (refiner name, resolved options)
     reconstruct: Mapping[str, Any] | None = None  # perp-reconstruct's resolved options
-    state_dir: str | None = None  # resume state (neuroal.checkpoint): finished blocks are replayed
+    state_dir: str | None = None  # resume state (neuroal.outputs.checkpoint): finished blocks are replayed
 
 
 @dataclass(frozen=True)

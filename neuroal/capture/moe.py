@@ -53,7 +53,7 @@ class ExpertStats:
     """Pre-hooks on the experts modules of one block feeding a collector's accumulators.
 
     Args:
-        collector: The :class:`~neuroal.capture.StatsCollector` (its ``acc``, ``order``,
+        collector: The :class:`~neuroal.capture.collector.StatsCollector` (its ``acc``, ``order``,
             input needs and current micro-batch size are used).
         linears: ``name -> ExpertLinear`` of the block.
         batch_sums: ``capture.batch_sums``; ``output_sums``: ``capture.output_sums``.

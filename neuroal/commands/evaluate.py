@@ -1,8 +1,8 @@
 """Evaluate any model (an exported pruned directory, a GGUF file, an alias) through the workers:
-the streamed perplexity and lm-eval zero-shot tasks (``neuroal.zeroshot``).
+the streamed perplexity and lm-eval zero-shot tasks (``neuroal.evaluation.zeroshot``).
 
 :func:`evaluate` is the Python API; :func:`main` the ``neuroal evaluate`` / ``launch/evaluate.py``
-command. Both build a validated :class:`~neuroal.config.PruneConfig` (only its model, eval and
+command. Both build a validated :class:`~neuroal.config.build.PruneConfig` (only its model, eval and
 engine sections matter here), so the same errors come out for the same bad values.
 """
 
@@ -20,22 +20,20 @@ import torch
 
 from neuroal import __version__
 from neuroal.cli import _names, deprecated_flag, split_overrides
-from neuroal.config import ConfigError, load_config, set_dotted
+from neuroal.commands.exits import guarded
+from neuroal.config.build import ConfigError, load_config, set_dotted
+from neuroal.config.inputs import label_flags, position_errors
 from neuroal.data.evaluation import load_eval_windows, perplexity
 from neuroal.engine.dist import coordinator, rank_info, serve
-from neuroal.errors import OutputExistsError
-from neuroal.exits import guarded
-from neuroal.guard import (
-    check_checkpoint,
-    check_decoder_lm,
-    check_source,
-    check_text_sources,
-    run_inputs,
-    source_or_none,
-    warn_code_execution,
+from neuroal.evaluation.zeroshot import (
+    backend_results,
+    executor_results,
+    generation_backend,
+    generation_tasks,
+    merge_results,
+    summarize_results,
+    write_lm_eval_output,
 )
-from neuroal.inputs import label_flags, position_errors
-from neuroal.logging import configure, ensure_visible, get_logger
 from neuroal.models.adapter import AdapterError, ModelAdapter
 from neuroal.models.loading import (
     ModelSourceError,
@@ -45,6 +43,16 @@ from neuroal.models.loading import (
     resolve_dtype,
     resolve_model,
 )
+from neuroal.outputs.guard import (
+    check_checkpoint,
+    check_decoder_lm,
+    check_source,
+    check_text_sources,
+    run_inputs,
+    source_or_none,
+    warn_code_execution,
+)
+from neuroal.outputs.safety import check_file_output, write_file
 from neuroal.pipeline import (
     Prepared,
     Timings,
@@ -58,16 +66,8 @@ from neuroal.pipeline import (
     tasks_report,
     versions,
 )
-from neuroal.safety import check_file_output, write_file
-from neuroal.zeroshot import (
-    backend_results,
-    executor_results,
-    generation_backend,
-    generation_tasks,
-    merge_results,
-    summarize_results,
-    write_lm_eval_output,
-)
+from neuroal.runtime.errors import OutputExistsError
+from neuroal.runtime.logging import configure, ensure_visible, get_logger
 
 log = get_logger(__name__)
 
@@ -200,7 +200,7 @@ def run_evaluation(cfg: Any, session: Any = None,
     timings, t0 = Timings(), time.perf_counter()
     with timings("resolve"):
         source = resolve_model(cfg.model.name, cfg.model.revision)
-        check_source(source)  # GGUF header, index weight_map (neuroal.guard)
+        check_source(source)  # GGUF header, index weight_map (neuroal.outputs.guard)
         check_text_sources(cfg)
         config = load_model_config(source, cfg.model.trust_remote_code)
         check_decoder_lm(config, cfg.model.name)

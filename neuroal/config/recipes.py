@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from neuroal.errors import ConfigError
+from neuroal.runtime.errors import ConfigError
 
-RECIPES_DIR = Path(__file__).resolve().parent / "configs"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "configs"
 SUFFIXES = (".yaml", ".yml")
 
 
