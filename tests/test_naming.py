@@ -1,6 +1,7 @@
 """One name per concept across the commands (old spellings still work, with a warning), YAML
-1.2 booleans (words such as ``off`` stay words), and the size parser agreeing with accelerate's
-where accelerate knows the unit."""
+1.2 booleans (words such as ``off`` stay words), and the size parser (accelerate's, behind
+neuroal's normalising wrapper: tests/test_libraries.py) agreeing with accelerate where accelerate
+reads the spelling as bytes."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_prune_flags_share_evaluates_names(caplog: pytest.LogCaptureFixture) -> 
 
 
 def test_evaluate_flags_share_prunes_names(caplog: pytest.LogCaptureFixture) -> None:
-    from neuroal.evaluation import FLAG_KEYS, build_parser as eval_parser
+    from neuroal.evaluation import FLAG_KEYS
+    from neuroal.evaluation import build_parser as eval_parser
 
     args = eval_parser().parse_intermixed_args(["m", "--eval-windows", "2", "--eval-seqlen", "8"])
     assert (args.eval_windows, args.eval_seqlen) == (2, 8)
