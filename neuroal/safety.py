@@ -39,6 +39,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from neuroal import __version__
 from neuroal.errors import OutputExistsError
 from neuroal.inputs import file_kind, file_sha256
@@ -589,7 +591,7 @@ class OutputLock:
     """
 
     tmp: Path
-    _lock: Any = None  # the filelock.FileLock while held
+    _lock: FileLock | None = None  # while held
     _fd: int | None = None  # the record's descriptor where the filesystem has no flock
     _made: tuple[Path, ...] = ()  # directories acquire() created (removed again when empty)
 
@@ -627,8 +629,6 @@ class OutputLock:
     def _acquire_file_lock(self) -> None:
         """One non-blocking :class:`filelock.FileLock` attempt (retried only when the holder
         released as we looked); the holder record is checked and written while it is held."""
-        from filelock import FileLock, Timeout
-
         for _ in range(3):
             lock = FileLock(self.file, mode=0o644, thread_local=False, blocking=False,
                             on_acquired=lambda fd: self._take(fd, locked=True))
