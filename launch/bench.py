@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from neuroal.outputs.report_keys import final_ppl, model_ppl
+
 REPO = Path(__file__).resolve().parent.parent
 FOUNDATION_RUNS = [
     ("magnitude", "unstructured", 0.5), ("wanda", "unstructured", 0.5),
@@ -129,12 +131,12 @@ def foundation(opts: argparse.Namespace) -> dict:
         rows.append({
             "run": label, "criterion": criterion, "pattern": pattern,
             "target": report["target_sparsity"], "achieved": report["achieved_sparsity"],
-            "ppl": ev["sparse_ppl"], "prune_s": report["timings"]["prune"],
+            "ppl": model_ppl(ev), "prune_s": report["timings"]["prune"],
             "total_s": report["timings"]["total"], "wall_s": report["bench_wall_seconds"],
             "peak_rss_gb": report["peak_memory_bytes"] / 1e9,
             "command": report["bench_command"],
         })
-        print(f"[{i + 1}/{len(FOUNDATION_RUNS)}] {label}: ppl {ev['sparse_ppl']:.3f}",
+        print(f"[{i + 1}/{len(FOUNDATION_RUNS)}] {label}: ppl {model_ppl(ev):.3f}",
               file=sys.stderr, flush=True)
     header = f"{'run':<24}{'target':>8}{'achieved':>10}{'ppl':>12}{'prune s':>10}{'total s':>10}{'RSS GB':>8}"
     lines = [f"dense wikitext2 perplexity: {dense:.3f}  ({opts.eval_windows} windows x {opts.seqlen})",
@@ -153,7 +155,7 @@ def _recovery_facts(report: dict) -> dict:
     if not steps:
         return {}
     step, ev = steps[0], report["eval"]["wikitext2"]
-    return {"recover": step["name"], "recovered_ppl": ev.get("recovered_ppl", ev["sparse_ppl"]),
+    return {"recover": step["name"], "recovered_ppl": final_ppl(ev),
             "step_s": step.get("seconds"), "trainable": step.get("trainable"),
             "trainable_fraction": step.get("trainable_fraction"), "tokens": step.get("tokens")}
 
@@ -187,7 +189,7 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
         rows[label] = {
             "run": label, "criterion": report["criterion"], "allocation": report["allocation"],
             "options": overrides, "target": report["target_sparsity"],
-            "achieved": report["achieved_sparsity"], "ppl": ev["sparse_ppl"],
+            "achieved": report["achieved_sparsity"], "ppl": model_ppl(ev),
             "lambda_block": policy.get("lambda_block"), "lambda_row": policy.get("lambda_row"),
             "candidates": len((report.get("search") or {}).get("candidates", [])),
             "plan_s": t.get("allocate"), "prune_s": t.get("prune"), "total_s": t.get("total"),
@@ -200,7 +202,7 @@ def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
             "command": report["bench_command"],
             **_recovery_facts(report),
         }
-        print(f"[{i + 1}/{len(runs)}] {label}: ppl {ev['sparse_ppl']:.3f}", file=sys.stderr,
+        print(f"[{i + 1}/{len(runs)}] {label}: ppl {model_ppl(ev):.3f}", file=sys.stderr,
               flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"dense_ppl": dense, "rows": list(rows.values())}, indent=2))
@@ -329,15 +331,16 @@ def ood(opts: argparse.Namespace) -> dict:
     args = ["--config", config, *overrides, f"calib.nsamples={opts.nsamples}",
             f"eval.max_windows={opts.eval_windows}", "eval.dense=true", *opts.override]
     report = run_prune(label, args, Path(opts.out))
-    corpora = {spec: {k: ev.get(k) for k in ("dense_ppl", "sparse_ppl", "recovered_ppl",
-                                             "windows", "seqlen")}
-               for spec, ev in report["eval"].items() if isinstance(ev, dict) and "sparse_ppl" in ev}
+    corpora = {spec: {"dense_ppl": ev.get("dense_ppl"), "model_ppl": model_ppl(ev),
+                      **{k: ev.get(k) for k in ("recovered_ppl", "windows", "seqlen")}}
+               for spec, ev in report["eval"].items()
+               if isinstance(ev, dict) and model_ppl(ev) is not None}
     step = report["recovery"]["steps"][0]
     print(f"{label}: {step['name']} ({step.get('seconds', 0):.0f} s; run "
           f"{report['bench_wall_seconds']:.0f} s)\n{'corpus':<12}{'dense':>10}{'pruned':>10}"
           f"{'recovered':>11}")
     for spec, ev in corpora.items():
-        print(f"{spec:<12}{ev['dense_ppl']:>10.2f}{ev['sparse_ppl']:>10.2f}"
+        print(f"{spec:<12}{ev['dense_ppl']:>10.2f}{ev['model_ppl']:>10.2f}"
               f"{ev['recovered_ppl']:>11.2f}")
     return {"run": label, "eval": corpora, "step": step["name"], "step_s": step.get("seconds"),
             "tokens": step.get("tokens"), "trainable": step.get("trainable"),
@@ -538,7 +541,7 @@ def search(opts: argparse.Namespace) -> dict:
         rows[label] = {"run": label, "search_s": report["timings"].get("allocate"),
                        "lambda_block": policy.get("lambda_block"),
                        "lambda_row": policy.get("lambda_row"),
-                       "ppl": report["eval"]["wikitext2"]["sparse_ppl"],
+                       "ppl": model_ppl(report["eval"]["wikitext2"]),
                        "command": report["bench_command"], **_search_facts(report)}
         print(f"{label}: search {rows[label]['search_s']:.0f} s, "
               f"{rows[label]['fully_evaluated']}/{rows[label]['candidates']} candidates in full, "

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from neuroal.outputs.report_keys import model_ppl
+
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 SIZES_MIB = (256, 1024)
@@ -131,7 +133,7 @@ def prunes(names: list[str], opts: argparse.Namespace) -> list[dict[str, Any]]:
                      "prune_s": report["timings"]["prune"],
                      "prune_utilisation": report["timings"].get("prune_utilisation"),
                      "total_s": report["timings"]["total"],
-                     "ppl": report["eval"]["wikitext2"]["sparse_ppl"],
+                     "ppl": model_ppl(report["eval"]["wikitext2"]),
                      "achieved": report["achieved_sparsity"],
                      "command": report["bench_command"].replace(str(opts.out), "<out>")})
         print(f"prune {name}: {rows[-1]['prune_s']:.1f} s, ppl {rows[-1]['ppl']:.4f}",

@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from neuroal.outputs.report_keys import model_ppl
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -40,7 +42,7 @@ def quickstart_text(report: dict) -> str:
     lam = [("-" if v is None else f"{v:.2f}") for v in (policy.get("lambda_block"),
                                                          policy.get("lambda_row"))]
     return (f"It prints dense {_ppl(ev['dense_ppl']):.2f}, uniform Wanda "
-            f"{_ppl(uniform[0]['sparse_ppl']):.2f} and Wanda + NeuroAL {_ppl(ev['sparse_ppl']):.2f}"
+            f"{_ppl(model_ppl(uniform[0])):.2f} and Wanda + NeuroAL {_ppl(model_ppl(ev)):.2f}"
             f"\n(lambda_block {lam[0]}, lambda_row {lam[1]}).")
 
 
@@ -189,9 +191,9 @@ def ood_text(result: dict) -> str:
     lines = [f"| corpus | dense | pruned | after {result['step']}{budget} | change by PERP |",
              "|---|---|---|---|---|"]
     for spec, ev in result["eval"].items():
-        change = ev["recovered_ppl"] / ev["sparse_ppl"] - 1
+        change = ev["recovered_ppl"] / model_ppl(ev) - 1
         lines.append(f"| {spec} ({ev['windows']} x {ev['seqlen']}) | {ev['dense_ppl']:.2f} | "
-                     f"{ev['sparse_ppl']:.2f} | {ev['recovered_ppl']:.2f} | {change:+.1%} |")
+                     f"{model_ppl(ev):.2f} | {ev['recovered_ppl']:.2f} | {change:+.1%} |")
     return "\n".join(lines)
 
 

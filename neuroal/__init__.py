@@ -8,7 +8,7 @@ criteria and allocation policies by name.
     >>> import neuroal
     >>> result = neuroal.prune("smollm2-135m", sparsity=0.6, allocation="owl",
     ...                        calib={"nsamples": 32}, eval={"tasks": ["neuroal_tiny_qa"]})
-    >>> result.report["eval"]["wikitext2"]["sparse_ppl"], result.output
+    >>> result.report["eval"]["wikitext2"]["model_ppl"], result.output
 """
 
 from __future__ import annotations

@@ -72,6 +72,7 @@ from neuroal.outputs.guard import (
 )
 from neuroal.outputs.hub import push_output, upload_hint
 from neuroal.outputs.plots import write_plots
+from neuroal.outputs.report_keys import DENSE, DENSE_PPL, MODEL, MODEL_PPL
 from neuroal.outputs.resume_key import resume_inputs
 from neuroal.planning import ModelLayout, check_fits, parse_bytes
 from neuroal.recovery import (
@@ -364,17 +365,16 @@ def evaluate_tasks(cfg: PruneConfig, prep: Prepared, executor: Executor) -> dict
     return run_tasks(executor, prep.tokenizer, prep.config, task_spec(cfg), prep.tasks)
 
 
-def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any],
-                 key: str = "sparse") -> dict[str, Any]:
+def tasks_report(cfg: PruneConfig, dense: dict[str, Any], sparse: dict[str, Any]) -> dict[str, Any]:
     """``report["eval"]["tasks"]``: lm-eval's version and settings, then per task its version,
     shots, documents and metrics of the dense model (``dense``, when measured) beside the
-    pruned one (``key``)."""
+    evaluated one (``model``; keys: :mod:`neuroal.outputs.report_keys`)."""
     results = {}
     for name, row in sparse.items():
         results[name] = {"version": row["version"], "n_shot": row["n_shot"],
                          "samples": row["samples"],
-                         "dense": dense[name]["metrics"] if name in dense else None,
-                         key: row["metrics"]}
+                         DENSE: dense[name]["metrics"] if name in dense else None,
+                         MODEL: row["metrics"]}
     return {"lm_eval_version": lm_eval_version(), "tasks": list(cfg.eval.tasks),
             "include_path": cfg.eval.include_path, "num_fewshot": cfg.eval.num_fewshot,
             "limit": cfg.eval.limit, "results": results}
@@ -635,7 +635,7 @@ def side_run(variant: PruneConfig, prep: Prepared, timings: Timings,
         executor.shutdown()
     zeros = sum(r.zeros for b in blocks for r in b.layers)
     numel = sum(r.numel for b in blocks for r in b.layers)
-    return plan, {"achieved_sparsity": zeros / numel, "sparse_ppl": sparse,
+    return plan, {"achieved_sparsity": zeros / numel, MODEL_PPL: sparse,
                   "seconds": time.perf_counter() - t0}
 
 
@@ -720,7 +720,7 @@ def recovery_report(cfg: PruneConfig, prep: Prepared, blocks: list[BlockReport],
         elif name == RECONSTRUCT.name:
             entry.update(reconstruct_totals(blocks, model_parameters(prep)))
         if name in prune_steps([name]):
-            entry["ppl_before"] = baseline["sparse_ppl"] if baseline else None
+            entry["ppl_before"] = baseline[MODEL_PPL] if baseline else None
             entry["ppl_after"] = sparse
             entry["before"] = ("the same prune without the in-prune recovery steps "
                                "(recover.baseline)" if baseline
@@ -926,7 +926,7 @@ def build_report(cfg: PruneConfig, prep: Prepared, plan: SparsityPlan, blocks: l
         "layers": layer_table(blocks, prefix),
         "blocks": [{"index": b.index, "target": b.target, "achieved": b.achieved,
                     "seconds": b.seconds} for b in blocks],
-        "eval": {k: {"dense_ppl": dense.get(k), "sparse_ppl": sparse.get(k),
+        "eval": {k: {DENSE_PPL: dense.get(k), MODEL_PPL: sparse.get(k),
                      "windows": int(prep.evals[k].windows.shape[0]),
                      "seqlen": int(prep.evals[k].windows.shape[1])} for k in prep.evals},
         "calibration": {"source": cfg.calib.source, "nsamples": cfg.calib.nsamples,

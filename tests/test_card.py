@@ -48,7 +48,7 @@ def test_output_has_card_with_valid_front_matter_and_plots(neuroal_run) -> None:
     assert metric["dataset"]["type"] == "Salesforce/wikitext"
     assert metric["metrics"][0]["type"] == "perplexity"
     assert metric["metrics"][0]["value"] == pytest.approx(
-        result.report["eval"]["wikitext2"]["sparse_ppl"], rel=1e-4)
+        result.report["eval"]["wikitext2"]["model_ppl"], rel=1e-4)
     assert str(out.parent) not in text  # no absolute path of this machine
     assert "## How to load / serve" in text and "vllm serve" in text
     assert "no speed-up and no memory saving" in text

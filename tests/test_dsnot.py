@@ -239,8 +239,8 @@ def test_pipeline_dsnot_refines_attention_only(llama_dir: Path, small_text: Path
     assert step["options"]["max_cycles"] == 50 and step["options"]["sign_check"] is True
     # the baseline is the same prune without refinement: plain Wanda's perplexity exactly
     key = f"text:{small_text}"
-    assert step["ppl_before"][key] == pytest.approx(plain.report["eval"][key]["sparse_ppl"], rel=1e-9)
-    assert step["ppl_after"][key] == refined.report["eval"][key]["sparse_ppl"]
+    assert step["ppl_before"][key] == pytest.approx(plain.report["eval"][key]["model_ppl"], rel=1e-9)
+    assert step["ppl_after"][key] == refined.report["eval"][key]["model_ppl"]
     json.dumps(refined.report)
 
 

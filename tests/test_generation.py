@@ -86,7 +86,7 @@ def test_prune_runs_generation_tasks_through_its_workers(tiny_models: dict[str, 
                    eval={"tasks": ["tiny_gen"], "include_path": str(TASKS), "dense": False},
                    engine={"workers": 2, "micro_batch": 2, "device": "cpu"})
     row = run(cfg).report["eval"]["tasks"]["results"]["tiny_gen"]
-    assert row["samples"] == 6 and "exact_match" in row["sparse"]
+    assert row["samples"] == 6 and "exact_match" in row["model"]
 
 
 def test_evaluate_hands_generation_to_lm_eval_hf_and_writes_its_schema(

@@ -1,6 +1,7 @@
 """One name per concept across the commands (old spellings still work, with a warning), YAML
-1.2 booleans (words such as ``off`` stay words), and the size parser agreeing with accelerate's
-where accelerate knows the unit."""
+1.2 booleans (words such as ``off`` stay words), and the size parser (accelerate's, behind
+neuroal's normalising wrapper: tests/test_libraries.py) agreeing with accelerate where accelerate
+reads the spelling as bytes."""
 
 from __future__ import annotations
 
@@ -69,3 +70,14 @@ def test_size_parser_reads_what_accelerate_does_not() -> None:
     assert parse_size("1TB") == 10**12 and parse_size("2TiB") == 2 * 2**40
     assert parse_size("2gb") == 2 * 10**9  # accelerate: 2 gigabits
     assert parse_size("1000") == 1000
+
+
+def test_plan_takes_prunes_engine_flag(caplog: pytest.LogCaptureFixture) -> None:
+    from neuroal.commands.plan import build_parser as plan_parser
+
+    assert plan_parser().parse_args(["--engine", "local"]).engine == "local"
+    assert plan_parser().parse_args([]).engine == "ray"
+    with caplog.at_level(logging.WARNING, logger="neuroal.cli"):
+        old = plan_parser().parse_args(["--executor", "dist"])
+    assert old.engine == "dist"
+    assert "--executor is deprecated" in caplog.text and "--engine" in caplog.text

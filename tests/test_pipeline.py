@@ -70,7 +70,7 @@ def test_export_round_trip(model_type: str, tiny_models: dict[str, Path], small_
     for key in ("model", "criterion", "allocation", "pattern", "target_sparsity",
                 "achieved_sparsity", "layers", "eval", "timings", "peak_memory_bytes", "config"):
         assert key in report, key
-    assert report["eval"][f"text:{small_text}"]["sparse_ppl"] > 1.0
+    assert report["eval"][f"text:{small_text}"]["model_ppl"] > 1.0
 
     loaded = AutoModelForCausalLM.from_pretrained(out, attn_implementation="sdpa").eval()
     ids = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -136,5 +136,5 @@ def test_compare_runs_other_allocations_side_by_side(tiny_models: dict[str, Path
     (row,) = report["compare"]
     assert row["allocation"] == "uniform" and row["achieved_sparsity"] == pytest.approx(0.6, abs=0.01)
     spec = f"text:{small_text}"
-    assert row["sparse_ppl"][spec] != report["eval"][spec]["sparse_ppl"]  # OWL differs from uniform
+    assert row["model_ppl"][spec] != report["eval"][spec]["model_ppl"]  # OWL differs from uniform
     assert report["timings"]["prune[uniform]"] > 0

@@ -120,7 +120,7 @@ def test_reconstruct_lowers_block_mse_and_keeps_masks(llama_dir: Path, small_tex
         assert block["tokens"] == 6 * 2 * 32
     assert step["trainable_fraction"] == pytest.approx(2 * 16512 / 94528)  # tied head once
     assert step["seconds"] > 0
-    assert step["ppl_after"] == {k: v["sparse_ppl"] for k, v in result.report["eval"].items()}
+    assert step["ppl_after"] == {k: v["model_ppl"] for k, v in result.report["eval"].items()}
     assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
     json.dumps(result.report)
 
@@ -145,7 +145,7 @@ def test_r2dsnot_then_reconstruct(llama_dir: Path, small_text: Path, tmp_path: P
     r2, rec = _step(result.report, "r2dsnot"), _step(result.report, "perp-reconstruct")
     assert r2["swaps"] > 0 and rec["mse_after"] < rec["mse_before"]
     key = f"text:{small_text}"
-    assert rec["ppl_before"][key] == result.report["recovery"]["baseline"]["sparse_ppl"][key]
+    assert rec["ppl_before"][key] == result.report["recovery"]["baseline"]["model_ppl"][key]
     assert rec["ppl_after"][key] < rec["ppl_before"][key]
 
 
@@ -168,7 +168,7 @@ def test_whole_model_step_keeps_masks_and_reports(name: str, llama_dir: Path, sm
     assert step["achieved_sparsity_after"] == pytest.approx(result.report["achieved_sparsity"])
     assert result.report["eval"][key]["recovered_ppl"] == step["ppl_after"][key]
     # the model entering the step is the pruned export: its perplexity is the pipeline's
-    assert step["ppl_before"][key] == pytest.approx(result.report["eval"][key]["sparse_ppl"], rel=1e-4)
+    assert step["ppl_before"][key] == pytest.approx(result.report["eval"][key]["model_ppl"], rel=1e-4)
     moved = [n for n in masks if not torch.equal(tensors[n + ".weight"],
                                                    result.executor.workers[0].adapter.model
                                                    .get_parameter(n + ".weight").float())]

@@ -59,7 +59,7 @@ def test_report_holds_dense_and_pruned_accuracy(pruned: tuple[Path, dict],
     assert tasks["lm_eval_version"] and tasks["tasks"] == ["tiny_choice"]
     row = tasks["results"]["tiny_choice"]
     assert row["version"] == 2.0 and row["n_shot"] == 0 and row["samples"] == 12
-    for key in ("dense", "sparse"):
+    for key in ("dense", "model"):
         assert set(row[key]) >= {"acc", "acc_norm"}
         assert 0.0 <= row[key]["acc"] <= 1.0
 
@@ -91,7 +91,7 @@ def test_accuracy_equals_hflm_on_exported_model(pruned: tuple[Path, dict]) -> No
                          TaskSpec(("tiny_choice",), str(TASKS), max_length=64), manager)
     for metric in ("acc", "acc_norm"):
         assert acc["tiny_choice"]["metrics"][metric] == pytest.approx(hf_acc[f"{metric},none"])
-        assert report["eval"]["tasks"]["results"]["tiny_choice"]["sparse"][metric] == \
+        assert report["eval"]["tasks"]["results"]["tiny_choice"]["model"][metric] == \
             pytest.approx(hf_acc[f"{metric},none"])
 
 

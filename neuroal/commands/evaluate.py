@@ -52,6 +52,7 @@ from neuroal.outputs.guard import (
     source_or_none,
     warn_code_execution,
 )
+from neuroal.outputs.report_keys import MODEL_PPL, model_ppl
 from neuroal.outputs.safety import check_file_output, write_file
 from neuroal.pipeline import (
     Prepared,
@@ -251,14 +252,14 @@ def run_evaluation(cfg: Any, session: Any = None,
     timings.phases["total"] = time.perf_counter() - t0
     result: dict[str, Any] = {
         "model": cfg.model.name, "perplexity": ppl,
-        "eval": {spec: {"ppl": ppl[spec], "windows": int(data.windows.shape[0]),
+        "eval": {spec: {MODEL_PPL: ppl[spec], "windows": int(data.windows.shape[0]),
                         "seqlen": int(data.windows.shape[1])} for spec, data in evals.items()},
         "timings": timings.phases, "versions": versions(),
         "engine": {"executor": cfg.engine.executor, "workers": cfg.engine.workers,
                    "device": str(device), "dtype": str(dtype).removeprefix("torch.")},
     }
     if manager is not None:
-        result["tasks"] = tasks_report(cfg, {}, summarize_results(raw), key="model")
+        result["tasks"] = tasks_report(cfg, {}, summarize_results(raw))
         result["tasks"]["generation"] = {"tasks": generating, "backend": backend}
         if lm_eval_sink is not None:
             lm_eval_sink.append(raw)
@@ -389,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The headline numbers of :func:`run_evaluation` (stdout; logs go to stderr)."""
-    lines = [f"{spec}: perplexity {ev['ppl']:.3f} ({ev['windows']} windows x {ev['seqlen']} tokens)"
+    lines = [f"{spec}: perplexity {model_ppl(ev):.3f} ({ev['windows']} windows x {ev['seqlen']} tokens)"
              for spec, ev in result["eval"].items()]
     for name, row in (result.get("tasks") or {}).get("results", {}).items():
         lines.append(f"{name}: {format_metrics(row['model'])} ({row['samples']} documents, "

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from neuroal import __version__
+from neuroal.cli import deprecated_flag
 from neuroal.commands.exits import guarded
 from neuroal.config.build import ConfigError, config_from_flags
 from neuroal.config.inputs import position_errors
@@ -120,7 +121,7 @@ def time_prediction(args: argparse.Namespace) -> dict:
     tp = throughput(device)
     workload = Workload.from_layout(layout_of(args.model))
     base = TimeRequest(
-        workers=args.workers, device=device, executor=args.executor,
+        workers=args.workers, device=device, executor=args.engine,
         transport=TRANSPORTS[args.transport], dtype=args.dtype, nsamples=args.nsamples,
         seqlen=args.seqlen, hessian=needs_hessian(args.criterion),
         candidates=search_candidates(args.allocation, {"search_samples": args.search_samples,
@@ -140,9 +141,8 @@ def time_prediction(args: argparse.Namespace) -> dict:
             "provenance": dict(tp.provenance)}
 
 
-@guarded
-def main(argv: list[str] | None = None) -> int:
-    """``neuroal plan`` / ``launch/plan.py``: exit 0 when it fits, 1 when not, 2 on bad input."""
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of ``neuroal plan`` (spelled as ``prune``'s where they mean the same)."""
     p = argparse.ArgumentParser(prog="neuroal plan", description=__doc__.split("\n")[0])
     p.add_argument("--version", action="version", version=f"neuroal {__version__}")
     p.add_argument("--model", default="llama-2-70b", help="alias, HF directory or hub id")
@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu for --device-type cpu, h100 for cuda)")
     p.add_argument("--parallel", default="auto", choices=["auto", *MODES],
                    help="engine.parallel of the final prune (auto: the faster prediction)")
-    p.add_argument("--executor", default="ray", choices=["local", "ray", "dist"])
+    p.add_argument("--engine", default="ray", choices=["local", "ray", "dist"],
+                   help="executor of the final prune (engine.executor; prune's --engine)")
+    deprecated_flag(p, "--executor", "--engine", choices=["local", "ray", "dist"])
     p.add_argument("--transport", default="auto", choices=sorted(TRANSPORTS),
                    help="engine.ray.transport (nccl/gloo/auto: direct, or the object store)")
     p.add_argument("--sparsity", type=float, default=0.5, help="target (sizes the search grid)")
@@ -184,7 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                    "an existing file is replaced only if neuroal wrote it")
     p.add_argument("--allow-existing", action="store_true",
                    help="let --json replace an existing file neuroal did not write")
-    args = p.parse_args(argv)
+    return p
+
+
+@guarded
+def main(argv: list[str] | None = None) -> int:
+    """``neuroal plan`` / ``launch/plan.py``: exit 0 when it fits, 1 when not, 2 on bad input."""
+    args = build_parser().parse_args(argv)
     try:
         if args.json and args.json != "-":  # the write guard, before any work
             local = [args.model] if Path(args.model).expanduser().exists() else []

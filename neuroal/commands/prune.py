@@ -16,6 +16,7 @@ from neuroal.commands.exits import guarded
 from neuroal.config.build import load_config
 from neuroal.engine.dist import coordinator, rank_info, serve
 from neuroal.outputs.guard import check_writes
+from neuroal.outputs.report_keys import model_metrics, model_ppl
 from neuroal.pipeline import run
 from neuroal.runtime.errors import AdapterError, ConfigError, ModelSourceError, OutputExistsError
 from neuroal.runtime.logging import configure, get_logger
@@ -63,12 +64,12 @@ def summarize(report: dict[str, Any], output: Any) -> None:
         dense = ev.get("dense_ppl")
         dense_txt = f"{dense:.3f}" if dense is not None else "n/a"
         lines.append(f"{name} perplexity ({ev['windows']} windows x {ev['seqlen']} tokens): "
-                     f"dense {dense_txt}  ->  pruned {ev['sparse_ppl']:.3f}")
+                     f"dense {dense_txt}  ->  pruned {model_ppl(ev):.3f}")
     lines += _task_lines(report.get("eval", {}).get("tasks"))
     for step in (report.get("recovery") or {}).get("steps", []):
         lines.append(_recovery_line(step))
     for row in report.get("compare", []):
-        for name, ppl in row["sparse_ppl"].items():
+        for name, ppl in model_ppl(row).items():
             lines.append(f"{name} perplexity with allocation {row['allocation']!r} instead "
                          f"(achieved {row['achieved_sparsity']:.4f}): {ppl:.3f}")
     if output is not None:
@@ -101,5 +102,5 @@ def _task_lines(tasks: dict[str, Any] | None) -> list[str]:
     for name, row in (tasks or {}).get("results", {}).items():
         lines.append(f"{name} zero-shot ({row['samples']} documents, {row['n_shot']}-shot): "
                      f"dense {format_metrics(row.get('dense'))}  ->  pruned "
-                     f"{format_metrics(row.get('sparse'))}")
+                     f"{format_metrics(model_metrics(row))}")
     return lines

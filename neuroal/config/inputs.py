@@ -14,12 +14,15 @@ import os
 import re
 import stat
 from collections.abc import Iterable, Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+# Unit as typed (any case) -> (spelling accelerate reads as bytes, multiplier folded into the
+# number). accelerate has no TB / TiB and no bare bytes: those become GB / GiB or an int.
+_UNITS = {"KB": ("KB", 1), "MB": ("MB", 1), "GB": ("GB", 1), "TB": ("GB", 1000),
+          "KIB": ("KiB", 1), "MIB": ("MiB", 1), "GIB": ("GiB", 1), "TIB": ("GiB", 1024)}
 SIZE_HELP = "bytes or a number with a unit (B, KB, MB, GB, TB or KiB, MiB, GiB, TiB), e.g. 2GB"
 
 
@@ -27,26 +30,51 @@ def parse_size(value: int | float | str, label: str = "size") -> int:
     """The one size parser: ``"2GB"`` -> 2e9, ``"80GiB"`` -> 80 * 2^30, ``1.5e9`` -> bytes.
 
     Used for ``output.shard_size``, ``engine.memory_limit``, ``--gpu-memory`` and
-    ``--shard-size`` alike. Where accelerate's ``convert_file_size_to_int`` (what
-    ``max_memory`` reads) knows a unit, the two agree (tests/test_naming.py); it is not used
-    here because it lacks TB / TiB, reads a lower-case ``gb`` as gigabits and refuses a plain
-    number in a string (``"1000"``).
+    ``--shard-size`` alike. The conversion is accelerate's ``convert_file_size_to_int`` (what
+    ``max_memory`` reads: ``KB`` = 1000, ``KiB`` = 1024); this wrapper first normalises what
+    accelerate does not read: spaces, ``TB`` / ``TiB``, ``B`` and bare numbers (bytes), floats,
+    and unit case. Every unit means bytes whatever its case: ``"2gb"`` is 2e9 bytes here,
+    where accelerate would read a lower-case ``b`` as bits.
 
     Raises:
         ValueError: Not a positive size; the message names ``label`` and the value.
     """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+    from accelerate.utils import convert_file_size_to_int
+
+    normal = _accelerate_spelling(value)
+    if normal is None:
         raise ValueError(f"{label}={value!r}: expected {SIZE_HELP}")
-    if isinstance(value, str):
-        match = _SIZE.match(value)
-        if match is None:
-            raise ValueError(f"{label}={value!r}: expected {SIZE_HELP}")
-        number = float(match.group(1)) * _UNITS[(match.group(2) or "").upper()]
-    else:
-        number = float(value)
-    if not math.isfinite(number) or number < 1:
+    try:
+        number = convert_file_size_to_int(normal)
+    except (ValueError, OverflowError):  # negative, or beyond a float ("1e300TB")
+        number = 0
+    if number < 1:
         raise ValueError(f"{label}={value!r}: expected a positive size, {SIZE_HELP}")
-    return int(number)
+    return number
+
+
+def _accelerate_spelling(value: object) -> int | str | None:
+    """``value`` as accelerate's parser reads it with neuroal's meaning: an int of bytes or a
+    ``"<number><KB|MB|GB|KiB|MiB|GiB>"`` string; 0 for a number that is not finite or below 1
+    byte; None when ``value`` is no size at all."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value >= 1 else 0
+    match = _SIZE.match(value)
+    if match is None:
+        return None
+    text, unit = match.group(1), (match.group(2) or "B").upper()
+    if not math.isfinite(float(text)):
+        return 0
+    if unit == "B":
+        return _accelerate_spelling(float(text))
+    spelling, factor = _UNITS[unit]
+    if factor != 1:
+        text = str(Decimal(text) * factor)  # exact: "1.5TB" -> "1500.0GB"
+    return f"{text}{spelling}"
 
 
 # --------------------------------------------------------------------------- option types

@@ -21,6 +21,7 @@ from typing import Any
 
 from neuroal.data import parse_source
 from neuroal.data.sources import HFSpec
+from neuroal.outputs.report_keys import final_ppl, model_ppl
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -133,7 +134,7 @@ def prune_card(report: dict[str, Any], path: str = "<this repo or directory>") -
     evals = report.get("eval") or {}
     results = []
     for spec, ev in evals.items():
-        ppl = ev.get("recovered_ppl", ev.get("sparse_ppl"))
+        ppl = final_ppl(ev)
         hub = hub_dataset(spec, "evaluation")
         if hub is not None and ppl is not None and full_split(report):
             results.append(EvalResult(task_type="text-generation", dataset_type=hub[0],
@@ -162,12 +163,12 @@ def prune_card(report: dict[str, Any], path: str = "<this repo or directory>") -
         body += [f"Perplexity on {where}:", "",
                  f"| Data | {scope} | Dense | Pruned | Retrained |", "|---|---|---|---|---|"]
         body += [f"| {spec} | {ev.get('windows')} x {ev.get('seqlen')} | {_fmt(ev.get('dense_ppl'))}"
-                 f" | {_fmt(ev.get('sparse_ppl'))} | {_fmt(ev.get('recovered_ppl'))} |"
+                 f" | {_fmt(model_ppl(ev))} | {_fmt(ev.get('recovered_ppl'))} |"
                  for spec, ev in evals.items()]
         body.append("")
     for row in report.get("compare") or []:
         body.append(f"- allocation `{row['allocation']}` instead (same data): "
-                    + ", ".join(f"{k} {_fmt(v)}" for k, v in row["sparse_ppl"].items()))
+                    + ", ".join(f"{k} {_fmt(v)}" for k, v in model_ppl(row).items()))
     body += recipe_lines(report, policy) + plot_lines(report) + ["", SERVE.format(path=path), ""]
     return _card(data, body)
 

@@ -11,9 +11,10 @@ Rules, all checked before any weight is loaded:
   written by neuroal: it holds :data:`MARKER` and nothing but the files that marker lists, or
   it is a marker-less output of an earlier version (``report.json`` + ``neuroal_config.yaml``,
   or a recovery's ``recovery.json`` + ``config.json``) holding only files neuroal writes;
-* one run at a time per output: ``<output>.neuroal-tmp/lock`` holds an exclusive ``flock`` for
-  the whole run and names the holder (PID, host, start time, command). A lock file whose
-  process is gone (same host) is stale and taken over with a warning.
+* one run at a time per output: ``<output>.neuroal-tmp/lock`` holds an exclusive
+  ``filelock.FileLock`` for the whole run and names the holder (PID, host, start time,
+  command). A lock file whose process is gone (same host) is stale and taken over with a
+  warning.
 
 The swap moves the old output aside into ``<output>.neuroal-tmp/previous``, moves the new one in,
 then deletes the old one: at every instant one complete model is at or next to the path.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import json
 import os
 import re
@@ -30,11 +32,14 @@ import shlex
 import shutil
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock, Timeout
 
 from neuroal import __version__
 from neuroal.runtime.errors import OutputExistsError
@@ -574,10 +579,20 @@ def _alive(pid: int) -> bool:
 @dataclass
 class OutputLock:
     """An exclusive lock on ``<output>.neuroal-tmp``: the file ``lock`` inside it, held with
-    ``flock`` for the whole run and naming the holder (PID, host, start time, command)."""
+    :class:`filelock.FileLock` (an ``flock``, released by the kernel when the process dies) for
+    the whole run, and naming the holder (PID, host, start time, command).
+
+    ``FileLock`` rather than ``SoftFileLock``, also where the output folder is on NFS: Linux NFS
+    clients carry ``flock`` to the server as a whole-file lock, so it excludes runs on other
+    hosts too, and a run killed by the OOM killer or ``SIGKILL`` leaves no lock to delete by
+    hand (a soft lock's file would block every later run, or expire under a long-running one).
+    A filesystem that refuses ``flock`` outright keeps the holder record as the lock, checked by
+    PID (:func:`_stale`).
+    """
 
     tmp: Path
-    _fd: int | None = None
+    _lock: FileLock | None = None  # while held
+    _fd: int | None = None  # the record's descriptor where the filesystem has no flock
     _made: tuple[Path, ...] = ()  # directories acquire() created (removed again when empty)
 
     @property
@@ -586,7 +601,7 @@ class OutputLock:
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._fd is not None or (self._lock is not None and self._lock.is_locked)
 
     def acquire(self) -> None:
         """Take the lock or refuse, naming the holder; a stale lock is taken over.
@@ -606,49 +621,60 @@ class OutputLock:
                 f"cannot create {str(self.tmp)!r} ({exc.strerror}); is its parent directory "
                 "writable? choose another --output") from exc
         try:
-            fd, locked = self._open_locked()
-            self._take(fd, locked)
+            self._acquire_file_lock()
         except BaseException:
             self._remove_tmp_if_empty()
             raise
 
-    def _open_locked(self) -> tuple[int, bool]:
-        """Open the lock file holding an exclusive ``flock`` on the inode still at the path;
-        ``locked`` is False where the filesystem offers no ``flock`` (PID check only)."""
-        import fcntl
-
-        while True:
+    def _acquire_file_lock(self) -> None:
+        """One non-blocking :class:`filelock.FileLock` attempt (retried only when the holder
+        released as we looked); the holder record is checked and written while it is held."""
+        for _ in range(3):
+            lock = FileLock(self.file, mode=0o644, thread_local=False, blocking=False,
+                            on_acquired=lambda fd: self._take(fd, locked=True))
             try:
-                fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise UnsafeOutputError(f"cannot create the lock {str(self.file)!r} "
-                                        f"({exc.strerror}); choose another --output") from exc
-            locked = True
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = _read_fd(fd)
-                os.close(fd)
+                lock.acquire()
+            except Timeout:
+                holder = _holder_record(self.file)
+                if holder.get("missing"):
+                    continue  # released and removed between the attempt and the read
                 raise OutputLockedError(
                     f"another run is writing {str(self.tmp.with_suffix(''))!r}: the lock "
                     f"{str(self.file)!r} is held by {_holder(holder)}; wait for it to finish or "
                     "choose another --output") from None
-            except OSError:
-                locked = False  # no flock here (some network filesystems): PID check only
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                return fd, locked
-            os.close(fd)  # the previous holder removed the file as we opened it: retry
+            except OutputExistsError:
+                raise  # the holder record named a live run (from _take)
+            except OSError as exc:
+                if exc.errno not in _NO_FLOCK:
+                    raise UnsafeOutputError(f"cannot create the lock {str(self.file)!r} "
+                                            f"({exc.strerror}); choose another --output") from exc
+                self._record_without_flock()
+                return
+            self._lock = lock
+            return
+        raise OutputLockedError(f"the lock {str(self.file)!r} changed hands three times while "
+                                "neuroal tried to take it; rerun, or choose another --output")
+
+    def _record_without_flock(self) -> None:
+        """No ``flock`` on this filesystem: the holder record alone is the lock (PID check)."""
+        try:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UnsafeOutputError(f"cannot create the lock {str(self.file)!r} "
+                                    f"({exc.strerror}); choose another --output") from exc
+        try:
+            self._take(fd, locked=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def _take(self, fd: int, locked: bool) -> None:
+        """Check the record a previous holder left in the lock file, then write ours into it."""
         old = _read_fd(fd)
         if old:
             stale, reason = _stale(old, locked)
             if not stale:
-                os.close(fd)
                 raise OutputLockedError(
                     f"another run may be writing {str(self.tmp.with_suffix(''))!r}: the lock "
                     f"{str(self.file)!r} is held by {_holder(old)}; {reason}")
@@ -660,16 +686,19 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
         os.fsync(fd)
-        self._fd = fd
 
     def release(self) -> None:
         """Remove the lock file and drop the lock; remove the temp dir if it is left empty."""
-        if self._fd is None:
+        if not self.held:
             return
         with contextlib.suppress(OSError):
-            self.file.unlink()
-        os.close(self._fd)
-        self._fd = None
+            self.file.unlink()  # while still held: a waiter's flock on this inode is refused
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self._remove_tmp_if_empty()
 
     def _remove_tmp_if_empty(self) -> None:
@@ -680,6 +709,35 @@ class OutputLock:
             except OSError:
                 if directory == self.tmp:
                     return  # the run left something (resume state, output): stop here
+
+
+# flock refused by the filesystem itself (not contention): the holder record is the lock.
+_NO_FLOCK = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL})
+
+
+def _holder_record(path: Path, tries: int = 20) -> dict[str, Any]:
+    """The record of the run holding the lock ``path``; an empty file (a holder that has just
+    taken the lock and is writing its record) is read again for up to a second."""
+    for _ in range(tries):
+        record = _read_path(path)
+        if record:
+            return record
+        time.sleep(0.05)
+    return record
+
+
+def _read_path(path: Path) -> dict[str, Any]:
+    """The holder record in the lock file ``path`` (``{"missing": True}`` if it is gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {"missing": True}
+    except OSError:
+        return {"unreadable": True}
+    try:
+        return _read_fd(fd)
+    finally:
+        os.close(fd)
 
 
 def _stale(old: dict[str, Any], locked: bool) -> tuple[bool, str]:
