@@ -15,11 +15,10 @@ from typing import Any
 
 import yaml
 
+from neuroal.config.inputs import parse_size as parse
 from neuroal.outputs.card import prune_card
 from neuroal.outputs.checkpoint import drain_state_writers
 from neuroal.outputs.compat import make_loadable
-from neuroal.config.inputs import parse_size as parse
-from neuroal.runtime.logging import get_logger
 from neuroal.outputs.safety import (
     OutputExistsError,  # noqa: F401 - re-exported: neuroal.outputs.export.OutputExistsError
     OutputLock,
@@ -29,6 +28,7 @@ from neuroal.outputs.safety import (
     swap_into_place,
     write_marker,
 )
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
