@@ -189,6 +189,11 @@ def test_failure_on_one_worker_is_raised(llama4: Path) -> None:
 # --------------------------------------------------------------------------- torch.distributed
 
 
+def _missing_linear(weights: dict[str, torch.Tensor], _stats: Any) -> Any:
+    """A pass function that fails on every block's owner (picklable, for the ranks)."""
+    return weights["no_such_linear"]
+
+
 def _dist_compare(model_dir: str, stage: Any) -> None:
     from neuroal.engine import EXECUTORS
 
@@ -214,7 +219,7 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
     _same([[(b.na, b.delta) for b in c] for c in got],
           [[(b.na, b.delta) for b in c] for c in want], "search")
     with pytest.raises(KeyError, match="no_such_linear"):
-        ex.dense_block_metrics(windows, lambda w, s: w["no_such_linear"], needs)
+        ex.dense_block_metrics(windows, _missing_linear, needs)
     _same(ex.window_nll(windows), local.window_nll(windows), "after a failure")
     ex.shutdown()
 
