@@ -21,7 +21,7 @@ from neuroal.config.schema import PruneConfig, set_dotted
 from neuroal.runtime.errors import ConfigError
 from neuroal.runtime.moved import install as _install_moved_paths
 
-_install_moved_paths()  # old module paths (neuroal.safety, ...) import with a deprecation warning
+_install_moved_paths()  # old module paths (neuroal.outputs.safety, ...) import with a deprecation warning
 
 __version__ = "0.1.0"
 

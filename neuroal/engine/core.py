@@ -85,6 +85,14 @@ def merge_blocks(parts: Iterable[Mapping[int, T]], num_blocks: int) -> list[T]:
     return [merged[b] for b in range(num_blocks)]
 
 
+def merge_parts(parts: Iterable[Mapping[int, T]]) -> dict[int, T]:
+    """Per-worker ``{block: value}`` parts -> one dict (the blocks some worker computed)."""
+    merged: dict[int, T] = {}
+    for part in parts:
+        merged.update(part)
+    return merged
+
+
 def log_block(report: BlockReport, num_blocks: int) -> None:
     """The one summary line per pruned block (style.md rule 9)."""
     log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", report.index + 1, num_blocks,

@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -321,11 +321,136 @@ def guest(block: nn.Module, tensors: Mapping[str, torch.Tensor]) -> Iterator[nn.
         _swap(block, previous)
 
 
-# --------------------------------------------------------------------------- one worker's program
+# --------------------------------------------------------------------------- shared steps
 
 
 class Stopped(Exception):  # noqa: N818 - a signal, not an error
     """A worker failed: every worker stops at the same phase boundary."""
+
+
+T = TypeVar("T")
+
+
+class Phases:
+    """Compute phases of one worker's data-parallel program, each followed by an agreement of
+    every worker that all of them succeeded (so no worker is left waiting in a collective).
+
+    Args:
+        worker: This worker (its ``busy_seconds`` count the phases).
+        comm: How data moves between the workers.
+    """
+
+    def __init__(self, worker: Worker, comm: Comm) -> None:
+        self.w = worker
+        self.comm = comm
+        self.error: Exception | None = None
+
+    def __call__(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` (skipped after an earlier failure), then agree.
+
+        Raises:
+            Stopped: A worker (this one included: its error is kept) failed.
+        """
+        t0, result = time.perf_counter(), None
+        if self.error is None:
+            try:
+                result = fn()
+            except Exception as exc:  # recorded, agreed on, re-raised by run()
+                self.error = exc
+        self.w.busy_seconds += time.perf_counter() - t0
+        if not self.comm.agree(self.error is None):
+            raise Stopped
+        return result  # type: ignore[return-value]
+
+    def run(self, body: Callable[[], T]) -> T:
+        """``body()`` without autograd (grad mode is per thread), this worker's own error
+        re-raised in place of the agreed stop.
+
+        Raises:
+            Exception: This worker's own error; :class:`Stopped` when another one failed.
+        """
+        try:
+            with torch.no_grad():
+                return body()
+        except (Stopped, threading.BrokenBarrierError):  # a stop, agreed or forced by a peer
+            if self.error is not None:
+                raise self.error from None
+            raise
+
+
+def scatter_embedded(phase: Phases, layout: Layout, ids: torch.Tensor) -> torch.Tensor:
+    """Rank 0 embeds the ids ``(N, T)``; each worker gets the hidden states of its rows
+    (:meth:`Layout.rows`), ``(len(rows), T, h)`` on its home device."""
+    w = phase.w
+    embedded = phase(lambda: w.embed(ids) if phase.comm.rank == 0 else None)
+    rows = [layout.rows(r) for r in range(layout.workers)]
+    return phase.comm.scatter_rows(embedded, rows, (w.adapter.hidden_size, w.dtype, w._home()))
+
+
+def lend(phase: Phases, stack: ExitStack, module: nn.Module, owner: int,
+         tensors: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+    """``module`` filled on every worker until ``stack`` closes: ``tensors()`` (run as a phase)
+    are the owner's own tensors by name under ``module`` (elsewhere the skeleton's templates),
+    shared by the owner and swapped in as guests on the other workers."""
+    own = phase(tensors)
+    shared = phase.comm.share_tensors(own, owner, phase.w.device)
+    if phase.comm.rank != owner:
+        stack.enter_context(guest(module, shared))
+
+
+def host_block(phase: Phases, stack: ExitStack, index: int, owner: int,
+               write: bool = False) -> None:
+    """Block ``index`` on this worker's device until ``stack`` closes: the owner's own
+    (resident; with onloading read from host or disk, and written back when ``write``), a
+    guest copy of its tensors elsewhere."""
+    w = phase.w
+    block = w.adapter.blocks[index]
+    if phase.comm.rank == owner:
+        lend(phase, stack, block, owner,
+             lambda: block_tensors(stack.enter_context(w.resident(index, write=write))))
+    else:
+        lend(phase, stack, block, owner, lambda: block_tensors(block))  # templates
+
+
+def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
+               linears: Mapping[str, Any], needs: frozenset[str], solver: Mapping[str, int],
+               folds: Mapping[str, Any], out: torch.Tensor | None = None) -> list[str]:
+    """Step by step: this worker's micro-batch of ``share`` through the dense block ``index``
+    with recording hooks (its outputs written into ``out`` when given), every worker's sums
+    to each linear's solver, folded there in micro-batch order into ``folds``. Returns the
+    linears' execution order (rank 0's, which always has micro-batch 0)."""
+    mb, order, comm = layout.micro_batch, list(linears), phase.comm
+
+    def step_sums(step: int) -> tuple[dict[str, Sums] | None, list[str]]:
+        if step >= layout.active_steps(comm.rank):
+            return None, []
+        rows = slice(step * mb, (step + 1) * mb)
+        collector = StatsCollector(dict(linears), needs)
+        collector.record_only()
+        with collector.attached():
+            phase.w._forward_block(index, share[rows], collector,
+                                   None if out is None else out[rows])
+        return collector.recorded(), collector.order
+
+    for step in range(layout.steps):
+        sums, seen = phase(lambda s=step: step_sums(s))
+        if step == 0:
+            order = comm.gather_all(seen)[0] or order
+        routed = comm.route(sums, layout.active(step), solver, order)
+        del sums
+        phase(lambda r=routed: fold_routed(folds, r, phase.w.device))
+    return order
+
+
+def fold_routed(folds: Mapping[str, Any], routed: Mapping[str, list[Sums]],
+                device: torch.device) -> None:
+    """Fold one step's routed sums, in micro-batch order, on ``device``."""
+    for name, parts in routed.items():
+        for sums, batch in parts:
+            folds[name].update({k: v.to(device) for k, v in sums.items()}, batch)
+
+
+# --------------------------------------------------------------------------- one worker's program
 
 
 class DataPrune:
@@ -341,24 +466,16 @@ class DataPrune:
         self.w = worker
         self.comm = comm
         self.layout = layout
-        self.error: Exception | None = None
+        self.phases = Phases(worker, comm)
+
+    @property
+    def error(self) -> Exception | None:
+        """This worker's first error, if any."""
+        return self.phases.error
 
     def _phase(self, fn: Any) -> Any:
-        """Run a compute phase, then agree with every worker that all of them succeeded.
-
-        Raises:
-            Stopped: A worker (this one included: its error is kept) failed.
-        """
-        t0, result = time.perf_counter(), None
-        if self.error is None:
-            try:
-                result = fn()
-            except Exception as exc:  # recorded, agreed on, re-raised by run()
-                self.error = exc
-        self.w.busy_seconds += time.perf_counter() - t0
-        if not self.comm.agree(self.error is None):
-            raise Stopped
-        return result
+        """A compute phase (:class:`Phases`)."""
+        return self.phases(fn)
 
     def run(self, ids: torch.Tensor, entries: Sequence[Mapping[str, Any]],
             job: PruneJob) -> list[BlockReport]:
@@ -368,21 +485,12 @@ class DataPrune:
         Raises:
             Exception: This worker's own error; :class:`Stopped` when another one failed.
         """
-        try:
-            with torch.no_grad():  # grad mode is per thread: off, as in every worker call
-                return self._run(ids, entries, job)
-        except (Stopped, threading.BrokenBarrierError):  # a stop, agreed or forced by a peer
-            if self.error is not None:
-                raise self.error from None
-            raise
+        return self.phases.run(lambda: self._run(ids, entries, job))
 
     def _run(self, ids: torch.Tensor, entries: Sequence[Mapping[str, Any]],
              job: PruneJob) -> list[BlockReport]:
         w, rank = self.w, self.comm.rank
-        embedded = self._phase(lambda: w.embed(ids) if rank == 0 else None)
-        rows = [self.layout.rows(r) for r in range(self.layout.workers)]
-        share = self.comm.scatter_rows(embedded, rows, (w.adapter.hidden_size, w.dtype, w._home()))
-        del embedded
+        share = scatter_embedded(self.phases, self.layout, ids)
         reports = []
         blocks = range(w.spec.num_blocks)
         for b in progress(blocks, "pruning blocks", unit="block") if rank == 0 else blocks:
@@ -397,7 +505,7 @@ class DataPrune:
         t0, owner = time.perf_counter(), self.layout.owner(index)
         mine = self.comm.rank == owner
         with ExitStack() as stack:
-            self._host(stack, index, owner)
+            host_block(self.phases, stack, index, owner, write=True)
             saved = load_block_state(job.state_dir, index) if job.state_dir else None
             if saved is not None:
                 path = block_state_path(job.state_dir or "", index)
@@ -413,19 +521,6 @@ class DataPrune:
                 self._phase(lambda: None)
         return share, report if mine else None
 
-    def _host(self, stack: ExitStack, index: int, owner: int) -> None:
-        """Block ``index`` on this worker's device until ``stack`` closes: the owner's own
-        (resident, written back afterwards), a guest copy of its tensors elsewhere."""
-        w = self.w
-        if self.comm.rank == owner:  # onloading: read from host or disk, a phase that may fail
-            tensors = self._phase(
-                lambda: block_tensors(stack.enter_context(w.resident(index, write=True))))
-        else:
-            tensors = self._phase(lambda: block_tensors(w.adapter.blocks[index]))  # templates
-        shared = self.comm.share_tensors(tensors, owner, w.device)
-        if self.comm.rank != owner:
-            stack.enter_context(guest(w.adapter.blocks[index], shared))
-
     def _prune(self, index: int, share: torch.Tensor, entries: Mapping[str, Any],
                job: PruneJob, seqlen: int) -> list[LayerReport]:
         """Statistics folded by the solvers, solved, weights broadcast; returns the block's
@@ -438,7 +533,8 @@ class DataPrune:
                                 self.comm.world)
         folds = {n: new_accumulator(needs) for n in order if solver[n] == self.comm.rank}
         if needs:
-            order = self._fold_stats(index, share, linears, needs, solver, folds)
+            order = fold_stats(self.phases, self.layout, index, share, linears, needs, solver,
+                               folds)
         mine = [n for n in order if solver[n] == self.comm.rank]
         own = self._phase(lambda: w.prune_block(
             index, {n: folds[n].stats() for n in mine}, entries, job, mine, seqlen=seqlen))
@@ -446,38 +542,6 @@ class DataPrune:
             self.comm.broadcast_(linears[name].weight.data, solver[name])
         by_name = {r.name: r for part in self.comm.gather_all(own) for r in part}
         return [by_name[n] for n in order]
-
-    def _fold_stats(self, index: int, share: torch.Tensor, linears: Mapping[str, Any],
-                    needs: frozenset[str], solver: Mapping[str, int],
-                    folds: Mapping[str, Any]) -> list[str]:
-        """Step by step: this worker's micro-batch through the dense block with recording
-        hooks, every worker's sums to the solvers, folded in micro-batch order. Returns the
-        linears' execution order (rank 0's, which always has micro-batch 0)."""
-        mb, order = self.layout.micro_batch, list(linears)
-
-        def step_sums(step: int) -> tuple[dict[str, Sums] | None, list[str]]:
-            if step >= self.layout.active_steps(self.comm.rank):
-                return None, []
-            collector = StatsCollector(dict(linears), needs)
-            collector.record_only()
-            with collector.attached():
-                self.w._forward_block(index, share[step * mb:(step + 1) * mb], collector)
-            return collector.recorded(), collector.order
-
-        for step in range(self.layout.steps):
-            sums, seen = self._phase(lambda s=step: step_sums(s))
-            if step == 0:
-                order = self.comm.gather_all(seen)[0] or order
-            routed = self.comm.route(sums, self.layout.active(step), solver, order)
-            del sums
-            self._phase(lambda r=routed: self._fold(folds, r))
-        return order
-
-    def _fold(self, folds: Mapping[str, Any], routed: Mapping[str, list[Sums]]) -> None:
-        """Fold one step's routed sums, in micro-batch order, on this worker's device."""
-        for name, parts in routed.items():
-            for sums, batch in parts:
-                folds[name].update({k: v.to(self.w.device) for k, v in sums.items()}, batch)
 
     def _finish(self, index: int, report: BlockReport, job: PruneJob) -> None:
         """The owner's bookkeeping of a pruned block: resume state and the log line."""
@@ -488,23 +552,21 @@ class DataPrune:
                  self.w.spec.num_blocks, report.target, report.achieved, report.seconds)
 
 
-def prune_in_threads(workers: Sequence[Worker], entries: Sequence[Mapping[str, Any]],
-                     job: PruneJob, ids: torch.Tensor) -> list[BlockReport]:
-    """The local executor's data-parallel prune: one thread per in-process worker (torch
-    releases the GIL in its kernels, so the workers compute at the same time).
+def run_in_threads(workers: Sequence[Worker],
+                   program: Callable[[Worker, Comm], T]) -> list[T]:
+    """``program(worker, comm)`` for every in-process worker, one thread each, joined by a
+    :class:`ThreadComm` (torch releases the GIL in its kernels, so the workers compute at the
+    same time); the results in rank order.
 
     Raises:
-        Exception: The first worker's error (rank order).
+        Exception: The first worker's error (rank order; agreed stops come last).
     """
-    layout = Layout(tuple((w.spec.start, w.spec.stop) for w in workers), int(ids.shape[0]),
-                    workers[0].spec.micro_batch)
     hub = ThreadHub(len(workers))
     results: list[Any] = [None] * len(workers)
 
     def work(rank: int) -> None:
         try:
-            results[rank] = DataPrune(workers[rank], ThreadComm(hub, rank), layout).run(
-                ids, entries, job)
+            results[rank] = program(workers[rank], ThreadComm(hub, rank))
         except BaseException as exc:  # raised below
             results[rank] = exc
             if not isinstance(exc, Stopped):  # an agreed stop leaves nobody waiting; anything
@@ -520,4 +582,19 @@ def prune_in_threads(workers: Sequence[Worker], entries: Sequence[Mapping[str, A
     errors = [r for r in results if isinstance(r, BaseException)]
     if errors:
         raise next((e for e in errors if not isinstance(e, signals)), errors[0])
+    return results
+
+
+def prune_in_threads(workers: Sequence[Worker], entries: Sequence[Mapping[str, Any]],
+                     job: PruneJob, ids: torch.Tensor) -> list[BlockReport]:
+    """The local executor's data-parallel prune: one thread per in-process worker
+    (:func:`run_in_threads`).
+
+    Raises:
+        Exception: The first worker's error (rank order).
+    """
+    layout = Layout(tuple((w.spec.start, w.spec.stop) for w in workers), int(ids.shape[0]),
+                    workers[0].spec.micro_batch)
+    results = run_in_threads(workers, lambda w, comm: DataPrune(w, comm, layout).run(
+        ids, entries, job))
     return sorted((rep for part in results for rep in part), key=lambda r: r.index)

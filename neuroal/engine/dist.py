@@ -52,6 +52,7 @@ from neuroal.engine.core import (
     worker_template,
 )
 from neuroal.engine.data_parallel import DataPrune, Layout, Stopped, prune_mode
+from neuroal.engine.data_passes import pass_mode, run_pass
 from neuroal.engine.determinism import CUBLAS_WORKSPACE
 from neuroal.engine.executor import BusyMeter, prefix_blocks, split_blocks
 from neuroal.engine.preflight import NodeFacts, gather_facts, probe_root, read_probes
@@ -378,19 +379,25 @@ class RankStage:
         return self._try(body)
 
     def candidates(self, common: tuple[torch.Tensor, CandidateJob, str, Sequence[Any] | None,
-                                       bool, bool],
+                                       bool, bool, bool],
                    own: Sequence[Mapping[int, Mapping[str, Any]]]) -> list[dict[int, BlockAlignment]]:
         """Alignment terms of each candidate over the owned blocks (neuroal.md §A5).
 
-        ``common = (ids, job, reference_stream, bounds, reuse, keep)``: ``bounds[c]`` is None
+        ``common = (ids, job, reference_stream, bounds, reuse, keep, data)``: ``bounds[c]`` is None
         or candidate c's ``(best, inclusive)``, checked by :meth:`Worker.eval_candidate`
         against the alignment sum relayed with the stream (exact early stopping): a rank that
         stops relays no stream and the later ranks skip the candidate. ``reuse`` takes the
-        embedded windows and dense reference kept by the previous command (``keep``).
+        embedded windows and dense reference kept by the previous command (``keep``); ``data``
+        computes the dense reference data-parallel (:mod:`neuroal.engine.data_passes`).
         """
-        ids, job, reference_stream, bounds, reuse, keep = common
+        ids, job, reference_stream, bounds, reuse, keep, data = common
         if reuse and self._search is not None:
             embedded, reference = self._search
+        elif data:  # the pass first: every rank takes part in its collectives
+            reference = self._data("dense_reference", ids,
+                                   reference_needs(job.criterion, job.alignment_stat),
+                                   reference_stream) or {}
+            embedded = self._try(lambda: self.w.embed(ids)) if self.info.rank == 0 else None
         else:
             embedded = self._try(lambda: self.w.embed(ids)) if self.info.rank == 0 else None
             reference = self._reference(embedded, job, reference_stream)
@@ -431,6 +438,27 @@ class RankStage:
 
         self._relay(lambda: embedded, dense)
         return reference
+
+    def data_pass(self, common: tuple[str, tuple[Any, ...]], _own: Any) -> Any:
+        """A data-parallel pass ``common = (name, args)`` over every rank
+        (:mod:`neuroal.engine.data_passes`): this rank's part (head passes: the whole result
+        on rank 0)."""
+        name, args = common
+        return self._data(name, *args)
+
+    def _data(self, name: str, *args: Any) -> Any:
+        """This rank's part of pass ``name``; None on a rank stopped by another's failure, so
+        rank 0 raises the failing rank's error."""
+        comm = DistComm(self.info.rank, self.info.world, self.comm)
+
+        def body() -> Any:
+            try:
+                slices = split_blocks(self.w.spec.num_blocks, self.info.world)
+                return run_pass(name, self.w, comm, slices, *args)
+            except Stopped:
+                return None
+
+        return self._try(body)
 
     def dense_metrics(self, common: tuple[torch.Tensor, Callable[..., Any], frozenset[str]],
                       _own: Any) -> dict[int, Any]:
@@ -497,6 +525,7 @@ class RankStage:
 _OPS: dict[str, Callable[[RankStage, Any, Any], Any]] = {
     "start": RankStage.start, "release": RankStage.release, "info": RankStage.info,
     "prune": RankStage.prune, "data_prune": RankStage.data_prune,
+    "data_pass": RankStage.data_pass,
     "candidates": RankStage.candidates,
     "dense_metrics": RankStage.dense_metrics, "weight_metrics": RankStage.weight_metrics,
     "window_nll": RankStage.window_nll, "last_logits": RankStage.last_logits,
@@ -656,6 +685,10 @@ class DistExecutor:
             raise RuntimeError(f"{name}: the dist executor was shut down")
         return command(self.stage, name, common, per_rank)
 
+    def _data_pass(self, sequences: int | None) -> bool:
+        """Whether a pass over ``sequences`` sequences runs data-parallel (:func:`pass_mode`)."""
+        return pass_mode(self._requested, self.stage.w, self.world, sequences) == "data"
+
     def _per_rank(self, values: Sequence[Any]) -> list[dict[int, Any]]:
         """``values[b]`` split into one ``{b: value}`` dict per rank."""
         return [{b: values[b] for b in range(a, z)} for a, z in self.slices]
@@ -711,8 +744,8 @@ class DistExecutor:
         per_rank = [[{b: ratios[b] for b in range(a, z)} for ratios in candidates]
                     for a, z in self.slices]
         with self.meter("search"):
-            parts = self._call("candidates", (ids, job, reference_stream, None, False, False),
-                               per_rank)
+            parts = self._call("candidates", (ids, job, reference_stream, None, False, False,
+                                              self._data_pass(int(ids.shape[0]))), per_rank)
         results = []
         for c in range(len(candidates)):
             results.append(merge_blocks((part[c] for part in parts), self._num_blocks))
@@ -728,11 +761,12 @@ class DistExecutor:
                             ) -> list[list[BlockAlignment]]:
         """One command per candidate, the bound taken after the previous one's ``on_result``;
         the embedded windows and dense reference are computed once and kept on the ranks."""
-        results = []
+        results, data = [], self._data_pass(int(ids.shape[0]))
         with self.meter("search"):
             for c, ratios in enumerate(candidates):
                 per_rank = [[{b: ratios[b] for b in range(a, z)}] for a, z in self.slices]
-                common = (ids, job, reference_stream, [bound(c)], c > 0, c < len(candidates) - 1)
+                common = (ids, job, reference_stream, [bound(c)], c > 0, c < len(candidates) - 1,
+                          data)
                 parts = self._call("candidates", common, per_rank)
                 results.append(prefix_blocks({b: v for part in parts for b, v in part[0].items()},
                                              self._num_blocks))
@@ -743,6 +777,9 @@ class DistExecutor:
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
         """``fn(weights, stats)`` per block over one dense pass (``fn`` must pickle)."""
+        if self._data_pass(int(ids.shape[0])):
+            return merge_blocks(self._call("data_pass", ("block_metrics", (ids, fn, needs))),
+                                self._num_blocks)
         return merge_blocks(self._call("dense_metrics", (ids, fn, needs)), self._num_blocks)
 
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
@@ -750,14 +787,20 @@ class DistExecutor:
         return merge_blocks(self._call("weight_metrics", fn), self._num_blocks)
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
-        """Per-window mean NLL ``(k,)`` float64 (computed by the last rank)."""
+        """Per-window mean NLL ``(k,)`` float64 (computed by the last rank; in data mode by
+        every rank on its windows, gathered on rank 0)."""
         with self.meter("eval"):
+            if self._data_pass(int(windows.shape[0])):
+                return self._call("data_pass", ("window_nll", (windows,)))[0]
             return self._call("window_nll", windows)[-1]
 
     def token_logprobs(self, inputs: torch.Tensor,
                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-position target log-probabilities and argmax flags ``(B, T)`` (last rank)."""
+        """Per-position target log-probabilities and argmax flags ``(B, T)`` (last rank; in
+        data mode every rank, gathered on rank 0)."""
         with self.meter("eval"):
+            if self._data_pass(int(inputs.shape[0])):
+                return self._call("data_pass", ("token_logprobs", (inputs, targets)))[0]
             return self._call("token_logprobs", (inputs, targets))[-1]
 
     def last_logits(self, ids: torch.Tensor) -> torch.Tensor:

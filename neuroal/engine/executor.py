@@ -22,11 +22,13 @@ from neuroal.engine.core import (
     cat_pairs,
     chunks,
     merge_blocks,
+    merge_parts,
     paired_chunks,
     reference_needs,
     worker_specs,
 )
 from neuroal.engine.data_parallel import prune_in_threads, prune_mode
+from neuroal.engine.data_passes import pass_mode, passes_in_threads, weights_in_threads
 from neuroal.engine.worker import Worker, peak_memory_bytes
 from neuroal.models.loading import ModelSource
 from neuroal.runtime.jobs import BlockAlignment, BlockReport, CandidateJob, PruneJob
@@ -178,8 +180,9 @@ class LocalExecutor:
         prefetch: Fetch the next block while one is in use (onloading only).
         selection: ``(targets, ignore)`` patterns of the linears to prune (all by default).
         parallel: ``engine.parallel`` of the final prune (``auto``, ``pipeline``, ``data``:
-            one thread per worker, :mod:`neuroal.engine.data_parallel`); after a prune,
-            :attr:`parallel` holds the mode that ran.
+            one thread per worker, :mod:`neuroal.engine.data_parallel`) and of the other passes
+            (:mod:`neuroal.engine.data_passes`); after a prune, :attr:`parallel` holds the
+            mode that ran.
         spill_dir: Onloading ``disk``'s spill folder (None: the system temp folder).
     """
 
@@ -207,6 +210,11 @@ class LocalExecutor:
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.workers[0].embed(ids)
+
+    def _data_pass(self, sequences: int | None) -> bool:
+        """Whether a pass over ``sequences`` sequences (None: a data-free pass) runs
+        data-parallel (:func:`pass_mode`)."""
+        return pass_mode(self._requested, self.workers[0], len(self.workers), sequences) == "data"
 
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
@@ -243,7 +251,12 @@ class LocalExecutor:
         results = []
         with self.meter("search"):
             embedded = self._embed(ids)
-            reference = self.dense_reference(embedded, job, reference_stream)
+            if self._data_pass(int(ids.shape[0])):
+                reference = merge_parts(passes_in_threads(
+                    self.workers, "dense_reference", ids,
+                    reference_needs(job.criterion, job.alignment_stat), reference_stream))
+            else:
+                reference = self.dense_reference(embedded, job, reference_stream)
             for ratios in candidates:  # progress with scores: neuroal.allocation.search.CandidateProgress
                 stream: torch.Tensor | None = embedded
                 per_block: dict[int, BlockAlignment] = {}
@@ -275,6 +288,9 @@ class LocalExecutor:
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
         """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``."""
+        if self._data_pass(int(ids.shape[0])):
+            return merge_blocks(passes_in_threads(self.workers, "block_metrics", ids, fn, needs),
+                                self._num_blocks)
         stream, parts = self._embed(ids), []
         for w in self.workers:
             stream, part = w.dense_block_metrics(stream, fn, needs)
@@ -282,7 +298,10 @@ class LocalExecutor:
         return merge_blocks(parts, self._num_blocks)
 
     def weight_metrics(self, fn: Callable[[torch.Tensor], Any]) -> list[dict[str, Any]]:
-        """``fn(weight)`` per linear, each computed by the worker owning the block."""
+        """``fn(weight)`` per linear, each computed by the worker owning the block (in data
+        mode every worker at once, one thread each)."""
+        if len(self.workers) > 1 and self._data_pass(None):
+            return merge_blocks(weights_in_threads(self.workers, fn), self._num_blocks)
         return merge_blocks((w.weight_metrics(fn) for w in self.workers), self._num_blocks)
 
     def _through(self, ids: torch.Tensor) -> torch.Tensor:
@@ -295,6 +314,8 @@ class LocalExecutor:
         """Per-window mean NLL ``(k,)`` float64, streamed micro-batch by micro-batch."""
         parts = chunks(windows, self.specs[0].micro_batch)
         with self.meter("eval"):
+            if self._data_pass(int(windows.shape[0])):
+                return passes_in_threads(self.workers, "window_nll", windows)[0]
             out = [self.workers[-1].window_nll(self._through(chunk), chunk)
                    for chunk in progress(parts, "perplexity", total=len(parts), unit="batch")]
         return torch.cat(out)
@@ -304,6 +325,8 @@ class LocalExecutor:
         """Per-position log-probability of ``targets`` ``(B, T)`` after ``inputs`` ``(B, T)``
         and its argmax flag (:meth:`Worker.token_logprobs`), micro-batch by micro-batch."""
         with self.meter("eval"):
+            if self._data_pass(int(inputs.shape[0])):
+                return passes_in_threads(self.workers, "token_logprobs", inputs, targets)[0]
             parts = [self.workers[-1].token_logprobs(self._through(x), y)
                      for x, y in paired_chunks(inputs, targets, self.specs[0].micro_batch)]
         return cat_pairs(parts)

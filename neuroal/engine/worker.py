@@ -109,6 +109,9 @@ class Worker:
         self.dtype = DTYPE_NAMES[spec.dtype]
         self.first = spec.start == 0
         self.last = spec.stop == spec.num_blocks
+        self.head_lent = False
+        """True while the last worker's final modules and head are lent to this worker (a
+        data-parallel pass, :mod:`neuroal.engine.data_passes`)."""
         config = load_model_config(spec.source, spec.trust_remote_code)
         self.adapter = ModelAdapter(build_skeleton(config, self.dtype),
                                     LayerSelection(spec.targets, spec.ignore))
@@ -644,11 +647,14 @@ class Worker:
 
     # ------------------------------------------------------------------ head
 
+    def _require_head(self) -> None:
+        if not (self.last or self.head_lent):
+            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+
     @torch.no_grad()
     def window_nll(self, stream: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy per window, fp32 logits: ``(B, T, h) -> (B,)`` float64."""
-        if not self.last:
-            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        self._require_head()
         out = torch.empty(stream.shape[0], dtype=torch.float64)
         for i in range(stream.shape[0]):
             logits = self.adapter.logits(stream[i : i + 1].to(self.device)).float()
@@ -664,8 +670,7 @@ class Worker:
         argmax (zero-shot scoring, ``neuroal.evaluation.zeroshot``): ``(B, T, h), (B, T) -> (B, T)``
         float64 and ``(B, T)`` bool, fp32 log-softmax, one sequence at a time (as
         :meth:`window_nll`), so only ``(T, vocab)`` logits exist at once."""
-        if not self.last:
-            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        self._require_head()
         logprobs = torch.empty(targets.shape, dtype=torch.float64)
         greedy = torch.empty(targets.shape, dtype=torch.bool)
         for i in range(stream.shape[0]):
@@ -679,15 +684,13 @@ class Worker:
     @torch.no_grad()
     def logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, T, h) -> (B, T, vocab)`` fp32 on the CPU (tests, inspection)."""
-        if not self.last:
-            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        self._require_head()
         return self.adapter.logits(stream.to(self.device)).float().cpu()
 
     @torch.no_grad()
     def last_logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Logits of the last position: ``(B, T, h) -> (B, vocab)`` fp32."""
-        if not self.last:
-            raise RuntimeError(f"worker {self.spec.rank} does not own the head")
+        self._require_head()
         return self.adapter.logits(stream[:, -1:].to(self.device)).float()[:, -1].cpu()
 
     # ------------------------------------------------------------------ inspection and export

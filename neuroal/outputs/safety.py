@@ -18,8 +18,9 @@ Rules, all checked before any weight is loaded:
 
 The ownership marker and what ``--overwrite`` may replace live in :mod:`neuroal.outputs.marker`,
 the lock in :mod:`neuroal.outputs.lock`; this module holds the checks, the temporary folder and
-the swap, and re-exports both vocabularies. The swap moves the old output aside into ``<output>.neuroal-tmp/previous``, moves the new one in,
-then deletes the old one: at every instant one complete model is at or next to the path.
+the swap, and re-exports both vocabularies. The swap moves the old output aside into
+``<output>.neuroal-tmp/previous``, moves the new one in, then deletes the old one: at every
+instant one complete model is at or next to the path.
 """
 
 from __future__ import annotations
