@@ -186,7 +186,9 @@ def ray_missing() -> str | None:
 
 def ray_share(cpu: bool) -> dict[str, Any]:
     """Two Ray actors sharing the GPU prune bit-identically to one local worker, for every
-    ``engine.ray.transport`` (Wanda), and SparseGPT once on the first transport that works."""
+    ``engine.ray.transport`` in pipeline mode (Wanda; SparseGPT once on the first transport that
+    works), then in data mode (the actors' torch.distributed group: gloo through host memory,
+    since NCCL refuses two ranks on one GPU), both criteria."""
     if (missing := ray_missing()) is not None:
         return {"skipped": missing}
     s = settings(cpu)
@@ -203,19 +205,22 @@ def ray_share(cpu: bool) -> dict[str, Any]:
         ray = start_ray(not cpu)
         try:
             sparsegpt_done = False
-            for transport in transports:
-                engine = {"ray": {"cpus": 1, **({"transport": transport} if transport else {})}}
+            layouts = [("pipeline", t) for t in transports] + [("data", None)]
+            for mode, transport in layouts:
+                engine = {"parallel": mode,
+                          "ray": {"cpus": 1, **({"transport": transport} if transport else {})}}
                 for criterion in CRITERIA:
-                    if criterion == "sparsegpt" and sparsegpt_done:
+                    if criterion == "sparsegpt" and sparsegpt_done and mode == "pipeline":
                         continue
                     row: dict[str, Any] = {"transport": transport or "(tree default)",
-                                           "criterion": criterion}
+                                           "mode": mode, "criterion": criterion}
                     try:
                         ex = build(model, s, "ray", 2, engine)
                         try:
                             got = prune(ex, criterion, ids, model)
                             row.update(seconds=got["seconds"], **same(got, reference[criterion]))
                             row["report_transport"] = getattr(ex, "transport_name", None)
+                            row["report_parallel"] = getattr(ex, "parallel", None)
                         finally:
                             ex.shutdown()
                         sparsegpt_done |= criterion == "sparsegpt"

@@ -359,9 +359,9 @@ PLAN_EXAMPLES = {
     "70b-8x80": "--model llama-2-70b --workers 8 --gpu-memory 80GB",
     "70b-2x24-sparsegpt-neuroal": "--model llama-2-70b --workers 2 --gpu-memory 24GB --seqlen 512 "
                                   "--criterion sparsegpt --allocation neuroal",
-    "70b-recover": "--model llama-2-70b --workers 8 --gpu-memory 80GB --onload device "
+    "70b-recover": "--model llama-2-70b --workers 8 --gpu-memory 80GB "
                    "--recover perp-reconstruct,perp-masklora",
-    "70b-recover-checkpointing": "--model llama-2-70b --workers 8 --gpu-memory 80GB --onload device "
+    "70b-recover-checkpointing": "--model llama-2-70b --workers 8 --gpu-memory 80GB "
                                  "--recover perp-reconstruct,perp-masklora "
                                  "--recover-opt perp-masklora.gradient_checkpointing=true",
     "70b-1x80": "--model llama-2-70b --workers 1 --gpu-memory 80GB",

@@ -236,6 +236,28 @@ def shrink_config(config: Any) -> Any:
     return AutoConfig.for_model(model_type, **d)
 
 
+def _mla_dims(d: dict[str, Any]) -> None:
+    """Multi-head latent attention (DeepSeek-V2/V3 and kin): the rotary, no-position and value
+    parts of a head, the latent ranks and the expert groups shrunk together (the config's
+    ``head_dim`` is the rotary part, so it must follow ``qk_rope_head_dim``)."""
+    if not isinstance(d.get("qk_rope_head_dim"), int):
+        return
+    half = TWIN_HEAD_DIM // 2
+    d.update(qk_rope_head_dim=half, qk_nope_head_dim=half, v_head_dim=TWIN_HEAD_DIM,
+             kv_lora_rank=2 * TWIN_HEAD_DIM)
+    d["qk_head_dim"] = 2 * half if "qk_head_dim" in d else d.get("qk_head_dim")
+    if d.get("head_dim") is not None:
+        d["head_dim"] = half
+    if isinstance(d.get("q_lora_rank"), int):
+        d["q_lora_rank"] = 4 * TWIN_HEAD_DIM
+    for key in ("n_group", "topk_group"):
+        if isinstance(d.get(key), int):
+            d[key] = 1
+
+
+SHRINK_HOOKS.append(_mla_dims)
+
+
 def _first(d: Mapping[str, Any], keys: Sequence[str]) -> Any:
     return next((d[k] for k in keys if d.get(k) is not None), None)
 
