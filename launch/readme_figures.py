@@ -397,7 +397,7 @@ def record_plans(path: Path) -> None:
     import tempfile
 
     sys.path.insert(0, str(REPO))
-    from neuroal.planner import format_summary
+    from neuroal.planning import format_summary
 
     from neuroal import __version__
     from neuroal.commands.plan import main as plan_main
