@@ -44,7 +44,7 @@ FOUNDATION_RUNS = [
 
 C = "configs/smollm2/"
 NA60, NA70 = C + "wanda-neuroal-60.yaml", C + "wanda-neuroal-70.yaml"
-# (label, config, overrides), in the order they run: the issue 3 table, headline rows first.
+# (label, config, overrides), in the order they run: the table, headline rows first.
 ALLOCATION_RUNS = [
     ("wanda-owl-70", C + "wanda-owl-70.yaml", []),
     ("wanda-alpha-70", C + "wanda-alpha-70.yaml", []),
@@ -65,13 +65,13 @@ ALLOCATION_RUNS = [
     ("wanda-neuroal-lambda0-60", NA60, ["allocation.include_uniform=true"]),
     ("wanda-neuroal-refine-60", NA60, ["allocation.grid_refine=1"]),
     ("wanda-neuroal-70", NA70, []),
-    # Issue 16 item 8: NeuroAL's magnitude masks are chosen per row (mask_group: row), so its
+    # NeuroAL's magnitude masks are chosen per row (mask_group: row), so its
     # uniform baseline must be too (the foundation table's magnitude is per matrix).
     ("magnitude-uniform-row-70", C + "wanda-uniform-50.yaml",
      ["sparsity=0.7", "criterion.name=magnitude", "criterion.group=row"]),
 ]
 
-# Screening of the NeuroAL options of issue 3 (§4): every option beside faithful mode at 70 % and
+# Screening of the NeuroAL options (allocation spec §4): every option beside faithful mode at 70 % and
 # 60 %, on a protocol cheap enough to run all of them on 2 cores (about 4 min a row instead of
 # 18): 32 calibration windows, 4 search windows, a 6-point block grid and a 6-point row grid, 16
 # test windows. The winner is then rerun on the full protocol (``allocation`` suite).
@@ -170,7 +170,7 @@ def _selected(opts: argparse.Namespace, label: str) -> bool:
 
 
 def allocation(opts: argparse.Namespace, runs: list | None = None) -> dict:
-    """The issue 3 table: one process per row, results saved after every row; rows already in
+    """The table: one process per row, results saved after every row; rows already in
     the JSON file are kept and skipped, so an interrupted suite resumes where it stopped."""
     runs = ALLOCATION_RUNS if runs is None else runs
     path = Path(opts.json or Path(opts.out) / f"{opts.suite}.json")
@@ -222,7 +222,7 @@ WORKER_GRID = ["allocation.search_samples=4", "allocation.block_grid=[0.05,0.1,0
 WORKER_RUNS = [(f"{executor}-{k}", NA60, [*WORKER_GRID, f"engine.executor={executor}",
                                             f"engine.workers={k}"])
                for executor in ("local", "ray") for k in (1, 2, 3)]
-"""Issue 4's scale-out table: NeuroAL search (3 + 3 candidates on 4 windows) + prune at 60 %
+"""The scale-out table: NeuroAL search (3 + 3 candidates on 4 windows) + prune at 60 %
 with 1, 2 and 3 workers, in-process and as Ray actors (one actor process per worker)."""
 
 
@@ -257,7 +257,7 @@ tokens); the layer-wise reconstruction keeps its per-block default (20 steps of 
 
 
 def recovery_runs(out: Path) -> list[tuple[str, str, list[str]]]:
-    """Issue 5's table: Wanda and SparseGPT at 60 and 70 %, uniform and NeuroAL (screening
+    """The table: Wanda and SparseGPT at 60 and 70 %, uniform and NeuroAL (screening
     grid), each pruned once plainly and once per recovery step. The recovery rows reuse the
     plain NeuroAL run's plan (``allocation: file``), so every row of a base prunes with the same
     ratios and only the step differs.
@@ -320,7 +320,7 @@ def recovery(opts: argparse.Namespace) -> dict:
 OOD_RUN = ("wanda-uniform-60+perp-masklora+pydoc", C + "wanda-uniform-50.yaml",
            ["sparsity=0.6", "criterion.name=wanda", "recover.steps=[perp-masklora]",
             f"recover.perp-masklora.tokens={PERP_TOKENS}", "eval.datasets=[wikitext2,pydoc]"])
-"""Issue 16 item 12: one whole-model PERP row of the recovery table (Wanda 60 % uniform,
+"""One whole-model PERP row of the recovery table (Wanda 60 % uniform,
 MaskLoRA, retrained on WikiText-2 validation windows) evaluated in-domain (WikiText-2 test) and
 out of domain (``pydoc``: the standard library's help topics)."""
 
@@ -431,7 +431,7 @@ def transport(opts: argparse.Namespace) -> dict:
 
 SEARCH_RUNS = [("wanda-neuroal-70-grid-order", NA70, [*SCREEN_GRID, "allocation.early_stop=false"]),
                ("wanda-neuroal-70-early-stop", NA70, [*SCREEN_GRID, "allocation.early_stop=true"])]
-"""Issue 16 item 13: today's search against exact early stopping (middle-out order), Wanda 70 %
+"""Today's search against exact early stopping (middle-out order), Wanda 70 %
 on the screening protocol (32 calibration windows, 4 search windows, 6 + 6 candidates)."""
 
 
@@ -491,7 +491,7 @@ def curve_verdicts(trail: list[dict]) -> dict[str, dict]:
 
 
 def unimodal(opts: argparse.Namespace) -> dict:
-    """Issue 16 item 13: from every recorded trail under ``opts.paths`` (JSON files or folders
+    """From every recorded trail under ``opts.paths`` (JSON files or folders
     searched for ``*.json``), whether the alignment score over the λ grid and the μ grid had one
     valley. Identical trails (a run's ``report.json``, ``plan.json`` and bench row) count once;
     curves of fewer than 3 points are unimodal by definition and counted apart."""
@@ -526,7 +526,7 @@ def unimodal(opts: argparse.Namespace) -> dict:
 
 
 def search(opts: argparse.Namespace) -> dict:
-    """Issue 16 item 13: search seconds, candidates and blocks evaluated, winner, with and
+    """Search seconds, candidates and blocks evaluated, winner, with and
     without early stopping; rows already in the JSON are kept (resumable)."""
     path = Path(opts.json or Path(opts.out) / "search.json")
     done = json.loads(path.read_text()) if path.exists() else {"rows": []}

@@ -191,7 +191,7 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
         "load_bytes": f"LocalExecutor load of SmolLM2 (GGUF, dequantised to fp32): "
                       f"{load_s:.1f} s for {w.params * 4 / 1e9:.2f} GB",
         "export_bytes": f"Worker.write_shards, {written / 1e9:.2f} GB in {write_s:.1f} s",
-        "link_bytes": "issue 21's measurement on this CPU: one 512 MiB hop in-process 0.64 s "
+        "link_bytes": "the measurement on this CPU: one 512 MiB hop in-process 0.64 s "
                       "(direct), actor to actor through Ray's object store 7.6 s",
         "startup_s": "resolve + data phases (tokenizer, calibration and evaluation windows)",
     }
@@ -220,7 +220,7 @@ ASSUMED = {"stats_bytes_per_elem": 10, "solve_column_s": 40e-6, "export_bytes": 
 records the hop time per transport and SparseGPT's seconds per block): the hooks' statistics
 read the bf16 input and write and read an fp32 copy (10 B per element at HBM bandwidth); 40 us
 of kernel launches per column of SparseGPT's loop; a 2 GB/s NVMe for the export; NCCL over
-NVLink at 150 GB/s; the object store at issue 21's optimistic projection (80 hops of 4 GiB in
+NVLink at 150 GB/s; the object store at the optimistic projection (80 hops of 4 GiB in
 7 min); 60 s of tokenisation and data preparation."""
 
 
@@ -273,8 +273,8 @@ def gpu_entries() -> dict[str, dict[str, Any]]:
                               f"{README_H200['disk_block_ms']} ms (file likely page-cached: a "
                               "cold read is slower)",
                 "export_bytes": "assumed: 2 GB/s NVMe write (unmeasured)",
-                "link_bytes": "assumed: NCCL over NVLink 150 GB/s; object store: issue 21's "
-                              "optimistic projection, 80 hops of 4 GiB in 7 min (unmeasured; "
+                "link_bytes": "assumed: NCCL over NVLink 150 GB/s; object store: an optimistic "
+                              "projection, 80 hops of 4 GiB in 7 min (unmeasured; "
                               "gpu_check.sh step 8 times the hop per transport)",
                 "startup_s": "assumed: 60 s of tokenisation and data preparation",
             },

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Recovery memory: the planner's recovery terms against real runs (issue 16, item 3).
+"""Recovery memory: the planner's recovery terms against real runs.
 
     python launch/bench_recover_memory.py --device cuda           # GPU: Llama-2-70B width, bf16
     python launch/bench_recover_memory.py --device cpu --tiny     # checks the script itself

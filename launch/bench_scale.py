@@ -24,7 +24,7 @@ slower); 4 blocks at fp32 are 15.8 GB, so two worker processes of ~8 GB each fit
 RAM one after the other, while the one-process CLI run needs ~20 GB (``--cli`` with
 ``--blocks 2`` measures that path). Each worker also records the shard files it opened, which must
 be exactly those holding its tensors. With ``--onload host|disk`` each worker keeps its blocks
-off the "device" (issue 14); on a CPU device and host share the RAM, so the process peak is
+off the "device"; on a CPU device and host share the RAM, so the process peak is
 compared with the planner's device total plus its host figure, and the device-equivalent peak
 (process peak minus the host copies the worker holds) with the device total alone. Results: a
 table on stdout, JSON in outputs/bench/scale.json.
@@ -350,7 +350,7 @@ def main() -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--dir", help="checkpoint directory to reuse (built there if missing)")
     p.add_argument("--onload", default="device", choices=["device", "host", "disk"],
-                   help="sequential onloading of each worker's blocks (issue 14)")
+                   help="sequential onloading of each worker's blocks")
     p.add_argument("--cli", action="store_true", help="also run launch/prune.py in one process")
     p.add_argument("--state", action="store_true",
                    help="write the resume state of every pruned block (bytes and per-block "

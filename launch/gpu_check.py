@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Python parts of ``launch/gpu_check.sh`` (one prepared device check, issue 14).
+"""Python parts of ``launch/gpu_check.sh`` (one prepared device check).
 
     python launch/gpu_check.py env OUT         # versions, GPUs, optional deps neuroal imported
     python launch/gpu_check.py nccl OUT [cpu]  # 2 ranks (NCCL; gloo with cpu) vs one local worker

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared device check (issue 14): a session lent a GPU runs this and nothing else.
+# One prepared device check: a session lent a GPU runs this and nothing else.
 #
 #   PYTHONPATH=. bash launch/gpu_check.sh          # on the GPU machine (~4-6 min on one H200)
 #   PYTHONPATH=. bash launch/gpu_check.sh --cpu    # the same steps on a CPU, tiny width (tests the script)
@@ -16,7 +16,7 @@
 #                   on-device vs onload host with and without prefetch vs disk; overlap, peaks,
 #                   bit-identity (--cpu: tiny width, float32)
 #   5. recover_memory.json  perp-reconstruct and whole-model PERP: device peak vs the planner at
-#                   Llama-2-70B width in bf16 (2 blocks, 8 x 2048 tokens; issue 16 item 3)
+#                   Llama-2-70B width in bf16 (2 blocks, 8 x 2048 tokens)
 #                   (--cpu: tiny width, float32, peak RSS: checks the script only)
 #   6. ray_share.json  two Ray actors sharing the one GPU (RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES=1,
 #                   ray.init(num_gpus=2)) prune bit-identically to one local worker, at 70B width

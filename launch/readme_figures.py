@@ -397,10 +397,9 @@ def record_plans(path: Path) -> None:
     import tempfile
 
     sys.path.insert(0, str(REPO))
-    from neuroal.planning import format_summary
-
     from neuroal import __version__
     from neuroal.commands.plan import main as plan_main
+    from neuroal.planning import format_summary
 
     plans = {}
     for name, args in PLAN_EXAMPLES.items():

@@ -22,7 +22,7 @@ DATA_DIR = REPO.parent / "shared" / "data"
 VOCAB = 320
 ARCHS = ("llama", "mistral", "qwen2", "opt", "phi")
 NEW_ARCHS = ("gpt_neox", "qwen3", "gemma2", "gemma3_text", "phi3", "gptj", "falcon")
-"""Architectures found by discovery alone (issue 13); tested in test_architectures.py."""
+"""Architectures found by discovery alone; tested in test_architectures.py."""
 
 
 def tiny_config(model_type: str, num_layers: int = 2):

@@ -270,7 +270,7 @@ def reference_fp32_hill(lam: torch.Tensor, lower: str, fingers: str | None) -> f
 
 @pytest.mark.parametrize("fingers", ["xmin_peak", "xmin_mid", None])
 def test_hill_float32_follows_the_reference_arithmetic(fingers: str | None) -> None:
-    """Issue 16.6: the faithful scan runs in fp32 like the reference (histc, fp32 sums): it
+    """The faithful scan runs in fp32 like the reference (histc, fp32 sums): it
     reproduces the literal fp32 reading bit for bit on most spectra and within summation-order
     rounding (< 5e-6 relative) on all; the float64 option matches none of them exactly."""
     gen = torch.Generator().manual_seed(1)

@@ -1,4 +1,4 @@
-"""The Python API (issue 15, item 3): neuroal.prune(...) and neuroal.evaluate(...) on tiny models,
+"""The Python API: neuroal.prune(...) and neuroal.evaluate(...) on tiny models,
 validated by the same config code as the command line."""
 
 from __future__ import annotations

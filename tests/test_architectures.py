@@ -1,4 +1,4 @@
-"""Architecture discovery (issue 13): block/linear discovery, the derived row-step consumer map,
+"""Architecture discovery: block/linear discovery, the derived row-step consumer map,
 and a tiny end-to-end run (NeuroAL both steps, exact counts, export) for every architecture."""
 
 from __future__ import annotations

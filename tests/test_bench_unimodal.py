@@ -1,4 +1,4 @@
-"""``launch/bench.py unimodal`` (issue 16 item 13): unimodality of NeuroAL score curves read
+"""``launch/bench.py unimodal``: unimodality of NeuroAL score curves read
 from recorded trails, counted once per distinct trail."""
 
 from __future__ import annotations

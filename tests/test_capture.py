@@ -44,7 +44,7 @@ def test_within_sequence_variance_is_not_the_total_variance() -> None:
 
 
 def test_windowed_norm_follows_the_reference_sparsegpt_wrapper() -> None:
-    """Issue 16.5: NeuroAL's SparseGPT search reads input norms from the reference wrapper's
+    """NeuroAL's SparseGPT search reads input norms from the reference wrapper's
     running statistic, fed one window per call: ``s <- s n/(n+1); n <- n+1; x <- sqrt(2/n) x;
     s <- s + ||x||^2 / n`` (written out here), i.e. window k weighted by 2/(N k). Micro-batches
     of any size give the same result."""

@@ -1,4 +1,4 @@
-"""Model card, plots and the Hub upload (issue 15, item 7); offline (the Hub API is mocked)."""
+"""Model card, plots and the Hub upload; offline (the Hub API is mocked)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The ``neuroal`` console script (issue 15, item 4): subcommands, --version, flags and key=value
+"""The ``neuroal`` console script: subcommands, --version, flags and key=value
 overrides in any order, help lists generated from the registries, evaluate's exit codes."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Executor-specific options live in their own config sections (issue 14 item 1):
+"""Executor-specific options live in their own config sections:
 ``engine.ray.*`` and ``engine.dist.*``, typed and validated like every other key; the flat keys
 of earlier releases still work, with a warning naming the new key."""
 

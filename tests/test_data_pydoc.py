@@ -1,4 +1,4 @@
-"""The ``pydoc`` source (issue 16, item 12): the standard library's help topics as a second,
+"""The ``pydoc`` source: the standard library's help topics as a second,
 out-of-domain evaluation corpus; registered by name, deterministic, tokenised into windows."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every executor's processes apply the same determinism settings (issue 16.9, engine.md §3.5)."""
+"""Every executor's processes apply the same determinism settings (engine.md §3.5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact early stopping on the torch.distributed executor (issue 16 item 13): two CPU ranks over
+"""Exact early stopping on the torch.distributed executor: two CPU ranks over
 gloo stop the same candidates at the same blocks as the local executor (the candidate's partial
 alignment sum travels with the stream), with the winner and full score of the full search."""
 

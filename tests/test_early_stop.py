@@ -1,4 +1,4 @@
-"""Exact early stopping of NeuroAL candidates (issue 16 item 13): same winner, same full score,
+"""Exact early stopping of NeuroAL candidates: same winner, same full score,
 fewer blocks evaluated; ties keep the first minimum in grid order."""
 
 from __future__ import annotations

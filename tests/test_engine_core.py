@@ -1,4 +1,4 @@
-"""The engine core shared by every executor (issue 14): result merges, perplexity chunks and
+"""The engine core shared by every executor: result merges, perplexity chunks and
 the worker-side block restore that a restarted Ray actor and a resume replay both use."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Exports load in the oldest transformers the README claims (issue 15, item 5).
+"""Exports load in the oldest transformers the README claims.
 
 An export is written with the current transformers (5.x), then loaded in a second venv holding
 the oldest supported transformers (4.56) in a subprocess; its logits must match the current

@@ -1,4 +1,4 @@
-"""Imports point down (style rule 9, issue 14 item 1): no cycle among neuroal's modules, no
+"""Imports point down (style rule 9): no cycle among neuroal's modules, no
 function-local import of a neuroal module hiding one, leaf modules that import nothing higher,
 and every module importable on its own (no dependence on what was imported before it)."""
 

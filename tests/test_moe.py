@@ -1,4 +1,4 @@
-"""Mixture of experts (issue 13, item 4): each expert's slice of the fused 3-D parameters is a
+"""Mixture of experts: each expert's slice of the fused 3-D parameters is a
 prunable matrix with statistics from its routed tokens only; routers are never pruned; the
 export writes exact zeros that ``from_pretrained`` loads; an expert no token reaches falls back
 to magnitude; NeuroAL and the memory planner see every expert."""

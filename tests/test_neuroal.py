@@ -113,7 +113,7 @@ def test_neuroal_plan_gqa_rows_and_target(tiny_models: dict[str, Path],
     assert isinstance(block0["self_attn.q_proj"], torch.Tensor)  # 64 rows = o_proj input
     assert len(set(block0["self_attn.q_proj"].tolist())) > 1
     # GQA guard / no consumer / last block: uniform rows, but as per-row vectors so that the
-    # reference's `neuron` rule applies to them too (neuroal.md §A9; issue 16.1)
+    # reference's `neuron` rule applies to them too (neuroal.md §A9)
     fallbacks = [block0[n] for n in ("self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
     for vec in fallbacks + list(plan.ratios[-1].values()):
         assert isinstance(vec, torch.Tensor) and len(set(vec.tolist())) == 1
@@ -207,7 +207,7 @@ def test_base_plan_with_zero_ramp_is_the_base_plan(tiny_models: dict[str, Path],
 
 
 def test_grid_refine_breaks_ties_by_the_smaller_value() -> None:
-    """Issue 16.4: a refined midpoint that ties with the grid winner wins when it is smaller
+    """A refined midpoint that ties with the grid winner wins when it is smaller
     (§A8: ties go to the smaller lambda), although it was evaluated later."""
     from neuroal.allocation.neuroal import refine
 
@@ -227,7 +227,7 @@ def test_grid_refine_breaks_ties_by_the_smaller_value() -> None:
 
 
 def test_search_masks_follow_mask_exact_count(tiny_models: dict[str, Path]) -> None:
-    """Issue 16.4: ``mask.exact_count=false`` reaches the search candidates (the policy's job
+    """``mask.exact_count=false`` reaches the search candidates (the policy's job
     and the worker's masks), not only the final prune."""
     from neuroal.allocation.base import PlanRequest
     from neuroal.allocation.neuroal import NeuroALPolicy
@@ -257,7 +257,7 @@ def test_search_masks_follow_mask_exact_count(tiny_models: dict[str, Path]) -> N
                                                ("uniform", "sq_norm")])
 def test_sparsegpt_search_weights_windows_like_the_reference(weights: str, stat: str,
                                                               tiny_models: dict[str, Path]) -> None:
-    """Issue 16.5: faithful NeuroAL + SparseGPT measures alignment with the reference wrapper's
+    """Faithful NeuroAL + SparseGPT measures alignment with the reference wrapper's
     1/k-weighted norm (``window_weights: uniform`` opts out); both stay exact on the q/k/v
     inputs and the objective differs between the two."""
     from neuroal.allocation.base import PlanRequest

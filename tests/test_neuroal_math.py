@@ -296,7 +296,7 @@ def test_row_plan_errors():
 
 
 def test_fallback_rows_use_the_neuron_rule():
-    """Issue 16.1: a layer that falls back to uniform rows (here: the last block, SmolLM2's
+    """A layer that falls back to uniform rows (here: the last block, SmolLM2's
     down_proj size) keeps floor((1 - s) cols) per row like every other row-step layer, and
     prunes the higher index first among ties (neuroal.md §A3, §A9): 922 of 1536 at 60 %, where
     the ``row`` rule would prune 921 and the lower indices."""

@@ -1,4 +1,4 @@
-"""Sequential onloading (issue 14): with ``engine.onload`` = host or disk a worker keeps its
+"""Sequential onloading: with ``engine.onload`` = host or disk a worker keeps its
 blocks off the device and brings one at a time (plus one prefetched); every phase is
 bit-identical to the on-device run, for the local, Ray and torch.distributed executors."""
 

@@ -401,7 +401,7 @@ def test_deepspeed_zero3_single_rank_keeps_the_masks(variant: str, tokenizer_dir
 
 
 def test_recover_entry_point_takes_the_variant_learning_rate() -> None:
-    """Issue 16.4: without --lr, ``launch/recover.py --variant full`` trains at the pipeline's
+    """Without --lr, ``launch/recover.py --variant full`` trains at the pipeline's
     ``perp-full`` rate (2e-5), the adapters at 5e-4; an explicit --lr wins."""
     from neuroal.commands.recover import build_job, parse
     from neuroal.recovery import RECOVERY_STEPS
@@ -428,7 +428,7 @@ class _DropoutBlock(torch.nn.Module):
 
 
 def test_reconstruction_trains_the_block_in_train_mode_with_floor_warmup(monkeypatch) -> None:
-    """Issue 16.7: the reference's reconstruction calls ``layer.train()`` for the fit (dropout
+    """The reference's reconstruction calls ``layer.train()`` for the fit (dropout
     active) and warms up for ``int(0.1 * steps)`` steps (1 of 15; the Trainer's ceil gives 2)."""
     import neuroal.recovery.perp.reconstruct as perp_module
 
@@ -461,7 +461,7 @@ def test_reconstruction_trains_the_block_in_train_mode_with_floor_warmup(monkeyp
 
 @pytest.mark.parametrize("rank", [4, 16])
 def test_scale_lora_vectors_follow_the_authors_rank_r_form_under_adam(rank: int) -> None:
-    """Issue 16.2: the two ScaleLoRA vectors, trained by PERP's AdamW, give the same effective
+    """The two ScaleLoRA vectors, trained by PERP's AdamW, give the same effective
     weights step for step as the authors' rank-r ``W * (B A)`` with ``A = B = 1/sqrt(r)``
     trained by plain AdamW (recovery.md §3.4), up to float32 rounding."""
     from neuroal.recovery.perp import ScaleLoRALinear, adamw

@@ -276,7 +276,7 @@ def test_known_configs_ship_as_package_data() -> None:
     assert "models/known/*.json" in pyproject
 
 
-# --------------------------------------------------------------------------- recovery (issue 16.3)
+# --------------------------------------------------------------------------- recovery
 
 
 def test_reconstruction_adds_the_target_stream_and_the_block_fit() -> None:

@@ -1,4 +1,4 @@
-"""Unattended progress and the run log (issue 15, item 2)."""
+"""Unattended progress and the run log."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Resume safety (issue 12, items 4-5): the state is keyed on the model's weights, every state
+"""Resume safety: the state is keyed on the model's weights, every state
 file carries a SHA-256 checked when read, and a replayed block is checked against its report
 and the plan. Each test crashes a tiny run, tampers with the model or the state, and resumes."""
 

@@ -1,4 +1,4 @@
-"""Bad input through every entry point (issue 12, input validation): exit code 2, a message
+"""Bad input through every entry point (input validation): exit code 2, a message
 naming the value, no traceback, nothing loaded, and no file outside neuroal's output changed.
 
 Each case runs ``main(argv)`` in-process inside a sandbox directory (the working directory, a

@@ -1,4 +1,4 @@
-"""Output safety end to end (issue 12: data loss, output edge cases, one run per output).
+"""Output safety end to end (Data loss, output edge cases, one run per output).
 
 Every refusal goes through the real entry points (``launch/prune.py`` via ``neuroal.cli.main``,
 ``launch/recover.py`` via its ``main``) and asserts exit code 2, a message naming the value, no

@@ -354,7 +354,7 @@ def test_pipeline_exact_sparsity(name: str, llama_dir: Path, small_text: Path) -
             else:  # the family's default group: the whole matrix
                 assert int(mask.sum()) == int(0.5 * rows * cols), layer
         assert result.report["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
-        assert result.report["criterion_label"].endswith("(reconstructed)")  # issue 16.11
+        assert result.report["criterion_label"].endswith("(reconstructed)")
         infos = [entry.get("info", {}) for entry in result.report["layers"].values()]
         if name == "stoch_ria":
             assert len({info["seed"] for info in infos}) == len(infos)  # one seed per layer
@@ -376,7 +376,7 @@ def test_pipeline_with_owl(llama_dir: Path, small_text: Path) -> None:
 
 
 def test_reconstructed_criteria_are_labelled() -> None:
-    """Issue 16.11: the specs' [reconstructed] criteria say so in reports; the others do not."""
+    """The specs' [reconstructed] criteria say so in reports; the others do not."""
     from neuroal.criteria import CRITERIA, criterion_label
 
     labels = {name: criterion_label(name) for name in CRITERIA.names()}

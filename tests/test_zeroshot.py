@@ -1,4 +1,4 @@
-"""Zero-shot evaluation through the workers (issue 15): lm-eval requests scored by the executor
+"""Zero-shot evaluation through the workers: lm-eval requests scored by the executor
 equal lm-eval's own HFLM on the same exported model, and 1 vs 2 workers agree exactly."""
 
 from __future__ import annotations

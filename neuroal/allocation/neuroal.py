@@ -193,7 +193,7 @@ class Checkpointed:
     phase, ordinal and grid value) are loaded instead of evaluated. Ordinals count candidates per
     phase in the order the coordinator submits them, deterministic for a given configuration.
 
-    Early stopping (issue 16 item 13): a stopped candidate is stored with its evaluated blocks,
+    Early stopping: a stopped candidate is stored with its evaluated blocks,
     its lower bound and ``stopped_at_block``, and loaded as stopped; a loaded complete candidate
     reports its score to the phase's bound before the rest are evaluated, so that a resumed
     search stops the same candidates at the same blocks as an uninterrupted one."""

@@ -146,7 +146,7 @@ def total_alignment(per_block: Sequence[Mapping[str, float]], start: float = 0.0
 
 def crosses(partial: float, best: float, inclusive: bool) -> bool:
     """Whether a candidate whose partial alignment sum is ``partial`` can no longer win against
-    a complete score ``best`` (exact early stopping, issue 16 item 13).
+    a complete score ``best`` (exact early stopping).
 
     Every NA_l is >= 0 and rounded float addition is monotone, so the full score is >= any
     partial sum. Under the first-minimum rule (§A8) a later candidate must beat ``best``

@@ -41,8 +41,8 @@ class Outcome:
 
 
 class BestSoFar:
-    """The best complete score of a phase so far, with its grid index (exact early stopping,
-    issue 16 item 13). ``for_index(i)`` is the bound a candidate at grid index ``i`` must
+    """The best complete score of a phase so far, with its grid index (exact early stopping).
+    ``for_index(i)`` is the bound a candidate at grid index ``i`` must
     cross to be stopped: a tie loses only against an earlier grid index (first minimum, §A8)."""
 
     def __init__(self) -> None:

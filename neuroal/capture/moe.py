@@ -1,4 +1,4 @@
-"""Per-expert statistics from the tokens routed to each expert (issue 13, item 4).
+"""Per-expert statistics from the tokens routed to each expert.
 
 The experts of an MoE block run as one module on fused 3-D parameters, so there is no per-expert
 ``nn.Linear`` to hook. A forward pre-hook on the experts module reads its inputs (all tokens of

@@ -185,7 +185,7 @@ class OutputConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    """Logging and progress (issue 15, item 2): ``interval`` seconds between progress lines
+    """Logging and progress: ``interval`` seconds between progress lines
     when no terminal shows bars, ``progress`` mode (auto | bar | log | off), an extra log
     ``file`` (``--log-file``; every run also writes ``neuroal.log`` into its output)."""
 

@@ -1,4 +1,4 @@
-"""``pydoc``: an out-of-domain English corpus that ships with every CPython (issue 16, item 12).
+"""``pydoc``: an out-of-domain English corpus that ships with every CPython.
 
 WikiText-2 is the only corpus on the offline benchmark machine, so whole-model PERP (which
 retrains on WikiText-2 validation windows) could only be evaluated in-domain (WikiText-2 test).

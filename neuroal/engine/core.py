@@ -1,4 +1,4 @@
-"""What every executor shares (issue 14): worker specs, result merges, the block log line,
+"""What every executor shares: worker specs, result merges, the block log line,
 perplexity chunks and the statistics of the search's dense reference. Per-worker operations
 shared by the executors (the dense reference, forwards over owned blocks, block restore, worker
 facts) are :class:`~neuroal.engine.worker.Worker` methods.

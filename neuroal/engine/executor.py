@@ -107,7 +107,7 @@ checkpoints every finished candidate, engine.md §8)."""
 Bound = Callable[[int], "tuple[float, bool] | None"]
 """Given a candidate index, the best complete score known so far and whether a tie already
 loses (the best is earlier in grid order), or None: the candidate may stop as soon as its
-partial sum crosses it (exact early stopping, issue 16 item 13). A stopped candidate's result
+partial sum crosses it (exact early stopping). A stopped candidate's result
 holds only the blocks evaluated (fewer than ``num_blocks``)."""
 
 

@@ -1,4 +1,4 @@
-"""Sequential onloading: where a worker's decoder blocks live between uses (issue 14).
+"""Sequential onloading: where a worker's decoder blocks live between uses.
 
 A worker may own more blocks than fit on its device. With ``engine.onload`` set to
 

@@ -1,4 +1,4 @@
-"""NeuroAL's producer -> consumer map, derived by running one block of a tiny twin (issue 13).
+"""NeuroAL's producer -> consumer map, derived by running one block of a tiny twin.
 
 NeuroAL's row step (arXiv 2411.07066; neuroal.md §A7) shifts the row ratios of a linear (the
 *producer*) by the alignment delta measured at the input of the linear that reads its output rows

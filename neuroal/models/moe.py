@@ -1,4 +1,4 @@
-"""Mixture-of-experts blocks: each expert's matrices as prunable linears (issue 13, item 4).
+"""Mixture-of-experts blocks: each expert's matrices as prunable linears.
 
 In transformers 5 the routed experts of a block are one module (``mlp.experts``) holding fused
 3-D parameters used through grouped or batched matmuls, not ``nn.Linear`` modules:

@@ -1,4 +1,4 @@
-"""Exports that older readers load (issue 15, item 5).
+"""Exports that older readers load.
 
 transformers 5 writes the RoPE settings only as ``rope_parameters`` (``{"rope_type", "rope_theta",
 "factor", ...}``); transformers 4.5x (the line many vLLM releases pin) reads the top-level

@@ -1,4 +1,4 @@
-"""PNG plots beside ``report.json`` (issue 15, item 7); matplotlib is optional (extra ``plots``).
+"""PNG plots beside ``report.json``; matplotlib is optional (extra ``plots``).
 
 Each plot is a small function of the report alone, so any finished run can be re-plotted:
 

@@ -1,4 +1,4 @@
-"""Loggers, the log file and driver-only progress (style rule 9; issue 15, item 2)."""
+"""Loggers, the log file and driver-only progress (style rule 9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Progress of long phases, attended or not (style rule 9; issue 15, item 2).
+"""Progress of long phases, attended or not (style rule 9).
 
 One helper for every phase (loading, dense statistics, NeuroAL candidates, the final prune,
 evaluation windows, retraining steps). How progress is shown depends on where the run lives:
