@@ -17,7 +17,6 @@ import torch
 
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget
-from neuroal.outputs.checkpoint import KIND_MASKS, KIND_WEIGHTS
 from neuroal.recovery import REFINERS
 from neuroal.runtime.jobs import CandidateJob, LayerReport, PruneJob
 from neuroal.runtime.logging import get_logger
@@ -48,15 +47,6 @@ def mean_ratio(ratio: Any) -> float:
 def stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
     """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
     return stats
-
-
-def state_kind(job: PruneJob) -> str:
-    """``masks`` when the criterion and every refiner only choose masks (their
-    ``changes_values`` is false) and no reconstruction runs, else ``weights``; a plug-in
-    that declares nothing counts as changing values."""
-    changes = getattr(CRITERIA.get(job.criterion), "changes_values", True) or any(
-        getattr(REFINERS.get(name), "changes_values", True) for name, _ in job.refine)
-    return KIND_WEIGHTS if changes or job.reconstruct is not None else KIND_MASKS
 
 
 def expert_fallback(criterion: Any, stats: Any, target: LayerTarget, label: str,

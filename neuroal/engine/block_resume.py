@@ -1,8 +1,9 @@
 """What a finished block leaves for resume and how it is written back (engine.md §8).
 
 The files themselves (names, digests, atomic writes) are :mod:`neuroal.outputs.checkpoint`'s;
-here is which tensors of a block a resume must restore, and how a saved state goes back into a
-block. The Worker decides when (after each pruned block; on a replay; on a restarted actor).
+here is what a resume must restore of a block (masks only, or weights) and how a saved state
+goes back into a block. The Worker decides when (after each pruned block; on a replay; on a
+restarted actor).
 """
 
 from __future__ import annotations
@@ -11,9 +12,20 @@ from collections.abc import Mapping
 
 import torch
 
+from neuroal.criteria import CRITERIA
 from neuroal.models.adapter import ModelAdapter
 from neuroal.outputs.checkpoint import KIND_MASKS, KIND_WEIGHTS, positive_zeros
+from neuroal.recovery import REFINERS
 from neuroal.runtime.jobs import PruneJob
+
+
+def state_kind(job: PruneJob) -> str:
+    """``masks`` when the criterion and every refiner only choose masks (their
+    ``changes_values`` is false) and no reconstruction runs, else ``weights``; a plug-in
+    that declares nothing counts as changing values."""
+    changes = getattr(CRITERIA.get(job.criterion), "changes_values", True) or any(
+        getattr(REFINERS.get(name), "changes_values", True) for name, _ in job.refine)
+    return KIND_WEIGHTS if changes or job.reconstruct is not None else KIND_MASKS
 
 
 def block_state(adapter: ModelAdapter, index: int, job: PruneJob,

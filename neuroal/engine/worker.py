@@ -29,10 +29,9 @@ from neuroal.engine.block_pruning import (
     mean_ratio,
     prune_linears,
     stat_needs,
-    state_kind,
     stats_only,
 )
-from neuroal.engine.block_resume import block_state, write_block_state
+from neuroal.engine.block_resume import block_state, state_kind, write_block_state
 from neuroal.engine.onload import BlockStore
 from neuroal.engine.slice_loading import load_slice
 from neuroal.models.adapter import BlockCall
@@ -234,7 +233,7 @@ class Worker:
                  self.spec.num_blocks, report.target, report.achieved, report.seconds)
         return stream, report
 
-    state_kind = staticmethod(state_kind)
+    state_kind = staticmethod(state_kind)  # masks or weights: what resume keeps of a block
 
     def _block_state(self, index: int, job: PruneJob,
                      kind: str = KIND_WEIGHTS) -> dict[str, torch.Tensor]:
@@ -433,7 +432,7 @@ class Worker:
                 self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
                 collector.end_batch()
 
-    _masked_weights = staticmethod(masked_weights)
+    _masked_weights = staticmethod(masked_weights)  # a candidate's temporary pruned copies
 
     # ------------------------------------------------------------------ policy metrics
 
