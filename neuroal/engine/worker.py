@@ -470,13 +470,13 @@ class Worker:
 
     # ------------------------------------------------------------------ head
 
-    def _head(self) -> None:
+    def _require_head(self) -> None:
         if not self.last:
             raise RuntimeError(f"worker {self.spec.rank} does not own the head")
 
     def window_nll(self, stream: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy per window, fp32 logits: ``(B, T, h) -> (B,)`` float64."""
-        self._head()
+        self._require_head()
         return head.window_nll(self.adapter, self.device, stream, ids)
 
     def token_logprobs(self, stream: torch.Tensor,
@@ -485,17 +485,17 @@ class Worker:
         argmax (zero-shot scoring, ``neuroal.evaluation.zeroshot``): ``(B, T, h), (B, T) -> (B, T)``
         float64 and ``(B, T)`` bool, fp32 log-softmax, one sequence at a time (as
         :meth:`window_nll`), so only ``(T, vocab)`` logits exist at once."""
-        self._head()
+        self._require_head()
         return head.token_logprobs(self.adapter, self.device, stream, targets)
 
     def logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, T, h) -> (B, T, vocab)`` fp32 on the CPU (tests, inspection)."""
-        self._head()
+        self._require_head()
         return head.all_logits(self.adapter, self.device, stream)
 
     def last_logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Logits of the last position: ``(B, T, h) -> (B, vocab)`` fp32."""
-        self._head()
+        self._require_head()
         return head.last_logits(self.adapter, self.device, stream)
 
     # ------------------------------------------------------------------ inspection and export
