@@ -149,10 +149,10 @@ def _rank_main(rank: int, port: int, model_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from neuroal.engine import dist
+    from neuroal.engine import dist, dist_stage
     from neuroal.pipeline import seed_everything
 
-    dist._OPS["chain"] = _chain
+    dist_stage._OPS["chain"] = _chain
     cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2})
     if rank > 0:
         assert dist.serve(cfg) == 0

@@ -19,7 +19,7 @@ import torch
 from conftest import free_port, tiny_cfg
 
 from neuroal.config.build import ConfigError, build_config
-from neuroal.engine import cluster, dist
+from neuroal.engine import cluster, dist, dist_launch, dist_stage
 from neuroal.engine import preflight as pf
 from neuroal.runtime.errors import PreflightError
 from neuroal.runtime.logging import WarningBuffer, replay
@@ -257,11 +257,11 @@ def test_timeouts_reach_the_process_groups(monkeypatch: pytest.MonkeyPatch) -> N
     """The default group (commands) gets engine.dist.timeout, the stream group (send/recv)
     engine.dist.collective_timeout, and the stream transfers use the stream group."""
     calls: dict[str, object] = {}
-    monkeypatch.setattr(dist.dist, "init_process_group",
+    monkeypatch.setattr(dist_launch.dist, "init_process_group",
                         lambda backend, **kw: calls.update(init=kw["timeout"]))
-    monkeypatch.setattr(dist.dist, "new_group",
+    monkeypatch.setattr(dist_launch.dist, "new_group",
                         lambda **kw: calls.update(group=kw["timeout"]) or "streams")
-    monkeypatch.setattr(dist.dist, "destroy_process_group", lambda: None)
+    monkeypatch.setattr(dist_launch.dist, "destroy_process_group", lambda: None)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "0")
@@ -269,8 +269,8 @@ def test_timeouts_reach_the_process_groups(monkeypatch: pytest.MonkeyPatch) -> N
                                    "dist": {"timeout": 7200, "collective_timeout": 90}}})
     info = dist.rank_info(cfg)
     sent = []
-    monkeypatch.setattr(dist.dist, "send", lambda t, dst, group=None: sent.append(group))
-    with dist._process_group(info) as streams:
+    monkeypatch.setattr(dist_stage.dist, "send", lambda t, dst, group=None: sent.append(group))
+    with dist.process_group(info) as streams:
         stage = dist.RankStage(info)
         stage.streams = streams
         stage._send(torch.zeros(1, 2, 3))
@@ -288,13 +288,13 @@ def test_dist_preflight_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     cfg = build_config({"engine": {"device": "cpu"}})
     tmp = tmp_path / "out.neuroal-tmp"
     tmp.mkdir()
-    with dist._process_group(info) as streams:
+    with dist.process_group(info) as streams:
         stage = dist.RankStage(info)
         stage.streams = streams
         facts = cluster.run_preflight(cfg, "cpu", tmp, session=stage)
         assert [f.rank for f in facts] == [0]
         assert facts[0].seen == ("driver", "worker-0") and facts[0].disk_free
-        monkeypatch.setattr(dist, "read_probes", lambda root, names, nonce: ("worker-0",))
+        monkeypatch.setattr(dist_stage, "read_probes", lambda root, names, nonce: ("worker-0",))
         with pytest.raises(PreflightError, match="worker 0 on host .* cannot see driver"):
             cluster.run_preflight(cfg, "cpu", tmp, session=stage)
     assert os.listdir(tmp) == []  # probes removed

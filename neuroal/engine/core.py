@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import torch
 
 from neuroal.criteria.base import STAT_SQ_NORM
+from neuroal.engine.block_pruning import stat_needs
 from neuroal.engine.onload import resolved_onload
-from neuroal.engine.worker import stat_needs
 from neuroal.models.loading import ModelSource
 from neuroal.outputs.safety import spill_folder
 from neuroal.runtime.jobs import BlockReport, WorkerSpec

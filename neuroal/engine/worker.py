@@ -21,31 +21,33 @@ from safetensors.torch import save_file
 from neuroal.allocation.neuroal_math import alignment, crosses, total_alignment
 from neuroal.capture.collector import StatsCollector
 from neuroal.criteria import CRITERIA
-from neuroal.criteria.base import STAT_SQ_NORM, LayerTarget
-from neuroal.engine.onload import ONLOAD_MODES, BlockStore
-from neuroal.models.adapter import BlockCall, ModelAdapter
-from neuroal.models.conversion import to_checkpoint_layout
-from neuroal.models.loading import (
-    DTYPE_NAMES,
-    build_skeleton,
-    load_model_config,
-    materialise,
-    open_checkpoint,
+from neuroal.engine import head
+from neuroal.engine.block_pruning import (
+    candidate_needs,
+    expert_fallback,
+    masked_weights,
+    mean_ratio,
+    prune_linears,
+    stat_needs,
+    stats_only,
 )
+from neuroal.engine.block_resume import block_state, state_kind, write_block_state
+from neuroal.engine.onload import BlockStore
+from neuroal.engine.slice_loading import load_slice
+from neuroal.models.adapter import BlockCall
+from neuroal.models.conversion import to_checkpoint_layout
+from neuroal.models.loading import DTYPE_NAMES
 from neuroal.models.moe import ExpertLinear, swapped_weights
-from neuroal.models.selection import LayerSelection
 from neuroal.outputs.checkpoint import (
-    KIND_MASKS,
     KIND_WEIGHTS,
     StateWriter,
     block_state_path,
     check_replayed,
     load_block_state,
-    positive_zeros,
 )
-from neuroal.recovery import REFINERS, refiner_needs
+from neuroal.recovery import refiner_needs
 from neuroal.recovery.perp import ReconstructOptions, reconstruct_block
-from neuroal.runtime.jobs import (  # re-exported: executors and tests import them from here
+from neuroal.runtime.jobs import (
     BlockAlignment,
     BlockReport,
     CandidateJob,
@@ -56,48 +58,13 @@ from neuroal.runtime.jobs import (  # re-exported: executors and tests import th
 from neuroal.runtime.logging import get_logger, progress
 from neuroal.runtime.process import peak_memory_bytes
 
+# Re-exported (their stable import path): the jobs and reports the executors send, and the
+# helpers that moved to neuroal.engine.block_pruning.
+__all__ = ["BlockAlignment", "BlockReport", "CandidateJob", "LayerReport", "PruneJob", "Worker",
+           "WorkerSpec", "candidate_needs", "expert_fallback", "mean_ratio", "peak_memory_bytes",
+           "stat_needs", "stats_only"]
+
 log = get_logger(__name__)
-
-
-def stat_needs(criterion: str, alignment_stat: str = STAT_SQ_NORM) -> frozenset[str]:
-    """Statistics a candidate's dense pass collects: ``sq_norm``, the alignment statistic and
-    the criterion's needs (every executor builds its shared dense reference with the same)."""
-    return frozenset({STAT_SQ_NORM, alignment_stat}) | CRITERIA.get(criterion).needs
-
-
-def candidate_needs(job: CandidateJob) -> frozenset[str]:
-    """:func:`stat_needs` of a candidate job."""
-    return stat_needs(job.criterion, job.alignment_stat)
-
-
-def mean_ratio(ratio: Any) -> float:
-    """A plan entry's mean ratio (a float, or per-row ratios ``(rows,)``): the layer target."""
-    if isinstance(ratio, torch.Tensor):
-        return float(ratio.double().mean())
-    if isinstance(ratio, (list, tuple)):
-        return float(torch.as_tensor(ratio, dtype=torch.float64).mean())
-    return float(ratio)
-
-
-def stats_only(_weights: Mapping[str, torch.Tensor], stats: dict[str, Any]) -> dict[str, Any]:
-    """A ``dense_block_metrics`` function keeping the statistics themselves (picklable)."""
-    return stats
-
-
-def expert_fallback(criterion: Any, stats: Any, target: LayerTarget, label: str,
-                    quiet: bool = False) -> tuple[Any, LayerTarget, dict[str, Any]] | None:
-    """Magnitude in place of a data-driven criterion for a matrix that saw no calibration token
-    (an MoE expert the router never chose; neuroal.capture.moe), in the comparison group the
-    criterion would use; None when the criterion applies. Logged unless ``quiet``."""
-    if not criterion.needs or getattr(stats, "tokens", None) != 0:
-        return None
-    magnitude = CRITERIA.get("magnitude")
-    group = target.group or criterion.default_group
-    fallback = replace(target, group=group if group in magnitude.groups else None)
-    if not quiet:
-        log.warning("%s: no calibration token was routed to this expert; pruned by magnitude "
-                    "instead of %s", label, criterion.name)
-    return magnitude, fallback, {"fallback": "magnitude", "fallback_reason": "no routed token"}
 
 
 class Worker:
@@ -112,45 +79,12 @@ class Worker:
         self.head_lent = False
         """True while the last worker's final modules and head are lent to this worker (a
         data-parallel pass, :mod:`neuroal.engine.data_passes`)."""
-        config = load_model_config(spec.source, spec.trust_remote_code)
-        self.adapter = ModelAdapter(build_skeleton(config, self.dtype),
-                                    LayerSelection(spec.targets, spec.ignore))
-        modules = self.adapter.owned_module_names(spec.start, spec.stop, self.first, self.last)
-        needed = [k for n, _ in self.adapter.named_owned_parameters(modules)
-                  for k in self.adapter.checkpoint_keys(n)]
-        self.checkpoint = open_checkpoint(spec.source, config, needed, self.adapter.model)
-        self.store: BlockStore | None = None
-        if spec.onload == "device":
-            self.loaded = materialise(self.adapter, modules, self.checkpoint, self.dtype,
-                                      self.device)
-        else:
-            self.loaded = self._load_onloaded(modules)
+        owned = load_slice(spec, self.dtype, self.device)
+        self.adapter, self.checkpoint, self.loaded = owned.adapter, owned.checkpoint, owned.loaded
+        self.store: BlockStore | None = owned.store  # blocks at home, with onloading
         self._calls: dict[tuple[int, int, str | None], BlockCall] = {}
         self.busy_seconds = 0.0
         self.state_writer = StateWriter()  # resume state, written off the critical path
-
-    def _load_onloaded(self, modules: list[str]) -> list[str]:
-        """Sequential onloading: the non-block modules on the device, the blocks at home
-        (host memory, or left in the checkpoint for ``disk``) in a :class:`BlockStore`."""
-        if self.spec.onload not in ONLOAD_MODES:
-            raise ValueError(f"engine.onload={self.spec.onload!r}: expected one of "
-                             f"{', '.join(ONLOAD_MODES)}")
-        block_modules = [self.adapter.block_prefix(i)[:-1] for i in self.blocks]
-        others = [m for m in modules if m not in set(block_modules)]
-        loaded = materialise(self.adapter, others, self.checkpoint, self.dtype, self.device)
-        loaded += [n for n, _ in self.adapter.named_owned_parameters(block_modules)]
-        self.store = BlockStore({i: self.adapter.blocks[i] for i in self.blocks}, self.device,
-                                self.spec.onload, self._read_block, self.spec.prefetch,
-                                self.spec.spill_dir)
-        return loaded
-
-    def _read_block(self, index: int) -> dict[str, torch.Tensor]:
-        """Block ``index``'s parameters from the checkpoint, in the run dtype, on the CPU."""
-        prefix = self.adapter.block_prefix(index)
-        keys = {n: self.adapter.checkpoint_key(prefix + n)
-                for n, _ in self.adapter.blocks[index].named_parameters()}
-        tensors = self.checkpoint.load(sorted(set(keys.values())), self.dtype, "cpu")
-        return {n: tensors[k] for n, k in keys.items()}
 
     @contextmanager
     def resident(self, index: int, write: bool = False) -> Iterator[torch.nn.Module]:
@@ -302,32 +236,13 @@ class Worker:
                  self.spec.num_blocks, report.target, report.achieved, report.seconds)
         return stream, report
 
-    @staticmethod
-    def state_kind(job: PruneJob) -> str:
-        """``masks`` when the criterion and every refiner only choose masks (their
-        ``changes_values`` is false) and no reconstruction runs, else ``weights``; a plug-in
-        that declares nothing counts as changing values."""
-        changes = getattr(CRITERIA.get(job.criterion), "changes_values", True) or any(
-            getattr(REFINERS.get(name), "changes_values", True) for name, _ in job.refine)
-        return KIND_WEIGHTS if changes or job.reconstruct is not None else KIND_MASKS
+    state_kind = staticmethod(state_kind)  # masks or weights: what resume keeps of a block
 
     def _block_state(self, index: int, job: PruneJob,
                      kind: str = KIND_WEIGHTS) -> dict[str, torch.Tensor]:
-        """What resume must restore: each linear's weight under the linear's name; after a
-        reconstruction also every other block parameter (norms, biases) under its own name.
-        CPU tensors are handed over as they are (the writer reads them before the block is
-        touched again); device tensors are copied to the host here, ``masks`` as their
-        :func:`~neuroal.outputs.checkpoint.positive_zeros` (1 byte per weight)."""
-        block = self.adapter.blocks[index]
-        linears = self.adapter.prunable_linears(block)
-        state = {n: m.weight.data for n, m in linears.items()}
-        if job.reconstruct is not None:
-            weights = {f"{n}.weight" for n in linears}
-            state.update({n: p.data for n, p in block.named_parameters() if n not in weights})
-        if kind == KIND_MASKS:
-            return {n: t if t.device.type == "cpu" else positive_zeros(t).cpu()
-                    for n, t in state.items()}
-        return {n: t if t.device.type == "cpu" else t.cpu() for n, t in state.items()}
+        """What resume must restore of block ``index``
+        (:func:`~neuroal.engine.block_resume.block_state`)."""
+        return block_state(self.adapter, index, job, kind)
 
     def _replay(self, index: int, stream: torch.Tensor, weights: Mapping[str, torch.Tensor],
                 report: Mapping[str, Any], entries: Mapping[str, Any] | None = None,
@@ -356,18 +271,8 @@ class Worker:
             The restored weight of every stored linear, ``name -> (rows, cols)``, for
             :func:`~neuroal.outputs.checkpoint.check_replayed`.
         """
-        restored = {}
         with self.resident(index, write=True) as block:
-            linears = self.adapter.prunable_linears(block)
-            for name, weight in weights.items():
-                target = linears[name].weight if name in linears else block.get_parameter(name)
-                if weight.dtype == torch.bool:
-                    target.data.masked_fill_(weight.to(target.device), 0.0)
-                else:
-                    target.data.copy_(weight.to(target.device))
-                if name in linears:  # stays valid after an onloaded block leaves the device
-                    restored[name] = target.data
-        return restored
+            return write_block_state(block, self.adapter.prunable_linears(block), weights)
 
     def restore_blocks(self, state_dir: str) -> list[int]:
         """Load the saved state of every owned block (no stream needed): a restarted worker
@@ -437,73 +342,12 @@ class Worker:
     def prune_block(self, index: int, stats: Mapping[str, Any], entries: Mapping[str, Any],
                     job: PruneJob, order: list[str], seqlen: int | None = None) -> list[LayerReport]:
         """Masks for every linear of block ``index`` from its plan entries, refined by the
-        job's refiners (``seqlen``: calibration tokens per sequence); zero in place."""
-        criterion = CRITERIA.get(job.criterion)
-        options = {**criterion.defaults, **job.options}
+        job's refiners (``seqlen``: calibration tokens per sequence); zero in place
+        (:func:`~neuroal.engine.block_pruning.prune_linears`)."""
         block = self.adapter.blocks[index]
-        linears = self.adapter.prunable_linears(block)
         attention = self.adapter.attention_linears(block) if job.refine else frozenset()
-        reports = []
-        for name in order:
-            linear = linears[name]
-            ratio = entries[name]
-            target = LayerTarget(ratio=ratio, nm=job.nm, group=job.group,
-                                 exact_count=job.exact_count)
-            fallback = expert_fallback(criterion, stats[name], target, f"block {index} {name}")
-            try:
-                if fallback is None:
-                    result = criterion.prune(linear.weight.data, stats[name], target, options)
-                    mask, weight, refined = self._refine(linear.weight.data, result, stats[name],
-                                                         job, name in attention, seqlen)
-                else:  # an MoE expert no calibration token was routed to: magnitude, no refiner
-                    result = fallback[0].prune(linear.weight.data, stats[name], fallback[1], {})
-                    result.info.update(fallback[2])
-                    mask, weight, refined = result.mask, result.weight, {}
-            except ValueError as exc:
-                raise ValueError(f"block {index} {name}: {exc}") from exc
-            if result.info.get("damp_retries") or result.info.get("cholesky_failure"):
-                log.warning("block %d %s: SparseGPT dampening %s", index, name, result.info)
-            for step, facts in refined.items():
-                if facts.get("stopped_rows"):
-                    log.info("block %d %s: %s stopped %d row(s) that ran out of swap candidates",
-                             index, name, step, facts["stopped_rows"])
-            if weight is not None:
-                linear.weight.data.copy_(weight.to(linear.weight.dtype))
-            linear.weight.data.masked_fill_(mask.to(linear.weight.device), 0.0)
-            ratio_mean = mean_ratio(ratio)
-            info = {**result.info, "recovery": refined} if refined else result.info
-            if hasattr(stats[name], "tokens"):  # MoE expert: calibration tokens routed to it
-                info = {**info, "routed_tokens": stats[name].tokens}
-            reports.append(LayerReport(name, ratio_mean, int(mask.sum()),
-                                       int((linear.weight.data == 0).sum()),
-                                       linear.weight.numel(), info))
-        return reports
-
-    @staticmethod
-    def _refine(dense: torch.Tensor, result: Any, stats: Any, job: PruneJob, is_attention: bool,
-                seqlen: int | None) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-        """Apply the job's refiners to one linear (recovery.md §1-2).
-
-        Returns the final mask, the weight to write before zeroing (None: keep the dense one)
-        and per-refiner facts. After a weight update (SparseGPT) the refiner sees the updated
-        weights where kept and the dense ones where pruned, so a regrown weight gets its dense
-        value [reconstructed, recovery.md §1.5].
-        """
-        mask, weight = result.mask, result.weight
-        if weight is not None and job.refine:
-            weight = torch.where(mask.to(dense.device), dense, weight.to(dense.dtype))
-        facts: dict[str, Any] = {}
-        for name, options in job.refine:
-            refiner = REFINERS.get(name)
-            resolved = {**refiner.defaults, **options}
-            if not refiner.applies_to(is_attention, resolved):
-                continue
-            t0 = time.perf_counter()
-            mask, facts[name] = refiner.refine(dense if weight is None else weight, mask, stats,
-                                               resolved, job.nm, seqlen,
-                                               None if weight is None else dense)
-            facts[name]["seconds"] = time.perf_counter() - t0
-        return mask, weight, facts
+        return prune_linears(index, self.adapter.prunable_linears(block), stats, entries, job,
+                             order, attention, seqlen)
 
     # ------------------------------------------------------------------ search candidates
 
@@ -591,25 +435,7 @@ class Worker:
                 self.adapter.call_block(block, x, self._call(x.shape[0], x.shape[1], index))
                 collector.end_batch()
 
-    def _masked_weights(self, linears: Mapping[str, torch.nn.Linear], stats: Mapping[str, Any],
-                        entries: Mapping[str, Any], job: CandidateJob, criterion: Any,
-                        options: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """Temporary pruned (SparseGPT: updated) copies of each linear's weight."""
-        out = {}
-        for name, linear in linears.items():
-            ratio = entries[name]
-            group = None if isinstance(ratio, torch.Tensor) else job.group
-            target = LayerTarget(ratio=ratio, group=group if group in criterion.groups else None,
-                                 exact_count=job.exact_count)
-            fallback = expert_fallback(criterion, stats[name], target, name, quiet=True)
-            if fallback is None:
-                result = criterion.prune(linear.weight.data, stats[name], target, options)
-            else:
-                result = fallback[0].prune(linear.weight.data, stats[name], fallback[1], {})
-            weight = result.weight.to(linear.weight.dtype) if result.weight is not None \
-                else linear.weight.data.clone()
-            out[name] = weight.masked_fill_(result.mask.to(weight.device), 0.0)
-        return out
+    _masked_weights = staticmethod(masked_weights)  # a candidate's temporary pruned copies
 
     # ------------------------------------------------------------------ policy metrics
 
@@ -651,19 +477,11 @@ class Worker:
         if not (self.last or self.head_lent):
             raise RuntimeError(f"worker {self.spec.rank} does not own the head")
 
-    @torch.no_grad()
     def window_nll(self, stream: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy per window, fp32 logits: ``(B, T, h) -> (B,)`` float64."""
         self._require_head()
-        out = torch.empty(stream.shape[0], dtype=torch.float64)
-        for i in range(stream.shape[0]):
-            logits = self.adapter.logits(stream[i : i + 1].to(self.device)).float()
-            target = ids[i, 1:].to(logits.device)
-            loss = torch.nn.functional.cross_entropy(logits[0, :-1], target, reduction="mean")
-            out[i] = loss.double()
-        return out
+        return head.window_nll(self.adapter, self.device, stream, ids)
 
-    @torch.no_grad()
     def token_logprobs(self, stream: torch.Tensor,
                        targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Log-probability of ``targets[b, t]`` after position ``t``, and whether it is the
@@ -671,27 +489,17 @@ class Worker:
         float64 and ``(B, T)`` bool, fp32 log-softmax, one sequence at a time (as
         :meth:`window_nll`), so only ``(T, vocab)`` logits exist at once."""
         self._require_head()
-        logprobs = torch.empty(targets.shape, dtype=torch.float64)
-        greedy = torch.empty(targets.shape, dtype=torch.bool)
-        for i in range(stream.shape[0]):
-            logits = self.adapter.logits(stream[i : i + 1].to(self.device)).float()[0]
-            scores = torch.log_softmax(logits, dim=-1)
-            target = targets[i].to(scores.device)
-            logprobs[i] = scores.gather(-1, target[:, None])[:, 0].double().cpu()
-            greedy[i] = (scores.argmax(-1) == target).cpu()
-        return logprobs, greedy
+        return head.token_logprobs(self.adapter, self.device, stream, targets)
 
-    @torch.no_grad()
     def logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Full logits ``(B, T, h) -> (B, T, vocab)`` fp32 on the CPU (tests, inspection)."""
         self._require_head()
-        return self.adapter.logits(stream.to(self.device)).float().cpu()
+        return head.all_logits(self.adapter, self.device, stream)
 
-    @torch.no_grad()
     def last_logits(self, stream: torch.Tensor) -> torch.Tensor:
         """Logits of the last position: ``(B, T, h) -> (B, vocab)`` fp32."""
         self._require_head()
-        return self.adapter.logits(stream[:, -1:].to(self.device)).float()[:, -1].cpu()
+        return head.last_logits(self.adapter, self.device, stream)
 
     # ------------------------------------------------------------------ inspection and export
 
