@@ -140,7 +140,7 @@ def test_ray_executor_takes_a_template_and_options() -> None:
     from neuroal.engine.ray_executor import RayExecutor, RayOptions, actor_device
 
     params = list(inspect.signature(RayExecutor.__init__).parameters)[1:]
-    assert params == ["template", "workers", "options", "transport", "state_dir"]
+    assert params == ["template", "workers", "options", "transport", "state_dir", "parallel"]
     assert (actor_device("cuda"), actor_device("cpu")) == ("cuda:0", "cpu")
     cfg = load_config(None, ["engine.ray.cpus=3", "engine.ray.inflight=2"])
     assert RayOptions.from_config(cfg.engine.ray, False) == RayOptions(cpus=3, inflight=2,
