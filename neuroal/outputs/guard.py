@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from neuroal.data import parse_source
-from neuroal.runtime.errors import AdapterError, ConfigError, ModelSourceError
-from neuroal.runtime.logging import get_logger
 from neuroal.models.loading import ModelSource, input_paths, resolve_model
 from neuroal.outputs.safety import check_file_output, check_output_path
+from neuroal.runtime.errors import AdapterError, ConfigError, ModelSourceError
+from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 

@@ -20,8 +20,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from neuroal.runtime.digests import file_digests
 from neuroal.models.loading import ModelSource
+from neuroal.runtime.digests import file_digests
 
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*",
                       "merges.txt", "*.tiktoken", "spiece.model", "sentencepiece*.model",

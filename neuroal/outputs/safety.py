@@ -42,8 +42,8 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from neuroal import __version__
-from neuroal.runtime.errors import OutputExistsError
 from neuroal.config.inputs import file_kind, file_sha256
+from neuroal.runtime.errors import OutputExistsError
 from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
