@@ -36,8 +36,8 @@ from neuroal.engine import EXECUTORS
 from neuroal.engine.cluster import output_errors, resolve_device, run_preflight
 from neuroal.engine.executor import Executor, split_blocks
 from neuroal.engine.preflight import worker_budgets
-from neuroal.evaluation.zeroshot import TaskSpec, lm_eval_version, load_tasks, task_manager
 from neuroal.evaluation.zeroshot import evaluate_tasks as run_tasks
+from neuroal.evaluation.zeroshot import lm_eval_version, prepare_tasks, task_spec
 from neuroal.models.adapter import ModelAdapter
 from neuroal.models.loading import (
     ModelSource,
@@ -190,27 +190,6 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
         raise
     return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload,
                     tasks, session, selection=selection)
-
-
-def task_spec(cfg: PruneConfig) -> Any:
-    """The zero-shot settings of ``cfg.eval`` as plain values (:class:`neuroal.evaluation.zeroshot.TaskSpec`);
-    one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
-    ev, eng = cfg.eval, cfg.engine
-    return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
-                    batch_size=4 * eng.micro_batch * eng.workers,
-                    apply_chat_template=ev.apply_chat_template, log_samples=ev.log_samples)
-
-
-def prepare_tasks(cfg: PruneConfig) -> Any:
-    """Check the task names and build every task once (documents read or downloaded) before
-    any weight is loaded; returns the lm-eval TaskManager, or None without ``eval.tasks``."""
-    if not cfg.eval.tasks:
-        return None
-
-    spec = task_spec(cfg)
-    manager = task_manager(spec)
-    load_tasks(spec, manager)
-    return manager
 
 
 def evaluate_tasks(cfg: PruneConfig, prep: Prepared, executor: Executor) -> dict[str, Any]:

@@ -32,7 +32,9 @@ from neuroal.evaluation.zeroshot import (
     generation_tasks,
     lm_eval_version,
     merge_results,
+    prepare_tasks,
     summarize_results,
+    task_spec,
     write_lm_eval_output,
 )
 from neuroal.models.adapter import AdapterError, ModelAdapter
@@ -56,7 +58,7 @@ from neuroal.outputs.guard import (
 from neuroal.outputs.report import tasks_report, versions
 from neuroal.outputs.report_keys import MODEL_PPL, model_ppl
 from neuroal.outputs.safety import check_file_output, write_file
-from neuroal.pipeline import Prepared, build_executor, prepare_tasks, task_spec
+from neuroal.pipeline import Prepared, build_executor
 from neuroal.planning.preflight import check_memory, check_shape
 from neuroal.runtime.errors import OutputExistsError
 from neuroal.runtime.logging import configure, ensure_visible, get_logger
