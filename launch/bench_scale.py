@@ -137,7 +137,7 @@ def run_worker(job: dict[str, Any]) -> dict[str, Any]:
 
     from neuroal.engine.worker import PruneJob, Worker, WorkerSpec
     from neuroal.models.loading import resolve_model
-    from neuroal.pipeline import seed_everything
+    from neuroal.runtime.process import seed_everything
 
     seed_everything(0, True)  # as the CLI does
     baseline = proc_status("VmRSS")

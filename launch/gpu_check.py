@@ -121,7 +121,7 @@ def _rank(rank: int, port: int, model: str, device: str, result: str) -> None:
     from neuroal.engine.cluster import run_preflight
     from neuroal.engine.executor import LocalExecutor
     from neuroal.models.loading import resolve_model
-    from neuroal.pipeline import seed_everything
+    from neuroal.runtime.process import seed_everything
 
     cfg = _cfg(model, device)
     seed_everything(cfg.seed, True)

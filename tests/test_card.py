@@ -157,7 +157,8 @@ def test_push_to_hub_calls_the_api(neuroal_run) -> None:
 
 
 def test_failed_upload_keeps_the_output_and_is_reported(neuroal_run) -> None:
-    from neuroal.pipeline import RunResult, push
+    from neuroal.outputs.hub import push
+    from neuroal.pipeline import RunResult
 
     result, out = neuroal_run
     copy = RunResult(dict(result.report), result.plan, out)

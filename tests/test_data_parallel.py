@@ -211,7 +211,7 @@ def _rank_main(rank: int, port: int, model_dir: str) -> None:
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from neuroal.engine import dist
-    from neuroal.pipeline import seed_everything
+    from neuroal.runtime.process import seed_everything
 
     cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
                                                    "parallel": "data"})

@@ -11,7 +11,7 @@ from conftest import tiny_cfg
 from neuroal.config.build import ConfigError
 from neuroal.engine.determinism import CUBLAS_WORKSPACE, apply_determinism, determinism_env
 from neuroal.engine.ray_executor import actor_env
-from neuroal.pipeline import seed_everything
+from neuroal.runtime.process import seed_everything
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ from neuroal.evaluation.zeroshot import (
     task_manager,
 )
 from neuroal.models.loading import resolve_model
-from neuroal.pipeline import load_tokenizer, run
+from neuroal.pipeline import run
+from neuroal.runtime.process import load_tokenizer
 
 TASKS = REPO / "tests" / "tasks"
 PROMPTS = ["Question: What colour is the sky? Answer:", "The river flows down to the"]

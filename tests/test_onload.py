@@ -226,7 +226,7 @@ def _rank_main(rank: int, port: int, model_dir: str, result: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     from neuroal.engine import EXECUTORS, dist
-    from neuroal.pipeline import seed_everything
+    from neuroal.runtime.process import seed_everything
 
     cfg = tiny_cfg(Path(model_dir), None,
                    engine={"executor": "dist", "workers": 2, "onload": "disk"})
@@ -314,9 +314,9 @@ def test_pipeline_auto_onload_follows_the_planner(llama4: Path) -> None:
 
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton
-    from neuroal.pipeline import check_memory
     from neuroal.planning import ModelLayout, plan_memory
     from neuroal.planning.checks import request_from_config
+    from neuroal.planning.preflight import check_memory
 
     config = tiny_config("llama", 8)  # 8 blocks on one worker: onloading keeps 2 on device
     adapter = ModelAdapter(build_skeleton(config, torch.float32))

@@ -165,7 +165,7 @@ def test_cuda_budget_is_the_free_memory_shared_by_its_workers(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton
-    from neuroal.pipeline import check_memory
+    from neuroal.planning.preflight import check_memory
 
     cfg = load_config(None, ["model.name=llama-2-7b", "engine.workers=2", "model.dtype=bfloat16",
                              "engine.onload=device"])

@@ -182,7 +182,7 @@ def test_disk_needs_counts_the_model(tiny_models: dict[str, Path], tmp_path: Pat
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
     from neuroal.outputs.export import OutputDir
-    from neuroal.pipeline import disk_needs
+    from neuroal.planning.preflight import disk_needs
 
     out = tmp_path / "out"
     cfg = tiny_cfg(tiny_models["llama"], out, output={"dtype": "bfloat16"})
@@ -205,8 +205,8 @@ def test_memory_check_uses_the_workers_figures(tiny_models: dict[str, Path]) -> 
     reported (never torch.cuda on the driver): 1 MB per worker does not fit, 1 TB does."""
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
-    from neuroal.pipeline import check_memory
     from neuroal.planning import MemoryBudgetError
+    from neuroal.planning.preflight import check_memory
 
     cfg = tiny_cfg(tiny_models["llama"], None, engine={"executor": "ray", "workers": 2,
                                                        "device": "cpu"})

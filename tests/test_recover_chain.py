@@ -195,7 +195,7 @@ def test_reconstruct_job_and_report_pickle() -> None:
     import pickle
 
     from neuroal.engine.worker import BlockReport, LayerReport, PruneJob
-    from neuroal.pipeline import reconstruct_options
+    from neuroal.recovery.handoff import reconstruct_options
 
     cfg = tiny_cfg(Path("unused"), None, recover={"steps": ["perp-reconstruct"],
                                                    "perp-reconstruct": {"steps": 3}})

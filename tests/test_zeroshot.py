@@ -13,7 +13,8 @@ from conftest import REPO, tiny_cfg
 from neuroal.engine.executor import LocalExecutor
 from neuroal.evaluation.zeroshot import ExecutorLM, TaskSpec, evaluate_tasks, task_manager
 from neuroal.models.loading import load_model_config, resolve_model
-from neuroal.pipeline import load_tokenizer, run
+from neuroal.pipeline import run
+from neuroal.runtime.process import load_tokenizer
 
 TASKS = REPO / "tests" / "tasks"
 REQUESTS = [("The river flows down to the", " sea"), ("In winter the lake", " turns to ice"),

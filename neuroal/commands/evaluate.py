@@ -30,8 +30,11 @@ from neuroal.evaluation.zeroshot import (
     executor_results,
     generation_backend,
     generation_tasks,
+    lm_eval_version,
     merge_results,
+    prepare_tasks,
     summarize_results,
+    task_spec,
     write_lm_eval_output,
 )
 from neuroal.models.adapter import AdapterError, ModelAdapter
@@ -52,23 +55,14 @@ from neuroal.outputs.guard import (
     source_or_none,
     warn_code_execution,
 )
+from neuroal.outputs.report import tasks_report, versions
 from neuroal.outputs.report_keys import MODEL_PPL, model_ppl
 from neuroal.outputs.safety import check_file_output, write_file
-from neuroal.pipeline import (
-    Prepared,
-    Timings,
-    build_executor,
-    check_memory,
-    check_shape,
-    load_tokenizer,
-    pick_device,
-    prepare_tasks,
-    task_spec,
-    tasks_report,
-    versions,
-)
+from neuroal.pipeline import Prepared, build_executor
+from neuroal.planning.preflight import check_memory, check_shape
 from neuroal.runtime.errors import OutputExistsError
 from neuroal.runtime.logging import configure, ensure_visible, get_logger
+from neuroal.runtime.process import Timings, load_tokenizer, pick_device
 
 log = get_logger(__name__)
 
@@ -259,7 +253,7 @@ def run_evaluation(cfg: Any, session: Any = None,
                    "device": str(device), "dtype": str(dtype).removeprefix("torch.")},
     }
     if manager is not None:
-        result["tasks"] = tasks_report(cfg, {}, summarize_results(raw))
+        result["tasks"] = tasks_report(cfg, {}, summarize_results(raw), lm_eval_version())
         result["tasks"]["generation"] = {"tasks": generating, "backend": backend}
         if lm_eval_sink is not None:
             lm_eval_sink.append(raw)

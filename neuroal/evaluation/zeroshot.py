@@ -31,7 +31,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -42,6 +42,9 @@ try:
     from lm_eval.api.model import TemplateLM as _LMBase
 except ImportError:  # the optional extra is missing: require_lm_eval() says how to install it
     _LMBase = object
+
+if TYPE_CHECKING:
+    from neuroal.config.build import PruneConfig
 
 log = get_logger(__name__)
 
@@ -131,6 +134,27 @@ def load_tasks(spec: TaskSpec, manager: Any) -> None:
         get_task_dict(list(spec.tasks), manager)
     except Exception as exc:  # lm-eval raises many kinds (network, dataset, YAML errors)
         raise ConfigError([f"eval.tasks: could not load {', '.join(spec.tasks)}: {exc}"]) from exc
+
+
+def task_spec(cfg: PruneConfig) -> TaskSpec:
+    """The zero-shot settings of ``cfg.eval`` as plain values (:class:`TaskSpec`);
+    one executor call scores ``4 x micro_batch x workers`` requests, so every worker is busy."""
+    ev, eng = cfg.eval, cfg.engine
+    return TaskSpec(tuple(ev.tasks), ev.include_path, ev.num_fewshot, ev.limit, ev.max_length,
+                    batch_size=4 * eng.micro_batch * eng.workers,
+                    apply_chat_template=ev.apply_chat_template, log_samples=ev.log_samples)
+
+
+def prepare_tasks(cfg: PruneConfig) -> Any:
+    """Check the task names and build every task once (documents read or downloaded) before
+    any weight is loaded; returns the lm-eval TaskManager, or None without ``eval.tasks``."""
+    if not cfg.eval.tasks:
+        return None
+
+    spec = task_spec(cfg)
+    manager = task_manager(spec)
+    load_tasks(spec, manager)
+    return manager
 
 
 class _QuietCustomDataset(logging.Filter):

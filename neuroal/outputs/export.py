@@ -1,5 +1,14 @@
 """Everything written to disk: atomic output directory, shards + index, config, tokenizer,
-report, plan and model card (engine.md §8-9)."""
+report, plan and model card (engine.md §8-9).
+
+What lives here: the output directory and its staging, the shard index and config files, and
+the export of a run's pruned weights (:func:`export_model`, :func:`write_weights`; the shards
+themselves are written by the executor's workers, each for its own blocks).
+
+What it may import: the ``outputs`` floor and below (models, config, runtime). The run's
+config, prepared inputs, executor and plan arrive as arguments (type hints only under
+``TYPE_CHECKING``): this module never imports the engine or the pipeline.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +20,17 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
 from neuroal.config.inputs import parse_size as parse
+from neuroal.models.loading import ModelSource, source_dtype
 from neuroal.outputs.card import prune_card
 from neuroal.outputs.checkpoint import drain_state_writers
 from neuroal.outputs.compat import make_loadable
+from neuroal.outputs.plots import write_plots
 from neuroal.outputs.safety import (
     OutputExistsError,  # noqa: F401 - re-exported: neuroal.outputs.export.OutputExistsError
     OutputLock,
@@ -29,6 +41,12 @@ from neuroal.outputs.safety import (
     write_marker,
 )
 from neuroal.runtime.logging import get_logger
+
+if TYPE_CHECKING:
+    from neuroal.allocation import SparsityPlan
+    from neuroal.config.build import PruneConfig
+    from neuroal.engine.executor import Executor
+    from neuroal.pipeline import Prepared
 
 log = get_logger(__name__)
 
@@ -218,3 +236,43 @@ def model_card(report: dict[str, Any]) -> str:
 def slug(text: str) -> str:
     """A file-name friendly version of a model name or option."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower() or "model"
+
+
+# --------------------------------------------------------------------------- a run's weights
+
+
+def export_model(cfg: PruneConfig, prep: Prepared, executor: Executor, plan: SparsityPlan,
+                 staging: Path, report: dict[str, Any], weights: bool = True) -> None:
+    """Shards (written per worker; not when ``weights`` is False, e.g. already written by
+    whole-model PERP), index, config, tokenizer, plan, report, model card."""
+    if weights and cfg.output.save_model:
+        write_weights(cfg, prep, executor, staging, report)
+    plan.save(staging)
+    if cfg.output.plots:
+        report["plots"] = write_plots(staging, report)
+    write_run_files(staging, report, cfg.to_dict(), card=cfg.output.save_model)
+
+
+def write_weights(cfg: PruneConfig, prep: Prepared, executor: Executor, directory: Path,
+                  report: dict[str, Any]) -> None:
+    """Shards (written per worker), index, config and tokenizer; records ``export_dtype``."""
+    dtype = _export_dtype(cfg, prep)
+    files = executor.write_shards(str(directory), dtype, parse_size(cfg.output.shard_size))
+    finalize_shards(directory, files)
+    write_config(directory, prep.config, dtype)
+    prep.tokenizer.save_pretrained(directory)
+    make_loadable(directory)  # tokenizer_class older transformers can import
+    report["export_dtype"] = dtype
+
+
+def _export_dtype(cfg: PruneConfig, prep: Prepared) -> str:
+    """``auto``: the source dtype (GGUF: the run dtype), else the configured one."""
+    return export_dtype(cfg, prep.source, prep.config, prep.dtype)
+
+
+def export_dtype(cfg: PruneConfig, source: ModelSource, config: Any, dtype: torch.dtype) -> str:
+    """:func:`_export_dtype` before :class:`Prepared` exists (the free-space check)."""
+    if cfg.output.dtype != "auto":
+        return cfg.output.dtype
+    return str(source_dtype(config, dtype) if source.kind != "gguf"
+               else dtype).removeprefix("torch.")

@@ -3,6 +3,10 @@
 Only what neuroal wrote is uploaded: the finished output directory, after it was moved into
 place. The API object is passed in (tests use a stand-in; the default is ``HfApi()``, which
 reads the token from ``HF_TOKEN`` or the Hub CLI's login: ``hf auth login``).
+
+What it may import: the ``outputs`` floor and below. The run's result
+(:class:`neuroal.pipeline.RunResult`) arrives as an argument, a type hint only under
+``TYPE_CHECKING``.
 """
 
 from __future__ import annotations
@@ -11,9 +15,12 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from neuroal.runtime.logging import get_logger
+
+if TYPE_CHECKING:
+    from neuroal.pipeline import RunResult
 
 log = get_logger(__name__)
 
@@ -66,3 +73,16 @@ def push_output(directory: str | Path, repo_id: str, api: Any = None,
                                commit_message=message or f"neuroal: upload {directory.name}")
     log.info("uploaded: %s", result)
     return str(result)
+
+
+def push(repo_id: str, result: RunResult, api: Any = None) -> None:
+    """Upload the finished output (``--push-to-hub``); a failed upload leaves the local output
+    as it is and records ``report["hub"]["error"]`` (the CLI then exits with 1)."""
+    try:
+        url = push_output(result.output, repo_id, api=api)  # type: ignore[arg-type]
+        result.report["hub"] = {"repo": repo_id, "url": url}
+    except Exception as exc:  # network, token, permissions: the local output stays valid
+        log.error("upload to the Hub repo %r failed (%s: %s); the output is complete in %s, "
+                  "upload it later with `%s`", repo_id, type(exc).__name__, exc, result.output,
+                  upload_hint(repo_id, result.output))
+        result.report["hub"] = {"repo": repo_id, "error": f"{type(exc).__name__}: {exc}"}

@@ -10,6 +10,8 @@
 * :mod:`~neuroal.planning.walltime`: the time model, wall seconds per phase from the throughput
   figures in ``throughput.json``.
 * :mod:`~neuroal.planning.present`: the summary and text ``neuroal plan`` prints.
+* :mod:`~neuroal.planning.preflight`: the checks of a run before any weight is loaded (the
+  pipeline's; import them from there).
 
 The memory and time models each have a ``request_from_config`` (a ``MemoryRequest`` and a
 ``TimeRequest``): import it from :mod:`~neuroal.planning.checks` or
