@@ -136,7 +136,7 @@ def test_ray_executor_takes_a_template_and_options() -> None:
     import ast
     import inspect
 
-    from neuroal.engine import ray_executor
+    from neuroal.engine.ray import executor as ray_executor  # the module of RayExecutor
     from neuroal.engine.ray_executor import RayExecutor, RayOptions, actor_device
 
     params = list(inspect.signature(RayExecutor.__init__).parameters)[1:]

@@ -109,7 +109,7 @@ def test_transport_choice_is_validated_before_loading(monkeypatch: pytest.Monkey
     """``engine.ray.transport``: config names checked; ``auto`` picks gloo between CPU actors and
     nccl between CUDA actors, each only when Ray can start it, else the object store; a
     transport asked for by name that cannot run is refused before Ray starts."""
-    from neuroal.engine import ray_executor
+    from neuroal.engine.ray import executor as ray_exec  # where RayExecutor looks up init_ray
     from neuroal.engine.ray_executor import DirectTransport, RayExecutor, RayOptions, resolve_transport
 
     assert build_config({"engine": {"ray": {"transport": "gloo"}}}).engine.ray.transport == "gloo"
@@ -127,7 +127,7 @@ def test_transport_choice_is_validated_before_loading(monkeypatch: pytest.Monkey
     assert resolve_transport("auto", "cuda").name == "object-store"
     with pytest.raises(ValueError, match="nccl collective backend is not available.*cupy"):
         resolve_transport("nccl", "cuda")
-    monkeypatch.setattr(ray_executor, "init_ray", lambda *a: pytest.fail("Ray started"))
+    monkeypatch.setattr(ray_exec, "init_ray", lambda *a: pytest.fail("Ray started"))
     spec = WorkerSpec(None, 0, 0, 2, "cpu", "float32", 2)  # never loaded
     with pytest.raises(ValueError, match="engine.ray.transport=gloo"):
         RayExecutor(spec, 2, RayOptions(transport="gloo"))

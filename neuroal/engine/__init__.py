@@ -4,7 +4,7 @@ Executors register by name in :data:`EXECUTORS`; each entry is a factory called 
 ``factory(cfg, source=..., num_blocks=..., devices=..., dtype=..., session=...)`` returning an
 object that satisfies :class:`neuroal.engine.executor.Executor`; ``session`` is the open
 distributed session of the ``dist`` executor (:func:`neuroal.engine.dist.coordinator`), or None.
-Ray itself is imported only when a Ray executor starts (:func:`~neuroal.engine.ray_executor.
+Ray itself is imported only when a Ray executor starts (:func:`~neuroal.engine.ray.options.
 import_ray`), so neither ``import neuroal`` nor this package needs it.
 """
 
@@ -16,7 +16,8 @@ from neuroal.engine.core import spill_dir, worker_template
 from neuroal.engine.dist import DistExecutor
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.onload import resolved_onload
-from neuroal.engine.ray_executor import RayExecutor, RayOptions, device_kind
+from neuroal.engine.ray.executor import RayExecutor
+from neuroal.engine.ray.options import RayOptions, device_kind
 from neuroal.runtime.registry import Registry
 
 EXECUTORS: Registry[Any] = Registry("executor")

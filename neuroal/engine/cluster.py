@@ -37,7 +37,7 @@ from neuroal.engine.preflight import (
     remove_probes,
     see_probes,
 )
-from neuroal.engine.ray_executor import import_ray, init_ray
+from neuroal.engine.ray.options import import_ray, init_ray
 from neuroal.engine.ray_preflight import ProbeRequest, Remap, probe_cluster
 from neuroal.runtime.errors import PreflightError
 from neuroal.runtime.logging import get_logger

@@ -5,7 +5,7 @@ A placement group of the executor's shape (one bundle per worker, same resources
 is reserved for a few seconds; one small task per bundle reports its
 :class:`~neuroal.engine.preflight.NodeFacts` and writes its probe file, then one task per bundle
 reads every probe back; the group is removed before the executor reserves its own. Nothing is
-loaded. ``import ray`` happens lazily, through :func:`~neuroal.engine.ray_executor.import_ray`.
+loaded. ``import ray`` happens lazily, through :func:`~neuroal.engine.ray.options.import_ray`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neuroal.engine.preflight import NodeFacts, gather_facts, probe_name, see_probes
-from neuroal.engine.ray_executor import actor_device, actor_env, import_ray
+from neuroal.engine.ray.options import actor_device, actor_env, import_ray
 from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)

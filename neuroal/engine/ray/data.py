@@ -1,0 +1,262 @@
+"""Data mode under the Ray executor (``engine.parallel=data``, :mod:`neuroal.engine.data_parallel`).
+
+Every actor runs its :class:`~neuroal.engine.data_parallel.DataPrune` program in one call, all at
+once, over a torch.distributed group formed inside the actors for that call (the dist executor's
+:class:`~neuroal.engine.collectives.DistComm`); an actor lost in that call stops the run with the
+``--resume`` hint instead of a restart, since every actor takes part in every block.
+
+The functions run inside the actors (through ``actor.__ray_call__``, like
+:mod:`neuroal.engine.ray.actor`); :class:`DataParallel` is the driver's side, mixed into
+:class:`~neuroal.engine.ray.executor.RayExecutor`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from neuroal.allocation.plan import SparsityPlan
+from neuroal.engine.collectives import DistComm, group_backend
+from neuroal.engine.core import log_block
+from neuroal.engine.data_parallel import DataPrune, Layout, Stopped, resolve_parallel
+from neuroal.engine.ray.actor import _drop_process_group
+from neuroal.engine.ray.options import RayOptions, _actor_errors, _describe, import_ray
+from neuroal.engine.worker import Worker
+from neuroal.models.moe import has_experts
+from neuroal.runtime.jobs import BlockReport, PruneJob, WorkerSpec
+from neuroal.runtime.logging import get_logger
+
+log = get_logger(__name__)
+
+# engine.parallel=data (neuroal.engine.data_parallel): every actor runs its DataPrune program in
+# one long call, all at once; the data moves through a torch.distributed group formed inside the
+# actors for that call only (DistComm, the dist executor's collectives), rendezvous through a TCP
+# store that actor 0 opens on its node's IP and a port the OS picks.
+
+_STORE = "_ray_data_store"  # actor 0's TCP store, kept from _open_store to _data_prune
+
+
+def _has_experts(worker: Worker) -> bool:
+    """Whether any block holds a mixture of experts (data mode refuses them)."""
+    return any(has_experts(b) for b in worker.adapter.blocks)
+
+
+def _device_key(worker: Worker) -> str | None:
+    """Which physical GPU the actor computes on (node and device UUID), None on the CPU: two
+    actors may share one GPU (``RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES``), where NCCL
+    cannot form a group."""
+    import ray
+
+    if worker.device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(worker.device)
+    uuid = getattr(props, "uuid", None)
+    if uuid is None:  # pragma: no cover - older torch: the visible devices name the GPU
+        uuid = f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')}:{worker.device.index or 0}"
+    return f"{ray.get_runtime_context().get_node_id()}/{uuid}"
+
+
+def data_channel(keys: Sequence[str | None]) -> tuple[str, str | None]:
+    """``(process-group backend, device the collectives move tensors from)`` for actors on the
+    devices ``keys`` (:func:`_device_key`): gloo on CPUs; gloo for small messages and NCCL for
+    tensors on distinct GPUs (None: each actor's own device); gloo through host memory when
+    two actors share a GPU (NCCL refuses two ranks on one device)."""
+    if all(k is None for k in keys):
+        return "gloo", None
+    if len(set(keys)) < len(keys):
+        return "gloo", "cpu"
+    return group_backend("cuda"), None
+
+
+def _open_store(worker: Worker, timeout: float) -> tuple[str, int]:
+    """Inside actor 0: the rendezvous of the data-parallel group, a TCP store listening on a
+    free port; returns ``(node IP, port)`` for every actor."""
+    import ray
+
+    host = ray.util.get_node_ip_address()
+    store = dist.TCPStore(host, 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout))
+    worker.__dict__[_STORE] = store
+    return host, int(store.port)
+
+
+def _join_group(worker: Worker, address: tuple[str, int], rank: int, world: int,
+                backend: str, rendezvous_timeout: float, timeout: float) -> None:
+    """Inside an actor: ``rank`` of a fresh default process group of ``world`` actors on
+    ``backend`` (:func:`data_channel`), its collectives waiting at most ``timeout`` s.
+
+    Raises:
+        RuntimeError: The actor already has a group, or cannot reach the rendezvous.
+    """
+    if dist.is_initialized():
+        raise RuntimeError(f"Ray worker {rank} already belongs to a torch.distributed group; "
+                           "the data-parallel prune needs its own")
+    host, port = address
+    store = worker.__dict__.pop(_STORE, None)
+    try:
+        if store is None:
+            store = dist.TCPStore(host, port, is_master=False,
+                                  timeout=datetime.timedelta(seconds=rendezvous_timeout))
+        dist.init_process_group(backend, store=store, rank=rank,
+                                world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    except Exception as exc:
+        raise RuntimeError(
+            f"Ray worker {rank} could not join the data-parallel group at {host}:{port} "
+            f"({type(exc).__name__}: {exc}); every worker's node must reach that address (same "
+            "network, that port range open between the nodes), or use "
+            "engine.parallel=pipeline") from exc
+
+
+def _data_prune(worker: Worker, address: tuple[str, int], rank: int, world: int,
+                channel: tuple[str, str | None], timeouts: tuple[float, float],
+                common: tuple[Any, ...]) -> list[BlockReport] | None:
+    """Inside an actor: join the group, run this worker's :class:`DataPrune` program, leave the
+    group (also after a failure). Returns the reports of the blocks this actor owns, None when
+    another actor's failure stopped it (that actor raises its own error)."""
+    ids, entries, job, slices = common
+    backend, via = channel
+    try:
+        _join_group(worker, address, rank, world, backend, *timeouts)
+        layout = Layout(tuple(map(tuple, slices)), int(ids.shape[0]), worker.spec.micro_batch)
+        comm = DistComm(rank, world, torch.device(via) if via else worker.device)
+        try:
+            return DataPrune(worker, comm, layout).run(ids, entries, job)
+        except Stopped:
+            return None
+    finally:
+        worker.__dict__.pop(_STORE, None)
+        _drop_process_group(worker)
+
+
+class DataParallel:
+    """The Ray executor's data-parallel final prune (a mixin of
+    :class:`~neuroal.engine.ray.executor.RayExecutor`, whose attributes and methods it uses:
+    the actors, the transport's channel, ``_get``, ``_retrying``, ``_connect``, ``shutdown``,
+    ``fault_hook`` and ``_resume_hint``)."""
+
+    workers: list[Any]
+    specs: list[WorkerSpec]
+    options: RayOptions
+    _requested: str
+    _num_blocks: int
+    _failed: str
+
+    def _prune_mode(self, job: PruneJob) -> str:
+        """:func:`~neuroal.engine.data_parallel.resolve_parallel` with the facts of the model
+        (read on actor 0) and of the prune job, as the other executors decide it."""
+        experts = self._retrying(lambda: self._get(
+            self.workers[0].__ray_call__.remote(_has_experts), "reading the model's blocks"))
+        return resolve_parallel(self._requested, len(self.workers),
+                                reconstruct=job.reconstruct is not None, experts=experts)
+
+    def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,
+                          ids: torch.Tensor) -> list[BlockReport]:
+        """Data-parallel final prune (:mod:`neuroal.engine.data_parallel`): every actor runs
+        its :class:`DataPrune` program in one call, all at once, over a torch.distributed group
+        that lives for that call only (the transport's channel is taken down first, since Ray's
+        gloo group sits on the same default group, and rebuilt after). Each block's owner
+        writes its resume state inside its actor, as in pipeline mode.
+
+        An actor lost mid-prune stops the run (:meth:`_settle`): the others cannot go on
+        without it; ``--resume`` continues from the saved blocks.
+        """
+        ray = import_ray()
+        world = len(self.workers)
+        common = ray.put((ids, [plan.block(b) for b in range(self._num_blocks)], job,
+                          [(s.start, s.stop) for s in self.specs]))
+        timeouts = (self.options.placement_timeout, self.options.group_timeout)
+        with self.meter("prune"):
+            channel = data_channel(self._retrying(lambda: self._get(
+                [a.__ray_call__.remote(_device_key) for a in self.workers],
+                "reading the workers' devices")))
+            if channel[1] == "cpu":
+                log.warning("Ray workers share a GPU: the data-parallel prune moves its tensors "
+                            "through host memory over gloo (NCCL needs one GPU per worker)")
+            self.transport.disconnect(self._channel)
+            self._channel = None
+            address = self.workers[0].__ray_call__.remote(_open_store,
+                                                          self.options.placement_timeout)
+            refs = [a.__ray_call__.remote(_data_prune, address, k, world, channel, timeouts,
+                                          common)
+                    for k, a in enumerate(self.workers)]
+            for b in range(self._num_blocks):
+                self.fault_hook("prune", b)
+            try:
+                parts = self._settle(refs, "pruning blocks data-parallel")
+            except Exception:
+                self._reopen()
+                raise
+            self._pruned = (plan, job, ids)  # a later restart restores the pruned blocks
+            self._retrying(self._connect)
+        reports = sorted((r for part in parts for r in part or ()), key=lambda r: r.index)
+        for report in reports:
+            log_block(report, self._num_blocks)
+        self._relay_warnings()
+        return reports
+
+    def _reopen(self) -> None:
+        """After a failed data-parallel call whose actors are kept: the transport's channel
+        back, so the executor stays usable (a failure here is logged, not raised over the
+        call's own error)."""
+        if not self.workers:
+            return
+        try:
+            self._connect()
+        except Exception as exc:  # the call's error is the one to report
+            log.warning("could not reopen the %s channel after the failed prune: %s",
+                        self.transport.name, _describe(exc))
+
+    def _settle(self, refs: list[Any], what: str) -> list[Any]:
+        """Every actor's result of one collective call (``refs[k]`` on actor k), watched as
+        they finish, so that a lost actor is reported at once rather than after its peers'
+        collective timeout.
+
+        Raises:
+            RuntimeError: An actor died: the run stops (every actor is released) with the
+                ``--resume`` hint.
+            Exception: An actor's own error, the first in rank order (its peers stopped at the
+                same phase boundary; peers still stuck after ``engine.ray.placement_timeout``
+                are released).
+        """
+        ray = import_ray()
+        outcome: dict[int, Any] = {}
+        pending, wait = list(refs), None
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait)
+            if not done:
+                break
+            k = refs.index(done[0])
+            try:
+                outcome[k] = ray.get(done[0])
+            except _actor_errors() as exc:
+                self._lost(k, what, exc)
+            except ray.exceptions.RayError as exc:
+                outcome[k], wait = exc, self.options.placement_timeout
+        failed = [outcome[k] for k in sorted(outcome) if isinstance(outcome[k], BaseException)]
+        if failed:
+            self._failed = what
+            if pending:
+                self.shutdown()
+            raise failed[0]
+        return [outcome[k] for k in range(len(refs))]
+
+    def _lost(self, rank: int, what: str, exc: BaseException) -> None:
+        """Stop the run after actor ``rank`` died in a data-parallel call.
+
+        Raises:
+            RuntimeError: Always, naming the actor and the ``--resume`` hint.
+        """
+        spec = self.specs[rank]
+        self._failed = what
+        message = (f"Ray worker {rank} (blocks [{spec.start}, {spec.stop}) of "
+                   f"{self._num_blocks}) died while {what} ({_describe(exc)}). With "
+                   "engine.parallel=data every worker takes part in every block, so the prune "
+                   "cannot go on without it and no worker is restarted mid-prune "
+                   f"(engine.parallel=pipeline restarts them). {self._resume_hint()}")
+        self.shutdown()
+        raise RuntimeError(message) from exc
