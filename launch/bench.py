@@ -11,7 +11,7 @@
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
-    python launch/bench.py parallel --nsamples 16 --seqlen 128  # pipeline vs data mode, 1-2 workers
+    python launch/bench.py parallel --nsamples 32 --seqlen 256  # pipeline vs data mode, 1-2 workers
     python launch/bench.py reliability [--only GROUP,CASE]  # hostile inputs: one verdict each
     python launch/bench.py transport [--quick]  # Ray actor-to-actor hops + 2-actor prunes per transport
     python launch/bench.py plan-time --json benchmarks/plan_time.json  # time planner vs SmolLM2 runs
