@@ -333,7 +333,7 @@ def test_restarts_exhausted_stop_with_clear_error(ray_instance, llama4: Path, sm
     monkeypatch.setattr(RayExecutor, "fault_hook", hook)
     out = tmp_path / "out"
     cfg = tiny_cfg(llama4, out, calib={"source": f"text:{small_text}"}, sparsity=0.7,
-                   engine={"executor": "ray", "workers": 2,
+                   engine={"executor": "ray", "workers": 2, "parallel": "pipeline",
                            "ray": {"max_restarts": 0, "transport": FAULTS}})
     with pytest.raises(RuntimeError) as err:
         run(cfg)
