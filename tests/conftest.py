@@ -187,6 +187,26 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def data_mode_rank(rank: int, port: int, model_dir: str,
+                   compare: Callable[[str, Any], None]) -> None:
+    """One of two gloo ranks (:func:`spawn_two_ranks`) of a dist executor in data mode: rank 1
+    serves, rank 0 runs ``compare(model_dir, stage)`` inside the coordinator."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from neuroal.engine import dist
+    from neuroal.runtime.process import seed_everything
+
+    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
+                                                   "parallel": "data"})
+    if rank > 0:
+        assert dist.serve(cfg) == 0
+        return
+    seed_everything(cfg.seed, cfg.engine.deterministic)
+    with dist.coordinator(cfg) as stage:
+        compare(model_dir, stage)
+
+
 def spawn_two_ranks(main: Callable[..., None], *args: Any, timeout: float = 300) -> None:
     """Run ``main(rank, port, *args)`` on two spawned processes (gloo ranks) and join them;
     a rank's exception is raised here, and both are killed after ``timeout`` seconds."""

@@ -5,13 +5,12 @@ and two torch.distributed ranks over gloo; failures reach the caller without a h
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import save_tiny_model, spawn_two_ranks, tiny_cfg
+from conftest import data_mode_rank, save_tiny_model, spawn_two_ranks, tiny_cfg
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.config.build import ConfigError
@@ -206,25 +205,8 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
         ex.shutdown()  # the ranks are still in step after the failure
 
 
-def _rank_main(rank: int, port: int, model_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from neuroal.engine import dist
-    from neuroal.runtime.process import seed_everything
-
-    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
-                                                   "parallel": "data"})
-    if rank > 0:
-        assert dist.serve(cfg) == 0
-        return
-    seed_everything(cfg.seed, cfg.engine.deterministic)
-    with dist.coordinator(cfg) as stage:
-        _dist_compare(model_dir, stage)
-
-
 def test_two_gloo_ranks_data_mode_match_pipeline(llama4: Path) -> None:
     """Rank 0 prunes with both ranks in data mode (Wanda, SparseGPT) and checks masks, reports
     and the pruned model's logits against one local worker in pipeline mode; a missing plan
     entry on one rank's solve is raised on rank 0 and the ranks stay in step."""
-    spawn_two_ranks(_rank_main, str(llama4))
+    spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare)

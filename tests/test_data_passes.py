@@ -6,13 +6,12 @@ ranks over gloo; a failure on one worker reaches the caller without a hang."""
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import save_tiny_model, spawn_two_ranks, tiny_cfg
+from conftest import data_mode_rank, save_tiny_model, spawn_two_ranks, tiny_cfg
 
 from neuroal.allocation.owl import outlier_ratio
 from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
@@ -224,26 +223,9 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
     ex.shutdown()
 
 
-def _rank_main(rank: int, port: int, model_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from neuroal.engine import dist
-    from neuroal.pipeline import seed_everything
-
-    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
-                                                   "parallel": "data"})
-    if rank > 0:
-        assert dist.serve(cfg) == 0
-        return
-    seed_everything(cfg.seed, cfg.engine.deterministic)
-    with dist.coordinator(cfg) as stage:
-        _dist_compare(model_dir, stage)
-
-
 def test_two_gloo_ranks_match_local_pipeline(llama4: Path) -> None:
     """Rank 0 runs perplexity, zero-shot log-probabilities, OWL's statistics pass, the raw
     statistics and a search with the global dense reference in data mode over both ranks,
     each checked bit for bit against one local worker in pipeline mode; a failing pass
     function is raised on rank 0 and the ranks stay in step."""
-    spawn_two_ranks(_rank_main, str(llama4))
+    spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare)
