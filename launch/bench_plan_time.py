@@ -31,6 +31,7 @@ import datetime
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,6 +83,13 @@ def _timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
     return time.perf_counter() - t0, out
+
+
+def _median(repeats: int, fn: Any, *args: Any, **kwargs: Any) -> tuple[float, Any]:
+    """``fn(*args, **kwargs)`` run ``repeats`` times: the median seconds and the last result
+    (one slow run on a shared machine does not move the figure)."""
+    runs = [_timed(fn, *args, **kwargs) for _ in range(max(1, repeats))]
+    return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
 def _column_seconds(cols: int = 4096, rows: int = 8) -> float:
@@ -136,17 +144,20 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     stream = worker.embed(torch.randint(0, w.vocab, (n, seqlen), generator=torch.Generator()
                                         .manual_seed(0)))
     blocks = list(range(opts.blocks))
+    reps = opts.repeats
     fwd = stats_w = stats_h = select = solve = 0.0
     for i in blocks:
-        fwd += _timed(worker.forward_blocks, stream, [i])[0]
-        dt, (st_w, order_w) = _timed(worker.collect_stats, i, stream, PruneJob("wanda"))
+        fwd += _median(reps, worker.forward_blocks, stream, [i])[0]
+        dt, (st_w, order_w) = _median(reps, worker.collect_stats, i, stream, PruneJob("wanda"))
         stats_w += dt
-        dt, (st_h, order_h) = _timed(worker.collect_stats, i, stream, PruneJob("sparsegpt"))
+        dt, (st_h, order_h) = _median(reps, worker.collect_stats, i, stream, PruneJob("sparsegpt"))
         stats_h += dt
         entries = {name: 0.6 for name in order_w}
-        select += _timed(worker.prune_block, i, st_w, entries, PruneJob("wanda"), order_w)[0]
+        select += _median(reps, worker.prune_block, i, st_w, entries, PruneJob("wanda"),
+                          order_w)[0]
         # SparseGPT on the same block after Wanda: the solve's cost does not depend on values
-        solve += _timed(worker.prune_block, i, st_h, entries, PruneJob("sparsegpt"), order_h)[0]
+        solve += _median(reps, worker.prune_block, i, st_h, entries, PruneJob("sparsegpt"),
+                         order_h)[0]
     column_s = _column_seconds()
     with tempfile.TemporaryDirectory(prefix="neuroal-plan-time-") as tmp:
         write_s, files = _timed(worker.write_shards, tmp, "float32", 2 * 10 ** 9)
@@ -154,9 +165,10 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     ex.shutdown()
 
     linears = [w.blocks[i] for i in blocks]
+    inputs = [w.input_cols(i) for i in blocks]  # one statistic per distinct input, as folded
     flops = sum(tokens * (2 * sum(r * c for r, c in b) + 2 * seqlen * w.hidden) for b in linears)
-    elems = sum(tokens * sum(c for _, c in b) for b in linears)
-    hflops = sum(2 * tokens * sum(c * c for _, c in b) for b in linears)
+    elems = sum(tokens * sum(cols) for cols in inputs)
+    hflops = sum(2 * tokens * sum(c * c for c in cols) for cols in inputs)
     weights = sum(r * c for b in linears for r, c in b)
     sflops = sum(r * c * c + c ** 3 for b in linears for r, c in b)
     columns = sum(c for b in linears for _, c in b)
@@ -178,9 +190,10 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     }
     stamp = datetime.date.today().isoformat()
     entry["provenance"] = {
-        "measured": f"PYTHONPATH=. nice -n 10 python launch/bench_plan_time.py calibrate "
-                    f"--nsamples {n} --seqlen {seqlen} --blocks {opts.blocks} ({stamp}; SmolLM2-135M "
-                    f"fp32, blocks {blocks}, {n} x {seqlen} tokens; 1-min load average "
+        "measured": f"python launch/bench_plan_time.py calibrate "
+                    f"--nsamples {n} --seqlen {seqlen} --blocks {opts.blocks} --repeats {reps} ({stamp}; "
+                    f"SmolLM2-135M fp32, blocks {blocks}, {n} x {seqlen} tokens, the median of "
+                    f"{reps} runs per step; 1-min load average "
                     f"{load0:.1f} before, {loadavg():.1f} after: the machine is shared)",
         "forward_flops": f"block forward {fwd / len(blocks) * 1e3:.0f} ms per block",
         "stats_elems": "Wanda statistics forward minus the plain forward",
@@ -236,7 +249,7 @@ def gpu_entries() -> dict[str, dict[str, Any]]:
     forward_s = README_H200["forward_ms"] / 1e3
     forward_flops = n * (2 * weights + 2 * seqlen * w.hidden) / forward_s
     efficiency = forward_flops / SPEC["bf16_flops"]
-    elems = n * sum(c for _, c in linears)
+    elems = n * sum(w.input_cols(0))  # one statistic per distinct input
     out = {}
     for name, bandwidth in (("h200", SPEC["h200_bytes"]), ("h100", SPEC["h100_bytes"])):
         stats_elems = bandwidth / ASSUMED["stats_bytes_per_elem"]
@@ -445,6 +458,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=8, help="calibrate: windows")
     p.add_argument("--seqlen", type=int, default=512, help="calibrate: tokens per window")
     p.add_argument("--blocks", type=int, default=3, help="calibrate: blocks timed")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="calibrate: runs of each step (the median is kept)")
     p.add_argument("--only", help="check: comma list of run labels")
     p.add_argument("--reuse", action="store_true", help="check: reuse existing report.json")
     p.add_argument("--calibrate", action="store_true",

@@ -9,11 +9,13 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from neuroal.allocation import ALLOCATIONS
 from neuroal.commands.plan import main as plan_main
+from neuroal.planning.layout import input_leaders
 from neuroal.planning.walltime import (
     PHASES,
     THROUGHPUT_FILE,
@@ -52,11 +54,27 @@ def test_block_terms_by_hand() -> None:
     # tokens (2 * 16 weights + 2 * T 2 * h 4) / 1000 = 10 * (32 + 16) / 1000
     assert forward_seconds(linears, 4, 10, 2, TP) == pytest.approx(0.48)
     # 10 tokens * (4 + 2) cols / 100; with Hessians + 2 * 10 * (16 + 4) / 200
-    assert stats_seconds(linears, 10, False, TP) == pytest.approx(0.6)
-    assert stats_seconds(linears, 10, True, TP) == pytest.approx(0.6 + 2.0)
+    assert stats_seconds([4, 2], 10, False, TP) == pytest.approx(0.6)
+    assert stats_seconds([4, 2], 10, True, TP) == pytest.approx(0.6 + 2.0)
     assert mask_seconds(2, 4, False, TP) == pytest.approx(0.8)  # 8 weights / 10
     # (2 * 16 + 64) / 1000 + 4 columns * 0.5
     assert mask_seconds(2, 4, True, TP) == pytest.approx(0.096 + 2.0)
+
+
+def test_shared_inputs_fold_one_statistic() -> None:
+    # q/k/v read one tensor (cols 4), o its own (cols 2): two inputs, as the collector folds
+    layout = SimpleNamespace(hidden=4, vocab=10, params=50,
+                             linears=({"q": (2, 4), "k": (2, 4), "v": (2, 4), "o": (4, 2)},),
+                             input_groups=(("q", "k", "v"), ("gate", "up")))
+    w = Workload.from_layout(layout)
+    assert w.input_cols(0) == (4, 2)
+    assert input_leaders(layout.linears[0], layout.input_groups) == ["q", "o"]
+    # 10 tokens: (4 + 2) cols / 100 and Hessians 2 * 10 * (16 + 4) / 200, not 4 linears' worth
+    req = replace(BASE, nsamples=5, hessian=True)
+    one_each = replace(w, inputs=())
+    assert prune_seconds(w, req, TP) < prune_seconds(one_each, req, TP)
+    assert prune_seconds(one_each, req, TP) - prune_seconds(w, req, TP) == pytest.approx(
+        stats_seconds([4, 4], 10, True, TP))
 
 
 def test_makespan_longest_first() -> None:
@@ -90,7 +108,7 @@ def test_search_pipelines_candidates_with_concurrent_executors() -> None:
     req = replace(BASE, candidates=3, search_samples=1)
     tokens = 2
     fwd = forward_seconds(W.blocks[0], 4, tokens, 2, TP)
-    stat = stats_seconds(W.blocks[0], tokens, False, TP)
+    stat = stats_seconds(W.input_cols(0), tokens, False, TP)
     masks = 1.6
     block0, block1 = fwd + stat + masks, 2 * (fwd + stat) + masks  # block 0: shared reference
     one = search_seconds(W, req, TP)

@@ -21,6 +21,18 @@ from neuroal.models.loading import build_skeleton, load_model_config, resolve_mo
 from neuroal.models.moe import ExpertLinear
 
 
+def input_leaders(linears: Mapping[str, Any], groups: Iterable[Iterable[str]]) -> list[str]:
+    """The linears of one block whose input statistics are folded, in ``linears``' order: every
+    linear but the followers of an input group (``groups``: linears fed the very same tensor,
+    leader first, :attr:`ModelLayout.input_groups`), as the statistics collector does."""
+    followers = set()
+    for group in groups:
+        names = list(group)
+        if names and names[0] in linears:
+            followers.update(n for n in names[1:] if n in linears)
+    return [name for name in linears if name not in followers]
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     """Parameter counts of a model by ownership unit, read from a meta skeleton.

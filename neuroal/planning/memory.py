@@ -73,7 +73,7 @@ from neuroal.config.inputs import parse_size
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN, STAT_MEAN, STAT_OUT_SQ_NORM, STAT_SQ_NORM, STAT_VAR
 from neuroal.engine.arena import arena_bound
-from neuroal.planning.layout import ModelLayout
+from neuroal.planning.layout import ModelLayout, input_leaders
 
 ONLOAD_MODES = ("device", "host", "disk")  # as neuroal.engine.onload (kept import-free here)
 
@@ -207,10 +207,9 @@ def stat_bytes(linears: Mapping[str, tuple[int, int]], needs: Iterable[str],
     """fp32 statistics of one block: input statistics once per distinct input (``groups``:
     linears fed the same tensor share theirs), output statistics per linear."""
     wanted = list(needs)
-    followers = {name for group in groups for name in list(group)[1:]
-                 if group[0] in linears and name in linears}
+    leaders = set(input_leaders(linears, groups))
     return sum(_STAT_BYTES[n](rows, cols) for name, (rows, cols) in linears.items()
-               for n in wanted if n == STAT_OUT_SQ_NORM or name not in followers)
+               for n in wanted if n == STAT_OUT_SQ_NORM or name in leaders)
 
 
 def stream_bytes(sequences: int, tokens: int, hidden: int, dtype_bytes: int) -> int:

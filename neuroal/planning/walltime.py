@@ -8,7 +8,9 @@ is a few lines of arithmetic a user can check by hand:
   ``n (2 sum(rows cols) + 2 T h) / forward_flops`` (the second term: causal attention on windows
   of ``T`` tokens, hidden ``h``);
 * **statistics** (the hooks of a statistics forward): ``n sum(cols) / stats_elems``, plus the
-  Hessians ``2 n sum(cols^2) / hessian_flops`` for criteria that need them (SparseGPT);
+  Hessians ``2 n sum(cols^2) / hessian_flops`` for criteria that need them (SparseGPT); the sums
+  run over the block's *distinct inputs*, as the collector folds them: linears fed the very same
+  tensor (q/k/v, gate/up) share one statistic (:attr:`Workload.inputs`);
 * **masks** of one linear: ``rows cols / select_weights`` (Wanda, magnitude, RIA), or
   SparseGPT's factorisation and sweep ``(rows cols^2 + cols^3) / solve_flops + cols
   solve_column_s`` (the second term: the per-column loop's fixed cost);
@@ -50,6 +52,7 @@ from typing import Any, Protocol
 from neuroal.allocation import ALLOCATIONS
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
+from neuroal.planning.layout import input_leaders
 
 PHASES = ("load", "search", "prune", "evaluation", "export")
 MODES = ("pipeline", "data")
@@ -123,22 +126,33 @@ class LayoutLike(Protocol):
 
 @dataclass(frozen=True)
 class Workload:
-    """The model as the time model sees it: per block the ``(rows, cols)`` of its linears."""
+    """The model as the time model sees it: per block the ``(rows, cols)`` of its linears and
+    the widths of its distinct linear inputs (``inputs``; empty: every linear has its own)."""
 
     hidden: int
     vocab: int
     blocks: tuple[tuple[tuple[int, int], ...], ...]
     params: int
+    inputs: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_layout(cls, layout: LayoutLike) -> Workload:
         """From a memory-planner layout (the same meta skeleton, nothing loaded)."""
+        groups = getattr(layout, "input_groups", ())
         return cls(hidden=layout.hidden, vocab=layout.vocab,
-                   blocks=tuple(tuple(b.values()) for b in layout.linears), params=layout.params)
+                   blocks=tuple(tuple(b.values()) for b in layout.linears), params=layout.params,
+                   inputs=tuple(tuple(b[n][1] for n in input_leaders(b, groups))
+                                for b in layout.linears))
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def input_cols(self, block: int) -> tuple[int, ...]:
+        """Widths of block ``block``'s distinct linear inputs (one statistic each)."""
+        if self.inputs:
+            return self.inputs[block]
+        return tuple(c for _, c in self.blocks[block])
 
 
 @dataclass(frozen=True)
@@ -229,12 +243,12 @@ def forward_seconds(linears: Sequence[tuple[int, int]], hidden: int, tokens: int
     return tokens * flops / tp.forward_flops
 
 
-def stats_seconds(linears: Sequence[tuple[int, int]], tokens: int, hessian: bool,
-                  tp: Throughput) -> float:
-    """The hooks' statistics of one block on ``tokens`` tokens (beside its forward)."""
-    seconds = tokens * sum(c for _, c in linears) / tp.stats_elems
+def stats_seconds(inputs: Sequence[int], tokens: int, hessian: bool, tp: Throughput) -> float:
+    """The hooks' statistics of one block on ``tokens`` tokens (beside its forward); ``inputs``:
+    the widths of the block's distinct linear inputs (:meth:`Workload.input_cols`)."""
+    seconds = tokens * sum(inputs) / tp.stats_elems
     if hessian:
-        seconds += 2 * tokens * sum(c * c for _, c in linears) / tp.hessian_flops
+        seconds += 2 * tokens * sum(c * c for c in inputs) / tp.hessian_flops
     return seconds
 
 
@@ -266,18 +280,18 @@ def slices(num_blocks: int, workers: int) -> int:
 # --------------------------------------------------------------------------- phases
 
 
-def prune_block_seconds(linears: Sequence[tuple[int, int]], w: Workload, req: TimeRequest,
-                        tp: Throughput) -> float:
-    """One block of the final prune, ``req.mode`` with ``req.workers`` workers."""
+def prune_block_seconds(index: int, w: Workload, req: TimeRequest, tp: Throughput) -> float:
+    """Block ``index`` of the final prune, ``req.mode`` with ``req.workers`` workers."""
+    linears, inputs = w.blocks[index], w.input_cols(index)
     k = req.workers if req.mode == "data" else 1
     tokens = -(-req.nsamples // k) * req.seqlen  # the busiest worker's share
     compute = (2 * forward_seconds(linears, w.hidden, tokens, req.seqlen, tp)
-               + stats_seconds(linears, tokens, req.hessian, tp))
+               + stats_seconds(inputs, tokens, req.hessian, tp))
     masks = makespan([mask_seconds(r, c, req.hessian, tp) for r, c in linears], k)
     if k == 1:
         return compute + masks
     weight_bytes = sum(r * c for r, c in linears) * DTYPE_BYTES[req.dtype]
-    stat_bytes = STAT_BYTES * sum(c + (c * c if req.hessian else 0) for _, c in linears)
+    stat_bytes = STAT_BYTES * sum(c + (c * c if req.hessian else 0) for c in inputs)
     comm = (2 * transfer_seconds(weight_bytes, tp, req.transport)  # weights out, pruned back
             + transfer_seconds(2 * (k - 1) / k * stat_bytes, tp, req.transport))  # all-reduce
     return compute + masks + comm
@@ -290,21 +304,22 @@ def stream_bytes(req: TimeRequest, w: Workload, sequences: int, seqlen: int) -> 
 
 def prune_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
     """The final prune: every block, plus the stream's hops between slices in pipeline mode."""
-    total = sum(prune_block_seconds(b, w, req, tp) for b in w.blocks)
+    total = sum(prune_block_seconds(i, w, req, tp) for i in range(w.num_blocks))
     if req.mode == "pipeline" and req.workers > 1:
         hop = stream_bytes(req, w, req.nsamples, req.seqlen)
         total += (req.workers - 1) * transfer_seconds(hop, tp, req.transport)
     return total
 
 
-def candidate_block_seconds(linears: Sequence[tuple[int, int]], w: Workload, req: TimeRequest,
-                            tp: Throughput, dense_stats: bool) -> float:
-    """One NeuroAL candidate on one block: dense statistics forward (unless shared), masks,
-    masked statistics forward."""
+def candidate_block_seconds(index: int, w: Workload, req: TimeRequest, tp: Throughput,
+                            dense_stats: bool) -> float:
+    """One NeuroAL candidate on block ``index``: dense statistics forward (unless shared),
+    masks, masked statistics forward."""
+    linears, inputs = w.blocks[index], w.input_cols(index)
     tokens = req.search_samples * req.seqlen
     fwd = forward_seconds(linears, w.hidden, tokens, req.seqlen, tp)
-    sparse = fwd + stats_seconds(linears, tokens, False, tp)
-    dense = fwd + stats_seconds(linears, tokens, req.hessian, tp) if dense_stats else 0.0
+    sparse = fwd + stats_seconds(inputs, tokens, False, tp)
+    dense = fwd + stats_seconds(inputs, tokens, req.hessian, tp) if dense_stats else 0.0
     return dense + sparse + sum(mask_seconds(r, c, req.hessian, tp) for r, c in linears)
 
 
@@ -313,10 +328,10 @@ def search_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
     executor, one worker at a time with the local one."""
     if req.candidates == 0:
         return 0.0
-    per_block = [candidate_block_seconds(b, w, req, tp, i > 0) for i, b in enumerate(w.blocks)]
+    per_block = [candidate_block_seconds(i, w, req, tp, i > 0) for i in range(w.num_blocks)]
     tokens = req.search_samples * req.seqlen
     reference = (forward_seconds(w.blocks[0], w.hidden, tokens, req.seqlen, tp)
-                 + stats_seconds(w.blocks[0], tokens, req.hessian, tp))
+                 + stats_seconds(w.input_cols(0), tokens, req.hessian, tp))
     k = req.workers
     if k == 1 or req.executor not in CONCURRENT:
         hops = 0.0 if k == 1 else (k - 1) * transfer_seconds(
