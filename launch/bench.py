@@ -11,7 +11,7 @@
     python launch/bench.py onload [--device cuda]   # time per block: onloading vs on-device
     python launch/bench.py search --nsamples 32 --eval-windows 4    # early-stopped vs full search
     python launch/bench.py unimodal [PATH ...]  # was each recorded NeuroAL score curve unimodal?
-    python launch/bench.py parallel --nsamples 32 --seqlen 256  # pipeline vs data mode, 1-2 workers
+    python launch/bench.py parallel --nsamples 32 --seqlen 256  # pipeline vs data mode: threads, ranks
     python launch/bench.py reliability [--only GROUP,CASE]  # hostile inputs: one verdict each
     python launch/bench.py transport [--quick]  # Ray actor-to-actor hops + 2-actor prunes per transport
     python launch/bench.py plan-time --json benchmarks/plan_time.json  # time planner vs SmolLM2 runs
@@ -406,11 +406,13 @@ def onload(opts: argparse.Namespace) -> dict:
 
 def parallel(opts: argparse.Namespace) -> dict:
     """Pipeline vs data mode (``launch/bench_parallel.py``): SmolLM2's Wanda and SparseGPT
-    final prune with 1 and 2 workers, one thread each, in one process; checks bit-identity."""
+    final prune with 1 and 2 workers, one thread each, in one process (threads) and as whole
+    runs in separate processes (two torch.distributed ranks); checks bit-identity."""
     sys.path.insert(0, str(REPO / "launch"))
     import bench_parallel
 
-    args = ["--model", opts.model, "--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen)]
+    args = ["--model", opts.model, "--nsamples", str(opts.nsamples), "--seqlen", str(opts.seqlen),
+            "--dist"]
     if opts.only:
         args += ["--criteria", opts.only]
     result = bench_parallel.run(bench_parallel.parser().parse_args(args))

@@ -12,6 +12,14 @@ worker computes with one intra-op thread (``torch.set_num_threads(1)``): the loc
 runs pipeline mode's workers one after the other, data mode's in one thread each, so two
 workers can use two cores. Every run's pruned weights are compared with the first run's bit
 for bit (the same result on any worker count and in either mode).
+
+With ``--dist`` the same prunes also run as whole ``neuroal`` runs in separate processes: one
+local process, then two torch.distributed ranks (``torchrun --nproc_per_node 2``, gloo) in
+pipeline and in data mode, one thread each (``engine.threads=1``). Their final prune seconds are
+the report's ``prune`` timing (loading excluded, as above), and their saved weights are compared
+with the one-process run's bit for bit. Processes do not share an interpreter, so this is the
+speed-up a multi-GPU node's ranks get from data mode, measured on CPU cores. The runs' folders
+stay under ``--out`` (a later benchmark overwrites them, as neuroal's own outputs).
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 LAYOUTS = [(1, "pipeline"), (2, "pipeline"), (1, "data"), (2, "data")]
 CRITERIA = ("wanda", "sparsegpt")
+PROCESS_LAYOUTS = [("local", 1, "pipeline"), ("dist", 2, "pipeline"), ("dist", 2, "data")]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +48,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--criteria", default=",".join(CRITERIA))
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--dist", action="store_true",
+                   help="also time whole runs: one process, then two torch.distributed ranks")
+    p.add_argument("--out", default=str(REPO / "outputs" / "bench" / "parallel"),
+                   help="--dist: where the runs write their models (a folder per run)")
     p.add_argument("--json", help="where to write the results")
     return p
 
@@ -88,6 +102,67 @@ def identical(a: dict[str, Any], b: dict[str, Any]) -> bool:
                                         for k in a)
 
 
+def process_command(opts: argparse.Namespace, engine: str, workers: int, mode: str,
+                    criterion: str, out: Path) -> list[str]:
+    """The command line of one whole run (``torchrun`` for the dist engine)."""
+    launcher = [sys.executable, str(REPO / "launch" / "prune.py")]
+    if engine == "dist":
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc_per_node={workers}", str(REPO / "launch" / "prune.py")]
+    return launcher + [
+        "--config", str(REPO / "configs" / "smollm2" / "wanda-uniform-50.yaml"),
+        "--output", str(out), "--overwrite", f"model.name={opts.model}",
+        f"criterion.name={criterion}", f"calib.nsamples={opts.nsamples}",
+        f"calib.seqlen={opts.seqlen}", f"calib.data_dir={opts.data_dir}", "eval.datasets=[]",
+        f"engine.micro_batch={opts.micro_batch}", f"engine.executor={engine}",
+        f"engine.workers={workers}", f"engine.parallel={mode}", "engine.threads=1"]
+
+
+def saved_weights(folder: Path) -> dict[str, Any]:
+    """Every tensor of a saved model's safetensors shards."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+def process_rows(opts: argparse.Namespace) -> list[dict[str, Any]]:
+    """Whole runs in separate processes (module docstring): one row per criterion x
+    :data:`PROCESS_LAYOUTS`, with the speed-up against the one-process run."""
+    rows: list[dict[str, Any]] = []
+    root = Path(opts.out)
+    env = {**os.environ, "NEUROAL_PROGRESS": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
+                                         if p)}
+    for criterion in opts.criteria.split(","):
+        reference = None
+        for engine, workers, mode in PROCESS_LAYOUTS:
+            out = root / f"{criterion}-{engine}-{workers}-{mode}"
+            cmd = process_command(opts, engine, workers, mode, criterion, out)
+            subprocess.run(cmd, check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+            report = json.loads((out / "report.json").read_text())
+            tensors = saved_weights(out)
+            reference = reference or (engine, workers, mode, tensors)
+            rows.append({"criterion": criterion, "engine": engine, "workers": workers,
+                         "mode": report["engine"]["parallel"],
+                         "seconds": report["timings"]["prune"],
+                         "identical_to": f"{reference[1]} {reference[0]} process(es), "
+                                         f"{reference[2]}",
+                         "identical": identical(tensors, reference[3]),
+                         "command": " ".join(["python" if c == sys.executable else c
+                                              for c in cmd]).replace(str(REPO) + "/", "")
+                                    .replace(str(REPO.parent), "..")})
+            print(f"{criterion:<10}{engine:<6}{workers:>3} {mode:<9}"
+                  f"{rows[-1]['seconds']:>9.1f} s  identical {rows[-1]['identical']}",
+                  file=sys.stderr)
+        base = rows[-len(PROCESS_LAYOUTS)]["seconds"]
+        for r in rows[-len(PROCESS_LAYOUTS):]:
+            r["speedup"] = base / r["seconds"]
+    return rows
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Every criterion x layout; returns the rows and the settings (with the machine's load)."""
     import torch
@@ -113,7 +188,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         for r in rows:
             if r["criterion"] == criterion:
                 r["speedup"] = base / r["seconds"]
-    return {"rows": rows, "settings": {
+    processes = process_rows(opts) if opts.dist else []
+    return {"rows": rows, "process_rows": processes, "settings": {
         "model": opts.model, "nsamples": opts.nsamples, "seqlen": opts.seqlen,
         "micro_batch": opts.micro_batch, "dtype": "float32", "sparsity": 0.5,
         "threads_per_worker": 1, "cpus": os.cpu_count(),

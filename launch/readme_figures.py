@@ -240,6 +240,18 @@ def parallel_text(result: dict) -> str:
               f"{st['cpus']}-core CPU shared with other jobs (1-minute load average {load}). "
               "Speed-up against one worker in pipeline mode; bit-identical: the pruned "
               "weights equal the first row's bit for bit."]
+    processes = result.get("process_rows") or []
+    if processes:
+        lines += ["", "Whole runs in separate processes (one thread each; torch.distributed "
+                  "ranks over gloo for `dist`):", "",
+                  "| criterion | engine | processes | mode | final prune (s) | speed-up | "
+                  "bit-identical |", "|---|---|---:|---|---:|---:|---|"]
+        lines += [f"| {r['criterion']} | {r['engine']} | {r['workers']} | {r['mode']} | "
+                  f"{r['seconds']:.1f} | {r['speedup']:.2f}x | "
+                  f"{'yes' if r['identical'] else 'NO'} |" for r in processes]
+        lines += ["", "Speed-up against the one-process run; bit-identical: the saved weights "
+                  "equal the one-process run's bit for bit. Command of each run: "
+                  f"`{processes[-1]['command']}` (engine, workers and mode vary)."]
     return "\n".join(lines)
 
 
