@@ -30,6 +30,7 @@ from neuroal.planning.walltime import (
     measured_phases,
     predict,
     prune_seconds,
+    routed_bytes,
     search_seconds,
     stats_seconds,
     throughput,
@@ -93,12 +94,17 @@ def test_prune_pipeline_by_hand_and_hops() -> None:
 
 
 def test_data_mode_divides_forward_and_masks_and_pays_transfers() -> None:
-    data = replace(BASE, workers=2, mode="data")
+    data = replace(BASE, workers=2, mode="data", micro_batch=1)
     # forwards and stats on 2 of 4 sequences (4 tokens); the 2 linears' masks on 2 workers;
-    # weights out and back (16 weights x 4 B each way), all-reduce of 6 fp32 norms
+    # weights out and back (16 weights x 4 B each way); the norms routed per micro-batch:
+    # worker 0 solves the (2, 4) linear (16 B of sums), worker 1 the (4, 2) one (8 B); each
+    # holds 2 of the 4 micro-batches, so worker 0 receives 2 x 16 B and sends 2 x 8 B: 48 B
     compute = 2 * 0.192 + 0.24 + 0.8
-    comm = 2 * (64 / 10.0 + 1.0) + (2 * 0.5 * 24 / 10.0 + 1.0)
+    comm = 2 * (64 / 10.0 + 1.0) + (48 / 10.0 + 1.0)
+    assert routed_bytes(W.blocks[0], data) == 48
     assert prune_seconds(W, data, TP) == pytest.approx(2 * (compute + comm))
+    # one micro-batch of 4 sequences: worker 1 has none and receives its linear's 8 B
+    assert routed_bytes(W.blocks[0], replace(data, micro_batch=4)) == 8
     # with free transfers data mode on K workers is faster than pipeline mode on K
     fast = replace(TP, link_bytes={"direct": 1e12}, link_latency_s=0.0)
     assert prune_seconds(W, data, fast) < prune_seconds(W, replace(data, mode="pipeline"), fast)

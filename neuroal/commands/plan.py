@@ -123,7 +123,7 @@ def time_prediction(args: argparse.Namespace) -> dict:
     base = TimeRequest(
         workers=args.workers, device=device, executor=args.engine,
         transport=TRANSPORTS[args.transport], dtype=args.dtype, nsamples=args.nsamples,
-        seqlen=args.seqlen, hessian=needs_hessian(args.criterion),
+        seqlen=args.seqlen, micro_batch=args.micro_batch, hessian=needs_hessian(args.criterion),
         candidates=search_candidates(args.allocation, {"search_samples": args.search_samples,
                                                        "reference_stream": args.reference_stream},
                                      args.criterion, args.sparsity),

@@ -29,8 +29,8 @@ Phases (:data:`PHASES`):
   b needs block b-1's outputs), so K workers take as long as one, plus ``K - 1`` stream hops.
   ``data`` mode: every worker runs the forwards on its ``ceil(N / K)`` sequences, the linears'
   masks are spread over the workers (longest first, the slowest worker counts), and per block
-  the weights go out to the workers, the statistics are all-reduced and the pruned weights come
-  back.
+  the weights go out to the workers, each micro-batch's statistics go to each linear's solver
+  (:func:`routed_bytes`: the busiest worker's share) and the pruned weights come back.
 * **evaluation**: dense and pruned perplexity passes (blocks plus the head's logits and
   log-softmax); divided by K in ``data`` mode only.
 * **load** and **export** as above; ``compare`` runs (another allocation on the same data, as
@@ -52,6 +52,7 @@ from typing import Any, Protocol
 from neuroal.allocation import ALLOCATIONS
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
+from neuroal.engine.data_parallel import assign_solvers, solve_cost
 from neuroal.planning.layout import input_leaders
 
 PHASES = ("load", "search", "prune", "evaluation", "export")
@@ -173,6 +174,7 @@ class TimeRequest:
     dtype: str = "bfloat16"
     nsamples: int = 128
     seqlen: int = 2048
+    micro_batch: int = 8
     hessian: bool = False
     candidates: int = 0
     search_samples: int = 8
@@ -191,7 +193,8 @@ class TimeRequest:
             out.append(f"executor {self.executor!r}: expected one of {', '.join(EXECUTORS)}")
         if self.dtype not in DTYPE_BYTES:
             out.append(f"dtype {self.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
-        for name in ("workers", "nsamples", "seqlen", "eval_seqlen", "search_samples"):
+        for name in ("workers", "nsamples", "seqlen", "micro_batch", "eval_seqlen",
+                     "search_samples"):
             if getattr(self, name) < 1:
                 out.append(f"{name}={getattr(self, name)}: expected an integer >= 1")
         for name in ("candidates", "eval_windows", "eval_passes", "compare"):
@@ -223,6 +226,7 @@ def request_from_config(cfg: Any, device: str, eval_windows: int, mode: str = "p
     return TimeRequest(
         workers=cfg.engine.workers, mode=mode, device=device, executor=cfg.engine.executor,
         transport=transport, dtype=dtype, nsamples=cfg.calib.nsamples, seqlen=cfg.calib.seqlen,
+        micro_batch=cfg.engine.micro_batch,
         hessian=needs_hessian(cfg.criterion.name),
         candidates=search_candidates(cfg.allocation.name, cfg.allocation.options,
                                      cfg.criterion.name, cfg.sparsity),
@@ -268,7 +272,7 @@ def makespan(jobs: Sequence[float], workers: int) -> float:
 
 
 def transfer_seconds(nbytes: float, tp: Throughput, transport: str) -> float:
-    """One transfer of ``nbytes`` (a hop, a broadcast or one all-reduce's share)."""
+    """One transfer of ``nbytes`` (a hop, a broadcast or a block's routed statistics)."""
     return nbytes / tp.link(transport) + tp.link_latency_s
 
 
@@ -291,10 +295,30 @@ def prune_block_seconds(index: int, w: Workload, req: TimeRequest, tp: Throughpu
     if k == 1:
         return compute + masks
     weight_bytes = sum(r * c for r, c in linears) * DTYPE_BYTES[req.dtype]
-    stat_bytes = STAT_BYTES * sum(c + (c * c if req.hessian else 0) for c in inputs)
     comm = (2 * transfer_seconds(weight_bytes, tp, req.transport)  # weights out, pruned back
-            + transfer_seconds(2 * (k - 1) / k * stat_bytes, tp, req.transport))  # all-reduce
+            + transfer_seconds(routed_bytes(linears, req), tp, req.transport))
     return compute + masks + comm
+
+
+def routed_bytes(linears: Sequence[tuple[int, int]], req: TimeRequest) -> float:
+    """Statistics the busiest worker of a data-mode block sends and receives: every worker
+    sends each micro-batch's sums of every linear to the linear's solver (longest solve first,
+    to the least loaded worker, as the engine assigns them), which folds them in micro-batch
+    order; a linear's sums are its input's (``4 cols``, plus ``4 cols^2`` with Hessians), sent
+    per linear, since linears sharing an input may have different solvers."""
+    k = req.workers
+    batches = -(-req.nsamples // req.micro_batch)
+    needs = frozenset({STAT_HESSIAN}) if req.hessian else frozenset()
+    assigned = assign_solvers({str(i): solve_cost(r, c, needs) for i, (r, c) in
+                               enumerate(linears)}, k)
+    solver = [assigned[str(i)] for i in range(len(linears))]
+    size = [STAT_BYTES * (c + (c * c if req.hessian else 0)) for _, c in linears]
+    busiest = 0.0
+    for r in range(k):
+        own = len(range(r, batches, k))
+        mine = sum(b for b, s in zip(size, solver, strict=True) if s == r)
+        busiest = max(busiest, mine * (batches - own) + own * (sum(size) - mine))
+    return busiest
 
 
 def stream_bytes(req: TimeRequest, w: Workload, sequences: int, seqlen: int) -> float:
