@@ -54,6 +54,16 @@ def _save(model_type: str, directory: Path, tokenizer_dir: Path) -> Path:
     return directory
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Any:
+    """One intra-op thread: these blocks are tiny, and on a busy CPU two threads wait for each
+    other far longer than they compute (seconds instead of tenths)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def moe_models(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("moe-data")
