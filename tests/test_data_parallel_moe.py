@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, data_mode_rank, spawn_two_ranks
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.capture.moe import ExpertStats, RoutedStats
@@ -34,6 +34,9 @@ MOE = {  # 4 experts of 16 (gate, up) x 32, top-2
                         n_group=1, topk_group=1, first_k_dense_replace=0, q_lora_rank=None,
                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                         v_head_dim=16),
+    "gpt_oss": dict(intermediate_size=16, num_local_experts=EXPERTS, num_experts_per_tok=2,
+                    head_dim=8, sliding_window=8,
+                    layer_types=["sliding_attention", "full_attention"] * (NUM_BLOCKS // 2)),
 }
 DEAD = 3
 """DeepSeek-V3's router bias keeps this expert from every token (the magnitude fallback)."""
@@ -80,9 +83,9 @@ def _ids() -> torch.Tensor:
     return ids
 
 
-def _plan(ex: LocalExecutor) -> SparsityPlan:
+def _plan(adapter: Any) -> SparsityPlan:
     """50 % everywhere but block 1: a different ratio per linear."""
-    blocks = ex.workers[0].adapter.shape().blocks
+    blocks = adapter.shape().blocks
     entries: list[dict[str, Any]] = [{n: 0.5 for n in blk} for blk in blocks]
     entries[1] = {n: 0.3 + 0.4 * i / len(blocks[1]) for i, n in enumerate(blocks[1])}
     return SparsityPlan(0.5, "unstructured", entries)
@@ -96,7 +99,7 @@ def _executor(model: Path, workers: int, parallel: str) -> LocalExecutor:
 def _prune(model: Path, workers: int, parallel: str, criterion: str,
            ) -> tuple[LocalExecutor, list[Any], dict[str, torch.Tensor]]:
     ex = _executor(model, workers, parallel)
-    reports = ex.run_final_prune(_plan(ex), PruneJob(criterion), _ids())
+    reports = ex.run_final_prune(_plan(ex.workers[0].adapter), PruneJob(criterion), _ids())
     tensors: dict[str, torch.Tensor] = {}
     for w in ex.workers:
         tensors.update(w.state_items())
@@ -131,8 +134,10 @@ def empty_folds(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
-@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize(("model_type", "criterion"), [
+    ("mixtral", "wanda"), ("mixtral", "sparsegpt"), ("qwen2_moe", "wanda"),
+    ("gpt_oss", "sparsegpt"),  # transposed, interleaved gate/up: non-contiguous expert views
+])
 def test_moe_data_mode_matches_pipeline_on_any_worker_count(
         moe_models: dict[str, Path], model_type: str, criterion: str,
         empty_folds: list[int]) -> None:
@@ -187,3 +192,28 @@ def test_dense_statistics_of_experts_match_pipeline(moe_models: dict[str, Path],
             assert g.nsamples == s.nsamples, name
             for key in ("sq_norm", "hessian"):
                 assert torch.equal(getattr(g, key), getattr(s, key)), (name, key)
+
+
+def _dist_compare(model_dir: str, stage: Any) -> None:
+    """Rank 0 of two gloo ranks: a SparseGPT prune in data mode against one local worker in
+    pipeline mode (the expert views travel as contiguous copies and are written back)."""
+    from conftest import tiny_cfg
+
+    from neuroal.engine import EXECUTORS
+
+    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
+                                                   "parallel": "data"})
+    ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
+                               devices=["cpu"], dtype="float32", session=stage)
+    reports = ex.run_final_prune(_plan(stage.w.adapter), PruneJob("sparsegpt"), _ids())
+    assert ex.parallel == "data"
+    local = _prune(Path(model_dir), 1, "pipeline", "sparsegpt")
+    assert _facts(reports) == _facts(local[1])
+    masks, want = ex.masks(), local[0].masks()
+    assert masks.keys() == want.keys() and all(torch.equal(masks[n], m) for n, m in want.items())
+    assert torch.equal(ex.logits(_ids()), local[0].logits(_ids()))  # weights equal where kept
+    ex.shutdown()
+
+
+def test_two_gloo_ranks_prune_experts_as_pipeline(moe_models: dict[str, Path]) -> None:
+    spawn_two_ranks(data_mode_rank, str(moe_models["gpt_oss"]), _dist_compare)
