@@ -25,6 +25,13 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
 Masks and weights are therefore bit-identical for any worker count and equal to pipeline
 mode's (tests compare them).
 
+Mixture-of-experts blocks follow the same steps: an expert matrix's sums are those of the tokens
+routed to it in the micro-batch (zero sums, still counting the micro-batch's sequences, when
+none was: the pipeline collector folds exactly that), and each worker also counts the tokens
+routed to every expert; the counts, summed over the workers once per block, make the solver's
+statistics :class:`~neuroal.capture.moe.RoutedStats`, so an expert no token reached falls back
+to magnitude as in pipeline mode.
+
 The algorithm is written once, as one worker's program (:class:`DataPrune`); executors supply a
 :class:`Comm` that only moves data: threads in one process (:class:`ThreadComm`, the local
 executor) or torch.distributed ranks (:class:`neuroal.engine.collectives.DistComm`). A failure
