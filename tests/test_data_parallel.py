@@ -79,7 +79,6 @@ def test_resolve_parallel_rule() -> None:
     assert resolve_parallel("auto", 2) == "data"
     assert resolve_parallel("auto", 8, fits=False) == "pipeline"
     assert resolve_parallel("auto", 8, reconstruct=True) == "pipeline"
-    assert resolve_parallel("auto", 8, experts=True) == "pipeline"
     assert resolve_parallel("data", 1) == "data"
     assert resolve_parallel("pipeline", 8) == "pipeline"
     with pytest.raises(ValueError, match="perp-reconstruct.*engine.parallel=pipeline"):

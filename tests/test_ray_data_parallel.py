@@ -95,13 +95,12 @@ def test_group_backend_follows_the_devices() -> None:
     assert data_channel(["n/gpu-a", "n/gpu-a"]) == ("gloo", "cpu")
 
 
-def test_reconstruct_is_refused_as_in_dist(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reconstruct_is_refused_as_in_dist() -> None:
     """The Ray executor decides the mode with the same rule and message as local / dist."""
     from neuroal.engine.ray_executor import RayExecutor
 
     executor = RayExecutor.__new__(RayExecutor)
     executor._requested, executor.workers = "data", [None, None]  # noqa: SLF001
-    monkeypatch.setattr(executor, "_retrying", lambda attempt: False)
     with pytest.raises(ValueError) as want:
         resolve_parallel("data", 2, reconstruct=True)
     with pytest.raises(ValueError) as got:

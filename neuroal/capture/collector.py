@@ -214,6 +214,13 @@ class StatsCollector:
                 ({k: v for sums, _ in parts for k, v in sums.items()}, parts[0][1])
         return out
 
+    def routed_tokens(self) -> dict[str, int]:
+        """Calibration tokens routed so far to each MoE expert matrix among the linears, 0
+        included (empty for a dense block). A data-parallel worker sends its counts with its
+        recorded sums; the sums over every micro-batch give the solver's
+        :class:`~neuroal.capture.moe.RoutedStats` (:func:`~neuroal.capture.moe.routed_stats`)."""
+        return dict(self._experts.tokens) if self._experts is not None else {}
+
     def stats(self) -> dict[str, LayerStats]:
         """Final statistics per linear name (linears sharing an input share its tensors)."""
         stats = {}

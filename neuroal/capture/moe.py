@@ -16,7 +16,7 @@ recorded in the layer report).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -111,9 +111,26 @@ class ExpertStats:
 
     def finish(self, stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
         """``stats`` with every expert matrix's entry as :class:`RoutedStats`."""
-        out = dict(stats)
-        for name, count in self.tokens.items():
+        return routed_stats(stats, self.tokens)
+
+
+def routed_stats(stats: Mapping[str, LayerStats], tokens: Mapping[str, int],
+                 ) -> dict[str, LayerStats]:
+    """``stats`` with the entry of every expert matrix named in ``tokens`` as
+    :class:`RoutedStats` carrying its routed-token count (names absent from ``stats`` are
+    skipped: a data-parallel solver holds only the statistics of the matrices it solves)."""
+    out = dict(stats)
+    for name, count in tokens.items():
+        if name in stats:
             base = stats[name]
             out[name] = RoutedStats(**{f.name: getattr(base, f.name) for f in fields(base)},
-                                    tokens=count)
-        return out
+                                    tokens=int(count))
+    return out
+
+
+def add_tokens(total: dict[str, int], part: Mapping[str, int]) -> dict[str, int]:
+    """``total`` plus one share of routed-token counts (:meth:`StatsCollector.routed_tokens`),
+    in place; integer sums, so the order of the shares does not matter."""
+    for name, count in part.items():
+        total[name] = total.get(name, 0) + int(count)
+    return total

@@ -25,6 +25,13 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
 Masks and weights are therefore bit-identical for any worker count and equal to pipeline
 mode's (tests compare them).
 
+Mixture-of-experts blocks follow the same steps: an expert matrix's sums are those of the tokens
+routed to it in the micro-batch (zero sums, still counting the micro-batch's sequences, when
+none was: the pipeline collector folds exactly that), and each worker also counts the tokens
+routed to every expert; the counts, summed over the workers once per block, make the solver's
+statistics :class:`~neuroal.capture.moe.RoutedStats`, so an expert no token reached falls back
+to magnitude as in pipeline mode.
+
 The algorithm is written once, as one worker's program (:class:`DataPrune`); executors supply a
 :class:`Comm` that only moves data: threads in one process (:class:`ThreadComm`, the local
 executor) or torch.distributed ranks (:class:`neuroal.engine.collectives.DistComm`). A failure
@@ -45,10 +52,10 @@ import torch
 from torch import nn
 
 from neuroal.capture.collector import StatsCollector, new_accumulator
+from neuroal.capture.moe import add_tokens, routed_stats
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
 from neuroal.engine.worker import Worker
-from neuroal.models.moe import has_experts
 from neuroal.outputs.checkpoint import block_state_path, load_block_state, save_block_state
 from neuroal.recovery import refiner_needs
 from neuroal.runtime.jobs import BlockReport, LayerReport, PruneJob
@@ -89,19 +96,17 @@ def solve_cost(rows: int, cols: int, needs: frozenset[str]) -> float:
     return float(rows * cols)
 
 
-def data_blockers(reconstruct: bool, experts: bool) -> list[str]:
+def data_blockers(reconstruct: bool) -> list[str]:
     """Why data mode cannot run this prune (empty: it can)."""
     out = []
     if reconstruct:
         out.append("perp-reconstruct fits each block to its outputs on one stream; remove it "
                    "from recover.steps")
-    if experts:
-        out.append("mixture-of-experts statistics are not split across workers yet")
     return out
 
 
 def resolve_parallel(requested: str, workers: int, *, reconstruct: bool = False,
-                     experts: bool = False, fits: bool = True) -> str:
+                     fits: bool = True) -> str:
     """The mode a final prune runs in: ``engine.parallel`` as given, or for ``auto`` data mode
     when several workers can share the work (:func:`data_blockers` finds nothing) and a guest
     block fits beside each worker's own slice (``fits``: the memory planner's say), else
@@ -113,7 +118,7 @@ def resolve_parallel(requested: str, workers: int, *, reconstruct: bool = False,
     if requested not in PARALLEL_CHOICES:
         raise ValueError(f"engine.parallel={requested!r}: expected one of "
                          f"{', '.join(PARALLEL_CHOICES)}")
-    blockers = data_blockers(reconstruct, experts)
+    blockers = data_blockers(reconstruct)
     if requested == "data" and blockers:
         raise ValueError("engine.parallel=data cannot run: " + "; ".join(blockers)
                          + "; or use engine.parallel=pipeline")
@@ -123,10 +128,9 @@ def resolve_parallel(requested: str, workers: int, *, reconstruct: bool = False,
 
 
 def prune_mode(requested: str, worker: Worker, workers: int, job: PruneJob) -> str:
-    """:func:`resolve_parallel` with the facts of the model (any worker's skeleton holds every
-    block) and of the prune job."""
-    return resolve_parallel(requested, workers, reconstruct=job.reconstruct is not None,
-                            experts=any(has_experts(b) for b in worker.adapter.blocks))
+    """:func:`resolve_parallel` with the facts of the prune job (``worker``: any worker; the
+    model itself never rules data mode out, mixture-of-experts blocks included)."""
+    return resolve_parallel(requested, workers, reconstruct=job.reconstruct is not None)
 
 
 @dataclass(frozen=True)
@@ -414,12 +418,18 @@ def host_block(phase: Phases, stack: ExitStack, index: int, owner: int,
 
 def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
                linears: Mapping[str, Any], needs: frozenset[str], solver: Mapping[str, int],
-               folds: Mapping[str, Any], out: torch.Tensor | None = None) -> list[str]:
+               folds: Mapping[str, Any], out: torch.Tensor | None = None,
+               ) -> tuple[list[str], dict[str, int]]:
     """Step by step: this worker's micro-batch of ``share`` through the dense block ``index``
     with recording hooks (its outputs written into ``out`` when given), every worker's sums
-    to each linear's solver, folded there in micro-batch order into ``folds``. Returns the
-    linears' execution order (rank 0's, which always has micro-batch 0)."""
+    to each linear's solver, folded there in micro-batch order into ``folds``.
+
+    Returns the linears' execution order (rank 0's, which always has micro-batch 0) and the
+    calibration tokens routed to each MoE expert matrix over every worker's micro-batches
+    (empty for a dense block; :func:`~neuroal.capture.moe.routed_stats` turns a solver's
+    statistics into the pipeline collector's)."""
     mb, order, comm = layout.micro_batch, list(linears), phase.comm
+    tokens = StatsCollector(dict(linears), needs).routed_tokens()  # every expert matrix at 0
 
     def step_sums(step: int) -> tuple[dict[str, Sums] | None, list[str]]:
         if step >= layout.active_steps(comm.rank):
@@ -430,6 +440,7 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
         with collector.attached():
             phase.w._forward_block(index, share[rows], collector,
                                    None if out is None else out[rows])
+        add_tokens(tokens, collector.routed_tokens())
         return collector.recorded(), collector.order
 
     for step in range(layout.steps):
@@ -439,7 +450,18 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
         routed = comm.route(sums, layout.active(step), solver, order)
         del sums
         phase(lambda r=routed: fold_routed(folds, r, phase.w.device))
-    return order
+    return order, routed_totals(comm, tokens)
+
+
+def routed_totals(comm: Comm, mine: dict[str, int]) -> dict[str, int]:
+    """Every worker's routed-token counts summed (one small gather, only for MoE blocks: the
+    expert matrices are the same on every worker, so all of them call it or none)."""
+    if not mine:
+        return mine
+    total: dict[str, int] = {}
+    for part in comm.gather_all(mine):
+        add_tokens(total, part)
+    return total
 
 
 def fold_routed(folds: Mapping[str, Any], routed: Mapping[str, list[Sums]],
@@ -532,12 +554,14 @@ class DataPrune:
         solver = assign_solvers({n: solve_cost(*linears[n].weight.shape, needs) for n in order},
                                 self.comm.world)
         folds = {n: new_accumulator(needs) for n in order if solver[n] == self.comm.rank}
+        tokens = StatsCollector(dict(linears), needs).routed_tokens()  # no statistic: all 0
         if needs:
-            order = fold_stats(self.phases, self.layout, index, share, linears, needs, solver,
-                               folds)
+            order, tokens = fold_stats(self.phases, self.layout, index, share, linears, needs,
+                                       solver, folds)
         mine = [n for n in order if solver[n] == self.comm.rank]
         own = self._phase(lambda: w.prune_block(
-            index, {n: folds[n].stats() for n in mine}, entries, job, mine, seqlen=seqlen))
+            index, routed_stats({n: folds[n].stats() for n in mine}, tokens), entries, job, mine,
+            seqlen=seqlen))
         for name in order:
             self.comm.broadcast_(linears[name].weight.data, solver[name])
         by_name = {r.name: r for part in self.comm.gather_all(own) for r in part}

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from neuroal.capture.collector import new_accumulator
+from neuroal.capture.moe import routed_stats
 from neuroal.engine.data_parallel import (
     Comm,
     Layout,
@@ -54,7 +55,6 @@ from neuroal.engine.data_parallel import (
 )
 from neuroal.engine.worker import Worker, stats_only
 from neuroal.models.adapter import ModelAdapter
-from neuroal.models.moe import has_experts
 from neuroal.runtime.logging import get_logger, progress
 
 log = get_logger(__name__)
@@ -70,11 +70,9 @@ def pass_mode(requested: str, worker: Worker, workers: int, sequences: int | Non
     micro-batch runs as in pipeline mode (no second share to give out).
 
     Raises:
-        ValueError: ``data`` was asked for and cannot run (mixture-of-experts blocks), or an
-            unknown mode.
+        ValueError: An unknown mode.
     """
-    mode = resolve_parallel(requested, workers,
-                            experts=any(has_experts(b) for b in worker.adapter.blocks))
+    mode = resolve_parallel(requested, workers)
     several = sequences is None or sequences > worker.spec.micro_batch
     return "data" if mode == "data" and several else "pipeline"
 
@@ -167,10 +165,11 @@ class DataPass:
         linears = w.adapter.prunable_linears(w.adapter.blocks[index])
         folds = {n: new_accumulator(needs) for n in linears} if mine else {}
         out = self.phases(lambda: torch.empty_like(share))
-        fold_stats(self.phases, self.layout, index, share, linears, needs,
-                   dict.fromkeys(linears, owner), folds, out)
+        _, tokens = fold_stats(self.phases, self.layout, index, share, linears, needs,
+                               dict.fromkeys(linears, owner), folds, out)
         value = self.phases(lambda: fn({n: m.weight.data for n, m in linears.items()},
-                                       {n: folds[n].stats() for n in linears}) if mine else None)
+                                       routed_stats({n: folds[n].stats() for n in linears},
+                                                    tokens)) if mine else None)
         return out, value
 
 

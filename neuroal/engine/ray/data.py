@@ -27,7 +27,6 @@ from neuroal.engine.data_parallel import DataPrune, Layout, Stopped, resolve_par
 from neuroal.engine.ray.actor import _drop_process_group
 from neuroal.engine.ray.options import RayOptions, _actor_errors, _describe, import_ray
 from neuroal.engine.worker import Worker
-from neuroal.models.moe import has_experts
 from neuroal.runtime.jobs import BlockReport, PruneJob, WorkerSpec
 from neuroal.runtime.logging import get_logger
 
@@ -39,11 +38,6 @@ log = get_logger(__name__)
 # store that actor 0 opens on its node's IP and a port the OS picks.
 
 _STORE = "_ray_data_store"  # actor 0's TCP store, kept from _open_store to _data_prune
-
-
-def _has_experts(worker: Worker) -> bool:
-    """Whether any block holds a mixture of experts (data mode refuses them)."""
-    return any(has_experts(b) for b in worker.adapter.blocks)
 
 
 def _device_key(worker: Worker) -> str | None:
@@ -147,12 +141,10 @@ class DataParallel:
     _failed: str
 
     def _prune_mode(self, job: PruneJob) -> str:
-        """:func:`~neuroal.engine.data_parallel.resolve_parallel` with the facts of the model
-        (read on actor 0) and of the prune job, as the other executors decide it."""
-        experts = self._retrying(lambda: self._get(
-            self.workers[0].__ray_call__.remote(_has_experts), "reading the model's blocks"))
+        """:func:`~neuroal.engine.data_parallel.resolve_parallel` with the facts of the prune
+        job, as the other executors decide it."""
         return resolve_parallel(self._requested, len(self.workers),
-                                reconstruct=job.reconstruct is not None, experts=experts)
+                                reconstruct=job.reconstruct is not None)
 
     def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,
                           ids: torch.Tensor) -> list[BlockReport]:
