@@ -148,11 +148,11 @@ class DataParallel:
 
     def _prune_mode(self, job: PruneJob) -> str:
         """:func:`~neuroal.engine.data_parallel.resolve_parallel` with the facts of the model
-        (read on actor 0) and of the prune job, as the other executors decide it."""
+        (read on actor 0), as the other executors decide it (no setting of ``job`` prevents
+        data mode)."""
         experts = self._retrying(lambda: self._get(
             self.workers[0].__ray_call__.remote(_has_experts), "reading the model's blocks"))
-        return resolve_parallel(self._requested, len(self.workers),
-                                reconstruct=job.reconstruct is not None, experts=experts)
+        return resolve_parallel(self._requested, len(self.workers), experts=experts)
 
     def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,
                           ids: torch.Tensor) -> list[BlockReport]:
