@@ -3,7 +3,7 @@ kept by every worker's statistics forward, the stream and the targets are gather
 block's owner, which fits the block as pipeline mode does, and the refitted block (norms
 included) reaches every worker. Every parameter of the pruned model, the layer reports and
 the reconstruction facts are bit-identical to pipeline mode's on 1, 2 and 3 workers, after a
-resume too."""
+resume too (two torch.distributed ranks: tests/test_data_parallel.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import data_mode_rank, save_tiny_model, spawn_two_ranks, tiny_cfg
+from conftest import save_tiny_model
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.engine.data_parallel import ThreadHub, resolve_parallel, run_in_threads, stitch_rows
@@ -129,29 +129,3 @@ def test_data_mode_reconstruct_resumes(
     _assert_same(first, wanda_pipeline)
     (tmp_path / "prune" / f"block_{NUM_BLOCKS - 1:04d}.safetensors").unlink()
     _assert_same(_prune(llama3, 3, "data", _job(state_dir=str(tmp_path))), wanda_pipeline)
-
-
-def _dist_compare(model_dir: str, stage: Any) -> None:
-    from neuroal.engine import EXECUTORS
-
-    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
-                                                   "parallel": "data"})
-    ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
-                               devices=["cpu"], dtype="float32", session=stage)
-    blocks = stage.w.adapter.shape().blocks
-    plan = SparsityPlan(0.5, "unstructured", [{n: 0.5 for n in b} for b in blocks])
-    reports = ex.run_final_prune(plan, _job(), _ids())
-    assert ex.parallel == "data"
-    local = LocalExecutor(resolve_model(model_dir), NUM_BLOCKS, 1, ["cpu"], "float32", 2,
-                          parallel="pipeline")
-    want = local.run_final_prune(plan, _job(), _ids())
-    assert _facts(reports) == _facts(want)
-    assert torch.equal(ex.logits(_ids()), local.logits(_ids()))  # every weight, norms included
-    local.shutdown()
-    ex.shutdown()
-
-
-def test_two_gloo_ranks_reconstruct_match_pipeline(llama3: Path) -> None:
-    """Rank 0 prunes with both ranks in data mode with perp-reconstruct and checks the reports
-    and the pruned model's logits against one local worker in pipeline mode."""
-    spawn_two_ranks(data_mode_rank, str(llama3), _dist_compare)

@@ -95,21 +95,24 @@ def test_group_backend_follows_the_devices() -> None:
     assert data_channel(["n/gpu-a", "n/gpu-a"]) == ("gloo", "cpu")
 
 
-def test_reconstruct_is_refused_as_in_dist(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The Ray executor decides the mode with the same rule and message as local / dist."""
+def test_mode_is_decided_as_in_dist(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Ray executor decides the mode with the same rule and message as local / dist:
+    mixture-of-experts blocks refuse data mode, perp-reconstruct does not."""
     from neuroal.engine.ray_executor import RayExecutor
 
     executor = RayExecutor.__new__(RayExecutor)
     executor._requested, executor.workers = "data", [None, None]  # noqa: SLF001
-    monkeypatch.setattr(executor, "_retrying", lambda attempt: False)
+    monkeypatch.setattr(executor, "_retrying", lambda attempt: True)  # experts
     with pytest.raises(ValueError) as want:
-        resolve_parallel("data", 2, reconstruct=True)
+        resolve_parallel("data", 2, experts=True)
     with pytest.raises(ValueError) as got:
-        executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1}))  # noqa: SLF001
+        executor._prune_mode(PruneJob("wanda"))  # noqa: SLF001
     assert str(got.value) == str(want.value)
+    monkeypatch.setattr(executor, "_retrying", lambda attempt: False)
+    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "data"  # noqa: SLF001
     executor._requested = "auto"  # noqa: SLF001
     assert executor._prune_mode(PruneJob("wanda")) == "data"  # noqa: SLF001
-    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "pipeline"  # noqa: SLF001
+    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "data"  # noqa: SLF001
 
 
 def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path) -> None:
