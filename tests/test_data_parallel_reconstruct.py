@@ -15,7 +15,7 @@ import torch
 from conftest import save_tiny_model
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.engine.data_parallel import ThreadHub, resolve_parallel, run_in_threads, stitch_rows
+from neuroal.engine.data_parallel import resolve_parallel, run_in_threads, stitch_rows
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import PruneJob
 from neuroal.models.loading import resolve_model
@@ -101,7 +101,9 @@ def test_gather_rows_inverts_scatter_rows() -> None:
     assert got[0] is None and got[2] is None and torch.equal(got[1], stream)
     assert torch.equal(stitch_rows([stream[[0, 1, 6]], stream[2:4], stream[4:6]], rows,
                                    torch.device("cpu")), stream)
-    assert ThreadHub(1).exchange(0, "x") == ["x"]
+    alone = run_in_threads([0], lambda rank, comm: comm.gather_rows(  # type: ignore[list-item]
+        stream, [list(range(7))], 0, torch.device("cpu")))
+    assert alone[0] is stream  # one worker holds the whole stream: no copy
 
 
 def test_data_mode_reconstruct_matches_pipeline_on_1_2_3_workers(
@@ -127,5 +129,6 @@ def test_data_mode_reconstruct_resumes(
     (tmp_path / "prune").mkdir()  # as neuroal.outputs.checkpoint lays the state out
     first = _prune(llama3, 2, "data", _job(state_dir=str(tmp_path)))
     _assert_same(first, wanda_pipeline)
+    assert len(list((tmp_path / "prune").glob("block_*.safetensors"))) == NUM_BLOCKS
     (tmp_path / "prune" / f"block_{NUM_BLOCKS - 1:04d}.safetensors").unlink()
     _assert_same(_prune(llama3, 3, "data", _job(state_dir=str(tmp_path))), wanda_pipeline)

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from neuroal.criteria.base import INPUT_STATS, STAT_OUT_SQ_NORM
-from neuroal.engine.data_parallel import Sums, put_rows
+from neuroal.engine.data_parallel import Sums, holds_all, put_rows
 
 _STATS = (*INPUT_STATS, STAT_OUT_SQ_NORM)
 """Statistic names by header code (the sums a collector computes)."""
@@ -86,6 +86,8 @@ class DistComm:
             if rows[self.rank]:
                 dist.send(_bytes(share.to(self.device).contiguous()), dst=dst)
             return None
+        if holds_all(rows, self.rank):
+            return share.to(device)
         out = torch.empty((sum(map(len, rows)), *share.shape[1:]), dtype=share.dtype,
                           device=device)
         for r in range(self.world):

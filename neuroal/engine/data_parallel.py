@@ -22,8 +22,19 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
 6. every worker runs the pruned block on its micro-batches: the next block's inputs, computed
    on the same micro-batches as in pipeline mode.
 
+With ``perp-reconstruct`` (recovery.md §3.6) the dense forward of step 3 also writes each
+worker's dense outputs (the targets; without a statistic to record it is a forward of its
+own). After step 5 the block's inputs and targets are gathered on its owner in row order
+(:meth:`Comm.gather_rows`); the owner fits the block there as pipeline mode does
+(:meth:`Worker.reconstruct`: same seed, same batches of the same stream), and the refitted
+block (the merged linears, the norms and biases: every tensor) replaces every guest copy
+(:func:`refresh_guests`) before step 6. The fit itself runs on one worker per block, the
+others waiting for it; statistics, solves and forwards stay data-parallel. Memory: during the
+fit the owner holds the whole stream and its targets, as in pipeline mode, plus its own share
+of both (2/K of a stream; nothing more with one worker).
+
 Masks and weights are therefore bit-identical for any worker count and equal to pipeline
-mode's (tests compare them).
+mode's, reconstructed norms and biases included (tests compare them).
 
 The algorithm is written once, as one worker's program (:class:`DataPrune`); executors supply a
 :class:`Comm` that only moves data: threads in one process (:class:`ThreadComm`, the local
@@ -230,10 +241,19 @@ def put_rows(out: torch.Tensor, part: torch.Tensor, rows: Sequence[int]) -> None
         out.index_copy_(0, index, part.to(out.device))
 
 
+def holds_all(rows: Sequence[Sequence[int]], rank: int) -> bool:
+    """Whether ``rank``'s share is the whole stream in row order (one worker): gathering it
+    needs no copy."""
+    return list(rows[rank]) == list(range(sum(map(len, rows))))
+
+
 def stitch_rows(parts: Sequence[torch.Tensor], rows: Sequence[Sequence[int]],
                 device: torch.device) -> torch.Tensor:
     """Every worker's share ``parts[r]``, ``(len(rows[r]), T, h)``, put back in row order:
     the ``(N, T, h)`` stream on ``device``."""
+    whole = next((part for r, part in enumerate(parts) if holds_all(rows, r)), None)
+    if whole is not None:
+        return whole.to(device)
     first = parts[0]
     out = torch.empty((sum(map(len, rows)), *first.shape[1:]), dtype=first.dtype, device=device)
     for part, mine in zip(parts, rows, strict=True):
@@ -605,9 +625,9 @@ class DataPrune:
         rows = [self.layout.rows(r) for r in range(self.layout.workers)]
         stream = self.comm.gather_rows(share, rows, owner, w._home())
         dense = self.comm.gather_rows(targets, rows, owner, w._home())
-        fit = self._phase(lambda: None if stream is None or dense is None else
-                          w.reconstruct(index, stream, dense, job, layers))
-        del stream, dense
+        fit = self._phase(lambda x=stream, y=dense: None if x is None or y is None else
+                          w.reconstruct(index, x, y, job, layers))
+        del stream, dense  # the gathered streams go before the next share is allocated
         refresh_guests(self.phases, w.adapter.blocks[index], owner)
         return {} if fit is None else {"perp-reconstruct": fit}
 
