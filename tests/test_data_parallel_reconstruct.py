@@ -41,12 +41,12 @@ def _job(criterion: str = "wanda", **kwargs: Any) -> PruneJob:
     return PruneJob(criterion, reconstruct=dict(RECONSTRUCT), **kwargs)
 
 
-def _prune(model: Path, workers: int, parallel: str, job: PruneJob,
+def _prune(model: Path, workers: int, parallel: str, job: PruneJob, onload: str = "device",
            ) -> tuple[str, list[Any], dict[str, torch.Tensor]]:
     """A final prune at 50 % on fresh workers; returns the mode that ran, the block reports and
     every tensor of the model."""
     ex = LocalExecutor(resolve_model(str(model)), NUM_BLOCKS, workers, ["cpu"], "float32", 2,
-                       parallel=parallel)
+                       parallel=parallel, onload=onload)
     blocks = ex.workers[0].adapter.shape().blocks
     reports = ex.run_final_prune(SparsityPlan(0.5, "unstructured",
                                               [{n: 0.5 for n in b} for b in blocks]), job, _ids())
@@ -113,6 +113,8 @@ def test_data_mode_reconstruct_matches_pipeline_on_1_2_3_workers(
         assert not torch.equal(dense[NORM.format(b)], wanda_pipeline[2][NORM.format(b)])
     for workers in (1, 2, 3):
         _assert_same(_prune(llama3, workers, "data", _job()), wanda_pipeline)
+    # the owner's block fitted on the device and written back home (sequential onloading)
+    _assert_same(_prune(llama3, 2, "data", _job(), onload="host"), wanda_pipeline)
 
 
 def test_data_mode_reconstruct_without_statistics(llama3: Path) -> None:
