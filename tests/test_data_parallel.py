@@ -78,11 +78,8 @@ def test_resolve_parallel_rule() -> None:
     assert resolve_parallel("auto", 1) == "pipeline"
     assert resolve_parallel("auto", 2) == "data"
     assert resolve_parallel("auto", 8, fits=False) == "pipeline"
-    assert resolve_parallel("auto", 8, reconstruct=True) == "pipeline"
     assert resolve_parallel("data", 1) == "data"
     assert resolve_parallel("pipeline", 8) == "pipeline"
-    with pytest.raises(ValueError, match="perp-reconstruct.*engine.parallel=pipeline"):
-        resolve_parallel("data", 2, reconstruct=True)
     with pytest.raises(ValueError, match="engine.parallel='sideways'"):
         resolve_parallel("sideways", 2)
 
@@ -202,10 +199,32 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
             ex.run_final_prune(SparsityPlan(0.5, "unstructured", broken), PruneJob(criterion),
                                _ids())
         ex.shutdown()  # the ranks are still in step after the failure
+    _dist_reconstruct(model_dir, stage)
+
+
+def _dist_reconstruct(model_dir: str, stage: Any) -> None:
+    """perp-reconstruct in data mode: stream and targets gathered on each block's owner over
+    gloo, the refitted block (norms included) sent to the other rank."""
+    from neuroal.engine import EXECUTORS
+
+    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
+                                                   "parallel": "data"})
+    job = PruneJob("wanda", reconstruct={"steps": 2, "batch_size": 2, "lr": 1e-2, "rank": 2})
+    ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
+                               devices=["cpu"], dtype="float32", session=stage)
+    reports = ex.run_final_prune(_plan(stage.w.adapter.shape().blocks, "wanda"), job, _ids())
+    local = _prune(Path(model_dir), 1, "pipeline", "wanda", job=job)
+    assert ex.parallel == "data"
+    for g, w in zip(reports, local[1], strict=True):
+        assert [(x.name, x.zeros) for x in g.layers] == [(x.name, x.zeros) for x in w.layers]
+        assert g.info["perp-reconstruct"]["loss_last"] == w.info["perp-reconstruct"]["loss_last"]
+    assert torch.equal(ex.logits(_ids()), local[0].logits(_ids()))  # norms refitted alike
+    ex.shutdown()
 
 
 def test_two_gloo_ranks_data_mode_match_pipeline(llama4: Path) -> None:
-    """Rank 0 prunes with both ranks in data mode (Wanda, SparseGPT) and checks masks, reports
-    and the pruned model's logits against one local worker in pipeline mode; a missing plan
-    entry on one rank's solve is raised on rank 0 and the ranks stay in step."""
+    """Rank 0 prunes with both ranks in data mode (Wanda, SparseGPT; Wanda with
+    perp-reconstruct) and checks masks, reports and the pruned model's logits against one
+    local worker in pipeline mode; a missing plan entry on one rank's solve is raised on rank
+    0 and the ranks stay in step."""
     spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare)

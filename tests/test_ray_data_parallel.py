@@ -18,7 +18,6 @@ from conftest import save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
 
 from neuroal.allocation.plan import SparsityPlan
-from neuroal.engine.data_parallel import resolve_parallel
 from neuroal.engine.executor import LocalExecutor
 from neuroal.engine.worker import PruneJob, WorkerSpec
 from neuroal.models.loading import resolve_model
@@ -95,20 +94,19 @@ def test_group_backend_follows_the_devices() -> None:
     assert data_channel(["n/gpu-a", "n/gpu-a"]) == ("gloo", "cpu")
 
 
-def test_reconstruct_is_refused_as_in_dist() -> None:
-    """The Ray executor decides the mode with the same rule and message as local / dist."""
+def test_mode_is_decided_as_in_dist() -> None:
+    """The Ray executor decides the mode with the same rule as local / dist: neither
+    perp-reconstruct nor the model rules data mode out."""
     from neuroal.engine.ray_executor import RayExecutor
 
     executor = RayExecutor.__new__(RayExecutor)
     executor._requested, executor.workers = "data", [None, None]  # noqa: SLF001
-    with pytest.raises(ValueError) as want:
-        resolve_parallel("data", 2, reconstruct=True)
-    with pytest.raises(ValueError) as got:
-        executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1}))  # noqa: SLF001
-    assert str(got.value) == str(want.value)
+    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "data"  # noqa: SLF001
     executor._requested = "auto"  # noqa: SLF001
     assert executor._prune_mode(PruneJob("wanda")) == "data"  # noqa: SLF001
-    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "pipeline"  # noqa: SLF001
+    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "data"  # noqa: SLF001
+    executor.workers = [None]
+    assert executor._prune_mode(PruneJob("wanda")) == "pipeline"  # noqa: SLF001
 
 
 def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from neuroal.criteria.base import INPUT_STATS, STAT_OUT_SQ_NORM
-from neuroal.engine.data_parallel import Sums
+from neuroal.engine.data_parallel import Sums, holds_all, put_rows
 
 _STATS = (*INPUT_STATS, STAT_OUT_SQ_NORM)
 """Statistic names by header code (the sums a collector computes)."""
@@ -77,6 +77,27 @@ class DistComm:
         if rows[self.rank]:
             dist.recv(_bytes(share), src=0)
         return share.to(like[2])
+
+    def gather_rows(self, share: torch.Tensor, rows: Sequence[Sequence[int]], dst: int,
+                    device: torch.device) -> torch.Tensor | None:
+        """Every other rank with rows sends its share to ``dst`` (``T`` and ``h`` are its own
+        share's), which receives them in rank order and puts them in row order."""
+        if self.rank != dst:
+            if rows[self.rank]:
+                dist.send(_bytes(share.to(self.device).contiguous()), dst=dst)
+            return None
+        if holds_all(rows, self.rank):
+            return share.to(device)
+        out = torch.empty((sum(map(len, rows)), *share.shape[1:]), dtype=share.dtype,
+                          device=device)
+        for r in range(self.world):
+            part = share
+            if r != self.rank and rows[r]:  # one received share at a time
+                part = torch.empty((len(rows[r]), *share.shape[1:]), dtype=share.dtype,
+                                   device=self.device)
+                dist.recv(_bytes(part), src=r)
+            put_rows(out, part, rows[r])
+        return out
 
     def share_tensors(self, tensors: Mapping[str, torch.Tensor], src: int,
                       device: torch.device) -> dict[str, torch.Tensor]:

@@ -22,8 +22,19 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
 6. every worker runs the pruned block on its micro-batches: the next block's inputs, computed
    on the same micro-batches as in pipeline mode.
 
+With ``perp-reconstruct`` (recovery.md §3.6) the dense forward of step 3 also writes each
+worker's dense outputs (the targets; without a statistic to record it is a forward of its
+own). After step 5 the block's inputs and targets are gathered on its owner in row order
+(:meth:`Comm.gather_rows`); the owner fits the block there as pipeline mode does
+(:meth:`Worker.reconstruct`: same seed, same batches of the same stream), and the refitted
+block (the merged linears, the norms and biases: every tensor) replaces every guest copy
+(:func:`refresh_guests`) before step 6. The fit itself runs on one worker per block, the
+others waiting for it; statistics, solves and forwards stay data-parallel. Memory: during the
+fit the owner holds the whole stream and its targets, as in pipeline mode, plus its own share
+of both (2/K of a stream; nothing more with one worker).
+
 Masks and weights are therefore bit-identical for any worker count and equal to pipeline
-mode's (tests compare them).
+mode's, reconstructed norms and biases included (tests compare them).
 
 Mixture-of-experts blocks follow the same steps: an expert matrix's sums are those of the tokens
 routed to it in the micro-batch (zero sums, still counting the micro-batch's sequences, when
@@ -96,41 +107,27 @@ def solve_cost(rows: int, cols: int, needs: frozenset[str]) -> float:
     return float(rows * cols)
 
 
-def data_blockers(reconstruct: bool) -> list[str]:
-    """Why data mode cannot run this prune (empty: it can)."""
-    out = []
-    if reconstruct:
-        out.append("perp-reconstruct fits each block to its outputs on one stream; remove it "
-                   "from recover.steps")
-    return out
-
-
-def resolve_parallel(requested: str, workers: int, *, reconstruct: bool = False,
-                     fits: bool = True) -> str:
+def resolve_parallel(requested: str, workers: int, *, fits: bool = True) -> str:
     """The mode a final prune runs in: ``engine.parallel`` as given, or for ``auto`` data mode
-    when several workers can share the work (:func:`data_blockers` finds nothing) and a guest
-    block fits beside each worker's own slice (``fits``: the memory planner's say), else
-    pipeline.
+    when several workers can share the work and a guest block fits beside each worker's own
+    slice (``fits``: the memory planner's say), else pipeline. Every prune can run in data mode
+    (mixture-of-experts blocks and ``perp-reconstruct`` included).
 
     Raises:
-        ValueError: ``data`` was asked for and cannot run, or an unknown mode.
+        ValueError: An unknown mode.
     """
     if requested not in PARALLEL_CHOICES:
         raise ValueError(f"engine.parallel={requested!r}: expected one of "
                          f"{', '.join(PARALLEL_CHOICES)}")
-    blockers = data_blockers(reconstruct)
-    if requested == "data" and blockers:
-        raise ValueError("engine.parallel=data cannot run: " + "; ".join(blockers)
-                         + "; or use engine.parallel=pipeline")
     if requested == "auto":
-        return "data" if workers > 1 and fits and not blockers else "pipeline"
+        return "data" if workers > 1 and fits else "pipeline"
     return requested
 
 
 def prune_mode(requested: str, worker: Worker, workers: int, job: PruneJob) -> str:
-    """:func:`resolve_parallel` with the facts of the prune job (``worker``: any worker; the
-    model itself never rules data mode out, mixture-of-experts blocks included)."""
-    return resolve_parallel(requested, workers, reconstruct=job.reconstruct is not None)
+    """:func:`resolve_parallel` for a prune ``job`` on ``workers`` workers (``worker``: any
+    one); neither the model nor the job rules data mode out."""
+    return resolve_parallel(requested, workers)
 
 
 @dataclass(frozen=True)
@@ -203,6 +200,13 @@ class Comm(Protocol):
         worker, ``(len(rows[rank]), T, h)``; ``like = (h, dtype, home device)``."""
         ...
 
+    def gather_rows(self, share: torch.Tensor, rows: Sequence[Sequence[int]], dst: int,
+                    device: torch.device) -> torch.Tensor | None:
+        """The inverse of :meth:`scatter_rows`: every worker's ``(len(rows[rank]), T, h)``
+        share -> on ``dst`` the ``(N, T, h)`` stream in row order, on ``device``; None
+        elsewhere."""
+        ...
+
     def share_tensors(self, tensors: Mapping[str, torch.Tensor], src: int,
                       device: torch.device) -> dict[str, torch.Tensor]:
         """Rank ``src``'s tensors (elsewhere ``tensors`` are templates: shapes and dtypes,
@@ -219,6 +223,34 @@ class Comm(Protocol):
         (None when it has no micro-batch in the step; ranks ``0 .. active-1`` have one);
         returns, for the linears this worker solves, the sums of ranks ``0 .. active-1``."""
         ...
+
+
+def put_rows(out: torch.Tensor, part: torch.Tensor, rows: Sequence[int]) -> None:
+    """Write one worker's share ``part``, ``(len(rows), T, h)``, into rows ``rows`` of the
+    ``(N, T, h)`` stream ``out``."""
+    if rows:
+        index = torch.tensor(list(rows), dtype=torch.long, device=out.device)
+        out.index_copy_(0, index, part.to(out.device))
+
+
+def holds_all(rows: Sequence[Sequence[int]], rank: int) -> bool:
+    """Whether ``rank``'s share is the whole stream in row order (one worker): gathering it
+    needs no copy."""
+    return list(rows[rank]) == list(range(sum(map(len, rows))))
+
+
+def stitch_rows(parts: Sequence[torch.Tensor], rows: Sequence[Sequence[int]],
+                device: torch.device) -> torch.Tensor:
+    """Every worker's share ``parts[r]``, ``(len(rows[r]), T, h)``, put back in row order:
+    the ``(N, T, h)`` stream on ``device``."""
+    whole = next((part for r, part in enumerate(parts) if holds_all(rows, r)), None)
+    if whole is not None:
+        return whole.to(device)
+    first = parts[0]
+    out = torch.empty((sum(map(len, rows)), *first.shape[1:]), dtype=first.dtype, device=device)
+    for part, mine in zip(parts, rows, strict=True):
+        put_rows(out, part, mine)
+    return out
 
 
 class ThreadHub:
@@ -269,6 +301,13 @@ class ThreadComm:
         full = self._exchange(stream)[0]
         index = torch.tensor(list(rows[self.rank]), dtype=torch.long, device=full.device)
         return full.index_select(0, index).to(like[2])
+
+    def gather_rows(self, share: torch.Tensor, rows: Sequence[Sequence[int]], dst: int,
+                    device: torch.device) -> torch.Tensor | None:
+        """``dst`` copies every share into place (the shares are only read: nobody writes its
+        share before the next phase agreement, which ``dst`` reaches after copying)."""
+        parts = self._exchange(share)
+        return stitch_rows(parts, rows, device) if self.rank == dst else None
 
     def share_tensors(self, tensors: Mapping[str, torch.Tensor], src: int,
                       device: torch.device) -> dict[str, torch.Tensor]:
@@ -400,6 +439,19 @@ def lend(phase: Phases, stack: ExitStack, module: nn.Module, owner: int,
     shared = phase.comm.share_tensors(own, owner, phase.w.device)
     if phase.comm.rank != owner:
         stack.enter_context(guest(module, shared))
+
+
+def refresh_guests(phase: Phases, block: nn.Module, owner: int) -> None:
+    """After the owner changed its ``block`` beyond the prunable weights (``perp-reconstruct``
+    trains norms and biases and merges its linears into new tensors): every guest copy takes
+    the owner's tensors (parameters and buffers), one tensor at a time so a guest holds at
+    most one extra tensor; on the owner's device under :class:`ThreadComm` the guests use the
+    owner's tensors themselves."""
+    comm = phase.comm
+    for name, tensor in sorted(block_tensors(block).items()):  # the same order everywhere
+        shared = comm.share_tensors({name: tensor}, owner, phase.w.device)
+        if comm.rank != owner:
+            _swap(block, shared)  # the stale copy goes; the guest context restores the template
 
 
 def host_block(phase: Phases, stack: ExitStack, index: int, owner: int,
@@ -534,9 +586,11 @@ class DataPrune:
                 share, report = self._phase(
                     lambda: self.w._replay(index, share, *saved, entries=entries, path=path))
                 return share, report if mine else None
-            layers = self._prune(index, share, entries, job, seqlen)
+            layers, targets = self._prune(index, share, entries, job, seqlen)
+            info = {} if targets is None else self._reconstruct(index, share, targets, job, layers)
+            del targets  # the dense outputs go before the forward allocates the next share
             share = self._phase(lambda: self.w._forward_block(index, share))
-            report = BlockReport(index, layers, time.perf_counter() - t0)
+            report = BlockReport(index, layers, time.perf_counter() - t0, info)
             if mine:
                 self._phase(lambda: self._finish(index, report, job))
             else:
@@ -544,9 +598,11 @@ class DataPrune:
         return share, report if mine else None
 
     def _prune(self, index: int, share: torch.Tensor, entries: Mapping[str, Any],
-               job: PruneJob, seqlen: int) -> list[LayerReport]:
+               job: PruneJob, seqlen: int) -> tuple[list[LayerReport], torch.Tensor | None]:
         """Statistics folded by the solvers, solved, weights broadcast; returns the block's
-        layer reports in execution order (on every worker)."""
+        layer reports in execution order (on every worker) and, with ``job.reconstruct``, this
+        worker's dense outputs of the block (its share of the targets, written by the same
+        dense forward; a forward of its own when the criterion needs no statistic)."""
         w = self.w
         linears = w.adapter.prunable_linears(w.adapter.blocks[index])
         needs = CRITERIA.get(job.criterion).needs | refiner_needs(job.refine)
@@ -555,9 +611,12 @@ class DataPrune:
                                 self.comm.world)
         folds = {n: new_accumulator(needs) for n in order if solver[n] == self.comm.rank}
         tokens = StatsCollector(dict(linears), needs).routed_tokens()  # no statistic: all 0
+        targets = None if job.reconstruct is None else self._phase(lambda: torch.empty_like(share))
         if needs:
             order, tokens = fold_stats(self.phases, self.layout, index, share, linears, needs,
-                                       solver, folds)
+                                       solver, folds, out=targets)
+        elif targets is not None:
+            self._phase(lambda: w._forward_block(index, share, out=targets))
         mine = [n for n in order if solver[n] == self.comm.rank]
         own = self._phase(lambda: w.prune_block(
             index, routed_stats({n: folds[n].stats() for n in mine}, tokens), entries, job, mine,
@@ -565,7 +624,24 @@ class DataPrune:
         for name in order:
             self.comm.broadcast_(linears[name].weight.data, solver[name])
         by_name = {r.name: r for part in self.comm.gather_all(own) for r in part}
-        return [by_name[n] for n in order]
+        return [by_name[n] for n in order], targets
+
+    def _reconstruct(self, index: int, share: torch.Tensor, targets: torch.Tensor,
+                     job: PruneJob, layers: list[LayerReport]) -> dict[str, Any]:
+        """``perp-reconstruct`` of pruned block ``index`` (recovery.md §3.6) on its owner: the
+        stream and the dense outputs gathered there in row order, the fit of pipeline mode on
+        them (same seed, same batches: bit-identical), the refitted block handed to the
+        guests. Updates ``layers``' zero counts on the owner; returns the block's report
+        ``info`` there (``{}`` elsewhere)."""
+        owner, w = self.layout.owner(index), self.w
+        rows = [self.layout.rows(r) for r in range(self.layout.workers)]
+        stream = self.comm.gather_rows(share, rows, owner, w._home())
+        dense = self.comm.gather_rows(targets, rows, owner, w._home())
+        fit = self._phase(lambda x=stream, y=dense: None if x is None or y is None else
+                          w.reconstruct(index, x, y, job, layers))
+        del stream, dense  # the gathered streams go before the next share is allocated
+        refresh_guests(self.phases, w.adapter.blocks[index], owner)
+        return {} if fit is None else {"perp-reconstruct": fit}
 
     def _finish(self, index: int, report: BlockReport, job: PruneJob) -> None:
         """The owner's bookkeeping of a pruned block: resume state and the log line."""

@@ -141,10 +141,9 @@ class DataParallel:
     _failed: str
 
     def _prune_mode(self, job: PruneJob) -> str:
-        """:func:`~neuroal.engine.data_parallel.resolve_parallel` with the facts of the prune
-        job, as the other executors decide it."""
-        return resolve_parallel(self._requested, len(self.workers),
-                                reconstruct=job.reconstruct is not None)
+        """:func:`~neuroal.engine.data_parallel.resolve_parallel`, as the other executors decide
+        it (neither the model nor the job rules data mode out)."""
+        return resolve_parallel(self._requested, len(self.workers))
 
     def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,
                           ids: torch.Tensor) -> list[BlockReport]:
