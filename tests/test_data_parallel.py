@@ -164,6 +164,33 @@ def test_failure_on_one_worker_is_raised(llama4: Path) -> None:
         ex.run_final_prune(SparsityPlan(0.5, "unstructured", entries), PruneJob("wanda"), _ids())
 
 
+def test_fold_failure_on_receipt_stops_every_worker(llama4: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A solver's fold of a received micro-batch fails inside the route (where no worker may
+    leave the exchange): the error is kept, the other worker is not left waiting, and the
+    solver's own error is raised."""
+    import threading
+
+    from neuroal.capture import collector
+
+    real, calls = collector._Accumulator.update, []
+
+    def update(self: Any, contrib: Any, batch: int, owned: bool = False) -> None:
+        rank = threading.current_thread().name
+        calls.append(rank)
+        if rank == "neuroal-data-1" and calls.count(rank) > 3:
+            raise RuntimeError("fold failed on rank 1")
+        real(self, contrib, batch, owned)
+
+    monkeypatch.setattr(collector._Accumulator, "update", update)
+    ex = LocalExecutor(resolve_model(str(llama4)), NUM_BLOCKS, 2, ["cpu"], "float32", 2,
+                       parallel="data")
+    with pytest.raises(RuntimeError, match="fold failed on rank 1"):
+        ex.run_final_prune(_plan(ex.workers[0].adapter.shape().blocks, "wanda"),
+                           PruneJob("wanda"), _ids())
+    assert {"neuroal-data-0", "neuroal-data-1"} <= set(calls)
+
+
 def test_report_records_the_mode(llama4: Path) -> None:
     from neuroal.pipeline import run
 

@@ -9,7 +9,7 @@ sequence of calls in the same order, so the point-to-point transfers cannot dead
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -119,23 +119,22 @@ class DistComm:
             tensor.copy_(buffer)
 
     def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
-              order: Sequence[str]) -> dict[str, list[Sums]]:
+              order: Sequence[str], take: Callable[[str, Sums], None]) -> None:
         """For each linear (in ``order``) and each active rank (in rank order), that rank sends
-        its micro-batch sums to the linear's solver: a header (sequences, then per tensor its
-        statistic, rank and shape) and the raw fp32 bytes."""
-        out: dict[str, list[Sums]] = {}
+        its micro-batch sums to the linear's solver (a header: sequences, then per tensor its
+        statistic, rank and shape; and the raw fp32 bytes), which hands them to ``take`` as they
+        arrive: one received micro-batch's sums at a time."""
         for name in order:
             dst = solver[name]
             for src in range(active):
                 if src == dst == self.rank:
                     assert mine is not None
-                    out.setdefault(name, []).append(mine[name])
+                    take(name, mine[name])
                 elif src == self.rank:
                     assert mine is not None
                     self._send_sums(mine[name], dst)
                 elif dst == self.rank:
-                    out.setdefault(name, []).append(self._recv_sums(src))
-        return out
+                    take(name, self._recv_sums(src))
 
     def _send_sums(self, sums: Sums, dst: int) -> None:
         values, batch = sums

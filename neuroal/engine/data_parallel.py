@@ -16,7 +16,10 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
 4. each linear has one *solver* (:func:`assign_solvers`, balanced by cost); the sums of every
    step reach it and it folds them in micro-batch order with the collector's own running mean
    (:func:`neuroal.capture.collector.new_accumulator`), so its statistics are bit for bit those of
-   pipeline mode, whatever the number of workers; a worker holds one step's sums at a time;
+   pipeline mode, whatever the number of workers; a worker holds its own micro-batch's sums
+   and folds each received one on arrival (:func:`fold_received`), so a solver holds one
+   received micro-batch's sums at a time (for SparseGPT's widest linear at 70B, one 3.3 GB
+   Hessian, not one per worker);
 5. the solver selects the mask (SparseGPT: factorises and sweeps) and the pruned weight is
    broadcast from it to every worker;
 6. every worker runs the pruned block on its micro-batches: the next block's inputs, computed
@@ -218,10 +221,12 @@ class Comm(Protocol):
         ...
 
     def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
-              order: Sequence[str]) -> dict[str, list[Sums]]:
+              order: Sequence[str], take: Callable[[str, Sums], None]) -> None:
         """One step's micro-batch sums to each linear's solver: ``mine`` is this worker's
-        (None when it has no micro-batch in the step; ranks ``0 .. active-1`` have one);
-        returns, for the linears this worker solves, the sums of ranks ``0 .. active-1``."""
+        (None when it has no micro-batch in the step; ranks ``0 .. active-1`` have one). For
+        each linear this worker solves (in ``order``), ``take(name, sums)`` gets the sums of
+        ranks ``0 .. active-1`` in rank order (micro-batch order) as they arrive, so a solver
+        holds one received micro-batch's sums at a time, not the whole step's."""
         ...
 
 
@@ -324,10 +329,12 @@ class ThreadComm:
             tensor.copy_(source)
 
     def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
-              order: Sequence[str]) -> dict[str, list[Sums]]:
-        every = self._exchange(mine)
-        return {name: [every[r][name] for r in range(active)]
-                for name in order if solver[name] == self.rank}
+              order: Sequence[str], take: Callable[[str, Sums], None]) -> None:
+        every = self._exchange(mine)  # by reference: nothing is copied
+        for name in order:
+            if solver[name] == self.rank:
+                for r in range(active):
+                    take(name, every[r][name])
 
 
 # --------------------------------------------------------------------------- guest blocks
@@ -499,9 +506,10 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
         sums, seen = phase(lambda s=step: step_sums(s))
         if step == 0:
             order = comm.gather_all(seen)[0] or order
-        routed = comm.route(sums, layout.active(step), solver, order)
+        comm.route(sums, layout.active(step), solver, order,
+                   lambda name, part: fold_received(phase, folds[name], part))
         del sums
-        phase(lambda r=routed: fold_routed(folds, r, phase.w.device))
+        phase(lambda: None)  # agree: a fold on receipt may have failed
     return order, routed_totals(comm, tokens)
 
 
@@ -516,12 +524,20 @@ def routed_totals(comm: Comm, mine: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def fold_routed(folds: Mapping[str, Any], routed: Mapping[str, list[Sums]],
-                device: torch.device) -> None:
-    """Fold one step's routed sums, in micro-batch order, on ``device``."""
-    for name, parts in routed.items():
-        for sums, batch in parts:
-            folds[name].update({k: v.to(device) for k, v in sums.items()}, batch)
+def fold_received(phase: Phases, fold: Any, part: Sums) -> None:
+    """Fold one received micro-batch's sums ``part`` into a solver's accumulator ``fold`` on
+    this worker's device, as it arrives (:meth:`Comm.route`). Inside a route no worker may
+    leave the exchange, so a failure is kept as the worker's error (the next phase boundary
+    stops every worker) and later parts are skipped."""
+    if phase.error is not None:
+        return
+    t0 = time.perf_counter()
+    try:
+        sums, batch = part
+        fold.update({k: v.to(phase.w.device) for k, v in sums.items()}, batch)
+    except Exception as exc:  # agreed on at the next boundary, re-raised by Phases.run
+        phase.error = exc
+    phase.w.busy_seconds += time.perf_counter() - t0
 
 
 # --------------------------------------------------------------------------- one worker's program
