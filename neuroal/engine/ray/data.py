@@ -343,7 +343,7 @@ class DataParallel:
         if failed:
             self._failed = what
             if pending:
-                self.shutdown()
+                self._abandon()
             raise failed[0]
         return [outcome[k] for k in range(len(refs))]
 
@@ -361,5 +361,15 @@ class DataParallel:
                    "engine.parallel=data every worker takes part in every block, so the others "
                    "cannot go on without it and no worker is restarted in a data-parallel call "
                    f"(engine.parallel=pipeline restarts them). {self._resume_hint()}")
-        self.shutdown()
+        self._abandon()
         raise RuntimeError(message) from exc
+
+    def _abandon(self) -> None:
+        """Kill every actor at once, then release the executor (:meth:`shutdown`): actors
+        left waiting in a collective for a dead or failed peer would never answer a call, so
+        relaying their warnings first would only wait out its timeout."""
+        ray = import_ray()
+        actors, self.workers = self.workers, []
+        for actor in actors:
+            ray.kill(actor)
+        self.shutdown()
