@@ -207,10 +207,11 @@ class DataParallel:
         ungathered chunks submitted again), where data mode stops the run: evaluation comes
         last, after the whole prune, and should not be lost to one actor.
         """
-        return "data" == self._retrying(lambda: self._get(
+        mode = self._retrying(lambda: self._get(
             self.workers[0].__ray_call__.remote(_pass_mode, self._requested,
                                                 len(self.workers), sequences),
             "reading the model's blocks"))
+        return mode == "data"
 
     def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,
                           ids: torch.Tensor) -> list[BlockReport]:
@@ -244,7 +245,7 @@ class DataParallel:
         """``fn(weights, stats)`` of every block over one data-parallel dense pass of ``ids``
         ``(N, T)`` (the ``block_metrics`` pass); each actor's values of its own blocks."""
         return self._in_actors(_pass_program, ("block_metrics", self._slices(), ids, fn, needs),
-                               "the data-parallel dense statistics pass",
+                               "running the dense statistics pass data-parallel",
                                lambda: self.fault_hook("statistics", 0))
 
     def _data_reference(self, ids: torch.Tensor, needs: frozenset[str],
@@ -253,7 +254,7 @@ class DataParallel:
         one data-parallel pass of the search windows ``ids`` ``(n_s, T)``, kept in the actors
         for their candidate stages."""
         self._in_actors(_reference_program, (self._slices(), ids, needs, reference_stream),
-                        "the search's data-parallel dense reference",
+                        "computing the search's dense reference data-parallel",
                         lambda: self.fault_hook("reference", 0))
 
     def _slices(self) -> list[tuple[int, int]]:
