@@ -268,3 +268,33 @@ def test_sparsegpt_run_matches_local_and_reports_data(ray_instance, llama4: Path
     assert got.report["layers"] == want.report["layers"]
     _assert_bits(_exported(tmp_path / "ray"), _exported(tmp_path / "local"))
 
+
+
+def test_actor_lost_in_a_dense_pass_stops_the_run(ray_instance, llama4: Path, one_thread,
+                                                  data_programs: list[str]) -> None:
+    """An actor killed while the search's dense reference runs data-parallel: the search is
+    not retried (its peers cannot go on without it), the driver names the actor, the pass
+    and the ``--resume`` hint at once, and every actor is released."""
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+    from neuroal.engine.worker import CandidateJob
+
+    source = resolve_model(str(llama4))
+    remote = RayExecutor(WorkerSpec(source, 0, 0, NUM_BLOCKS, "cpu", "float32", 2), 2,
+                         RayOptions(transport="object-store"))
+
+    def kill(self: Any, operation: str, unit: int) -> None:
+        if operation == "reference":
+            ray.kill(self.workers[1])
+
+    remote.fault_hook = types.MethodType(kill, remote)
+    try:
+        blocks = [{"mlp.down_proj": 0.5}] * NUM_BLOCKS
+        with pytest.raises(RuntimeError) as err:
+            remote.evaluate_candidates(_ids(), [blocks], CandidateJob("wanda"), "global")
+        for part in ("Ray worker 1", "blocks [2, 4)", "dense reference", "engine.parallel=data",
+                     "--resume"):
+            assert part in str(err.value), (part, str(err.value))
+        assert data_programs == ["_reference_program"]
+        assert remote.workers == [] and remote.restarts == [0, 0]
+    finally:
+        remote.shutdown()
