@@ -109,21 +109,94 @@ def test_mode_is_decided_as_in_dist() -> None:
     assert executor._prune_mode(PruneJob("wanda")) == "pipeline"  # noqa: SLF001
 
 
-def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path) -> None:
-    """Two actors, ``engine.parallel=auto`` (data), the gloo transport taken down for the
-    prune's own group and rebuilt after: masks, weights and reports equal the local executor's
-    pipeline mode bit for bit; each block's resume state is written; the pruned model's NLL
-    (streams crossing over the rebuilt channel) equals the local one. Then a failing worker and
-    a lost actor."""
+@pytest.fixture()
+def one_thread():
+    """One intra-op thread in the driver, hence in its actors (they take the driver's count):
+    two actors computing at once on a 2-core machine, each with 2 threads, run several times
+    slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture()
+def data_programs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The programs the Ray executor runs in data mode, in call order (proves data mode ran)."""
+    from neuroal.engine.ray import data as ray_data
+
+    programs: list[str] = []
+    real = ray_data.DataParallel._in_actors  # noqa: SLF001
+
+    def spy(self: Any, program: Any, *args: Any, **kwargs: Any) -> Any:
+        programs.append(program.__name__)
+        return real(self, program, *args, **kwargs)
+
+    monkeypatch.setattr(ray_data.DataParallel, "_in_actors", spy)
+    return programs
+
+
+def _dense_passes_match(remote: Any, local: LocalExecutor) -> None:
+    """On the dense model: OWL's allocation (its dense statistics pass) and a NeuroAL search's
+    dense reference (``local`` and ``global``) under Ray equal the local executor's bit for
+    bit; then a pass function failing on one actor only: its error reaches the driver (the
+    other actor stops at the same phase boundary) and the executor stays usable."""
+    from neuroal.allocation.base import PlanRequest
+    from neuroal.allocation.owl import OWLPolicy
+    from neuroal.engine.worker import CandidateJob
+
+    shape = local.workers[0].adapter.shape()
+
+    def owl(executor: Any) -> SparsityPlan:
+        return OWLPolicy().plan(PlanRequest(shape, 0.5, "unstructured", (0.0, 1.0), {"lam": 0.2},
+                                            executor=executor, calibration=_ids()))
+
+    want, got = owl(local), owl(remote)
+    assert len(set(want.trail["lod"])) == NUM_BLOCKS  # the blocks differ: a real check
+    assert got.trail == want.trail
+    assert [dict(b) for b in got.ratios] == [dict(b) for b in want.ratios]
+    candidates = [[{n: r for n in blk} for blk in shape.blocks] for r in (0.3, 0.6)]
+    for stream in ("local", "global"):
+        want_c = local.evaluate_candidates(_ids(), candidates, CandidateJob("wanda"), stream)
+        got_c = remote.evaluate_candidates(_ids(), candidates, CandidateJob("wanda"), stream)
+        for w_c, g_c in zip(want_c, got_c, strict=True):
+            for w_b, g_b in zip(w_c, g_c, strict=True):
+                assert w_b.na == g_b.na
+                assert all(torch.equal(w_b.delta[n], g_b.delta[n]) for n in w_b.delta)
+
+    block2_down = local.workers[0].adapter.blocks[2].mlp.down_proj.weight.data.clone()
+
+    def fails_on_block_2(weights: dict[str, torch.Tensor], _stats: Any) -> float:
+        """Fails on block 2's owner only (actor 1 of 2); pickled by value into the actors."""
+        if torch.equal(weights["mlp.down_proj"], block2_down):
+            raise ArithmeticError("block 2 refused")
+        return 0.0
+
+    with pytest.raises(ArithmeticError, match="block 2 refused"):
+        remote.dense_block_metrics(_ids(), fails_on_block_2, frozenset({"sq_norm"}))
+
+
+def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path, one_thread,
+                                      data_programs: list[str]) -> None:
+    """Two actors, ``engine.parallel=auto`` (data), the gloo transport taken down for each
+    data-parallel call's own group and rebuilt after. First the dense passes in the actors
+    (:func:`_dense_passes_match`). Then the prune: masks, weights and reports equal the local
+    executor's pipeline mode bit for bit; each block's resume state is written; the pruned
+    model's NLL (streams crossing over the rebuilt channel, pipelined: evaluation chunks do
+    not use data mode under Ray) equals the local one. Then a failing worker and a lost
+    actor."""
     from neuroal.engine.ray_executor import RayExecutor, RayOptions
 
     source = resolve_model(str(llama4))
     local = LocalExecutor(source, NUM_BLOCKS, 1, ["cpu"], "float32", 2, parallel="pipeline")
     plan = _plan(local.workers[0].adapter.shape().blocks)
-    want = local.run_final_prune(plan, PruneJob("wanda"), _ids())
     remote = RayExecutor(WorkerSpec(source, 0, 0, NUM_BLOCKS, "cpu", "float32", 2), 2,
                          RayOptions(transport="gloo"))
     try:
+        _dense_passes_match(remote, local)
+        assert data_programs == ["_pass_program", "_reference_program", "_reference_program",
+                                 "_pass_program"]
+        want = local.run_final_prune(plan, PruneJob("wanda"), _ids())
         state = tmp_path / "state"
         (state / "prune").mkdir(parents=True)
         got = remote.run_final_prune(plan, PruneJob("wanda", state_dir=str(state)), _ids())
@@ -136,6 +209,7 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
             [f"block_{b:04d}.safetensors" for b in range(NUM_BLOCKS)]
         nll = remote.window_nll(_ids())
         assert torch.equal(nll, local.window_nll(_ids()))
+        assert data_programs[4:] == ["_prune_program"]  # the NLL pipelined
 
         # a worker's own error mid-prune: agreed by both actors, raised on the driver with its
         # message; both leave the group and the executor stays usable
@@ -190,3 +264,34 @@ def test_sparsegpt_run_matches_local_and_reports_data(ray_instance, llama4: Path
     assert want.report["engine"]["parallel"] == "pipeline"
     assert got.report["layers"] == want.report["layers"]
     _assert_bits(_exported(tmp_path / "ray"), _exported(tmp_path / "local"))
+
+
+
+def test_actor_lost_in_a_dense_pass_stops_the_run(ray_instance, llama4: Path, one_thread,
+                                                  data_programs: list[str]) -> None:
+    """An actor killed while the search's dense reference runs data-parallel: the search is
+    not retried (its peers cannot go on without it), the driver names the actor, the pass
+    and the ``--resume`` hint at once, and every actor is released."""
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+    from neuroal.engine.worker import CandidateJob
+
+    source = resolve_model(str(llama4))
+    remote = RayExecutor(WorkerSpec(source, 0, 0, NUM_BLOCKS, "cpu", "float32", 2), 2,
+                         RayOptions(transport="object-store"))
+
+    def kill(self: Any, operation: str, unit: int) -> None:
+        if operation == "reference":
+            ray.kill(self.workers[1])
+
+    remote.fault_hook = types.MethodType(kill, remote)
+    try:
+        blocks = [{"mlp.down_proj": 0.5}] * NUM_BLOCKS
+        with pytest.raises(RuntimeError) as err:
+            remote.evaluate_candidates(_ids(), [blocks], CandidateJob("wanda"), "global")
+        for part in ("Ray worker 1", "blocks [2, 4)", "dense reference", "engine.parallel=data",
+                     "--resume"):
+            assert part in str(err.value), (part, str(err.value))
+        assert data_programs == ["_reference_program"]
+        assert remote.workers == [] and remote.restarts == [0, 0]
+    finally:
+        remote.shutdown()

@@ -7,7 +7,8 @@
 * :mod:`~neuroal.engine.ray.transport`: how a stream crosses between actors (object store, or a
   gloo / NCCL transfer by Ray Direct Transport).
 * :mod:`~neuroal.engine.ray.faults`: restarting dead actors and restoring their state.
-* :mod:`~neuroal.engine.ray.data`: the data-parallel final prune (``engine.parallel=data``).
+* :mod:`~neuroal.engine.ray.data`: data mode (``engine.parallel=data``): the final prune, the
+  dense statistics pass and the search's dense reference.
 * :mod:`~neuroal.engine.ray.executor`: :class:`~neuroal.engine.ray.executor.RayExecutor` itself
   (placement, actors, the pipelined passes of the executor protocol).
 

@@ -14,8 +14,10 @@ candidate, in the original order, from the same worker calls as
 :class:`~neuroal.engine.executor.LocalExecutor` makes, so they are bit-identical to it
 (engine.md §3.5). ``import ray`` happens lazily (:func:`~neuroal.engine.ray.options.import_ray`).
 
-Restarts after an actor death live in :mod:`neuroal.engine.ray.faults`, the data-parallel final
-prune (``engine.parallel=data``) in :mod:`neuroal.engine.ray.data`; both are mixed in here.
+Restarts after an actor death live in :mod:`neuroal.engine.ray.faults`; data mode
+(``engine.parallel=data``: the final prune, the dense statistics pass and the search's dense
+reference, each one call per actor over a torch.distributed group) in
+:mod:`neuroal.engine.ray.data`; both are mixed in here.
 """
 
 from __future__ import annotations
@@ -391,17 +393,24 @@ class RayExecutor(FaultTolerance, DataParallel):
         up to ``inflight`` candidates are in flight. Per candidate the parts are gathered in
         the original order and keyed by block, as in the local executor. After an actor death
         only the candidates not yet gathered (and reported through ``on_result``) are
-        submitted again.
+        submitted again. In data mode the dense reference is one data-parallel pass
+        (:meth:`_data_reference`; a lost actor there stops the run); the candidates pipeline
+        in either mode.
         """
         results: dict[int, list[BlockAlignment]] = {}
         last = len(self.workers) - 1
+        data = self._data_pass(int(ids.shape[0]))
 
         def attempt() -> None:
             for actor in self.workers:
                 actor.__ray_call__.remote(_forget)
             self._get(self.workers[0].__ray_call__.remote(_keep_embedded, "search", ids),
                       "embedding the search windows")
-            self._dense_reference(job, reference_stream)
+            if data:
+                self._data_reference(ids, reference_needs(job.criterion, job.alignment_stat),
+                                     reference_stream)
+            else:
+                self._dense_reference(job, reference_stream)
 
             def submit(c: int) -> list[Any]:
                 source: Any = Kept("search")
@@ -452,7 +461,11 @@ class RayExecutor(FaultTolerance, DataParallel):
     def dense_block_metrics(self, ids: torch.Tensor, fn: Callable[..., Any],
                             needs: frozenset[str]) -> list[Any]:
         """``fn(weights, stats)`` per block over one dense pass of ``ids`` ``(N, T)``, one call
-        per actor."""
+        per actor: data-parallel in data mode (:meth:`_data_metrics`; a lost actor stops the
+        run), else pipelined through the slices (a lost actor is restarted)."""
+        if self._data_pass(int(ids.shape[0])):
+            return merge_blocks(self._data_metrics(ids, fn, needs), self._num_blocks)
+
         def attempt() -> list[Any]:
             source: Any = Embed(ids)
             parts = []
@@ -471,7 +484,8 @@ class RayExecutor(FaultTolerance, DataParallel):
             self._num_blocks)
 
     def window_nll(self, windows: torch.Tensor) -> torch.Tensor:
-        """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely."""
+        """Per-window mean NLL ``(k,)`` float64; micro-batch chunks pipeline freely, in either
+        mode (:meth:`_data_pass` says why)."""
         parts = chunks(windows, self.specs[0].micro_batch)
         return torch.cat(self._chunked(
             len(parts), lambda i: self._forward_pass(parts[i], "window_nll", parts[i]),

@@ -60,7 +60,9 @@ class FaultTolerance:
     def fault_hook(self, operation: str, unit: int) -> None:
         """Test seam, a no-op: called on the coordinator right after the work of ``unit`` of
         ``operation`` (``load`` rank, ``prune`` block, search ``candidate``, ``perplexity``
-        or ``zero-shot`` chunk) has been submitted. Tests replace it to kill an actor at a chosen point."""
+        or ``zero-shot`` chunk; in data mode the ``statistics`` pass and the search's
+        ``reference``, unit 0) has been submitted. Tests replace it to kill an actor at a
+        chosen point."""
 
     def _retrying(self, attempt: Callable[[], T],
                   on_restart: Callable[[list[int]], None] | None = None) -> T:
