@@ -122,11 +122,12 @@ def resolve_parallel(requested: str, workers: int, *, reconstruct: bool = False,
     return requested
 
 
-def prune_mode(requested: str, worker: Worker, workers: int, job: PruneJob) -> str:
+def prune_mode(requested: str, worker: Worker, workers: int, job: PruneJob,
+               fits: bool = True) -> str:
     """:func:`resolve_parallel` with the facts of the model (any worker's skeleton holds every
-    block) and of the prune job."""
+    block), of the prune job and the memory planner's verdict on data mode (``fits``)."""
     return resolve_parallel(requested, workers, reconstruct=job.reconstruct is not None,
-                            experts=any(has_experts(b) for b in worker.adapter.blocks))
+                            experts=any(has_experts(b) for b in worker.adapter.blocks), fits=fits)
 
 
 @dataclass(frozen=True)

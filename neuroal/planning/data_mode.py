@@ -164,13 +164,16 @@ def data_prune_steps(layout: ModelLayout, request: MemoryRequest, slices: Slices
     one = device_host_streams(request, layout, rows, 1)
     two = device_host_streams(request, layout, rows, 2)
     steps: dict[str, PruneStep] = {}
-    for index in range(layout.num_blocks):
+    for index in _distinct_blocks(layout, range(layout.num_blocks)):
         for name, step in _prune_block_steps(layout, request, index, rank, one, two).items():
             steps[name] = max(steps.get(name, step), step, key=_device_bytes)
     _, policy_needs = _needs(request)
     if policy_needs in ("stats", "search"):
-        steps["dense"] = max((_dense_step(layout, request, i, start <= i < stop, two)
-                              for i in range(layout.num_blocks)), key=_device_bytes)
+        owned = _distinct_blocks(layout, range(start, stop))
+        others = _distinct_blocks(layout, [*range(start), *range(stop, layout.num_blocks)])
+        steps["dense"] = max([_dense_step(layout, request, i, True, two) for i in owned]
+                             + [_dense_step(layout, request, i, False, two) for i in others],
+                             key=_device_bytes)
     if policy_needs == "weights":  # AlphaPruning's spectra of the owned linears
         spectrum = max(SPECTRUM_BYTES * r * c for i in range(start, stop)
                        for r, c in layout.linears[i].values())
@@ -178,6 +181,15 @@ def data_prune_steps(layout: ModelLayout, request: MemoryRequest, slices: Slices
     if request.eval_seqlen:
         steps["evaluate"] = _evaluate_step(layout, request, slices, rank)
     return steps
+
+
+def _distinct_blocks(layout: ModelLayout, blocks: Sequence[int]) -> list[int]:
+    """One block of each distinct set of linear shapes among ``blocks`` (a model's blocks are
+    mostly alike: their steps are computed once)."""
+    seen: dict[tuple[tuple[str, tuple[int, int]], ...], int] = {}
+    for index in blocks:
+        seen.setdefault(tuple(layout.linears[index].items()), index)
+    return list(seen.values())
 
 
 def _device_bytes(step: PruneStep) -> int:

@@ -14,7 +14,8 @@ arrives as an argument (its type only under ``TYPE_CHECKING``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -31,6 +32,7 @@ from neuroal.outputs.export import OutputDir, export_dtype
 from neuroal.planning.checks import check_fits
 from neuroal.planning.layout import ModelLayout
 from neuroal.planning.memory import parse_bytes
+from neuroal.planning.plan import MemoryPlan, choose_onload
 from neuroal.recovery import REFINERS
 from neuroal.recovery.perp import numel, total_parameters
 from neuroal.runtime.errors import ConfigError
@@ -127,11 +129,26 @@ def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
                            f"({', '.join(REFINERS.names())}) or no recovery"])
 
 
+class MemoryChoice(NamedTuple):
+    """What the memory plan decided for the run (:func:`check_memory`).
+
+    Attributes:
+        onload: The onload mode to run with (``engine.onload: auto``: the planner's choice).
+        data_fits: Whether data mode's final prune fits the devices (``engine.parallel:
+            auto`` picks data mode only then; True when no budget was known to check).
+    """
+
+    onload: str
+    data_fits: bool = True
+
+
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
                  dtype: torch.dtype,
-                 budgets: tuple[int | None, int | None] = (None, None)) -> str:
-    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7);
-    returns the onload mode to run with (``engine.onload: auto``: the planner's choice).
+                 budgets: tuple[int | None, int | None] = (None, None)) -> MemoryChoice:
+    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7),
+    in the final prune's mode: ``engine.parallel: data`` that does not fit is refused
+    (:func:`~neuroal.planning.checks.data_refusal`), ``auto`` learns whether data mode fits;
+    returns the onload mode to run with and that verdict.
 
     Checked when ``engine.memory_limit`` is set (bytes per worker) or the device is CUDA: its
     free memory, shared equally by the workers the local executor places on it; under
@@ -149,18 +166,32 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     elif device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
-        return resolved_onload(cfg.engine.onload)
+        return MemoryChoice(resolved_onload(cfg.engine.onload))
     # whole-model PERP runs alone after the workers are released: the shared device is its own
+    layout = ModelLayout.from_adapter(adapter, cfg.model.name)
     plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
-                      device_type=device.type,
-                      layout=ModelLayout.from_adapter(adapter, cfg.model.name),
+                      device_type=device.type, layout=layout,
                       retrain_limit=budget * shared,
                       host_limit=(host_free if host_free is not None else host_available())
                       if device.type == "cuda" else None)
-    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s%s",
-             plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
+    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s, "
+             "%s mode%s", plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9,
+             plan.request.onload, plan.request.parallel,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
-    return plan.request.onload
+    data_fits = cfg.engine.parallel != "auto" or plan.request.parallel == "data"
+    if not data_fits and cfg.engine.workers > 1:
+        log.info("engine.parallel=auto: the final prune runs in pipeline mode (data mode's "
+                 "peak %.1f GB per worker exceeds %.1f GB, or data mode cannot run this prune)",
+                 data_peak(layout, plan, cfg.engine.onload, budget) / 1e9, budget / 1e9)
+    return MemoryChoice(plan.request.onload, data_fits)
+
+
+def data_peak(layout: ModelLayout, plan: MemoryPlan, onload: str, budget: int) -> int:
+    """Data mode's predicted peak per worker for ``plan``'s request with ``engine.onload``
+    ``onload`` (``auto``: the mode chosen for data mode), for the message of a mode ruled
+    out by memory."""
+    request = replace(plan.request, parallel="data", onload=onload)
+    return choose_onload(layout, request, budget).peak
 
 
 def disk_needs(cfg: PruneConfig, adapter: ModelAdapter, config: Any, source: ModelSource,

@@ -145,6 +145,7 @@ class DataParallel:
     _requested: str
     _num_blocks: int
     _failed: str
+    data_fits: bool = True  # the memory plan's verdict on data mode (set by the pipeline)
 
     def _prune_mode(self, job: PruneJob) -> str:
         """:func:`~neuroal.engine.data_parallel.resolve_parallel` with the facts of the model
@@ -152,7 +153,8 @@ class DataParallel:
         experts = self._retrying(lambda: self._get(
             self.workers[0].__ray_call__.remote(_has_experts), "reading the model's blocks"))
         return resolve_parallel(self._requested, len(self.workers),
-                                reconstruct=job.reconstruct is not None, experts=experts)
+                                reconstruct=job.reconstruct is not None, experts=experts,
+                                fits=self.data_fits)
 
     def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,
                           ids: torch.Tensor) -> list[BlockReport]:
