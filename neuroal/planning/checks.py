@@ -124,8 +124,9 @@ def data_refusal(model: str, layout: ModelLayout, request: MemoryRequest,
         f"fits: peak {pipeline.peak / GB:.1f} GB per worker)" if plan_fits(
             pipeline, limit, host_limit) else "does not fit either)")]
     more = min_workers(layout, data, min(limits), host_limit)
-    if more is not None and more > request.workers:
-        fixes.append(f"more workers (engine.workers={more} fits in data mode)")
+    if more is not None and more != request.workers:
+        fixes.append(f"another worker count (engine.workers={more} is the smallest that fits "
+                     "in data mode)")
     if request.micro_batch > 1:
         fixes.append(f"a smaller engine.micro_batch (now {request.micro_batch})")
     if request.onload == "device":
