@@ -67,11 +67,11 @@ from neuroal.outputs.report_keys import MODEL_PPL
 from neuroal.outputs.resume_key import resume_inputs
 from neuroal.planning.preflight import (
     check_experts,
-    check_memory,
     check_positions,
     check_selection,
     check_shape,
     disk_needs,
+    memory_choice,
     plan_target,
     selection_of,
 )
@@ -173,8 +173,8 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
             facts = run_preflight(cfg, device.type, output.tmp if output else None,
                                   *disk_needs(cfg, adapter, config, source, dtype, output),
                                   session=session)
-            onload, data_fits = check_memory(cfg, config, adapter, device, dtype,
-                                             worker_budgets(facts))
+            onload, data_fits = memory_choice(cfg, config, adapter, device, dtype,
+                                              worker_budgets(facts))
         with timings("data"):
             tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
             calib = None

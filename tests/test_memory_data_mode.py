@@ -164,7 +164,7 @@ def test_preflight_refuses_data_mode_and_tells_auto(tiny_models: dict[str, Path]
                       ).request.parallel == "pipeline"
 
 
-def test_check_memory_tells_the_executor(tiny_models: dict[str, Path]) -> None:
+def test_memory_choice_tells_the_executor(tiny_models: dict[str, Path]) -> None:
     """The run's preflight on the tiny Llama: with the limit at pipeline mode's peak, data mode
     (its guest block and solver statistics) does not fit, so ``data_fits`` is False and the
     executor's engine.parallel=auto keeps to pipeline mode; at data mode's peak it is True."""
@@ -173,7 +173,7 @@ def test_check_memory_tells_the_executor(tiny_models: dict[str, Path]) -> None:
     from neuroal.models.adapter import ModelAdapter
     from neuroal.models.loading import build_skeleton, load_model_config, resolve_model
     from neuroal.planning.checks import request_from_config
-    from neuroal.planning.preflight import check_memory
+    from neuroal.planning.preflight import memory_choice
 
     base = tiny_cfg(tiny_models["llama"], None, criterion={"name": "sparsegpt"},
                     engine={"workers": 2, "parallel": "auto", "onload": "device",
@@ -188,5 +188,5 @@ def test_check_memory_tells_the_executor(tiny_models: dict[str, Path]) -> None:
     cpu = torch.device("cpu")
     for mode, fits in (("pipeline", False), ("data", True)):
         cfg = replace(base, engine=replace(base.engine, memory_limit=str(peaks[mode])))
-        choice = check_memory(cfg, config, adapter, cpu, torch.float32)
+        choice = memory_choice(cfg, config, adapter, cpu, torch.float32)
         assert (choice.onload, choice.data_fits) == ("device", fits)

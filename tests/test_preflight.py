@@ -216,7 +216,7 @@ def test_memory_check_uses_the_workers_figures(tiny_models: dict[str, Path]) -> 
     with pytest.raises(MemoryBudgetError):
         check_memory(cfg, config, adapter, cuda, torch.bfloat16, budgets=(10**6, 10**12))
     assert check_memory(cfg, config, adapter, cuda, torch.bfloat16,
-                        budgets=(10**12, 10**12)).onload in ("device", "host", "disk")
+                        budgets=(10**12, 10**12)) in ("device", "host", "disk")
 
 
 # --------------------------------------------------------------------------- torchrun / dist

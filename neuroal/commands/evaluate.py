@@ -212,7 +212,7 @@ def run_evaluation(cfg: Any, session: Any = None,
             raise ConfigError(errors)
         if source.kind == "hf_dir":  # truncated / corrupt shards named before any loading
             SafetensorsCheckpoint(Path(source.location)).verify()
-        onload = check_memory(cfg, config, adapter, device, dtype).onload
+        onload = check_memory(cfg, config, adapter, device, dtype)
     with timings("data"):
         tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
         evals = {spec: load_eval_windows(spec, tokenizer, cfg.eval.seqlen or cfg.calib.seqlen,

@@ -4,8 +4,9 @@ devices' free memory and disk.
 What lives here: N:M divisibility and worker count (:func:`check_shape`), the layer selection
 and the target of the pruned linears (:func:`check_selection`, :func:`plan_target`), window
 lengths against the model's positions (:func:`check_positions`), PERP against
-mixture-of-experts models (:func:`check_experts`), the memory plan (:func:`check_memory`,
-which also resolves ``engine.onload: auto``) and the bytes the run still writes
+mixture-of-experts models (:func:`check_experts`), the memory plan (:func:`memory_choice`,
+which also resolves ``engine.onload: auto`` and says whether data mode fits;
+:func:`check_memory` for the onload mode alone) and the bytes the run still writes
 (:func:`disk_needs`). Each refusal names the value, what was expected and how to fix it.
 
 What it may import: every floor below the pipeline (planning is the highest). The run's config
@@ -130,7 +131,7 @@ def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
 
 
 class MemoryChoice(NamedTuple):
-    """What the memory plan decided for the run (:func:`check_memory`).
+    """What the memory plan decided for the run (:func:`memory_choice`).
 
     Attributes:
         onload: The onload mode to run with (``engine.onload: auto``: the planner's choice).
@@ -144,7 +145,14 @@ class MemoryChoice(NamedTuple):
 
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
                  dtype: torch.dtype,
-                 budgets: tuple[int | None, int | None] = (None, None)) -> MemoryChoice:
+                 budgets: tuple[int | None, int | None] = (None, None)) -> str:
+    """:func:`memory_choice`'s onload mode (for callers that run no final prune)."""
+    return memory_choice(cfg, config, adapter, device, dtype, budgets).onload
+
+
+def memory_choice(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
+                  dtype: torch.dtype,
+                  budgets: tuple[int | None, int | None] = (None, None)) -> MemoryChoice:
     """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7),
     in the final prune's mode: ``engine.parallel: data`` that does not fit is refused
     (:func:`~neuroal.planning.checks.data_refusal`), ``auto`` learns whether data mode fits;
