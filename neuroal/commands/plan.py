@@ -115,11 +115,11 @@ def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dic
 
 
 def time_prediction(args: argparse.Namespace, fitting: list[str] | None = None,
-                    refusal: str | None = None) -> dict:
+                    refusal: str | None = None, runnable: list[str] | None = None) -> dict:
     """Predicted seconds per phase (neuroal.planning.walltime) for the flags; ``--parallel auto``
-    predicts both modes and picks the faster among those whose memory fits (``fitting``, from
-    the memory summary; none fitting: the faster of all), saying so when memory ruled data mode
-    out (``refusal``)."""
+    predicts both modes and picks the faster among those that can run (``runnable``) and whose
+    memory fits (``fitting``, from the memory summary; none fitting: the faster runnable one),
+    saying so when memory ruled data mode out (``refusal``)."""
     device = args.device_class or {"cpu": "cpu", "cuda": "h100"}[args.device_type]
     tp = throughput(device)
     workload = Workload.from_layout(layout_of(args.model))
@@ -134,7 +134,8 @@ def time_prediction(args: argparse.Namespace, fitting: list[str] | None = None,
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen or args.seqlen)
     modes = MODES if args.parallel == "auto" else (args.parallel,)
     seconds = {m: predict(workload, replace(base, mode=m), tp) for m in modes}
-    allowed = [m for m in modes if fitting is None or m in fitting] or list(modes)
+    can = [m for m in modes if runnable is None or m in runnable] or list(modes)
+    allowed = [m for m in can if fitting is None or m in fitting] or can
     chosen = min(allowed, key=lambda m: (seconds[m]["total"], MODES.index(m)))
     text = format_prediction(seconds[chosen], replace(base, mode=chosen), tp)
     if len(modes) > 1:
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                        parse_bytes(args.gpu_memory))
         summary = summarize(args.model, request, limit, host)
         fitting = summary["parallel_fits"] if args.parallel == "auto" else None
-        summary["time"] = time_prediction(args, fitting, summary["data_refusal"])
+        summary["time"] = time_prediction(args, fitting, summary["data_refusal"],
+                                          summary["parallel_runnable"])
         chosen = summary["time"]["mode"]
         if args.parallel == "auto" and chosen != summary["parallel"]:  # the faster that fits
             summary = {**summarize(args.model, replace(request, parallel=chosen), limit, host),
