@@ -61,7 +61,9 @@ class MemoryPlan:
     def one_process(self) -> int:
         """Bytes when every worker lives in one process (the local executor on one device):
         all weights, the largest working set of any worker (they run one after another; the
-        stream is handed over, not copied) and one runtime overhead."""
+        stream is handed over, not copied) and one runtime overhead. Pipeline mode's figure: in
+        data mode the in-process workers run at once (their working sets add up) and a guest
+        block on the owner's device is the owner's tensors, not a copy."""
         working = max(w.activations + w.statistics + w.transients + w.masked_block
                       for w in self.workers)
         return sum(w.weights for w in self.workers) + working + self.workers[0].overhead
