@@ -190,3 +190,26 @@ def test_memory_choice_tells_the_executor(tiny_models: dict[str, Path]) -> None:
         cfg = replace(base, engine=replace(base.engine, memory_limit=str(peaks[mode])))
         choice = memory_choice(cfg, config, adapter, cpu, torch.float32)
         assert (choice.onload, choice.data_fits) == ("device", fits)
+
+
+def test_the_executor_follows_the_verdict(tiny_models: dict[str, Path]) -> None:
+    """engine.parallel=auto on 2 local workers: the final prune and the passes run in data mode
+    while the memory plan says it fits (the default), in pipeline mode once it does not."""
+    import torch
+
+    from neuroal.allocation.plan import SparsityPlan
+    from neuroal.engine.executor import LocalExecutor
+    from neuroal.models.loading import load_model_config, resolve_model
+    from neuroal.runtime.jobs import PruneJob
+
+    source = resolve_model(str(tiny_models["llama"]))
+    blocks = int(load_model_config(source, False).num_hidden_layers)
+    ids = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+    modes = []
+    for fits in (True, False):
+        ex = LocalExecutor(source, blocks, 2, ["cpu"], "float32", 2, parallel="auto")
+        ex.data_fits = fits
+        entries = [dict.fromkeys(b, 0.5) for b in ex.workers[0].adapter.shape().blocks]
+        ex.run_final_prune(SparsityPlan(0.5, "unstructured", entries), PruneJob("wanda"), ids)
+        modes.append((ex.parallel, ex._data_pass(8)))  # noqa: SLF001
+    assert modes == [("data", True), ("pipeline", False)]
