@@ -33,7 +33,7 @@ from neuroal.outputs.export import OutputDir, export_dtype
 from neuroal.planning.checks import check_fits
 from neuroal.planning.layout import ModelLayout
 from neuroal.planning.memory import parse_bytes
-from neuroal.planning.plan import MemoryPlan, choose_onload
+from neuroal.planning.plan import MemoryPlan, choose_onload, data_possible
 from neuroal.recovery import REFINERS
 from neuroal.recovery.perp import numel, total_parameters
 from neuroal.runtime.errors import ConfigError
@@ -187,10 +187,11 @@ def memory_choice(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: 
              plan.request.onload, plan.request.parallel,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
     data_fits = cfg.engine.parallel != "auto" or plan.request.parallel == "data"
-    if not data_fits and cfg.engine.workers > 1:
-        log.info("engine.parallel=auto: the final prune runs in pipeline mode (data mode's "
-                 "peak %.1f GB per worker exceeds %.1f GB, or data mode cannot run this prune)",
-                 data_peak(layout, plan, cfg.engine.onload, budget) / 1e9, budget / 1e9)
+    if not data_fits and data_possible(layout, plan.request):
+        log.info("engine.parallel=auto: the final prune runs in pipeline mode; data mode's "
+                 "peak of %.1f GB per worker (a guest block, solver statistics) exceeds the "
+                 "%.1f GB limit", data_peak(layout, plan, cfg.engine.onload, budget) / 1e9,
+                 budget / 1e9)
     return MemoryChoice(plan.request.onload, data_fits)
 
 
