@@ -29,7 +29,7 @@ from readme_figures import replace_block  # noqa: E402 - the launch folder's sha
 
 DOC = REPO / "docs" / "memory.md"
 PLAN_ARGS = ["--model", "llama-2-70b", "--workers", "2", "--gpu-memory", "24GB",
-             "--criterion", "sparsegpt", "--seqlen", "2048"]
+             "--criterion", "sparsegpt", "--seqlen", "2048", "--parallel", "pipeline"]
 PARTS = ("weights", "activations", "statistics", "transients", "overhead")
 
 
@@ -38,7 +38,8 @@ def record(bench: dict[str, Any], command: str) -> dict[str, Any]:
     answer for ``plan.py`` :data:`PLAN_ARGS`."""
     from neuroal.planning import GB, MemoryRequest, summarize
 
-    request = MemoryRequest(workers=2, criterion="sparsegpt", seqlen=2048, onload="auto")
+    request = MemoryRequest(workers=2, criterion="sparsegpt", seqlen=2048, onload="auto",
+                            parallel="pipeline")
     plan = summarize("llama-2-70b", request, 24 * GB)
     workers = [{k: w[k] for k in ("rank", "blocks", "baseline_rss", "peak_rss", "predicted",
                                   "predicted_parts", "error", "error_above_baseline",

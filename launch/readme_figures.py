@@ -538,7 +538,8 @@ def _verdict(plan: dict) -> str:
     req = summary["plan"]["request"]
     return (f"{'fits' if summary['fits'] else 'does not fit'} on {req['workers']} x "
             f"{summary['limit_bytes'] / GB:.0f} GB (peak {summary['plan']['peak_bytes'] / GB:.1f} "
-            f"GB per worker, `engine.onload={req['onload']}`)")
+            f"GB per worker, `engine.onload={req['onload']}`, "
+            f"`engine.parallel={req.get('parallel', 'pipeline')}`)")
 
 
 def plan_sparsegpt_text(result: dict) -> str:
@@ -547,7 +548,7 @@ def plan_sparsegpt_text(result: dict) -> str:
     worker = max(small["summary"]["plan"]["workers"], key=lambda w: w["total"])
     return (f"With SparseGPT (`--criterion sparsegpt`) Llama-2-70B {_verdict(small)}: of that, "
             f"its statistics (the Hessians) take {worker['statistics'] / GB:.1f} GB and its transients "
-            f"(the factorisation and sweep of the widest linear) {worker['transients'] / GB:.1f} "
+            f"(the short-lived buffers of its largest step) {worker['transients'] / GB:.1f} "
             f"GB. It {_verdict(large)}.")
 
 

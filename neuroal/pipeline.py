@@ -67,11 +67,11 @@ from neuroal.outputs.report_keys import MODEL_PPL
 from neuroal.outputs.resume_key import resume_inputs
 from neuroal.planning.preflight import (
     check_experts,
-    check_memory,
     check_positions,
     check_selection,
     check_shape,
     disk_needs,
+    memory_choice,
     plan_target,
     selection_of,
 )
@@ -123,6 +123,7 @@ class Prepared:
     tasks: Any = None  # the lm-eval TaskManager of eval.tasks (neuroal.evaluation.zeroshot), or None
     session: Any = None  # the open dist session (neuroal.engine.dist.coordinator), or None
     selection: dict[str, Any] | None = None  # targets / ignore as report.json records them
+    data_fits: bool = True  # the memory plan's verdict on data mode (engine.parallel=auto)
 
 
 # --------------------------------------------------------------------------- preparation
@@ -172,7 +173,8 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
             facts = run_preflight(cfg, device.type, output.tmp if output else None,
                                   *disk_needs(cfg, adapter, config, source, dtype, output),
                                   session=session)
-            onload = check_memory(cfg, config, adapter, device, dtype, worker_budgets(facts))
+            onload, data_fits = memory_choice(cfg, config, adapter, device, dtype,
+                                              worker_budgets(facts))
         with timings("data"):
             tokenizer = load_tokenizer(source, cfg.model.trust_remote_code, cfg.model.tokenizer)
             calib = None
@@ -189,7 +191,7 @@ def prepare(cfg: PruneConfig, timings: Timings, session: Any = None) -> Prepared
             output.release()
         raise
     return Prepared(source, config, shape, device, dtype, tokenizer, calib, evals, output, onload,
-                    tasks, session, selection=selection)
+                    tasks, session, selection=selection, data_fits=data_fits)
 
 
 def evaluate_tasks(cfg: PruneConfig, prep: Prepared, executor: Executor) -> dict[str, Any]:
@@ -211,10 +213,12 @@ def build_executor(cfg: PruneConfig, prep: Prepared) -> Executor:
         cfg = replace(cfg, engine=replace(cfg.engine, onload=prep.onload))
     if prep.output is not None:  # the resolved output (onloading spills beside it)
         cfg = replace(cfg, output=replace(cfg.output, dir=str(prep.output.path)))
-    return EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
-                                              num_blocks=prep.shape.num_blocks,
-                                              devices=devices, dtype=dtype_name,
-                                              session=prep.session)
+    executor = EXECUTORS.get(cfg.engine.executor)(cfg, source=prep.source,
+                                                  num_blocks=prep.shape.num_blocks,
+                                                  devices=devices, dtype=dtype_name,
+                                                  session=prep.session)
+    executor.data_fits = prep.data_fits  # engine.parallel=auto: data mode only where it fits
+    return executor
 
 
 def evaluate(executor: Executor, evals: dict[str, Any]) -> dict[str, float]:

@@ -114,9 +114,12 @@ def recovery_settings(steps: str, opts: list[str]) -> tuple[tuple[str, ...], dic
     return names, options
 
 
-def time_prediction(args: argparse.Namespace) -> dict:
+def time_prediction(args: argparse.Namespace, fitting: list[str] | None = None,
+                    refusal: str | None = None, runnable: list[str] | None = None) -> dict:
     """Predicted seconds per phase (neuroal.planning.walltime) for the flags; ``--parallel auto``
-    predicts both modes and picks the faster."""
+    predicts both modes and picks the faster among those that can run (``runnable``) and whose
+    memory fits (``fitting``, from the memory summary; none fitting: the faster runnable one),
+    saying so when memory ruled data mode out (``refusal``)."""
     device = args.device_class or {"cpu": "cpu", "cuda": "h100"}[args.device_type]
     tp = throughput(device)
     workload = Workload.from_layout(layout_of(args.model))
@@ -131,12 +134,18 @@ def time_prediction(args: argparse.Namespace) -> dict:
         eval_windows=args.eval_windows, eval_seqlen=args.eval_seqlen or args.seqlen)
     modes = MODES if args.parallel == "auto" else (args.parallel,)
     seconds = {m: predict(workload, replace(base, mode=m), tp) for m in modes}
-    chosen = min(modes, key=lambda m: (seconds[m]["total"], MODES.index(m)))
+    can = [m for m in modes if runnable is None or m in runnable] or list(modes)
+    allowed = [m for m in can if fitting is None or m in fitting] or can
+    chosen = min(allowed, key=lambda m: (seconds[m]["total"], MODES.index(m)))
     text = format_prediction(seconds[chosen], replace(base, mode=chosen), tp)
     if len(modes) > 1:
         other = next(m for m in modes if m != chosen)
+        why = ""
+        if other not in allowed:
+            why = (", but it does not fit the memory" if other != "data" or refusal
+                   else ", but it needs two or more workers")
         text += (f"\n  (engine.parallel=auto chose {chosen}; {other}: "
-                 f"{seconds[other]['total'] / 60:.1f} min in total)")
+                 f"{seconds[other]['total'] / 60:.1f} min in total{why})")
     return {"device_class": device, "mode": chosen, "seconds": seconds, "text": text,
             "provenance": dict(tp.provenance)}
 
@@ -208,11 +217,19 @@ def main(argv: list[str] | None = None) -> int:
         search_samples=args.search_samples, reference_stream=args.reference_stream,
         offload_activations=args.offload_activations, device_type=args.device_type,
         eval_seqlen=args.eval_seqlen, recover=steps, recover_options=options,
-        onload=args.onload, prefetch=not args.no_prefetch)
+        onload=args.onload, prefetch=not args.no_prefetch, parallel=args.parallel,
+        eval_windows=args.eval_windows or None)
     try:
-        host = parse_bytes(args.host_memory) if args.host_memory else None
-        summary = summarize(args.model, request, parse_bytes(args.gpu_memory), host)
-        summary["time"] = time_prediction(args)
+        host, limit = (parse_bytes(args.host_memory) if args.host_memory else None,
+                       parse_bytes(args.gpu_memory))
+        summary = summarize(args.model, request, limit, host)
+        fitting = summary["parallel_fits"] if args.parallel == "auto" else None
+        summary["time"] = time_prediction(args, fitting, summary["data_refusal"],
+                                          summary["parallel_runnable"])
+        chosen = summary["time"]["mode"]
+        if args.parallel == "auto" and chosen != summary["parallel"]:  # the faster that fits
+            summary = {**summarize(args.model, replace(request, parallel=chosen), limit, host),
+                       "data_refusal": summary["data_refusal"], "time": summary["time"]}
     except (ValueError, KeyError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -63,16 +63,18 @@ Slices = Sequence[tuple[int, int]]
 """Each rank's owned blocks ``[a, b)``, in rank order."""
 
 
-def pass_mode(requested: str, worker: Worker, workers: int, sequences: int | None) -> str:
+def pass_mode(requested: str, worker: Worker, workers: int, sequences: int | None,
+              fits: bool = True) -> str:
     """The mode a pass over ``sequences`` sequences (None: a data-free pass over the weights)
     runs in: ``engine.parallel`` resolved as for the final prune
     (:func:`~neuroal.engine.data_parallel.resolve_parallel`), except that a pass of one
-    micro-batch runs as in pipeline mode (no second share to give out).
+    micro-batch runs as in pipeline mode (no second share to give out). ``fits``: the memory
+    planner's verdict on data mode (``auto`` keeps to pipeline mode where it does not fit).
 
     Raises:
         ValueError: An unknown mode.
     """
-    mode = resolve_parallel(requested, workers)
+    mode = resolve_parallel(requested, workers, fits=fits)
     several = sequences is None or sequences > worker.spec.micro_batch
     return "data" if mode == "data" and several else "pipeline"
 

@@ -64,6 +64,8 @@ class DistExecutor:
             slice); each rank fills in its slice and its own device.
     """
 
+    data_fits: bool = True  # the memory plan's verdict on data mode (engine.parallel=auto)
+
     def __init__(self, stage: RankStage, template: WorkerSpec, parallel: str = "auto") -> None:
         self.stage = stage
         self._requested = parallel
@@ -102,7 +104,8 @@ class DistExecutor:
 
     def _data_pass(self, sequences: int | None) -> bool:
         """Whether a pass over ``sequences`` sequences runs data-parallel (:func:`pass_mode`)."""
-        return pass_mode(self._requested, self.stage.w, self.world, sequences) == "data"
+        return pass_mode(self._requested, self.stage.w, self.world, sequences,
+                         self.data_fits) == "data"
 
     def _per_rank(self, values: Sequence[Any]) -> list[dict[int, Any]]:
         """``values[b]`` split into one ``{b: value}`` dict per rank."""
@@ -126,7 +129,7 @@ class DistExecutor:
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
         """Prune every slice in order; ``ids`` ``(N, T)`` are the calibration windows."""
-        self.parallel = prune_mode(self._requested, self.stage.w, self.world, job)
+        self.parallel = prune_mode(self._requested, self.stage.w, self.world, job, self.data_fits)
         if self.parallel == "data":
             every = [plan.block(b) for b in range(self._num_blocks)]
             with self.meter("prune"):

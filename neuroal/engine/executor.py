@@ -125,6 +125,8 @@ def prefix_blocks(per_block: Mapping[int, BlockAlignment], num_blocks: int) -> l
 class Executor(Protocol):
     """What the pipeline needs from an executor."""
 
+    data_fits: bool  # the memory plan's verdict on data mode, set before the final prune
+
     def num_blocks(self) -> int: ...
 
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
@@ -186,6 +188,8 @@ class LocalExecutor:
         spill_dir: Onloading ``disk``'s spill folder (None: the system temp folder).
     """
 
+    data_fits: bool = True  # the memory plan's verdict on data mode (engine.parallel=auto)
+
     def __init__(self, source: ModelSource, num_blocks: int, workers: int,
                  devices: Sequence[str], dtype: str, micro_batch: int,
                  offload_activations: bool = False, trust_remote_code: bool = False, *,
@@ -214,13 +218,15 @@ class LocalExecutor:
     def _data_pass(self, sequences: int | None) -> bool:
         """Whether a pass over ``sequences`` sequences (None: a data-free pass) runs
         data-parallel (:func:`pass_mode`)."""
-        return pass_mode(self._requested, self.workers[0], len(self.workers), sequences) == "data"
+        return pass_mode(self._requested, self.workers[0], len(self.workers), sequences,
+                         self.data_fits) == "data"
 
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
         """Embed the calibration windows ``(N, T)`` and prune every slice in order."""
         reports: list[BlockReport] = []
-        self.parallel = prune_mode(self._requested, self.workers[0], len(self.workers), job)
+        self.parallel = prune_mode(self._requested, self.workers[0], len(self.workers), job,
+                                   self.data_fits)
         if self.parallel == "data":
             with self.meter("prune"):
                 return prune_in_threads(self.workers, [plan.block(b) for b in

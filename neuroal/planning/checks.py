@@ -6,6 +6,7 @@ worst worker's peak, its components, the limit and what to change.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from neuroal.allocation import ALLOCATIONS
@@ -13,7 +14,14 @@ from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
 from neuroal.planning.layout import ModelLayout
 from neuroal.planning.memory import COMPONENTS, DTYPE_BYTES, GB, MemoryRequest, WorkerMemory
-from neuroal.planning.plan import MemoryPlan, choose_onload, min_workers, per_worker_limits
+from neuroal.planning.plan import (
+    MemoryPlan,
+    choose_onload,
+    choose_parallel,
+    min_workers,
+    per_worker_limits,
+    plan_fits,
+)
 from neuroal.recovery import RECOVERY_STEPS
 
 
@@ -38,7 +46,9 @@ def request_from_config(cfg: Any, dtype: str, device_type: str) -> MemoryRequest
         recover_options={(RECOVERY_STEPS.canonical(k) if k in RECOVERY_STEPS else k): dict(v)
                          for k, v in cfg.recover.options.items()},
         onload=str(getattr(cfg.engine, "onload", "device")),
-        prefetch=bool(getattr(cfg.engine, "prefetch", True)))
+        prefetch=bool(getattr(cfg.engine, "prefetch", True)),
+        parallel=str(getattr(cfg.engine, "parallel", "pipeline")),
+        eval_windows=cfg.eval.max_windows if evaluates else None)
 
 
 def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[int], *,
@@ -61,16 +71,23 @@ def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[
 
     Returns:
         The plan, when every worker fits; under ``engine.onload: auto`` its request carries
-        the chosen mode.
+        the chosen mode, under ``engine.parallel: auto`` the final prune's mode (data mode
+        when it can run and fits, :func:`~neuroal.planning.plan.choose_parallel`).
 
     Raises:
         MemoryBudgetError: Naming the request, the worst worker's predicted peak and its
-            components, the limit and the smallest worker count that would fit.
+            components, the limit and the smallest worker count that would fit; for
+            ``engine.parallel: data``, data mode's worst worker and its fixes
+            (:func:`data_refusal`).
     """
     run_dtype = dtype or (cfg.model.dtype if cfg.model.dtype != "auto" else "bfloat16")
     request = request_from_config(cfg, run_dtype, device_type)
     layout = layout or ModelLayout.from_config(model_config, cfg.model.name)
-    plan = choose_onload(layout, request, device_memory_bytes, host_limit)
+    if request.parallel == "data":
+        refusal = data_refusal(cfg.model.name, layout, request, device_memory_bytes, host_limit)
+        if refusal is not None:
+            raise MemoryBudgetError(refusal)
+    plan = choose_parallel(layout, request, device_memory_bytes, host_limit)
     over = plan.over(device_memory_bytes, retrain_limit)
     if not over and host_limit is not None and plan.host_total > host_limit:
         raise MemoryBudgetError(
@@ -88,6 +105,41 @@ def check_fits(cfg: Any, model_config: Any, device_memory_bytes: int | Sequence[
     worst = max(over, key=lambda w: w.total)
     raise MemoryBudgetError(_refusal(cfg.model.name, plan, worst, limit,
                                      min_workers(layout, request, limit)))
+
+
+def data_refusal(model: str, layout: ModelLayout, request: MemoryRequest,
+                 limit: int | Sequence[int], host_limit: int | None = None) -> str | None:
+    """Why ``engine.parallel=data`` cannot run ``request`` in ``limit`` bytes per worker (None:
+    it fits): data mode's worst worker against the limit (in the onload mode that comes
+    closest under ``engine.onload: auto``), and what would fit instead: pipeline mode, more
+    workers, a smaller micro-batch, onloading."""
+    data = replace(request, parallel="data")
+    plan = choose_onload(layout, data, limit, host_limit)
+    if plan_fits(plan, limit, host_limit):
+        return None
+    limits = per_worker_limits(limit, len(plan.workers))
+    worst, cap = max(zip(plan.workers, limits, strict=True), key=lambda p: p[0].total - p[1])
+    pipeline = choose_onload(layout, replace(request, parallel="pipeline"), limit, host_limit)
+    fixes = ["engine.parallel=pipeline (" + (
+        f"fits: peak {pipeline.peak / GB:.1f} GB per worker)" if plan_fits(
+            pipeline, limit, host_limit) else "does not fit either)")]
+    more = min_workers(layout, data, min(limits), host_limit)
+    if more is not None and more != request.workers:
+        fixes.append(f"another worker count (engine.workers={more} is the smallest that fits "
+                     "in data mode)")
+    if request.micro_batch > 1:
+        fixes.append(f"a smaller engine.micro_batch (now {request.micro_batch})")
+    if request.onload == "device":
+        fixes.append("engine.onload=host or disk (blocks off the device)")
+    if worst.total <= cap:  # the device fits, the host does not
+        need = (f"all workers need {plan.host_total / GB:.1f} GB of host memory (onloaded "
+                f"blocks, offloaded streams), the host limit is {(host_limit or 0) / GB:.1f} GB")
+    else:
+        need = (f"worker {worst.rank} needs {worst.total / GB:.1f} GB ({worst.describe()}), "
+                f"the limit is {cap / GB:.1f} GB per worker")
+    return (f"model {model!r} does not fit with engine.parallel=data ({data.describe()}): "
+            f"{need}. In data mode every worker also hosts a guest block and the statistics "
+            "of the linears it solves. Use " + "; or ".join(fixes) + ". Nothing was loaded.")
 
 
 def _retrain_refusal(model: str, row: WorkerMemory, limit: int) -> str:

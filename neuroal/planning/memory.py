@@ -3,7 +3,8 @@
 The planner reads parameter counts from a ``meta`` skeleton (no weights;
 :mod:`neuroal.planning.layout`) and predicts, for a given number of workers, run dtype ``b``
 bytes, ``N`` calibration windows of ``T`` tokens and a micro-batch ``mb``, what each worker
-holds at its peak. Every term mirrors what the engine
+holds at its peak in pipeline mode (``engine.parallel=pipeline``; data mode's final prune is
+modelled in :mod:`neuroal.planning.data_mode`). Every term mirrors what the engine
 allocates (``engine/worker.py``, ``capture.py``, ``criteria/``, ``masking.py``):
 
 * **weights**: every owned parameter in the run dtype: the blocks ``[a, b)``, the modules every
@@ -125,6 +126,9 @@ class MemoryRequest:
 
     ``eval_seqlen`` is the perplexity window length (``None``: no evaluation);
     ``search_samples`` and ``reference_stream`` matter for search policies (NeuroAL).
+    ``parallel`` is the final prune's mode: ``pipeline`` (this module), ``data``
+    (:mod:`neuroal.planning.data_mode`) or ``auto`` (:func:`~neuroal.planning.plan.choose_parallel`);
+    ``eval_windows`` sizes data mode's share of the evaluation windows (``None``: unknown).
     """
 
     workers: int = 1
@@ -143,6 +147,8 @@ class MemoryRequest:
     recover_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     onload: str = "device"  # device | host | disk | auto (resolved by choose_onload)
     prefetch: bool = True
+    parallel: str = "pipeline"  # engine.parallel: pipeline | data | auto (choose_parallel)
+    eval_windows: int | None = None  # perplexity windows per pass (data mode's share of them)
 
     def describe(self) -> str:
         """One line naming every setting, for messages."""
@@ -151,7 +157,8 @@ class MemoryRequest:
                 f"{self.criterion}, allocation {self.allocation}"
                 + (", activations offloaded" if self.offload_activations else "")
                 + (f", recovery {' -> '.join(self.recover)}" if self.recover else "")
-                + (f", onload {self.onload}" if self.onload != "device" else ""))
+                + (f", onload {self.onload}" if self.onload != "device" else "")
+                + (f", engine.parallel={self.parallel}" if self.parallel != "pipeline" else ""))
 
 
 COMPONENTS = ("weights", "activations", "statistics", "transients", "masked_block", "overhead")
@@ -231,8 +238,9 @@ def _mask_transient(linears: Mapping[str, tuple[int, int]], hessian: bool,
 
 
 def _forward_transient(linears: Mapping[str, tuple[int, int]], request: MemoryRequest,
-                       needs: frozenset[str]) -> int:
-    """One micro-batch through a block, with the hooks' fp32 input copies and Hessian update."""
+                       needs: frozenset[str], squares: int = HESSIAN_UPDATE_SQUARES) -> int:
+    """One micro-batch through a block, with the hooks' fp32 input copies and ``squares`` batch
+    Hessians being folded (0 where the batch sum is kept as a statistic: data mode)."""
     b = DTYPE_BYTES[request.dtype]
     tokens = min(request.micro_batch, request.nsamples) * request.seqlen
     widest = max(max(r, c) for r, c in linears.values())
@@ -242,7 +250,7 @@ def _forward_transient(linears: Mapping[str, tuple[int, int]], request: MemoryRe
     hook = tokens * widest * (b + (HOOK_FP32_BYTES if b < 4 else 0))
     if STAT_HESSIAN in needs:
         cols = max(c for _, c in linears.values())
-        hook += HESSIAN_UPDATE_SQUARES * 4 * cols * cols
+        hook += squares * 4 * cols * cols
     return max(forward, hook)
 
 

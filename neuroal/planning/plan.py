@@ -1,6 +1,7 @@
 """The memory plan: every worker's predicted peak for one model and request, and the searches
-over it: the onload mode that fits (:func:`choose_onload`), the fewest workers
-(:func:`min_workers`) and the largest known model that fits (:func:`largest_fit`).
+over it: the final prune's mode (:func:`choose_parallel`) and onload mode (:func:`choose_onload`)
+that fit, the fewest workers (:func:`min_workers`) and the largest known model that fits
+(:func:`largest_fit`).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from neuroal.engine.data_parallel import PARALLEL_CHOICES, resolve_parallel
 from neuroal.engine.executor import split_blocks
 from neuroal.models.known import KNOWN
+from neuroal.planning.data_mode import data_prune_phase
 from neuroal.planning.layout import ModelLayout, layout_of
 from neuroal.planning.memory import (
     COMPONENTS,
@@ -58,7 +61,9 @@ class MemoryPlan:
     def one_process(self) -> int:
         """Bytes when every worker lives in one process (the local executor on one device):
         all weights, the largest working set of any worker (they run one after another; the
-        stream is handed over, not copied) and one runtime overhead."""
+        stream is handed over, not copied) and one runtime overhead. Pipeline mode's figure: in
+        data mode the in-process workers run at once (their working sets add up) and a guest
+        block on the owner's device is the owner's tensors, not a copy."""
         working = max(w.activations + w.statistics + w.transients + w.masked_block
                       for w in self.workers)
         return sum(w.weights for w in self.workers) + working + self.workers[0].overhead
@@ -129,13 +134,15 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
     Args:
         model: A known alias (``llama-2-70b``), a model path or hub id, a ``PretrainedConfig``
             or a :class:`ModelLayout`.
-        request: Workers, dtype, calibration size, micro-batch, criterion and allocation.
+        request: Workers, dtype, calibration size, micro-batch, criterion, allocation and the
+            final prune's mode (``parallel``: data mode's prune phase replaces pipeline
+            mode's, :mod:`neuroal.planning.data_mode`).
 
     Returns:
         One :class:`WorkerMemory` per worker, in slice order.
 
     Raises:
-        ValueError: Unknown dtype, or more workers than blocks.
+        ValueError: Unknown dtype, onload or parallel mode, or more workers than blocks.
     """
     if request.dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype {request.dtype!r}: expected one of {', '.join(DTYPE_BYTES)}")
@@ -144,14 +151,48 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
     if request.onload not in ONLOAD_MODES:
         raise ValueError(f"onload {request.onload!r}: expected one of auto, "
                          f"{', '.join(ONLOAD_MODES)}")
+    if request.parallel not in PARALLEL_CHOICES:
+        raise ValueError(f"parallel {request.parallel!r}: expected one of "
+                         f"{', '.join(PARALLEL_CHOICES)}")
     layout = layout_of(model)
+    if request.parallel == "auto":  # no budget to choose by: data mode wherever it can run
+        request = replace(request, parallel="data" if data_possible(layout, request)
+                          else "pipeline")
     slices = split_blocks(layout.num_blocks, request.workers)
-    workers = tuple(max({**worker_phases(layout, request, r, a, b),
-                         **recovery_phases(layout, request, r, a, b)}.values(),
-                        key=lambda w: w.total)
+
+    def phases(rank: int, start: int, stop: int) -> dict[str, WorkerMemory]:
+        out = {**worker_phases(layout, request, rank, start, stop),
+               **recovery_phases(layout, request, rank, start, stop)}
+        if request.parallel == "data":
+            out["prune"] = data_prune_phase(layout, request, slices, rank)
+        return out
+
+    workers = tuple(max(phases(r, a, b).values(), key=lambda w: w.total)
                     for r, (a, b) in enumerate(slices))
     return MemoryPlan(layout.name, layout.params, layout.num_blocks, request, workers,
                       retrain_memory(layout, request))
+
+
+def data_possible(layout: ModelLayout, request: MemoryRequest) -> bool:
+    """Whether ``engine.parallel=auto`` may pick data mode at all, memory apart: several
+    workers (the engine's own rule, :func:`~neuroal.engine.data_parallel.resolve_parallel`;
+    neither the model nor the recovery steps rule it out)."""
+    return resolve_parallel("auto", request.workers) == "data"
+
+
+def choose_parallel(model: str | ModelLayout | Any, request: MemoryRequest,
+                    limit: int | Sequence[int], host_limit: int | None = None) -> MemoryPlan:
+    """The plan of ``request.parallel``, or under ``auto`` data mode's when it can run
+    (:func:`data_possible`) and fits (in the onload mode :func:`choose_onload` picks for it),
+    else pipeline mode's: the rule ``engine.parallel=auto`` follows at run time."""
+    layout = layout_of(model)
+    if request.parallel != "auto":
+        return choose_onload(layout, request, limit, host_limit)
+    if data_possible(layout, request):
+        plan = choose_onload(layout, replace(request, parallel="data"), limit, host_limit)
+        if plan_fits(plan, limit, host_limit):
+            return plan
+    return choose_onload(layout, replace(request, parallel="pipeline"), limit, host_limit)
 
 
 def choose_onload(model: str | ModelLayout | Any, request: MemoryRequest,
@@ -185,7 +226,7 @@ def min_workers(model: str | ModelLayout | Any, request: MemoryRequest, limit: i
     """The smallest worker count whose every worker fits in ``limit`` bytes (``None``: none)."""
     layout = layout_of(model)
     for workers in range(1, layout.num_blocks + 1):
-        plan = choose_onload(layout, replace(request, workers=workers), limit, host_limit)
+        plan = choose_parallel(layout, replace(request, workers=workers), limit, host_limit)
         if plan_fits(plan, limit, host_limit):
             return workers
     return None
@@ -207,7 +248,7 @@ def largest_fit(request: MemoryRequest, limit: int,
         layout = layout_of(alias)
         if layout.num_blocks < request.workers:
             continue
-        plan = choose_onload(layout, request, limit)
+        plan = choose_parallel(layout, request, limit)
         if plan.fits(limit) and (best is None or plan.params > best.params):
             best = plan
     return best

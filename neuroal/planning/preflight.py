@@ -4,8 +4,9 @@ devices' free memory and disk.
 What lives here: N:M divisibility and worker count (:func:`check_shape`), the layer selection
 and the target of the pruned linears (:func:`check_selection`, :func:`plan_target`), window
 lengths against the model's positions (:func:`check_positions`), PERP against
-mixture-of-experts models (:func:`check_experts`), the memory plan (:func:`check_memory`,
-which also resolves ``engine.onload: auto``) and the bytes the run still writes
+mixture-of-experts models (:func:`check_experts`), the memory plan (:func:`memory_choice`,
+which also resolves ``engine.onload: auto`` and says whether data mode fits;
+:func:`check_memory` for the onload mode alone) and the bytes the run still writes
 (:func:`disk_needs`). Each refusal names the value, what was expected and how to fix it.
 
 What it may import: every floor below the pipeline (planning is the highest). The run's config
@@ -14,7 +15,8 @@ arrives as an argument (its type only under ``TYPE_CHECKING``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -31,6 +33,7 @@ from neuroal.outputs.export import OutputDir, export_dtype
 from neuroal.planning.checks import check_fits
 from neuroal.planning.layout import ModelLayout
 from neuroal.planning.memory import parse_bytes
+from neuroal.planning.plan import MemoryPlan, choose_onload, data_possible
 from neuroal.recovery import REFINERS
 from neuroal.recovery.perp import numel, total_parameters
 from neuroal.runtime.errors import ConfigError
@@ -127,11 +130,33 @@ def check_experts(cfg: PruneConfig, adapter: ModelAdapter) -> None:
                            f"({', '.join(REFINERS.names())}) or no recovery"])
 
 
+class MemoryChoice(NamedTuple):
+    """What the memory plan decided for the run (:func:`memory_choice`).
+
+    Attributes:
+        onload: The onload mode to run with (``engine.onload: auto``: the planner's choice).
+        data_fits: Whether data mode's final prune fits the devices (``engine.parallel:
+            auto`` picks data mode only then; True when no budget was known to check).
+    """
+
+    onload: str
+    data_fits: bool = True
+
+
 def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
                  dtype: torch.dtype,
                  budgets: tuple[int | None, int | None] = (None, None)) -> str:
-    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7);
-    returns the onload mode to run with (``engine.onload: auto``: the planner's choice).
+    """:func:`memory_choice`'s onload mode (for callers that run no final prune)."""
+    return memory_choice(cfg, config, adapter, device, dtype, budgets).onload
+
+
+def memory_choice(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: torch.device,
+                  dtype: torch.dtype,
+                  budgets: tuple[int | None, int | None] = (None, None)) -> MemoryChoice:
+    """Refuse before loading when a worker's predicted peak exceeds its memory (engine.md §7),
+    in the final prune's mode: ``engine.parallel: data`` that does not fit is refused
+    (:func:`~neuroal.planning.checks.data_refusal`), ``auto`` learns whether data mode fits;
+    returns the onload mode to run with and that verdict.
 
     Checked when ``engine.memory_limit`` is set (bytes per worker) or the device is CUDA: its
     free memory, shared equally by the workers the local executor places on it; under
@@ -149,18 +174,33 @@ def check_memory(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: t
     elif device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // shared
     else:
-        return resolved_onload(cfg.engine.onload)
+        return MemoryChoice(resolved_onload(cfg.engine.onload))
     # whole-model PERP runs alone after the workers are released: the shared device is its own
+    layout = ModelLayout.from_adapter(adapter, cfg.model.name)
     plan = check_fits(cfg, config, budget, dtype=str(dtype).removeprefix("torch."),
-                      device_type=device.type,
-                      layout=ModelLayout.from_adapter(adapter, cfg.model.name),
+                      device_type=device.type, layout=layout,
                       retrain_limit=budget * shared,
                       host_limit=(host_free if host_free is not None else host_available())
                       if device.type == "cuda" else None)
-    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s%s",
-             plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9, plan.request.onload,
+    log.info("memory plan: peak %.1f GB per worker (worker %d), limit %.1f GB, onload %s, "
+             "%s mode%s", plan.peak / 1e9, plan.peak_worker.rank, budget / 1e9,
+             plan.request.onload, plan.request.parallel,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
-    return plan.request.onload
+    data_fits = cfg.engine.parallel != "auto" or plan.request.parallel == "data"
+    if not data_fits and data_possible(layout, plan.request):
+        log.info("engine.parallel=auto: the final prune runs in pipeline mode; data mode's "
+                 "peak of %.1f GB per worker (a guest block, solver statistics) exceeds the "
+                 "%.1f GB limit", data_peak(layout, plan, cfg.engine.onload, budget) / 1e9,
+                 budget / 1e9)
+    return MemoryChoice(plan.request.onload, data_fits)
+
+
+def data_peak(layout: ModelLayout, plan: MemoryPlan, onload: str, budget: int) -> int:
+    """Data mode's predicted peak per worker for ``plan``'s request with ``engine.onload``
+    ``onload`` (``auto``: the mode chosen for data mode), for the message of a mode ruled
+    out by memory."""
+    request = replace(plan.request, parallel="data", onload=onload)
+    return choose_onload(layout, request, budget).peak
 
 
 def disk_needs(cfg: PruneConfig, adapter: ModelAdapter, config: Any, source: ModelSource,

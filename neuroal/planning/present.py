@@ -5,28 +5,63 @@ and the predicted wall time per phase (:func:`format_prediction`).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from neuroal.planning.checks import statistics_refusal
+from neuroal.planning.checks import data_refusal, statistics_refusal
 from neuroal.planning.layout import ModelLayout, layout_of
 from neuroal.planning.memory import GB, MemoryRequest
-from neuroal.planning.plan import choose_onload, largest_fit, min_workers, plan_fits
+from neuroal.planning.plan import (
+    choose_onload,
+    choose_parallel,
+    data_possible,
+    largest_fit,
+    min_workers,
+    plan_fits,
+)
 from neuroal.planning.walltime import PHASES, Throughput, TimeRequest
+
+
+def runnable_modes(layout: ModelLayout, request: MemoryRequest) -> list[str]:
+    """The final prune's modes ``request`` can run in, memory apart: pipeline, and data mode
+    where the engine allows it (or where it was asked for)."""
+    data = data_possible(layout, request) or request.parallel == "data"
+    return ["pipeline", "data"] if data else ["pipeline"]
+
+
+def fitting_modes(layout: ModelLayout, request: MemoryRequest, limit: int,
+                  host_limit: int | None = None) -> tuple[list[str], str | None]:
+    """The runnable modes (:func:`runnable_modes`) whose every worker fits, and data mode's
+    refusal when memory alone rules it out (None otherwise)."""
+    modes = ["pipeline"] if plan_fits(choose_onload(
+        layout, replace(request, parallel="pipeline"), limit, host_limit), limit, host_limit) else []
+    refusal = None
+    if "data" in runnable_modes(layout, request):
+        refusal = data_refusal(layout.name, layout, request, limit, host_limit)
+        modes += ["data"] if refusal is None else []
+    return modes, refusal
 
 
 def summarize(model: str | ModelLayout | Any, request: MemoryRequest, limit: int,
               host_limit: int | None = None) -> dict[str, Any]:
-    """The plan (``onload: auto``: of the chosen mode), the verdict, the host memory the run
-    needs, the largest known model that fits and the fewest workers."""
+    """The plan (``onload: auto``: of the chosen mode; ``parallel: auto``: data mode where it
+    fits, :func:`~neuroal.planning.plan.choose_parallel`), the verdict, the modes of the final
+    prune that fit (``parallel_fits``) and why data mode does not (``data_refusal``), the host
+    memory the run needs, the largest known model that fits and the fewest workers."""
     layout = layout_of(model)
-    plan = choose_onload(layout, request, limit, host_limit)
+    plan = choose_parallel(layout, request, limit, host_limit)
     largest = largest_fit(request, limit)
     fits = plan_fits(plan, limit, host_limit)
+    modes, refusal = fitting_modes(layout, request, limit, host_limit)
     return {
         "plan": plan.to_dict(),
         "limit_bytes": limit,
         "host_limit_bytes": host_limit,
         "onload": plan.request.onload,
+        "parallel": plan.request.parallel,
+        "parallel_runnable": runnable_modes(layout, request),
+        "parallel_fits": modes,
+        "data_refusal": refusal if request.parallel != "pipeline" else None,
         "fits": fits,
         "min_workers": min_workers(layout, request, limit, host_limit),
         "statistics_refusal": statistics_refusal(plan, limit),
@@ -47,7 +82,11 @@ def format_summary(summary: Mapping[str, Any]) -> str:
              "", summary["table"], ""]
     verdict = "fits" if summary["fits"] else "does NOT fit"
     lines.append(f"verdict: {verdict}: peak {peak / GB:.2f} GB per worker vs {limit / GB:.2f} GB "
-                 f"({(limit - peak) / GB:+.2f} GB to spare) with engine.onload={req['onload']}")
+                 f"({(limit - peak) / GB:+.2f} GB to spare) with engine.onload={req['onload']}"
+                 f", engine.parallel={req.get('parallel', 'pipeline')}")
+    if summary.get("data_refusal"):
+        label = "why" if req.get("parallel") == "data" else "data mode ruled out by memory"
+        lines.append(f"{label}: {summary['data_refusal']}")
     host_peak, host_total = plan.get("host_peak_bytes", 0), plan.get("host_total_bytes", 0)
     if host_total:
         host_limit = summary.get("host_limit_bytes")

@@ -53,10 +53,11 @@ Program = Callable[..., Any]
 """A data-parallel program run inside an actor: ``program(worker, comm, *args)``."""
 
 
-def _pass_mode(worker: Worker, requested: str, workers: int, sequences: int | None) -> str:
-    """Inside an actor: :func:`~neuroal.engine.data_passes.pass_mode` (which reads the model's
-    blocks), so the Ray executor decides a pass as the local and dist executors do."""
-    return pass_mode(requested, worker, workers, sequences)
+def _pass_mode(worker: Worker, requested: str, workers: int, sequences: int | None,
+               fits: bool) -> str:
+    """Inside an actor: :func:`~neuroal.engine.data_passes.pass_mode` (which reads the worker's
+    micro-batch), so the Ray executor decides a pass as the local and dist executors do."""
+    return pass_mode(requested, worker, workers, sequences, fits)
 
 
 def _device_key(worker: Worker) -> str | None:
@@ -178,11 +179,12 @@ class DataParallel:
     _requested: str
     _num_blocks: int
     _failed: str
+    data_fits: bool = True  # the memory plan's verdict on data mode (set by the pipeline)
 
     def _prune_mode(self, job: PruneJob) -> str:
         """:func:`~neuroal.engine.data_parallel.resolve_parallel`, as the other executors decide
         it (neither the model nor the job rules data mode out)."""
-        return resolve_parallel(self._requested, len(self.workers))
+        return resolve_parallel(self._requested, len(self.workers), fits=self.data_fits)
 
     def _data_pass(self, sequences: int) -> bool:
         """Whether a dense pass over ``sequences`` sequences (the dense statistics, a search's
@@ -200,7 +202,7 @@ class DataParallel:
         """
         mode = self._retrying(lambda: self._get(
             self.workers[0].__ray_call__.remote(_pass_mode, self._requested,
-                                                len(self.workers), sequences),
+                                                len(self.workers), sequences, self.data_fits),
             "reading the model's blocks"))
         return mode == "data"
 
