@@ -19,8 +19,8 @@ Against pipeline mode (:func:`neuroal.planning.memory.prune_steps`) a data-mode 
   linears it *solves* (:func:`~neuroal.engine.data_parallel.assign_solvers` by solve cost, the
   engine's own rule over the layout's shapes), one per linear, unshared, since each solver
   folds its own copy; and one received micro-batch's sums of one linear at a time: the solver
-  folds each micro-batch it receives before the next arrives (the engine is moving to fold on
-  receipt; the model assumes it). Freed before the pruned forward.
+  folds each micro-batch it receives before the next arrives
+  (:func:`~neuroal.engine.data_parallel.fold_received`). Freed before the pruned forward.
 * **transients**: the micro-batch forward with recording hooks (the batch Hessian is the
   recorded sum itself, counted in statistics, not a transient), the mask selection or
   SparseGPT solve of the largest linear this worker solves (none when it solves nothing in a
