@@ -92,14 +92,12 @@ def _median(repeats: int, fn: Any, *args: Any, **kwargs: Any) -> tuple[float, An
     return statistics.median(t for t, _ in runs), runs[-1][1]
 
 
-def _column_seconds(cols: int = 4096, rows: int = 8) -> float:
-    """SparseGPT on a ``(rows, cols)`` weight, whose flops are negligible: the per-column cost
-    of its loop (seconds per column)."""
+def _thin_stats(cols: int, rows: int = 8) -> tuple[Any, Any]:
+    """A ``(rows, cols)`` weight and its SparseGPT statistics on random inputs."""
     import torch
 
     from neuroal.capture.collector import StatsCollector
     from neuroal.criteria import CRITERIA
-    from neuroal.criteria.base import LayerTarget
 
     torch.manual_seed(0)
     linear = torch.nn.Linear(cols, rows, bias=False)
@@ -108,11 +106,36 @@ def _column_seconds(cols: int = 4096, rows: int = 8) -> float:
         collector.begin_batch(1)
         linear(torch.randn(1, 2 * cols, cols))
         collector.end_batch()
-    stats = collector.stats()["x"]
+    return linear.weight.data, collector.stats()["x"]
+
+
+def _solve_fit(cases: list[tuple[Any, Any]], repeats: int) -> tuple[float, float, int]:
+    """SparseGPT's two constants from timed solves: each case ``(weight (rows, cols), its
+    statistics)`` is pruned (a copy, the median of ``repeats``) and ``seconds = flops /
+    solve_flops + cols * solve_column_s`` with ``flops = rows cols^2 + cols^3`` is fitted by
+    least squares. Returns ``(solve_flops, solve_column_s, cases)``."""
+    import torch
+
+    from neuroal.criteria import CRITERIA
+    from neuroal.criteria.base import LayerTarget
+
     criterion = CRITERIA.get("sparsegpt")
-    seconds, _ = _timed(criterion.prune, linear.weight.data, stats, LayerTarget(ratio=0.5),
-                        dict(criterion.defaults))
-    return seconds / cols
+    rows_x, times = [], []
+    for weight, stats in cases:
+        r, c = weight.shape
+        seconds, _ = _median(repeats, lambda w=weight, st=stats: criterion.prune(
+            w.clone(), st, LayerTarget(ratio=0.6), dict(criterion.defaults)))
+        rows_x.append([float(r * c * c + c ** 3), float(c)])
+        times.append(seconds)
+    x = torch.tensor(rows_x, dtype=torch.float64)
+    y = torch.tensor(times, dtype=torch.float64)
+    scale = x.abs().max(dim=0).values  # conditioned columns
+    coef = torch.linalg.lstsq(x / scale, y.unsqueeze(1)).solution.squeeze(1) / scale
+    per_flop, per_column = float(coef[0]), float(coef[1])
+    if per_flop <= 0 or per_column < 0:
+        raise SystemExit(f"SparseGPT fit failed (seconds per flop {per_flop:.3g}, per column "
+                         f"{per_column:.3g}): rerun on an idle machine")
+    return 1.0 / per_flop, per_column, len(cases)
 
 
 def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
@@ -145,20 +168,22 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
                                         .manual_seed(0)))
     blocks = list(range(opts.blocks))
     reps = opts.repeats
-    fwd = stats_w = stats_h = select = solve = 0.0
+    fwd = stats_w = stats_h = select = 0.0
+    st_by_block: dict[int, Any] = {}
     for i in blocks:
         fwd += _median(reps, worker.forward_blocks, stream, [i])[0]
         dt, (st_w, order_w) = _median(reps, worker.collect_stats, i, stream, PruneJob("wanda"))
         stats_w += dt
         dt, (st_h, order_h) = _median(reps, worker.collect_stats, i, stream, PruneJob("sparsegpt"))
         stats_h += dt
+        st_by_block[i] = st_h
         entries = {name: 0.6 for name in order_w}
         select += _median(reps, worker.prune_block, i, st_w, entries, PruneJob("wanda"),
                           order_w)[0]
-        # SparseGPT on the same block after Wanda: the solve's cost does not depend on values
-        solve += _median(reps, worker.prune_block, i, st_h, entries, PruneJob("sparsegpt"),
-                         order_h)[0]
-    column_s = _column_seconds()
+    cases = [(lin.weight.data, st_by_block[i][name]) for i in blocks
+             for name, lin in worker.adapter.prunable_linears(worker.adapter.blocks[i]).items()]
+    cases += [_thin_stats(cols) for cols in (1024, 2048)]
+    solve_flops, column_s, solve_cases = _solve_fit(cases, reps)
     with tempfile.TemporaryDirectory(prefix="neuroal-plan-time-") as tmp:
         write_s, files = _timed(worker.write_shards, tmp, "float32", 2 * 10 ** 9)
     written = sum(f["bytes"] for f in files)
@@ -170,8 +195,6 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
     elems = sum(tokens * sum(cols) for cols in inputs)
     hflops = sum(2 * tokens * sum(c * c for c in cols) for cols in inputs)
     weights = sum(r * c for b in linears for r, c in b)
-    sflops = sum(r * c * c + c ** 3 for b in linears for r, c in b)
-    columns = sum(c for b in linears for _, c in b)
     floor = 0.05  # a statistics term below 5 % of the forward is noise: clamp there
     entry = {
         "description": f"this project's shared {os.cpu_count()}-core CPU, fp32, "
@@ -180,7 +203,7 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
         "stats_elems": elems / max(stats_w - fwd, floor * fwd),
         "hessian_flops": hflops / max(stats_h - fwd, floor * fwd),
         "select_weights": weights / select,
-        "solve_flops": sflops / max(solve - columns * column_s, 0.05 * solve),
+        "solve_flops": solve_flops,
         "solve_column_s": column_s,
         "load_bytes": w.params * DTYPE_BYTES["float32"] / load_s,
         "export_bytes": written / write_s,
@@ -199,8 +222,11 @@ def calibrate(opts: argparse.Namespace) -> dict[str, Any]:
         "stats_elems": "Wanda statistics forward minus the plain forward",
         "hessian_flops": "SparseGPT statistics forward (Hessians) minus the plain forward",
         "select_weights": "Worker.prune_block with Wanda on the same blocks",
-        "solve_flops": "Worker.prune_block with SparseGPT, minus the per-column term",
-        "solve_column_s": "SparseGPT on a thin 8 x 4096 matrix (flops negligible)",
+        "solve_flops": f"least-squares fit of seconds = (rows cols^2 + cols^3) / solve_flops "
+                       f"+ cols solve_column_s to {solve_cases} timed SparseGPT solves (every "
+                       "linear of the blocks above, after Wanda, and thin 8 x 1024, 8 x 2048 "
+                       "matrices)",
+        "solve_column_s": "the same fit (the per-column loop's fixed cost)",
         "load_bytes": f"LocalExecutor load of SmolLM2 (GGUF, dequantised to fp32): "
                       f"{load_s:.1f} s for {w.params * 4 / 1e9:.2f} GB",
         "export_bytes": f"Worker.write_shards, {written / 1e9:.2f} GB in {write_s:.1f} s",
