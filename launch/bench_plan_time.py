@@ -335,13 +335,17 @@ def write_gpu_entries() -> dict[str, Any]:
 def run_config(label: str, config: str, overrides: list[str], out_root: Path,
                reuse: bool) -> dict[str, Any]:
     """One ``launch/prune.py`` process (export included unless the overrides turn it off);
-    returns its report with the command and wall seconds."""
+    returns its report with the command and wall seconds (kept in ``<label>.bench.json`` beside
+    the run's folder: a run's own files are never edited, so the next run may replace them)."""
     out = out_root / label
     cmd = [sys.executable, str(REPO / "launch" / "prune.py"), "--config", config, "--overwrite",
            "--output", str(out), *overrides]
     command = " ".join(["python", "launch/prune.py", *cmd[2:]])
+    facts = out_root / f"{label}.bench.json"  # beside the run: its folder stays neuroal's own
     if reuse and (out / "report.json").is_file():
         report = json.loads((out / "report.json").read_text())
+        if facts.is_file():
+            report.update(json.loads(facts.read_text()))
         report.setdefault("bench_command", command)
         return report
     load0 = loadavg()
@@ -355,9 +359,10 @@ def run_config(label: str, config: str, overrides: list[str], out_root: Path,
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"run {label} failed ({proc.returncode}): {command}")
     report = json.loads((out / "report.json").read_text())
-    report.update(bench_wall_seconds=wall, bench_command=command,
-                  bench_loadavg=[load0, loadavg()], bench_cpu_seconds=cpu_s)
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    bench = {"bench_wall_seconds": wall, "bench_command": command,
+             "bench_loadavg": [load0, loadavg()], "bench_cpu_seconds": cpu_s}
+    facts.write_text(json.dumps(bench, indent=1))
+    report.update(bench)
     return report
 
 

@@ -10,8 +10,9 @@ Two timings, all in one run and on one Ray instance:
   returns a tensor it holds, actor B receives it and answers with its byte count. Median wall
   time of ``--repeat`` hops, beside an in-process copy of the same tensor (``clone``).
 * **prune**: a whole 2-actor Wanda prune of SmolLM2-135M (fp32, CPU, uniform 50 %) per
-  transport, each a ``launch/prune.py`` process; the final prune's seconds and the pruned
-  perplexity, which must be equal for every transport (the transfers are lossless).
+  transport, in pipeline mode (the mode whose streams cross through the transport), each a
+  ``launch/prune.py`` process; the final prune's seconds and the pruned perplexity, which must
+  be equal for every transport (the transfers are lossless).
 
 On a CPU the transports available are the object store and gloo (Ray Direct Transport); nccl
 needs CUDA actors (the device script measures it). Writes ``benchmarks/transport.json``.
@@ -119,7 +120,9 @@ def hops(names: list[str], sizes_mib: tuple[int, ...], repeat: int) -> list[dict
 
 
 def prunes(names: list[str], opts: argparse.Namespace) -> list[dict[str, Any]]:
-    """A 2-actor Wanda prune of SmolLM2 per transport (``launch/prune.py`` processes)."""
+    """A 2-actor Wanda prune of SmolLM2 per transport (``launch/prune.py`` processes), in
+    pipeline mode: there the stream crosses from actor to actor through the transport (data
+    mode moves its tensors over its own process group)."""
     sys.path.insert(0, str(REPO / "launch"))
     from bench import run_prune
 
@@ -127,7 +130,8 @@ def prunes(names: list[str], opts: argparse.Namespace) -> list[dict[str, Any]]:
     for name in names:
         args = ["--config", "configs/smollm2/wanda-uniform-50.yaml", "--nsamples",
                 str(opts.nsamples), "--eval-windows", str(opts.eval_windows), "eval.dense=false",
-                "engine.executor=ray", "engine.workers=2", f"engine.ray.transport={name}"]
+                "engine.executor=ray", "engine.workers=2", "engine.parallel=pipeline",
+                f"engine.ray.transport={name}"]
         report = run_prune(f"transport-{name}", args, Path(opts.out))
         rows.append({"transport": report["engine"]["transport"],
                      "prune_s": report["timings"]["prune"],

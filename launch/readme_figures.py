@@ -262,7 +262,7 @@ def transport_text(result: dict) -> str:
     for r in result["hops"]:
         lines.append(f"| {r['transport']} | {r['mib']} MiB | {r['seconds']:.3f} s | "
                      f"{r['gb_per_s']:.2f} | {r['copy_seconds']:.3f} s |")
-    lines += ["", f"2-actor Wanda prune of SmolLM2-135M (fp32, uniform 50 %, "
+    lines += ["", f"2-actor Wanda prune of SmolLM2-135M in pipeline mode (fp32, uniform 50 %, "
               f"{settings['nsamples']} x {settings['seqlen']} calibration tokens):", "",
               "| transport | final prune | whole run | pruned perplexity |", "|---|---|---|---|"]
     for r in result["prunes"]:
