@@ -223,8 +223,11 @@ def plan_fits(plan: MemoryPlan, limit: int | Sequence[int], host_limit: int | No
 
 def min_workers(model: str | ModelLayout | Any, request: MemoryRequest, limit: int,
                 host_limit: int | None = None) -> int | None:
-    """The smallest worker count whose every worker fits in ``limit`` bytes (``None``: none)."""
+    """The smallest worker count whose every worker fits in ``limit`` bytes (``None``: none);
+    under ``engine.parallel=auto`` counted in pipeline mode, which auto falls back to."""
     layout = layout_of(model)
+    if request.parallel == "auto":
+        request = replace(request, parallel="pipeline")
     for workers in range(1, layout.num_blocks + 1):
         plan = choose_parallel(layout, replace(request, workers=workers), limit, host_limit)
         if plan_fits(plan, limit, host_limit):
