@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from functools import lru_cache
 
 from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
 from neuroal.engine.data_parallel import Layout, assign_solvers, solve_cost
@@ -65,19 +66,19 @@ Shapes = Mapping[str, tuple[int, int]]
 Slices = Sequence[tuple[int, int]]
 
 
-_SOLVERS: dict[tuple[tuple[tuple[str, tuple[int, int]], ...], frozenset[str], int],
-               dict[str, int]] = {}
-"""Solver assignments already computed (a mixture-of-experts block has hundreds of linears, and
-the planner asks again for every worker, onload mode and worker count it tries)."""
-
-
 def solvers(linears: Shapes, needs: frozenset[str], workers: int) -> dict[str, int]:
     """Each linear's solver rank, by the engine's rule (costliest first, to the least loaded)."""
-    key = (tuple(linears.items()), needs, workers)
-    if key not in _SOLVERS:
-        _SOLVERS[key] = assign_solvers({n: solve_cost(r, c, needs)
-                                        for n, (r, c) in linears.items()}, workers)
-    return _SOLVERS[key]
+    return dict(_solvers(tuple(linears.items()), needs, workers))
+
+
+@lru_cache(maxsize=64)
+def _solvers(linears: tuple[tuple[str, tuple[int, int]], ...], needs: frozenset[str],
+             workers: int) -> tuple[tuple[str, int], ...]:
+    """:func:`solvers`, kept for the last few block kinds asked (a mixture-of-experts block
+    has hundreds of linears, and the planner asks again for every worker, onload mode and
+    worker count it tries)."""
+    return tuple(assign_solvers({n: solve_cost(r, c, needs) for n, (r, c) in linears},
+                                workers).items())
 
 
 def linear_sums(shape: tuple[int, int], needs: frozenset[str]) -> int:
@@ -196,26 +197,10 @@ def data_prune_steps(layout: ModelLayout, request: MemoryRequest, slices: Slices
 def _distinct_blocks(layout: ModelLayout, blocks: Sequence[int]) -> list[int]:
     """One block of each distinct set of linear shapes among ``blocks`` (a model's blocks are
     mostly alike: their steps are computed once)."""
-    kinds = _block_kinds(layout)
     seen: dict[int, int] = {}
     for index in blocks:
-        seen.setdefault(kinds[index], index)
+        seen.setdefault(layout.block_kinds[index], index)
     return list(seen.values())
-
-
-def _block_kinds(layout: ModelLayout) -> list[int]:
-    """Per block, the index of the first block with the same linear shapes (computed once per
-    layout: the layout is immutable)."""
-    key = id(layout.linears)
-    cached = _KINDS.get(key)
-    if cached is None or cached[0] is not layout.linears:
-        first: dict[tuple[tuple[str, tuple[int, int]], ...], int] = {}
-        kinds = [first.setdefault(tuple(b.items()), i) for i, b in enumerate(layout.linears)]
-        _KINDS[key] = cached = (layout.linears, kinds)
-    return cached[1]
-
-
-_KINDS: dict[int, tuple[object, list[int]]] = {}
 
 
 def _device_bytes(step: PruneStep) -> int:

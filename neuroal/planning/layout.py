@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from functools import cache
+from functools import cache, cached_property
 from typing import Any
 
 from neuroal.models.adapter import ModelAdapter
@@ -73,6 +73,14 @@ class ModelLayout:
     @property
     def num_blocks(self) -> int:
         return len(self.block_params)
+
+    @cached_property
+    def block_kinds(self) -> tuple[int, ...]:
+        """Per block, the index of the first block with the same linear shapes: a model's
+        blocks mostly repeat, so per-block figures are computed once per kind (cached: the
+        layout is immutable)."""
+        first: dict[tuple[tuple[str, tuple[int, int]], ...], int] = {}
+        return tuple(first.setdefault(tuple(b.items()), i) for i, b in enumerate(self.linears))
 
     @property
     def params(self) -> int:

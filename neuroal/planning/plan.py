@@ -156,7 +156,7 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
                          f"{', '.join(PARALLEL_CHOICES)}")
     layout = layout_of(model)
     if request.parallel == "auto":  # no budget to choose by: data mode wherever it can run
-        request = replace(request, parallel="data" if data_possible(layout, request)
+        request = replace(request, parallel="data" if data_possible(request)
                           else "pipeline")
     slices = split_blocks(layout.num_blocks, request.workers)
 
@@ -173,10 +173,10 @@ def plan_memory(model: str | ModelLayout | Any, request: MemoryRequest) -> Memor
                       retrain_memory(layout, request))
 
 
-def data_possible(layout: ModelLayout, request: MemoryRequest) -> bool:
+def data_possible(request: MemoryRequest) -> bool:
     """Whether ``engine.parallel=auto`` may pick data mode at all, memory apart: several
-    workers (the engine's own rule, :func:`~neuroal.engine.data_parallel.resolve_parallel`;
-    neither the model nor the recovery steps rule it out)."""
+    workers (the engine's own rule, :func:`~neuroal.engine.data_parallel.resolve_parallel`:
+    neither the model nor the recovery steps rule it out, so only the request is asked)."""
     return resolve_parallel("auto", request.workers) == "data"
 
 
@@ -188,7 +188,7 @@ def choose_parallel(model: str | ModelLayout | Any, request: MemoryRequest,
     layout = layout_of(model)
     if request.parallel != "auto":
         return choose_onload(layout, request, limit, host_limit)
-    if data_possible(layout, request):
+    if data_possible(request):
         plan = choose_onload(layout, replace(request, parallel="data"), limit, host_limit)
         if plan_fits(plan, limit, host_limit):
             return plan

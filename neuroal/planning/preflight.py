@@ -187,7 +187,7 @@ def memory_choice(cfg: PruneConfig, config: Any, adapter: ModelAdapter, device: 
              plan.request.onload, plan.request.parallel,
              f", host {plan.host_total / 1e9:.1f} GB" if plan.host_total else "")
     data_fits = cfg.engine.parallel != "auto" or plan.request.parallel == "data"
-    if not data_fits and data_possible(layout, plan.request):
+    if not data_fits and data_possible(plan.request):
         log.info("engine.parallel=auto: the final prune runs in pipeline mode; data mode's "
                  "peak of %.1f GB per worker (a guest block, solver statistics) exceeds the "
                  "%.1f GB limit", data_peak(layout, plan, cfg.engine.onload, budget) / 1e9,

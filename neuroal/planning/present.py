@@ -22,10 +22,10 @@ from neuroal.planning.plan import (
 from neuroal.planning.walltime import PHASES, Throughput, TimeRequest
 
 
-def runnable_modes(layout: ModelLayout, request: MemoryRequest) -> list[str]:
+def runnable_modes(request: MemoryRequest) -> list[str]:
     """The final prune's modes ``request`` can run in, memory apart: pipeline, and data mode
     where the engine allows it (or where it was asked for)."""
-    data = data_possible(layout, request) or request.parallel == "data"
+    data = data_possible(request) or request.parallel == "data"
     return ["pipeline", "data"] if data else ["pipeline"]
 
 
@@ -36,7 +36,7 @@ def fitting_modes(layout: ModelLayout, request: MemoryRequest, limit: int,
     modes = ["pipeline"] if plan_fits(choose_onload(
         layout, replace(request, parallel="pipeline"), limit, host_limit), limit, host_limit) else []
     refusal = None
-    if "data" in runnable_modes(layout, request):
+    if "data" in runnable_modes(request):
         refusal = data_refusal(layout.name, layout, request, limit, host_limit)
         modes += ["data"] if refusal is None else []
     return modes, refusal
@@ -59,7 +59,7 @@ def summarize(model: str | ModelLayout | Any, request: MemoryRequest, limit: int
         "host_limit_bytes": host_limit,
         "onload": plan.request.onload,
         "parallel": plan.request.parallel,
-        "parallel_runnable": runnable_modes(layout, request),
+        "parallel_runnable": runnable_modes(request),
         "parallel_fits": modes,
         "data_refusal": refusal if request.parallel != "pipeline" else None,
         "fits": fits,
