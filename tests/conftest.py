@@ -79,16 +79,34 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def save_tiny_model(model_type: str, directory: Path, tokenizer_dir: Path, seed: int = 0,
                     num_layers: int = 2, shard: str = "60KB") -> Path:
     """Build a random tiny model and save it sharded (several shard files) with a tokenizer."""
+    return save_random_model(tiny_config(model_type, num_layers), directory, tokenizer_dir,
+                             seed=seed, shard=shard)
+
+
+def save_random_model(config: Any, directory: Path, tokenizer_dir: Path, *, seed: int = 0,
+                      shard: str = "60KB", dead_expert: int | None = None) -> Path:
+    """A random model of ``config`` saved as ``save_pretrained`` writes it, in shards of at
+    most ``shard``, with the tests' tokenizer. ``dead_expert``: DeepSeek-V3's router bias
+    keeps that expert from every token (the magnitude fallback of an expert without tokens)."""
     import shutil
 
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(model_type, num_layers)).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if dead_expert is not None:
+        for layer in model.model.layers:
+            layer.mlp.gate.e_score_correction_bias[dead_expert] = -10.0  # sigmoid scores are > 0
     model.save_pretrained(directory, max_shard_size=shard)
     for f in tokenizer_dir.iterdir():
         shutil.copy(f, directory / f.name)
     return directory
+
+
+def random_ids(n: int = 7, seed: int = 0, t: int = 16) -> torch.Tensor:
+    """``(n, t)`` random token ids. By default seven sequences: with micro-batch 2, four
+    micro-batches, the last one short (uneven shares of a data-parallel stream)."""
+    return torch.randint(0, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(scope="session")
@@ -187,13 +205,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def data_mode_rank(rank: int, port: int, model_dir: str,
-                   compare: Callable[[str, Any], None]) -> None:
+def data_mode_rank(rank: int, port: int, model_dir: str, compare: Callable[[str, Any], None],
+                   setup: Callable[[int], None] | None = None) -> None:
     """One of two gloo ranks (:func:`spawn_two_ranks`) of a dist executor in data mode: rank 1
-    serves, rank 0 runs ``compare(model_dir, stage)`` inside the coordinator."""
+    serves, rank 0 runs ``compare(model_dir, stage)`` inside the coordinator; ``setup(rank)``
+    first runs on both (e.g. to patch a rank's code)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE="2", LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+    if setup is not None:
+        setup(rank)
     from neuroal.engine import dist
     from neuroal.runtime.process import seed_everything
 

@@ -5,12 +5,13 @@ and two torch.distributed ranks over gloo; failures reach the caller without a h
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import data_mode_rank, save_tiny_model, spawn_two_ranks, tiny_cfg
+from conftest import data_mode_rank, random_ids, save_tiny_model, spawn_two_ranks, tiny_cfg
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.config.build import ConfigError
@@ -29,10 +30,6 @@ def llama4(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                            num_layers=NUM_BLOCKS)
 
 
-def _ids() -> torch.Tensor:
-    """Seven sequences: with micro-batch 2, four micro-batches, the last one short."""
-    return torch.randint(0, 320, (7, 16), generator=torch.Generator().manual_seed(0))
-
 
 def _prune(model: Path, workers: int, parallel: str, criterion: str, **kwargs: Any,
            ) -> tuple[LocalExecutor, list[Any], dict[str, torch.Tensor]]:
@@ -42,7 +39,7 @@ def _prune(model: Path, workers: int, parallel: str, criterion: str, **kwargs: A
     ex = LocalExecutor(resolve_model(str(model)), NUM_BLOCKS, workers, ["cpu"], "float32", 2,
                        parallel=parallel, **kwargs)
     reports = ex.run_final_prune(_plan(ex.workers[0].adapter.shape().blocks, job.criterion),
-                                 job, _ids())
+                                 job, random_ids())
     tensors: dict[str, torch.Tensor] = {}
     for w in ex.workers:
         tensors.update(w.state_items())
@@ -161,7 +158,7 @@ def test_failure_on_one_worker_is_raised(llama4: Path) -> None:
     entries = [{n: 0.5 for n in blk} for blk in blocks]
     del entries[2]["mlp.down_proj"]  # missing for one solver only
     with pytest.raises(KeyError, match="down_proj"):
-        ex.run_final_prune(SparsityPlan(0.5, "unstructured", entries), PruneJob("wanda"), _ids())
+        ex.run_final_prune(SparsityPlan(0.5, "unstructured", entries), PruneJob("wanda"), random_ids())
 
 
 def test_fold_failure_on_receipt_stops_every_worker(llama4: Path,
@@ -187,8 +184,33 @@ def test_fold_failure_on_receipt_stops_every_worker(llama4: Path,
                        parallel="data")
     with pytest.raises(RuntimeError, match="fold failed on rank 1"):
         ex.run_final_prune(_plan(ex.workers[0].adapter.shape().blocks, "wanda"),
-                           PruneJob("wanda"), _ids())
+                           PruneJob("wanda"), random_ids())
     assert {"neuroal-data-0", "neuroal-data-1"} <= set(calls)
+
+
+def test_fold_received_keeps_the_error_and_skips_later_parts() -> None:
+    """Inside a route a fold that raises must not leave the exchange (a torch.distributed peer
+    would stay blocked in send/recv): the error is kept for the next phase boundary and the
+    parts still arriving are received but not folded."""
+    from types import SimpleNamespace
+
+    from neuroal.engine.data_parallel import fold_received
+
+    folded: list[int] = []
+
+    class Fold:
+        def update(self, sums: dict[str, torch.Tensor], batch: int) -> None:
+            if batch == 2:
+                raise RuntimeError("fold failed")
+            folded.append(batch)
+
+    phase = SimpleNamespace(error=None, w=SimpleNamespace(device=torch.device("cpu"),
+                                                          busy_seconds=0.0))
+    part = {"xx": torch.ones(2, 2)}
+    for batch in (1, 2, 3):
+        fold_received(phase, Fold(), (part, batch))  # type: ignore[arg-type]
+    assert folded == [1]
+    assert isinstance(phase.error, RuntimeError) and str(phase.error) == "fold failed"
 
 
 def test_report_records_the_mode(llama4: Path) -> None:
@@ -211,22 +233,23 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
         ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
                                    devices=["cpu"], dtype="float32", session=stage)
         plan = _plan(stage.w.adapter.shape().blocks, criterion)
-        reports = ex.run_final_prune(plan, PruneJob(criterion), _ids())
+        reports = ex.run_final_prune(plan, PruneJob(criterion), random_ids())
         assert ex.parallel == "data"
         local = _prune(Path(model_dir), 1, "pipeline", criterion)
-        masks, logits = ex.masks(), ex.logits(_ids())
+        masks, logits = ex.masks(), ex.logits(random_ids())
         assert masks.keys() == local[0].masks().keys()
         assert all(torch.equal(masks[n], m) for n, m in local[0].masks().items())
-        assert torch.equal(logits, local[0].logits(_ids()))  # weights equal where kept
+        assert torch.equal(logits, local[0].logits(random_ids()))  # weights equal where kept
         for g, w in zip(reports, local[1], strict=True):
             assert [(x.name, x.zeros) for x in g.layers] == [(x.name, x.zeros) for x in w.layers]
         broken = [dict(plan.block(b)) for b in range(NUM_BLOCKS)]
         del broken[3]["self_attn.o_proj"]
         with pytest.raises(KeyError, match="o_proj"):
             ex.run_final_prune(SparsityPlan(0.5, "unstructured", broken), PruneJob(criterion),
-                               _ids())
+                               random_ids())
         ex.shutdown()  # the ranks are still in step after the failure
     _dist_reconstruct(model_dir, stage)
+    _dist_fold_failure(model_dir, stage)
 
 
 def _dist_reconstruct(model_dir: str, stage: Any) -> None:
@@ -239,19 +262,65 @@ def _dist_reconstruct(model_dir: str, stage: Any) -> None:
     job = PruneJob("wanda", reconstruct={"steps": 2, "batch_size": 2, "lr": 1e-2, "rank": 2})
     ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
                                devices=["cpu"], dtype="float32", session=stage)
-    reports = ex.run_final_prune(_plan(stage.w.adapter.shape().blocks, "wanda"), job, _ids())
+    reports = ex.run_final_prune(_plan(stage.w.adapter.shape().blocks, "wanda"), job, random_ids())
     local = _prune(Path(model_dir), 1, "pipeline", "wanda", job=job)
     assert ex.parallel == "data"
     for g, w in zip(reports, local[1], strict=True):
         assert [(x.name, x.zeros) for x in g.layers] == [(x.name, x.zeros) for x in w.layers]
         assert g.info["perp-reconstruct"]["loss_last"] == w.info["perp-reconstruct"]["loss_last"]
-    assert torch.equal(ex.logits(_ids()), local[0].logits(_ids()))  # norms refitted alike
+    assert torch.equal(ex.logits(random_ids()), local[0].logits(random_ids()))  # norms refitted alike
     ex.shutdown()
 
 
-def test_two_gloo_ranks_data_mode_match_pipeline(llama4: Path) -> None:
+_FOLD_TRIGGER = "NEUROAL_TEST_FOLD_TRIGGER"
+
+
+def _fail_rank1_folds(rank: int) -> None:
+    """On rank 1, every fold of a solver's statistics raises while the file named by
+    ``$NEUROAL_TEST_FOLD_TRIGGER`` exists (rank 0 creates it)."""
+    if rank != 1:
+        return
+    from neuroal.capture import collector
+
+    real = collector._Accumulator.update
+
+    def update(self: Any, contrib: Any, batch: int, owned: bool = False) -> None:
+        if Path(os.environ[_FOLD_TRIGGER]).exists():
+            raise RuntimeError("fold failed on rank 1")
+        real(self, contrib, batch, owned)
+
+    collector._Accumulator.update = update  # type: ignore[method-assign]
+
+
+def _dist_fold_failure(model_dir: str, stage: Any) -> None:
+    """A fold that fails on rank 1 inside the route (rank 0 still sending to it): the error
+    reaches rank 0 and both ranks leave the exchange, then prune again in step."""
+    from neuroal.engine import EXECUTORS
+
+    cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2,
+                                                   "parallel": "data"})
+    ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
+                               devices=["cpu"], dtype="float32", session=stage)
+    plan = _plan(stage.w.adapter.shape().blocks, "wanda")
+    trigger = Path(os.environ[_FOLD_TRIGGER])
+    trigger.touch()
+    with pytest.raises(RuntimeError, match="fold failed on rank 1"):
+        ex.run_final_prune(plan, PruneJob("wanda"), random_ids())
+    trigger.unlink()
+    ex.shutdown()
+    ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
+                               devices=["cpu"], dtype="float32", session=stage)
+    ex.run_final_prune(plan, PruneJob("wanda"), random_ids())
+    local = _prune(Path(model_dir), 1, "pipeline", "wanda")[0].masks()
+    assert all(torch.equal(m, local[n]) for n, m in ex.masks().items())
+    ex.shutdown()
+
+
+def test_two_gloo_ranks_data_mode_match_pipeline(llama4: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 0 prunes with both ranks in data mode (Wanda, SparseGPT; Wanda with
     perp-reconstruct) and checks masks, reports and the pruned model's logits against one
-    local worker in pipeline mode; a missing plan entry on one rank's solve is raised on rank
-    0 and the ranks stay in step."""
-    spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare)
+    local worker in pipeline mode; a missing plan entry on one rank's solve, and a fold that
+    fails on rank 1 inside the route, are raised on rank 0 and the ranks stay in step."""
+    monkeypatch.setenv(_FOLD_TRIGGER, str(tmp_path / "fail-folds"))
+    spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare, _fail_rank1_folds)

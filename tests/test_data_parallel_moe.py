@@ -6,13 +6,12 @@ when an expert gets no token in some micro-batches; the dense statistics pass gi
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from conftest import VOCAB, data_mode_rank, spawn_two_ranks
+from conftest import VOCAB, data_mode_rank, save_random_model, spawn_two_ranks
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.capture.moe import ExpertStats, RoutedStats
@@ -43,18 +42,11 @@ DEAD = 3
 
 
 def _save(model_type: str, directory: Path, tokenizer_dir: Path) -> Path:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **COMMON, **MOE[model_type])
-    model = AutoModelForCausalLM.from_config(config).eval()
-    if model_type == "deepseek_v3":
-        for layer in model.model.layers:
-            layer.mlp.gate.e_score_correction_bias[DEAD] = -10.0  # sigmoid scores are > 0
-    model.save_pretrained(directory, max_shard_size="100KB")
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
+    return save_random_model(config, directory, tokenizer_dir, shard="100KB",
+                             dead_expert=DEAD if model_type == "deepseek_v3" else None)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import save_tiny_model
+from conftest import random_ids, save_tiny_model
 
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.engine.data_parallel import run_in_threads, stitch_rows
@@ -32,10 +32,6 @@ def llama3(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
                            num_layers=NUM_BLOCKS)
 
 
-def _ids() -> torch.Tensor:
-    """Seven sequences: with micro-batch 2, four micro-batches, the last one short."""
-    return torch.randint(0, 320, (7, 16), generator=torch.Generator().manual_seed(0))
-
 
 def _job(criterion: str = "wanda", **kwargs: Any) -> PruneJob:
     return PruneJob(criterion, reconstruct=dict(RECONSTRUCT), **kwargs)
@@ -49,7 +45,7 @@ def _prune(model: Path, workers: int, parallel: str, job: PruneJob, onload: str 
                        parallel=parallel, onload=onload)
     blocks = ex.workers[0].adapter.shape().blocks
     reports = ex.run_final_prune(SparsityPlan(0.5, "unstructured",
-                                              [{n: 0.5 for n in b} for b in blocks]), job, _ids())
+                                              [{n: 0.5 for n in b} for b in blocks]), job, random_ids())
     tensors: dict[str, torch.Tensor] = {}
     for w in ex.workers:
         tensors.update(w.state_items())

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import data_mode_rank, save_tiny_model, spawn_two_ranks, tiny_cfg
+from conftest import data_mode_rank, random_ids, save_tiny_model, spawn_two_ranks, tiny_cfg
 
 from neuroal.allocation.owl import outlier_ratio
 from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
@@ -31,10 +31,6 @@ def llama4(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return save_tiny_model("llama", tmp_path_factory.mktemp("passes") / "llama4", tokenizer_dir,
                            num_layers=NUM_BLOCKS)
 
-
-def _ids(n: int = 7, seed: int = 0) -> torch.Tensor:
-    """Seven sequences: with micro-batch 2, four micro-batches, the last one short."""
-    return torch.randint(0, 320, (n, 16), generator=torch.Generator().manual_seed(seed))
 
 
 def _executor(model: Path, workers: int, parallel: str, blocks: int = NUM_BLOCKS,
@@ -98,7 +94,7 @@ def test_pass_mode_rule(llama4: Path) -> None:
 
 
 def test_perplexity_and_logprobs_match_pipeline(llama4: Path, data_calls: list[str]) -> None:
-    windows, targets = _ids(), _ids(seed=1)
+    windows, targets = random_ids(), random_ids(seed=1)
     ref = _executor(llama4, 1, "pipeline")
     want = ref.window_nll(windows), ref.token_logprobs(windows, targets)
     assert not data_calls
@@ -119,7 +115,7 @@ def test_untied_head_with_bias_and_onloading(tokenizer_dir: Path, tmp_path: Path
     """OPT: a final LayerNorm with a bias and an untied head are lent; blocks kept in host
     memory (onloading) are lent from there."""
     model = save_tiny_model("opt", tmp_path / "opt", tokenizer_dir)
-    windows = _ids(5)
+    windows = random_ids(5)
     want = _executor(model, 1, "pipeline", blocks=2).window_nll(windows)
     got = _executor(model, 2, "data", blocks=2, onload="host")
     _same(got.window_nll(windows), want)
@@ -129,7 +125,7 @@ def test_untied_head_with_bias_and_onloading(tokenizer_dir: Path, tmp_path: Path
 def test_dense_statistics_match_pipeline(llama4: Path, data_calls: list[str]) -> None:
     """OWL's outlier ratios, and the raw statistics with a Hessian (every statistic the folding
     touches), per block."""
-    ids = _ids()
+    ids = random_ids()
     owl = functools.partial(outlier_ratio, m=5.0, pool="block")
     needs = frozenset({STAT_SQ_NORM, STAT_HESSIAN})
     ref = _executor(llama4, 1, "pipeline")
@@ -150,7 +146,7 @@ def test_search_dense_reference_matches_pipeline(llama4: Path, data_calls: list[
                                                  reference_stream: str) -> None:
     """The search's candidates pipeline as before; their shared dense reference is computed
     data-parallel, and every candidate's alignment terms are unchanged."""
-    ids = _ids(6)
+    ids = random_ids(6)
     ref = _executor(llama4, 1, "pipeline")
     shape = ref.workers[0].adapter.shape().blocks
     candidates = [[{n: r for n in blk} for blk in shape] for r in (0.3, 0.6)]
@@ -181,8 +177,8 @@ def test_failure_on_one_worker_is_raised(llama4: Path) -> None:
     ex = _executor(llama4, 4, "data")
     block2_down = ex.workers[2].adapter.blocks[2].mlp.down_proj.weight.data_ptr()
     with pytest.raises(ArithmeticError, match="block 2 refused"):
-        ex.dense_block_metrics(_ids(), fails_on_block_2, frozenset({STAT_SQ_NORM}))
-    _same(ex.window_nll(_ids()), _executor(llama4, 1, "pipeline").window_nll(_ids()))
+        ex.dense_block_metrics(random_ids(), fails_on_block_2, frozenset({STAT_SQ_NORM}))
+    _same(ex.window_nll(random_ids()), _executor(llama4, 1, "pipeline").window_nll(random_ids()))
 
 
 # --------------------------------------------------------------------------- torch.distributed
@@ -201,7 +197,7 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
     ex = EXECUTORS.get("dist")(cfg, source=resolve_model(model_dir), num_blocks=NUM_BLOCKS,
                                devices=["cpu"], dtype="float32", session=stage)
     local = _executor(Path(model_dir), 1, "pipeline")
-    windows, targets = _ids(), _ids(seed=1)
+    windows, targets = random_ids(), random_ids(seed=1)
     owl = functools.partial(outlier_ratio, m=5.0, pool="block")
     needs = frozenset({STAT_SQ_NORM, STAT_HESSIAN})
     _same(ex.window_nll(windows), local.window_nll(windows), "window_nll")

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, save_random_model
 
 from neuroal.capture.collector import StatsCollector
 from neuroal.criteria import CRITERIA
@@ -47,18 +46,9 @@ def moe_config(model_type: str):
 def save_moe(model_type: str, directory: Path, tokenizer_dir: Path, dead_expert: int | None = None,
              ) -> Path:
     """A random tiny MoE model saved as ``save_pretrained`` writes it (one tensor per expert),
-    in several shards. ``dead_expert``: DeepSeek-V3's router bias keeps it from every token."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(moe_config(model_type)).eval()
-    if dead_expert is not None:
-        for layer in model.model.layers:
-            layer.mlp.gate.e_score_correction_bias[dead_expert] = -10.0  # sigmoid scores are > 0
-    model.save_pretrained(directory, max_shard_size="100KB")
-    for f in tokenizer_dir.iterdir():
-        shutil.copy(f, directory / f.name)
-    return directory
+    in several shards (:func:`conftest.save_random_model`)."""
+    return save_random_model(moe_config(model_type), directory, tokenizer_dir, shard="100KB",
+                             dead_expert=dead_expert)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import ray
 import torch
-from conftest import save_tiny_model, tiny_cfg
+from conftest import random_ids, save_tiny_model, tiny_cfg
 from safetensors.torch import load_file
 
 from neuroal.allocation.plan import SparsityPlan
@@ -43,10 +43,6 @@ def llama4(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return save_tiny_model("llama", tmp_path_factory.mktemp("raydata") / "llama4", tokenizer_dir,
                            num_layers=NUM_BLOCKS)
 
-
-def _ids() -> torch.Tensor:
-    """Seven sequences: with micro-batch 2, four micro-batches, the last one short."""
-    return torch.randint(0, 320, (7, 16), generator=torch.Generator().manual_seed(0))
 
 
 def _plan(blocks: list[dict[str, tuple[int, int]]]) -> SparsityPlan:
@@ -149,7 +145,7 @@ def _dense_passes_match(remote: Any, local: LocalExecutor) -> None:
 
     def owl(executor: Any) -> SparsityPlan:
         return OWLPolicy().plan(PlanRequest(shape, 0.5, "unstructured", (0.0, 1.0), {"lam": 0.2},
-                                            executor=executor, calibration=_ids()))
+                                            executor=executor, calibration=random_ids()))
 
     want, got = owl(local), owl(remote)
     assert len(set(want.trail["lod"])) == NUM_BLOCKS  # the blocks differ: a real check
@@ -157,8 +153,8 @@ def _dense_passes_match(remote: Any, local: LocalExecutor) -> None:
     assert [dict(b) for b in got.ratios] == [dict(b) for b in want.ratios]
     candidates = [[{n: r for n in blk} for blk in shape.blocks] for r in (0.3, 0.6)]
     for stream in ("local", "global"):
-        want_c = local.evaluate_candidates(_ids(), candidates, CandidateJob("wanda"), stream)
-        got_c = remote.evaluate_candidates(_ids(), candidates, CandidateJob("wanda"), stream)
+        want_c = local.evaluate_candidates(random_ids(), candidates, CandidateJob("wanda"), stream)
+        got_c = remote.evaluate_candidates(random_ids(), candidates, CandidateJob("wanda"), stream)
         for w_c, g_c in zip(want_c, got_c, strict=True):
             for w_b, g_b in zip(w_c, g_c, strict=True):
                 assert w_b.na == g_b.na
@@ -173,7 +169,7 @@ def _dense_passes_match(remote: Any, local: LocalExecutor) -> None:
         return 0.0
 
     with pytest.raises(ArithmeticError, match="block 2 refused"):
-        remote.dense_block_metrics(_ids(), fails_on_block_2, frozenset({"sq_norm"}))
+        remote.dense_block_metrics(random_ids(), fails_on_block_2, frozenset({"sq_norm"}))
 
 
 def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path, one_thread,
@@ -196,10 +192,10 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
         _dense_passes_match(remote, local)
         assert data_programs == ["_pass_program", "_reference_program", "_reference_program",
                                  "_pass_program"]
-        want = local.run_final_prune(plan, PruneJob("wanda"), _ids())
+        want = local.run_final_prune(plan, PruneJob("wanda"), random_ids())
         state = tmp_path / "state"
         (state / "prune").mkdir(parents=True)
-        got = remote.run_final_prune(plan, PruneJob("wanda", state_dir=str(state)), _ids())
+        got = remote.run_final_prune(plan, PruneJob("wanda", state_dir=str(state)), random_ids())
         assert remote.parallel == "data"
         assert [r.index for r in got] == list(range(NUM_BLOCKS))
         assert [[(x.name, x.zeros, x.numel) for x in r.layers] for r in got] == \
@@ -207,8 +203,8 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
         _assert_bits(_remote_state(remote), local.workers[0].state_items())
         assert sorted(p.name for p in (state / "prune").glob("*.safetensors")) == \
             [f"block_{b:04d}.safetensors" for b in range(NUM_BLOCKS)]
-        nll = remote.window_nll(_ids())
-        assert torch.equal(nll, local.window_nll(_ids()))
+        nll = remote.window_nll(random_ids())
+        assert torch.equal(nll, local.window_nll(random_ids()))
         assert data_programs[4:] == ["_prune_program"]  # the NLL pipelined
 
         # a worker's own error mid-prune: agreed by both actors, raised on the driver with its
@@ -221,9 +217,9 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
 
         ray.get(remote.workers[1].__ray_call__.remote(inject))
         with pytest.raises(RuntimeError, match="injected failure on worker 1"):
-            remote.run_final_prune(plan, PruneJob("wanda"), _ids())
+            remote.run_final_prune(plan, PruneJob("wanda"), random_ids())
         ray.get(remote.workers[1].__ray_call__.remote(lambda w: delattr(w, "prune_block")))
-        assert torch.isfinite(remote.window_nll(_ids())).all()
+        assert torch.isfinite(remote.window_nll(random_ids())).all()
 
         # an actor killed while the data-parallel prune runs: the driver names it and the
         # --resume hint at once (no wait for the survivor's collective timeout), and releases
@@ -234,7 +230,7 @@ def test_wanda_matches_local_pipeline(ray_instance, llama4: Path, tmp_path: Path
 
         remote.fault_hook = types.MethodType(kill, remote)
         with pytest.raises(RuntimeError) as err:
-            remote.run_final_prune(plan, PruneJob("wanda", state_dir=str(state)), _ids())
+            remote.run_final_prune(plan, PruneJob("wanda", state_dir=str(state)), random_ids())
         for part in ("Ray worker 1", "blocks [2, 4)", "engine.parallel=data",
                      f"resume state is kept at {state}", "--resume"):
             assert part in str(err.value), (part, str(err.value))
@@ -287,7 +283,7 @@ def test_actor_lost_in_a_dense_pass_stops_the_run(ray_instance, llama4: Path, on
     try:
         blocks = [{"mlp.down_proj": 0.5}] * NUM_BLOCKS
         with pytest.raises(RuntimeError) as err:
-            remote.evaluate_candidates(_ids(), [blocks], CandidateJob("wanda"), "global")
+            remote.evaluate_candidates(random_ids(), [blocks], CandidateJob("wanda"), "global")
         for part in ("Ray worker 1", "blocks [2, 4)", "dense reference", "engine.parallel=data",
                      "--resume"):
             assert part in str(err.value), (part, str(err.value))

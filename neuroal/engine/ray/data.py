@@ -42,12 +42,9 @@ from neuroal.runtime.logging import get_logger
 
 log = get_logger(__name__)
 
-# engine.parallel=data (neuroal.engine.data_parallel): every actor runs its part of a program (the
-# prune, a pass) in one long call, all at once; the data moves through a torch.distributed group
-# formed inside the actors for that call only (DistComm, the dist executor's collectives),
-# rendezvous through a TCP store that actor 0 opens on its node's IP and a port the OS picks.
-
-_STORE = "_ray_data_store"  # actor 0's TCP store, kept from _open_store to _in_group
+_STORE = "_ray_data_store"
+"""Where actor 0 keeps the group's rendezvous, a TCP store on its node's IP and a port the OS
+picks, from :func:`_open_store` to :func:`_in_group`."""
 
 Program = Callable[..., Any]
 """A data-parallel program run inside an actor: ``program(worker, comm, *args)``."""
