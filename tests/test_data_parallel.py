@@ -199,7 +199,8 @@ def test_fold_received_keeps_the_error_and_skips_later_parts() -> None:
     folded: list[int] = []
 
     class Fold:
-        def update(self, sums: dict[str, torch.Tensor], batch: int) -> None:
+        def update(self, sums: dict[str, torch.Tensor], batch: int, owned: bool = False,
+                   ) -> None:
             if batch == 2:
                 raise RuntimeError("fold failed")
             folded.append(batch)

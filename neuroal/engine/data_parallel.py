@@ -70,7 +70,7 @@ from neuroal.capture.moe import add_tokens, routed_stats
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
 from neuroal.engine.worker import Worker
-from neuroal.outputs.checkpoint import block_state_path, load_block_state, save_block_state
+from neuroal.outputs.checkpoint import block_state_path, load_block_state
 from neuroal.recovery import refiner_needs
 from neuroal.runtime.jobs import BlockReport, LayerReport, PruneJob
 from neuroal.runtime.logging import get_logger, progress
@@ -223,12 +223,17 @@ class Comm(Protocol):
         ...
 
     def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
-              order: Sequence[str], take: Callable[[str, Sums], None]) -> None:
+              order: Sequence[str], take: Callable[[str, Sums, bool], None],
+              ) -> BaseException | None:
         """One step's micro-batch sums to each linear's solver: ``mine`` is this worker's
         (None when it has no micro-batch in the step; ranks ``0 .. active-1`` have one). For
-        each linear this worker solves (in ``order``), ``take(name, sums)`` gets the sums of
-        ranks ``0 .. active-1`` in rank order (micro-batch order) as they arrive, so a solver
-        holds one received micro-batch's sums at a time, not the whole step's."""
+        each linear this worker solves (in ``order``), ``take(name, sums, fresh)`` gets the
+        sums of ranks ``0 .. active-1`` in rank order (micro-batch order) as they arrive, so a
+        solver holds one received micro-batch's sums at a time, not the whole step's;
+        ``fresh``: the tensors are this worker's own copies (received bytes), which the fold
+        may divide in place. Returns this worker's error in the exchange (a buffer that did
+        not fit), once its part is done: the caller agrees on it at the next phase boundary
+        (no worker may leave the exchange early)."""
         ...
 
 
@@ -331,12 +336,14 @@ class ThreadComm:
             tensor.copy_(source)
 
     def route(self, mine: Mapping[str, Sums] | None, active: int, solver: Mapping[str, int],
-              order: Sequence[str], take: Callable[[str, Sums], None]) -> None:
-        every = self._exchange(mine)  # by reference: nothing is copied
+              order: Sequence[str], take: Callable[[str, Sums, bool], None],
+              ) -> BaseException | None:
+        every = self._exchange(mine)  # by reference: nothing is copied (so nothing is fresh)
         for name in order:
             if solver[name] == self.rank:
                 for r in range(active):
-                    take(name, every[r][name])
+                    take(name, every[r][name], False)
+        return None
 
 
 # --------------------------------------------------------------------------- guest blocks
@@ -508,10 +515,12 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
         sums, seen = phase(lambda s=step: step_sums(s))
         if step == 0:
             order = comm.gather_all(seen)[0] or order
-        comm.route(sums, layout.active(step), solver, order,
-                   lambda name, part: fold_received(phase, folds[name], part))
+        failed = comm.route(sums, layout.active(step), solver, order,
+                            lambda name, part, fresh: fold_received(phase, folds[name], part,
+                                                                    fresh))
         del sums
-        phase(lambda: None)  # agree: a fold on receipt may have failed
+        phase.error = phase.error or failed
+        phase(lambda: None)  # agree: a transfer or a fold on receipt may have failed
     return order, routed_totals(comm, tokens)
 
 
@@ -526,17 +535,21 @@ def routed_totals(comm: Comm, mine: dict[str, int]) -> dict[str, int]:
     return total
 
 
-def fold_received(phase: Phases, fold: Any, part: Sums) -> None:
+def fold_received(phase: Phases, fold: Any, part: Sums, fresh: bool = False) -> None:
     """Fold one received micro-batch's sums ``part`` into a solver's accumulator ``fold`` on
-    this worker's device, as it arrives (:meth:`Comm.route`). Inside a route no worker may
-    leave the exchange, so a failure is kept as the worker's error (the next phase boundary
-    stops every worker) and later parts are skipped."""
+    this worker's device, as it arrives (:meth:`Comm.route`); ``fresh`` sums (this worker's
+    own copies) are divided in place, so the fold makes no square of its own. Inside a route
+    no worker may leave the exchange, so a failure is kept as the worker's error (the next
+    phase boundary stops every worker) and later parts are skipped."""
     if phase.error is not None:
         return
     t0 = time.perf_counter()
     try:
         sums, batch = part
-        fold.update({k: v.to(phase.w.device) for k, v in sums.items()}, batch)
+        moved = {k: v.to(phase.w.device) for k, v in sums.items()}
+        fresh = fresh or all(m is not v for m, v in zip(moved.values(), sums.values(),
+                                                        strict=True))
+        fold.update(moved, batch, owned=fresh)
     except Exception as exc:  # agreed on at the next boundary, re-raised by Phases.run
         phase.error = exc
     phase.w.busy_seconds += time.perf_counter() - t0
@@ -598,7 +611,10 @@ class DataPrune:
         mine = self.comm.rank == owner
         with ExitStack() as stack:
             host_block(self.phases, stack, index, owner, write=True)
-            saved = load_block_state(job.state_dir, index) if job.state_dir else None
+            saved = self._phase(lambda: load_block_state(job.state_dir, index)
+                                if job.state_dir else None)
+            if not self.comm.agree(saved is not None):  # replayed everywhere or nowhere
+                saved = None  # (a node that cannot see the owner's state: pruned again)
             if saved is not None:
                 path = block_state_path(job.state_dir or "", index)
                 share, report = self._phase(
@@ -662,10 +678,9 @@ class DataPrune:
         return {} if fit is None else {"perp-reconstruct": fit}
 
     def _finish(self, index: int, report: BlockReport, job: PruneJob) -> None:
-        """The owner's bookkeeping of a pruned block: resume state and the log line."""
-        if job.state_dir is not None:
-            save_block_state(job.state_dir, index, self.w._block_state(index, job),
-                             report.to_dict())
+        """The owner's bookkeeping of a pruned block: resume state (as pipeline mode keeps it,
+        :meth:`Worker.keep_state`) and the log line."""
+        self.w.keep_state(index, job, report)
         log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s  (data-parallel)", index + 1,
                  self.w.spec.num_blocks, report.target, report.achieved, report.seconds)
 

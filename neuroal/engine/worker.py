@@ -225,18 +225,25 @@ class Worker:
             del targets
         stream = self._forward_block(index, stream)
         report = BlockReport(index, layers, time.perf_counter() - t0, info)
-        if job.state_dir is not None:  # in the background; flushed after the slice's last block
-            kind = self.state_kind(job)
-            self.state_writer.submit(job.state_dir, index, self._block_state(index, job, kind),
-                                     report.to_dict(), kind)
-            if index == self.spec.stop - 1:
-                self.state_writer.flush()
+        self.keep_state(index, job, report)
         self.busy_seconds += report.seconds
         log.info("block %d/%d  target %.3f  achieved %.3f  %.1f s", index + 1,
                  self.spec.num_blocks, report.target, report.achieved, report.seconds)
         return stream, report
 
     state_kind = staticmethod(state_kind)  # masks or weights: what resume keeps of a block
+
+    def keep_state(self, index: int, job: PruneJob, report: BlockReport) -> None:
+        """Resume state of pruned block ``index`` under ``job.state_dir`` (none without one):
+        its masks or weights (:meth:`state_kind`) and ``report``, written in the background
+        and flushed after the slice's last block."""
+        if job.state_dir is None:
+            return
+        kind = self.state_kind(job)
+        self.state_writer.submit(job.state_dir, index, self._block_state(index, job, kind),
+                                 report.to_dict(), kind)
+        if index == self.spec.stop - 1:
+            self.state_writer.flush()
 
     def _block_state(self, index: int, job: PruneJob,
                      kind: str = KIND_WEIGHTS) -> dict[str, torch.Tensor]:
