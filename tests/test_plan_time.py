@@ -22,6 +22,7 @@ from neuroal.planning.walltime import (
     Throughput,
     TimeRequest,
     Workload,
+    busiest_share,
     eval_pass_seconds,
     forward_seconds,
     load_throughputs,
@@ -140,10 +141,30 @@ def test_eval_load_export_and_total() -> None:
     assert got["export"] == pytest.approx(50 * 4 / 50.0)
     assert got["total"] == pytest.approx(sum(got[p] for p in PHASES))
     assert predict(W, replace(req, save_model=False), TP)["export"] == 0.0
-    # data mode: the busiest of 2 workers evaluates 2 of 3 windows, after the weights arrive
-    data = replace(req, workers=2, mode="data")
+    # data mode (dist ranks): the busiest of 2 workers evaluates 2 of 3 windows (micro-batches
+    # of 1), after the weights arrive
+    data = replace(req, workers=2, mode="data", executor="dist", micro_batch=1)
     assert eval_pass_seconds(W, data, TP) == pytest.approx(
         2 * 4 * 48 / 1000 + 4 * 0.18 + 128 / 10.0 + 1.0)
+    # with micro-batches of 2 the busiest worker has 2 windows as well, of 3 with one of 4
+    assert eval_pass_seconds(W, replace(data, micro_batch=2), TP) == pytest.approx(
+        eval_pass_seconds(W, data, TP))
+    assert eval_pass_seconds(W, replace(data, micro_batch=4), TP) == pytest.approx(
+        one_pass + 128 / 10.0 + 1.0)
+    # under Ray both modes pipeline the 3 chunks through 2 slices of 1 block: (3 + 1) stages
+    # of one block's and the head's share of a chunk, plus a hop of 1 window (2 x 4 fp32)
+    ray = replace(req, workers=2, micro_batch=1)
+    stage = (2 * 6 * 48 / 1000 / 2 + 6 * 0.18) / 3 + 32 / 10.0 + 1.0
+    assert eval_pass_seconds(W, ray, TP) == pytest.approx(4 * stage)
+    assert eval_pass_seconds(W, replace(ray, mode="data"), TP) == pytest.approx(4 * stage)
+
+
+def test_busiest_share_deals_whole_micro_batches() -> None:
+    assert busiest_share(128, 3, 8) == 48  # 16 micro-batches: 6, 5, 5
+    assert busiest_share(128, 5, 8) == 32
+    assert busiest_share(7, 2, 2) == 4  # [0, 1], [4, 5] against [2, 3], [6]
+    assert busiest_share(7, 4, 2) == 2 and busiest_share(4, 2, 8) == 4
+    assert busiest_share(0, 2, 8) == 0
 
 
 def test_bad_settings_are_named() -> None:

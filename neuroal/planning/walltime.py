@@ -288,7 +288,7 @@ def prune_block_seconds(index: int, w: Workload, req: TimeRequest, tp: Throughpu
     """Block ``index`` of the final prune, ``req.mode`` with ``req.workers`` workers."""
     linears, inputs = w.blocks[index], w.input_cols(index)
     k = req.workers if req.mode == "data" else 1
-    tokens = -(-req.nsamples // k) * req.seqlen  # the busiest worker's share
+    tokens = busiest_share(req.nsamples, k, req.micro_batch) * req.seqlen
     compute = (2 * forward_seconds(linears, w.hidden, tokens, req.seqlen, tp)
                + stats_seconds(inputs, tokens, req.hessian, tp))
     masks = makespan([mask_seconds(r, c, req.hessian, tp) for r, c in linears], k)
@@ -298,6 +298,15 @@ def prune_block_seconds(index: int, w: Workload, req: TimeRequest, tp: Throughpu
     comm = (2 * transfer_seconds(weight_bytes, tp, req.transport)  # weights out, pruned back
             + transfer_seconds(routed_bytes(linears, req), tp, req.transport))
     return compute + masks + comm
+
+
+def busiest_share(sequences: int, workers: int, micro_batch: int) -> int:
+    """Sequences of the busiest worker when micro-batches of ``micro_batch`` sequences are
+    dealt round-robin to ``workers`` workers, as data mode deals them
+    (:meth:`~neuroal.engine.data_parallel.Layout.rows`): 128 sequences in micro-batches of 8
+    on 3 workers give the busiest 48, not 43."""
+    sizes = [min(micro_batch, sequences - i) for i in range(0, sequences, micro_batch)]
+    return max((sum(sizes[r::workers]) for r in range(workers)), default=0)
 
 
 def routed_bytes(linears: Sequence[tuple[int, int]], req: TimeRequest) -> float:
@@ -367,18 +376,28 @@ def search_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
 
 
 def eval_pass_seconds(w: Workload, req: TimeRequest, tp: Throughput) -> float:
-    """One perplexity pass: every block and the head; data mode divides the windows."""
+    """One perplexity pass: every block and the head. Data mode deals the windows' micro-batches
+    to the workers (after every block's weights went out to them); under Ray, in either mode,
+    the micro-batch chunks pipeline through the actors' slices instead (the Ray executor keeps
+    evaluation pipelined, docs/parallelism.md)."""
     if req.eval_windows == 0:
         return 0.0
-    k = req.workers if req.mode == "data" else 1
-    tokens = -(-req.eval_windows // k) * req.eval_seqlen
+    data = req.mode == "data" and req.executor != "ray"
+    k = req.workers if data else 1
+    tokens = busiest_share(req.eval_windows, k, req.micro_batch) * req.eval_seqlen
     blocks = sum(forward_seconds(b, w.hidden, tokens, req.eval_seqlen, tp) for b in w.blocks)
     head = tokens * (2 * w.vocab * w.hidden / tp.forward_flops + w.vocab / tp.stats_elems)
     if req.workers == 1:
         return blocks + head
-    if req.mode == "data":  # every block's weights go out to every worker
+    if data:  # every block's weights go out to every worker
         weights = sum(r * c for b in w.blocks for r, c in b) * DTYPE_BYTES[req.dtype]
         return blocks + head + transfer_seconds(weights, tp, req.transport)
+    if req.executor == "ray":  # chunks in flight: (chunks + K - 1) times the slowest slice
+        chunks = -(-req.eval_windows // req.micro_batch)
+        hop = stream_bytes(req, w, min(req.micro_batch, req.eval_windows), req.eval_seqlen)
+        stage = (blocks * slices(w.num_blocks, req.workers) / w.num_blocks + head) / chunks \
+            + transfer_seconds(hop, tp, req.transport)
+        return (chunks + req.workers - 1) * stage
     hop = stream_bytes(req, w, req.eval_windows, req.eval_seqlen)
     return blocks + head + (req.workers - 1) * transfer_seconds(hop, tp, req.transport)
 
