@@ -137,8 +137,18 @@ def test_dense_statistics_match_pipeline(llama4: Path, data_calls: list[str]) ->
         got = (ex.dense_block_metrics(ids, owl, frozenset({STAT_SQ_NORM})),
                ex.dense_block_metrics(ids, stats_only, needs))
         _same(got, want, str(workers))
+        groups = ex.workers[0].adapter.input_groups()
+        assert _shares(got[1], groups) == _shares(want[1], groups)  # one Hessian per input
         ex.shutdown()
     assert data_calls == ["block_metrics"] * 6
+    assert all(any(blk) for blk in _shares(want[1], groups))
+
+
+def _shares(per_block: list[dict[str, Any]], groups: Any) -> list[list[bool]]:
+    """Per block, whether each follower of an input group holds its leader's Hessian tensor
+    itself (one copy kept, as the pipeline collector keeps one)."""
+    return [[blk[f].hessian is blk[g[0]].hessian for g in groups for f in g[1:]]
+            for blk in per_block]
 
 
 @pytest.mark.parametrize("reference_stream", ["local", "global"])

@@ -68,6 +68,24 @@ def test_statistics_terms_by_hand() -> None:
     assert zero["forward"].statistics == one["forward"].statistics == 0
 
 
+def test_search_reference_by_hand() -> None:
+    """A NeuroAL search's dense reference over 2 windows (more than one micro-batch: data mode)
+    with Hessians and sq_norm: recorded 7168 + 320 = 7488 per block (sq_norm 4 cols per
+    distinct input: 64 + 64 + 64 + 128); the owner folds every linear, one copy each
+    (8192 + 384 = 8576) and receives one down (4096 + 128); ``global`` keeps both owned
+    blocks' reference (2 x 7488) throughout, ``local`` block 0's on worker 0 only."""
+    search = replace(SMALL_REQUEST, allocation="neuroal", search_samples=2)
+    slices = ((0, 2), (2, 4))
+    steps = data_prune_steps(small_layout(), replace(search, reference_stream="global"),
+                             slices, 0)
+    assert steps["reference"].statistics == 2 * 7488 + 7488 + 8576 + 4224
+    local = [data_prune_steps(small_layout(), search, slices, r)["reference"] for r in (0, 1)]
+    assert local[0].statistics == 7488 + 7488 + 8576 + 4224
+    assert local[1].statistics == 7488  # it owns no block the reference covers
+    one = replace(search, search_samples=1)  # a single micro-batch: pipelined, no such step
+    assert "reference" not in data_prune_steps(small_layout(), one, slices, 0)
+
+
 def test_share_of_the_stream_by_hand() -> None:
     """N = 4 sequences, micro-batch 1, 2 workers: each holds 2 sequences of 2 tokens x 16 x 4 B
     = 256 B per stream; 1 stream while capturing, 2 in the pruned forward."""

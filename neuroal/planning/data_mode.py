@@ -31,7 +31,9 @@ data-mode prune phase is its largest step. The passes that run data-parallel bes
 (:mod:`neuroal.engine.data_passes`) are modelled too: a policy's dense statistics pass (the
 block's owner folds every linear's sums) and, with evaluation, perplexity: the worker's share
 of the evaluation windows (``eval_windows``; unknown: counted as ``N``), the lent head, and one
-window's fp32 logits on every worker, which scores its own windows one at a time.
+window's fp32 logits on every worker, which scores its own windows one at a time. A NeuroAL
+search's dense reference runs data-parallel too when its windows fill more than one micro-batch:
+the criterion's statistics folded by each block's owner, which keeps its blocks' reference.
 """
 
 from __future__ import annotations
@@ -139,17 +141,42 @@ def _prune_block_steps(layout: ModelLayout, request: MemoryRequest, index: int, 
 
 
 def _dense_step(layout: ModelLayout, request: MemoryRequest, index: int, owner: bool,
-                two: tuple[int, int]) -> PruneStep:
-    """A policy's dense statistics pass over block ``index`` (``sq_norm``): the block's owner
-    folds every linear's sums, every worker keeps its own micro-batch's and its outputs."""
-    needs = frozenset({STAT_SQ_NORM})
+                two: tuple[int, int], needs: frozenset[str] = frozenset({STAT_SQ_NORM}),
+                kept: int = 0) -> PruneStep:
+    """A dense statistics pass over block ``index`` (a policy's ``sq_norm``; a search's
+    reference: the criterion's statistics too): the block's owner folds every linear's sums,
+    one copy each, every worker keeps its own micro-batch's and its outputs; ``kept``: the
+    statistics of earlier blocks the pass keeps."""
     linears = layout.linears[index]
     recorded = stat_bytes(linears, needs, layout.input_groups)
     folds = sum(linear_sums(s, needs) for s in linears.values()) if owner else 0
     received = max(linear_sums(s, needs) for s in linears.values()) \
         if owner and request.workers > 1 else 0
-    return PruneStep(two[0], recorded + folds + received, two[1],
+    return PruneStep(two[0], kept + recorded + folds + received, two[1],
                      _forward_transient(linears, request, needs, squares=0))
+
+
+def _reference_step(layout: ModelLayout, request: MemoryRequest, slices: Slices, rank: int,
+                    ) -> PruneStep | None:
+    """A NeuroAL search's dense reference, data-parallel when its windows fill more than one
+    micro-batch (:func:`~neuroal.engine.data_passes.pass_mode`; else it is pipelined, the
+    search phase's figure): the criterion's statistics and ``sq_norm`` of each block, folded
+    on its owner, which keeps them (one copy per input) for block 0 (``local``) or for every
+    owned block (``global``): counted whole beside every block of the pass (a bound)."""
+    samples = min(request.search_samples, request.nsamples)
+    if samples <= request.micro_batch or request.workers == 1:
+        return None
+    needs = _needs(request)[0] | {STAT_SQ_NORM}
+    start, stop = slices[rank]
+    count = 1 if request.reference_stream == "local" else layout.num_blocks
+    two = device_host_streams(request, layout, share_rows(request, slices, rank, samples), 2)
+    owned = [i for i in range(start, stop) if i < count]
+    kept = sum(stat_bytes(layout.linears[i], needs, layout.input_groups) for i in owned)
+    others = [i for i in range(count) if i not in owned]
+    return max([_dense_step(layout, request, i, True, two, needs, kept)
+                for i in _distinct_blocks(layout, owned)]
+               + [_dense_step(layout, request, i, False, two, needs, kept)
+                  for i in _distinct_blocks(layout, others)], key=_device_bytes)
 
 
 def _evaluate_step(layout: ModelLayout, request: MemoryRequest, slices: Slices,
@@ -185,6 +212,9 @@ def data_prune_steps(layout: ModelLayout, request: MemoryRequest, slices: Slices
         steps["dense"] = max([_dense_step(layout, request, i, True, two) for i in owned]
                              + [_dense_step(layout, request, i, False, two) for i in others],
                              key=_device_bytes)
+    if policy_needs == "search" and (reference := _reference_step(layout, request, slices,
+                                                                   rank)) is not None:
+        steps["reference"] = reference
     if policy_needs == "weights":  # AlphaPruning's spectra of the owned linears
         spectrum = max(SPECTRUM_BYTES * r * c for i in range(start, stop)
                        for r, c in layout.linears[i].values())
