@@ -6,6 +6,7 @@ ranks over gloo; a failure on one worker reaches the caller without a hang."""
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -226,12 +227,61 @@ def _dist_compare(model_dir: str, stage: Any) -> None:
     with pytest.raises(KeyError, match="no_such_linear"):
         ex.dense_block_metrics(windows, _missing_linear, needs)
     _same(ex.window_nll(windows), local.window_nll(windows), "after a failure")
+    _reference_fails_on_rank_1(ex, windows, candidates, job)
+    _same(ex.window_nll(windows), local.window_nll(windows), "after the reference failed")
     ex.shutdown()
 
 
-def test_two_gloo_ranks_match_local_pipeline(llama4: Path) -> None:
+_REFERENCE_TRIGGER = "NEUROAL_TEST_REFERENCE_TRIGGER"
+
+
+def _fail_rank1_reference(rank: int) -> None:
+    """On rank 1, the data-parallel statistics passes fail on the blocks it owns while the file
+    named by ``$NEUROAL_TEST_REFERENCE_TRIGGER`` exists (rank 0 creates it)."""
+    if rank != 1:
+        return
+    from neuroal.engine import data_passes
+
+    real = data_passes.share_inputs
+
+    def share_inputs(folds: dict[str, Any], groups: Any) -> None:
+        if folds and Path(os.environ[_REFERENCE_TRIGGER]).exists():
+            raise RuntimeError("reference failed on rank 1")
+        real(folds, groups)
+
+    data_passes.share_inputs = share_inputs
+
+
+def _reference_fails_on_rank_1(ex: Any, windows: torch.Tensor, candidates: Any,
+                               job: CandidateJob) -> None:
+    """The search's data-parallel dense reference fails on rank 1: rank 0 raises that error
+    and evaluates no candidate on the way (it was stopped, not failed itself)."""
+    from neuroal.engine.worker import Worker
+
+    real, calls = Worker.eval_candidate, []
+
+    def counted(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    trigger = Path(os.environ[_REFERENCE_TRIGGER])
+    Worker.eval_candidate = counted  # type: ignore[method-assign]
+    trigger.touch()
+    try:
+        with pytest.raises(RuntimeError, match="reference failed on rank 1"):
+            ex.evaluate_candidates(windows, candidates, job, "global")
+    finally:
+        trigger.unlink()
+        Worker.eval_candidate = real  # type: ignore[method-assign]
+    assert calls == []
+
+
+def test_two_gloo_ranks_match_local_pipeline(llama4: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Rank 0 runs perplexity, zero-shot log-probabilities, OWL's statistics pass, the raw
     statistics and a search with the global dense reference in data mode over both ranks,
     each checked bit for bit against one local worker in pipeline mode; a failing pass
-    function is raised on rank 0 and the ranks stay in step."""
-    spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare)
+    function, and a search reference that fails on rank 1, are raised on rank 0 and the ranks
+    stay in step."""
+    monkeypatch.setenv(_REFERENCE_TRIGGER, str(tmp_path / "fail-reference"))
+    spawn_two_ranks(data_mode_rank, str(llama4), _dist_compare, _fail_rank1_reference)

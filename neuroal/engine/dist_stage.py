@@ -66,6 +66,9 @@ class RankStage:
         commands of an early-stopped search (:meth:`candidates`)."""
         self._error: Exception | None = None
         self._trace = ""
+        self._stopped = False
+        """Another rank's failure stopped this rank's data-parallel pass in this command: the
+        rest of the command is skipped (:meth:`_try`), and rank 0 raises that rank's error."""
         self.streams: Any = None
         """Process group of the stream transfers (short timeout); None: the default group."""
 
@@ -84,13 +87,14 @@ class RankStage:
         """
         if name not in _OPS:
             raise RuntimeError(f"unknown distributed command {name!r}; known: {', '.join(_OPS)}")
-        self.busy, self._error, self._trace = True, None, ""
+        self.busy, self._error, self._trace, self._stopped = True, None, "", False
         part = _OPS[name](self, common, own)
         return self._gather(part)
 
     def _try(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """``fn(*args)``, or None after a failure (recorded once, with its traceback)."""
-        if self._error is not None:
+        """``fn(*args)``, or None after a failure (recorded once, with its traceback) or a
+        stop."""
+        if self._error is not None or self._stopped:
             return None
         try:
             return fn(*args)
@@ -221,6 +225,7 @@ class RankStage:
             try:
                 return prune.run(ids, entries, job)
             except Stopped:
+                self._stopped = True
                 return None
 
         return self._try(body)
@@ -248,7 +253,7 @@ class RankStage:
         else:
             embedded = self._try(lambda: self.w.embed(ids)) if self.info.rank == 0 else None
             reference = self._reference(embedded, job, reference_stream)
-        self._search = (embedded, reference) if keep else None
+        self._search = (embedded, reference) if keep and not self._stopped else None
         results = []
         for c, ratios in enumerate(self._progress(own, "candidates") if len(own) > 1 else own):
             part: dict[int, BlockAlignment] = {}
@@ -303,6 +308,7 @@ class RankStage:
                 slices = split_blocks(self.w.spec.num_blocks, self.info.world)
                 return run_pass(name, self.w, comm, slices, *args)
             except Stopped:
+                self._stopped = True
                 return None
 
         return self._try(body)
