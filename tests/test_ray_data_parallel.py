@@ -291,3 +291,49 @@ def test_actor_lost_in_a_dense_pass_stops_the_run(ray_instance, llama4: Path, on
         assert remote.workers == [] and remote.restarts == [0, 0]
     finally:
         remote.shutdown()
+
+
+def test_actor_lost_after_the_reference_pass_runs_the_search_again(
+        ray_instance, llama4: Path, one_thread, data_programs: list[str]) -> None:
+    """An actor that dies once the search's data-parallel reference is done, found dead while
+    the gloo channel is rebuilt (the rebuild raises the actor's death): it held part of the
+    reference, so it is restarted and the whole search attempt (windows, reference,
+    candidates) runs again; the alignment terms equal the local executor's."""
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+    from neuroal.engine.worker import CandidateJob
+
+    source = resolve_model(str(llama4))
+    local = LocalExecutor(source, NUM_BLOCKS, 1, ["cpu"], "float32", 2, parallel="pipeline")
+    remote = RayExecutor(WorkerSpec(source, 0, 0, NUM_BLOCKS, "cpu", "float32", 2), 2,
+                         RayOptions(transport="gloo"))
+    armed: list[bool] = []
+    real_connect = remote._connect  # noqa: SLF001
+
+    def hook(self: Any, operation: str, unit: int) -> None:
+        if operation == "reference" and not self.restarts[1]:
+            armed.append(True)
+
+    def connect() -> None:
+        if armed:  # a rebuild that meets a dead actor fails with its death
+            armed.clear()
+            ray.kill(remote.workers[1])
+            raise ray.exceptions.ActorDiedError()
+        real_connect()
+
+    remote.fault_hook = types.MethodType(hook, remote)
+    remote._connect = connect  # noqa: SLF001
+    try:
+        shape = local.workers[0].adapter.shape().blocks
+        candidates = [[{n: r for n in blk} for blk in shape] for r in (0.3, 0.6)]
+        job = CandidateJob("wanda")
+        got = remote.evaluate_candidates(random_ids(), candidates, job, "global")
+        want = local.evaluate_candidates(random_ids(), candidates, job, "global")
+        assert remote.restarts == [0, 1]
+        assert data_programs == ["_reference_program"] * 2  # the pass ran again
+        for w_c, g_c in zip(want, got, strict=True):
+            for w_b, g_b in zip(w_c, g_c, strict=True):
+                assert w_b.na == g_b.na
+                assert all(torch.equal(w_b.delta[n], g_b.delta[n]) for n in w_b.delta)
+    finally:
+        remote.shutdown()
+        local.shutdown()

@@ -245,21 +245,24 @@ class DataParallel:
         for their candidate stages."""
         self._in_actors(_reference_program, (self._slices(), ids, needs, reference_stream),
                         "computing the search's dense reference data-parallel",
-                        lambda: self.fault_hook("reference", 0))
+                        lambda: self.fault_hook("reference", 0), kept=True)
 
     def _slices(self) -> list[tuple[int, int]]:
         return [(s.start, s.stop) for s in self.specs]
 
     def _in_actors(self, program: Program, args: tuple[Any, ...], what: str,
                    submitted: Callable[[], None], settled: Callable[[], None] | None = None,
-                   ) -> list[Any]:
+                   kept: bool = False) -> list[Any]:
         """Every actor runs ``program(worker, comm, *args)`` (:func:`_in_group`) in one call,
         all at once, over a torch.distributed group that lives for that call only; each
         actor's result in rank order (None on an actor another's failure stopped).
 
         The transport's channel is taken down first, since Ray's gloo group sits on the same
         default group, and rebuilt after (``settled()`` runs just before, on success);
-        ``submitted()`` runs once the calls are submitted (the fault hooks).
+        ``submitted()`` runs once the calls are submitted (the fault hooks). An actor that
+        dies while the channel is rebuilt is restarted there, unless the call ``kept`` its
+        result inside the actors (the search's reference), which a restarted actor has lost:
+        then the death is raised to the caller's retry, which runs the pass again.
 
         Raises:
             RuntimeError: An actor died (:meth:`_settle`).
@@ -289,13 +292,16 @@ class DataParallel:
             raise
         if settled is not None:
             settled()
-        self._retrying(self._connect)
+        if kept:
+            self._connect()
+        else:
+            self._retrying(self._connect)
         return parts
 
     def _reopen(self) -> None:
         """After a failed data-parallel call whose actors are kept: the transport's channel
-        back, so the executor stays usable (a failure here is logged, not raised over the
-        call's own error)."""
+        back, so the executor can go on (a failure here is logged, not raised over the call's
+        own error; the next call that needs the channel then restarts what died, or fails)."""
         if not self.workers:
             return
         try:
