@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -319,13 +320,14 @@ class DataParallel:
             RuntimeError: An actor died: the run stops (every actor is released) with the
                 ``--resume`` hint.
             Exception: An actor's own error, the first in rank order (its peers stopped at the
-                same phase boundary; peers still stuck after ``engine.ray.placement_timeout``
-                are released).
+                same phase boundary; peers still busy ``engine.ray.placement_timeout`` seconds
+                after the first error are taken for stuck and released).
         """
         ray = import_ray()
         outcome: dict[int, Any] = {}
-        pending, wait = list(refs), None
+        pending, deadline = list(refs), None
         while pending:
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, pending = ray.wait(pending, num_returns=1, timeout=wait)
             if not done:
                 break
@@ -334,8 +336,10 @@ class DataParallel:
                 outcome[k] = ray.get(done[0])
             except _actor_errors() as exc:
                 self._lost(k, what, exc)
-            except ray.exceptions.RayError as exc:
-                outcome[k], wait = exc, self.options.placement_timeout
+            except ray.exceptions.RayError as exc:  # the peers get one limit in all
+                outcome[k] = exc
+                if deadline is None:
+                    deadline = time.monotonic() + self.options.placement_timeout
         failed = [outcome[k] for k in sorted(outcome) if isinstance(outcome[k], BaseException)]
         if failed:
             self._failed = what
