@@ -237,11 +237,10 @@ def test_the_ray_executor_follows_the_verdict(monkeypatch: pytest.MonkeyPatch) -
     """The Ray executor's mode (no cluster started): auto is data mode unless the memory plan
     said data mode does not fit."""
     from neuroal.engine.ray_executor import RayExecutor
-    from neuroal.runtime.jobs import PruneJob
 
     executor = RayExecutor.__new__(RayExecutor)
     executor._requested, executor.workers = "auto", [None, None]  # noqa: SLF001
     monkeypatch.setattr(executor, "_retrying", lambda attempt: False)  # no experts
-    assert executor._prune_mode(PruneJob("wanda")) == "data"  # noqa: SLF001
+    assert executor._prune_mode() == "data"  # noqa: SLF001
     executor.data_fits = False
-    assert executor._prune_mode(PruneJob("wanda")) == "pipeline"  # noqa: SLF001
+    assert executor._prune_mode() == "pipeline"  # noqa: SLF001

@@ -91,18 +91,18 @@ def test_group_backend_follows_the_devices() -> None:
 
 
 def test_mode_is_decided_as_in_dist() -> None:
-    """The Ray executor decides the mode with the same rule as local / dist: neither
-    perp-reconstruct nor the model rules data mode out."""
+    """The Ray executor decides the mode with the same rule as local / dist
+    (:func:`~neuroal.engine.data_parallel.resolve_parallel`): data under ``auto`` with several
+    workers, pipeline with one."""
     from neuroal.engine.ray_executor import RayExecutor
 
     executor = RayExecutor.__new__(RayExecutor)
     executor._requested, executor.workers = "data", [None, None]  # noqa: SLF001
-    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "data"  # noqa: SLF001
+    assert executor._prune_mode() == "data"  # noqa: SLF001
     executor._requested = "auto"  # noqa: SLF001
-    assert executor._prune_mode(PruneJob("wanda")) == "data"  # noqa: SLF001
-    assert executor._prune_mode(PruneJob("wanda", reconstruct={"steps": 1})) == "data"  # noqa: SLF001
+    assert executor._prune_mode() == "data"  # noqa: SLF001
     executor.workers = [None]
-    assert executor._prune_mode(PruneJob("wanda")) == "pipeline"  # noqa: SLF001
+    assert executor._prune_mode() == "pipeline"  # noqa: SLF001
 
 
 @pytest.fixture()

@@ -127,14 +127,6 @@ def resolve_parallel(requested: str, workers: int, *, fits: bool = True) -> str:
     return requested
 
 
-def prune_mode(requested: str, worker: Worker, workers: int, job: PruneJob,
-               fits: bool = True) -> str:
-    """:func:`resolve_parallel` for a prune ``job`` on ``workers`` workers (``worker``: any
-    one) with the memory planner's verdict on data mode (``fits``); neither the model nor the
-    job rules data mode out."""
-    return resolve_parallel(requested, workers, fits=fits)
-
-
 @dataclass(frozen=True)
 class Layout:
     """Who holds what in a data-parallel prune (identical on every worker).

@@ -29,7 +29,7 @@ import torch
 from neuroal.allocation.plan import SparsityPlan
 from neuroal.config.schema import PruneConfig
 from neuroal.engine.core import log_block, merge_blocks, worker_template
-from neuroal.engine.data_parallel import prune_mode
+from neuroal.engine.data_parallel import resolve_parallel
 from neuroal.engine.data_passes import pass_mode
 from neuroal.engine.dist_launch import (
     COLLECTIVE_TIMEOUT,
@@ -129,7 +129,7 @@ class DistExecutor:
     def run_final_prune(self, plan: SparsityPlan, job: PruneJob,
                         ids: torch.Tensor) -> list[BlockReport]:
         """Prune every slice in order; ``ids`` ``(N, T)`` are the calibration windows."""
-        self.parallel = prune_mode(self._requested, self.stage.w, self.world, job, self.data_fits)
+        self.parallel = resolve_parallel(self._requested, self.world, fits=self.data_fits)
         if self.parallel == "data":
             every = [plan.block(b) for b in range(self._num_blocks)]
             with self.meter("prune"):

@@ -27,7 +27,7 @@ from neuroal.engine.core import (
     reference_needs,
     worker_specs,
 )
-from neuroal.engine.data_parallel import prune_in_threads, prune_mode
+from neuroal.engine.data_parallel import prune_in_threads, resolve_parallel
 from neuroal.engine.data_passes import pass_mode, passes_in_threads, weights_in_threads
 from neuroal.engine.worker import Worker, peak_memory_bytes
 from neuroal.models.loading import ModelSource
@@ -225,8 +225,7 @@ class LocalExecutor:
                         ids: torch.Tensor) -> list[BlockReport]:
         """Embed the calibration windows ``(N, T)`` and prune every slice in order."""
         reports: list[BlockReport] = []
-        self.parallel = prune_mode(self._requested, self.workers[0], len(self.workers), job,
-                                   self.data_fits)
+        self.parallel = resolve_parallel(self._requested, len(self.workers), fits=self.data_fits)
         if self.parallel == "data":
             with self.meter("prune"):
                 return prune_in_threads(self.workers, [plan.block(b) for b in

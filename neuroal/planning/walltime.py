@@ -27,12 +27,15 @@ Phases (:data:`PHASES`):
 * **prune**: per block a statistics forward, the masks, and the forward of the pruned block on
   all ``N x T`` calibration tokens. ``pipeline`` mode: the slices run one after the other (block
   b needs block b-1's outputs), so K workers take as long as one, plus ``K - 1`` stream hops.
-  ``data`` mode: every worker runs the forwards on its ``ceil(N / K)`` sequences, the linears'
-  masks are spread over the workers (longest first, the slowest worker counts), and per block
-  the weights go out to the workers, each micro-batch's statistics go to each linear's solver
-  (:func:`routed_bytes`: the busiest worker's share) and the pruned weights come back.
+  ``data`` mode: every worker runs the forwards on its share of whole micro-batches (the
+  busiest's, :func:`busiest_share`), the linears' masks are spread over the workers (longest
+  first, the slowest worker counts), and per block the weights go out to the workers, each
+  micro-batch's statistics go to each linear's solver (:func:`routed_bytes`: the busiest
+  worker's share) and the pruned weights come back.
 * **evaluation**: dense and pruned perplexity passes (blocks plus the head's logits and
-  log-softmax); divided by K in ``data`` mode only.
+  log-softmax); in ``data`` mode the busiest worker's share of the windows, except under Ray,
+  whose micro-batch chunks pipeline through the K slices in either mode (``(chunks + K - 1)``
+  slice times).
 * **load** and **export** as above; ``compare`` runs (another allocation on the same data, as
   the quickstart does) add a load, a prune and a pruned evaluation each.
 

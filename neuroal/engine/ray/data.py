@@ -179,7 +179,7 @@ class DataParallel:
     _failed: str
     data_fits: bool = True  # the memory plan's verdict on data mode (set by the pipeline)
 
-    def _prune_mode(self, job: PruneJob) -> str:
+    def _prune_mode(self) -> str:
         """:func:`~neuroal.engine.data_parallel.resolve_parallel`, as the other executors decide
         it (neither the model nor the job rules data mode out)."""
         return resolve_parallel(self._requested, len(self.workers), fits=self.data_fits)
@@ -201,7 +201,7 @@ class DataParallel:
         mode = self._retrying(lambda: self._get(
             self.workers[0].__ray_call__.remote(_pass_mode, self._requested,
                                                 len(self.workers), sequences, self.data_fits),
-            "reading the model's blocks"))
+            "deciding how a dense pass runs"))
         return mode == "data"
 
     def _data_final_prune(self, plan: SparsityPlan, job: PruneJob,

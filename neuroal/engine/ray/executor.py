@@ -330,7 +330,7 @@ class RayExecutor(FaultTolerance, DataParallel):
         if job.state_dir is not None:
             self.state_dir = job.state_dir
         self._pruned = None
-        self.parallel = self._prune_mode(job)
+        self.parallel = self._prune_mode()
         if self.parallel == "data":
             return self._data_final_prune(plan, job, ids)
         reports: dict[int, BlockReport] = {}
