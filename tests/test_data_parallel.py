@@ -103,6 +103,79 @@ def test_solvers_are_balanced_by_cost() -> None:
     assert set(assign_solvers(costs, 9).values()) == set(range(7))  # more workers than linears
 
 
+def test_an_input_group_has_one_solver() -> None:
+    """q/k/v and gate/up go to one solver each, their costs summed (SparseGPT's cols^3 +
+    rows cols^2: down 2^21 + 2^20, gate + up 2 (2^18 + 2^19), q + k + v 2^19 + 2 (2^18 + 2^17),
+    o 2^19), costliest first; a group member that is absent is ignored."""
+    shapes = {"q": (64, 64), "k": (32, 64), "v": (32, 64), "o": (64, 64), "gate": (128, 64),
+              "up": (128, 64), "down": (64, 128)}
+    costs = {n: solve_cost(r, c, frozenset({"hessian"})) for n, (r, c) in shapes.items()}
+    groups = (("q", "k", "v"), ("gate", "up"), ("absent", "o"))
+    assert assign_solvers(costs, 3, groups) == {"q": 2, "k": 2, "v": 2, "o": 2, "gate": 1,
+                                                "up": 1, "down": 0}
+    assert assign_solvers(costs, 9, groups) == {"q": 2, "k": 2, "v": 2, "o": 3, "gate": 1,
+                                                "up": 1, "down": 0}
+    assert list(assign_solvers(costs, 2, groups)) == list(shapes)  # the linears' order
+
+
+@pytest.mark.parametrize(("criterion", "workers"), [("sparsegpt", 2), ("symwanda", 1),
+                                                     ("symwanda", 3)])
+def test_a_shared_input_is_routed_once(llama4: Path, criterion: str, workers: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared input's sums travel once per micro-batch, with its group's leader, to a solver
+    of the whole group: a follower solved there sends only its own output statistics
+    (symwanda) or nothing (sparsegpt, whose groups always share a solver); one solved
+    elsewhere (norms are balanced linear by linear) sends its own copy. The result is
+    pipeline mode's (checked above)."""
+    from neuroal.engine.data_parallel import ThreadComm
+
+    real, sent = ThreadComm.route, []
+
+    def route(self: ThreadComm, mine: Any, active: int, solver: Any, order: Any,
+              take: Any) -> Any:
+        if mine is not None:
+            sent.append(({n: sorted(mine[n][0]) for n in order}, dict(solver)))
+        return real(self, mine, active, solver, order, take)
+
+    monkeypatch.setattr(ThreadComm, "route", route)
+    _prune(llama4, workers, "data", criterion)
+    stat = "hessian" if criterion == "sparsegpt" else "sq_norm"
+    leader = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+              "mlp.up_proj": "mlp.gate_proj"}
+    placed = []
+    assert sent
+    for keys, solver in sent:
+        assert stat in keys["self_attn.q_proj"] and stat in keys["mlp.gate_proj"]
+        for name, lead in leader.items():
+            placed.append(solver[name] == solver[lead])
+            if placed[-1]:
+                assert keys.get(name, []) == ([] if criterion == "sparsegpt" else
+                                              ["out_sq_norm"]), (name, keys)
+            else:
+                assert stat in keys[name]
+    assert all(placed) if workers < 3 else not any(placed)  # both paths are taken
+
+
+def test_a_sharing_that_changes_is_an_error() -> None:
+    """A follower whose input is not its leader's in a later micro-batch cannot be routed
+    without its own sums: the data-parallel prune stops with the collector's kind of error."""
+    from neuroal.engine.data_parallel import input_sharing, join_shared, strip_shared
+
+    x, y = torch.ones(3), torch.zeros(3)
+    first = {"q": ({"sq_norm": x}, 2), "k": ({"sq_norm": x}, 2), "o": ({"sq_norm": y}, 2)}
+    assert input_sharing(first, ["q", "k", "o"]) == {"k": "q"}
+    assert strip_shared(first, {"k": "q"}) == {"q": first["q"], "o": first["o"]}
+    changed = {**first, "k": ({"sq_norm": x.clone()}, 2)}
+    with pytest.raises(RuntimeError, match="'k' received the input of 'q'"):
+        strip_shared(changed, {"k": "q"})
+    from neuroal.capture.collector import new_accumulator
+
+    folds = {n: new_accumulator(frozenset({"sq_norm"})) for n in ("q", "k")}
+    folds["q"].update({"sq_norm": x.clone()}, 2)
+    join_shared(folds, {"k": "q", "v": "q"})  # v is solved elsewhere: skipped
+    assert folds["k"].sq_norm is folds["q"].sq_norm and folds["k"].n == 2
+
+
 def test_resume_hash_ignores_the_mode() -> None:
     from neuroal.outputs.checkpoint import canonical_config
 
@@ -120,7 +193,7 @@ def test_parallel_is_validated(llama4: Path) -> None:
 # --------------------------------------------------------------------------- local executor
 
 
-@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("criterion", ["wanda", "sparsegpt", "symwanda"])
 def test_local_data_mode_matches_pipeline_on_any_worker_count(llama4: Path,
                                                               criterion: str) -> None:
     want = _prune(llama4, 1, "pipeline", criterion)

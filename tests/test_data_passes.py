@@ -242,14 +242,14 @@ def _fail_rank1_reference(rank: int) -> None:
         return
     from neuroal.engine import data_passes
 
-    real = data_passes.share_inputs
+    real = data_passes.routed_stats
 
-    def share_inputs(folds: dict[str, Any], groups: Any) -> None:
-        if folds and Path(os.environ[_REFERENCE_TRIGGER]).exists():
+    def routed_stats(stats: dict[str, Any], tokens: Any) -> Any:
+        if Path(os.environ[_REFERENCE_TRIGGER]).exists():
             raise RuntimeError("reference failed on rank 1")
-        real(folds, groups)
+        return real(stats, tokens)
 
-    data_passes.share_inputs = share_inputs
+    data_passes.routed_stats = routed_stats
 
 
 def _reference_fails_on_rank_1(ex: Any, windows: torch.Tensor, candidates: Any,

@@ -56,31 +56,32 @@ def test_solvers_follow_the_engines_rule_by_hand() -> None:
 def test_statistics_terms_by_hand() -> None:
     """fp32 Hessians 4 cols^2: recorded once per distinct input (q/k share: 1024, o 1024, up
     1024, down 4096 = 7168); worker 0 folds down (4096) and receives one down (4096); worker 1
-    folds up, q, k, o separately (4 x 1024) and receives one of them (1024)."""
+    solves up, q, k and o, folds the input q and k share once (3 x 1024) and receives one
+    input's sums at a time (1024)."""
     layout = small_layout()
     slices = ((0, 2), (2, 4))
     assert stat_bytes(SMALL, {"hessian"}, layout.input_groups) == 7168
     zero, one = (data_prune_steps(layout, SMALL_REQUEST, slices, r) for r in (0, 1))
     assert zero["route"].statistics == 7168 + 4096 + 4096
     assert zero["mask"].statistics == 4096
-    assert one["route"].statistics == 7168 + 4096 + 1024
-    assert one["mask"].statistics == 4096
+    assert one["route"].statistics == 7168 + 3072 + 1024
+    assert one["mask"].statistics == 3072
     assert zero["forward"].statistics == one["forward"].statistics == 0
 
 
 def test_search_reference_by_hand() -> None:
     """A NeuroAL search's dense reference over 2 windows (more than one micro-batch: data mode)
     with Hessians and sq_norm: recorded 7168 + 320 = 7488 per block (sq_norm 4 cols per
-    distinct input: 64 + 64 + 64 + 128); the owner folds every linear, one copy each
-    (8192 + 384 = 8576) and receives one down (4096 + 128); ``global`` keeps both owned
+    distinct input: 64 + 64 + 64 + 128); the owner folds every linear, a shared input once
+    (7488 again) and receives one down (4096 + 128); ``global`` keeps both owned
     blocks' reference (2 x 7488) throughout, ``local`` block 0's on worker 0 only."""
     search = replace(SMALL_REQUEST, allocation="neuroal", search_samples=2)
     slices = ((0, 2), (2, 4))
     steps = data_prune_steps(small_layout(), replace(search, reference_stream="global"),
                              slices, 0)
-    assert steps["reference"].statistics == 2 * 7488 + 7488 + 8576 + 4224
+    assert steps["reference"].statistics == 2 * 7488 + 7488 + 7488 + 4224
     local = [data_prune_steps(small_layout(), search, slices, r)["reference"] for r in (0, 1)]
-    assert local[0].statistics == 7488 + 7488 + 8576 + 4224
+    assert local[0].statistics == 7488 + 7488 + 7488 + 4224
     assert local[1].statistics == 7488  # it owns no block the reference covers
     one = replace(search, search_samples=1)  # a single micro-batch: pipelined, no such step
     assert "reference" not in data_prune_steps(small_layout(), one, slices, 0)

@@ -79,6 +79,27 @@ def test_shared_inputs_fold_one_statistic() -> None:
         stats_seconds([4, 4], 10, True, TP))
 
 
+def test_a_shared_input_is_routed_once_to_one_solver() -> None:
+    """Linears (4, 4) and (2, 4) read one input (leaders 0, 0), (4, 8) its own; 4 micro-batches
+    on 2 workers, Hessians (4 (cols + cols^2) B: 80 and 288). The pair goes to one worker
+    (cost 128 + 96 against 768): each worker receives 2 x its input's sums and sends 2 x the
+    other's, 2 x 288 + 2 x 80 = 736 B. Routed per linear, the pair's second 80 B would travel
+    too: 896 B. Without Hessians the solves are balanced linear by linear, and a pair split
+    over two workers sends its input twice."""
+    linears = ((4, 4), (2, 4), (4, 8))
+    req = replace(BASE, workers=2, mode="data", micro_batch=1, nsamples=4, hessian=True)
+    assert routed_bytes(linears, req, (0, 0, 2)) == 736
+    assert routed_bytes(linears, req) == 896
+    # norms: costs 32, 32, 16 -> workers 0, 1, 0; the pair is split: 16 B sent for each
+    norms = replace(req, hessian=False)
+    assert routed_bytes(((8, 4), (8, 4), (2, 8)), norms, (0, 0, 2)) == \
+        routed_bytes(((8, 4), (8, 4), (2, 8)), norms) == 2 * (16 + 32) + 2 * 16
+    layout = SimpleNamespace(hidden=4, vocab=10, params=50,
+                             linears=({"q": (4, 4), "k": (2, 4), "o": (4, 8)},),
+                             input_groups=(("q", "k"),))
+    assert Workload.from_layout(layout).input_leaders(0) == (0, 0, 2)
+
+
 def test_makespan_longest_first() -> None:
     assert makespan([3.0, 1.0, 2.0], 1) == 6.0
     assert makespan([3.0, 1.0, 2.0], 2) == 3.0  # {3}, {2, 1}

@@ -7,6 +7,7 @@ hint instead of hanging."""
 from __future__ import annotations
 
 import json
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -293,12 +294,26 @@ def test_actor_lost_in_a_dense_pass_stops_the_run(ray_instance, llama4: Path, on
         remote.shutdown()
 
 
+def _until_dead(actor: Any) -> None:
+    """Wait until a killed actor no longer answers (``ray.kill`` returns before it is gone)."""
+    for _ in range(200):
+        try:
+            ray.get(actor.__ray_call__.remote(lambda _w: None), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the killed actor still answers")
+
+
 def test_actor_lost_after_the_reference_pass_runs_the_search_again(
-        ray_instance, llama4: Path, one_thread, data_programs: list[str]) -> None:
-    """An actor that dies once the search's data-parallel reference is done, found dead while
-    the gloo channel is rebuilt (the rebuild raises the actor's death): it held part of the
-    reference, so it is restarted and the whole search attempt (windows, reference,
-    candidates) runs again; the alignment terms equal the local executor's."""
+        ray_instance, llama4: Path, one_thread, data_programs: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An actor that dies once the search's data-parallel reference is done is found dead when
+    the gloo channel is rebuilt, before a rendezvous starts (one with dead rank 0 held the live
+    actor for Ray's 30 s metadata timeout; with another dead rank, torch's own timeout could
+    hold it longer): it held part of the reference, so it is restarted and the whole search
+    attempt (windows, reference, candidates) runs again; the alignment terms equal the local
+    executor's."""
     from neuroal.engine.ray_executor import RayExecutor, RayOptions
     from neuroal.engine.worker import CandidateJob
 
@@ -310,16 +325,27 @@ def test_actor_lost_after_the_reference_pass_runs_the_search_again(
     real_connect = remote._connect  # noqa: SLF001
 
     def hook(self: Any, operation: str, unit: int) -> None:
-        if operation == "reference" and not self.restarts[1]:
+        if operation == "reference" and not self.restarts[0]:
             armed.append(True)
 
     def connect() -> None:
-        if armed:  # a rebuild that meets a dead actor fails with its death
+        if armed:  # the rebuild meets a dead actor
             armed.clear()
-            ray.kill(remote.workers[1])
-            raise ray.exceptions.ActorDiedError()
+            ray.kill(remote.workers[0])
+            _until_dead(remote.workers[0])
+            killed.append(True)
         real_connect()
 
+    from ray.experimental import collective
+
+    real_group, groups = collective.create_collective_group, []
+
+    def create_collective_group(actors: Any, backend: str) -> Any:
+        groups.append((bool(killed), list(remote.restarts)))
+        return real_group(actors, backend)
+
+    killed: list[bool] = []
+    monkeypatch.setattr(collective, "create_collective_group", create_collective_group)
     remote.fault_hook = types.MethodType(hook, remote)
     remote._connect = connect  # noqa: SLF001
     try:
@@ -328,7 +354,9 @@ def test_actor_lost_after_the_reference_pass_runs_the_search_again(
         job = CandidateJob("wanda")
         got = remote.evaluate_candidates(random_ids(), candidates, job, "global")
         want = local.evaluate_candidates(random_ids(), candidates, job, "global")
-        assert remote.restarts == [0, 1]
+        assert remote.restarts == [1, 0]
+        # no rendezvous with the dead actor: after the kill, only once it was restarted
+        assert [g for g in groups if g[0]] and all(g[1] == [1, 0] for g in groups if g[0])
         assert data_programs == ["_reference_program"] * 2  # the pass ran again
         for w_c, g_c in zip(want, got, strict=True):
             for w_b, g_b in zip(w_c, g_c, strict=True):

@@ -13,10 +13,14 @@ the other: block b's statistics need block b's inputs, so K - 1 workers wait at 
 3. in steps of K micro-batches, every worker runs the dense block on its micro-batch with
    hooks that keep the micro-batch's sums (Wanda norms, SparseGPT Hessians, RIA and refiner
    inputs: :func:`neuroal.capture.collector.batch_sums`) instead of folding them;
-4. each linear has one *solver* (:func:`assign_solvers`, balanced by cost); the sums of every
-   step reach it and it folds them in micro-batch order with the collector's own running mean
-   (:func:`neuroal.capture.collector.new_accumulator`), so its statistics are bit for bit those of
-   pipeline mode, whatever the number of workers; a worker holds its own micro-batch's sums
+4. each linear has one *solver* (:func:`assign_solvers`, balanced by cost; with Hessians the
+   linears fed the same input, q/k/v or gate/up, share one, so the input's sums travel to it
+   once per micro-batch and are folded once, as the pipeline collector folds them once,
+   :func:`solver_groups`); the sums of
+   every step reach it and it folds them in micro-batch order with the collector's own
+   running mean (:func:`neuroal.capture.collector.new_accumulator`), so its statistics are
+   bit for bit those of pipeline mode, whatever the number of workers; a worker holds its
+   own micro-batch's sums
    and folds each received one on arrival (:func:`fold_received`), so a solver holds one
    received micro-batch's sums at a time (for SparseGPT's widest linear at 70B, one 3.3 GB
    Hessian, not one per worker);
@@ -72,7 +76,7 @@ from neuroal.criteria.base import STAT_HESSIAN
 from neuroal.engine.worker import Worker
 from neuroal.outputs.checkpoint import block_state_path, load_block_state
 from neuroal.recovery import refiner_needs
-from neuroal.runtime.jobs import BlockReport, LayerReport, PruneJob
+from neuroal.runtime.jobs import INPUT_STATS, BlockReport, LayerReport, PruneJob
 from neuroal.runtime.logging import get_logger, progress
 
 log = get_logger(__name__)
@@ -88,17 +92,40 @@ of sequences."""
 # --------------------------------------------------------------------------- pure rules
 
 
-def assign_solvers(costs: Mapping[str, float], workers: int) -> dict[str, int]:
-    """Each linear's solver rank: the costliest first, each to the least loaded worker (ties:
-    the lower rank; equal costs keep their order), so the per-linear solves are spread evenly.
-    The results do not depend on it: a solve is the same computation on any worker."""
+def assign_solvers(costs: Mapping[str, float], workers: int,
+                   groups: Sequence[Sequence[str]] = ()) -> dict[str, int]:
+    """Each linear's solver rank, so the per-linear solves are spread evenly: the costliest
+    first, each to the least loaded worker (ties: the lower rank; equal costs keep their
+    order). Linears fed the very same input (``groups``: q/k/v, gate/up,
+    :meth:`~neuroal.models.adapter.ModelAdapter.input_groups`) go to one solver together, their
+    costs summed, so their shared input's sums travel to it and are folded there once. The
+    results do not depend on it: a solve is the same computation on any worker."""
+    unit = {n: n for n in costs}
+    for group in groups:
+        members = [n for n in group if n in costs]
+        for name in members:
+            unit[name] = members[0]
+    units: dict[str, list[str]] = {}
+    for name in costs:
+        units.setdefault(unit[name], []).append(name)
+    cost = {lead: sum(costs[n] for n in names) for lead, names in units.items()}
     load = [0.0] * workers
     out: dict[str, int] = {}
-    for name in sorted(costs, key=lambda n: -costs[n]):  # stable sort
+    for lead in sorted(units, key=lambda n: -cost[n]):  # stable sort
         rank = min(range(workers), key=lambda r: (load[r], r))
-        out[name] = rank
-        load[rank] += costs[name]
-    return out
+        out.update(dict.fromkeys(units[lead], rank))
+        load[rank] += cost[lead]
+    return {n: out[n] for n in costs}
+
+
+def solver_groups(groups: Sequence[Sequence[str]], needs: frozenset[str],
+                  ) -> Sequence[Sequence[str]]:
+    """The input groups :func:`assign_solvers` keeps on one solver: with Hessians (a ``cols x
+    cols`` sum per micro-batch: 268 MB for an input of 8192 at 70B) the shared input's sums
+    then travel and are folded once; vector statistics are too small to matter beside the
+    balance of the mask selections, so every linear is placed on its own (the sums are still
+    sent once where a group's linears happen to share a solver, :func:`fold_stats`)."""
+    return groups if STAT_HESSIAN in needs else ()
 
 
 def solve_cost(rows: int, cols: int, needs: frozenset[str]) -> float:
@@ -482,7 +509,10 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
                ) -> tuple[list[str], dict[str, int]]:
     """Step by step: this worker's micro-batch of ``share`` through the dense block ``index``
     with recording hooks (its outputs written into ``out`` when given), every worker's sums
-    to each linear's solver, folded there in micro-batch order into ``folds``.
+    to each linear's solver, folded there in micro-batch order into ``folds``. A shared
+    input's sums (:func:`input_sharing`) travel once to a solver of its whole group and are
+    folded there once (:func:`strip_shared`, :func:`join_shared`), as a pipeline collector
+    folds them once.
 
     Returns the linears' execution order (rank 0's, which always has micro-batch 0) and the
     calibration tokens routed to each MoE expert matrix over every worker's micro-batches
@@ -490,6 +520,7 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
     statistics into the pipeline collector's)."""
     mb, order, comm = layout.micro_batch, list(linears), phase.comm
     tokens = StatsCollector(dict(linears), needs).routed_tokens()  # every expert matrix at 0
+    follows: dict[str, str] = {}
 
     def step_sums(step: int) -> tuple[dict[str, Sums] | None, list[str]]:
         if step >= layout.active_steps(comm.rank):
@@ -503,17 +534,84 @@ def fold_stats(phase: Phases, layout: Layout, index: int, share: torch.Tensor,
         add_tokens(tokens, collector.routed_tokens())
         return collector.recorded(), collector.order
 
+    routed = order
     for step in range(layout.steps):
         sums, seen = phase(lambda s=step: step_sums(s))
-        if step == 0:
-            order = comm.gather_all(seen)[0] or order
-        failed = comm.route(sums, layout.active(step), solver, order,
+        if step == 0:  # rank 0's order and sharing are everyone's (the same block code)
+            first, follows = comm.gather_all(
+                (seen, input_sharing(sums, seen) if sums is not None else {}))[0]
+            order = first or order
+            follows = {f: lead for f, lead in follows.items() if solver[f] == solver[lead]}
+            routed = [n for n in order if n not in follows or needs - set(INPUT_STATS)]
+        sent = phase(lambda s=sums, f=follows: None if s is None else strip_shared(s, f))
+        del sums
+        failed = comm.route(sent, layout.active(step), solver, routed,
                             lambda name, part, fresh: fold_received(phase, folds[name], part,
                                                                     fresh))
-        del sums
+        del sent
         phase.error = phase.error or failed
         phase(lambda: None)  # agree: a transfer or a fold on receipt may have failed
+    phase(lambda: join_shared(folds, follows))
     return order, routed_totals(comm, tokens)
+
+
+def input_sharing(sums: Mapping[str, Sums | None], order: Sequence[str]) -> dict[str, str]:
+    """Linears that received the very same input tensor as an earlier one (q/k/v, gate/up, an
+    expert's gate/up) in one micro-batch's recorded sums
+    (:meth:`~neuroal.capture.collector.StatsCollector.recorded`, whose followers hold their
+    leader's input-sum tensors themselves): follower -> leader (the first in ``order``)."""
+    first: dict[tuple[int, ...], str] = {}
+    follows: dict[str, str] = {}
+    for name in order:
+        part = sums.get(name)
+        key = () if part is None else \
+            tuple(id(v) for k, v in sorted(part[0].items()) if k in INPUT_STATS)
+        if key and key in first:
+            follows[name] = first[key]
+        elif key:
+            first[key] = name
+    return follows
+
+
+def strip_shared(sums: Mapping[str, Sums], follows: Mapping[str, str]) -> dict[str, Sums]:
+    """One micro-batch's sums as they are routed: a follower's input sums (``follows``: those
+    solved with their leader) are left out, since its leader's carry them; a follower with no
+    other statistic is left out altogether.
+
+    Raises:
+        RuntimeError: A follower's input is not its leader's in this micro-batch (the block
+            calls its linears differently from one micro-batch to the next).
+    """
+    out: dict[str, Sums] = {}
+    for name, part in sums.items():
+        lead = follows.get(name)
+        if lead is not None and part is not None:
+            values, leader = part[0], sums[lead]
+            if leader is None or any(values.get(k) is not leader[0].get(k) for k in INPUT_STATS):
+                raise RuntimeError(
+                    f"statistics capture: linear {name!r} received the input of {lead!r} in "
+                    "the first micro-batch and not in this one; the block's forward must call "
+                    "its linears the same way for every micro-batch (report this model to "
+                    "neuroal)")
+            values = {k: v for k, v in values.items() if k not in INPUT_STATS}
+            if not values:
+                continue
+            part = (values, part[1])
+        if part is not None:
+            out[name] = part
+    return out
+
+
+def join_shared(folds: Mapping[str, Any], follows: Mapping[str, str]) -> None:
+    """A solver's followers (``follows``, folded without their input sums,
+    :func:`strip_shared`) take their leader's input statistics, the same tensors, and its
+    sequence count, as followers do in a pipeline collector."""
+    for name, lead in follows.items():
+        if name in folds and lead in folds:
+            mine, theirs = folds[name], folds[lead]
+            for key in INPUT_STATS:
+                setattr(mine, key, getattr(theirs, key))
+            mine.n = theirs.n
 
 
 def routed_totals(comm: Comm, mine: dict[str, int]) -> dict[str, int]:
@@ -634,7 +732,7 @@ class DataPrune:
         needs = CRITERIA.get(job.criterion).needs | refiner_needs(job.refine)
         order = list(linears)
         solver = assign_solvers({n: solve_cost(*linears[n].weight.shape, needs) for n in order},
-                                self.comm.world)
+                                self.comm.world, solver_groups(w.adapter.input_groups(), needs))
         folds = {n: new_accumulator(needs) for n in order if solver[n] == self.comm.rank}
         tokens = StatsCollector(dict(linears), needs).routed_tokens()  # no statistic: all 0
         targets = None if job.reconstruct is None else self._phase(lambda: torch.empty_like(share))

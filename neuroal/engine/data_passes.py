@@ -55,7 +55,6 @@ from neuroal.engine.data_parallel import (
 )
 from neuroal.engine.worker import Worker, stats_only
 from neuroal.models.adapter import ModelAdapter
-from neuroal.runtime.jobs import INPUT_STATS
 from neuroal.runtime.logging import get_logger, progress
 
 log = get_logger(__name__)
@@ -170,30 +169,10 @@ class DataPass:
         out = self.phases(lambda: torch.empty_like(share))
         _, tokens = fold_stats(self.phases, self.layout, index, share, linears, needs,
                                dict.fromkeys(linears, owner), folds, out)
-        self.phases(lambda: share_inputs(folds, w.adapter.input_groups()))  # none: no-op
         value = self.phases(lambda: fn({n: m.weight.data for n, m in linears.items()},
                                        routed_stats({n: folds[n].stats() for n in linears},
                                                     tokens)) if mine else None)
         return out, value
-
-
-def share_inputs(folds: dict[str, Any], groups: Sequence[Sequence[str]]) -> None:
-    """Linears fed the very same input (``groups``: q/k/v, gate/up, leader first,
-    :meth:`~neuroal.models.adapter.ModelAdapter.input_groups`) were folded one copy each from
-    the same sums: each follower's input statistics become its leader's tensors, where they
-    are equal, so one copy is kept, as a pipeline collector keeps one (a search's ``global``
-    reference keeps these statistics for every owned block)."""
-    for group in groups:
-        leader, *followers = group
-        if leader not in folds:
-            continue
-        for name in followers:
-            if name not in folds:
-                continue
-            for key in INPUT_STATS:
-                mine, theirs = getattr(folds[name], key), getattr(folds[leader], key)
-                if mine is not None and theirs is not None and torch.equal(mine, theirs):
-                    setattr(folds[name], key, theirs)
 
 
 # --------------------------------------------------------------------------- the passes

@@ -17,9 +17,10 @@ Against pipeline mode (:func:`neuroal.planning.memory.prune_steps`) a data-mode 
   input sums once per distinct input, as :func:`~neuroal.planning.memory.stat_bytes` counts
   them: linears fed the same tensor share it while recording); the running accumulators of the
   linears it *solves* (:func:`~neuroal.engine.data_parallel.assign_solvers` by solve cost, the
-  engine's own rule over the layout's shapes), one per linear, unshared, since each solver
-  folds its own copy; and one received micro-batch's sums of one linear at a time: the solver
-  folds each micro-batch it receives before the next arrives
+  engine's own rule over the layout's shapes, which keeps an input group on one solver when
+  it folds Hessians), a shared input's once where its linears share a solver; and one
+  received micro-batch's sums of one linear at a time (an input group's leader carries the
+  shared input's): the solver folds each micro-batch it receives before the next arrives
   (:func:`~neuroal.engine.data_parallel.fold_received`). Freed before the pruned forward.
 * **transients**: the micro-batch forward with recording hooks (the batch Hessian is the
   recorded sum itself, counted in statistics, not a transient), the mask selection or
@@ -43,8 +44,8 @@ from dataclasses import replace
 from functools import lru_cache
 
 from neuroal.criteria.base import STAT_HESSIAN, STAT_SQ_NORM
-from neuroal.engine.data_parallel import Layout, assign_solvers, solve_cost
-from neuroal.planning.layout import ModelLayout
+from neuroal.engine.data_parallel import Layout, assign_solvers, solve_cost, solver_groups
+from neuroal.planning.layout import ModelLayout, input_leaders
 from neuroal.planning.memory import (
     DTYPE_BYTES,
     HEAD_EXTRA_BYTES,
@@ -68,19 +69,22 @@ Shapes = Mapping[str, tuple[int, int]]
 Slices = Sequence[tuple[int, int]]
 
 
-def solvers(linears: Shapes, needs: frozenset[str], workers: int) -> dict[str, int]:
-    """Each linear's solver rank, by the engine's rule (costliest first, to the least loaded)."""
-    return dict(_solvers(tuple(linears.items()), needs, workers))
+def solvers(linears: Shapes, needs: frozenset[str], workers: int,
+            groups: Sequence[Sequence[str]] = ()) -> dict[str, int]:
+    """Each linear's solver rank, by the engine's rule (costliest first, to the least loaded;
+    with Hessians the linears of an input group together, :func:`solver_groups`)."""
+    return dict(_solvers(tuple(linears.items()), needs, workers,
+                         tuple(tuple(g) for g in solver_groups(groups, needs))))
 
 
 @lru_cache(maxsize=64)
 def _solvers(linears: tuple[tuple[str, tuple[int, int]], ...], needs: frozenset[str],
-             workers: int) -> tuple[tuple[str, int], ...]:
+             workers: int, groups: tuple[tuple[str, ...], ...]) -> tuple[tuple[str, int], ...]:
     """:func:`solvers`, kept for the last few block kinds asked (a mixture-of-experts block
     has hundreds of linears, and the planner asks again for every worker, onload mode and
     worker count it tries)."""
     return tuple(assign_solvers({n: solve_cost(r, c, needs) for n, (r, c) in linears},
-                                workers).items())
+                                workers, groups).items())
 
 
 def linear_sums(shape: tuple[int, int], needs: frozenset[str]) -> int:
@@ -108,12 +112,19 @@ def share_rows(request: MemoryRequest, slices: Slices, rank: int, sequences: int
 def _block_statistics(linears: Shapes, needs: frozenset[str], groups: Sequence[Sequence[str]],
                       mine: Sequence[str], workers: int) -> tuple[int, int, int]:
     """(own micro-batch's recorded sums, accumulators of the linears solved here, one received
-    linear's micro-batch sums) of one block."""
+    linear's micro-batch sums) of one block: a solver folds a shared input once, and the
+    largest single transfer it receives is a leader's (input and output) sums."""
     recorded = stat_bytes(linears, needs, groups)
-    folds = sum(linear_sums(linears[n], needs) for n in mine)
-    received = max((linear_sums(linears[n], needs) for n in mine), default=0) \
-        if workers > 1 else 0
-    return recorded, folds, received
+    folds = stat_bytes({n: linears[n] for n in mine}, needs, groups)
+    return recorded, folds, _received(linears, needs, groups, mine) if workers > 1 else 0
+
+
+def _received(linears: Shapes, needs: frozenset[str], groups: Sequence[Sequence[str]],
+              mine: Sequence[str]) -> int:
+    """The largest micro-batch's sums one linear of ``mine`` receives: an input group's leader
+    carries the shared input's (a follower solved with it only its output statistics)."""
+    leaders = set(input_leaders({n: linears[n] for n in mine}, groups))
+    return max((linear_sums(linears[n], needs) for n in mine if n in leaders), default=0)
 
 
 def _prune_block_steps(layout: ModelLayout, request: MemoryRequest, index: int, rank: int,
@@ -122,7 +133,7 @@ def _prune_block_steps(layout: ModelLayout, request: MemoryRequest, index: int, 
     (``one``, ``two``: (device, host) bytes of 1 and 2 share streams)."""
     needs, _ = _needs(request)
     linears, workers = layout.linears[index], request.workers
-    solver = solvers(linears, needs, workers)
+    solver = solvers(linears, needs, workers, layout.input_groups)
     mine = [n for n in linears if solver[n] == rank]
     steps = {"forward": PruneStep(two[0], 0, two[1],
                                   _forward_transient(linears, request, frozenset()))}
@@ -144,13 +155,13 @@ def _dense_step(layout: ModelLayout, request: MemoryRequest, index: int, owner: 
                 two: tuple[int, int], needs: frozenset[str] = frozenset({STAT_SQ_NORM}),
                 kept: int = 0) -> PruneStep:
     """A dense statistics pass over block ``index`` (a policy's ``sq_norm``; a search's
-    reference: the criterion's statistics too): the block's owner folds every linear's sums,
-    one copy each, every worker keeps its own micro-batch's and its outputs; ``kept``: the
+    reference: the criterion's statistics too): the block's owner folds every linear's sums
+    (a shared input's once), every worker keeps its own micro-batch's and its outputs; ``kept``: the
     statistics of earlier blocks the pass keeps."""
-    linears = layout.linears[index]
-    recorded = stat_bytes(linears, needs, layout.input_groups)
-    folds = sum(linear_sums(s, needs) for s in linears.values()) if owner else 0
-    received = max(linear_sums(s, needs) for s in linears.values()) \
+    linears, groups = layout.linears[index], layout.input_groups
+    recorded = stat_bytes(linears, needs, groups)
+    folds = recorded if owner else 0
+    received = _received(linears, needs, groups, list(linears)) \
         if owner and request.workers > 1 else 0
     return PruneStep(two[0], kept + recorded + folds + received, two[1],
                      _forward_transient(linears, request, needs, squares=0))

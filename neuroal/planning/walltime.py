@@ -29,9 +29,10 @@ Phases (:data:`PHASES`):
   b needs block b-1's outputs), so K workers take as long as one, plus ``K - 1`` stream hops.
   ``data`` mode: every worker runs the forwards on its share of whole micro-batches (the
   busiest's, :func:`busiest_share`), the linears' masks are spread over the workers (longest
-  first, the slowest worker counts), and per block the weights go out to the workers, each
-  micro-batch's statistics go to each linear's solver (:func:`routed_bytes`: the busiest
-  worker's share) and the pruned weights come back.
+  first, with Hessians an input group on one worker, the slowest worker counts), and per
+  block the weights go out to the workers, each micro-batch's statistics of each distinct
+  input go to its linears' solvers (:func:`routed_bytes`: the busiest worker's share) and the
+  pruned weights come back.
 * **evaluation**: dense and pruned perplexity passes (blocks plus the head's logits and
   log-softmax); in ``data`` mode the busiest worker's share of the windows, except under Ray,
   whose micro-batch chunks pipeline through the K slices in either mode (``(chunks + K - 1)``
@@ -128,16 +129,30 @@ class LayoutLike(Protocol):
     def params(self) -> int: ...
 
 
+def _leader_indices(names: Sequence[str], groups: Sequence[Sequence[str]]) -> tuple[int, ...]:
+    """Per linear of ``names``, the index of the first present member of its input group."""
+    lead = list(range(len(names)))
+    where = {n: i for i, n in enumerate(names)}
+    for group in groups:
+        present = [where[n] for n in group if n in where]
+        for i in present:
+            lead[i] = present[0]
+    return tuple(lead)
+
+
 @dataclass(frozen=True)
 class Workload:
     """The model as the time model sees it: per block the ``(rows, cols)`` of its linears and
-    the widths of its distinct linear inputs (``inputs``; empty: every linear has its own)."""
+    the widths of its distinct linear inputs (``inputs``; empty: every linear has its own) and,
+    per linear, the index of the linear whose input it shares (``leaders``: its own index for
+    a leader; empty: every linear has its own)."""
 
     hidden: int
     vocab: int
     blocks: tuple[tuple[tuple[int, int], ...], ...]
     params: int
     inputs: tuple[tuple[int, ...], ...] = ()
+    leaders: tuple[tuple[int, ...], ...] = ()
 
     @classmethod
     def from_layout(cls, layout: LayoutLike) -> Workload:
@@ -146,11 +161,18 @@ class Workload:
         return cls(hidden=layout.hidden, vocab=layout.vocab,
                    blocks=tuple(tuple(b.values()) for b in layout.linears), params=layout.params,
                    inputs=tuple(tuple(b[n][1] for n in input_leaders(b, groups))
-                                for b in layout.linears))
+                                for b in layout.linears),
+                   leaders=tuple(_leader_indices(list(b), groups) for b in layout.linears))
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+    def input_leaders(self, block: int) -> tuple[int, ...]:
+        """Per linear of block ``block``, the index of the linear whose input it shares."""
+        if self.leaders:
+            return self.leaders[block]
+        return tuple(range(len(self.blocks[block])))
 
     def input_cols(self, block: int) -> tuple[int, ...]:
         """Widths of block ``block``'s distinct linear inputs (one statistic each)."""
@@ -294,12 +316,14 @@ def prune_block_seconds(index: int, w: Workload, req: TimeRequest, tp: Throughpu
     tokens = busiest_share(req.nsamples, k, req.micro_batch) * req.seqlen
     compute = (2 * forward_seconds(linears, w.hidden, tokens, req.seqlen, tp)
                + stats_seconds(inputs, tokens, req.hessian, tp))
-    masks = makespan([mask_seconds(r, c, req.hessian, tp) for r, c in linears], k)
+    lead = w.input_leaders(index)
+    solves = [mask_seconds(r, c, req.hessian, tp) for r, c in linears]
+    masks = makespan([sum(solves[i] for i in unit) for unit in solve_units(lead, req)], k)
     if k == 1:
         return compute + masks
     weight_bytes = sum(r * c for r, c in linears) * DTYPE_BYTES[req.dtype]
     comm = (2 * transfer_seconds(weight_bytes, tp, req.transport)  # weights out, pruned back
-            + transfer_seconds(routed_bytes(linears, req), tp, req.transport))
+            + transfer_seconds(routed_bytes(linears, req, lead), tp, req.transport))
     return compute + masks + comm
 
 
@@ -312,19 +336,33 @@ def busiest_share(sequences: int, workers: int, micro_batch: int) -> int:
     return max((sum(sizes[r::workers]) for r in range(workers)), default=0)
 
 
-def routed_bytes(linears: Sequence[tuple[int, int]], req: TimeRequest) -> float:
+def solve_units(leaders: Sequence[int], req: TimeRequest) -> list[list[int]]:
+    """The linears (indices) that go to one solver together: with Hessians an input group
+    (``leaders[i]``: the linear whose input linear ``i`` shares), else each linear alone
+    (:func:`~neuroal.engine.data_parallel.solver_groups`)."""
+    if not req.hessian:
+        return [[i] for i in range(len(leaders))]
+    return [[j for j, m in enumerate(leaders) if m == i] for i in sorted(set(leaders))]
+
+
+def routed_bytes(linears: Sequence[tuple[int, int]], req: TimeRequest,
+                 leaders: Sequence[int] = ()) -> float:
     """Statistics the busiest worker of a data-mode block sends and receives: every worker
-    sends each micro-batch's sums of every linear to the linear's solver (longest solve first,
-    to the least loaded worker, as the engine assigns them), which folds them in micro-batch
-    order; a linear's sums are its input's (``4 cols``, plus ``4 cols^2`` with Hessians), sent
-    per linear, since linears sharing an input may have different solvers."""
+    sends each micro-batch's sums of every linear to its solver (longest solve first, to the
+    least loaded worker, as the engine assigns them, :func:`solve_units`), which folds them in
+    micro-batch order; a linear's sums are its input's (``4 cols``, plus ``4 cols^2`` with
+    Hessians), sent once for the linears fed that input (``leaders[i]``: the linear whose
+    input linear ``i`` shares) that have one solver."""
     k = req.workers
     batches = -(-req.nsamples // req.micro_batch)
     needs = frozenset({STAT_HESSIAN}) if req.hessian else frozenset()
+    lead = list(leaders) or list(range(len(linears)))
+    units = [[str(i) for i in unit] for unit in solve_units(lead, req)]
     assigned = assign_solvers({str(i): solve_cost(r, c, needs) for i, (r, c) in
-                               enumerate(linears)}, k)
+                               enumerate(linears)}, k, [u for u in units if len(u) > 1])
     solver = [assigned[str(i)] for i in range(len(linears))]
-    size = [STAT_BYTES * (c + (c * c if req.hessian else 0)) for _, c in linears]
+    size = [0 if lead[i] != i and solver[i] == solver[lead[i]] else
+            STAT_BYTES * (c + (c * c if req.hessian else 0)) for i, (_, c) in enumerate(linears)]
     busiest = 0.0
     for r in range(k):
         own = len(range(r, batches, k))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from neuroal.engine.ray.actor import _drop_process_group
+from neuroal.engine.ray.actor import _drop_process_group, _ping
 from neuroal.engine.ray.options import _describe, import_ray
 from neuroal.runtime.logging import get_logger
 
@@ -64,9 +64,20 @@ class DirectTransport:
         return {"tensor_transport": self.name}
 
     def connect(self, actors: Sequence[Any]) -> Any:
-        """A fresh collective group over ``actors`` (rank = slice index)."""
+        """A fresh collective group over ``actors`` (rank = slice index), once every actor
+        answers a ping: with a dead actor the rendezvous (torch.distributed's ``env://``
+        init inside Ray's gloo group) would hold the live ones for torch's default timeout
+        (30 min), and no call, not even the executor's liveness ping, reaches them meanwhile.
+        The ping raises the dead actor's death at once, which the executor's retry turns into
+        a restart. (An actor that dies during the rendezvous itself still holds its peers.)
+
+        Raises:
+            ray.exceptions.ActorDiedError: An actor is dead.
+        """
         from ray.experimental.collective import create_collective_group
 
+        ray = import_ray()
+        ray.get([actor.__ray_call__.remote(_ping) for actor in actors])
         return create_collective_group(list(actors), backend=self.name)
 
     def disconnect(self, handle: Any) -> None:
