@@ -4,6 +4,7 @@ on any rank reaches rank 0 without leaving the others waiting."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -76,15 +77,26 @@ def test_dist_executor_needs_a_launch(llama3: Path, monkeypatch: pytest.MonkeyPa
 # --------------------------------------------------------------------------- executor level
 
 
-def _chain(stage, fail_rank: int, _own) -> float | None:
-    """A test command: a bf16 stream through both ranks (+1 each); ``fail_rank`` raises."""
+def _chain(stage, fail_rank: int | str, _own) -> float | None:
+    """A test command: a bf16 stream through both ranks (+1 each); ``fail_rank`` raises, or
+    with ``"alloc"`` rank 1 cannot allocate the stream it is about to receive."""
+    from unittest import mock
 
     def compute(stream: torch.Tensor) -> torch.Tensor:
         if stage.info.rank == fail_rank:
             raise ValueError(f"boom on rank {stage.info.rank}")
         return stream + 1
 
-    out = stage._relay(lambda: torch.zeros(2, 3, 4, dtype=torch.bfloat16), compute)
+    real_empty = torch.empty
+
+    def empty(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("dtype") is torch.uint8:
+            raise MemoryError(f"allocation failed on rank {stage.info.rank}")
+        return real_empty(*args, **kwargs)
+
+    fails = fail_rank == "alloc" and stage.info.rank == 1
+    with mock.patch.object(torch, "empty", empty) if fails else contextlib.nullcontext():
+        out = stage._relay(lambda: torch.zeros(2, 3, 4, dtype=torch.bfloat16), compute)
     return None if out is None else float(out.float().sum())
 
 
@@ -103,6 +115,10 @@ def _compare_executors(model_dir: str, stage: Any) -> None:
     with pytest.raises(ValueError, match="boom on rank 0"):
         command(stage, "chain", 0)
     assert command(stage, "chain", -1) == [24.0, 48.0]  # the protocol is still in step
+    # the receiver's buffer does not fit: the sender is told before the bytes move
+    with pytest.raises(MemoryError, match="allocation failed on rank 1"):
+        command(stage, "chain", "alloc")
+    assert command(stage, "chain", -1) == [24.0, 48.0]
 
     cfg = tiny_cfg(Path(model_dir), None, engine={"executor": "dist", "workers": 2})
     source = resolve_model(model_dir)

@@ -294,6 +294,43 @@ def test_actor_lost_in_a_dense_pass_stops_the_run(ray_instance, llama4: Path, on
         remote.shutdown()
 
 
+def test_actor_0_lost_before_the_rendezvous_is_restarted(ray_instance, llama4: Path,
+                                                         one_thread) -> None:
+    """Actor 0 dies after the devices are read, before it opens the group's rendezvous: no
+    collective has started, so it is restarted like an actor lost outside a data-parallel call
+    (before, every actor's call failed on the missing address, one of them was blamed at
+    random and all were killed); the dense statistics pass then equals the local one."""
+    from neuroal.engine.ray_executor import RayExecutor, RayOptions
+
+    source = resolve_model(str(llama4))
+    local = LocalExecutor(source, NUM_BLOCKS, 1, ["cpu"], "float32", 2, parallel="pipeline")
+    remote = RayExecutor(WorkerSpec(source, 0, 0, NUM_BLOCKS, "cpu", "float32", 2), 2,
+                         RayOptions(transport="object-store"))
+    real_get = remote._get  # noqa: SLF001
+
+    def get(refs: Any, what: str, *args: Any, **kwargs: Any) -> Any:
+        out = real_get(refs, what, *args, **kwargs)
+        if what == "reading the workers' devices" and not remote.restarts[0]:
+            ray.kill(remote.workers[0])
+            _until_dead(remote.workers[0])
+        return out
+
+    def norms(weights: dict[str, torch.Tensor], stats: Any) -> dict[str, torch.Tensor]:
+        return {n: stats[n].sq_norm for n in weights}
+
+    remote._get = get  # noqa: SLF001
+    try:
+        needs = frozenset({"sq_norm"})
+        got = remote.dense_block_metrics(random_ids(), norms, needs)
+        want = local.dense_block_metrics(random_ids(), norms, needs)
+        assert remote.restarts == [1, 0] and len(remote.workers) == 2
+        for g, w in zip(got, want, strict=True):
+            assert all(torch.equal(g[n], w[n]) for n in w)
+    finally:
+        remote.shutdown()
+        local.shutdown()
+
+
 def _until_dead(actor: Any) -> None:
     """Wait until a killed actor no longer answers (``ray.kill`` returns before it is gone)."""
     for _ in range(200):

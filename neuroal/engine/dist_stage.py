@@ -134,23 +134,34 @@ class RankStage:
         return stream
 
     def _send(self, stream: torch.Tensor | None) -> None:
-        """Header ``[ok, N, T, h, dtype, carried]`` then the stream's raw bytes (no cast)."""
+        """Header ``[ok, N, T, h, dtype, carried]``, then the stream's raw bytes (no cast) once
+        the next rank has its buffer (:meth:`_recv`): what may fail (the copy to the channel's
+        device, the receiver's allocation) is done before the bytes move, so neither side is
+        left blocked in a transfer the other gave up."""
         dst = self.info.rank + 1
-        if stream is None or stream.dim() != 3 or stream.dtype not in _STREAM_DTYPES:
-            if stream is not None and self._error is None:
+        if stream is not None and (stream.dim() != 3 or stream.dtype not in _STREAM_DTYPES):
+            if self._error is None:
                 self._error = RuntimeError(f"rank {self.info.rank}: cannot ship a stream of "
                                            f"shape {tuple(stream.shape)} and {stream.dtype}")
+            stream = None
+        payload = None if stream is None else \
+            self._try(lambda: stream.to(self.comm).contiguous().view(torch.uint8))
+        if payload is None:
             dist.send(torch.zeros(6, dtype=torch.int64, device=self.comm), dst=dst,
                       group=self.streams)
             return
+        assert stream is not None
         bits = torch.tensor([self.carried], dtype=torch.float64).view(torch.int64).item()
         header = [1, *stream.shape, _STREAM_DTYPES.index(stream.dtype), bits]
         dist.send(torch.tensor(header, dtype=torch.int64, device=self.comm), dst=dst,
                   group=self.streams)
-        dist.send(stream.to(self.comm).contiguous().view(torch.uint8), dst=dst,
-                  group=self.streams)
+        ready = torch.empty(1, dtype=torch.int64, device=self.comm)
+        dist.recv(ready, src=dst, group=self.streams)
+        if int(ready.item()):  # else the next rank failed to allocate: it keeps its own error
+            dist.send(payload, dst=dst, group=self.streams)
 
     def _recv(self) -> torch.Tensor | None:
+        """The previous rank's stream (:meth:`_send`), None after a failure on either side."""
         src = self.info.rank - 1
         header = torch.empty(6, dtype=torch.int64, device=self.comm)
         dist.recv(header, src=src, group=self.streams)
@@ -159,9 +170,14 @@ class RankStage:
             return None
         self.carried = torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()
         dtype = _STREAM_DTYPES[code]
-        raw = torch.empty((n, t, h * dtype.itemsize), dtype=torch.uint8, device=self.comm)
+        raw = self._try(lambda: torch.empty((n, t, h * dtype.itemsize), dtype=torch.uint8,
+                                            device=self.comm))
+        dist.send(torch.tensor([0 if raw is None else 1], dtype=torch.int64, device=self.comm),
+                  dst=src, group=self.streams)
+        if raw is None:
+            return None
         dist.recv(raw, src=src, group=self.streams)
-        return raw.view(dtype).to(self.home)
+        return self._try(lambda: raw.view(dtype).to(self.home))
 
     def _forward(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Embed ``ids`` on rank 0 and run the stream through every slice (dense or pruned)."""

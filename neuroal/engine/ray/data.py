@@ -258,7 +258,9 @@ class DataParallel:
         all at once, over a torch.distributed group that lives for that call only; each
         actor's result in rank order (None on an actor another's failure stopped).
 
-        The transport's channel is taken down first, since Ray's gloo group sits on the same
+        Actor 0 opens the group's rendezvous first (an actor that dies there is restarted like
+        one that dies outside a data-parallel call: no collective has started). The
+        transport's channel is then taken down, since Ray's gloo group sits on the same
         default group, and rebuilt after (``settled()`` runs just before, on success);
         ``submitted()`` runs once the calls are submitted (the fault hooks). An actor that
         dies while the channel is rebuilt is restarted there, unless the call ``kept`` its
@@ -279,9 +281,11 @@ class DataParallel:
         if channel[1] == "cpu":
             log.warning("Ray workers share a GPU: data mode moves its tensors through host "
                         "memory over gloo (NCCL needs one GPU per worker)")
+        address = self._retrying(lambda: self._get(  # before any collective: a restart is safe
+            self.workers[0].__ray_call__.remote(_open_store, self.options.placement_timeout),
+            "opening the data-parallel group's rendezvous"))
         self.transport.disconnect(self._channel)
         self._channel = None
-        address = self.workers[0].__ray_call__.remote(_open_store, self.options.placement_timeout)
         refs = [a.__ray_call__.remote(_in_group, address, k, world, channel, timeouts, program,
                                       common)
                 for k, a in enumerate(self.workers)]
