@@ -268,15 +268,21 @@ def test_timeouts_reach_the_process_groups(monkeypatch: pytest.MonkeyPatch) -> N
     cfg = build_config({"engine": {"executor": "dist", "workers": 2, "device": "cpu",
                                    "dist": {"timeout": 7200, "collective_timeout": 90}}})
     info = dist.rank_info(cfg)
-    sent = []
+    sent, received = [], []
     monkeypatch.setattr(dist_stage.dist, "send", lambda t, dst, group=None: sent.append(group))
+
+    def recv(tensor: torch.Tensor, src: int, group: object = None) -> None:
+        tensor.fill_(1)  # the next rank is ready for the bytes
+        received.append(group)
+
+    monkeypatch.setattr(dist_stage.dist, "recv", recv)
     with dist.process_group(info) as streams:
         stage = dist.RankStage(info)
         stage.streams = streams
         stage._send(torch.zeros(1, 2, 3))
     assert calls == {"init": datetime.timedelta(seconds=7200),
                      "group": datetime.timedelta(seconds=90)}
-    assert sent == ["streams", "streams"]
+    assert sent == ["streams", "streams"] and received == ["streams"]  # header, flag, bytes
 
 
 def test_dist_preflight_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
