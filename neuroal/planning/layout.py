@@ -21,16 +21,25 @@ from neuroal.models.loading import build_skeleton, load_model_config, resolve_mo
 from neuroal.models.moe import ExpertLinear
 
 
+def input_leader_of(linears: Iterable[str], groups: Iterable[Iterable[str]]) -> dict[str, str]:
+    """Each linear of one block's ``linears`` -> the linear that folds its input statistics:
+    its input group's leader when that is present (``groups``: linears fed the very same
+    tensor, leader first, :attr:`ModelLayout.input_groups`), else itself."""
+    names = list(linears)
+    out = {name: name for name in names}
+    for group in groups:
+        members = list(group)
+        if members and members[0] in out:
+            out.update({n: members[0] for n in members[1:] if n in out})
+    return out
+
+
 def input_leaders(linears: Mapping[str, Any], groups: Iterable[Iterable[str]]) -> list[str]:
     """The linears of one block whose input statistics are folded, in ``linears``' order: every
-    linear but the followers of an input group (``groups``: linears fed the very same tensor,
-    leader first, :attr:`ModelLayout.input_groups`), as the statistics collector does."""
-    followers = set()
-    for group in groups:
-        names = list(group)
-        if names and names[0] in linears:
-            followers.update(n for n in names[1:] if n in linears)
-    return [name for name in linears if name not in followers]
+    linear but the followers of an input group (:func:`input_leader_of`), as the statistics
+    collector does."""
+    leader = input_leader_of(linears, groups)
+    return [name for name in linears if leader[name] == name]
 
 
 @dataclass(frozen=True)

@@ -56,8 +56,8 @@ from typing import Any, Protocol
 from neuroal.allocation import ALLOCATIONS
 from neuroal.criteria import CRITERIA
 from neuroal.criteria.base import STAT_HESSIAN
-from neuroal.engine.data_parallel import assign_solvers, solve_cost
-from neuroal.planning.layout import input_leaders
+from neuroal.engine.data_parallel import assign_solvers, solve_cost, solver_groups
+from neuroal.planning.layout import input_leader_of, input_leaders
 
 PHASES = ("load", "search", "prune", "evaluation", "export")
 MODES = ("pipeline", "data")
@@ -130,14 +130,10 @@ class LayoutLike(Protocol):
 
 
 def _leader_indices(names: Sequence[str], groups: Sequence[Sequence[str]]) -> tuple[int, ...]:
-    """Per linear of ``names``, the index of the first present member of its input group."""
-    lead = list(range(len(names)))
-    where = {n: i for i, n in enumerate(names)}
-    for group in groups:
-        present = [where[n] for n in group if n in where]
-        for i in present:
-            lead[i] = present[0]
-    return tuple(lead)
+    """Per linear of ``names``, the index of the linear that folds its input
+    (:func:`~neuroal.planning.layout.input_leader_of`)."""
+    leader, where = input_leader_of(names, groups), {n: i for i, n in enumerate(names)}
+    return tuple(where[leader[n]] for n in names)
 
 
 @dataclass(frozen=True)
@@ -340,9 +336,9 @@ def solve_units(leaders: Sequence[int], req: TimeRequest) -> list[list[int]]:
     """The linears (indices) that go to one solver together: with Hessians an input group
     (``leaders[i]``: the linear whose input linear ``i`` shares), else each linear alone
     (:func:`~neuroal.engine.data_parallel.solver_groups`)."""
-    if not req.hessian:
-        return [[i] for i in range(len(leaders))]
-    return [[j for j, m in enumerate(leaders) if m == i] for i in sorted(set(leaders))]
+    needs = frozenset({STAT_HESSIAN}) if req.hessian else frozenset()
+    groups = [[j for j, m in enumerate(leaders) if m == i] for i in sorted(set(leaders))]
+    return [list(g) for g in solver_groups(groups, needs)] or [[i] for i in range(len(leaders))]
 
 
 def routed_bytes(linears: Sequence[tuple[int, int]], req: TimeRequest,
